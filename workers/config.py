@@ -1,0 +1,142 @@
+"""ModelConfig: the parts of a Hugging Face Llama `config.json` the engine needs.
+
+Both config generations are understood: the classic `rope_theta` + `rope_scaling` keys and the newer
+`rope_parameters` dict (transformers >= 5), `head_dim` when present, GQA via `num_key_value_heads`,
+`tie_word_embeddings`, and the stored dtype under `torch_dtype` or `dtype`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+_SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def parse_dtype(value: str | torch.dtype | None, default: torch.dtype = torch.float32) -> torch.dtype:
+    """'bfloat16' / torch.bfloat16 / None ('auto') -> torch dtype."""
+    if value is None or value == "auto":
+        return default
+    if isinstance(value, torch.dtype):
+        return value
+    try:
+        return _DTYPES[str(value).replace("torch.", "").lower()]
+    except KeyError:
+        raise CheckpointError(f"dtype: unsupported value {value!r} (use bfloat16, float16 or float32)") from None
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    theta: float = 10000.0
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    rope: RopeConfig
+    stored_dtype: torch.dtype
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    raw: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_dict(cls, cfg: dict[str, Any]) -> "ModelConfig":
+        arch = cfg.get("architectures") or ["LlamaForCausalLM"]
+        if cfg.get("model_type", "llama") != "llama" and "LlamaForCausalLM" not in arch:
+            raise CheckpointError(f"config.json: model_type {cfg.get('model_type')!r} is not a Llama model")
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            if key not in cfg:
+                raise CheckpointError(f"config.json: missing required key {key!r}")
+        if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+            raise CheckpointError("config.json: attention_bias/mlp_bias are not used by Llama checkpoints herd serves")
+        n_heads = int(cfg["num_attention_heads"])
+        n_kv = int(cfg.get("num_key_value_heads") or n_heads)
+        if n_heads % n_kv:
+            raise CheckpointError(f"config.json: num_attention_heads {n_heads} not a multiple of num_key_value_heads {n_kv}")
+        head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // n_heads)
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        return cls(
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=int(cfg["hidden_size"]),
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_hidden_layers=int(cfg["num_hidden_layers"]),
+            num_attention_heads=n_heads,
+            num_key_value_heads=n_kv,
+            head_dim=head_dim,
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            rope=_parse_rope(cfg),
+            stored_dtype=parse_dtype(cfg.get("torch_dtype") or cfg.get("dtype"), torch.float32),
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            raw=dict(cfg),
+        )
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "ModelConfig":
+        config_path = Path(path) / "config.json"
+        if not config_path.is_file():
+            raise CheckpointError(f"{path}: no config.json (expected a Hugging Face Llama checkpoint folder)")
+        try:
+            cfg = json.loads(config_path.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{config_path}: invalid JSON ({e})") from None
+        return cls.from_dict(cfg)
+
+    @property
+    def num_params(self) -> int:
+        h, i, layers, v = self.hidden_size, self.intermediate_size, self.num_hidden_layers, self.vocab_size
+        q = h * self.num_attention_heads * self.head_dim
+        kv = 2 * h * self.num_key_value_heads * self.head_dim
+        per_layer = q + kv + self.num_attention_heads * self.head_dim * h + 3 * h * i + 2 * h
+        return v * h * (1 if self.tie_word_embeddings else 2) + layers * per_layer + h
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        """K and V for every layer and kv head, for one token (whole model, no sharding)."""
+        elem = torch.empty((), dtype=dtype).element_size()
+        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * elem
+
+
+def _parse_rope(cfg: dict[str, Any]) -> RopeConfig:
+    # transformers >= 5 folds rope_theta into rope_parameters; older configs keep rope_scaling separate.
+    params = cfg.get("rope_parameters")
+    if params is None:
+        params = dict(cfg.get("rope_scaling") or {})
+        params.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    if rope_type not in _SUPPORTED_ROPE_TYPES:
+        raise CheckpointError(f"config.json: rope type {rope_type!r} not supported (supported: {_SUPPORTED_ROPE_TYPES})")
+    return RopeConfig(
+        theta=float(params.get("rope_theta", cfg.get("rope_theta", 10000.0))),
+        rope_type=rope_type,
+        factor=float(params.get("factor", 1.0)),
+        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=int(params.get("original_max_position_embeddings", 8192)),
+    )

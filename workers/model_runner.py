@@ -1,0 +1,140 @@
+"""Runs one model (or one TP rank / PP stage of it) over its own slice of the paged KV cache.
+
+The engine core turns a scheduler decision into a `StepInput` made of plain lists (cheap to pickle, so the
+same object travels to Ray shard workers); the runner turns it into tensors on its device, runs the
+forward pass and returns logits for the rows that sample (last stage) or hidden states (earlier stages).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from .attention import AttentionMetadata, PrefillChunk
+from .config import ModelConfig
+from .model import LlamaForCausalLM
+from .shard import ShardInfo, TPGroup
+from .weights import WeightSource
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepInput:
+    input_ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    slot_mapping: list[int] = field(default_factory=list)
+    num_decode: int = 0                                      # first tokens: one per decoding sequence
+    decode_block_tables: list[list[int]] = field(default_factory=list)
+    decode_seq_lens: list[int] = field(default_factory=list)
+    prefills: list[tuple[int, int, int, list[int]]] = field(default_factory=list)  # q_start, q_len, ctx_len, blocks
+    sample_indices: list[int] = field(default_factory=list)  # flat token rows whose logits are needed
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+    def split(self, num_parts: int) -> list["StepInput"]:
+        """Split by sequence into up to `num_parts` micro-batches of about equal tokens (pipeline parallel)."""
+        seqs = [(i, 1, self.decode_seq_lens[i], self.decode_block_tables[i]) for i in range(self.num_decode)]
+        seqs += list(self.prefills)
+        if num_parts <= 1 or len(seqs) <= 1:
+            return [self]
+        target = self.num_tokens / min(num_parts, len(seqs))
+        groups, current, tokens = [], [], 0
+        for s in seqs:
+            current.append(s)
+            tokens += s[1]
+            if tokens >= target and len(groups) < num_parts - 1:
+                groups.append(current)
+                current, tokens = [], 0
+        if current:
+            groups.append(current)
+        return [self._subset(g) for g in groups]
+
+    def _subset(self, seqs) -> "StepInput":
+        sample = set(self.sample_indices)
+        out = StepInput()
+        for q_start, q_len, ctx_len, blocks in seqs:
+            new_start = len(out.input_ids)
+            sl = slice(q_start, q_start + q_len)
+            out.input_ids += self.input_ids[sl]
+            out.positions += self.positions[sl]
+            out.slot_mapping += self.slot_mapping[sl]
+            if q_len == 1 and q_start < self.num_decode:
+                out.num_decode += 1
+                out.decode_block_tables.append(blocks)
+                out.decode_seq_lens.append(ctx_len)
+            else:
+                out.prefills.append((new_start, q_len, ctx_len, blocks))
+            if q_start + q_len - 1 in sample:
+                out.sample_indices.append(new_start + q_len - 1)
+        return out
+
+
+def kv_block_bytes(cfg: ModelConfig, shard: ShardInfo, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes one KV block takes on this shard (its layers, its kv heads, K and V)."""
+    k0, k1 = shard.kv_heads(cfg)
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * len(shard.layers(cfg)) * block_size * (k1 - k0) * cfg.head_dim * elem
+
+
+class ModelRunner:
+    def __init__(self, cfg: ModelConfig, *, shard: ShardInfo = ShardInfo(), group: TPGroup | None = None,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", max_model_len: int,
+                 block_size: int):
+        self.cfg, self.shard, self.dtype = cfg, shard, dtype
+        self.device = torch.device(device)
+        self.block_size = block_size
+        self.model = LlamaForCausalLM(cfg, shard=shard, group=group, dtype=dtype, device=self.device,
+                                      max_positions=max_model_len)
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.weight_bytes_read = 0
+
+    def load_weights(self, path: str, show_progress: bool = True) -> None:
+        layers = len(self.model.layers)
+        with WeightSource(path) as src, tqdm(total=layers, desc="loading weights", unit="layer",
+                                             disable=not show_progress, leave=False) as bar:
+            self.model.load_weights(src, progress=bar.update)
+            self.weight_bytes_read = src.bytes_read
+
+    def block_bytes(self) -> int:
+        return kv_block_bytes(self.cfg, self.shard, self.block_size, self.dtype)
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        k0, k1 = self.shard.kv_heads(self.cfg)
+        shape = (num_blocks, self.block_size, k1 - k0, self.cfg.head_dim)
+        self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                           torch.zeros(shape, dtype=self.dtype, device=self.device))
+                          for _ in self.model.layers]
+
+    def _metadata(self, step: StepInput) -> AttentionMetadata:
+        dev, long = self.device, torch.long
+        if step.num_decode:
+            width = max(len(t) for t in step.decode_block_tables)
+            tables = torch.tensor([t + [0] * (width - len(t)) for t in step.decode_block_tables], dtype=long, device=dev)
+        else:
+            tables = torch.zeros((0, 1), dtype=long, device=dev)
+        return AttentionMetadata(
+            slot_mapping=torch.tensor(step.slot_mapping, dtype=long, device=dev),
+            num_decode=step.num_decode,
+            decode_block_tables=tables,
+            decode_seq_lens=torch.tensor(step.decode_seq_lens, dtype=long, device=dev),
+            prefills=[PrefillChunk(s, n, c, torch.tensor(b, dtype=long, device=dev)) for s, n, c, b in step.prefills],
+        )
+
+    @torch.inference_mode()
+    def execute(self, step: StepInput, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Last stage: fp32 logits [len(sample_indices), vocab] (on CPU). Other stages: hidden states."""
+        positions = torch.tensor(step.positions, dtype=torch.long, device=self.device)
+        meta = self._metadata(step)
+        input_ids = torch.tensor(step.input_ids, dtype=torch.long, device=self.device) if self.shard.is_first_stage else None
+        if hidden is not None:
+            hidden = hidden.to(self.device)
+        out = self.model(positions, self.kv_caches, meta, input_ids=input_ids, hidden=hidden)
+        if not self.shard.is_last_stage:
+            return out
+        rows = torch.tensor(step.sample_indices, dtype=torch.long, device=self.device)
+        return self.model.compute_logits(out.index_select(0, rows)).cpu()

@@ -1,0 +1,95 @@
+"""Lazy safetensors access for Hugging Face checkpoints, one slice at a time.
+
+A checkpoint is either one `model.safetensors` or several files listed by `model.safetensors.index.json`.
+Tensors are read through `safe_open(...).get_slice(name)`, so a tensor-parallel rank reads only the rows or
+columns it owns and never materialises the whole tensor. Pickle (`*.bin`, `*.pt`) is never loaded: a folder
+that only has those is rejected with a clear error.
+"""
+from __future__ import annotations
+
+import json
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .errors import CheckpointError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class WeightSource:
+    """Maps tensor names to the safetensors file holding them and reads (slices of) tensors lazily."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._file_of: dict[str, Path] = self._index(self.path)
+        self._stack = ExitStack()
+        self._handles: dict[Path, object] = {}
+        self.bytes_read = 0  # what this process actually loaded (per-shard accounting)
+
+    @staticmethod
+    def _index(path: Path) -> dict[str, Path]:
+        index = path / INDEX_FILE
+        if index.is_file():
+            weight_map = json.loads(index.read_text()).get("weight_map")
+            if not weight_map:
+                raise CheckpointError(f"{index}: no weight_map")
+            return {name: path / fname for name, fname in weight_map.items()}
+        single = path / SINGLE_FILE
+        if single.is_file():
+            with safe_open(single, framework="pt") as f:
+                return {name: single for name in f.keys()}
+        candidates = sorted(p.name for p in path.glob("*.safetensors"))
+        if len(candidates) == 1:
+            only = path / candidates[0]
+            with safe_open(only, framework="pt") as f:
+                return {name: only for name in f.keys()}
+        pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
+        hint = f" (found {', '.join(pickles)}: pickle checkpoints are never loaded; convert to safetensors)" if pickles else ""
+        raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
+
+    def names(self) -> list[str]:
+        return list(self._file_of)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._file_of
+
+    def _handle(self, name: str):
+        try:
+            file = self._file_of[name]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: tensor {name!r} missing from the checkpoint") from None
+        if file not in self._handles:
+            if not file.is_file():
+                raise CheckpointError(f"{file}: listed in the index but missing")
+            self._handles[file] = self._stack.enter_context(safe_open(file, framework="pt"))
+        return self._handles[file]
+
+    def shape(self, name: str) -> list[int]:
+        return list(self._handle(name).get_slice(name).get_shape())
+
+    def get(self, name: str, dim: int | None = None, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """The tensor `name`, or only rows/columns [start, end) along `dim` (read from disk as a slice)."""
+        sl = self._handle(name).get_slice(name)
+        if dim is None:
+            t = sl[:]
+        else:
+            size = sl.get_shape()[dim]
+            end = size if end is None else min(end, size)
+            index = tuple([slice(None)] * dim + [slice(start, end)])
+            t = sl[index]
+        self.bytes_read += t.numel() * t.element_size()
+        return t
+
+    def close(self) -> None:
+        self._stack.close()
+        self._handles.clear()
+
+    def __enter__(self) -> "WeightSource":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
