@@ -1,0 +1,384 @@
+"""The engine core: requests in, tokens out, one continuous-batching step at a time.
+
+`Engine` owns the scheduler, the KV block bookkeeping, sampling and detokenization; the forward pass runs in
+an `Executor` (this process, or a TP×PP group of Ray shard workers). `Engine.generate` is the offline,
+batch API; `AsyncEngine` (async_engine.py) drives the same core from a background thread for serving.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence as Seq
+
+import torch
+
+from .config import ModelConfig, parse_dtype
+from .errors import CheckpointError, InvalidRequestError, PromptTooLongError, QueueFullError
+from .executor import CacheBudget, Executor, LocalExecutor, default_device
+from .kv_cache import KVCacheManager
+from .model_runner import StepInput
+from .sampling import Sampler, SamplingParams, stop_string_cut, stream_safe_length
+from .scheduler import ScheduledSeq, Scheduler
+from .sequence import Sequence
+from .tokenizer import IncrementalDetokenizer, Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineConfig:
+    max_model_len: int | None = None       # default: the model's context, capped to what the KV pool holds
+    block_size: int = 16
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 2048
+    enable_prefix_caching: bool = True
+    max_queued_requests: int | None = None  # None: unbounded waiting queue
+    kv_cache_memory: int | None = None      # bytes per shard on CPU
+    gpu_memory_utilization: float = 0.9
+    num_gpu_blocks_override: int | None = None
+    show_progress: bool = True
+    # Parallel-only settings (used by workers.parallel); accepted here so one config serves every layout.
+    placement_strategy: str = "PACK"
+    resources_per_shard: dict | None = None
+    pp_layer_partition: list[int] | None = None
+    num_microbatches: int | None = None
+    use_compiled_graph: bool | None = None
+    collective_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if int(getattr(self, name)) < 1:
+                raise InvalidRequestError(name, "must be >= 1")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise InvalidRequestError("max_model_len", "must be >= 2")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise InvalidRequestError("gpu_memory_utilization", "must be in (0, 1]")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "EngineConfig":
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise InvalidRequestError(unknown[0], f"unknown engine argument (known: {', '.join(sorted(known))})")
+        return cls(**kwargs)
+
+    def cache_budget(self) -> CacheBudget:
+        return CacheBudget(self.kv_cache_memory, self.gpu_memory_utilization, self.num_gpu_blocks_override)
+
+
+@dataclass
+class StreamDelta:
+    """What one request gained in one step (the unit AsyncEngine streams)."""
+    request_id: str
+    token_ids: list[int]
+    text: str
+    logprobs: list[dict[int, float]] | None
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_cached_tokens: int
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    logprobs: list[dict[int, float]] | None = None
+    num_cached_tokens: int = 0
+
+    def add(self, d: StreamDelta) -> None:
+        self.token_ids += d.token_ids
+        self.text += d.text
+        if d.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + d.logprobs
+        self.finish_reason = d.finish_reason
+        self.num_cached_tokens = d.num_cached_tokens
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_blocks_total: int
+    kv_blocks_free: int
+    prefix_cache_hit_tokens: int   # cumulative
+    prompt_tokens: int             # cumulative
+    generation_tokens: int         # cumulative
+    num_preemptions: int           # cumulative
+
+    @property
+    def kv_blocks_used(self) -> int:
+        return self.kv_blocks_total - self.kv_blocks_free
+
+
+class _Request:
+    """Engine-side state of a request beyond what the scheduler tracks: detokenizer and stream position."""
+
+    def __init__(self, seq: Sequence, detok: IncrementalDetokenizer | None):
+        self.seq = seq
+        self.detok = detok
+        self.text = ""
+        self.streamed_chars = 0
+        self.streamed_tokens = 0
+        self.pending_logprobs: list[dict[int, float]] = []
+
+
+class Engine:
+    def __init__(self, model_config: ModelConfig, executor: Executor, tokenizer: Tokenizer | None,
+                 config: EngineConfig, max_model_len: int):
+        self.model_config = model_config
+        self.executor = executor
+        self.tokenizer = tokenizer
+        self.config = config
+        self.max_model_len = max_model_len
+        self.block_size = config.block_size
+        self.kv = KVCacheManager(executor.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv, max_num_seqs=config.max_num_seqs,
+                                   max_num_batched_tokens=config.max_num_batched_tokens)
+        self.sampler = Sampler()
+        self._requests: dict[str, _Request] = {}
+        self._ids = itertools.count()
+        self._eos_ids = frozenset(model_config.eos_token_ids) | (tokenizer.stop_ids if tokenizer else frozenset())
+        self._counters = {"prefix_cache_hit_tokens": 0, "prompt_tokens": 0, "generation_tokens": 0}
+
+    # ---- construction ----------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
+                        dtype: str | torch.dtype | None = None, **engine_args) -> "Engine":
+        path = str(path)
+        model_config = ModelConfig.from_pretrained(path)
+        config = EngineConfig.from_kwargs(**engine_args)
+        tokenizer = _find_tokenizer(path)
+        torch_dtype = resolve_dtype(dtype, model_config)
+        wanted_len = config.max_model_len or model_config.max_position_embeddings
+        if tensor_parallel_size * pipeline_parallel_size > 1:
+            from .parallel import RayExecutor  # imports Ray only when a shard group is asked for
+            executor: Executor = RayExecutor(path, model_config, tensor_parallel_size=tensor_parallel_size,
+                                             pipeline_parallel_size=pipeline_parallel_size, dtype=torch_dtype,
+                                             max_model_len=wanted_len, engine_config=config)
+        else:
+            executor = LocalExecutor(path, model_config, dtype=torch_dtype, max_model_len=wanted_len,
+                                     block_size=config.block_size, budget=config.cache_budget(),
+                                     show_progress=config.show_progress)
+        capacity = executor.num_blocks * config.block_size
+        if capacity < wanted_len:
+            if config.max_model_len is not None:
+                executor.shutdown()
+                raise CheckpointError(
+                    f"max_model_len {wanted_len} does not fit the KV cache ({capacity} tokens); "
+                    "raise kv_cache_memory / gpu_memory_utilization or lower max_model_len")
+            log.warning("max_model_len capped to %d tokens (what the KV cache holds)", capacity)
+            wanted_len = capacity
+        return cls(model_config, executor, tokenizer, config, wanted_len)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model_config.vocab_size
+
+    # ---- requests --------------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str | Seq[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt", "must not be empty")
+            if self.tokenizer is None:
+                raise InvalidRequestError("prompt", "this model has no tokenizer; send token ids")
+            return self.tokenizer.encode(prompt, bos=True)
+        return list(prompt)
+
+    def validate(self, prompt_token_ids: Seq[int], params: SamplingParams) -> None:
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError("sampling_params", "must be a SamplingParams")
+        if len(prompt_token_ids) == 0:
+            raise InvalidRequestError("prompt", "must not be empty")
+        vocab = self.vocab_size
+        for t in prompt_token_ids:
+            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
+                raise InvalidRequestError("prompt_token_ids", f"token id {t!r} is outside the vocabulary [0, {vocab})")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise PromptTooLongError(len(prompt_token_ids), self.max_model_len)
+
+    def add_request(self, prompt: str | Seq[int], params: SamplingParams, request_id: str | None = None) -> str:
+        token_ids = self.encode_prompt(prompt)
+        self.validate(token_ids, params)
+        limit = self.config.max_queued_requests
+        if limit is not None and len(self.scheduler.waiting) >= limit:
+            raise QueueFullError(f"{len(self.scheduler.waiting)} requests already waiting (max_queued_requests={limit})")
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self._requests:
+            raise InvalidRequestError("request_id", f"{request_id!r} is already in flight")
+        seq = Sequence(request_id, token_ids, params)
+        detok = IncrementalDetokenizer(self.tokenizer, token_ids) if self.tokenizer else None
+        self._requests[request_id] = _Request(seq, detok)
+        self.scheduler.add(seq)
+        return request_id
+
+    def abort(self, request_id: str) -> StreamDelta | None:
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return None
+        self.scheduler.finish(req.seq)
+        req.seq.finish_reason = "abort"
+        return self._delta(req, final=True)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    def request_ids(self) -> list[str]:
+        return list(self._requests)
+
+    # ---- one step ------------------------------------------------------------------------------
+    def step(self) -> list[StreamDelta]:
+        out = self.scheduler.schedule()
+        if not out.scheduled:
+            return []
+        batch = sorted(out.scheduled, key=lambda s: s.num_new != 1)  # decodes first, then prefill chunks
+        step, sampled = self._build_step(batch)
+        logits = self.executor.execute(step) if step.num_tokens else None
+        results = self.sampler(logits, [s.seq.sampling for s in sampled]) if sampled else []
+        for s in batch:
+            s.seq.num_computed += s.num_new
+        deltas = []
+        for s, result in zip(sampled, results):
+            req = self._requests.get(s.seq.request_id)
+            if req is not None:
+                delta = self._on_token(req, result.token_id, result.logprobs)
+                if delta is not None:
+                    deltas.append(delta)
+        return deltas
+
+    def _build_step(self, batch: list[ScheduledSeq]) -> tuple[StepInput, list[ScheduledSeq]]:
+        step, sampled, bs = StepInput(), [], self.block_size
+        for s in batch:
+            seq, start = s.seq, s.seq.num_computed
+            table = self.kv.block_table(seq.request_id)
+            q_start = len(step.input_ids)
+            positions = range(start, start + s.num_new)
+            step.input_ids += seq.token_ids[start:start + s.num_new]
+            step.positions += positions
+            step.slot_mapping += [table[p // bs] * bs + p % bs for p in positions]
+            ctx_len = start + s.num_new
+            if s.num_new == 1:
+                step.num_decode += 1
+                step.decode_block_tables.append(table)
+                step.decode_seq_lens.append(ctx_len)
+            else:
+                step.prefills.append((q_start, s.num_new, ctx_len, table))
+            if s.completes:
+                step.sample_indices.append(q_start + s.num_new - 1)
+                sampled.append(s)
+        return step, sampled
+
+    def _on_token(self, req: _Request, token_id: int, logprobs: dict[int, float] | None) -> StreamDelta | None:
+        seq, params = req.seq, req.seq.params
+        if not seq.output_token_ids:  # first token: the prompt's accounting is final now
+            self._counters["prompt_tokens"] += seq.num_prompt_tokens
+            self._counters["prefix_cache_hit_tokens"] += max(seq.num_cached_tokens, 0)
+        seq.append(token_id)
+        self._counters["generation_tokens"] += 1
+        if logprobs is not None:
+            req.pending_logprobs.append(logprobs)
+        is_stop_token = token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self._eos_ids)
+        if req.detok is not None and not is_stop_token:
+            req.text += req.detok.add(token_id)
+        finish = None
+        if is_stop_token:
+            finish = "stop"
+        elif params.stop and (cut := stop_string_cut(req.text, params.stop, req.streamed_chars)) is not None:
+            req.text = req.text[:cut]
+            finish = "stop"
+        elif len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            finish = "length"
+        if finish is not None:
+            if finish == "length" and req.detok is not None:
+                req.text += req.detok.flush()
+            seq.finish_reason = finish
+            self._requests.pop(seq.request_id, None)
+            self.scheduler.finish(seq)
+            return self._delta(req, final=True)
+        return self._delta(req, final=False)
+
+    def _delta(self, req: _Request, final: bool) -> StreamDelta | None:
+        seq = req.seq
+        safe = len(req.text) if final else stream_safe_length(req.text, seq.params.stop)
+        text = req.text[req.streamed_chars:safe] if safe > req.streamed_chars else ""
+        new_tokens = seq.output_token_ids[req.streamed_tokens:]
+        if not final and not new_tokens and not text:
+            return None
+        req.streamed_chars = max(req.streamed_chars, safe)
+        req.streamed_tokens = len(seq.output_token_ids)
+        logprobs = None
+        if seq.params.logprobs is not None:
+            logprobs, req.pending_logprobs = req.pending_logprobs, []
+        return StreamDelta(seq.request_id, new_tokens, text, logprobs, seq.finish_reason if final else None,
+                           seq.num_prompt_tokens, max(seq.num_cached_tokens, 0))
+
+    # ---- offline batch API ---------------------------------------------------------------------------
+    def generate(self, prompts: Seq[str] | Seq[Seq[int]],
+                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Run every prompt to completion in one continuously batched loop; outputs in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            raise InvalidRequestError("prompts", "must be a list of prompts (strings or token-id lists)")
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            sampling_params = [sampling_params] * len(prompts)
+        if len(sampling_params) != len(prompts):
+            raise InvalidRequestError("sampling_params", f"{len(sampling_params)} given for {len(prompts)} prompts")
+        encoded = [self.encode_prompt(p) for p in prompts]
+        for ids, params in zip(encoded, sampling_params):  # reject the whole batch before starting any of it
+            self.validate(ids, params)
+        outputs: dict[str, RequestOutput] = {}
+        order = []
+        for ids, params in zip(encoded, sampling_params):
+            rid = self.add_request(ids, params)
+            outputs[rid] = RequestOutput(rid, ids)
+            order.append(rid)
+        pending = set(order)
+        while pending:
+            for d in self.step():
+                if d.request_id in outputs:
+                    outputs[d.request_id].add(d)
+                    if d.finished:
+                        pending.discard(d.request_id)
+        return [outputs[r] for r in order]
+
+    # ---- operations ------------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            kv_blocks_total=self.kv.num_blocks, kv_blocks_free=self.kv.num_free_blocks,
+            num_preemptions=self.scheduler.num_preemptions, **self._counters)
+
+    def cached_block_hashes(self) -> list[int]:
+        return self.kv.cached_block_hashes()
+
+    def check_health(self) -> None:
+        self.executor.check_health()
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, cfg: ModelConfig) -> torch.dtype:
+    """None/'auto': the checkpoint's dtype on GPU; float32 on CPU, where bf16/fp16 matmuls are slower and
+    less exact on most processors."""
+    if dtype is None or dtype == "auto":
+        return cfg.stored_dtype if default_device().type == "cuda" else torch.float32
+    return parse_dtype(dtype)
+
+
+def _find_tokenizer(path: str) -> Tokenizer | None:
+    try:
+        return Tokenizer.from_pretrained_dir(path)
+    except Exception as e:  # a checkpoint without a tokenizer still serves token-id prompts
+        log.warning("%s: no usable tokenizer (%s); only token-id prompts will be accepted", path, e)
+        return None

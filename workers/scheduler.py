@@ -1,0 +1,107 @@
+"""Continuous batching: which sequences run in the next step, and how many tokens each computes.
+
+Every step is planned afresh (vLLM v1 style): running sequences first, each asking for its remaining
+tokens (1 for a decode, the rest of its prompt for a prefill) within the step's token budget, then waiting
+requests in arrival order (FCFS) while the budget, `max_num_seqs` and the KV pool allow. A prompt that
+does not fit the budget is prefilled in chunks over several steps. When the pool runs dry, the most recently
+arrived running sequence is preempted: its blocks are freed (they stay in the prefix cache) and it is
+recomputed from the start of prompt + output when it next runs.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from .kv_cache import KVCacheManager
+from .sequence import Sequence, SeqStatus
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new: int          # tokens computed this step, starting at seq.num_computed
+
+    @property
+    def completes(self) -> bool:
+        """Does this step bring the sequence up to date (so it samples its next token)?"""
+        return self.seq.num_computed + self.num_new == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq]
+    preempted: list[Sequence]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, kv: KVCacheManager, *, max_num_seqs: int, max_num_batched_tokens: int):
+        self.kv = kv
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        scheduled: list[ScheduledSeq] = []
+        preempted: list[Sequence] = []
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            num_new = min(seq.num_tokens - seq.num_computed, budget)
+            while not self.kv.allocate(seq.request_id, seq.token_ids, seq.num_computed + num_new):
+                victim = self.running.pop()  # the latest arrival gives way
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+            else:
+                scheduled.append(ScheduledSeq(seq, num_new))
+                budget -= num_new
+                i += 1
+
+        # New work only joins when nothing had to be preempted this step (it would just thrash).
+        while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            cached = self.kv.find_cached_prefix(seq.token_ids)
+            num_computed = len(cached) * self.kv.block_size
+            num_new = min(seq.num_tokens - num_computed, budget)
+            if not self.kv.allocate(seq.request_id, seq.token_ids, num_computed + num_new, cached):
+                break
+            self.waiting.popleft()
+            seq.num_computed = num_computed
+            if seq.num_cached_tokens < 0:
+                seq.num_cached_tokens = min(num_computed, seq.num_prompt_tokens)
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            scheduled.append(ScheduledSeq(seq, num_new))
+            budget -= num_new
+        return SchedulerOutput(scheduled, preempted)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.kv.free(seq.request_id)
+        seq.num_computed = 0
+        seq.status = SeqStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove a finished or aborted sequence wherever it is and return its blocks to the pool."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.kv.free(seq.request_id)
+        seq.status = SeqStatus.FINISHED

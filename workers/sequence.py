@@ -1,0 +1,50 @@
+"""One request's life inside the engine: its tokens, progress through the KV cache, and output state."""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from .sampling import SamplingParams, SamplingState
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival: float = field(default_factory=time.monotonic)
+    status: SeqStatus = SeqStatus.WAITING
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0        # tokens whose k/v are in the cache
+    num_cached_tokens: int = -1  # prompt tokens served from the prefix cache (set when first scheduled)
+    finish_reason: str | None = None
+    sampling: SamplingState | None = None
+
+    def __post_init__(self) -> None:
+        self.token_ids = list(self.prompt_token_ids)  # prompt + output, the sequence as the model sees it
+        if self.sampling is None:
+            self.sampling = SamplingState.create(self.params, self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    def append(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+        self.output_token_ids.append(token_id)
+        self.sampling.output_token_ids.append(token_id)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED
