@@ -1,0 +1,162 @@
+"""`herd`: the command line for operators and developers.
+
+Subcommands come from the modules that own them (each exposes a `register_*` function), so this file only
+assembles the parser: generate / chat / demo-checkpoint (engine), serve / client (the cluster), plan
+(parallel layouts), bench (benchmarks), k8s (Kubernetes).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from workers.errors import HerdError
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--ignore-eos", action="store_true")
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="Hugging Face Llama checkpoint folder")
+    p.add_argument("--dtype", default=None, help="auto (default), bfloat16, float16, float32")
+    p.add_argument("--tensor-parallel-size", "--tp", type=int, default=1)
+    p.add_argument("--pipeline-parallel-size", "--pp", type=int, default=1)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes of KV cache per shard (CPU)")
+
+
+def _sampling_from_args(args):
+    from workers import SamplingParams
+    return SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        min_p=args.min_p, seed=args.seed, stop=args.stop, repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty, ignore_eos=args.ignore_eos)
+
+
+def _load_engine(args, async_engine: bool = False):
+    from workers import AsyncEngine, Engine
+    cls = AsyncEngine if async_engine else Engine
+    extra = {k: v for k, v in {"max_model_len": args.max_model_len, "kv_cache_memory": args.kv_cache_memory}.items()
+             if v is not None}
+    print(f"loading {args.model} ...", file=sys.stderr)
+    return cls.from_pretrained(args.model, tensor_parallel_size=args.tensor_parallel_size,
+                               pipeline_parallel_size=args.pipeline_parallel_size, dtype=args.dtype, **extra)
+
+
+def cmd_generate(args) -> int:
+    params = _sampling_from_args(args)
+    engine = _load_engine(args)
+    try:
+        for prompt in args.prompt:
+            out = engine.generate([prompt], params)[0]
+            print(out.text if engine.tokenizer else out.token_ids)
+            print(f"[finish_reason={out.finish_reason} tokens={len(out.token_ids)}]", file=sys.stderr)
+    finally:
+        engine.shutdown()
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from workers import InvalidRequestError
+    params = _sampling_from_args(args)
+    engine = _load_engine(args)
+    if engine.tokenizer is None:
+        print("this checkpoint has no tokenizer; chat needs one", file=sys.stderr)
+        return 2
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("chat with the model; an empty line or Ctrl-D ends the session", file=sys.stderr)
+    try:
+        while True:
+            try:
+                line = input("you> ").strip()
+            except EOFError:
+                break
+            if not line:
+                break
+            messages.append({"role": "user", "content": line})
+            try:
+                prompt_ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+                rid = engine.add_request(prompt_ids, params)
+            except InvalidRequestError as e:
+                print(f"error: {e}", file=sys.stderr)
+                messages.pop()
+                continue
+            print("assistant> ", end="", flush=True)
+            reply = []
+            while engine.has_unfinished():
+                for d in engine.step():
+                    if d.request_id == rid:
+                        reply.append(d.text)
+                        print(d.text, end="", flush=True)
+            print()
+            messages.append({"role": "assistant", "content": "".join(reply)})
+    finally:
+        engine.shutdown()
+    return 0
+
+
+def cmd_demo_checkpoint(args) -> int:
+    from workers.demo import write_demo_checkpoint
+    path = write_demo_checkpoint(args.outdir, args.shape, seed=args.seed)
+    print(f"wrote {args.shape} demo checkpoint to {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from workers.demo import DEMO_SHAPES
+    parser = argparse.ArgumentParser(prog="herd", description="Serve Llama models on a Ray cluster.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="generate from a checkpoint in this process")
+    _add_engine_args(p)
+    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat with a checkpoint in this process (streams tokens)")
+    _add_engine_args(p)
+    p.add_argument("--system", default=None, help="system prompt")
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("demo-checkpoint", help="write a small random-weight checkpoint in the HF layout")
+    p.add_argument("outdir")
+    p.add_argument("--shape", choices=list(DEMO_SHAPES), default="llama32-1b-mini")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo_checkpoint)
+
+    bench = sub.add_parser("bench", help="benchmarks (print JSON figures)")
+    bench_sub = bench.add_subparsers(dest="scenario", required=True)
+    from benchmarks import engine_bench
+    engine_bench.register_bench(bench_sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except HerdError as e:
+        print(f"herd: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

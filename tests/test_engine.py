@@ -1,0 +1,114 @@
+"""The engine against Hugging Face transformers on tiny random checkpoints (greedy tokens and logits)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.checkpoints import LLAMA2_MHA, LLAMA3_GQA_TIED, LLAMA3_ROPE_PARAMETERS, make_checkpoint
+from workers import Engine, SamplingParams
+from workers.config import ModelConfig
+from workers.model_runner import ModelRunner, StepInput
+
+transformers = pytest.importorskip("transformers")
+
+FLAVOURS = {
+    "llama2-mha-sharded": (LLAMA2_MHA, 3),
+    "llama3-gqa-tied-bf16": (LLAMA3_GQA_TIED, 1),
+    "rope-parameters": (LLAMA3_ROPE_PARAMETERS, 1),
+}
+N_NEW = 12
+
+
+def prompts_for(vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(1)
+    lengths = [5, 37, 16, 1, 64, 23]
+    return [torch.randint(4, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.fixture(scope="module", params=list(FLAVOURS))
+def flavour(request, tmp_path_factory):
+    spec, shards = FLAVOURS[request.param]
+    path = make_checkpoint(tmp_path_factory.mktemp("ckpt"), request.param, spec, num_shards=shards)
+    hf = transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompts = prompts_for(spec["vocab_size"])
+    expected = [hf_greedy(hf, p, N_NEW) for p in prompts]
+    return path, hf, prompts, expected
+
+
+def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = hf(ids).logits[0, -1].argmax()
+            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+    return ids[0, len(prompt):].tolist()
+
+
+GREEDY = SamplingParams(max_tokens=N_NEW, temperature=0.0, ignore_eos=True)
+
+
+def run(path, prompts, **engine_args):
+    engine = Engine.from_pretrained(path, dtype="float32", show_progress=False, **engine_args)
+    try:
+        return engine, engine.generate(prompts, GREEDY)
+    finally:
+        engine.shutdown()
+
+
+def test_last_position_logits_match_transformers(flavour):
+    path, hf, prompts, _ = flavour
+    cfg = ModelConfig.from_pretrained(path)
+    runner = ModelRunner(cfg, dtype=torch.float32, max_model_len=256, block_size=16)
+    runner.load_weights(str(path), show_progress=False)
+    runner.allocate_kv_cache(16)
+    prompt = prompts[4]
+    n = len(prompt)
+    table = [3, 7, 1, 9, 0]  # deliberately scattered physical blocks
+    step = StepInput(input_ids=prompt, positions=list(range(n)),
+                     slot_mapping=[table[p // 16] * 16 + p % 16 for p in range(n)],
+                     prefills=[(0, n, n, table)], sample_indices=[n - 1])
+    ours = runner.execute(step)[0]
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt])).logits[0, -1]
+    assert torch.allclose(ours, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+def test_batch_greedy_equals_transformers(flavour):
+    path, _, prompts, expected = flavour
+    _, outs = run(path, prompts)
+    assert [o.token_ids for o in outs] == expected
+    assert all(o.finish_reason == "length" for o in outs)
+
+
+def test_chunked_prefill_same_tokens(flavour):
+    path, _, prompts, expected = flavour
+    engine, outs = run(path, prompts, max_num_batched_tokens=7)  # every long prompt spans several steps
+    assert [o.token_ids for o in outs] == expected
+
+
+def test_preemption_same_tokens(flavour):
+    path, _, prompts, expected = flavour
+    # 8 blocks of 16 tokens: far fewer than six sequences need at once, so the scheduler must preempt.
+    engine, outs = run(path, prompts, num_gpu_blocks_override=8, max_model_len=128)
+    assert [o.token_ids for o in outs] == expected
+    assert engine.scheduler.num_preemptions > 0
+
+
+def test_prefix_cache_on_off_identical_and_hits_on_repeat(flavour):
+    path, _, prompts, expected = flavour
+    shared = prompts[4][:48]
+    followups = [shared + [5, 6, 7], shared + [9, 10]]
+    engine = Engine.from_pretrained(path, dtype="float32", show_progress=False, enable_prefix_caching=True)
+    try:
+        first = engine.generate(followups[:1], GREEDY)[0]
+        second = engine.generate(followups[1:], GREEDY)[0]
+        again = engine.generate(prompts, GREEDY)
+    finally:
+        engine.shutdown()
+    assert first.num_cached_tokens == 0
+    assert second.num_cached_tokens == 48
+    assert again[4].num_cached_tokens == 48  # prompts[4] starts with the same 48 tokens
+    _, off = run(path, followups, enable_prefix_caching=False)
+    assert [first.token_ids, second.token_ids] == [o.token_ids for o in off]
+    assert all(o.num_cached_tokens == 0 for o in off)
+    assert [o.token_ids for o in again] == expected

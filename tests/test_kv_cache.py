@@ -1,0 +1,59 @@
+"""Block pool, prefix cache hash chains, reference counts and LRU eviction."""
+from workers.block_hash import hash_token_blocks
+from workers.kv_cache import KVCacheManager
+
+
+def test_hash_chain_is_prefix_sensitive_and_deterministic():
+    a = hash_token_blocks(list(range(40)), 16)
+    assert len(a) == 2  # the trailing partial block has no hash
+    assert a == hash_token_blocks(list(range(40)), 16)
+    b = hash_token_blocks([99] + list(range(1, 40)), 16)
+    assert a[0] != b[0] and a[1] != b[1]  # a changed first block changes every later hash
+
+
+def test_shared_prefix_is_reused_with_refcounts():
+    kv = KVCacheManager(num_blocks=8, block_size=4)
+    tokens = list(range(10))
+    assert kv.allocate("a", tokens, len(tokens))
+    assert kv.num_free_blocks == 5
+    cached = kv.find_cached_prefix(tokens[:8] + [50, 51])
+    assert [b.block_id for b in cached] == kv.block_table("a")[:2]
+    assert kv.allocate("b", tokens[:8] + [50, 51], 10, cached)
+    assert kv.block_table("b")[:2] == kv.block_table("a")[:2]
+    assert kv.num_free_blocks == 4  # only one new block for b's tail
+    assert cached[0].ref_count == 2
+    kv.free("a")
+    assert cached[0].ref_count == 1
+
+
+def test_last_token_is_never_served_from_cache():
+    kv = KVCacheManager(num_blocks=8, block_size=4)
+    tokens = list(range(8))
+    kv.allocate("a", tokens, 8)
+    assert len(kv.find_cached_prefix(tokens)) == 1  # block 2 would leave nothing to compute
+
+
+def test_freed_blocks_stay_cached_until_evicted_lru():
+    kv = KVCacheManager(num_blocks=4, block_size=4)
+    first = list(range(100, 108))
+    kv.allocate("a", first, 8)
+    kv.free("a")
+    assert kv.num_free_blocks == 4
+    assert len(kv.find_cached_prefix(first + [1])) == 2  # still hit after free
+    kv.allocate("b", list(range(200, 208)), 8)           # takes the two never-used blocks first
+    assert len(kv.find_cached_prefix(first + [1])) == 2
+    kv.allocate("c", list(range(300, 304)), 4)           # now one cached block must be evicted
+    assert len(kv.find_cached_prefix(first + [1])) < 2
+
+
+def test_allocation_failure_changes_nothing():
+    kv = KVCacheManager(num_blocks=2, block_size=4)
+    assert not kv.allocate("a", list(range(12)), 12)
+    assert kv.num_free_blocks == 2 and kv.block_table("a") == []
+
+
+def test_prefix_caching_off_never_hits():
+    kv = KVCacheManager(num_blocks=4, block_size=4, enable_prefix_caching=False)
+    kv.allocate("a", list(range(9)), 9)
+    assert kv.find_cached_prefix(list(range(9))) == []
+    assert kv.cached_block_hashes() == []
