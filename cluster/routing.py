@@ -1,0 +1,335 @@
+"""Prefix-cache-aware request routing for herd's model deployments (a Ray Serve `RequestRouter`).
+
+The router sends a request to the replica whose KV cache already holds the longest prefix of its prompt, so
+the replica skips that part of the prefill. It compares *token-block chain hashes*, the very hashes the
+engine's prefix cache keys its blocks by (`workers.block_hash.hash_token_blocks`), so "what is cached where"
+is the engines' own view rather than a guess over characters.
+
+Where the router's knowledge comes from
+---------------------------------------
+1. Replica reports. Every `request_routing_stats_period_s` Serve calls the deployment's
+   `record_routing_stats()`, which returns `routing_stats(engine)` (below): the hashes of the blocks the
+   engine's prefix cache holds (newest first, capped) plus load numbers. Serve's controller broadcasts the
+   dict to every router, where it appears as `RunningReplica.routing_stats`. A new report *replaces* that
+   replica's reported set, so evictions reach the router too.
+2. Optimistic memory. Between reports the router remembers the block hashes of the requests it routed
+   itself (the replica will have them cached once the prefill runs). An entry lives until a report that
+   arrived at least `optimistic_grace_s` after it was routed supersedes it, or `optimistic_ttl_s` passes.
+
+Both are bounded per replica by `max_hashes_per_replica` (reported: the newest hashes of the report;
+optimistic: least-recently-routed entries are dropped first).
+
+The decision, per request (token ids = the request's first positional argument)
+-------------------------------------------------------------------------------
+- Score each candidate by the number of leading full blocks of the prompt it is known to hold. Because a
+  block's chain hash stands for its whole prefix, the deepest block a replica holds gives that count; this
+  also keeps working when a capped report left out a long conversation's oldest (head) blocks.
+- No replica holds at least `min_match_blocks` blocks: power of two choices, as Serve's default router does
+  (two random candidates; Serve takes the one with the shorter queue).
+- Otherwise the best-matching replica (ties: shorter queue, then more free KV blocks) — unless its queue is
+  longer than the least loaded candidate's by more than `load_imbalance_margin` requests, in which case the
+  least loaded one(s) get it: a hot prefix must not pile every request onto one replica.
+  Queue length = Serve's per-router queue-length cache (requests sent and not finished, corrected by probes)
+  when it has an entry, else the replica's last report (running + waiting sequences).
+- Later ranks hold the remaining candidates, so a full replica (at max_ongoing_requests) does not stall the
+  request.
+
+Configuration (`request_router_config.request_router_kwargs`): see `PrefixCacheRouter.initialize_state`.
+The deployment's `request_router_config.request_routing_stats_period_s` sets how fresh the reports are
+(Serve's default is 10 s; 1-2 s suits LLM serving).
+
+Unlike Serve's `FIFOMixin` routers this one does not hand a chosen replica to whichever request is first in
+line: the replica chosen for a prompt's prefix serves that prompt.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+from ray.serve.request_router import (
+    PendingRequest,
+    ReplicaID,
+    ReplicaResult,
+    RequestRouter,
+    RunningReplica,
+)
+
+from workers.block_hash import hash_token_blocks
+
+logger = logging.getLogger("ray.serve")
+
+# How many block hashes a replica reports at most. Each is a 64-bit int; the dict travels replica ->
+# controller -> every router (ingress replicas, proxies) once per period when it changed.
+DEFAULT_REPORT_MAX_HASHES = 4096
+ROUTING_STATS_VERSION = 1
+
+
+def routing_stats(engine: Any, max_hashes: int = DEFAULT_REPORT_MAX_HASHES) -> dict:
+    """The replica's routing report: what `record_routing_stats()` of a model deployment returns.
+
+    `engine` is an AsyncEngine (anything with `stats()`, `cached_block_hashes()` and `block_size`).
+    `cached_block_hashes()` lists the prefix cache's block hashes oldest first (the order blocks were
+    registered / least recently used first); the report keeps the newest `max_hashes`, newest first.
+    Reading both is cheap: the engine thread keeps snapshots of them.
+    """
+    stats = engine.stats()
+    hashes = list(engine.cached_block_hashes())
+    newest_first = hashes[::-1][:max(0, int(max_hashes))]
+    return {
+        "v": ROUTING_STATS_VERSION,
+        "block_size": int(engine.block_size),
+        "hashes": newest_first,
+        "num_cached_blocks": len(hashes),
+        "num_running": int(stats.num_running),
+        "num_waiting": int(stats.num_waiting),
+        "kv_blocks_total": int(stats.kv_blocks_total),
+        "kv_blocks_free": int(stats.kv_blocks_free),
+    }
+
+
+def request_token_ids(pending_request: Optional[PendingRequest]) -> Optional[Sequence[int]]:
+    """The prompt's token ids: the first positional argument of every routed model request."""
+    if pending_request is None or not pending_request.args:
+        return None
+    first = pending_request.args[0]
+    if isinstance(first, (list, tuple)) and first and isinstance(first[0], int):
+        return first
+    return None
+
+
+@dataclass
+class ReplicaView:
+    """What the router knows about one replica's prefix cache and load."""
+
+    reported: set = field(default_factory=set)              # hashes from the latest report
+    optimistic: "OrderedDict[int, float]" = field(default_factory=OrderedDict)  # hash -> routed at (oldest first)
+    report: Optional[dict] = None                           # the report object ingested last (identity = new)
+    block_size: Optional[int] = None
+    num_running: Optional[int] = None
+    num_waiting: Optional[int] = None
+    kv_blocks_total: Optional[int] = None
+    kv_blocks_free: Optional[int] = None
+
+    def holds(self, block_hash: int) -> bool:
+        return block_hash in self.reported or block_hash in self.optimistic
+
+    def size(self) -> int:
+        return len(self.reported) + len(self.optimistic)
+
+
+class PrefixCacheRouter(RequestRouter):
+    """Routes a request to the replica holding the longest prefix of its token blocks, with a load guard."""
+
+    def initialize_state(
+        self,
+        block_size: int = 16,
+        load_imbalance_margin: float = 8,
+        min_match_blocks: int = 1,
+        max_hashes_per_replica: int = 16384,
+        max_prefix_blocks: int = 2048,
+        optimistic_grace_s: float = 5.0,
+        optimistic_ttl_s: float = 120.0,
+    ):
+        """Called by Serve with `request_router_kwargs`.
+
+        block_size: tokens per KV block, used until a replica's report says otherwise (reports win).
+        load_imbalance_margin: how many more queued/running requests the best-matching replica may have than
+            the least loaded candidate before the request goes to the least loaded one instead.
+        min_match_blocks: a replica must hold at least this many leading blocks to count as a match.
+        max_hashes_per_replica: bound on the reported set and on the optimistic set of each replica.
+        max_prefix_blocks: at most this many leading blocks of a prompt are hashed and compared.
+        optimistic_grace_s: a report supersedes routed-but-unreported hashes only if it arrived this long
+            after they were routed (the prefill may not have run when the replica built its report).
+        optimistic_ttl_s: routed-but-unreported hashes are forgotten after this long in any case.
+        """
+        if block_size < 1 or max_hashes_per_replica < 1 or max_prefix_blocks < 1 or min_match_blocks < 1:
+            raise ValueError("block_size, max_hashes_per_replica, max_prefix_blocks, min_match_blocks must be >= 1")
+        if load_imbalance_margin < 0 or optimistic_grace_s < 0 or optimistic_ttl_s <= 0:
+            raise ValueError("load_imbalance_margin and optimistic_grace_s must be >= 0, optimistic_ttl_s > 0")
+        self._default_block_size = int(block_size)
+        self._margin = float(load_imbalance_margin)
+        self._min_match_blocks = int(min_match_blocks)
+        self._max_hashes = int(max_hashes_per_replica)
+        self._max_prefix_blocks = int(max_prefix_blocks)
+        self._grace_s = float(optimistic_grace_s)
+        self._ttl_s = float(optimistic_ttl_s)
+        self._views: dict[ReplicaID, ReplicaView] = {}
+
+    # Defaults for a router Serve built without calling initialize_state (it always calls it today).
+    def _state(self) -> dict[ReplicaID, ReplicaView]:
+        if not hasattr(self, "_views"):
+            PrefixCacheRouter.initialize_state(self)
+        return self._views
+
+    def _now(self) -> float:
+        return self._get_curr_time_s()
+
+    # ---- knowledge ------------------------------------------------------------------------------------
+    def view(self, replica_id: ReplicaID) -> ReplicaView:
+        views = self._state()
+        v = views.get(replica_id)
+        if v is None:
+            v = views[replica_id] = ReplicaView()
+        return v
+
+    def _ingest_report(self, replica: RunningReplica) -> None:
+        """Take in the replica's latest routing report, if it is one the router has not seen."""
+        report = replica.routing_stats
+        v = self.view(replica.replica_id)
+        if report is v.report:
+            return
+        v.report = report
+        if not report or "hashes" not in report:
+            return  # no report yet (Serve starts with {}), or a deployment without record_routing_stats data
+        v.reported = set(report["hashes"][: self._max_hashes])
+        bs = report.get("block_size")
+        v.block_size = int(bs) if bs else None
+        for key in ("num_running", "num_waiting", "kv_blocks_total", "kv_blocks_free"):
+            value = report.get(key)
+            setattr(v, key, int(value) if value is not None else None)
+        # Routed blocks old enough to have been prefilled before the replica built this report are now the
+        # report's business: it either lists them or they were evicted.
+        self._expire_optimistic(v, self._now() - self._grace_s)
+
+    def _expire_optimistic(self, v: ReplicaView, before: float) -> None:
+        opt = v.optimistic
+        while opt:
+            oldest_hash, routed_at = next(iter(opt.items()))
+            if routed_at >= before:
+                break
+            opt.popitem(last=False)
+
+    def remember_routed(self, replica_id: ReplicaID, block_hashes: Sequence[int]) -> None:
+        """Optimistically record that `replica_id` will hold these blocks (bounded, least recent dropped)."""
+        v = self.view(replica_id)
+        now, opt = self._now(), v.optimistic
+        for h in block_hashes:
+            if h in opt:
+                opt.move_to_end(h)
+            opt[h] = now
+        while len(opt) > self._max_hashes:
+            opt.popitem(last=False)
+
+    def update_replicas(self, replicas: list[RunningReplica]):
+        super().update_replicas(replicas)
+        views = self._state()
+        live = {r.replica_id for r in replicas}
+        for rid in list(views):
+            if rid not in live:
+                del views[rid]
+        for r in replicas:
+            self._ingest_report(r)
+
+    def on_replica_actor_died(self, replica_id: ReplicaID):
+        super().on_replica_actor_died(replica_id)
+        self._state().pop(replica_id, None)
+
+    # ---- scoring ----------------------------------------------------------------------------------------
+    def _block_size_of(self, replica: RunningReplica) -> int:
+        v = self._state().get(replica.replica_id)
+        return (v.block_size if v is not None and v.block_size else None) or self._default_block_size
+
+    def _request_hashes(self, pending_request: PendingRequest, token_ids: Sequence[int],
+                        block_size: int) -> list[int]:
+        """The prompt's block hashes for one block size, computed once per request (routing retries reuse)."""
+        cache = getattr(pending_request, "_herd_block_hashes", None)
+        if cache is None:
+            cache = {}
+            try:
+                setattr(pending_request, "_herd_block_hashes", cache)
+            except AttributeError:  # a request object that takes no attributes: just recompute next time
+                pass
+        hashes = cache.get(block_size)
+        if hashes is None:
+            hashes = cache[block_size] = hash_token_blocks(token_ids, block_size, limit=self._max_prefix_blocks)
+        return hashes
+
+    def match_blocks(self, replica: RunningReplica, hashes: Sequence[int]) -> int:
+        """How many leading blocks of the prompt the replica is known to hold (the deepest block it holds:
+        a chain hash stands for its whole prefix)."""
+        v = self._state().get(replica.replica_id)
+        if v is None or (not v.reported and not v.optimistic):
+            return 0
+        for k in range(len(hashes) - 1, -1, -1):
+            if v.holds(hashes[k]):
+                return k + 1
+        return 0
+
+    def load(self, replica: RunningReplica) -> float:
+        """Requests at the replica: Serve's queue-length cache when it has an entry, else the last report."""
+        q = self.replica_queue_len_cache.get(replica.replica_id)
+        if q is not None:
+            return float(q)
+        v = self._state().get(replica.replica_id)
+        if v is not None and v.num_running is not None:
+            return float(v.num_running + (v.num_waiting or 0))
+        return 0.0
+
+    def _kv_free_fraction(self, replica: RunningReplica) -> float:
+        v = self._state().get(replica.replica_id)
+        if v is None or not v.kv_blocks_total:
+            return 1.0
+        return (v.kv_blocks_free or 0) / v.kv_blocks_total
+
+    # ---- the decision -------------------------------------------------------------------------------------
+    def _power_of_two(self, candidates: list[RunningReplica]) -> list[list[RunningReplica]]:
+        if len(candidates) <= 2:
+            pair = random.sample(candidates, len(candidates))
+            return [pair]
+        pair = random.sample(candidates, 2)
+        rest = [r for r in candidates if r not in pair]
+        return [pair, rest]
+
+    async def choose_replicas(
+        self,
+        candidate_replicas: list[RunningReplica],
+        pending_request: Optional[PendingRequest] = None,
+    ) -> list[list[RunningReplica]]:
+        candidates = list(candidate_replicas)
+        if not candidates:
+            return []
+        for r in candidates:  # cheap when nothing changed (identity check)
+            self._ingest_report(r)
+        token_ids = request_token_ids(pending_request)
+        if token_ids is None:
+            return self._power_of_two(candidates)
+        ttl_cutoff = self._now() - self._ttl_s
+        matches: dict[ReplicaID, int] = {}
+        for r in candidates:
+            v = self._state().get(r.replica_id)
+            if v is not None:
+                self._expire_optimistic(v, ttl_cutoff)
+            hashes = self._request_hashes(pending_request, token_ids, self._block_size_of(r))
+            matches[r.replica_id] = self.match_blocks(r, hashes)
+
+        best = max(matches.values())
+        if best < self._min_match_blocks:
+            return self._power_of_two(candidates)
+
+        loads = {r.replica_id: self.load(r) for r in candidates}
+        holders = [r for r in candidates if matches[r.replica_id] == best]
+        random.shuffle(holders)  # equal in every respect: spread
+        chosen = min(holders, key=lambda r: (loads[r.replica_id], -self._kv_free_fraction(r)))
+        least = min(loads.values())
+        if loads[chosen.replica_id] - least > self._margin:
+            least_loaded = [r for r in candidates if loads[r.replica_id] == least]
+            rest = [r for r in candidates if loads[r.replica_id] != least]
+            return [least_loaded, rest] if rest else [least_loaded]
+        rest = sorted((r for r in candidates if r is not chosen),
+                      key=lambda r: (-matches[r.replica_id], loads[r.replica_id]))
+        return [[chosen], rest] if rest else [[chosen]]
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
+                          result: ReplicaResult) -> None:
+        token_ids = request_token_ids(pending_request)
+        if token_ids is None:
+            return
+        replica = self.curr_replicas.get(replica_id)
+        v = self._state().get(replica_id)
+        block_size = (v.block_size if v is not None and v.block_size else None) or self._default_block_size
+        if replica is not None:
+            block_size = self._block_size_of(replica)
+        self.remember_routed(replica_id, self._request_hashes(pending_request, token_ids, block_size))
