@@ -6,6 +6,7 @@ have what the router reads: replica_id, max_ongoing_requests, routing_stats and 
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -335,3 +336,117 @@ def test_invalid_kwargs_are_rejected():
         make_router(block_size=0)
     with pytest.raises(TypeError):
         make_router(imbalance=3)   # a typo in request_router_kwargs fails loudly
+
+
+# ---- integration: a real local Ray + Serve ------------------------------------------------------------------
+TOY_BLOCK = 4
+
+
+def _toy_llm():
+    """A model deployment without a model: it "caches" the block hashes of every prompt (and its reply) it
+    served and reports them through record_routing_stats, like the real deployment does with its engine.
+    Defined in a function so Serve pickles it by value (workers cannot import the test module)."""
+    from types import SimpleNamespace
+
+    from ray import serve
+
+    @serve.deployment(num_replicas=2, max_ongoing_requests=32, ray_actor_options={"num_cpus": 0},
+                      health_check_period_s=1)
+    class ToyLLM:
+        block_size = TOY_BLOCK
+
+        def __init__(self):
+            self.replica = serve.get_replica_context().replica_id.unique_id
+            self._hashes: list[int] = []
+            self._known: set[int] = set()
+
+        def stats(self):
+            return SimpleNamespace(num_running=0, num_waiting=0, kv_blocks_total=4096,
+                                   kv_blocks_free=4096 - len(self._hashes))
+
+        def cached_block_hashes(self):
+            return self._hashes
+
+        def record_routing_stats(self) -> dict:
+            from cluster.routing import routing_stats
+            return routing_stats(self)
+
+        async def __call__(self, prompt_token_ids: list[int]) -> dict:
+            from workers.block_hash import hash_token_blocks
+
+            reply = [(sum(prompt_token_ids) + i) % 997 for i in range(4)]   # "generated" tokens
+            for h in hash_token_blocks(prompt_token_ids + reply, self.block_size):
+                if h not in self._known:
+                    self._known.add(h)
+                    self._hashes.append(h)
+            return {"replica": self.replica, "reply": reply}
+
+    return ToyLLM
+
+
+def _conversations(n_sessions, n_turns, call):
+    """Multi-turn sessions, interleaved turn by turn in a shuffled order (Serve's default router alternates
+    between two idle replicas, which a fixed order could turn into accidental stickiness); returns the replica
+    of every turn per session, and the histories."""
+    import random
+
+    order = random.Random(7)
+    system = list(range(500, 508))                                          # 2 shared blocks
+    history = {s: system + [s * 50 + i for i in range(8)] for s in range(n_sessions)}
+    placed = {s: [] for s in range(n_sessions)}
+    for turn in range(n_turns):
+        sessions = list(range(n_sessions))
+        order.shuffle(sessions)
+        for s in sessions:
+            out = call(history[s])
+            placed[s].append(out["replica"])
+            history[s] = history[s] + out["reply"] + [s * 50 + 10 + turn * 8 + i for i in range(8)]
+    return placed, history
+
+
+@pytest.mark.slow
+def test_sessions_stick_to_the_replica_holding_their_prefix():
+    import ray
+    from ray import serve
+    from ray.serve.config import RequestRouterConfig
+
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    try:
+        serve.start(proxy_location="Disabled")
+        toy = _toy_llm()
+        prefix_app = toy.options(request_router_config=RequestRouterConfig(
+            request_router_class="cluster.routing:PrefixCacheRouter",
+            request_router_kwargs={"block_size": TOY_BLOCK, "load_imbalance_margin": 8},
+            request_routing_stats_period_s=0.5)).bind()
+        default_app = toy.options(request_router_config=RequestRouterConfig(
+            request_routing_stats_period_s=0.5)).bind()
+        prefix = serve.run(prefix_app, name="prefix", route_prefix=None)
+        default = serve.run(default_app, name="default", route_prefix=None)
+
+        n_sessions, n_turns = 7, 4
+        placed, history = _conversations(n_sessions, n_turns, lambda t: prefix.remote(t).result())
+        for s, reps in placed.items():
+            assert len(set(reps)) == 1, f"session {s} moved between replicas: {reps}"
+        home = {s: reps[0] for s, reps in placed.items()}
+
+        placed_default, _ = _conversations(n_sessions, n_turns, lambda t: default.remote(t).result())
+        followups = [(reps[0] == r) for reps in placed_default.values() for r in reps[1:]]
+        assert not all(followups), "the default router kept every session on one replica"
+        assert len({r for reps in placed_default.values() for r in reps}) == 2
+
+        # A router that never routed these sessions (a new handle in another process) must place the next
+        # turn from the replicas' reports alone.
+        @ray.remote(num_cpus=0)
+        def next_turns(histories):
+            from ray import serve as s
+            handle = s.get_deployment_handle("ToyLLM", app_name="prefix")
+            return {k: handle.remote(v).result()["replica"] for k, v in histories.items()}
+
+        time.sleep(2.0)   # > request_routing_stats_period_s: the last turns are in the reports
+        fresh = ray.get(next_turns.remote(history))
+        assert fresh == home
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
