@@ -8,8 +8,9 @@ ray[serve] -> opencensus -> google-api-core), so `import proto.herd...` resolves
 depending on sys.path order. `cluster.pb` always imports.
 
 protoc is run with `-I proto`, so the descriptor's file name is the canonical `herd/v1/inference.proto`
-(what reflection shows and what other languages import); the generated `from herd.v1 import inference_pb2`
-in the gRPC module is rewritten to a relative import. Output is deterministic for a pinned grpcio-tools,
+(what reflection shows and what other languages import). Two generated lines assume the Python module is
+`herd.v1.inference_pb2` and are rewritten: the gRPC module's import of it becomes relative, and the message
+classes' module name becomes `__name__` (`cluster.pb.inference_pb2`), which pickling needs. Output is deterministic for a pinned grpcio-tools,
 which tests/test_proto.py relies on to check that the committed stubs are fresh.
 """
 from __future__ import annotations
@@ -50,6 +51,9 @@ def generate(out_dir: Path) -> list[Path]:
         for name in GENERATED:
             text = (generated_dir / name).read_text()
             text = text.replace("from herd.v1 import inference_pb2", "from . import inference_pb2")
+            # Message classes take __module__ from this argument; pickling (Serve passes requests between
+            # processes) imports that module, so it must be where the file really lives.
+            text = text.replace("(DESCRIPTOR, 'herd.v1.inference_pb2', _globals)", "(DESCRIPTOR, __name__, _globals)")
             target = out_dir / name
             target.write_text(text)
             written.append(target)
