@@ -1,0 +1,535 @@
+"""`herd bench serve`: the serving cluster under concurrent multi-turn chat sessions, over gRPC.
+
+Each session opens with a system prompt shared by all sessions, then asks `--turns` questions. A turn's prompt
+is the whole conversation so far (the previous prompts, the model's replies, and the new question). A router
+that sends a session back to the replica holding its conversation turns most of each prompt into prefix-cache
+hits (`GenerateResponse.usage.cached_tokens`).
+
+    herd bench serve                         # self-hosted: local Ray + Serve with a demo model, four phases
+    herd bench serve --address HOST:PORT --model NAME [--ray-address auto]   # drive a running cluster
+
+Self-hosted phases (one local Ray; the model deployment runs `--replicas` replicas):
+  1. router comparison: the same workload with herd's PrefixCacheRouter and with Serve's default
+     PowerOfTwoChoices router. Reports TTFT p50/p99, generated tokens/s, the cached-token fraction of the
+     prompts, and failed requests.
+  2. gRPC overhead: sequential single requests through the cluster (gRPC proxy -> ingress -> model replica)
+     against the same requests through an in-process AsyncEngine on the same checkpoint.
+  3. autoscale timeline: the deployment autoscaled (min 1 .. `--max-replicas`) under a load ramp (low, high,
+     idle). Running replicas and in-flight requests are sampled every 0.5 s and plotted to
+     autoscale_timeline.png.
+Against a running cluster: phase 1 with whatever router that cluster uses, plus phase 3's sampling of its
+replica count if `--ray-address` lets the bench read `serve.status()`.
+
+Figures go to stdout (JSON) and `--out` (serve_bench.json, autoscale_timeline.png). The demo checkpoints are
+random-weight, so the absolute numbers measure the serving path, not a real model's speed.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import socket
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+DEFAULT_ROUTER = "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter"
+PREFIX_ROUTER = "cluster.routing:PrefixCacheRouter"
+BENCH_MODEL = "bench"
+
+
+# ---- workload ----------------------------------------------------------------------------------------------
+@dataclass
+class Workload:
+    sessions: int = 6
+    turns: int = 4
+    system_tokens: int = 96
+    user_tokens: int = 32
+    max_tokens: int = 16
+    seed: int = 0
+
+
+@dataclass
+class TurnResult:
+    session: int
+    turn: int
+    ttft_s: Optional[float] = None
+    latency_s: Optional[float] = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    error: Optional[str] = None
+
+
+def percentile(values: list[float], q: float) -> Optional[float]:
+    """Nearest-rank percentile (q in 0..100); None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), math.ceil(q / 100.0 * len(ordered))))
+    return ordered[rank - 1]
+
+
+def summarize(results: list[TurnResult], wall_s: float) -> dict[str, Any]:
+    ok = [r for r in results if r.error is None]
+    ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
+    prompt = sum(r.prompt_tokens for r in ok)
+    followups = [r for r in ok if r.turn > 0]
+    f_prompt = sum(r.prompt_tokens for r in followups)
+    errors: dict[str, int] = {}
+    for r in results:
+        if r.error is not None:
+            errors[r.error] = errors.get(r.error, 0) + 1
+
+    def ms(x):
+        return None if x is None else round(x * 1000, 2)
+
+    return {
+        "requests": len(results),
+        "failed": len(results) - len(ok),
+        "errors": errors,
+        "ttft_p50_ms": ms(percentile(ttft, 50)),
+        "ttft_p99_ms": ms(percentile(ttft, 99)),
+        "latency_p50_ms": ms(percentile([r.latency_s for r in ok if r.latency_s is not None], 50)),
+        "generated_tokens": sum(r.completion_tokens for r in ok),
+        "tokens_per_s": round(sum(r.completion_tokens for r in ok) / wall_s, 2) if wall_s > 0 else None,
+        "cached_fraction": round(sum(r.cached_tokens for r in ok) / prompt, 4) if prompt else None,
+        "cached_fraction_followups": (round(sum(r.cached_tokens for r in followups) / f_prompt, 4)
+                                      if f_prompt else None),
+        "wall_s": round(wall_s, 3),
+    }
+
+
+class GrpcTarget:
+    """One model behind herd's gRPC API (cluster/pb stubs)."""
+
+    def __init__(self, address: str, model: str, api_key: Optional[str] = None):
+        import grpc
+
+        from cluster.pb import inference_pb2 as pb
+        from cluster.pb import inference_pb2_grpc as pb_grpc
+
+        self.pb, self.grpc = pb, grpc
+        self.address, self.model = address, model
+        self.channel = grpc.insecure_channel(address)
+        self.stub = pb_grpc.InferenceStub(self.channel)
+        self.metadata = [("authorization", f"Bearer {api_key}")] if api_key else []
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def model_info(self, timeout_s: float = 120.0) -> Any:
+        """Waits until the cluster answers ListModels with this model."""
+        deadline, last = time.monotonic() + timeout_s, None
+        while time.monotonic() < deadline:
+            try:
+                for m in self.stub.ListModels(self.pb.ListModelsRequest(), metadata=self.metadata, timeout=10).models:
+                    if m.name == self.model:
+                        return m
+                last = f"model {self.model!r} not listed"
+            except self.grpc.RpcError as e:
+                last = f"{e.code().name}: {e.details()}"
+            time.sleep(0.5)
+        raise RuntimeError(f"{self.address} did not serve {self.model!r} within {timeout_s:.0f} s ({last})")
+
+    def generate(self, prompt: list[int], max_tokens: int, timeout_s: float = 120.0) -> tuple[TurnResult, list[int]]:
+        pb, res, out = self.pb, TurnResult(session=-1, turn=-1), []
+        req = pb.GenerateRequest(model=self.model, token_ids=pb.TokenIds(ids=prompt),
+                                 sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+        t0 = time.perf_counter()
+        try:
+            for chunk in self.stub.Generate(req, metadata=self.metadata, timeout=timeout_s):
+                if chunk.token_ids and res.ttft_s is None:
+                    res.ttft_s = time.perf_counter() - t0
+                out.extend(chunk.token_ids)
+                if chunk.finish_reason:
+                    res.prompt_tokens = chunk.usage.prompt_tokens
+                    res.completion_tokens = chunk.usage.completion_tokens
+                    res.cached_tokens = chunk.usage.cached_tokens
+            res.latency_s = time.perf_counter() - t0
+        except self.grpc.RpcError as e:
+            res.error = e.code().name
+        return res, out
+
+
+def run_sessions(generate: Callable[[list[int], int], tuple[TurnResult, list[int]]], w: Workload, vocab: int,
+                 in_flight: Optional[list[int]] = None, stop: Optional[threading.Event] = None,
+                 loop: bool = False) -> tuple[list[TurnResult], float]:
+    """`w.sessions` concurrent sessions of `w.turns` turns (repeated while `loop` until `stop`)."""
+    rng = random.Random(w.seed)
+    low = 3 if vocab > 16 else 0
+    system = [rng.randrange(low, vocab) for _ in range(w.system_tokens)]
+    results: list[TurnResult] = []
+    lock = threading.Lock()
+
+    def session(s: int) -> None:
+        r = random.Random(w.seed * 1000 + s)
+        rounds = 0
+        while True:
+            history = system + [r.randrange(low, vocab) for _ in range(w.user_tokens)]
+            for turn in range(w.turns):
+                if stop is not None and stop.is_set():
+                    return
+                if in_flight is not None:
+                    with lock:
+                        in_flight[0] += 1
+                try:
+                    res, reply = generate(history, w.max_tokens)
+                finally:
+                    if in_flight is not None:
+                        with lock:
+                            in_flight[0] -= 1
+                res.session, res.turn = s, turn
+                with lock:
+                    results.append(res)
+                history = history + reply + [r.randrange(low, vocab) for _ in range(w.user_tokens)]
+            rounds += 1
+            if not loop:
+                return
+
+    threads = [threading.Thread(target=session, args=(s,), daemon=True) for s in range(w.sessions)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, time.perf_counter() - t0
+
+
+# ---- autoscale timeline -------------------------------------------------------------------------------------
+@dataclass
+class Timeline:
+    t: list[float] = field(default_factory=list)
+    replicas: list[int] = field(default_factory=list)
+    in_flight: list[int] = field(default_factory=list)
+    phases: list[tuple[str, float, float]] = field(default_factory=list)
+
+
+def running_replicas(app_name: str, deployment: str) -> int:
+    from ray import serve
+
+    app = serve.status().applications.get(app_name)
+    if app is None or deployment not in app.deployments:
+        return 0
+    states = app.deployments[deployment].replica_states
+    return int(sum(n for state, n in states.items() if str(getattr(state, "value", state)) == "RUNNING"))
+
+
+def autoscale_timeline(target: GrpcTarget, vocab: int, replicas_now: Callable[[], int],
+                       phases: list[tuple[str, float, int]], period_s: float = 0.5,
+                       max_tokens: int = 16) -> Timeline:
+    """Runs `phases` (name, seconds, concurrent sessions) back to back, sampling replicas and load."""
+    tl, in_flight = Timeline(), [0]
+    t0 = time.monotonic()
+    sampling = threading.Event()
+
+    def sampler():
+        while not sampling.is_set():
+            try:
+                n = replicas_now()
+            except Exception:  # noqa: BLE001 - a status hiccup is a gap in the plot, not a failed bench
+                n = tl.replicas[-1] if tl.replicas else 0
+            tl.t.append(time.monotonic() - t0)
+            tl.replicas.append(n)
+            tl.in_flight.append(in_flight[0])
+            sampling.wait(period_s)
+
+    sampler_thread = threading.Thread(target=sampler, daemon=True)
+    sampler_thread.start()
+    for i, (name, seconds, sessions) in enumerate(phases):
+        start = time.monotonic() - t0
+        if sessions > 0:
+            stop = threading.Event()
+            w = Workload(sessions=sessions, turns=4, max_tokens=max_tokens, seed=100 + i)
+            worker = threading.Thread(
+                target=run_sessions, args=(lambda p, m: target.generate(p, m), w, vocab, in_flight, stop, True),
+                daemon=True)
+            worker.start()
+            time.sleep(seconds)
+            stop.set()
+            worker.join(timeout=120)
+        else:
+            time.sleep(seconds)
+        tl.phases.append((name, start, time.monotonic() - t0))
+    sampling.set()
+    sampler_thread.join(timeout=5)
+    return tl
+
+
+def plot_timeline(tl: Timeline, path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.5), dpi=110)
+    colors = {"low": "#e8f4ea", "high": "#fdecea", "idle": "#eef1f6"}
+    for name, a, b in tl.phases:
+        ax.axvspan(a, b, color=colors.get(name, "#f5f5f5"), zorder=0)
+        ax.text((a + b) / 2, 0.02, name, transform=ax.get_xaxis_transform(), ha="center", fontsize=9,
+                color="#555")
+    ax.step(tl.t, tl.replicas, where="post", color="#1f5fa8", linewidth=2.2, label="running replicas")
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("running replicas", color="#1f5fa8")
+    ax.set_ylim(0, max(tl.replicas + [1]) + 1)
+    ax.yaxis.get_major_locator().set_params(integer=True)
+    ax2 = ax.twinx()
+    ax2.plot(tl.t, tl.in_flight, color="#c0392b", linewidth=1.2, alpha=0.85, label="requests in flight")
+    ax2.set_ylabel("requests in flight (load)", color="#c0392b")
+    ax2.set_ylim(0, max(tl.in_flight + [1]) * 1.25)
+    lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    ax.legend(lines, [ln.get_label() for ln in lines], loc="upper right", fontsize=9)
+    ax.set_title(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# ---- in-process baseline ------------------------------------------------------------------------------------
+def in_process_latencies(path: str, prompts: list[list[int]], max_tokens: int,
+                         engine_kwargs: dict[str, Any]) -> list[TurnResult]:
+    """The same requests, one at a time, through an AsyncEngine in this process (no Serve, no gRPC)."""
+    import asyncio
+
+    from workers import AsyncEngine, SamplingParams
+
+    engine = AsyncEngine.from_pretrained(path, **engine_kwargs)
+
+    async def one(prompt):
+        res, t0 = TurnResult(session=0, turn=0), time.perf_counter()
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        async for d in engine.generate(prompt, params):
+            if d.token_ids and res.ttft_s is None:
+                res.ttft_s = time.perf_counter() - t0
+            res.completion_tokens += len(d.token_ids)
+            if d.finished:
+                res.prompt_tokens, res.cached_tokens = d.num_prompt_tokens, d.num_cached_tokens
+        res.latency_s = time.perf_counter() - t0
+        return res
+
+    async def all_of_them():
+        await one(prompts[0])  # warm-up
+        return [await one(p) for p in prompts]
+
+    try:
+        return asyncio.run(all_of_them())
+    finally:
+        engine.shutdown()
+
+
+def sequential(target: GrpcTarget, prompts: list[list[int]], max_tokens: int) -> list[TurnResult]:
+    target.generate(prompts[0], max_tokens)  # warm-up
+    return [target.generate(p, max_tokens)[0] for p in prompts]
+
+
+def overhead_summary(grpc_results: list[TurnResult], local_results: list[TurnResult]) -> dict[str, Any]:
+    def p50(rs, attr):
+        return percentile([getattr(r, attr) for r in rs if r.error is None and getattr(r, attr) is not None], 50)
+
+    out: dict[str, Any] = {"requests": len(grpc_results)}
+    for attr in ("ttft_s", "latency_s"):
+        g, l = p50(grpc_results, attr), p50(local_results, attr)
+        name = attr[:-2]
+        out[f"grpc_{name}_p50_ms"] = None if g is None else round(g * 1000, 2)
+        out[f"in_process_{name}_p50_ms"] = None if l is None else round(l * 1000, 2)
+        out[f"overhead_{name}_p50_ms"] = None if g is None or l is None else round((g - l) * 1000, 2)
+    return out
+
+
+# ---- self-hosted cluster ------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _router_class(router: str):
+    """Select the model deployments' router class for build_app.
+    TODO: use the cluster config's router key once cluster/config.py has it; until then set the module
+    constant that cluster.app reads when it builds the deployment options."""
+    import cluster.app as app
+
+    before = app.ROUTER_CLASS
+    app.ROUTER_CLASS = router
+    try:
+        yield
+    finally:
+        app.ROUTER_CLASS = before
+
+
+def bench_config(model_path: str, grpc_port: int, http_port: int, *, replicas: int,
+                 autoscaling: Optional[dict] = None, max_model_len: int = 2048) -> dict[str, Any]:
+    model: dict[str, Any] = {
+        "name": BENCH_MODEL, "path": model_path, "resources_per_shard": {"CPU": 0.25},
+        "max_model_len": max_model_len, "routing_stats_period_s": 1.0,
+    }
+    if autoscaling:
+        model["autoscaling_config"] = autoscaling
+    else:
+        model["num_replicas"] = replicas
+    return {"host": "127.0.0.1", "grpc_port": grpc_port, "http_port": http_port, "models": [model]}
+
+
+def _deploy(cfg_dict: dict[str, Any], router: str) -> None:
+    from ray import serve
+
+    from cluster.app import APP_NAME, build_app
+    from cluster.config import ClusterConfig
+
+    with _router_class(router):
+        app = build_app(ClusterConfig.from_dict(cfg_dict))
+    serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+
+
+def _undeploy() -> None:
+    from ray import serve
+
+    from cluster.app import APP_NAME
+
+    serve.delete(APP_NAME)
+
+
+def run_self_hosted(args) -> dict[str, Any]:
+    import ray
+    from ray import serve
+
+    from cluster.app import APP_NAME, deployment_name, serve_start_options
+    from cluster.config import ClusterConfig
+    from workers.demo import write_demo_checkpoint
+
+    out = Path(args.out)
+    model_path = args.checkpoint
+    if model_path is None:
+        model_path = str(out / "checkpoints" / args.shape)
+        if not (Path(model_path) / "config.json").is_file():
+            write_demo_checkpoint(model_path, args.shape)
+    grpc_port, http_port = _free_port(), _free_port()
+    base = bench_config(model_path, grpc_port, http_port, replicas=args.replicas)
+    w = Workload(sessions=args.sessions, turns=args.turns, max_tokens=args.max_tokens, seed=args.seed)
+    report: dict[str, Any] = {"mode": "self-hosted", "checkpoint": model_path, "workload": asdict(w),
+                              "replicas": args.replicas}
+
+    os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
+    ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, _node_ip_address="127.0.0.1",
+             log_to_driver=False)
+    try:
+        serve.start(**serve_start_options(ClusterConfig.from_dict(base)))
+        target = GrpcTarget(f"127.0.0.1:{grpc_port}", BENCH_MODEL)
+
+        # 1. router comparison
+        routers = {}
+        for label, router in (("prefix_router", PREFIX_ROUTER), ("default_router", DEFAULT_ROUTER)):
+            _deploy(base, router)
+            info = target.model_info()
+            results, wall = run_sessions(lambda p, m: target.generate(p, m), w, info.vocab_size)
+            routers[label] = summarize(results, wall)
+            print(json.dumps({label: routers[label]}), flush=True)
+            _undeploy()
+        report["routers"] = routers
+
+        # 2. gRPC overhead (the cluster first, then the in-process engine with the cluster gone)
+        rng = random.Random(args.seed + 7)
+        prompts = [[rng.randrange(3, 1000) for _ in range(64)] for _ in range(args.overhead_requests)]
+        _deploy(base, PREFIX_ROUTER)
+        target.model_info()
+        grpc_results = sequential(target, prompts, args.max_tokens)
+        _undeploy()
+        engine_kwargs = {"max_model_len": base["models"][0]["max_model_len"], "show_progress": False}
+        local_results = in_process_latencies(model_path, prompts, args.max_tokens, engine_kwargs)
+        report["grpc_overhead"] = overhead_summary(grpc_results, local_results)
+        print(json.dumps({"grpc_overhead": report["grpc_overhead"]}), flush=True)
+
+        # 3. autoscale timeline
+        autoscaling = {"min_replicas": 1, "max_replicas": args.max_replicas, "target_ongoing_requests": 2,
+                       "upscale_delay_s": 1.0, "downscale_delay_s": args.downscale_delay_s,
+                       "look_back_period_s": 2.0, "metrics_interval_s": 0.5}
+        _deploy(bench_config(model_path, grpc_port, http_port, replicas=1, autoscaling=autoscaling), PREFIX_ROUTER)
+        info = target.model_info()
+        dep = deployment_name(BENCH_MODEL)
+        phases = [("low", args.phase_s, 1), ("high", args.phase_s * 2, args.high_sessions),
+                  ("idle", args.phase_s + args.downscale_delay_s, 0)]
+        tl = autoscale_timeline(target, info.vocab_size, lambda: running_replicas(APP_NAME, dep), phases,
+                                max_tokens=args.max_tokens)
+        _undeploy()
+        png = plot_timeline(tl, out / "autoscale_timeline.png",
+                            f"herd autoscaling: {BENCH_MODEL} ({args.shape}), min 1 / max {args.max_replicas}")
+        report["autoscale"] = {"png": str(png), "peak_replicas": max(tl.replicas or [0]),
+                               "final_replicas": tl.replicas[-1] if tl.replicas else None,
+                               "peak_in_flight": max(tl.in_flight or [0]), "samples": len(tl.t),
+                               "timeline": asdict(tl)}
+        target.close()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return report
+
+
+def run_against(args) -> dict[str, Any]:
+    target = GrpcTarget(args.address, args.model, api_key=args.api_key)
+    info = target.model_info()
+    w = Workload(sessions=args.sessions, turns=args.turns, max_tokens=args.max_tokens, seed=args.seed)
+    results, wall = run_sessions(lambda p, m: target.generate(p, m), w, info.vocab_size)
+    report: dict[str, Any] = {"mode": "external", "address": args.address, "model": args.model,
+                              "workload": asdict(w), "cluster_router": summarize(results, wall)}
+    print(json.dumps({"cluster_router": report["cluster_router"]}), flush=True)
+    if args.ray_address:
+        import ray
+
+        from cluster.app import APP_NAME, deployment_name
+
+        ray.init(address=args.ray_address, log_to_driver=False)
+        try:
+            phases = [("low", args.phase_s, 1), ("high", args.phase_s * 2, args.high_sessions),
+                      ("idle", args.phase_s, 0)]
+            tl = autoscale_timeline(target, info.vocab_size,
+                                    lambda: running_replicas(APP_NAME, deployment_name(args.model)), phases,
+                                    max_tokens=args.max_tokens)
+            png = plot_timeline(tl, Path(args.out) / "autoscale_timeline.png", f"herd autoscaling: {args.model}")
+            report["autoscale"] = {"png": str(png), "peak_replicas": max(tl.replicas or [0]),
+                                   "timeline": asdict(tl)}
+        finally:
+            ray.shutdown()
+    target.close()
+    return report
+
+
+def run(args) -> int:
+    report = run_against(args) if args.address else run_self_hosted(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "serve_bench.json").write_text(json.dumps(report, indent=2))
+    brief = {k: v for k, v in report.items() if k != "autoscale"}
+    if "autoscale" in report:
+        brief["autoscale"] = {k: v for k, v in report["autoscale"].items() if k != "timeline"}
+    print(json.dumps(brief, indent=2))
+    return 0
+
+
+def register_bench(bench_sub) -> None:
+    p = bench_sub.add_parser("serve", help="the cluster over gRPC: prefix vs default router, gRPC overhead, "
+                                           "autoscale timeline (JSON + PNG)")
+    p.add_argument("--address", default=None, help="HOST:PORT of a running cluster's gRPC (default: self-hosted)")
+    p.add_argument("--model", default=BENCH_MODEL, help="model name, with --address")
+    p.add_argument("--api-key", default=os.environ.get("HERD_API_KEY"), help="with --address")
+    p.add_argument("--ray-address", default=None, help="with --address: Ray cluster to read replica counts from")
+    p.add_argument("--shape", default="llama32-1b-mini", help="self-hosted: demo checkpoint shape")
+    p.add_argument("--checkpoint", default=None, help="self-hosted: checkpoint folder instead of a demo shape")
+    p.add_argument("--replicas", type=int, default=2, help="self-hosted: replicas for the router comparison")
+    p.add_argument("--sessions", type=int, default=6)
+    p.add_argument("--turns", type=int, default=4)
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overhead-requests", type=int, default=20)
+    p.add_argument("--max-replicas", type=int, default=3, help="autoscale timeline: max replicas")
+    p.add_argument("--high-sessions", type=int, default=8, help="autoscale timeline: sessions in the high phase")
+    p.add_argument("--phase-s", type=float, default=10.0, help="autoscale timeline: length of the low phase")
+    p.add_argument("--downscale-delay-s", type=float, default=5.0)
+    p.add_argument("--out", default="bench-out/serve", help="folder for serve_bench.json and the PNG")
+    p.set_defaults(func=run)
