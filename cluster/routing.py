@@ -228,8 +228,8 @@ class PrefixCacheRouter(RequestRouter):
         self._state().pop(replica_id, None)
 
     # ---- scoring ----------------------------------------------------------------------------------------
-    def _block_size_of(self, replica: RunningReplica) -> int:
-        v = self._state().get(replica.replica_id)
+    def _block_size_for(self, replica_id: ReplicaID) -> int:
+        v = self._state().get(replica_id)
         return (v.block_size if v is not None and v.block_size else None) or self._default_block_size
 
     def _request_hashes(self, pending_request: PendingRequest, token_ids: Sequence[int],
@@ -302,7 +302,7 @@ class PrefixCacheRouter(RequestRouter):
             v = self._state().get(r.replica_id)
             if v is not None:
                 self._expire_optimistic(v, ttl_cutoff)
-            hashes = self._request_hashes(pending_request, token_ids, self._block_size_of(r))
+            hashes = self._request_hashes(pending_request, token_ids, self._block_size_for(r.replica_id))
             matches[r.replica_id] = self.match_blocks(r, hashes)
 
         best = max(matches.values())
@@ -324,12 +324,9 @@ class PrefixCacheRouter(RequestRouter):
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
                           result: ReplicaResult) -> None:
+        """Serve calls this once a replica accepted the request: remember its prompt blocks there."""
         token_ids = request_token_ids(pending_request)
         if token_ids is None:
             return
-        replica = self.curr_replicas.get(replica_id)
-        v = self._state().get(replica_id)
-        block_size = (v.block_size if v is not None and v.block_size else None) or self._default_block_size
-        if replica is not None:
-            block_size = self._block_size_of(replica)
+        block_size = self._block_size_for(replica_id)
         self.remember_routed(replica_id, self._request_hashes(pending_request, token_ids, block_size))
