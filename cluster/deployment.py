@@ -1,0 +1,194 @@
+"""The model deployment: one Serve replica = one AsyncEngine (a whole model, or the driver of a TP×PP group).
+
+Contract with the ingress (and with the router, which reads the token ids from the first positional arg):
+
+    handle.options(stream=True).generate_stream.remote(prompt_token_ids: list[int], sampling: dict,
+                                                       request_id: str)
+
+yields plain dicts, one per engine step that produced something:
+
+    {"token_ids": [...], "text": "...", "logprobs": [...] | None, "finish_reason": None | "stop" | "length",
+     "prompt_tokens": int, "cached_tokens": int, "completion_tokens": int (so far)}
+
+or, once and last, `{"error": {"code": "<gRPC code name>", "message": ..., "field": ...}}` when the request
+fails (cluster.errors). Errors travel as data, not exceptions: the engine's exceptions do not survive pickling
+into a RayTaskError with their fields, and the client must see the field name.
+
+Each logprobs entry is `{"logprob": float, "top": [[token_id, logprob], ...]}` (most likely first) for the
+token at the same position in token_ids.
+
+Placement: a replica of a TP·PP = 1 model reserves `resources_per_shard` itself. For TP·PP > 1 the replica owns
+a placement group, `[{"CPU": driver_cpus}] + [resources_per_shard] * (TP*PP)` (see cluster.app); the replica
+actor sits in bundle 0 and the engine starts its shard actors in the other bundles of the current group.
+
+Readiness: the weights load in `__init__`, so Serve routes nothing to a replica before its engine is up;
+`check_health` asks the engine (a dead shard makes the replica unhealthy and Serve replaces it).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any, AsyncIterator
+
+from ray import serve
+
+from cluster.autoscaling import autoscaling_stats
+from cluster.errors import ApiError, error_to_dict
+from cluster.metrics import ReplicaMetrics
+from cluster.routing import routing_stats
+
+log = logging.getLogger("ray.serve")
+
+# How often engine gauges (KV blocks, queue depth) are pushed to the metrics.
+ENGINE_METRICS_PERIOD_S = 2.0
+
+
+def _replica_id() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - outside Serve (unit tests)
+        return "local"
+
+
+def logprobs_to_wire(token_ids: list[int], logprobs: list[dict[int, float]] | None) -> list[dict] | None:
+    """Engine logprobs (one {token_id: logprob} per new token) -> the stream's JSON-friendly form."""
+    if logprobs is None:
+        return None
+    out = []
+    for tok, entry in zip(token_ids, logprobs):
+        top = sorted(entry.items(), key=lambda kv: kv[1], reverse=True)
+        out.append({"logprob": float(entry.get(tok, float("nan"))),
+                    "top": [[int(t), float(lp)] for t, lp in top]})
+    return out
+
+
+class ModelServer:
+    """A Serve replica serving one model with herd's engine. `spec` is a plain dict (see cluster.app):
+    name, path, tensor_parallel_size, pipeline_parallel_size, dtype, engine_args."""
+
+    async def __init__(self, spec: dict[str, Any]):
+        from workers import AsyncEngine
+
+        self.spec = spec
+        self.name = spec["name"]
+        self.replica_id = _replica_id()
+        tp, pp = int(spec.get("tensor_parallel_size", 1)), int(spec.get("pipeline_parallel_size", 1))
+        log.info("model %s: loading %s (TP%d x PP%d, dtype %s) ...", self.name, spec["path"], tp, pp,
+                 spec.get("dtype") or "auto")
+        t0 = time.monotonic()
+        # Blocking load in a thread: the replica's event loop stays responsive while weights load.
+        self.engine = await asyncio.to_thread(
+            AsyncEngine.from_pretrained, spec["path"], tensor_parallel_size=tp, pipeline_parallel_size=pp,
+            dtype=spec.get("dtype"), **dict(spec.get("engine_args") or {}))
+        stats = self.engine.stats()
+        log.info("model %s: loaded in %.1fs; max_model_len %d, %d KV blocks of %d tokens", self.name,
+                 time.monotonic() - t0, self.engine.max_model_len, stats.kv_blocks_total, self.engine.block_size)
+        self.metrics = ReplicaMetrics(self.name, self.replica_id)
+        self._metrics_task = asyncio.get_running_loop().create_task(self._push_engine_metrics())
+
+    # ---- requests ------------------------------------------------------------------------------------
+    async def generate_stream(self, prompt_token_ids: list[int], sampling: dict[str, Any],
+                              request_id: str) -> AsyncIterator[dict[str, Any]]:
+        from workers import SamplingParams
+        from workers.errors import HerdError
+
+        t_start = time.monotonic()
+        self.metrics.on_request()
+        completion_tokens = 0
+        last_token_at: float | None = None
+        try:
+            params = SamplingParams.from_dict(sampling)
+            self.engine.validate(prompt_token_ids, params)
+            stream = self.engine.generate(list(prompt_token_ids), params, request_id=request_id)
+            # aclosing: if we are cancelled (client gone), the engine's generator is closed at once, which
+            # aborts the sequence and frees its KV blocks, instead of whenever it is garbage collected.
+            async with contextlib.aclosing(stream):
+                async for d in stream:
+                    now = time.monotonic()
+                    if d.token_ids:
+                        if last_token_at is None:
+                            self.metrics.on_first_token(now - t_start)
+                        else:
+                            self.metrics.on_token(now - last_token_at, len(d.token_ids))
+                        last_token_at = now
+                    completion_tokens += len(d.token_ids)
+                    yield {
+                        "token_ids": list(d.token_ids),
+                        "text": d.text,
+                        "logprobs": logprobs_to_wire(d.token_ids, d.logprobs),
+                        "finish_reason": d.finish_reason,
+                        "prompt_tokens": d.num_prompt_tokens,
+                        "cached_tokens": d.num_cached_tokens,
+                        "completion_tokens": completion_tokens,
+                    }
+                    if d.finished:
+                        self.metrics.on_finish(d.num_prompt_tokens, completion_tokens, d.num_cached_tokens)
+        except (HerdError, ApiError) as e:
+            err = error_to_dict(e)
+            self.metrics.on_error(err["error"]["code"])
+            yield err
+        except asyncio.CancelledError:
+            self.metrics.on_error("CANCELLED")
+            raise
+        except Exception as e:  # noqa: BLE001 - a bug: log it here, send the client a clean INTERNAL
+            log.exception("model %s: request %s failed", self.name, request_id)
+            err = error_to_dict(e)
+            self.metrics.on_error(err["error"]["code"])
+            yield err
+
+    def abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+
+    # ---- introspection ------------------------------------------------------------------------------
+    def model_info(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "max_model_len": int(self.engine.max_model_len),
+            "vocab_size": int(self.engine.vocab_size),
+            "block_size": int(self.engine.block_size),
+            "tensor_parallel_size": int(self.spec.get("tensor_parallel_size", 1)),
+            "pipeline_parallel_size": int(self.spec.get("pipeline_parallel_size", 1)),
+            "replica_id": self.replica_id,
+        }
+
+    def stats(self) -> dict[str, Any]:
+        """The engine's counters and KV pool, for operators and tests (free blocks back to start after aborts)."""
+        s = self.engine.stats()
+        return {**{k: getattr(s, k) for k in s.__dataclass_fields__}, "replica_id": self.replica_id}
+
+    # ---- Serve hooks ---------------------------------------------------------------------------------
+    def check_health(self) -> None:
+        self.engine.check_health()  # raises EngineUnavailableError: Serve marks the replica unhealthy
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """What the PrefixCacheRouter knows this replica by: its prefix cache's block hashes and its load."""
+        return routing_stats(self.engine)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Replica-reported load for the autoscaling policy (AutoscalingContext's aggregated metrics)."""
+        return autoscaling_stats(self.engine)
+
+    async def _push_engine_metrics(self) -> None:
+        while True:
+            try:
+                self.metrics.update_engine(self.engine.stats())
+            except Exception:  # noqa: BLE001 - metrics must never take the replica down
+                log.debug("engine metrics update failed", exc_info=True)
+            await asyncio.sleep(ENGINE_METRICS_PERIOD_S)
+
+    def __del__(self):
+        # Serve calls __del__ when it stops a replica (after graceful_shutdown_timeout_s for in-flight requests).
+        task = getattr(self, "_metrics_task", None)
+        if task is not None:
+            task.cancel()
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            try:
+                engine.shutdown()
+            except Exception:  # noqa: BLE001
+                log.warning("model %s: engine shutdown failed", getattr(self, "name", "?"), exc_info=True)
+
+
+ModelDeployment = serve.deployment(ModelServer, name="ModelServer")

@@ -1,0 +1,413 @@
+"""The ingress deployment: herd's gRPC API (herd.v1.Inference + grpc.health.v1.Health) and the OpenAI HTTP API.
+
+Every request is authenticated, validated and tokenized here, once; the model deployment's handle is then
+called with token ids (`generate_stream(prompt_token_ids, sampling, request_id)`, see cluster.deployment), so
+the prefix-cache router hashes the very tokens the engine's KV cache will hold.
+
+`Frontend` is the protocol-free core (auth, model lookup, tokenization, validation, streaming from a model
+replica, readiness) shared by the gRPC methods below and the OpenAI routes (cluster.openai_http).
+
+Status codes: a failure becomes a `cluster.errors.ApiError`; gRPC methods set its code and details on the
+Serve gRPC context and raise, which Serve's proxy turns into exactly that status (an exception without a code
+would reach the client as INTERNAL with a traceback). Client cancellation and deadlines: the proxy cancels this
+replica's call, whose `finally` cancels the model replica's stream, which aborts the sequence in the engine.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Iterable
+
+from ray import serve
+
+from cluster.errors import ApiError, to_api_error
+from cluster.openai_http import OpenAIRoutes, openai_app
+from cluster.pb import inference_pb2 as pb
+
+log = logging.getLogger("ray.serve")
+
+# Sampling fields that are proto3 `optional` scalars (set or not) and the repeated ones.
+_OPTIONAL_SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "ignore_eos",
+                      "presence_penalty", "frequency_penalty", "repetition_penalty", "logprobs")
+_REPEATED_SAMPLING = ("stop", "stop_token_ids")
+CHAT_ROLES = ("system", "user", "assistant", "tool", "ipython")
+# How long a readiness answer (from the Serve controller) is reused.
+READINESS_TTL_S = 1.0
+# Service name that means "the whole API" besides "" (grpc.health.v1 convention).
+SERVICE_NAME = "herd.v1.Inference"
+
+
+# ---- authentication ------------------------------------------------------------------------------------
+class ApiKeyAuth:
+    """API keys from `authorization: Bearer KEY` or `x-api-key: KEY`. Keys are kept only as SHA-256 digests and
+    compared in constant time against every configured key (no early exit, no length leak); never logged."""
+
+    def __init__(self, keys: Iterable[str]):
+        self._digests = [hashlib.sha256(k.encode()).digest() for k in keys if k]
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._digests)
+
+    @staticmethod
+    def presented_key(headers: Iterable[tuple[str, Any]]) -> str | None:
+        key = None
+        for name, value in headers:
+            if not isinstance(value, str):
+                continue  # binary metadata
+            name = name.lower()
+            if name == "authorization":
+                scheme, _, token = value.strip().partition(" ")
+                if scheme.lower() == "bearer" and token.strip():
+                    key = token.strip()
+            elif name == "x-api-key" and value.strip():
+                key = value.strip()
+        return key
+
+    def check(self, headers: Iterable[tuple[str, Any]]) -> None:
+        if not self._digests:
+            return
+        key = self.presented_key(headers)
+        if key is None:
+            raise ApiError.unauthenticated("missing API key: send 'authorization: Bearer <key>' or 'x-api-key: <key>'")
+        digest = hashlib.sha256(key.encode()).digest()
+        ok = False
+        for ref in self._digests:
+            ok |= hmac.compare_digest(digest, ref)
+        if not ok:
+            raise ApiError.unauthenticated("invalid API key")
+
+
+# ---- protocol-free core --------------------------------------------------------------------------------
+@dataclass
+class ModelRoute:
+    name: str
+    handle: Any                 # DeploymentHandle of the model's deployment
+    spec: dict[str, Any]        # name, path, deployment, tensor/pipeline_parallel_size, autoscaling
+    tokenizer: Any = None       # workers.Tokenizer, or None (token-id prompts only)
+    info: dict[str, Any] | None = None  # from a replica: max_model_len, vocab_size, block_size
+    info_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+def sampling_from_proto(msg: pb.SamplingParams) -> dict[str, Any]:
+    """Set fields only: an unset optional keeps workers.SamplingParams' default (never proto's zero)."""
+    d: dict[str, Any] = {name: getattr(msg, name) for name in _OPTIONAL_SAMPLING if msg.HasField(name)}
+    for name in _REPEATED_SAMPLING:
+        values = list(getattr(msg, name))
+        if values:
+            d[name] = values
+    return d
+
+
+class Frontend:
+    def __init__(self, handles: dict[str, Any], specs: dict[str, dict[str, Any]], api_keys: Iterable[str] = ()):
+        self.routes = {name: ModelRoute(name, handles[name], specs[name]) for name in specs}
+        self.auth = ApiKeyAuth(api_keys)
+        self.started_at = int(time.time())
+        self._ready: tuple[float, dict[str, bool]] | None = None
+        self._ready_lock = asyncio.Lock()
+
+    async def load_tokenizers(self) -> None:
+        from workers import Tokenizer
+
+        for route in self.routes.values():
+            try:
+                route.tokenizer = await asyncio.to_thread(Tokenizer.from_pretrained_dir, route.spec["path"])
+            except Exception as e:  # noqa: BLE001 - a model without a tokenizer still serves token ids
+                log.warning("model %s: no usable tokenizer at the ingress (%s); only token-id prompts", route.name, e)
+
+    # -- lookups and validation
+    def authenticate(self, headers: Iterable[tuple[str, Any]]) -> None:
+        self.auth.check(headers)
+
+    async def model(self, name: str) -> ModelRoute:
+        route = self.routes.get(name)
+        if route is None:
+            if not name:
+                raise ApiError.invalid("model", "must be set")
+            raise ApiError.unknown_model(name, list(self.routes))
+        return route
+
+    async def info(self, route: ModelRoute) -> dict[str, Any]:
+        """max_model_len / vocab_size / block_size as a replica's engine reports them (asked once)."""
+        if route.info is None:
+            async with route.info_lock:
+                if route.info is None:
+                    try:
+                        route.info = await route.handle.model_info.remote()
+                    except Exception as e:  # noqa: BLE001
+                        raise to_api_error(e) from None
+        return route.info
+
+    @staticmethod
+    def check_sampling(sampling: dict[str, Any]) -> dict[str, Any]:
+        from workers import SamplingParams
+        from workers.errors import InvalidRequestError
+
+        try:
+            SamplingParams.from_dict(sampling)
+        except InvalidRequestError as e:
+            raise to_api_error(e) from None
+        except (TypeError, ValueError) as e:  # a wrong type that the dataclass itself refused
+            raise ApiError.invalid("sampling", str(e)) from None
+        return sampling
+
+    async def encode_prompt(self, route: ModelRoute, prompt: str | list[int], field: str = "prompt") -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ApiError.invalid(field, "must not be empty")
+            tok = self._tokenizer(route, field)
+            ids = tok.encode(prompt, bos=True)
+        else:
+            ids = [int(t) for t in prompt]
+            if not ids:
+                raise ApiError.invalid(field, "must not be empty")
+        await self.check_prompt(route, ids, field)
+        return ids
+
+    async def encode_chat(self, route: ModelRoute, messages: list[dict[str, str]], field: str = "messages") -> list[int]:
+        if not messages:
+            raise ApiError.invalid(field, "must not be empty")
+        for i, m in enumerate(messages):
+            if m["role"] not in CHAT_ROLES:
+                raise ApiError.invalid(f"{field}[{i}].role", f"must be one of {', '.join(CHAT_ROLES)}")
+        tok = self._tokenizer(route, field)
+        try:
+            ids = tok.apply_chat_template(messages, add_generation_prompt=True)
+        except Exception as e:  # noqa: BLE001 - the tokenizer's complaint about the messages
+            raise ApiError.invalid(field, str(e)) from None
+        await self.check_prompt(route, ids, field)
+        return ids
+
+    async def check_prompt(self, route: ModelRoute, ids: list[int], field: str) -> None:
+        info = await self.info(route)
+        vocab, max_len = info["vocab_size"], info["max_model_len"]
+        for t in ids:
+            if not 0 <= t < vocab:
+                raise ApiError.invalid(field, f"token id {t} is outside the vocabulary [0, {vocab})")
+        if len(ids) >= max_len:
+            raise ApiError.invalid(field, f"prompt has {len(ids)} tokens but max_model_len is {max_len} "
+                                          "(the prompt must leave room for at least one generated token)")
+
+    @staticmethod
+    def _tokenizer(route: ModelRoute, field: str):
+        if route.tokenizer is None:
+            raise ApiError.invalid(field, f"model {route.name!r} has no tokenizer; send token ids")
+        return route.tokenizer
+
+    def token_text(self, route: ModelRoute, token_id: int) -> str:
+        return route.tokenizer.decode([token_id]) if route.tokenizer is not None else ""
+
+    # -- generation
+    async def generate(self, route: ModelRoute, ids: list[int], sampling: dict[str, Any]) -> AsyncIterator[dict]:
+        """Stream chunk dicts from a model replica; raises ApiError. Leaving early cancels the replica's stream
+        (and so aborts the sequence and frees its KV blocks)."""
+        engine_request_id = uuid.uuid4().hex
+        gen = route.handle.options(stream=True).generate_stream.remote(ids, sampling, engine_request_id)
+        done = False
+        try:
+            async for chunk in gen:
+                if "error" in chunk:
+                    done = True
+                    raise ApiError.from_dict(chunk["error"])
+                yield chunk
+                if chunk["finish_reason"] is not None:
+                    done = True
+                    return
+            done = True
+            raise ApiError("UNAVAILABLE", "the model's stream ended early")
+        except (ApiError, asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as e:  # noqa: BLE001 - Serve/Ray errors: back pressure, replica died, ...
+            done = True
+            raise to_api_error(e) from None
+        finally:
+            if not done:
+                gen.cancel()
+
+    # -- readiness
+    async def readiness(self) -> dict[str, bool]:
+        """model name -> has at least one RUNNING replica (weights loaded, health checks passing)."""
+        now = time.monotonic()
+        async with self._ready_lock:
+            if self._ready is None or now - self._ready[0] > READINESS_TTL_S:
+                try:
+                    ready = await asyncio.to_thread(self._readiness_from_controller)
+                except Exception:  # noqa: BLE001 - the controller is unreachable: nothing is known to be ready
+                    log.warning("readiness: Serve status unavailable", exc_info=True)
+                    ready = {name: False for name in self.routes}
+                self._ready = (now, ready)
+            return dict(self._ready[1])
+
+    def _readiness_from_controller(self) -> dict[str, bool]:
+        app = serve.get_replica_context().app_name
+        deployments = serve.status().applications[app].deployments
+        ready = {}
+        for name, route in self.routes.items():
+            d = deployments.get(route.spec["deployment"])
+            running = d.replica_states.get("RUNNING", 0) if d is not None else 0
+            ready[name] = running > 0
+        return ready
+
+    async def all_ready(self) -> bool:
+        return all((await self.readiness()).values())
+
+    async def health(self, service: str) -> bool | None:
+        """SERVING? for a grpc.health.v1 service name: "" or herd.v1.Inference = every model; a model name =
+        that model; anything else -> None (unknown)."""
+        ready = await self.readiness()
+        if service in ("", SERVICE_NAME):
+            return all(ready.values())
+        return ready.get(service)
+
+    async def list_models(self) -> list[dict[str, Any]]:
+        out = []
+        for name, route in self.routes.items():
+            info = dict(route.spec)
+            if route.info is None:
+                try:  # a model still loading is listed from its config alone
+                    await asyncio.wait_for(self.info(route), timeout=2.0)
+                except Exception:  # noqa: BLE001
+                    pass
+            info.update(route.info or {})
+            info["name"] = name
+            out.append(info)
+        return out
+
+
+# ---- gRPC <-> Frontend ---------------------------------------------------------------------------------
+def response_from_chunk(frontend: Frontend, route: ModelRoute, chunk: dict, request_id: str) -> pb.GenerateResponse:
+    resp = pb.GenerateResponse(token_ids=chunk["token_ids"], text=chunk["text"],
+                               finish_reason=chunk["finish_reason"] or "", request_id=request_id)
+    if chunk["finish_reason"] is not None:
+        resp.usage.CopyFrom(pb.Usage(prompt_tokens=chunk["prompt_tokens"],
+                                     completion_tokens=chunk["completion_tokens"],
+                                     cached_tokens=chunk["cached_tokens"]))
+    if chunk["logprobs"] is not None:
+        for tok, entry in zip(chunk["token_ids"], chunk["logprobs"]):
+            resp.logprobs.append(pb.TokenLogprob(
+                token_id=tok, logprob=entry["logprob"],
+                top_logprobs=[pb.TopLogprob(token_id=t, logprob=lp, token=frontend.token_text(route, t))
+                              for t, lp in entry["top"]]))
+    return resp
+
+
+def _set_status(grpc_context, err: ApiError) -> ApiError:
+    """Put the error's status on the Serve gRPC context; the caller raises the returned exception."""
+    grpc_context.set_code(err.grpc_code)
+    grpc_context.set_details(err.message)
+    return err
+
+
+@serve.ingress(openai_app)
+class InferenceIngress(OpenAIRoutes):
+    """gRPC methods are named as the RPCs (Serve's proxy dispatches by name) and take `grpc_context`."""
+
+    async def __init__(self, models: dict[str, Any], specs: dict[str, dict[str, Any]], api_keys: list[str]):
+        self.frontend = Frontend(models, specs, api_keys)
+        await self.frontend.load_tokenizers()
+        log.info("ingress: serving models %s (API keys %s)", ", ".join(specs),
+                 "required" if self.frontend.auth.enabled else "not configured")
+
+    # -- herd.v1.Inference
+    async def Generate(self, request: pb.GenerateRequest, grpc_context) -> AsyncIterator[pb.GenerateResponse]:
+        async def prepare(route: ModelRoute) -> list[int]:
+            which = request.WhichOneof("prompt")
+            if which == "text":
+                return await self.frontend.encode_prompt(route, request.text, field="text")
+            if which == "token_ids":
+                return await self.frontend.encode_prompt(route, list(request.token_ids.ids), field="token_ids")
+            raise ApiError.invalid("prompt", "set text or token_ids")
+
+        async for resp in self._stream(request, grpc_context, prepare):
+            yield resp
+
+    async def Chat(self, request: pb.ChatRequest, grpc_context) -> AsyncIterator[pb.GenerateResponse]:
+        async def prepare(route: ModelRoute) -> list[int]:
+            messages = [{"role": m.role, "content": m.content} for m in request.messages]
+            return await self.frontend.encode_chat(route, messages)
+
+        async for resp in self._stream(request, grpc_context, prepare):
+            yield resp
+
+    async def _stream(self, request, grpc_context, prepare) -> AsyncIterator[pb.GenerateResponse]:
+        try:
+            self.frontend.authenticate(grpc_context.invocation_metadata())
+            route = await self.frontend.model(request.model)
+            sampling = self.frontend.check_sampling(sampling_from_proto(request.sampling))
+            ids = await prepare(route)
+            request_id = request.request_id or uuid.uuid4().hex
+            async for chunk in self.frontend.generate(route, ids, sampling):
+                yield response_from_chunk(self.frontend, route, chunk, request_id)
+        except ApiError as e:
+            raise _set_status(grpc_context, e) from None
+        except Exception as e:  # noqa: BLE001 - a bug here; the client gets a clean INTERNAL
+            if not isinstance(e, ApiError):
+                log.exception("ingress: request failed")
+            raise _set_status(grpc_context, to_api_error(e)) from None
+
+    async def Tokenize(self, request: pb.TokenizeRequest, grpc_context) -> pb.TokenizeResponse:
+        try:
+            self.frontend.authenticate(grpc_context.invocation_metadata())
+            route = await self.frontend.model(request.model)
+            if request.messages and request.text:
+                raise ApiError.invalid("text", "set text or messages, not both")
+            if request.messages:
+                ids = await self.frontend.encode_chat(
+                    route, [{"role": m.role, "content": m.content} for m in request.messages])
+            else:
+                if not request.text:
+                    raise ApiError.invalid("text", "must not be empty")
+                tok = self.frontend._tokenizer(route, "text")
+                add_bos = request.add_bos if request.HasField("add_bos") else True
+                ids = tok.encode(request.text, bos=add_bos)
+            info = await self.frontend.info(route)
+            return pb.TokenizeResponse(token_ids=ids, tokens=[self.frontend.token_text(route, t) for t in ids],
+                                       max_model_len=info["max_model_len"])
+        except Exception as e:  # noqa: BLE001
+            raise _set_status(grpc_context, to_api_error(e)) from None
+
+    async def ListModels(self, request: pb.ListModelsRequest, grpc_context) -> pb.ListModelsResponse:
+        try:
+            self.frontend.authenticate(grpc_context.invocation_metadata())
+            models = [pb.ModelInfo(
+                name=m["name"], max_model_len=m.get("max_model_len", 0), vocab_size=m.get("vocab_size", 0),
+                tensor_parallel_size=m.get("tensor_parallel_size", 1),
+                pipeline_parallel_size=m.get("pipeline_parallel_size", 1),
+                autoscaling=bool(m.get("autoscaling")), block_size=m.get("block_size", 0),
+            ) for m in await self.frontend.list_models()]
+            return pb.ListModelsResponse(models=models)
+        except Exception as e:  # noqa: BLE001
+            raise _set_status(grpc_context, to_api_error(e)) from None
+
+    # -- grpc.health.v1.Health (no API key: probes cannot send one)
+    async def Check(self, request, grpc_context):
+        from grpc_health.v1 import health_pb2
+
+        serving = await self.frontend.health(request.service)
+        if serving is None:
+            raise _set_status(grpc_context, ApiError("NOT_FOUND", f"unknown service {request.service!r}"))
+        return health_pb2.HealthCheckResponse(
+            status=health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def Watch(self, request, grpc_context):
+        from grpc_health.v1 import health_pb2
+
+        last = None
+        while True:
+            serving = await self.frontend.health(request.service)
+            status = (health_pb2.HealthCheckResponse.SERVICE_UNKNOWN if serving is None else
+                      health_pb2.HealthCheckResponse.SERVING if serving else
+                      health_pb2.HealthCheckResponse.NOT_SERVING)
+            if status != last:
+                yield health_pb2.HealthCheckResponse(status=status)
+                last = status
+            await asyncio.sleep(READINESS_TTL_S)
+
+
+IngressDeployment = serve.deployment(InferenceIngress, name="Ingress")

@@ -1,0 +1,319 @@
+"""OpenAI-compatible HTTP API on the Serve HTTP port: /v1/models, /v1/completions, /v1/chat/completions.
+
+The routes are methods of `OpenAIRoutes`, a mixin of the ingress deployment (cluster.ingress), so HTTP and gRPC
+share one `Frontend`: the same API keys, validation, tokenization and model handles. Streaming is Server-Sent
+Events as OpenAI sends them (`data: {chunk}` ... `data: [DONE]`).
+
+Statuses are precise: 400 (bad request, names the param), 401 (API key), 404 (model), 429 (queue full),
+503 (model down), 504 (deadline), in OpenAI's error body `{"error": {"message", "type", "param", "code"}}`.
+For a streamed request the first chunk is awaited before the response starts, so errors known at admission
+(queue full, prompt too long) still get their status; an error after tokens were sent arrives as an SSE event
+`data: {"error": {...}}` (which the openai client raises as an APIError).
+
+Beyond OpenAI's fields, the vLLM-style sampling extras are accepted (top_k, min_p, repetition_penalty,
+ignore_eos, stop_token_ids), e.g. through the openai client's `extra_body`.
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, AsyncIterator, Literal, Optional, Union
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from cluster.errors import ApiError, to_api_error
+
+openai_app = FastAPI(title="herd OpenAI-compatible API", docs_url=None, redoc_url=None)
+
+
+# ---- request bodies ------------------------------------------------------------------------------------
+class _SamplingFields(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    max_tokens: Optional[int] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    n: int = 1
+    stream: bool = False
+    stream_options: Optional[dict[str, Any]] = None
+    stop: Optional[Union[str, list[str]]] = None
+    seed: Optional[int] = None
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    user: Optional[str] = None
+    # vLLM-style extras
+    top_k: Optional[int] = None
+    min_p: Optional[float] = None
+    repetition_penalty: Optional[float] = None
+    ignore_eos: Optional[bool] = None
+    stop_token_ids: Optional[list[int]] = None
+
+    def sampling(self, logprobs: Optional[int]) -> dict[str, Any]:
+        if self.n != 1:
+            raise ApiError.invalid("n", "only n=1 is supported")
+        d: dict[str, Any] = {}
+        for name in ("max_tokens", "temperature", "top_p", "seed", "presence_penalty", "frequency_penalty",
+                     "top_k", "min_p", "repetition_penalty", "ignore_eos", "stop_token_ids"):
+            value = getattr(self, name)
+            if value is not None:
+                d[name] = value
+        if self.stop is not None:
+            d["stop"] = [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        if logprobs is not None:
+            d["logprobs"] = logprobs
+        return d
+
+    @property
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    logprobs: Optional[int] = None
+    echo: bool = False
+    best_of: Optional[int] = None
+    suffix: Optional[str] = None
+
+
+class ChatContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    text: Optional[str] = None
+
+
+class ChatMessageIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: str
+    content: Union[str, list[ChatContentPart], None] = None
+
+    def text(self, index: int) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for part in self.content:
+            if part.type != "text":
+                raise ApiError.invalid(f"messages[{index}].content", f"content part type {part.type!r} is not supported")
+            parts.append(part.text or "")
+        return "".join(parts)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessageIn] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = None
+    logprobs: bool = False
+    top_logprobs: Optional[int] = None
+
+
+# ---- errors --------------------------------------------------------------------------------------------
+def error_response(err: ApiError) -> JSONResponse:
+    return JSONResponse(err.openai_body(), status_code=err.http_status)
+
+
+@openai_app.exception_handler(ApiError)
+async def _api_error_handler(request: Request, exc: ApiError) -> JSONResponse:
+    return error_response(exc)
+
+
+@openai_app.exception_handler(RequestValidationError)
+async def _validation_error_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    field = ".".join(loc) or "body"
+    return error_response(ApiError.invalid(field, first.get("msg", "invalid value")))
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+async def _first_then_rest(stream: AsyncIterator[dict]) -> AsyncIterator[dict]:
+    """Await the first chunk now (so admission errors raise before a 200 is sent), then replay everything."""
+    first = await stream.__anext__()
+
+    async def replay():
+        yield first
+        async for chunk in stream:
+            yield chunk
+    return replay()
+
+
+# ---- routes --------------------------------------------------------------------------------------------
+class OpenAIRoutes:
+    """Mixin for the ingress deployment; needs `self.frontend` (cluster.ingress.Frontend)."""
+
+    frontend: Any
+
+    @openai_app.get("/health")
+    async def http_health(self) -> JSONResponse:
+        ready = await self.frontend.all_ready()
+        return JSONResponse({"status": "ok" if ready else "loading"}, status_code=200 if ready else 503)
+
+    @openai_app.get("/v1/models")
+    async def list_models(self, request: Request) -> JSONResponse:
+        self.frontend.authenticate(request.headers.items())
+        data = []
+        for info in await self.frontend.list_models():
+            data.append({"id": info["name"], "object": "model", "created": self.frontend.started_at,
+                         "owned_by": "herd", "max_model_len": info.get("max_model_len")})
+        return JSONResponse({"object": "list", "data": data})
+
+    @openai_app.post("/v1/completions")
+    async def completions(self, body: CompletionRequest, request: Request):
+        self.frontend.authenticate(request.headers.items())
+        if body.echo:
+            raise ApiError.invalid("echo", "echo is not supported")
+        if body.best_of not in (None, 1):
+            raise ApiError.invalid("best_of", "only best_of=1 is supported")
+        if body.suffix:
+            raise ApiError.invalid("suffix", "suffix is not supported")
+        route = await self.frontend.model(body.model)
+        prompts = self._completion_prompts(body.prompt)
+        sampling = self.frontend.check_sampling(body.sampling(body.logprobs))
+        prompt_ids = [await self.frontend.encode_prompt(route, p, field="prompt") for p in prompts]
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+
+        if not body.stream:
+            choices, usage = [], [0, 0, 0]
+            for index, ids in enumerate(prompt_ids):
+                text, finish, lps, tokens = [], None, [], []
+                async for chunk in self.frontend.generate(route, ids, sampling):
+                    text.append(chunk["text"])
+                    tokens += chunk["token_ids"]
+                    if chunk["logprobs"] is not None:
+                        lps += chunk["logprobs"]
+                    if chunk["finish_reason"] is not None:
+                        finish = chunk["finish_reason"]
+                        usage[0] += chunk["prompt_tokens"]
+                        usage[1] += chunk["completion_tokens"]
+                        usage[2] += chunk["cached_tokens"]
+                choices.append({"index": index, "text": "".join(text), "finish_reason": finish,
+                                "logprobs": self._completion_logprobs(route, tokens, lps) if body.logprobs is not None else None})
+            return JSONResponse({"id": request_id, "object": "text_completion", "created": created, "model": body.model,
+                                 "choices": choices, "usage": _usage(*usage)})
+
+        streams = [await _first_then_rest(self.frontend.generate(route, prompt_ids[0], sampling))]
+
+        async def events():
+            usage = [0, 0, 0]
+            try:
+                for index, ids in enumerate(prompt_ids):
+                    stream = streams[0] if index == 0 else self.frontend.generate(route, ids, sampling)
+                    async for chunk in stream:
+                        lp = (self._completion_logprobs(route, chunk["token_ids"], chunk["logprobs"])
+                              if body.logprobs is not None else None)
+                        yield _sse({"id": request_id, "object": "text_completion", "created": created,
+                                    "model": body.model, "choices": [{"index": index, "text": chunk["text"],
+                                                                      "logprobs": lp,
+                                                                      "finish_reason": chunk["finish_reason"]}]})
+                        if chunk["finish_reason"] is not None:
+                            usage[0] += chunk["prompt_tokens"]
+                            usage[1] += chunk["completion_tokens"]
+                            usage[2] += chunk["cached_tokens"]
+                if body.include_usage:
+                    yield _sse({"id": request_id, "object": "text_completion", "created": created,
+                                "model": body.model, "choices": [], "usage": _usage(*usage)})
+            except Exception as e:  # noqa: BLE001 - after the 200: report in-band
+                yield _sse(to_api_error(e).openai_body())
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @openai_app.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request):
+        self.frontend.authenticate(request.headers.items())
+        route = await self.frontend.model(body.model)
+        if body.max_completion_tokens is not None and body.max_tokens is None:
+            body.max_tokens = body.max_completion_tokens
+        top = body.top_logprobs if body.top_logprobs is not None else 0
+        sampling = self.frontend.check_sampling(body.sampling(top if body.logprobs else None))
+        messages = [{"role": m.role, "content": m.text(i)} for i, m in enumerate(body.messages)]
+        ids = await self.frontend.encode_chat(route, messages)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+
+        if not body.stream:
+            text, finish, lps, tokens, usage = [], None, [], [], (0, 0, 0)
+            async for chunk in self.frontend.generate(route, ids, sampling):
+                text.append(chunk["text"])
+                tokens += chunk["token_ids"]
+                if chunk["logprobs"] is not None:
+                    lps += chunk["logprobs"]
+                if chunk["finish_reason"] is not None:
+                    finish = chunk["finish_reason"]
+                    usage = (chunk["prompt_tokens"], chunk["completion_tokens"], chunk["cached_tokens"])
+            choice = {"index": 0, "message": {"role": "assistant", "content": "".join(text)},
+                      "finish_reason": finish,
+                      "logprobs": {"content": self._chat_logprobs(route, tokens, lps)} if body.logprobs else None}
+            return JSONResponse({"id": request_id, "object": "chat.completion", "created": created,
+                                 "model": body.model, "choices": [choice], "usage": _usage(*usage)})
+
+        stream = await _first_then_rest(self.frontend.generate(route, ids, sampling))
+
+        def chunk_obj(delta: dict, finish: Optional[str], logprobs=None) -> dict:
+            return {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": body.model,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
+
+        async def events():
+            yield _sse(chunk_obj({"role": "assistant", "content": ""}, None))
+            try:
+                async for chunk in stream:
+                    lp = ({"content": self._chat_logprobs(route, chunk["token_ids"], chunk["logprobs"])}
+                          if body.logprobs else None)
+                    delta = {"content": chunk["text"]} if chunk["text"] or chunk["finish_reason"] is None else {}
+                    yield _sse(chunk_obj(delta, chunk["finish_reason"], lp))
+                    if chunk["finish_reason"] is not None and body.include_usage:
+                        yield _sse({"id": request_id, "object": "chat.completion.chunk", "created": created,
+                                    "model": body.model, "choices": [],
+                                    "usage": _usage(chunk["prompt_tokens"], chunk["completion_tokens"],
+                                                    chunk["cached_tokens"])})
+            except Exception as e:  # noqa: BLE001 - after the 200: report in-band
+                yield _sse(to_api_error(e).openai_body())
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    # ---- helpers -------------------------------------------------------------------------------------
+    @staticmethod
+    def _completion_prompts(prompt) -> list:
+        if isinstance(prompt, str):
+            return [prompt]
+        if not prompt:
+            raise ApiError.invalid("prompt", "must not be empty")
+        if all(isinstance(p, int) for p in prompt):
+            return [list(prompt)]
+        return list(prompt)
+
+    def _completion_logprobs(self, route, token_ids: list[int], lps: Optional[list[dict]]) -> Optional[dict]:
+        if lps is None:
+            return None
+        tokens = [self.frontend.token_text(route, t) for t in token_ids]
+        return {"tokens": tokens, "token_logprobs": [e["logprob"] for e in lps],
+                "top_logprobs": [{self.frontend.token_text(route, t): lp for t, lp in e["top"]} for e in lps],
+                "text_offset": []}
+
+    def _chat_logprobs(self, route, token_ids: list[int], lps: Optional[list[dict]]) -> Optional[list[dict]]:
+        if lps is None:
+            return None
+        out = []
+        for tok, entry in zip(token_ids, lps):
+            text = self.frontend.token_text(route, tok)
+            out.append({"token": text, "logprob": entry["logprob"], "bytes": list(text.encode()),
+                        "top_logprobs": [{"token": self.frontend.token_text(route, t), "logprob": lp,
+                                          "bytes": list(self.frontend.token_text(route, t).encode())}
+                                         for t, lp in entry["top"]]})
+        return out

@@ -1,0 +1,121 @@
+"""Fast tests of the serving edge without Ray: error mapping, API-key auth, proto/OpenAI request conversion."""
+from __future__ import annotations
+
+import pickle
+
+import grpc
+import pytest
+
+from cluster.errors import ApiError, error_to_dict, to_api_error
+from cluster.ingress import ApiKeyAuth, sampling_from_proto
+from cluster.pb import inference_pb2 as pb
+from workers.errors import (CheckpointError, EngineUnavailableError, InvalidRequestError, PromptTooLongError,
+                            QueueFullError)
+
+
+# ---- error mapping ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("exc, code, http, field", [
+    (InvalidRequestError("temperature", "must be >= 0"), "INVALID_ARGUMENT", 400, "temperature"),
+    (PromptTooLongError(5000, 4096), "INVALID_ARGUMENT", 400, "prompt"),
+    (QueueFullError("full"), "RESOURCE_EXHAUSTED", 429, None),
+    (EngineUnavailableError("shard 3 died"), "UNAVAILABLE", 503, None),
+    (CheckpointError("no config.json"), "UNAVAILABLE", 503, None),
+    (TimeoutError(), "DEADLINE_EXCEEDED", 504, None),
+    (ApiError.unknown_model("x", ["a", "b"]), "NOT_FOUND", 404, "model"),
+    (ApiError.unauthenticated(), "UNAUTHENTICATED", 401, None),
+    (KeyError("oops"), "INTERNAL", 500, None),
+])
+def test_error_mapping(exc, code, http, field):
+    err = to_api_error(exc)
+    assert (err.code, err.http_status, err.field) == (code, http, field)
+    assert err.grpc_code == getattr(grpc.StatusCode, code)
+
+
+def test_field_is_named_in_the_message():
+    err = to_api_error(InvalidRequestError("top_p", "must be in (0, 1]"))
+    assert err.message.startswith("top_p:")
+
+
+def test_internal_errors_hide_details():
+    err = to_api_error(RuntimeError("/secret/path/weights.safetensors corrupted"))
+    assert "secret" not in err.message and err.code == "INTERNAL"
+
+
+def test_serve_errors_by_type():
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    assert to_api_error(BackPressureError(num_queued_requests=3, max_queued_requests=2)).code == "RESOURCE_EXHAUSTED"
+    assert to_api_error(DeploymentUnavailableError("d")).code == "UNAVAILABLE"
+
+
+def test_errors_travel_as_dicts_and_pickles():
+    d = error_to_dict(PromptTooLongError(10, 8))
+    back = ApiError.from_dict(d["error"])
+    assert (back.code, back.field) == ("INVALID_ARGUMENT", "prompt")
+    again = pickle.loads(pickle.dumps(back))
+    assert (again.code, again.message, again.field) == (back.code, back.message, back.field)
+
+
+def test_openai_error_body():
+    body = ApiError.unknown_model("nope", ["m"]).openai_body()
+    assert body["error"]["code"] == "model_not_found" and body["error"]["param"] == "model"
+    assert body["error"]["type"] == "not_found_error"
+
+
+# ---- auth ------------------------------------------------------------------------------------------------
+def test_auth_disabled_without_keys():
+    ApiKeyAuth([]).check([])
+
+
+@pytest.mark.parametrize("headers", [
+    [("authorization", "Bearer k2")],
+    [("Authorization", "bearer   k2 ")],
+    [("x-api-key", "k1")],
+    [("user-agent", "grpc"), ("x-api-key", "k2")],
+])
+def test_auth_accepts_configured_keys(headers):
+    ApiKeyAuth(["k1", "k2"]).check(headers)
+
+
+@pytest.mark.parametrize("headers, words", [
+    ([], "missing"),
+    ([("authorization", "Basic k1")], "missing"),
+    ([("authorization", "Bearer nope")], "invalid"),
+    ([("x-api-key", "k1x")], "invalid"),
+    ([("x-api-key-bin", b"k1")], "missing"),
+])
+def test_auth_rejects(headers, words):
+    with pytest.raises(ApiError) as e:
+        ApiKeyAuth(["k1"]).check(headers)
+    assert e.value.code == "UNAUTHENTICATED" and words in e.value.message
+    assert "k1" not in e.value.message  # never echo a key
+
+
+# ---- request conversion ------------------------------------------------------------------------------------
+def test_sampling_from_proto_only_set_fields():
+    assert sampling_from_proto(pb.SamplingParams()) == {}
+    msg = pb.SamplingParams(temperature=0.0, max_tokens=5, stop=["\n"], stop_token_ids=[7], ignore_eos=False,
+                            logprobs=0, seed=3)
+    assert sampling_from_proto(msg) == {"temperature": 0.0, "max_tokens": 5, "stop": ["\n"], "stop_token_ids": [7],
+                                        "ignore_eos": False, "logprobs": 0, "seed": 3}
+
+
+def test_sampling_dict_builds_workers_params():
+    from workers import SamplingParams
+
+    d = sampling_from_proto(pb.SamplingParams(temperature=0.0, max_tokens=5, top_k=3))
+    p = SamplingParams.from_dict(d)
+    assert (p.temperature, p.max_tokens, p.top_k, p.top_p) == (0.0, 5, 3, 1.0)
+
+
+def test_openai_sampling_mapping():
+    from cluster.openai_http import ChatCompletionRequest, CompletionRequest
+
+    req = CompletionRequest(model="m", prompt="hi", max_tokens=4, temperature=0, stop="x", top_k=5)
+    assert req.sampling(None) == {"max_tokens": 4, "temperature": 0, "stop": ["x"], "top_k": 5}
+    with pytest.raises(ApiError) as e:
+        CompletionRequest(model="m", prompt="hi", n=2).sampling(None)
+    assert e.value.field == "n"
+    chat = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": [{"type": "text", "text": "a"},
+                                                                                  {"type": "text", "text": "b"}]}])
+    assert chat.messages[0].text(0) == "ab"
