@@ -181,8 +181,8 @@ class ModelServer:
     def __del__(self):
         # Serve calls __del__ when it stops a replica (after graceful_shutdown_timeout_s for in-flight requests).
         task = getattr(self, "_metrics_task", None)
-        if task is not None:
-            task.cancel()
+        if task is not None and not task.done():
+            task.get_loop().call_soon_threadsafe(task.cancel)  # __del__ may run off the replica's loop
         engine = getattr(self, "engine", None)
         if engine is not None:
             try:

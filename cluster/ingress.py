@@ -7,9 +7,11 @@ the prefix-cache router hashes the very tokens the engine's KV cache will hold.
 `Frontend` is the protocol-free core (auth, model lookup, tokenization, validation, streaming from a model
 replica, readiness) shared by the gRPC methods below and the OpenAI routes (cluster.openai_http).
 
-Status codes: a failure becomes a `cluster.errors.ApiError`; gRPC methods set its code and details on the
-Serve gRPC context and raise, which Serve's proxy turns into exactly that status (an exception without a code
-would reach the client as INTERNAL with a traceback). Client cancellation and deadlines: the proxy cancels this
+Status codes: a failure becomes a `cluster.errors.ApiError`, whose code and details go on the Serve gRPC
+context. Unary methods then return an empty message (the proxy sends the status set on the context);
+streaming methods raise, because Serve applies the context only with a yielded message or a raised exception
+(an exception without a code would reach the client as INTERNAL with a traceback). Serve's proxy logs such a
+raise at ERROR level; the client sees exactly the status set here. Client cancellation and deadlines: the proxy cancels this
 replica's call, whose `finally` cancels the model replica's stream, which aborts the sequence in the engine.
 """
 from __future__ import annotations
@@ -161,8 +163,7 @@ class Frontend:
         if isinstance(prompt, str):
             if not prompt:
                 raise ApiError.invalid(field, "must not be empty")
-            tok = self._tokenizer(route, field)
-            ids = tok.encode(prompt, bos=True)
+            ids = self.tokenizer_for(route, field).encode(prompt, bos=True)
         else:
             ids = [int(t) for t in prompt]
             if not ids:
@@ -176,7 +177,7 @@ class Frontend:
         for i, m in enumerate(messages):
             if m["role"] not in CHAT_ROLES:
                 raise ApiError.invalid(f"{field}[{i}].role", f"must be one of {', '.join(CHAT_ROLES)}")
-        tok = self._tokenizer(route, field)
+        tok = self.tokenizer_for(route, field)
         try:
             ids = tok.apply_chat_template(messages, add_generation_prompt=True)
         except Exception as e:  # noqa: BLE001 - the tokenizer's complaint about the messages
@@ -195,7 +196,7 @@ class Frontend:
                                           "(the prompt must leave room for at least one generated token)")
 
     @staticmethod
-    def _tokenizer(route: ModelRoute, field: str):
+    def tokenizer_for(route: ModelRoute, field: str):
         if route.tokenizer is None:
             raise ApiError.invalid(field, f"model {route.name!r} has no tokenizer; send token ids")
         return route.tokenizer
@@ -221,7 +222,7 @@ class Frontend:
                     return
             done = True
             raise ApiError("UNAVAILABLE", "the model's stream ended early")
-        except (ApiError, asyncio.CancelledError, GeneratorExit):
+        except ApiError:
             raise
         except Exception as e:  # noqa: BLE001 - Serve/Ray errors: back pressure, replica died, ...
             done = True
@@ -298,7 +299,7 @@ def response_from_chunk(frontend: Frontend, route: ModelRoute, chunk: dict, requ
 
 
 def _set_status(grpc_context, err: ApiError) -> ApiError:
-    """Put the error's status on the Serve gRPC context; the caller raises the returned exception."""
+    """Put the error's status on the Serve gRPC context (a streaming caller then raises the returned error)."""
     grpc_context.set_code(err.grpc_code)
     grpc_context.set_details(err.message)
     return err
@@ -347,8 +348,7 @@ class InferenceIngress(OpenAIRoutes):
         except ApiError as e:
             raise _set_status(grpc_context, e) from None
         except Exception as e:  # noqa: BLE001 - a bug here; the client gets a clean INTERNAL
-            if not isinstance(e, ApiError):
-                log.exception("ingress: request failed")
+            log.exception("ingress: request failed")
             raise _set_status(grpc_context, to_api_error(e)) from None
 
     async def Tokenize(self, request: pb.TokenizeRequest, grpc_context) -> pb.TokenizeResponse:
@@ -363,14 +363,15 @@ class InferenceIngress(OpenAIRoutes):
             else:
                 if not request.text:
                     raise ApiError.invalid("text", "must not be empty")
-                tok = self.frontend._tokenizer(route, "text")
+                tok = self.frontend.tokenizer_for(route, "text")
                 add_bos = request.add_bos if request.HasField("add_bos") else True
                 ids = tok.encode(request.text, bos=add_bos)
             info = await self.frontend.info(route)
             return pb.TokenizeResponse(token_ids=ids, tokens=[self.frontend.token_text(route, t) for t in ids],
                                        max_model_len=info["max_model_len"])
         except Exception as e:  # noqa: BLE001
-            raise _set_status(grpc_context, to_api_error(e)) from None
+            _set_status(grpc_context, to_api_error(e))
+            return pb.TokenizeResponse()  # unary: the status set above is what the client gets
 
     async def ListModels(self, request: pb.ListModelsRequest, grpc_context) -> pb.ListModelsResponse:
         try:
@@ -383,7 +384,8 @@ class InferenceIngress(OpenAIRoutes):
             ) for m in await self.frontend.list_models()]
             return pb.ListModelsResponse(models=models)
         except Exception as e:  # noqa: BLE001
-            raise _set_status(grpc_context, to_api_error(e)) from None
+            _set_status(grpc_context, to_api_error(e))
+            return pb.ListModelsResponse()
 
     # -- grpc.health.v1.Health (no API key: probes cannot send one)
     async def Check(self, request, grpc_context):
@@ -391,7 +393,8 @@ class InferenceIngress(OpenAIRoutes):
 
         serving = await self.frontend.health(request.service)
         if serving is None:
-            raise _set_status(grpc_context, ApiError("NOT_FOUND", f"unknown service {request.service!r}"))
+            _set_status(grpc_context, ApiError("NOT_FOUND", f"unknown service {request.service!r}"))
+            return health_pb2.HealthCheckResponse()
         return health_pb2.HealthCheckResponse(
             status=health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING)
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, AsyncIterator, Literal, Optional, Union
+from typing import Any, AsyncIterator, Optional, Union
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -122,12 +122,25 @@ async def _api_error_handler(request: Request, exc: ApiError) -> JSONResponse:
     return error_response(exc)
 
 
+_NESTED_FIELDS = {"role", "content", "type", "text", "include_usage"}
+
+
 @openai_app.exception_handler(RequestValidationError)
 async def _validation_error_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    field = ".".join(loc) or "body"
-    return error_response(ApiError.invalid(field, first.get("msg", "invalid value")))
+    loc = [p for p in first.get("loc", ()) if p != "body"]
+    # The param is the request field (pydantic adds the union member tried, e.g. prompt.str: drop it);
+    # list positions stay (messages.0.role).
+    field = ".".join(str(p) for p in loc[:1] + [p for p in loc[1:] if isinstance(p, int) or p in _NESTED_FIELDS])
+    return error_response(ApiError.invalid(field or "body", first.get("msg", "invalid value")))
+
+
+async def require_api_key(request: Request) -> None:
+    """A route dependency, so a missing key is 401 even when the body is invalid too (dependencies run before
+    the body is validated)."""
+    from ray import serve
+
+    serve.get_replica_context().servable_object.frontend.authenticate(request.headers.items())
 
 
 def _sse(obj: Any) -> str:
@@ -162,18 +175,16 @@ class OpenAIRoutes:
         ready = await self.frontend.all_ready()
         return JSONResponse({"status": "ok" if ready else "loading"}, status_code=200 if ready else 503)
 
-    @openai_app.get("/v1/models")
-    async def list_models(self, request: Request) -> JSONResponse:
-        self.frontend.authenticate(request.headers.items())
+    @openai_app.get("/v1/models", dependencies=[Depends(require_api_key)])
+    async def list_models(self) -> JSONResponse:
         data = []
         for info in await self.frontend.list_models():
             data.append({"id": info["name"], "object": "model", "created": self.frontend.started_at,
                          "owned_by": "herd", "max_model_len": info.get("max_model_len")})
         return JSONResponse({"object": "list", "data": data})
 
-    @openai_app.post("/v1/completions")
-    async def completions(self, body: CompletionRequest, request: Request):
-        self.frontend.authenticate(request.headers.items())
+    @openai_app.post("/v1/completions", dependencies=[Depends(require_api_key)])
+    async def completions(self, body: CompletionRequest):
         if body.echo:
             raise ApiError.invalid("echo", "echo is not supported")
         if body.best_of not in (None, 1):
@@ -233,9 +244,8 @@ class OpenAIRoutes:
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    @openai_app.post("/v1/chat/completions")
-    async def chat_completions(self, body: ChatCompletionRequest, request: Request):
-        self.frontend.authenticate(request.headers.items())
+    @openai_app.post("/v1/chat/completions", dependencies=[Depends(require_api_key)])
+    async def chat_completions(self, body: ChatCompletionRequest):
         route = await self.frontend.model(body.model)
         if body.max_completion_tokens is not None and body.max_tokens is None:
             body.max_tokens = body.max_completion_tokens
