@@ -88,8 +88,8 @@ def test_chunked_prefill_same_tokens(flavour):
 
 def test_preemption_same_tokens(flavour):
     path, _, prompts, expected = flavour
-    # 8 blocks of 16 tokens: far fewer than six sequences need at once, so the scheduler must preempt.
-    engine, outs = run(path, prompts, num_gpu_blocks_override=8, max_model_len=128)
+    # 6 blocks of 16 tokens: the first four prompts fill the pool, so growing sequences must preempt.
+    engine, outs = run(path, prompts, num_gpu_blocks_override=6, max_model_len=96)
     assert [o.token_ids for o in outs] == expected
     assert engine.scheduler.num_preemptions > 0
 

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from .demo_tokenizer import build_llama2_sentencepiece, llama3_tokenizer_path
+from .tokenizer import Tokenizer
 
 LLAMA3_VOCAB = 128256
 LLAMA3_ROPE_SCALING = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -131,6 +132,10 @@ def write_demo_checkpoint(outdir: str | Path, shape: str, *, seed: int = 0, dtyp
         raise ValueError(f"unknown demo shape {shape!r}; choose from {', '.join(DEMO_SHAPES)}")
     spec = dict(DEMO_SHAPES[shape])
     tokenizer = spec.pop("tokenizer")
-    vocab = LLAMA3_VOCAB if tokenizer == "llama3" else LLAMA2_DEMO_VOCAB
-    cfg = hf_config(vocab_size=vocab, dtype=dtype, **spec)
-    return write_checkpoint(outdir, cfg, seed=seed, tokenizer=tokenizer)
+    if tokenizer == "llama3":
+        return write_checkpoint(outdir, hf_config(vocab_size=LLAMA3_VOCAB, dtype=dtype, **spec), seed=seed,
+                                tokenizer="llama3")
+    # The SentencePiece trainer may settle on fewer pieces than asked; the model's vocabulary follows it.
+    sp_path = build_llama2_sentencepiece(Path(outdir) / "tokenizer.model", vocab_size=LLAMA2_DEMO_VOCAB)
+    vocab = Tokenizer.from_file(sp_path).vocab_size
+    return write_checkpoint(outdir, hf_config(vocab_size=vocab, dtype=dtype, **spec), seed=seed)
