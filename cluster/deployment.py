@@ -14,8 +14,8 @@ or, once and last, `{"error": {"code": "<gRPC code name>", "message": ..., "fiel
 fails (cluster.errors). Errors travel as data, not exceptions: the engine's exceptions do not survive pickling
 into a RayTaskError with their fields, and the client must see the field name.
 
-Each logprobs entry is `{"logprob": float, "top": [[token_id, logprob], ...]}` (most likely first) for the
-token at the same position in token_ids.
+Each logprobs entry is `{"logprob": float, "top": [[token_id, logprob], ...]}` (the `sampling["logprobs"]`
+most likely tokens, most likely first) for the token at the same position in token_ids.
 
 Placement: a replica of a TP·PP = 1 model reserves `resources_per_shard` itself. For TP·PP > 1 the replica owns
 a placement group, `[{"CPU": driver_cpus}] + [resources_per_shard] * (TP*PP)` (see cluster.app); the replica
@@ -52,13 +52,15 @@ def _replica_id() -> str:
         return "local"
 
 
-def logprobs_to_wire(token_ids: list[int], logprobs: list[dict[int, float]] | None) -> list[dict] | None:
-    """Engine logprobs (one {token_id: logprob} per new token) -> the stream's JSON-friendly form."""
+def logprobs_to_wire(token_ids: list[int], logprobs: list[dict[int, float]] | None,
+                     num_top: int) -> list[dict] | None:
+    """Engine logprobs -> the stream's JSON-friendly form. The engine gives, per new token, {token_id: logprob}
+    for the `num_top` most likely tokens plus the sampled one; "top" keeps only the `num_top` most likely."""
     if logprobs is None:
         return None
     out = []
     for tok, entry in zip(token_ids, logprobs):
-        top = sorted(entry.items(), key=lambda kv: kv[1], reverse=True)
+        top = sorted(entry.items(), key=lambda kv: kv[1], reverse=True)[:num_top]
         out.append({"logprob": float(entry.get(tok, float("nan"))),
                     "top": [[int(t), float(lp)] for t, lp in top]})
     return out
@@ -117,7 +119,7 @@ class ModelServer:
                     yield {
                         "token_ids": list(d.token_ids),
                         "text": d.text,
-                        "logprobs": logprobs_to_wire(d.token_ids, d.logprobs),
+                        "logprobs": logprobs_to_wire(d.token_ids, d.logprobs, params.logprobs or 0),
                         "finish_reason": d.finish_reason,
                         "prompt_tokens": d.num_prompt_tokens,
                         "cached_tokens": d.num_cached_tokens,

@@ -204,6 +204,10 @@ class Frontend:
     def token_text(self, route: ModelRoute, token_id: int) -> str:
         return route.tokenizer.decode([token_id]) if route.tokenizer is not None else ""
 
+    def token_bytes(self, route: ModelRoute, token_id: int) -> bytes:
+        """Raw bytes of one token (a token may hold part of a UTF-8 character, which text cannot show)."""
+        return route.tokenizer.token_bytes(token_id) if route.tokenizer is not None else b""
+
     # -- generation
     async def generate(self, route: ModelRoute, ids: list[int], sampling: dict[str, Any]) -> AsyncIterator[dict]:
         """Stream chunk dicts from a model replica; raises ApiError. Leaving early cancels the replica's stream

@@ -319,11 +319,9 @@ class OpenAIRoutes:
     def _chat_logprobs(self, route, token_ids: list[int], lps: Optional[list[dict]]) -> Optional[list[dict]]:
         if lps is None:
             return None
-        out = []
-        for tok, entry in zip(token_ids, lps):
-            text = self.frontend.token_text(route, tok)
-            out.append({"token": text, "logprob": entry["logprob"], "bytes": list(text.encode()),
-                        "top_logprobs": [{"token": self.frontend.token_text(route, t), "logprob": lp,
-                                          "bytes": list(self.frontend.token_text(route, t).encode())}
-                                         for t, lp in entry["top"]]})
-        return out
+        def item(token_id: int, logprob: float) -> dict:
+            return {"token": self.frontend.token_text(route, token_id), "logprob": logprob,
+                    "bytes": list(self.frontend.token_bytes(route, token_id))}
+
+        return [{**item(tok, entry["logprob"]), "top_logprobs": [item(t, lp) for t, lp in entry["top"]]}
+                for tok, entry in zip(token_ids, lps)]
