@@ -17,7 +17,7 @@ from pathlib import Path
 
 # ~58M parameters with a Llama 2 sized vocabulary: big enough that matmuls, not Python, dominate.
 BENCH_SHAPE = dict(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
-                   num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=4096, dtype="float32")
+                   num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=4096)
 
 
 def workload(n: int, vocab: int, seed: int = 0) -> list[tuple[list[int], int]]:
@@ -29,9 +29,9 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _run_herd(path: str, n: int, max_num_seqs: int, out: mp.Queue) -> None:
+def _run_herd(path: str, dtype: str, n: int, max_num_seqs: int, out: mp.Queue) -> None:
     from workers import Engine, SamplingParams
-    engine = Engine.from_pretrained(path, dtype="float32", show_progress=False, max_num_seqs=max_num_seqs,
+    engine = Engine.from_pretrained(path, dtype=dtype, show_progress=False, max_num_seqs=max_num_seqs,
                                     enable_prefix_caching=False)
     reqs = workload(n, engine.vocab_size)
     params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for _, m in reqs]
@@ -44,10 +44,10 @@ def _run_herd(path: str, n: int, max_num_seqs: int, out: mp.Queue) -> None:
     out.put({"tokens": tokens, "seconds": elapsed, "tok_per_s": tokens / elapsed, "peak_rss_mib": _peak_rss_mib()})
 
 
-def _run_transformers(path: str, n: int, batch_size: int, out: mp.Queue) -> None:
+def _run_transformers(path: str, dtype: str, n: int, batch_size: int, out: mp.Queue) -> None:
     import torch
     from transformers import LlamaForCausalLM
-    model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = LlamaForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     reqs = workload(n, model.config.vocab_size)
@@ -81,12 +81,12 @@ def run(args) -> int:
         path = args.model
     else:
         path = str(Path(tempfile.mkdtemp(prefix="herd-bench-")) / "llama-58m")
-        write_checkpoint(path, hf_config(**BENCH_SHAPE))
-    herd = _in_process(_run_herd, path, args.requests, args.max_num_seqs)
+        write_checkpoint(path, hf_config(dtype=args.dtype, **BENCH_SHAPE))
+    herd = _in_process(_run_herd, path, args.dtype, args.requests, args.max_num_seqs)
     print(json.dumps({"herd": herd}), flush=True)
-    result = {"model": path, "requests": args.requests, "herd": herd}
+    result = {"model": path, "dtype": args.dtype, "requests": args.requests, "herd": herd}
     if not args.skip_transformers:
-        hf = _in_process(_run_transformers, path, args.requests, args.hf_batch_size)
+        hf = _in_process(_run_transformers, path, args.dtype, args.requests, args.hf_batch_size)
         result["transformers"] = hf
         result["speedup"] = herd["tok_per_s"] / hf["tok_per_s"]
     print(json.dumps(result, indent=2))
@@ -99,5 +99,7 @@ def register_bench(bench_sub) -> None:
     p.add_argument("--requests", type=int, default=48)
     p.add_argument("--max-num-seqs", type=int, default=48)
     p.add_argument("--hf-batch-size", type=int, default=16)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="compute dtype of both engines (and of the generated checkpoint)")
     p.add_argument("--skip-transformers", action="store_true")
     p.set_defaults(func=run)

@@ -2,12 +2,17 @@
 
 The KV cache of one layer is a pair of tensors `[num_blocks, block_size, num_kv_heads, head_dim]`; a
 sequence's keys live in the blocks its block table lists. `AttentionMetadata` describes one step's
-batch: the first `num_decode` tokens are single-token decodes (batched together), the rest are prefill
-chunks (each attends to its cached prefix plus itself, causally). No padding to the longest prompt.
+batch: the first `num_decode` tokens are single-token decodes, the rest are prefill chunks (each attends to
+its cached prefix plus itself, causally). No padding to the longest prompt.
+
+Decodes run through the compiled CPU kernel when it is available (cpu_kernels.py: reads the paged cache in
+place). The portable path attends decodes in groups of similar context length (`DecodeGroup`, built once
+per step and shared by every layer): each group gathers its keys by flat cache slot and runs one SDPA,
+padding only to the longest context inside the group.
 
 This is the seam for a CUDA kernel: `AttentionBackend` is what the model calls. `TorchPagedAttention`
 (gather + SDPA) runs anywhere; on GPU a flash-attn / flashinfer paged kernel can implement the same
-`forward(q, k, v, k_cache, v_cache, meta)` over the same cache layout and metadata.
+`forward(q, k, v, k_cache, v_cache, meta, scale)` over the same cache layout and block tables.
 """
 from __future__ import annotations
 
@@ -17,22 +22,61 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+DECODE_GROUP_SIZE = 8
+
 
 @dataclass
 class PrefillChunk:
     q_start: int          # index of the chunk's first token in the flat batch
     q_len: int            # tokens computed this step
     ctx_len: int          # keys visible to the chunk's last token (cached prefix + this chunk)
-    block_ids: torch.Tensor  # the sequence's block table (long), covering ctx_len
+    slots: torch.Tensor   # [ctx_len] flat cache slots of those keys, in position order
+
+
+@dataclass
+class DecodeGroup:
+    rows: torch.Tensor    # [g] which decode tokens (indices into the batch's first num_decode tokens)
+    slots: torch.Tensor   # [g, max_len] flat cache slots of each sequence's keys (padding points at slot 0)
+    mask: torch.Tensor    # [g, 1, 1, max_len] True where a key is real
 
 
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor        # [T] flat cache slot where each new token's k/v is written
     num_decode: int                   # the first num_decode tokens are one-token decodes
-    decode_block_tables: torch.Tensor  # [num_decode, max_blocks] (padded with 0)
+    decode_block_tables: torch.Tensor  # [num_decode, max_blocks] (padded with block 0)
     decode_seq_lens: torch.Tensor     # [num_decode] keys visible to each decode token
     prefills: list[PrefillChunk]
+    block_size: int = 16
+    _groups: list[DecodeGroup] | None = None
+
+    @property
+    def decode_groups(self) -> list[DecodeGroup]:
+        """Length-sorted decode groups for the portable path, built once per step (shared by all layers)."""
+        if self._groups is None:
+            self._groups = build_decode_groups(self.decode_block_tables, self.decode_seq_lens, self.block_size)
+        return self._groups
+
+
+def context_slots(block_table: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
+    """Flat cache slots of positions [0, length) for one block table (long tensor)."""
+    pos = torch.arange(length, device=block_table.device)
+    return block_table[pos // block_size] * block_size + pos % block_size
+
+
+def build_decode_groups(tables: torch.Tensor, seq_lens: torch.Tensor, block_size: int,
+                        group_size: int = DECODE_GROUP_SIZE) -> list[DecodeGroup]:
+    order = torch.argsort(seq_lens)
+    groups = []
+    for g0 in range(0, len(order), group_size):
+        rows = order[g0:g0 + group_size]
+        lens = seq_lens[rows]
+        max_len = int(lens.max())
+        pos = torch.arange(max_len, device=tables.device)
+        slots = tables[rows][:, pos // block_size] * block_size + pos % block_size
+        mask = (pos.unsqueeze(0) < lens.unsqueeze(1))[:, None, None, :]
+        groups.append(DecodeGroup(rows, slots, mask))
+    return groups
 
 
 class AttentionBackend(Protocol):
@@ -44,27 +88,34 @@ class TorchPagedAttention:
     """Portable paged attention: scatter new k/v into the cache, gather each sequence's keys, SDPA."""
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        # q: [T, Hq, D]; k, v: [T, Hkv, D]
-        num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-        k_cache.view(-1, num_kv_heads, head_dim)[meta.slot_mapping] = k
-        v_cache.view(-1, num_kv_heads, head_dim)[meta.slot_mapping] = v
+        # q: [T, Hq, D]; k, v: [T, Hkv, D]. Every token's k/v is written before any attention reads it.
+        k_flat = k_cache.view(-1, k_cache.shape[2], k_cache.shape[3])
+        v_flat = v_cache.view(-1, v_cache.shape[2], v_cache.shape[3])
+        k_flat[meta.slot_mapping] = k
+        v_flat[meta.slot_mapping] = v
         out = torch.empty_like(q)
         if meta.num_decode:
-            out[:meta.num_decode] = self._decode(q[:meta.num_decode], k_cache, v_cache, meta, scale)
+            out[:meta.num_decode] = self._decode(q[:meta.num_decode], k_cache, v_cache, k_flat, v_flat, meta, scale)
         for chunk in meta.prefills:
             sl = slice(chunk.q_start, chunk.q_start + chunk.q_len)
-            out[sl] = self._prefill(q[sl], k_cache, v_cache, chunk, scale)
+            out[sl] = self._prefill(q[sl], k_flat, v_flat, chunk, scale)
+        return out
+
+    def _decode(self, q, k_cache, v_cache, k_flat, v_flat, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        out = torch.empty_like(q)
+        for g in meta.decode_groups:
+            keys = k_flat[g.slots].transpose(1, 2)      # [g, Hkv, L, D]
+            values = v_flat[g.slots].transpose(1, 2)
+            o = F.scaled_dot_product_attention(q[g.rows].unsqueeze(2), keys, values, attn_mask=g.mask,
+                                               scale=scale, enable_gqa=True)
+            out[g.rows] = o.squeeze(2)
         return out
 
     @staticmethod
-    def _gather(cache: torch.Tensor, block_ids: torch.Tensor, length: int) -> torch.Tensor:
-        # [nblocks, bs, H, D] -> [H, length, D]
-        return cache[block_ids].flatten(0, 1)[:length].transpose(0, 1)
-
-    def _prefill(self, q, k_cache, v_cache, chunk: PrefillChunk, scale: float) -> torch.Tensor:
-        keys = self._gather(k_cache, chunk.block_ids, chunk.ctx_len)
-        values = self._gather(v_cache, chunk.block_ids, chunk.ctx_len)
-        query = q.transpose(0, 1)  # [Hq, n, D]
+    def _prefill(q, k_flat, v_flat, chunk: PrefillChunk, scale: float) -> torch.Tensor:
+        keys = k_flat[chunk.slots].transpose(0, 1)       # [Hkv, ctx_len, D]
+        values = v_flat[chunk.slots].transpose(0, 1)
+        query = q.transpose(0, 1)                        # [Hq, n, D]
         if chunk.q_len == chunk.ctx_len:
             o = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale, enable_gqa=True)
         else:
@@ -74,14 +125,24 @@ class TorchPagedAttention:
             o = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
         return o.transpose(0, 1)
 
-    def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        # Pad only inside attention (to the longest context among decodes), masked by length.
-        bs = k_cache.shape[1]
-        max_len = int(meta.decode_seq_lens.max())
-        nblk = (max_len + bs - 1) // bs
-        tables = meta.decode_block_tables[:, :nblk]
-        keys = k_cache[tables].flatten(1, 2)[:, :max_len].transpose(1, 2)    # [B, Hkv, L, D]
-        values = v_cache[tables].flatten(1, 2)[:, :max_len].transpose(1, 2)
-        mask = (torch.arange(max_len, device=q.device).unsqueeze(0) < meta.decode_seq_lens.unsqueeze(1))[:, None, None, :]
-        o = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
-        return o.squeeze(2)
+
+class CpuPagedAttention(TorchPagedAttention):
+    """Decodes through the compiled CPU kernel (reads the paged cache in place); prefill as the portable path."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def _decode(self, q, k_cache, v_cache, k_flat, v_flat, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        return self.kernel.paged_decode_attention(q, k_cache, v_cache, meta.decode_block_tables,
+                                                  meta.decode_seq_lens, scale)
+
+
+def select_attention_backend(device: torch.device) -> AttentionBackend:
+    """The fastest backend available for `device`. On CUDA this is where a flash-attn / flashinfer paged
+    kernel plugs in; until one is installed the portable gather + SDPA path runs there too."""
+    if device.type == "cpu":
+        from .cpu_kernels import paged_attention_module
+        kernel = paged_attention_module()
+        if kernel is not None:
+            return CpuPagedAttention(kernel)
+    return TorchPagedAttention()

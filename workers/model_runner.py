@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from .attention import AttentionMetadata, PrefillChunk
+from .attention import AttentionMetadata, PrefillChunk, context_slots, select_attention_backend
 from .config import ModelConfig
 from .model import LlamaForCausalLM
 from .shard import ShardInfo, TPGroup
@@ -89,7 +89,7 @@ class ModelRunner:
         self.device = torch.device(device)
         self.block_size = block_size
         self.model = LlamaForCausalLM(cfg, shard=shard, group=group, dtype=dtype, device=self.device,
-                                      max_positions=max_model_len)
+                                      max_positions=max_model_len, attention=select_attention_backend(self.device))
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.weight_bytes_read = 0
 
@@ -111,19 +111,16 @@ class ModelRunner:
                           for _ in self.model.layers]
 
     def _metadata(self, step: StepInput) -> AttentionMetadata:
-        dev, long = self.device, torch.long
+        dev, bs, long = self.device, self.block_size, torch.long
         if step.num_decode:
             width = max(len(t) for t in step.decode_block_tables)
             tables = torch.tensor([t + [0] * (width - len(t)) for t in step.decode_block_tables], dtype=long, device=dev)
         else:
             tables = torch.zeros((0, 1), dtype=long, device=dev)
-        return AttentionMetadata(
-            slot_mapping=torch.tensor(step.slot_mapping, dtype=long, device=dev),
-            num_decode=step.num_decode,
-            decode_block_tables=tables,
-            decode_seq_lens=torch.tensor(step.decode_seq_lens, dtype=long, device=dev),
-            prefills=[PrefillChunk(s, n, c, torch.tensor(b, dtype=long, device=dev)) for s, n, c, b in step.prefills],
-        )
+        prefills = [PrefillChunk(s, n, c, context_slots(torch.tensor(b, dtype=long, device=dev), c, bs))
+                    for s, n, c, b in step.prefills]
+        return AttentionMetadata(torch.tensor(step.slot_mapping, dtype=long, device=dev), step.num_decode, tables,
+                                 torch.tensor(step.decode_seq_lens, dtype=long, device=dev), prefills, bs)
 
     @torch.inference_mode()
     def execute(self, step: StepInput, hidden: torch.Tensor | None = None) -> torch.Tensor:
