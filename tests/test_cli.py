@@ -1,0 +1,58 @@
+"""The `herd` CLI: demo checkpoints and in-process generation / chat, as an operator runs them."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cluster.cli import main
+from workers import Engine, SamplingParams
+from workers.config import ModelConfig
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    for shape in ("llama2-70b-mini", "llama32-1b-mini"):
+        assert main(["demo-checkpoint", str(root / shape), "--shape", shape]) == 0
+    return root
+
+
+def test_demo_checkpoints_have_the_real_layout_and_tokenizers(demo):
+    l2 = ModelConfig.from_pretrained(demo / "llama2-70b-mini")
+    assert l2.num_key_value_heads < l2.num_attention_heads and not l2.tie_word_embeddings
+    l3 = ModelConfig.from_pretrained(demo / "llama32-1b-mini")
+    assert l3.tie_word_embeddings and l3.rope.rope_type == "llama3" and l3.vocab_size == 128256
+    assert json.loads((demo / "llama32-1b-mini" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    eng = Engine.from_pretrained(demo / "llama32-1b-mini", show_progress=False)
+    try:
+        assert eng.tokenizer.kind == "tiktoken"
+        out = eng.generate(["Hello"], SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))[0]
+        assert len(out.token_ids) == 5 and out.text == eng.tokenizer.decode(out.token_ids)
+    finally:
+        eng.shutdown()
+
+
+def test_generate_command(demo, capsys):
+    rc = main(["generate", "--model", str(demo / "llama2-70b-mini"), "--prompt", "Hello world",
+               "--max-tokens", "6", "--ignore-eos"])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "finish_reason=length tokens=6" in err
+
+
+def test_chat_command_streams_a_reply(demo):
+    proc = subprocess.run([sys.executable, "-m", "cluster.cli", "chat", "--model", str(demo / "llama32-1b-mini"),
+                           "--max-tokens", "4", "--ignore-eos"], input="Hi there\n\n", capture_output=True,
+                          text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr
+    assert "assistant> " in proc.stdout
+
+
+def test_bad_checkpoint_is_a_clear_error(tmp_path, capsys):
+    rc = main(["generate", "--model", str(tmp_path), "--prompt", "x"])
+    assert rc == 2
+    assert "no config.json" in capsys.readouterr().err
