@@ -47,10 +47,11 @@ BENCH_MODEL = "bench"
 class Workload:
     sessions: int = 6
     turns: int = 4
-    system_tokens: int = 96
-    user_tokens: int = 32
+    system_tokens: int = 256
+    user_tokens: int = 128
     max_tokens: int = 16
     seed: int = 0
+    think_s: float = 0.05   # each turn waits uniform(0, think_s) first: users pause, sessions do not march in step
 
 
 @dataclass
@@ -174,6 +175,8 @@ def run_sessions(generate: Callable[[list[int], int], tuple[TurnResult, list[int
             for turn in range(w.turns):
                 if stop is not None and stop.is_set():
                     return
+                if w.think_s > 0:
+                    time.sleep(r.uniform(0, w.think_s))
                 if in_flight is not None:
                     with lock:
                         in_flight[0] += 1
@@ -204,22 +207,25 @@ def run_sessions(generate: Callable[[list[int], int], tuple[TurnResult, list[int
 @dataclass
 class Timeline:
     t: list[float] = field(default_factory=list)
-    replicas: list[int] = field(default_factory=list)
+    replicas: list[int] = field(default_factory=list)     # RUNNING
+    wanted: list[int] = field(default_factory=list)       # RUNNING + starting (what the autoscaler asked for)
     in_flight: list[int] = field(default_factory=list)
     phases: list[tuple[str, float, float]] = field(default_factory=list)
 
 
-def running_replicas(app_name: str, deployment: str) -> int:
+def replica_counts(app_name: str, deployment: str) -> tuple[int, int]:
+    """(running, running + starting) replicas of a deployment, from serve.status()."""
     from ray import serve
 
     app = serve.status().applications.get(app_name)
     if app is None or deployment not in app.deployments:
-        return 0
-    states = app.deployments[deployment].replica_states
-    return int(sum(n for state, n in states.items() if str(getattr(state, "value", state)) == "RUNNING"))
+        return 0, 0
+    states = {str(getattr(k, "value", k)): n for k, n in app.deployments[deployment].replica_states.items()}
+    running = states.get("RUNNING", 0)
+    return running, running + sum(states.get(k, 0) for k in ("STARTING", "UPDATING", "RECOVERING"))
 
 
-def autoscale_timeline(target: GrpcTarget, vocab: int, replicas_now: Callable[[], int],
+def autoscale_timeline(target: GrpcTarget, vocab: int, replicas_now: Callable[[], tuple[int, int]],
                        phases: list[tuple[str, float, int]], period_s: float = 0.5,
                        max_tokens: int = 16) -> Timeline:
     """Runs `phases` (name, seconds, concurrent sessions) back to back, sampling replicas and load."""
@@ -230,11 +236,12 @@ def autoscale_timeline(target: GrpcTarget, vocab: int, replicas_now: Callable[[]
     def sampler():
         while not sampling.is_set():
             try:
-                n = replicas_now()
-            except Exception:  # noqa: BLE001 - a status hiccup is a gap in the plot, not a failed bench
-                n = tl.replicas[-1] if tl.replicas else 0
+                running, wanted = replicas_now()
+            except Exception:  # noqa: BLE001 - a status hiccup repeats the last sample, not a failed bench
+                running, wanted = (tl.replicas[-1], tl.wanted[-1]) if tl.replicas else (0, 0)
             tl.t.append(time.monotonic() - t0)
-            tl.replicas.append(n)
+            tl.replicas.append(running)
+            tl.wanted.append(wanted)
             tl.in_flight.append(in_flight[0])
             sampling.wait(period_s)
 
@@ -272,10 +279,13 @@ def plot_timeline(tl: Timeline, path: Path, title: str) -> Path:
         ax.axvspan(a, b, color=colors.get(name, "#f5f5f5"), zorder=0)
         ax.text((a + b) / 2, 0.02, name, transform=ax.get_xaxis_transform(), ha="center", fontsize=9,
                 color="#555")
+    if tl.wanted:
+        ax.step(tl.t, tl.wanted, where="post", color="#1f5fa8", linewidth=1.2, linestyle="--",
+                label="replicas running + starting")
     ax.step(tl.t, tl.replicas, where="post", color="#1f5fa8", linewidth=2.2, label="running replicas")
     ax.set_xlabel("time (s)")
     ax.set_ylabel("running replicas", color="#1f5fa8")
-    ax.set_ylim(0, max(tl.replicas + [1]) + 1)
+    ax.set_ylim(0, max(tl.replicas + tl.wanted + [1]) + 1)
     ax.yaxis.get_major_locator().set_params(integer=True)
     ax2 = ax.twinx()
     ax2.plot(tl.t, tl.in_flight, color="#c0392b", linewidth=1.2, alpha=0.85, label="requests in flight")
@@ -368,7 +378,7 @@ def bench_config(model_path: str, grpc_port: int, http_port: int, *, replicas: i
                  autoscaling: Optional[dict] = None, max_model_len: int = 2048) -> dict[str, Any]:
     model: dict[str, Any] = {
         "name": BENCH_MODEL, "path": model_path, "resources_per_shard": {"CPU": 0.25},
-        "max_model_len": max_model_len, "routing_stats_period_s": 1.0,
+        "max_model_len": max_model_len, "router": {"routing_stats_period_s": 1.0},
     }
     if autoscaling:
         model["autoscaling_config"] = autoscaling
@@ -412,7 +422,7 @@ def run_self_hosted(args) -> dict[str, Any]:
             write_demo_checkpoint(model_path, args.shape)
     grpc_port, http_port = _free_port(), _free_port()
     base = bench_config(model_path, grpc_port, http_port, replicas=args.replicas)
-    w = Workload(sessions=args.sessions, turns=args.turns, max_tokens=args.max_tokens, seed=args.seed)
+    w = _workload(args)
     report: dict[str, Any] = {"mode": "self-hosted", "checkpoint": model_path, "workload": asdict(w),
                               "replicas": args.replicas}
 
@@ -449,13 +459,14 @@ def run_self_hosted(args) -> dict[str, Any]:
         # 3. autoscale timeline
         autoscaling = {"min_replicas": 1, "max_replicas": args.max_replicas, "target_ongoing_requests": 2,
                        "upscale_delay_s": 1.0, "downscale_delay_s": args.downscale_delay_s,
-                       "look_back_period_s": 2.0, "metrics_interval_s": 0.5}
+                       "look_back_period_s": 2.0, "metrics_interval_s": 0.5,
+                       "policy": {"policy_function": "cluster.autoscaling:llm_autoscaling_policy"}}
         _deploy(bench_config(model_path, grpc_port, http_port, replicas=1, autoscaling=autoscaling), PREFIX_ROUTER)
         info = target.model_info()
         dep = deployment_name(BENCH_MODEL)
         phases = [("low", args.phase_s, 1), ("high", args.phase_s * 2, args.high_sessions),
                   ("idle", args.phase_s + args.downscale_delay_s, 0)]
-        tl = autoscale_timeline(target, info.vocab_size, lambda: running_replicas(APP_NAME, dep), phases,
+        tl = autoscale_timeline(target, info.vocab_size, lambda: replica_counts(APP_NAME, dep), phases,
                                 max_tokens=args.max_tokens)
         _undeploy()
         png = plot_timeline(tl, out / "autoscale_timeline.png",
@@ -474,7 +485,7 @@ def run_self_hosted(args) -> dict[str, Any]:
 def run_against(args) -> dict[str, Any]:
     target = GrpcTarget(args.address, args.model, api_key=args.api_key)
     info = target.model_info()
-    w = Workload(sessions=args.sessions, turns=args.turns, max_tokens=args.max_tokens, seed=args.seed)
+    w = _workload(args)
     results, wall = run_sessions(lambda p, m: target.generate(p, m), w, info.vocab_size)
     report: dict[str, Any] = {"mode": "external", "address": args.address, "model": args.model,
                               "workload": asdict(w), "cluster_router": summarize(results, wall)}
@@ -489,7 +500,7 @@ def run_against(args) -> dict[str, Any]:
             phases = [("low", args.phase_s, 1), ("high", args.phase_s * 2, args.high_sessions),
                       ("idle", args.phase_s, 0)]
             tl = autoscale_timeline(target, info.vocab_size,
-                                    lambda: running_replicas(APP_NAME, deployment_name(args.model)), phases,
+                                    lambda: replica_counts(APP_NAME, deployment_name(args.model)), phases,
                                     max_tokens=args.max_tokens)
             png = plot_timeline(tl, Path(args.out) / "autoscale_timeline.png", f"herd autoscaling: {args.model}")
             report["autoscale"] = {"png": str(png), "peak_replicas": max(tl.replicas or [0]),
@@ -498,6 +509,11 @@ def run_against(args) -> dict[str, Any]:
             ray.shutdown()
     target.close()
     return report
+
+
+def _workload(args) -> Workload:
+    return Workload(sessions=args.sessions, turns=args.turns, system_tokens=args.system_tokens,
+                    user_tokens=args.user_tokens, max_tokens=args.max_tokens, seed=args.seed, think_s=args.think_s)
 
 
 def run(args) -> int:
@@ -524,7 +540,10 @@ def register_bench(bench_sub) -> None:
     p.add_argument("--replicas", type=int, default=2, help="self-hosted: replicas for the router comparison")
     p.add_argument("--sessions", type=int, default=6)
     p.add_argument("--turns", type=int, default=4)
-    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--system-tokens", type=int, default=256, help="system prompt shared by all sessions")
+    p.add_argument("--user-tokens", type=int, default=128, help="new tokens per turn")
+    p.add_argument("--max-tokens", type=int, default=16, help="generated tokens per turn")
+    p.add_argument("--think-s", type=float, default=0.05, help="max pause before each turn")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overhead-requests", type=int, default=20)
     p.add_argument("--max-replicas", type=int, default=3, help="autoscale timeline: max replicas")

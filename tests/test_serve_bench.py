@@ -71,11 +71,11 @@ def test_sessions_grow_their_conversation_and_figures_add_up():
 def test_timeline_samples_and_plots(tmp_path):
     target = FakeTarget()
     replicas = iter(range(1000))
-    tl = sb.autoscale_timeline(target, 500, lambda: 1 + next(replicas) // 4,
+    tl = sb.autoscale_timeline(target, 500, lambda: (1 + next(replicas) // 4, 2 + next(replicas) // 4),
                                [("low", 0.3, 1), ("high", 0.3, 3), ("idle", 0.2, 0)], period_s=0.05,
                                max_tokens=2)
     assert [p[0] for p in tl.phases] == ["low", "high", "idle"]
-    assert len(tl.t) == len(tl.replicas) == len(tl.in_flight) >= 10
+    assert len(tl.t) == len(tl.replicas) == len(tl.wanted) == len(tl.in_flight) >= 10
     assert max(tl.replicas) > 1 and target.calls > 0
     png = sb.plot_timeline(tl, tmp_path / "t.png", "test")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
