@@ -171,3 +171,47 @@ def test_serve_loads_both_policy_forms():
     tuned = _resolve_policy_callable(cls)
     assert tuned.target_kv_usage == 0.5
     assert tuned(context(2, requests=0, kv=[0.5, 0.5], waiting=[0, 0]))[0] == 2
+
+
+@pytest.mark.slow
+def test_replica_reported_kv_usage_scales_a_real_deployment():
+    """Serve 2.60's path end to end: replicas' record_autoscaling_stats() -> controller -> ctx.aggregated_metrics
+    -> llm_autoscaling_policy. No request is ever sent (Serve's request-based policy would stay at 1); a full
+    KV cache alone must bring the deployment to max_replicas."""
+    import ray
+    from ray import serve
+
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    try:
+        serve.start(proxy_location="Disabled")
+
+        @serve.deployment(ray_actor_options={"num_cpus": 0}, autoscaling_config={
+            "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4, "upscale_delay_s": 0.0,
+            "downscale_delay_s": 600.0, "look_back_period_s": 1.0, "metrics_interval_s": 0.5,
+            "policy": {"policy_function": "cluster.autoscaling:llm_autoscaling_policy"}})
+        class FullKV:
+            def record_autoscaling_stats(self) -> dict:
+                from types import SimpleNamespace
+
+                from cluster.autoscaling import autoscaling_stats
+                engine = SimpleNamespace(stats=lambda: SimpleNamespace(
+                    num_running=3, num_waiting=0, kv_blocks_total=100, kv_blocks_free=0))
+                return autoscaling_stats(engine)
+
+            def __call__(self) -> str:
+                return "ok"
+
+        serve.run(FullKV.bind(), name="kv", route_prefix=None)
+        deadline, running = time.monotonic() + 90, 0
+        while time.monotonic() < deadline:
+            states = serve.status().applications["kv"].deployments["FullKV"].replica_states
+            running = states.get("RUNNING", 0)
+            if running == 2:
+                break
+            time.sleep(0.5)
+        assert running == 2, f"did not scale to 2 replicas on KV usage: {states}"
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
