@@ -47,14 +47,52 @@ SERVICE_NAME = "herd.v1.Inference"
 # ---- authentication ------------------------------------------------------------------------------------
 class ApiKeyAuth:
     """API keys from `authorization: Bearer KEY` or `x-api-key: KEY`. Keys are kept only as SHA-256 digests and
-    compared in constant time against every configured key (no early exit, no length leak); never logged."""
+    compared in constant time against every configured key (no early exit, no length leak); never logged.
 
-    def __init__(self, keys: Iterable[str]):
-        self._digests = [hashlib.sha256(k.encode()).digest() for k in keys if k]
+    Keys come inline or from a file (one per line, `#` comments; a mounted Kubernetes Secret), which is re-read
+    when its modification time changes (checked at most every KEY_FILE_CHECK_S), so keys rotate without a
+    restart. A file that cannot be read keeps the keys last read (and fails closed if there were none)."""
+
+    KEY_FILE_CHECK_S = 5.0
+
+    def __init__(self, keys: Iterable[str] = (), key_file: str | None = None):
+        self._digests = self._digest_all(keys)
+        self._key_file = key_file
+        self._file_mtime: float | None = None
+        self._file_checked = 0.0
+        if key_file is not None:
+            self._reload_file(force=True)
+
+    @staticmethod
+    def _digest_all(keys: Iterable[str]) -> list[bytes]:
+        return [hashlib.sha256(k.encode()).digest() for k in keys if k]
+
+    def _reload_file(self, force: bool = False) -> None:
+        import os
+        from workers.errors import HerdError
+
+        now = time.monotonic()
+        if not force and now - self._file_checked < self.KEY_FILE_CHECK_S:
+            return
+        self._file_checked = now
+        try:
+            mtime = os.stat(self._key_file).st_mtime
+            if mtime == self._file_mtime:
+                return
+            from cluster.config import ClusterConfig  # one parser of the key file format
+
+            keys = ClusterConfig.model_construct(api_keys_file=self._key_file).resolved_api_keys()
+        except (OSError, HerdError):
+            if force:
+                raise
+            log.warning("API key file unreadable; keeping the keys read before")
+            return
+        self._digests, self._file_mtime = self._digest_all(keys), mtime
+        log.info("API keys loaded from file (%d keys)", len(self._digests))
 
     @property
     def enabled(self) -> bool:
-        return bool(self._digests)
+        return bool(self._digests) or self._key_file is not None
 
     @staticmethod
     def presented_key(headers: Iterable[tuple[str, Any]]) -> str | None:
@@ -72,7 +110,9 @@ class ApiKeyAuth:
         return key
 
     def check(self, headers: Iterable[tuple[str, Any]]) -> None:
-        if not self._digests:
+        if self._key_file is not None:
+            self._reload_file()
+        if not self.enabled:
             return
         key = self.presented_key(headers)
         if key is None:
@@ -107,9 +147,10 @@ def sampling_from_proto(msg: pb.SamplingParams) -> dict[str, Any]:
 
 
 class Frontend:
-    def __init__(self, handles: dict[str, Any], specs: dict[str, dict[str, Any]], api_keys: Iterable[str] = ()):
+    def __init__(self, handles: dict[str, Any], specs: dict[str, dict[str, Any]], api_keys: Iterable[str] = (),
+                 api_keys_file: str | None = None):
         self.routes = {name: ModelRoute(name, handles[name], specs[name]) for name in specs}
-        self.auth = ApiKeyAuth(api_keys)
+        self.auth = ApiKeyAuth(api_keys, api_keys_file)
         self.started_at = int(time.time())
         self._ready: tuple[float, dict[str, bool]] | None = None
         self._ready_lock = asyncio.Lock()
@@ -313,8 +354,9 @@ def _set_status(grpc_context, err: ApiError) -> ApiError:
 class InferenceIngress(OpenAIRoutes):
     """gRPC methods are named as the RPCs (Serve's proxy dispatches by name) and take `grpc_context`."""
 
-    async def __init__(self, models: dict[str, Any], specs: dict[str, dict[str, Any]], api_keys: list[str]):
-        self.frontend = Frontend(models, specs, api_keys)
+    async def __init__(self, models: dict[str, Any], specs: dict[str, dict[str, Any]], api_keys: list[str],
+                       api_keys_file: str | None = None):
+        self.frontend = Frontend(models, specs, api_keys, api_keys_file)
         await self.frontend.load_tokenizers()
         log.info("ingress: serving models %s (API keys %s)", ", ".join(specs),
                  "required" if self.frontend.auth.enabled else "not configured")

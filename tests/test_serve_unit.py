@@ -119,3 +119,26 @@ def test_openai_sampling_mapping():
     chat = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": [{"type": "text", "text": "a"},
                                                                                   {"type": "text", "text": "b"}]}])
     assert chat.messages[0].text(0) == "ab"
+
+
+def test_auth_key_file_is_read_and_rotated(tmp_path, monkeypatch):
+    key_file = tmp_path / "keys"
+    key_file.write_text("# herd API keys\nfirst\n\n")
+    auth = ApiKeyAuth([], str(key_file))
+    auth.check([("x-api-key", "first")])
+    with pytest.raises(ApiError):
+        auth.check([("x-api-key", "second")])
+    key_file.write_text("second\n")
+    import os
+    os.utime(key_file, (1, 1))  # a new mtime, as a Secret update gives
+    monkeypatch.setattr(ApiKeyAuth, "KEY_FILE_CHECK_S", 0.0)
+    auth.check([("x-api-key", "second")])
+    with pytest.raises(ApiError):
+        auth.check([("x-api-key", "first")])
+
+
+def test_auth_empty_key_file_fails_closed(tmp_path):
+    key_file = tmp_path / "keys"
+    key_file.write_text("\n")
+    with pytest.raises(ApiError):
+        ApiKeyAuth([], str(key_file)).check([("x-api-key", "anything")])

@@ -1,0 +1,145 @@
+"""The Serve application: one model deployment per configured model, behind one ingress (gRPC + OpenAI HTTP).
+
+    build_app(args) -> serve.Application      # import path cluster.app:build_app
+
+`args` is the cluster config (cluster.config.ClusterConfig, its dict form, or {"config": "path.yaml"}), the
+same YAML that `herd serve` reads and that the Helm chart embeds as serveConfigV2 `args`. Ports, host and the
+gRPC servicers are Serve-wide options, not part of an application: `serve_start_options(cfg)` gives them
+for `serve.start` (what `herd serve` does); in a serveConfigV2 they are `http_options` / `grpc_options`
+with `grpc_servicer_functions: GRPC_SERVICER_FUNCTIONS`.
+
+Deployments per model (names: `model-<name>`; the ingress is `Ingress`):
+- TP·PP = 1: whole-model replicas, each reserving `resources_per_shard` (ray_actor_options).
+- TP·PP > 1: each replica owns a placement group `[{"CPU": DRIVER_CPUS}] + [resources_per_shard] * (TP*PP)`
+  with the model's placement strategy; the replica (the engine's driver) takes bundle 0 and the engine puts
+  its shard actors in the others.
+- `autoscaling_config` (if set) uses cluster.autoscaling's LLM policy unless the config names another, with a
+  downscale delay and `graceful_shutdown_timeout_s` so a replica being removed finishes its streams first.
+- The PrefixCacheRouter (cluster.routing) routes every model's requests.
+
+TLS: Serve's HTTP proxy terminates TLS when `http_options` has ssl_keyfile/ssl_certfile; Serve's gRPC proxy
+(Ray 2.60) only listens in plaintext (`add_insecure_port`), so terminate gRPC TLS at the gateway / ingress
+controller in front of it (Envoy, an Ingress with backend-protocol GRPC, a service mesh).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+
+from cluster.config import ClusterConfig
+from cluster.deployment import ModelDeployment
+from cluster.ingress import IngressDeployment
+
+APP_NAME = "herd"
+INGRESS_NAME = "Ingress"
+GRPC_SERVICER_FUNCTIONS = [
+    "cluster.pb.inference_pb2_grpc.add_InferenceServicer_to_server",
+    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+]
+# CPU reserved by the engine driver of a TP×PP replica (bundle 0 of its placement group).
+DRIVER_CPUS = 0.1
+INGRESS_CPUS = 0.1
+ROUTER_CLASS = "cluster.routing:PrefixCacheRouter"
+AUTOSCALING_POLICY = "cluster.autoscaling:llm_autoscaling_policy"
+
+
+def deployment_name(model_name: str) -> str:
+    return f"model-{model_name}"
+
+
+def load_config(args: Any) -> ClusterConfig:
+    """ClusterConfig from what `serve run` / serveConfigV2 / herd pass as application args."""
+    if isinstance(args, ClusterConfig):
+        return args
+    args = dict(args or {})
+    path = args.pop("config", None)
+    if path is not None:
+        if args:
+            raise ValueError("application args: give either `config: <path.yaml>` or the config itself, not both")
+        return ClusterConfig.from_yaml(path)
+    return ClusterConfig.from_dict(args)
+
+
+def _actor_resources(resources: dict[str, float]) -> dict[str, Any]:
+    """{"CPU": 1, "GPU": 1, "other": 2} -> ray_actor_options."""
+    rest = {k: v for k, v in resources.items() if k not in ("CPU", "GPU")}
+    opts: dict[str, Any] = {"num_cpus": resources.get("CPU", 0), "num_gpus": resources.get("GPU", 0)}
+    if rest:
+        opts["resources"] = rest
+    return opts
+
+
+def model_spec(model) -> dict[str, Any]:
+    """What a model replica needs to build its engine (plain data: it is pickled into every replica)."""
+    return {
+        "name": model.name,
+        "path": str(model.path),
+        "tensor_parallel_size": model.tensor_parallel_size,
+        "pipeline_parallel_size": model.pipeline_parallel_size,
+        "dtype": model.dtype,
+        "engine_args": model.engine_args(),
+    }
+
+
+def model_deployment_options(model) -> dict[str, Any]:
+    tp, pp = model.tensor_parallel_size, model.pipeline_parallel_size
+    shard = dict(model.resources_per_shard)
+    opts: dict[str, Any] = {
+        "name": deployment_name(model.name),
+        "max_ongoing_requests": model.max_ongoing_requests,
+        "graceful_shutdown_timeout_s": model.graceful_shutdown_timeout_s,
+        "health_check_period_s": model.health_check_period_s,
+        "health_check_timeout_s": model.health_check_timeout_s,
+        "request_router_config": {
+            "request_router_class": ROUTER_CLASS,
+            "request_router_kwargs": {"block_size": model.engine_args().get("block_size", 16),
+                                      **dict(model.router_kwargs or {})},
+            "request_routing_stats_period_s": model.routing_stats_period_s,
+        },
+    }
+    if tp * pp == 1:
+        opts["ray_actor_options"] = _actor_resources(shard)
+    else:
+        opts["ray_actor_options"] = {"num_cpus": DRIVER_CPUS}
+        opts["placement_group_bundles"] = [{"CPU": DRIVER_CPUS}] + [shard] * (tp * pp)
+        opts["placement_group_strategy"] = model.placement_strategy
+    if model.autoscaling_config is not None:
+        autoscaling = model.autoscaling_config.model_dump(exclude_none=True)
+        autoscaling.setdefault("policy", {"policy_function": AUTOSCALING_POLICY})
+        opts["autoscaling_config"] = autoscaling
+    else:
+        opts["num_replicas"] = model.num_replicas or 1
+    return opts
+
+
+def build_app(args: Any) -> serve.Application:
+    cfg = load_config(args)
+    handles, specs = {}, {}
+    for model in cfg.models:
+        spec = model_spec(model)
+        handles[model.name] = ModelDeployment.options(**model_deployment_options(model)).bind(spec)
+        specs[model.name] = {
+            "name": model.name, "path": spec["path"], "deployment": deployment_name(model.name),
+            "tensor_parallel_size": spec["tensor_parallel_size"],
+            "pipeline_parallel_size": spec["pipeline_parallel_size"],
+            "autoscaling": model.autoscaling_config is not None,
+        }
+    ingress = IngressDeployment.options(
+        name=INGRESS_NAME, num_replicas=cfg.ingress_replicas, ray_actor_options={"num_cpus": INGRESS_CPUS})
+    # A key file is read by the ingress itself (where the Secret is mounted, and re-read when it changes), so
+    # the keys are not copied into the application's stored arguments.
+    return ingress.bind(handles, specs, list(cfg.api_keys), cfg.api_keys_file)
+
+
+def serve_start_options(cfg: ClusterConfig) -> dict[str, Any]:
+    """Keyword arguments for serve.start(): HTTP and gRPC proxies on the configured host and ports."""
+    from ray.serve.config import gRPCOptions, HTTPOptions
+
+    http: dict[str, Any] = {"host": cfg.host, "port": cfg.http_port}
+    grpc_opts: dict[str, Any] = {"port": cfg.grpc_port, "grpc_servicer_functions": GRPC_SERVICER_FUNCTIONS}
+    if cfg.request_timeout_s:
+        http["request_timeout_s"] = grpc_opts["request_timeout_s"] = cfg.request_timeout_s
+    if cfg.tls is not None:  # HTTPS on the HTTP proxy; Serve's gRPC proxy has no TLS (see the module doc)
+        http["ssl_certfile"], http["ssl_keyfile"] = cfg.tls.cert_file, cfg.tls.key_file
+    return {"http_options": HTTPOptions(**http), "grpc_options": gRPCOptions(**grpc_opts)}

@@ -1,0 +1,100 @@
+"""`herd serve [CONFIG.yaml]` and `herd client ...` (registered into cluster.cli by `register_cli`).
+
+With no config, `herd serve` serves the embedded demo: three small random-weight checkpoints written once to a
+cache folder ($HERD_CACHE, default ~/.cache/herd/demo) — a Llama-2-70B-shaped model as a TP2×PP2 shard group
+with CPU fractions per shard, and Llama-3-8B- and Llama-3.2-1B-shaped models as autoscaled replicas — so
+`make serve` shows the whole system on one CPU machine.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from cluster.client import register_client
+
+log = logging.getLogger(__name__)
+
+DEMO_MODELS = (
+    # (model name, demo shape, extra model config)
+    ("llama2-70b-mini", "llama2-70b-mini", {"tensor_parallel_size": 2, "pipeline_parallel_size": 2,
+                                            "resources_per_shard": {"CPU": 0.25}, "max_model_len": 1024}),
+    ("llama3-8b-mini", "llama3-8b-mini", {"resources_per_shard": {"CPU": 0.25}, "max_model_len": 2048,
+                                          "autoscaling_config": {"min_replicas": 1, "max_replicas": 2,
+                                                                 "target_ongoing_requests": 4}}),
+    ("llama32-1b-mini", "llama32-1b-mini", {"resources_per_shard": {"CPU": 0.25}, "max_model_len": 2048,
+                                            "autoscaling_config": {"min_replicas": 1, "max_replicas": 3,
+                                                                   "target_ongoing_requests": 4}}),
+)
+
+
+def demo_cache_dir() -> Path:
+    return Path(os.environ.get("HERD_CACHE") or Path.home() / ".cache" / "herd" / "demo")
+
+
+def demo_config(cache_dir: Path | None = None, *, host: str = "127.0.0.1", grpc_port: int = 9000,
+                http_port: int = 8000) -> dict[str, Any]:
+    """The embedded demo's cluster config (writing the demo checkpoints on first use)."""
+    from workers.demo import write_demo_checkpoint
+
+    cache_dir = Path(cache_dir or demo_cache_dir())
+    models = []
+    for name, shape, extra in DEMO_MODELS:
+        path = cache_dir / shape
+        if not (path / "config.json").is_file():
+            print(f"herd: writing the {shape} demo checkpoint to {path} ...", file=sys.stderr)
+            write_demo_checkpoint(path, shape)
+        models.append({"name": name, "path": str(path), **extra})
+    return {"host": host, "grpc_port": grpc_port, "http_port": http_port, "models": models}
+
+
+def cmd_serve(args) -> int:
+    import ray
+    from ray import serve
+
+    from cluster.app import APP_NAME, build_app, serve_start_options
+    from cluster.config import ClusterConfig
+
+    if args.config:
+        cfg = ClusterConfig.from_yaml(args.config)
+    else:
+        print("herd: no config given; serving the embedded demo", file=sys.stderr)
+        cfg = ClusterConfig.from_dict(demo_config())
+    overrides = {k: v for k, v in (("host", args.host), ("grpc_port", args.grpc_port),
+                                   ("http_port", args.http_port)) if v is not None}
+    if overrides:
+        cfg = ClusterConfig.from_dict({**cfg.model_dump(), **overrides})
+
+    ray.init(address=args.address) if args.address else ray.init()
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        serve.start(**serve_start_options(cfg))
+        print(f"herd: loading {len(cfg.models)} model(s): {', '.join(m.name for m in cfg.models)} ...",
+              file=sys.stderr)
+        serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)
+        print(f"herd: serving gRPC on {cfg.host}:{cfg.grpc_port} (herd.v1.Inference, grpc.health.v1.Health) and "
+              f"OpenAI-compatible HTTP on http://{cfg.host}:{cfg.http_port}/v1; Ctrl-C stops", file=sys.stderr)
+        print(f"herd: try `herd client models --address {cfg.host}:{cfg.grpc_port}`", file=sys.stderr)
+        stop.wait()
+    finally:
+        print("herd: shutting down", file=sys.stderr)
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+def register_cli(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="serve models on Ray Serve (gRPC + OpenAI HTTP); no config = demo")
+    p.add_argument("config", nargs="?", default=None, help="cluster config YAML (default: the embedded demo)")
+    p.add_argument("--address", default=None, help="Ray cluster to join (e.g. 'auto'); default: start a local one")
+    p.add_argument("--host", default=None, help="override the config's host")
+    p.add_argument("--grpc-port", type=int, default=None, help="override the config's grpc_port")
+    p.add_argument("--http-port", type=int, default=None, help="override the config's http_port")
+    p.set_defaults(func=cmd_serve)
+    register_client(subparsers)
