@@ -137,10 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo_checkpoint)
 
+    from cluster import serve_cli
+    serve_cli.register_cli(sub)          # herd serve, herd client ...
+    from workers.parallel.plan import register_plan_cli
+    register_plan_cli(sub)               # herd plan
+
     bench = sub.add_parser("bench", help="benchmarks (print JSON figures)")
     bench_sub = bench.add_subparsers(dest="scenario", required=True)
-    from benchmarks import engine_bench
+    from benchmarks import engine_bench, serve_bench
     engine_bench.register_bench(bench_sub)
+    serve_bench.register_bench(bench_sub)
     return parser
 
 
