@@ -69,7 +69,7 @@ def cmd_serve(args) -> int:
     if overrides:
         cfg = ClusterConfig.from_dict({**cfg.model_dump(), **overrides})
 
-    ray.init(address=args.address) if args.address else ray.init()
+    ray.init(address=args.address or "local")  # "local": never join a cluster by accident
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
