@@ -1,0 +1,455 @@
+{{/* ---------------------------------------------------------------------------------------------------
+Names and labels
+--------------------------------------------------------------------------------------------------- */}}
+
+{{- define "herd.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* The RayService name and the prefix of every object. KubeRay derives pod and Service names from it
+(<name>-raycluster-xxxxx-head, <name>-head-svc, <name>-serve-svc), so it is kept to 40 characters. */}}
+{{- define "herd.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "herd.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Labels of every object. */}}
+{{- define "herd.labels" -}}
+helm.sh/chart: {{ include "herd.chart" . }}
+app.kubernetes.io/name: {{ include "herd.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: herd
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* The label that selects this release's Ray pods. KubeRay owns app.kubernetes.io/name on its pods
+(it sets "kuberay"), so the chart selects by a label of its own. */}}
+{{- define "herd.podSelectorLabels" -}}
+herd.dev/instance: {{ include "herd.fullname" . }}
+{{- end -}}
+
+{{/* Labels of every Ray pod (KubeRay adds ray.io/cluster, ray.io/node-type, ray.io/group, ray.io/serve). */}}
+{{- define "herd.podLabels" -}}
+{{ include "herd.podSelectorLabels" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/part-of: herd
+{{- with .Values.podLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{- define "herd.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "herd.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "herd.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{/* ---------------------------------------------------------------------------------------------------
+The herd cluster config (ClusterConfig) and the Serve config (serveConfigV2)
+--------------------------------------------------------------------------------------------------- */}}
+
+{{/* Where a model's files are inside the Ray containers: its `path` (absolute as is, relative under
+weights.mountPath), else <weights.mountPath>/<name>. Argument: (list $model $root). */}}
+{{- define "herd.modelPath" -}}
+{{- $m := index . 0 -}}{{- $root := index . 1 -}}
+{{- $mount := trimSuffix "/" $root.Values.weights.mountPath -}}
+{{- if $m.path -}}
+{{- if hasPrefix "/" $m.path -}}{{- $m.path -}}{{- else -}}{{- printf "%s/%s" $mount $m.path -}}{{- end -}}
+{{- else -}}
+{{- printf "%s/%s" $mount $m.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The `args` of the Serve application: the ClusterConfig that `herd serve CONFIG.yaml` reads. Null values
+are dropped (ClusterConfig's defaults apply) and chart-only keys (models[].source) removed. */}}
+{{- define "herd.clusterConfig" -}}
+{{- $root := . -}}
+{{- $cfg := dict "host" "0.0.0.0" -}}
+{{- range $k, $v := .Values.config -}}
+{{- if not (kindIs "invalid" $v) -}}{{- $_ := set $cfg $k $v -}}{{- end -}}
+{{- end -}}
+{{- if .Values.apiKeys.existingSecret -}}
+{{- $_ := set $cfg "api_keys_file" (printf "%s/%s" (trimSuffix "/" .Values.apiKeys.mountPath) .Values.apiKeys.key) -}}
+{{- end -}}
+{{- if .Values.tls.existingSecret -}}
+{{- $dir := trimSuffix "/" .Values.tls.mountPath -}}
+{{- $_ := set $cfg "tls" (dict "cert_file" (printf "%s/tls.crt" $dir) "key_file" (printf "%s/tls.key" $dir)) -}}
+{{- end -}}
+{{- $models := list -}}
+{{- range $m := .Values.models -}}
+{{- $out := dict -}}
+{{- range $k, $v := $m -}}
+{{- if and (ne $k "source") (not (kindIs "invalid" $v)) -}}{{- $_ := set $out $k $v -}}{{- end -}}
+{{- end -}}
+{{- $_ := set $out "path" (include "herd.modelPath" (list $m $root)) -}}
+{{- $models = append $models $out -}}
+{{- end -}}
+{{- $_ := set $cfg "models" $models -}}
+{{- toYaml $cfg -}}
+{{- end -}}
+
+{{/* serveConfigV2: Serve-wide proxy options plus the one application. The gRPC servicers are the ones
+cluster.app registers (GRPC_SERVICER_FUNCTIONS). */}}
+{{- define "herd.serveConfig" -}}
+{{- $c := .Values.config -}}
+{{- $http := dict "host" "0.0.0.0" "port" (default 8000 $c.http_port) -}}
+{{- $grpc := dict "port" (default 9000 $c.grpc_port) "grpc_servicer_functions" (list "cluster.pb.inference_pb2_grpc.add_InferenceServicer_to_server" "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server") -}}
+{{- if not (kindIs "invalid" $c.request_timeout_s) -}}
+{{- $_ := set $http "request_timeout_s" $c.request_timeout_s -}}
+{{- $_ := set $grpc "request_timeout_s" $c.request_timeout_s -}}
+{{- end -}}
+{{- if .Values.tls.existingSecret -}}
+{{- $dir := trimSuffix "/" .Values.tls.mountPath -}}
+{{- $_ := set $http "ssl_certfile" (printf "%s/tls.crt" $dir) -}}
+{{- $_ := set $http "ssl_keyfile" (printf "%s/tls.key" $dir) -}}
+{{- end -}}
+{{- $app := dict "name" .Values.serve.applicationName "route_prefix" .Values.serve.routePrefix "import_path" "cluster.app:build_app" "args" (include "herd.clusterConfig" . | fromYaml) -}}
+{{- toYaml (dict "proxy_location" .Values.serve.proxyLocation "http_options" $http "grpc_options" $grpc "applications" (list $app)) -}}
+{{- end -}}
+
+{{/* `ray start` parameters: defaults overlaid by the user's, every value a string (KubeRay requires it). */}}
+{{- define "herd.rayStartParams" -}}
+{{- $params := dict -}}
+{{- range $k, $v := . -}}
+{{- if kindIs "float64" $v -}}
+{{- if eq (floor $v) $v -}}{{- $_ := set $params $k (printf "%d" (int64 $v)) -}}{{- else -}}{{- $_ := set $params $k (toString $v) -}}{{- end -}}
+{{- else -}}
+{{- $_ := set $params $k (toString $v) -}}
+{{- end -}}
+{{- end -}}
+{{- if $params -}}{{- toYaml $params -}}{{- else -}}{}{{- end -}}
+{{- end -}}
+
+{{/* ---------------------------------------------------------------------------------------------------
+Pod pieces shared by the head and the workers
+--------------------------------------------------------------------------------------------------- */}}
+
+{{- define "herd.podSpecCommon" -}}
+serviceAccountName: {{ include "herd.serviceAccountName" . }}
+automountServiceAccountToken: {{ .Values.serviceAccount.automountToken }}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+{{ toYaml . }}
+{{- end }}
+{{- with .Values.podSecurityContext }}
+securityContext:
+{{ toYaml . | indent 2 }}
+{{- end }}
+{{- with .Values.priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- end -}}
+
+{{/* Volume mounts of Secrets every Ray container needs (build_app reads api_keys_file, possibly on the head). */}}
+{{- define "herd.secretMounts" -}}
+{{- if .Values.apiKeys.existingSecret }}
+- name: api-keys
+  mountPath: {{ .Values.apiKeys.mountPath }}
+  readOnly: true
+{{- end }}
+{{- if .Values.tls.existingSecret }}
+- name: tls
+  mountPath: {{ .Values.tls.mountPath }}
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{- define "herd.secretVolumes" -}}
+{{- if .Values.apiKeys.existingSecret }}
+- name: api-keys
+  secret:
+    secretName: {{ .Values.apiKeys.existingSecret }}
+    defaultMode: 0440
+    items:
+      - key: {{ .Values.apiKeys.key }}
+        path: {{ .Values.apiKeys.key }}
+{{- end }}
+{{- if .Values.tls.existingSecret }}
+- name: tls
+  secret:
+    secretName: {{ .Values.tls.existingSecret }}
+    defaultMode: 0440
+{{- end }}
+{{- end -}}
+
+{{/* The container ports of a Ray pod that serve traffic and metrics. */}}
+{{- define "herd.servePorts" -}}
+- name: serve
+  containerPort: {{ int (default 8000 .Values.config.http_port) }}
+  protocol: TCP
+- name: grpc
+  containerPort: {{ int (default 9000 .Values.config.grpc_port) }}
+  protocol: TCP
+- name: metrics
+  containerPort: {{ int .Values.monitoring.metricsPort }}
+  protocol: TCP
+{{- end -}}
+
+{{- define "herd.preStop" -}}
+lifecycle:
+  preStop:
+    exec:
+      command: ["/bin/sh", "-c", "ray stop"]
+{{- end -}}
+
+{{/* The weights volume of the worker pods. */}}
+{{- define "herd.weightsVolume" -}}
+{{- $w := .Values.weights -}}
+{{- if eq $w.source "pvc" }}
+- name: models
+  persistentVolumeClaim:
+    claimName: {{ include "herd.weightsClaim" . }}
+    readOnly: true
+{{- else if eq $w.source "hostPath" }}
+- name: models
+  hostPath:
+    path: {{ $w.hostPath.path }}
+    type: {{ $w.hostPath.type }}
+{{- else if eq $w.source "download" }}
+{{- if $w.download.existingClaim }}
+- name: models
+  persistentVolumeClaim:
+    claimName: {{ $w.download.existingClaim }}
+{{- else }}
+- name: models
+  emptyDir:
+    sizeLimit: {{ $w.download.sizeLimit }}
+{{- end }}
+{{- else if eq $w.source "demo" }}
+- name: models
+  emptyDir:
+    sizeLimit: {{ $w.demo.sizeLimit }}
+{{- end }}
+{{- end -}}
+
+{{- define "herd.weightsClaim" -}}
+{{- if .Values.weights.pvc.create -}}
+{{- printf "%s-models" (include "herd.fullname" .) -}}
+{{- else -}}
+{{- .Values.weights.pvc.existingClaim -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "herd.weightsMount" -}}
+{{- $w := .Values.weights -}}
+{{- if ne $w.source "image" }}
+- name: models
+  mountPath: {{ $w.mountPath }}
+  {{- if has $w.source (list "pvc" "hostPath") }}
+  readOnly: true
+  {{- end }}
+  {{- if and (eq $w.source "pvc") $w.pvc.subPath }}
+  subPath: {{ $w.pvc.subPath }}
+  {{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* Init containers that put the weights in place before Ray starts on a worker pod. Both skip a model that
+is already complete (a marker file), so a shared download PVC is filled once. */}}
+{{- define "herd.weightsInitContainers" -}}
+{{- $root := . -}}
+{{- $w := .Values.weights -}}
+{{- if eq $w.source "download" }}
+- name: download-weights
+  image: {{ default (include "herd.image" .) $w.download.image }}
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  command: ["/bin/bash", "-ec"]
+  args:
+    - |
+      fetch() {  # fetch KIND SOURCE REVISION DEST
+        if [ -f "$4/.herd-complete" ]; then echo "herd: $4 already present"; return 0; fi
+        mkdir -p "$4"
+        case "$1" in
+          s3) echo "herd: aws s3 sync $2 -> $4"; aws s3 sync --only-show-errors "$2" "$4" ;;
+          hf) echo "herd: hf download $2@$3 -> $4"; hf download "$2" --revision "$3" --local-dir "$4" ;;
+        esac
+        touch "$4/.herd-complete"
+      }
+      {{- range $m := .Values.models }}
+      {{- $dest := include "herd.modelPath" (list $m $root) }}
+      {{- if $m.source.s3 }}
+      fetch s3 {{ $m.source.s3 | squote }} "" {{ $dest | squote }}
+      {{- else }}
+      fetch hf {{ $m.source.huggingface | squote }} {{ default "main" $m.source.revision | squote }} {{ $dest | squote }}
+      {{- end }}
+      {{- end }}
+  env:
+    - name: HF_HUB_DISABLE_PROGRESS_BARS
+      value: "1"
+    {{- with $w.download.env }}
+{{ toYaml . | indent 4 }}
+    {{- end }}
+  {{- if $w.download.credentialsSecret }}
+  envFrom:
+    - secretRef:
+        name: {{ $w.download.credentialsSecret }}
+  {{- end }}
+  {{- with $w.download.resources }}
+  resources:
+{{ toYaml . | indent 4 }}
+  {{- end }}
+  {{- with .Values.containerSecurityContext }}
+  securityContext:
+{{ toYaml . | indent 4 }}
+  {{- end }}
+  volumeMounts:
+    - name: models
+      mountPath: {{ $w.mountPath }}
+{{- else if eq $w.source "demo" }}
+- name: demo-checkpoints
+  image: {{ include "herd.image" . }}
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  command: ["/bin/bash", "-ec"]
+  args:
+    - |
+      {{- range $m := .Values.models }}
+      {{- $dest := include "herd.modelPath" (list $m $root) }}
+      if [ -f {{ printf "%s/config.json" $dest | squote }} ]; then echo "herd: {{ $dest }} already present"; else
+        herd demo-checkpoint {{ $dest | squote }} --shape {{ $m.source.demo | squote }}
+      fi
+      {{- end }}
+  {{- with .Values.containerSecurityContext }}
+  securityContext:
+{{ toYaml . | indent 4 }}
+  {{- end }}
+  volumeMounts:
+    - name: models
+      mountPath: {{ $w.mountPath }}
+{{- end }}
+{{- end -}}
+
+{{/* ---------------------------------------------------------------------------------------------------
+Template-time checks: fail early, with the value's path, instead of a RayService that never becomes ready.
+--------------------------------------------------------------------------------------------------- */}}
+
+{{- define "herd.checks" -}}
+{{- $root := . -}}
+{{- $v := .Values -}}
+{{- /* worker groups */ -}}
+{{- $groupNames := list -}}
+{{- range $i, $g := $v.workerGroups -}}
+{{- if has $g.name $groupNames -}}
+{{- fail (printf "workerGroups[%d].name: %q is used by two worker groups; group names must be unique" $i $g.name) -}}
+{{- end -}}
+{{- $groupNames = append $groupNames $g.name -}}
+{{- if gt (int $g.minReplicas) (int $g.maxReplicas) -}}
+{{- fail (printf "workerGroups[%d] (%s): minReplicas (%d) must be <= maxReplicas (%d)" $i $g.name (int $g.minReplicas) (int $g.maxReplicas)) -}}
+{{- end -}}
+{{- if or (lt (int $g.replicas) (int $g.minReplicas)) (gt (int $g.replicas) (int $g.maxReplicas)) -}}
+{{- fail (printf "workerGroups[%d] (%s): replicas (%d) must lie between minReplicas (%d) and maxReplicas (%d)" $i $g.name (int $g.replicas) (int $g.minReplicas) (int $g.maxReplicas)) -}}
+{{- end -}}
+{{- end -}}
+{{- /* models: names, replica settings, weights source */ -}}
+{{- $names := list -}}
+{{- range $i, $m := $v.models -}}
+{{- if has $m.name $names -}}
+{{- fail (printf "models[%d].name: %q is used by two models; model names must be unique" $i $m.name) -}}
+{{- end -}}
+{{- $names = append $names $m.name -}}
+{{- if and (not (kindIs "invalid" $m.num_replicas)) (not (kindIs "invalid" $m.autoscaling_config)) -}}
+{{- fail (printf "models[%d] (%s): set num_replicas or autoscaling_config, not both" $i $m.name) -}}
+{{- end -}}
+{{- $src := default dict $m.source -}}
+{{- if eq $v.weights.source "download" -}}
+{{- if and (not $src.huggingface) (not $src.s3) -}}
+{{- fail (printf "models[%d] (%s): weights.source is download, so the model needs source.huggingface (org/repo) or source.s3 (s3://bucket/prefix/)" $i $m.name) -}}
+{{- end -}}
+{{- if and $src.huggingface $src.s3 -}}
+{{- fail (printf "models[%d] (%s): give source.huggingface or source.s3, not both" $i $m.name) -}}
+{{- end -}}
+{{- else if eq $v.weights.source "demo" -}}
+{{- if not $src.demo -}}
+{{- fail (printf "models[%d] (%s): weights.source is demo, so the model needs source.demo (llama2-70b-mini, llama3-8b-mini or llama32-1b-mini)" $i $m.name) -}}
+{{- end -}}
+{{- else if eq $v.weights.source "image" -}}
+{{- if not (hasPrefix "/" (default "" $m.path)) -}}
+{{- fail (printf "models[%d] (%s): weights.source is image, so the model needs an absolute path inside the image" $i $m.name) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if and (eq $v.weights.source "pvc") (not $v.weights.pvc.existingClaim) (not $v.weights.pvc.create) -}}
+{{- fail "weights.pvc.existingClaim: weights.source is pvc, so name an existing ReadOnlyMany PVC (or set weights.pvc.create)" -}}
+{{- end -}}
+{{- /* no literal credentials in environment lists */ -}}
+{{- range $where, $envs := dict "env" $v.env "weights.download.env" $v.weights.download.env -}}
+{{- range $e := $envs -}}
+{{- if and (hasKey $e "value") (regexMatch "(?i)(secret|token|password|passwd|credential|access_key|api_key)" $e.name) -}}
+{{- fail (printf "%s: %s looks like a credential given as a literal value; put it in a Secret (weights.download.credentialsSecret, or valueFrom.secretKeyRef)" $where $e.name) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if and (eq $v.rayService.upgradeStrategy "Incremental") (not $v.rayService.clusterUpgradeOptions.gatewayClassName) -}}
+{{- fail "rayService.clusterUpgradeOptions: the Incremental upgrade strategy needs gatewayClassName, stepSizePercent and intervalSeconds" -}}
+{{- end -}}
+{{- include "herd.checkGpus" . -}}
+{{- end -}}
+
+{{/* Every model's GPUs at its largest size (TP x PP x GPU per shard x replicas, max_replicas when autoscaled)
+must fit what the worker groups provide at theirs (gpus x maxReplicas with the Ray autoscaler, else x replicas). */}}
+{{- define "herd.checkGpus" -}}
+{{- $v := .Values -}}
+{{- $provided := 0.0 -}}
+{{- $largestPod := 0.0 -}}
+{{- $pods := 0 -}}
+{{- $groups := list -}}
+{{- range $g := $v.workerGroups -}}
+{{- $n := ternary $g.maxReplicas $g.replicas $v.autoscaling.enabled | int -}}
+{{- $gpus := default 0 $g.gpus | float64 -}}
+{{- $provided = addf $provided (mulf $gpus $n) -}}
+{{- $largestPod = maxf $largestPod $gpus -}}
+{{- $pods = add $pods $n -}}
+{{- $groups = append $groups (printf "%s: %d pod(s) x %v GPU" $g.name $n $gpus) -}}
+{{- end -}}
+{{- $needed := 0.0 -}}
+{{- $asks := list -}}
+{{- range $i, $m := $v.models -}}
+{{- $tp := default 1 $m.tensor_parallel_size | int -}}
+{{- $pp := default 1 $m.pipeline_parallel_size | int -}}
+{{- $shards := mul $tp $pp -}}
+{{- $res := default dict $m.resources_per_shard -}}
+{{- $gpuPerShard := default 0 (get $res "GPU") | float64 -}}
+{{- $replicas := 1 -}}
+{{- if $m.autoscaling_config -}}
+{{- $replicas = default 1 $m.autoscaling_config.max_replicas | int -}}
+{{- else if not (kindIs "invalid" $m.num_replicas) -}}
+{{- $replicas = int $m.num_replicas -}}
+{{- end -}}
+{{- $perReplica := mulf $shards $gpuPerShard -}}
+{{- if gt $perReplica 0.0 -}}
+{{- if and (eq (default "PACK" $m.placement_strategy) "STRICT_PACK") (gt $perReplica $largestPod) -}}
+{{- fail (printf "models[%d] (%s): placement_strategy STRICT_PACK puts all TP x PP = %d x %d shards (%v GPUs) on one node, but the largest worker pod has %v GPUs; use PACK to span pods, or a larger node type" $i $m.name $tp $pp $perReplica $largestPod) -}}
+{{- end -}}
+{{- $need := mulf $perReplica $replicas -}}
+{{- $needed = addf $needed $need -}}
+{{- $asks = append $asks (printf "%s: TP x PP = %d x %d shards x %v GPU x %d replica(s) = %v" $m.name $tp $pp $gpuPerShard $replicas $need) -}}
+{{- end -}}
+{{- if and (eq (default "PACK" $m.placement_strategy) "STRICT_SPREAD") (gt (add $shards 1) $pods) -}}
+{{- fail (printf "models[%d] (%s): placement_strategy STRICT_SPREAD needs %d worker pods (one per shard plus the replica's driver), but the worker groups have %d" $i $m.name (add $shards 1) $pods) -}}
+{{- end -}}
+{{- end -}}
+{{- if gt $needed $provided -}}
+{{- fail (printf "models need %v GPUs at their largest size (%s), but the worker groups provide %v (%s); add GPUs or pods to workerGroups, or lower tensor_parallel_size x pipeline_parallel_size or replicas" $needed (join "; " $asks) $provided (join "; " $groups)) -}}
+{{- end -}}
+{{- end -}}
