@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from ray.serve._private.common import DeploymentHandleSource, DeploymentID, ReplicaID
@@ -450,3 +451,48 @@ def test_sessions_stick_to_the_replica_holding_their_prefix():
             serve.shutdown()
         finally:
             ray.shutdown()
+
+
+@pytest.mark.slow
+def test_real_engine_sessions_hit_their_prefix_cache(tmp_path):
+    """The whole path: gRPC -> ingress -> PrefixCacheRouter -> one of two real engine replicas. Every follow-up
+    turn must find the conversation so far in its replica's prefix cache (cached_tokens over gRPC), and the
+    replicas' routing reports must carry the engine's block hashes."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from serve_fixtures import start_herd_cluster, stop_herd_cluster
+
+    from benchmarks.serve_bench import GrpcTarget, Workload, run_sessions, summarize
+    from workers.demo import write_demo_checkpoint
+
+    ckpt = write_demo_checkpoint(tmp_path / "tiny", "llama32-1b-mini")
+    config = {"models": [{"name": "tiny", "path": str(ckpt), "num_replicas": 2,
+                          "resources_per_shard": {"CPU": 0.25}, "max_model_len": 1024,
+                          "router": {"routing_stats_period_s": 0.5}}]}
+    cluster = start_herd_cluster(config, num_cpus=2)
+    try:
+        target = GrpcTarget(cluster.grpc_address, "tiny")
+        info = target.model_info()
+        block = info.block_size
+        # Short shared system prompt, long turns: a follow-up on the wrong replica would find only the system
+        # prompt cached.
+        w = Workload(sessions=4, turns=3, system_tokens=block, user_tokens=4 * block, max_tokens=8, seed=3)
+        results, wall = run_sessions(lambda p, m: target.generate(p, m), w, info.vocab_size)
+        target.close()
+        summary = summarize(results, wall)
+        assert summary["failed"] == 0, summary
+        by_session: dict[int, list] = {}
+        for r in results:
+            by_session.setdefault(r.session, []).append(r)
+        for s, turns in by_session.items():
+            turns.sort(key=lambda r: r.turn)
+            for prev, cur in zip(turns, turns[1:]):
+                # The previous prompt's full blocks at least (its reply may add more).
+                assert cur.cached_tokens >= (prev.prompt_tokens // block) * block, (s, prev, cur)
+        handle = cluster.model_handle("tiny")
+        reports = [handle.record_routing_stats.remote().result(timeout_s=30) for _ in range(8)]  # either replica
+        assert all(r["block_size"] == block and r["kv_blocks_total"] > 0 for r in reports)
+        assert any(r["hashes"] for r in reports)
+    finally:
+        stop_herd_cluster()
