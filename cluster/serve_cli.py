@@ -19,14 +19,20 @@ from cluster.client import register_client
 
 log = logging.getLogger(__name__)
 
+# 64 MiB of KV cache per shard holds tens of thousands of tokens of these small shapes (the CPU default,
+# 1 GiB per shard, would make the demo take ~6 GiB of memory).
+_DEMO_KV = 64 << 20
 DEMO_MODELS = (
     # (model name, demo shape, extra model config)
     ("llama2-70b-mini", "llama2-70b-mini", {"tensor_parallel_size": 2, "pipeline_parallel_size": 2,
-                                            "resources_per_shard": {"CPU": 0.25}, "max_model_len": 1024}),
+                                            "resources_per_shard": {"CPU": 0.25}, "max_model_len": 1024,
+                                            "kv_cache_memory": _DEMO_KV}),
     ("llama3-8b-mini", "llama3-8b-mini", {"resources_per_shard": {"CPU": 0.25}, "max_model_len": 2048,
+                                          "kv_cache_memory": _DEMO_KV,
                                           "autoscaling_config": {"min_replicas": 1, "max_replicas": 2,
                                                                  "target_ongoing_requests": 4}}),
     ("llama32-1b-mini", "llama32-1b-mini", {"resources_per_shard": {"CPU": 0.25}, "max_model_len": 2048,
+                                            "kv_cache_memory": _DEMO_KV,
                                             "autoscaling_config": {"min_replicas": 1, "max_replicas": 3,
                                                                    "target_ongoing_requests": 4}}),
 )

@@ -142,3 +142,61 @@ def test_auth_empty_key_file_fails_closed(tmp_path):
     key_file.write_text("\n")
     with pytest.raises(ApiError):
         ApiKeyAuth([], str(key_file)).check([("x-api-key", "anything")])
+
+
+# ---- application options ---------------------------------------------------------------------------------
+def _cfg(**extra):
+    from cluster.config import ClusterConfig
+
+    models = [
+        {"name": "big", "path": "/m/big", "tensor_parallel_size": 2, "pipeline_parallel_size": 2,
+         "resources_per_shard": {"GPU": 1}, "placement_strategy": "STRICT_PACK"},
+        {"name": "small", "path": "/m/small", "resources_per_shard": {"CPU": 2, "GPU": 1, "accel": 1},
+         "autoscaling_config": {"min_replicas": 1, "max_replicas": 4}},
+    ]
+    return ClusterConfig.from_dict({"models": models, **extra})
+
+
+def test_tp_pp_replica_owns_a_placement_group():
+    from cluster.app import DRIVER_CPUS, model_deployment_options
+
+    opts = model_deployment_options(_cfg().models[0])
+    assert opts["placement_group_bundles"] == [{"CPU": DRIVER_CPUS}] + [{"GPU": 1}] * 4
+    assert opts["placement_group_strategy"] == "STRICT_PACK"
+    assert opts["ray_actor_options"] == {"num_cpus": DRIVER_CPUS}  # fits bundle 0
+    assert opts["num_replicas"] == 1 and "autoscaling_config" not in opts
+    assert opts["request_router_config"]["request_router_class"] == "cluster.routing:PrefixCacheRouter"
+
+
+def test_whole_model_replica_reserves_its_shard_and_autoscales_with_the_llm_policy():
+    from cluster.app import model_deployment_options
+
+    opts = model_deployment_options(_cfg().models[1])
+    assert opts["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 1, "resources": {"accel": 1}}
+    assert "placement_group_bundles" not in opts and "num_replicas" not in opts
+    assert opts["autoscaling_config"]["policy"] == {"policy_function": "cluster.autoscaling:llm_autoscaling_policy"}
+    assert opts["graceful_shutdown_timeout_s"] > 0
+
+
+def test_serve_start_options():
+    from cluster.app import GRPC_SERVICER_FUNCTIONS, serve_start_options
+
+    opts = serve_start_options(_cfg(host="10.0.0.5", grpc_port=9100, http_port=8100, request_timeout_s=30,
+                                    tls={"cert_file": "/tls/c.pem", "key_file": "/tls/k.pem"}))
+    http, grpc_opts = opts["http_options"], opts["grpc_options"]
+    assert (http.host, http.port, http.ssl_certfile, http.ssl_keyfile) == ("10.0.0.5", 8100, "/tls/c.pem", "/tls/k.pem")
+    assert (grpc_opts.port, grpc_opts.grpc_servicer_functions) == (9100, GRPC_SERVICER_FUNCTIONS)
+    assert http.request_timeout_s == grpc_opts.request_timeout_s == 30
+
+
+def test_load_config_from_args(tmp_path):
+    import yaml
+
+    from cluster.app import load_config
+
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump({"models": [{"name": "m", "path": "/m"}]}))
+    assert load_config({"config": str(path)}).models[0].name == "m"
+    assert load_config({"models": [{"name": "m", "path": "/m"}]}).models[0].name == "m"
+    with pytest.raises(ValueError):
+        load_config({"config": str(path), "models": []})
