@@ -29,10 +29,15 @@ log = logging.getLogger(__name__)
 def ensure_ray() -> None:
     """Join the Ray cluster this process belongs to (RAY_ADDRESS, or the one already initialised), or start
     a local one."""
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        log.info("connecting to Ray at %s", address or "a new local cluster")
-        ray.init(address=address, include_dashboard=False, log_to_driver=True)
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("connecting to the Ray cluster at %s", address)
+        ray.init(address=address, log_to_driver=True)
+    else:  # a private local cluster, reachable on loopback only
+        log.info("starting a local Ray cluster on 127.0.0.1")
+        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True)
 
 
 def _fail_fast_wait(refs: list, timeout: float | None) -> None:
