@@ -3,20 +3,30 @@
 Order of operations follows vLLM: log-probabilities are taken from the raw model distribution; then
 repetition penalty (HF semantics, over prompt + output), frequency/presence penalties (OpenAI semantics,
 over output tokens); greedy rows take the argmax; the others apply temperature, top-k, top-p, min-p and
-draw. A seeded request draws from its own torch.Generator, so its tokens do not depend on what else shares
-the batch.
+draw. Every stage runs on the whole batch at once and is skipped when no row asks for it, so the common
+all-greedy, no-penalty step costs one argmax.
+
+A seeded request draws from its own torch.Generator, consuming exactly one random number per draw, so its
+tokens do not depend on what else shares the batch or where its row sits.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
 from .errors import InvalidRequestError
 
 MAX_LOGPROBS = 20
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range (and the proto's uint64)
+# Temperatures below this are greedy (vLLM's _SAMPLING_EPS): dividing logits by them overflows float32.
+GREEDY_TEMPERATURE = 1e-5
+# top-p compares float32 cumulative sums with the threshold; a mass that equals top_p up to rounding counts
+# as reaching it, so "top_p that exactly covers the top 2 tokens" keeps exactly those 2.
+_TOP_P_ROUNDING = 1e-6
+_TOP_P_SLICE = 1024  # tokens ranked per row before falling back to a full sort (see _outside_nucleus)
 
 
 @dataclass
@@ -36,18 +46,21 @@ class SamplingParams:
     logprobs: int | None = None
 
     def __post_init__(self) -> None:
+        # Normalise the list fields first (a single stop string, None, tuples) so validate() sees lists.
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        self.stop = _as_list(self.stop, "stop")
+        self.stop_token_ids = _as_list(self.stop_token_ids, "stop_token_ids")
         self.validate()
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SamplingParams":
+    def from_dict(cls, d: Mapping[str, Any]) -> "SamplingParams":
+        if not isinstance(d, Mapping):
+            raise InvalidRequestError("sampling", f"must be a mapping of names to values, got {type(d).__name__}")
         known = {f.name for f in fields(cls)}
         for key in d:
             if key not in known:
-                raise InvalidRequestError(key, f"unknown sampling parameter (known: {', '.join(sorted(known))})")
+                raise InvalidRequestError(str(key), f"unknown sampling parameter (known: {', '.join(sorted(known))})")
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
@@ -55,29 +68,41 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
     def validate(self) -> None:
         _int(self, "max_tokens", minimum=1)
         _real(self, "temperature", lambda v: v >= 0, "must be >= 0 (0 = greedy)")
         _real(self, "top_p", lambda v: 0 < v <= 1, "must be in (0, 1]")
-        _int(self, "top_k", minimum=-1)
+        _int(self, "top_k", minimum=-1)  # -1 and 0 both mean "off"
         _real(self, "min_p", lambda v: 0 <= v <= 1, "must be in [0, 1]")
         if self.seed is not None:
-            _int(self, "seed", minimum=0)
+            _int(self, "seed", minimum=0, maximum=MAX_SEED)
         _real(self, "presence_penalty", lambda v: -2 <= v <= 2, "must be in [-2, 2]")
         _real(self, "frequency_penalty", lambda v: -2 <= v <= 2, "must be in [-2, 2]")
         _real(self, "repetition_penalty", lambda v: v > 0, "must be > 0 (1 = off)")
         if self.logprobs is not None:
             _int(self, "logprobs", minimum=0, maximum=MAX_LOGPROBS)
         if not isinstance(self.ignore_eos, bool):
-            raise InvalidRequestError("ignore_eos", "must be a boolean")
+            raise InvalidRequestError("ignore_eos", f"must be a boolean, got {self.ignore_eos!r}")
         for s in self.stop:
             if not isinstance(s, str) or not s:
-                raise InvalidRequestError("stop", "stop strings must be non-empty strings")
+                raise InvalidRequestError("stop", f"stop strings must be non-empty strings, got {s!r}")
         for t in self.stop_token_ids:
             if not isinstance(t, int) or isinstance(t, bool) or t < 0:
                 raise InvalidRequestError("stop_token_ids", f"{t!r} is not a token id")
+
+
+def _as_list(value: Any, name: str) -> list:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    raise InvalidRequestError(name, f"must be a list, got {type(value).__name__}")
 
 
 def _int(p: SamplingParams, name: str, minimum: int, maximum: int | None = None) -> None:
@@ -91,16 +116,18 @@ def _int(p: SamplingParams, name: str, minimum: int, maximum: int | None = None)
 
 def _real(p: SamplingParams, name: str, ok, message: str) -> None:
     v = getattr(p, name)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or math.isinf(v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         raise InvalidRequestError(name, f"must be a finite number, got {v!r}")
     if not ok(v):
         raise InvalidRequestError(name, f"{message}, got {v}")
     setattr(p, name, float(v))
 
 
+# ---- the sampler ---------------------------------------------------------------------------------------
 @dataclass
 class SamplingState:
-    """Per-sequence sampling state, owned by the engine."""
+    """Per-sequence sampling state, owned by the engine (which appends to output_token_ids after each step).
+    It lives as long as the sequence, across preemptions, so a seeded stream continues where it left off."""
     params: SamplingParams
     prompt_token_ids: list[int]
     output_token_ids: list[int]
@@ -108,6 +135,7 @@ class SamplingState:
 
     @classmethod
     def create(cls, params: SamplingParams, prompt_token_ids: Sequence[int]) -> "SamplingState":
+        # A CPU generator: the same seed gives the same noise whichever device the logits are on.
         gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         return cls(params, list(prompt_token_ids), [], gen)
 
@@ -115,78 +143,196 @@ class SamplingState:
 @dataclass
 class SampleResult:
     token_id: int
+    # {token: logprob} for the top-N of the raw distribution plus the sampled token; None unless asked for.
     logprobs: dict[int, float] | None = None
 
 
+def _padded(rows: Sequence[Sequence[int]], pad: int, device: torch.device) -> torch.Tensor:
+    width = max((len(r) for r in rows), default=0)
+    return torch.tensor([list(r) + [pad] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
+
+
 def apply_penalties(logits: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
-    """Repetition (prompt + output, HF: divide positive / multiply negative logits) then frequency and
-    presence penalties (output only: logit -= frequency * count + presence * [count > 0]). In place."""
-    for i, st in enumerate(states):
-        p = st.params
-        if p.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(st.prompt_token_ids) | set(st.output_token_ids)), dtype=torch.long)
-            if seen.numel():
-                row = logits[i, seen]
-                logits[i, seen] = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
-        if (p.frequency_penalty or p.presence_penalty) and st.output_token_ids:
-            counts = torch.bincount(torch.tensor(st.output_token_ids, dtype=torch.long), minlength=logits.shape[1])
-            logits[i] -= p.frequency_penalty * counts.to(logits.dtype) + p.presence_penalty * (counts > 0).to(logits.dtype)
+    """In place on logits [N, V], rows that ask for it only:
+    repetition penalty over prompt + output tokens (HF: positive logits / r, negative logits * r), then
+    frequency and presence penalties over output tokens (OpenAI: logit -= f * count + p * [count > 0])."""
+    n, vocab = logits.shape
+    dev = logits.device
+
+    rep = [i for i, st in enumerate(states) if st.params.repetition_penalty != 1.0]
+    if rep:
+        # Token ids padded with `vocab` scatter into a spare last column that is then dropped.
+        ids = _padded([states[i].prompt_token_ids + states[i].output_token_ids for i in rep], vocab, dev)
+        seen = torch.zeros(len(rep), vocab + 1, dtype=torch.bool, device=dev).scatter_(1, ids, True)[:, :vocab]
+        r = torch.tensor([states[i].params.repetition_penalty for i in rep], dtype=logits.dtype, device=dev)[:, None]
+        idx = torch.tensor(rep, device=dev)
+        rows = logits[idx]
+        penalised = torch.where(rows > 0, rows / r, rows * r)
+        logits[idx] = torch.where(seen, penalised, rows)
+
+    additive = [i for i, st in enumerate(states)
+                if (st.params.frequency_penalty or st.params.presence_penalty) and st.output_token_ids]
+    if additive:
+        ids = _padded([states[i].output_token_ids for i in additive], vocab, dev)
+        counts = torch.zeros(len(additive), vocab + 1, dtype=logits.dtype, device=dev)
+        counts = counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=logits.dtype))[:, :vocab]
+        f = torch.tensor([states[i].params.frequency_penalty for i in additive], dtype=logits.dtype, device=dev)
+        p = torch.tensor([states[i].params.presence_penalty for i in additive], dtype=logits.dtype, device=dev)
+        idx = torch.tensor(additive, device=dev)
+        logits[idx] -= f[:, None] * counts + p[:, None] * (counts > 0).to(logits.dtype)
     return logits
 
 
-def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
-    """Mask (to -inf) everything outside the top-k, top-p nucleus and min-p floor of one row [V]."""
-    if top_k > 0 and top_k < logits.numel():
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # keep a token if the mass strictly before it is < top_p (the top token always stays)
-        before = probs.cumsum(-1) - probs
-        drop = before >= top_p
-        logits = logits.scatter(0, order[drop], float("-inf"))
-    if min_p > 0.0:
-        probs = logits.softmax(-1)
-        logits = logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
+def filter_logits(logits: torch.Tensor, top_k: Sequence[int] | int, top_p: Sequence[float] | float,
+                  min_p: Sequence[float] | float) -> torch.Tensor:
+    """Mask (to -inf) everything outside each row's top-k, top-p nucleus and min-p floor, in that order.
+    logits is [M, V] (or one row [V]) with per-row parameters (or one value for all). Returns a new tensor.
+
+    top-k keeps ties with the k-th logit (as vLLM/HF do). top-p keeps the smallest set of most likely tokens
+    whose mass reaches top_p. min-p drops tokens whose probability is below min_p times the top token's."""
+    if logits.dim() == 1:
+        return filter_logits(logits[None], top_k, top_p, min_p)[0]
+    m, vocab = logits.shape
+    dev = logits.device
+
+    def per_row(v):
+        return list(v) if isinstance(v, (list, tuple)) else [v] * m
+
+    top_k, top_p, min_p = per_row(top_k), per_row(top_p), per_row(min_p)
+    logits = logits.clone()
+    neg_inf = float("-inf")
+
+    # k <= 0 (off) or k >= V (clamped) keeps everything, so only rows with 0 < k < V pay for a topk.
+    k_rows = [i for i, k in enumerate(top_k) if 0 < k < vocab]
+    if k_rows:
+        ks = torch.tensor([top_k[i] for i in k_rows], device=dev)[:, None]
+
+        def mask_top_k(rows: torch.Tensor) -> torch.Tensor:
+            kth = rows.topk(int(ks.max()), dim=-1).values.gather(1, ks - 1)
+            return rows.masked_fill_(rows < kth, neg_inf)
+        _on_rows(logits, k_rows, mask_top_k)
+
+    p_rows = [i for i, p in enumerate(top_p) if p < 1.0]
+    if p_rows:
+        ps = torch.tensor([top_p[i] for i in p_rows], dtype=logits.dtype, device=dev)[:, None]
+        _on_rows(logits, p_rows, lambda rows: rows.masked_fill_(_outside_nucleus(rows.softmax(-1), ps), neg_inf))
+
+    mp_rows = [i for i, p in enumerate(min_p) if p > 0.0]
+    if mp_rows:
+        # p_i < min_p * p_max  <=>  logit_i < logit_max + log(min_p): no softmax needed.
+        floor = torch.tensor([math.log(min_p[i]) for i in mp_rows], dtype=logits.dtype, device=dev)[:, None]
+        _on_rows(logits, mp_rows,
+                 lambda rows: rows.masked_fill_(rows < rows.max(-1, keepdim=True).values + floor, neg_inf))
     return logits
+
+
+def _on_rows(logits: torch.Tensor, rows: list[int], fn) -> None:
+    """logits[rows] = fn(logits[rows]), in place; when every row takes part, without the gather and scatter
+    copies of a [M, V] tensor."""
+    if len(rows) == logits.shape[0]:
+        fn(logits)
+        return
+    idx = torch.tensor(rows, device=logits.device)
+    logits[idx] = fn(logits[idx])
+
+
+def _outside_nucleus(probs: torch.Tensor, ps: torch.Tensor) -> torch.Tensor:
+    """Bool mask [M, V] of the tokens outside each row's top-p nucleus: those whose more likely tokens already
+    hold top_p of the mass. Sorting a whole 128k vocabulary is the costly part, yet an LLM's nucleus is
+    usually a few hundred tokens, so rank only each row's top slice and sort in full only the rows whose slice
+    holds less than top_p (a token outside a slice that reaches top_p is outside the nucleus either way)."""
+    def drop_sorted(sorted_probs: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        mass_before = sorted_probs.cumsum(-1) - sorted_probs
+        drop = mass_before >= p - _TOP_P_ROUNDING
+        drop[:, 0] = False                              # the most likely token always stays
+        return drop
+
+    width = min(probs.shape[1], _TOP_P_SLICE)
+    top, order = probs.topk(width, dim=-1)              # sorted, most likely first
+    outside = torch.ones_like(probs, dtype=torch.bool).scatter_(1, order, drop_sorted(top, ps))
+    short = (top.sum(-1) < ps[:, 0] - _TOP_P_ROUNDING).nonzero()[:, 0]
+    if short.numel():
+        sorted_probs, order = probs[short].sort(dim=-1, descending=True)
+        outside[short] = torch.zeros_like(sorted_probs, dtype=torch.bool).scatter_(
+            1, order, drop_sorted(sorted_probs, ps[short]))
+    return outside
 
 
 class Sampler:
     def __call__(self, logits: torch.Tensor, states: Sequence[SamplingState]) -> list[SampleResult]:
+        if logits.dim() != 2 or logits.shape[0] != len(states):
+            raise ValueError(f"logits {tuple(logits.shape)} do not match {len(states)} sequences")
         logits = logits.float()
-        want_logprobs = [st.params.logprobs is not None for st in states]
-        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
-        if any(st.params.repetition_penalty != 1.0 or st.params.frequency_penalty or st.params.presence_penalty
-               for st in states):
-            logits = apply_penalties(logits.clone(), states)
-        greedy = logits.argmax(dim=-1).tolist()
-        results = []
-        for i, st in enumerate(states):
-            p = st.params
-            token = greedy[i] if p.is_greedy else self._draw(logits[i], p, st.generator)
-            lp = None
-            if raw_logprobs is not None and want_logprobs[i]:
-                row = raw_logprobs[i]
-                lp = {}
-                if p.logprobs:
-                    top = torch.topk(row, p.logprobs)
-                    lp = dict(zip(top.indices.tolist(), top.values.tolist()))
-                lp[token] = row[token].item()
-            results.append(SampleResult(token, lp))
+        lp_rows = [i for i, st in enumerate(states) if st.params.logprobs is not None]
+        # Logprobs describe what the model said, so they come from the logits before anything below.
+        raw_logprobs = torch.log_softmax(logits[torch.tensor(lp_rows, device=logits.device)], -1) if lp_rows else None
+        if any(st.params.has_penalties for st in states):
+            logits = apply_penalties(logits.clone(), states)  # clone: the caller's tensor stays untouched
+        tokens = self._choose(logits, states)
+        token_list = tokens.tolist()
+
+        results = [SampleResult(t) for t in token_list]
+        if raw_logprobs is not None:
+            n_top = min(max(states[i].params.logprobs for i in lp_rows), logits.shape[1])
+            top = raw_logprobs.topk(n_top, dim=-1) if n_top else None
+            chosen = raw_logprobs.gather(1, tokens[torch.tensor(lp_rows, device=tokens.device)][:, None])[:, 0]
+            chosen = chosen.tolist()
+            top_ids = top.indices.tolist() if top is not None else None
+            top_vals = top.values.tolist() if top is not None else None
+            for j, i in enumerate(lp_rows):
+                n = states[i].params.logprobs
+                entry = dict(zip(top_ids[j][:n], top_vals[j][:n])) if n else {}
+                entry.setdefault(token_list[i], chosen[j])
+                results[i].logprobs = entry
         return results
 
     @staticmethod
-    def _draw(row: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
-        row = filter_logits(row / p.temperature, p.top_k, p.top_p, p.min_p)
-        probs = row.softmax(-1)
-        return int(torch.multinomial(probs, 1, generator=generator).item())
+    def _choose(logits: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
+        """One token id per row: argmax for greedy rows, a draw from the filtered distribution for the rest."""
+        tokens = logits.argmax(dim=-1)
+        rand = [i for i, st in enumerate(states) if not st.params.is_greedy]
+        if not rand:
+            return tokens
+        dev = logits.device
+        idx = torch.tensor(rand, device=dev)
+        params = [states[i].params for i in rand]
+        rows = logits if len(rand) == len(states) else logits[idx]  # rows below are never written in place
+        if any(p.temperature != 1.0 for p in params):
+            rows = rows / torch.tensor([p.temperature for p in params], dtype=rows.dtype, device=dev)[:, None]
+        if any(0 < p.top_k < rows.shape[1] or p.top_p < 1.0 or p.min_p > 0.0 for p in params):
+            rows = filter_logits(rows, [p.top_k for p in params], [p.top_p for p in params],
+                                 [p.min_p for p in params])
+        probs = rows.softmax(-1)
+        tokens[idx] = _draw(probs, [states[i].generator for i in rand])
+        return tokens
+
+
+def _draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """One token per row by inverting the CDF with one uniform number: the first token whose cumulative
+    probability exceeds u * total. One number per row keeps the RNG cheap on CPU (an exponential race would
+    need a vocabulary's worth per row). Seeded rows take their number from their own generator, unseeded rows
+    from the global RNG, so a seeded row's draw depends only on its seed, its history and its own logits."""
+    m = probs.shape[0]
+    # float64: a float32 running sum over 128k tokens drifts enough to skew the odds of the unlikely tail.
+    cdf = probs.double().cumsum(-1)
+    u = torch.empty(m, dtype=torch.float64)
+    unseeded = [j for j, g in enumerate(generators) if g is None]
+    if unseeded:
+        u[unseeded] = torch.rand(len(unseeded), dtype=torch.float64)
+    for j, g in enumerate(generators):
+        if g is not None:
+            u[j] = torch.rand(1, dtype=torch.float64, generator=g, device=g.device).item()
+    target = u.to(cdf.device)[:, None] * cdf[:, -1:]
+    # right=True: the first index with cdf > target, so a token of probability 0 (a flat step) is never picked.
+    return torch.searchsorted(cdf, target, right=True)[:, 0].clamp_(max=probs.shape[1] - 1)
 
 
 # ---- stop strings ------------------------------------------------------------------------------------
 def stop_string_cut(text: str, stop: Sequence[str], searched_until: int = 0) -> int | None:
-    """Where to cut `text` so it ends right before the earliest stop string, or None if none occurs.
-    Only text after `searched_until` (minus the longest stop string, which may straddle it) is searched."""
+    """Where to cut `text` so it ends right before the earliest stop string (vLLM: the stop string itself is
+    not returned), or None if none occurs. Text before `searched_until` was already searched without a match
+    (it may be any length that was searched, e.g. what was streamed), so only occurrences ending after it
+    can be new; a stop string may straddle that point, hence the look-back of the longest one."""
     if not stop:
         return None
     start = max(0, searched_until - max(len(s) for s in stop) + 1)
@@ -194,9 +340,24 @@ def stop_string_cut(text: str, stop: Sequence[str], searched_until: int = 0) -> 
     return min(hits) if hits else None
 
 
+def stop_holdback(text: str, stop: Sequence[str]) -> int:
+    """How many trailing characters of `text` could be the beginning of a stop string that the next tokens
+    complete: the longest suffix of `text` that is a proper prefix of some stop string. At most
+    max(len(s)) - 1, and usually 0, so streaming is held back only while a stop string may be forming."""
+    held = 0
+    for s in stop:
+        for k in range(min(len(s) - 1, len(text)), held, -1):
+            if text.endswith(s[:k]):
+                held = k
+                break
+    return held
+
+
 def stream_safe_length(text: str, stop: Sequence[str]) -> int:
-    """How much of `text` may be streamed now: hold back the last (longest stop - 1) characters, which
-    could be the start of a stop string that the next tokens complete."""
-    if not stop:
-        return len(text)
-    return max(0, len(text) - (max(len(s) for s in stop) - 1))
+    """How much of `text` may be streamed now (call after stop_string_cut found nothing in `text`)."""
+    return len(text) - stop_holdback(text, stop) if stop else len(text)
+
+
+def safe_stream_delta(text: str, streamed_chars: int, stop: Sequence[str]) -> str:
+    """The text to stream now, given the full output text so far and how much of it was already streamed."""
+    return text[streamed_chars:max(streamed_chars, stream_safe_length(text, stop))]
