@@ -2,23 +2,35 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 import torch
 
+from workers import SamplingParams as PublicSamplingParams
 from workers.errors import InvalidRequestError
 from workers.sampling import (Sampler, SamplingParams, SamplingState, apply_penalties, filter_logits,
-                              stop_string_cut, stream_safe_length)
+                              safe_stream_delta, stop_holdback, stop_string_cut, stream_safe_length)
 
 
+# ---- SamplingParams ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs, field", [
-    ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": 2.5}, "max_tokens"),
+    ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": -1}, "max_tokens"), ({"max_tokens": 2.5}, "max_tokens"),
+    ({"max_tokens": True}, "max_tokens"), ({"max_tokens": "8"}, "max_tokens"),
     ({"temperature": -1}, "temperature"), ({"temperature": math.nan}, "temperature"),
-    ({"top_p": 0}, "top_p"), ({"top_p": 1.01}, "top_p"), ({"top_k": -2}, "top_k"),
-    ({"min_p": 1.5}, "min_p"), ({"seed": -3}, "seed"), ({"presence_penalty": 3}, "presence_penalty"),
-    ({"frequency_penalty": -2.5}, "frequency_penalty"), ({"repetition_penalty": 0}, "repetition_penalty"),
-    ({"logprobs": 21}, "logprobs"), ({"stop": [""]}, "stop"), ({"stop_token_ids": [-1]}, "stop_token_ids"),
-    ({"ignore_eos": "yes"}, "ignore_eos"),
+    ({"temperature": math.inf}, "temperature"), ({"temperature": "0.5"}, "temperature"),
+    ({"top_p": 0}, "top_p"), ({"top_p": 1.01}, "top_p"), ({"top_p": math.nan}, "top_p"),
+    ({"top_k": -2}, "top_k"), ({"top_k": 1.5}, "top_k"),
+    ({"min_p": 1.5}, "min_p"), ({"min_p": -0.1}, "min_p"),
+    ({"seed": -3}, "seed"), ({"seed": 2**64}, "seed"), ({"seed": 1.0}, "seed"),
+    ({"presence_penalty": 3}, "presence_penalty"), ({"presence_penalty": math.nan}, "presence_penalty"),
+    ({"frequency_penalty": -2.5}, "frequency_penalty"),
+    ({"repetition_penalty": 0}, "repetition_penalty"), ({"repetition_penalty": -1.0}, "repetition_penalty"),
+    ({"logprobs": 21}, "logprobs"), ({"logprobs": -1}, "logprobs"), ({"logprobs": True}, "logprobs"),
+    ({"stop": [""]}, "stop"), ({"stop": ""}, "stop"), ({"stop": [3]}, "stop"), ({"stop": 3}, "stop"),
+    ({"stop_token_ids": [-1]}, "stop_token_ids"), ({"stop_token_ids": [True]}, "stop_token_ids"),
+    ({"stop_token_ids": ["7"]}, "stop_token_ids"), ({"stop_token_ids": 7}, "stop_token_ids"),
+    ({"ignore_eos": "yes"}, "ignore_eos"), ({"ignore_eos": 1}, "ignore_eos"),
 ])
 def test_invalid_values_name_the_field(kwargs, field):
     with pytest.raises(InvalidRequestError) as e:
@@ -26,104 +38,319 @@ def test_invalid_values_name_the_field(kwargs, field):
     assert e.value.field == field
 
 
+def test_defaults_and_accepted_edges():
+    p = PublicSamplingParams()
+    assert (p.max_tokens, p.temperature, p.top_p, p.top_k, p.min_p, p.seed, p.stop, p.stop_token_ids,
+            p.ignore_eos, p.presence_penalty, p.frequency_penalty, p.repetition_penalty, p.logprobs) == \
+        (16, 1.0, 1.0, -1, 0.0, None, [], [], False, 0.0, 0.0, 1.0, None)
+    for ok in ({"top_k": 0}, {"top_k": -1}, {"top_k": 10**6}, {"top_p": 1}, {"min_p": 1}, {"seed": 0},
+               {"seed": 2**64 - 1}, {"logprobs": 0}, {"logprobs": 20}, {"presence_penalty": -2},
+               {"stop": None}, {"stop": ("a", "b")}, {"stop_token_ids": (1, 2)}):
+        SamplingParams(**ok)
+    assert SamplingParams(stop=("a",), stop_token_ids=(2,)).stop == ["a"]
+    assert isinstance(SamplingParams(temperature=0).temperature, float)
+
+
+def test_is_greedy():
+    assert SamplingParams(temperature=0).is_greedy
+    assert SamplingParams(temperature=1e-7).is_greedy      # would overflow float32 if divided by
+    assert not SamplingParams(temperature=0.5).is_greedy
+
+
 def test_from_dict_rejects_unknown_keys_and_accepts_a_single_stop_string():
     with pytest.raises(InvalidRequestError) as e:
         SamplingParams.from_dict({"max_tokens": 4, "temprature": 0.5})
     assert e.value.field == "temprature"
+    with pytest.raises(InvalidRequestError) as e:
+        SamplingParams.from_dict(["max_tokens"])
+    assert e.value.field == "sampling"
     assert SamplingParams.from_dict({"stop": "END"}).stop == ["END"]
+    p = SamplingParams(temperature=0.3, top_k=5, stop=["x"], seed=9)
+    assert SamplingParams.from_dict(p.to_dict()) == p
 
 
+# ---- helpers ---------------------------------------------------------------------------------------------
 def states(params_list, prompt=(1, 2, 3)):
     return [SamplingState.create(p, list(prompt)) for p in params_list]
 
 
+def run_steps(sampler, logits, sts, steps, row=0):
+    """Sample `steps` times from fixed logits, appending to every state as the engine does; row's tokens."""
+    out = []
+    for _ in range(steps):
+        res = sampler(logits, sts)
+        for st, r in zip(sts, res):
+            st.output_token_ids.append(r.token_id)
+        out.append(res[row].token_id)
+    return out
+
+
+# ---- seeded sampling -------------------------------------------------------------------------------------
 def test_seeded_sampling_is_reproducible_whatever_the_batch():
     g = torch.Generator().manual_seed(0)
-    logits = torch.randn(3, 50, generator=g)
-    seeded = SamplingParams(temperature=1.0, seed=7)
+    logits = torch.randn(4, 50, generator=g)
     sampler = Sampler()
+    seeded = SamplingParams(temperature=1.0, seed=7)
 
-    def draw(batch_params, row_logits_index):
-        sts = states(batch_params)
-        seq = []
-        for _ in range(20):
-            seq.append(sampler(logits[row_logits_index], sts)[0].token_id)
-        return seq
-
-    alone = draw([seeded], [0])
-    other = SamplingParams(temperature=1.0)
-    in_batch = draw([seeded, other, SamplingParams(temperature=0.5, seed=3)], [0, 1, 2])
+    alone = run_steps(sampler, logits[[0]], states([seeded]), 30)
+    # same row, now third in a batch with an unseeded row, a greedy row and another seeded row
+    batch = [SamplingParams(temperature=0.7), SamplingParams(temperature=0), seeded,
+             SamplingParams(temperature=1.3, seed=3, top_k=5)]
+    in_batch = run_steps(sampler, logits[[1, 2, 0, 3]], states(batch), 30, row=2)
     assert alone == in_batch
-    assert draw([SamplingParams(temperature=1.0, seed=8)], [0]) != alone
+    assert run_steps(sampler, logits[[0]], states([SamplingParams(temperature=1.0, seed=8)]), 30) != alone
+    assert len(set(alone)) > 1  # it really samples
 
 
+def test_unseeded_rows_use_the_global_rng():
+    logits = torch.zeros(1, 1000)
+    torch.manual_seed(123)
+    a = run_steps(Sampler(), logits, states([SamplingParams()]), 5)
+    torch.manual_seed(123)
+    b = run_steps(Sampler(), logits, states([SamplingParams()]), 5)
+    assert a == b
+
+
+def test_draws_follow_the_distribution():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log()[None]
+    st = states([SamplingParams(seed=1)])
+    n = 8000
+    counts = torch.bincount(torch.tensor(run_steps(Sampler(), logits, st, n)), minlength=4).float() / n
+    assert torch.allclose(counts, probs, atol=0.02)
+
+
+def test_temperature_sharpens_and_flattens():
+    logits = torch.tensor([[2.0, 1.0, 0.0]])
+    n = 3000
+
+    def freq_of_top(t):
+        toks = run_steps(Sampler(), logits, states([SamplingParams(temperature=t, seed=5)]), n)
+        return toks.count(0) / n
+
+    expect = lambda t: torch.softmax(logits[0] / t, -1)[0].item()  # noqa: E731
+    for t in (0.5, 1.0, 2.0):
+        assert freq_of_top(t) == pytest.approx(expect(t), abs=0.03)
+
+
+# ---- filters ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("params, allowed", [
     (SamplingParams(top_k=2), {9, 8}),
+    (SamplingParams(top_k=1, temperature=5.0), {9}),
     (SamplingParams(top_p=0.5), {9}),                     # the top token alone holds > 50% of the mass
-    (SamplingParams(min_p=0.3), {9, 8}),
+    (SamplingParams(top_p=0.7), {9, 8}),                  # 0.60 < 0.7 <= 0.60 + 0.22
+    (SamplingParams(min_p=0.3), {9, 8}),                  # p8 / p9 = e^-1 ≈ 0.37 >= 0.3; others e^-3
+    (SamplingParams(min_p=0.4), {9}),
+    (SamplingParams(top_k=3, top_p=0.7), {9, 8}),
+    (SamplingParams(top_k=1000), set(range(10))),        # k > V is clamped
+    (SamplingParams(top_k=0), set(range(10))),
 ])
 def test_filters_restrict_the_support(params, allowed):
-    logits = torch.tensor([[0.0] * 8 + [2.0, 3.0]])       # token 9 ≈ 0.6, token 8 ≈ 0.22 of the mass
-    sampler = Sampler()
-    seen = {sampler(logits, states([params]))[0].token_id for _ in range(300)}
+    torch.manual_seed(0)                                  # unseeded rows use the global RNG
+    logits = torch.tensor([[0.0] * 8 + [2.0, 3.0]])       # token 9 ≈ 0.60, token 8 ≈ 0.22 of the mass
+    seen = set(run_steps(Sampler(), logits, states([params]), 600))
     assert seen == allowed
 
 
-def test_top_p_boundary_keeps_exactly_the_nucleus():
+@pytest.mark.parametrize("top_p, kept", [
+    (0.5, [True, False, False]),    # the top token's mass equals top_p exactly: it alone suffices
+    (0.8, [True, True, False]),     # exactly the top 2
+    (0.81, [True, True, True]),
+    (1e-9, [True, False, False]),   # the top token always stays
+    (1.0, [True, True, True]),
+])
+def test_top_p_boundaries(top_p, kept):
     row = torch.log(torch.tensor([0.5, 0.3, 0.2]))
-    kept = filter_logits(row, top_k=-1, top_p=0.8, min_p=0.0)
-    assert torch.isfinite(kept).tolist() == [True, True, False]
+    assert torch.isfinite(filter_logits(row, top_k=-1, top_p=top_p, min_p=0.0)).tolist() == kept
 
 
+def test_top_k_boundaries_and_min_p_exact():
+    row = torch.tensor([1.0, 4.0, 3.0, 2.0])
+    assert torch.isfinite(filter_logits(row, 2, 1.0, 0.0)).tolist() == [False, True, True, False]
+    assert torch.isfinite(filter_logits(row, 4, 1.0, 0.0)).all()
+    assert torch.isfinite(filter_logits(row, 5, 1.0, 0.0)).all()
+    # min_p keeps p_i >= min_p * p_max, i.e. logit_i >= logit_max + log(min_p)
+    kept = torch.isfinite(filter_logits(row, -1, 1.0, math.exp(-2.0) * 0.999)).tolist()
+    assert kept == [False, True, True, True]
+    assert torch.isfinite(filter_logits(row, -1, 1.0, 1.0)).tolist() == [False, True, False, False]
+
+
+def test_batched_filters_equal_row_by_row():
+    logits = torch.randn(4, 64, generator=torch.Generator().manual_seed(2))
+    ks, ps, mps = [3, -1, 0, 100], [1.0, 0.9, 0.5, 0.95], [0.0, 0.05, 0.0, 0.1]
+    batched = filter_logits(logits, ks, ps, mps)
+    for i in range(4):
+        assert torch.equal(batched[i], filter_logits(logits[i], ks[i], ps[i], mps[i]))
+    assert torch.isfinite(batched[0]).sum() == 3
+
+
+def test_top_p_on_a_large_vocabulary_equals_a_full_sort():
+    # The nucleus is found in each row's top 1024 tokens when they hold top_p of the mass, else by a full sort;
+    # both must give what a plain full sort gives. Row 0 is peaked (slice path), row 1 flat (fallback).
+    g = torch.Generator().manual_seed(3)
+    logits = torch.stack([torch.randn(5000, generator=g) * 6, torch.randn(5000, generator=g) * 0.1])
+    for top_p in (0.3, 0.9, 0.99):
+        got = torch.isfinite(filter_logits(logits, -1, top_p, 0.0))
+        probs = logits.softmax(-1)
+        sorted_probs, order = probs.sort(-1, descending=True)
+        keep_sorted = (sorted_probs.cumsum(-1) - sorted_probs) < top_p
+        expected = torch.zeros_like(keep_sorted).scatter_(1, order, keep_sorted)
+        assert torch.equal(got, expected)
+        assert got[0].sum() < 1024 < got[1].sum()
+
+
+def test_tokens_of_zero_probability_are_never_drawn():
+    logits = torch.tensor([[-math.inf, 0.0, -math.inf, 0.0, -math.inf]])
+    assert set(run_steps(Sampler(), logits, states([SamplingParams(seed=0)]), 500)) == {1, 3}
+
+
+def test_logits_must_match_the_states():
+    with pytest.raises(ValueError):
+        Sampler()(torch.zeros(2, 4), states([SamplingParams()]))
+
+
+# ---- penalties -------------------------------------------------------------------------------------------
 def test_penalties_match_the_definition():
-    logits = torch.tensor([[2.0, -1.0, 0.5, 1.0]])
+    logits = torch.tensor([[2.0, -1.0, 0.5, 1.0, 0.0, -3.0],
+                           [2.0, -1.0, 0.5, 1.0, 0.0, -3.0]])
     st = SamplingState.create(SamplingParams(repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25),
-                              prompt_token_ids=[0])
+                              prompt_token_ids=[0, 4])
     st.output_token_ids += [1, 1, 2]
+    plain = SamplingState.create(SamplingParams(), prompt_token_ids=[0, 1])
+    plain.output_token_ids += [1]
+    out = apply_penalties(logits.clone(), [st, plain])
+    # repetition over prompt+output {0, 1, 2, 4}: 2/2=1, -1*2=-2, 0.5/2=0.25, 0 stays 0; 3 and 5 untouched;
+    # then output counts {1: 2, 2: 1}: -= 0.5*count + 0.25
+    expected = torch.tensor([1.0, -2.0 - 0.5 * 2 - 0.25, 0.25 - 0.5 * 1 - 0.25, 1.0, 0.0, -3.0])
+    assert torch.allclose(out[0], expected)
+    assert torch.equal(out[1], logits[1])  # a row without penalties is untouched
+
+
+def test_frequency_and_presence_count_output_tokens_only():
+    logits = torch.zeros(1, 4)
+    st = SamplingState.create(SamplingParams(frequency_penalty=1.0, presence_penalty=-0.5), prompt_token_ids=[3, 3])
+    assert torch.equal(apply_penalties(logits.clone(), [st]), logits)   # nothing generated yet
+    st.output_token_ids += [2, 2, 2, 0]
     out = apply_penalties(logits.clone(), [st])
-    # repetition (prompt+output: 0,1,2): 2/2=1, -1*2=-2, 0.5/2=0.25; then output counts {1:2, 2:1}
-    expected = torch.tensor([[1.0, -2.0 - 0.5 * 2 - 0.25, 0.25 - 0.5 - 0.25, 1.0]])
-    assert torch.allclose(out, expected)
+    assert out[0].tolist() == pytest.approx([-1.0 + 0.5, 0.0, -3.0 + 0.5, 0.0])
+
+
+def test_repetition_penalty_below_one_encourages():
+    st = SamplingState.create(SamplingParams(repetition_penalty=0.5), prompt_token_ids=[0, 1])
+    out = apply_penalties(torch.tensor([[1.0, -1.0, 1.0]]), [st])
+    assert out[0].tolist() == pytest.approx([2.0, -0.5, 1.0])
 
 
 def test_greedy_is_argmax_and_penalised_greedy_changes_choice():
     logits = torch.tensor([[1.0, 3.0, 2.9]])
+    original = logits.clone()
     assert Sampler()(logits, states([SamplingParams(temperature=0)]))[0].token_id == 1
     st = SamplingState.create(SamplingParams(temperature=0, presence_penalty=1.0), [0])
     st.output_token_ids.append(1)
     assert Sampler()(logits, [st])[0].token_id == 2
+    st = SamplingState.create(SamplingParams(temperature=0, repetition_penalty=1.2), [1])
+    assert Sampler()(logits, [st])[0].token_id == 2     # 3 / 1.2 = 2.5 < 2.9
+    assert torch.equal(logits, original)                 # the caller's logits are not modified
 
 
+def test_greedy_rows_in_a_mixed_batch_are_argmax():
+    logits = torch.randn(6, 40, generator=torch.Generator().manual_seed(4))
+    params = [SamplingParams(temperature=0), SamplingParams(top_k=3), SamplingParams(temperature=0),
+              SamplingParams(top_p=0.5, seed=1), SamplingParams(temperature=0, top_k=2), SamplingParams(min_p=0.2)]
+    res = Sampler()(logits, states(params))
+    for i in (0, 2, 4):
+        assert res[i].token_id == int(logits[i].argmax())
+
+
+# ---- logprobs --------------------------------------------------------------------------------------------
 def test_logprobs_are_raw_top_n_plus_the_sampled_token():
     logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
-    st = SamplingState.create(SamplingParams(temperature=0, logprobs=2, repetition_penalty=1.5), [1])
-    res = Sampler()(logits, [st])[0]
     raw = torch.log_softmax(logits[0], -1)
-    assert set(res.logprobs) >= {1, 2}
+    # repetition penalty on token 1 makes greedy pick token 2; logprobs still describe the raw distribution
+    st = SamplingState.create(SamplingParams(temperature=0, logprobs=2, repetition_penalty=4.0), [1])
+    res = Sampler()(logits, [st])[0]
+    assert res.token_id == 2
+    assert list(res.logprobs) == [1, 2]
     for tok, lp in res.logprobs.items():
         assert lp == pytest.approx(raw[tok].item(), abs=1e-6)
-    assert res.token_id in res.logprobs
+
+    # the sampled token outside the top-N is added; logprobs=0 gives the sampled token alone
+    st = SamplingState.create(SamplingParams(temperature=0, logprobs=1, repetition_penalty=4.0), [1])
+    res = Sampler()(logits, [st])[0]
+    assert res.logprobs == pytest.approx({1: raw[1].item(), 2: raw[2].item()})
+    st = SamplingState.create(SamplingParams(temperature=0, logprobs=0), [0])
+    assert Sampler()(logits, [st])[0].logprobs == pytest.approx({1: raw[1].item()})
 
 
+def test_logprobs_per_row_in_a_batch():
+    logits = torch.randn(3, 30, generator=torch.Generator().manual_seed(6))
+    raw = torch.log_softmax(logits, -1)
+    params = [SamplingParams(logprobs=5, seed=1), SamplingParams(), SamplingParams(logprobs=20, temperature=0)]
+    res = Sampler()(logits, states(params))
+    assert res[1].logprobs is None
+    for i, n in ((0, 5), (2, 20)):
+        top = raw[i].topk(n)
+        expected = dict(zip(top.indices.tolist(), top.values.tolist()))
+        expected.setdefault(res[i].token_id, raw[i, res[i].token_id].item())
+        assert res[i].logprobs == pytest.approx(expected)
+    tiny = torch.randn(1, 5)                              # N larger than the vocabulary is clamped
+    assert len(Sampler()(tiny, states([SamplingParams(logprobs=20)]))[0].logprobs) == 5
+
+
+# ---- stop strings ----------------------------------------------------------------------------------------
 def test_stop_strings_cut_exactly_even_across_deltas():
     assert stop_string_cut("Hello wor", ["world"]) is None
     assert stop_string_cut("Hello world!", ["world"], searched_until=9) == 6
-    assert stop_string_cut("abcSTOPxyzEND", ["END", "STOP"]) == 3   # the earliest wins
+    assert stop_string_cut("abcSTOPxyzEND", ["END", "STOP"]) == 3   # the earliest wins, whatever the order
+    assert stop_string_cut("abcSTOP", ["STOP", "cST"]) == 2         # overlapping: the earliest start
     text = "The answer is 42.\n\nQ:"
     assert text[:stop_string_cut(text, ["\n\nQ:"])] == "The answer is 42."
+    assert stop_string_cut("anything", []) is None
+
+
+def test_holdback_is_the_partial_match_only():
+    assert stop_holdback("Hello", ["</end>"]) == 0
+    assert stop_holdback("Hello </e", ["</end>"]) == 3
+    assert stop_holdback("Hello <", ["</end>", "<|eot|>"]) == 1
+    assert stop_holdback("ab", ["abc", "bcd"]) == 2
+    assert stream_safe_length("Hello </e", ["</end>"]) == 6
+    assert stream_safe_length("Hello </e", []) == 9
+    assert safe_stream_delta("Hello </e", 2, ["</end>"]) == "llo "
+    assert safe_stream_delta("Hello </e", 7, ["</end>"]) == ""       # never goes backwards
+
+
+def stream(deltas, stop):
+    """What the engine does per token: search for a stop string, else stream the safe part."""
+    text, streamed, pieces = "", 0, []
+    for delta in deltas:
+        text += delta
+        cut = stop_string_cut(text, stop, streamed)
+        if cut is not None:
+            assert cut >= streamed                     # nothing streamed was part of the stop string
+            pieces.append(text[streamed:cut])
+            return "".join(pieces), "stop"
+        piece = safe_stream_delta(text, streamed, stop)
+        pieces.append(piece)
+        streamed += len(piece)
+    pieces.append(text[streamed:])                     # finished for another reason: flush what was held
+    return "".join(pieces), "length"
 
 
 def test_streaming_never_emits_part_of_a_stop_string():
-    stop = ["</end>"]
-    streamed = ""
-    text = ""
-    for delta in ["Hi", " there", "</", "en", "d>", "tail"]:
-        text += delta
-        cut = stop_string_cut(text, stop)
-        if cut is not None:
-            streamed += text[len(streamed):cut]
-            break
-        safe = stream_safe_length(text, stop)
-        streamed += text[len(streamed):safe] if safe > len(streamed) else ""
-        assert "<" not in streamed
-    assert streamed == "Hi there"
+    out, reason = stream(["Hi", " there", "</", "en", "d>", "tail"], ["</end>"])
+    assert (out, reason) == ("Hi there", "stop")
+    out, reason = stream(["a <", "/b", "> c"], ["</end>"])           # a false start is released later
+    assert (out, reason) == ("a </b> c", "length")
+
+
+def test_streaming_any_split_matches_the_whole_text_cut():
+    rng = random.Random(0)
+    alphabet = "ab<>/ \n"
+    for _ in range(400):
+        stop = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(1, 3))]
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+        cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randint(0, 8)))) if len(text) > 1 else []
+        deltas = [text[i:j] for i, j in zip([0] + cuts, cuts + [len(text)])]
+        whole = stop_string_cut(text, stop)
+        expected = (text[:whole], "stop") if whole is not None else (text, "length")
+        assert stream(deltas, stop) == expected, (text, stop, deltas)
