@@ -42,4 +42,4 @@ RUN pip install --no-cache-dir . && herd --help > /dev/null
 # Serve's proxies (HTTP 8000, gRPC 9000), Ray's metrics (8080); the head also uses 6379, 8265, 10001.
 EXPOSE 8000 9000 8080
 # KubeRay supplies the `ray start` command; run alone, the image serves the embedded demo.
-CMD ["herd", "serve"]
+CMD ["herd", "serve", "--host", "0.0.0.0"]
