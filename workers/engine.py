@@ -289,16 +289,16 @@ class Engine:
         is_stop_token = token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self._eos_ids)
         if req.detok is not None and not is_stop_token:
             req.text += req.detok.add(token_id)
-        finish = None
+        finish, cut_at = None, None
         if is_stop_token:
             finish = "stop"
-        elif params.stop and (cut := stop_string_cut(req.text, params.stop, req.streamed_chars)) is not None:
-            req.text = req.text[:cut]
+        elif params.stop and (cut_at := stop_string_cut(req.text, params.stop, req.streamed_chars)) is not None:
+            req.text = req.text[:cut_at]
             finish = "stop"
         elif len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             finish = "length"
         if finish is not None:
-            if finish == "length" and req.detok is not None:
+            if req.detok is not None and cut_at is None:  # bytes held back for an unfinished character
                 req.text += req.detok.flush()
             seq.finish_reason = finish
             self._requests.pop(seq.request_id, None)
