@@ -370,13 +370,15 @@ def call(kube: Kube, what: str, fn, *args, **kwargs):
 
 
 def crd_installed(kube: Kube) -> bool:
+    """Whether the API serves ray.io/v1 rayservices (API discovery, as kubectl api-resources does)."""
     from kubernetes.client.exceptions import ApiException
 
     try:
-        resources = call(kube, "discover ray.io/v1", kube.custom.get_api_resources, GROUP, VERSION)
-    except ApiException:
+        resp = call(kube, "discover ray.io/v1", kube.custom.get_api_resources, GROUP, VERSION, _preload_content=False)
+        listing = json.loads(resp.data)
+    except (ApiException, ValueError):
         return False
-    return any(r.name == RAYSERVICES for r in (resources.resources or []))
+    return any(r.get("name") == RAYSERVICES for r in listing.get("resources") or [])
 
 
 def _crd_missing_error(kube: Kube) -> K8sError:
@@ -384,8 +386,9 @@ def _crd_missing_error(kube: Kube) -> K8sError:
                     f"cluster at {kube.host}; {KUBERAY_HINT}")
 
 
-def apply_objects(kube: Kube, docs: list[dict[str, Any]], out=sys.stdout) -> None:
+def apply_objects(kube: Kube, docs: list[dict[str, Any]], out=None) -> None:
     """Create each object, or patch it when it exists (so apply can be repeated)."""
+    out = out or sys.stdout
     from kubernetes.client.exceptions import ApiException
 
     for doc in docs:
@@ -433,7 +436,8 @@ def get_rayservice(kube: Kube, name: str) -> dict[str, Any]:
         raise
 
 
-def delete_objects(kube: Kube, name: str, ignore_not_found: bool = False, out=sys.stdout) -> int:
+def delete_objects(kube: Kube, name: str, ignore_not_found: bool = False, out=None) -> int:
+    out = out or sys.stdout
     from kubernetes.client.exceptions import ApiException
 
     ns = kube.namespace
@@ -573,7 +577,8 @@ def collect_status(kube: Kube, name: str) -> dict[str, Any]:
     }
 
 
-def print_status(s: dict[str, Any], out=sys.stdout) -> None:
+def print_status(s: dict[str, Any], out=None) -> None:
+    out = out or sys.stdout
     state = s["service_status"] or ("Ready" if any(c["type"] == "Ready" and c["status"] == "True"
                                                    for c in s["conditions"]) else "NotReady")
     print(f"RayService {s['namespace']}/{s['name']}: {state}"
@@ -667,6 +672,18 @@ def _docs_from_file(path: str, args: argparse.Namespace, namespace: str | None) 
     return render(load_config_dict(path), _render_options(args, namespace))
 
 
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings (serveConfigV2) as `|` blocks, so the manifest reads like the chart's."""
+
+
+_Dumper.add_representer(str, lambda d, s: d.represent_scalar("tag:yaml.org,2002:str", s,
+                                                             style="|" if "\n" in s else None))
+
+
+def dump_yaml(docs: list[dict[str, Any]]) -> str:
+    return yaml.dump_all(docs, Dumper=_Dumper, sort_keys=False)
+
+
 def _fail(e: K8sError) -> int:
     print(f"herd k8s: {e}", file=sys.stderr)
     return e.code
@@ -677,7 +694,7 @@ def cmd_render(args: argparse.Namespace) -> int:
         docs = render(load_config_dict(args.file), _render_options(args, args.namespace))
     except K8sError as e:
         return _fail(e)
-    text = yaml.safe_dump_all(docs, sort_keys=False)
+    text = dump_yaml(docs)
     if args.output and args.output != "-":
         Path(args.output).write_text(text)
         print(f"wrote {len(docs)} object(s) to {args.output}", file=sys.stderr)
