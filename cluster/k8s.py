@@ -259,7 +259,7 @@ def rayservice_manifest(data: dict[str, Any], opts: RenderOptions) -> dict[str, 
         }],
     }
     if opts.autoscale:
-        cluster["autoscalerOptions"] = {"upscalingMode": "Default", "idleTimeoutSeconds": 120}
+        cluster["autoscalerOptions"] = {"version": "v2", "upscalingMode": "Default", "idleTimeoutSeconds": 120}
     metadata: dict[str, Any] = {"name": opts.name, "labels": _labels(opts)}
     if opts.namespace:
         metadata["namespace"] = opts.namespace

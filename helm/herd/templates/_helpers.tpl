@@ -362,6 +362,9 @@ reports (and fails on) with the message in it. */}}
 {{- include "herd.fail" (printf "workerGroups[%d].name: %q is used by two worker groups; group names must be unique" $i $g.name) -}}
 {{- end -}}
 {{- $groupNames = append $groupNames $g.name -}}
+{{- if and (not (kindIs "invalid" $g.idleTimeoutSeconds)) (or (not $v.autoscaling.enabled) (ne $v.autoscaling.version "v2")) -}}
+{{- include "herd.fail" (printf "workerGroups[%d] (%s): idleTimeoutSeconds needs the Ray autoscaler v2 (autoscaling.enabled: true, autoscaling.version: v2); KubeRay rejects it otherwise" $i $g.name) -}}
+{{- end -}}
 {{- if gt (int $g.minReplicas) (int $g.maxReplicas) -}}
 {{- include "herd.fail" (printf "workerGroups[%d] (%s): minReplicas (%d) must be <= maxReplicas (%d)" $i $g.name (int $g.minReplicas) (int $g.maxReplicas)) -}}
 {{- end -}}
