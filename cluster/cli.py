@@ -141,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cli.register_cli(sub)          # herd serve, herd client ...
     from workers.parallel.plan import register_plan_cli
     register_plan_cli(sub)               # herd plan
+    from cluster import k8s
+    k8s.register_cli(sub)                # herd k8s render | apply | status | delete
 
     bench = sub.add_parser("bench", help="benchmarks (print JSON figures)")
     bench_sub = bench.add_subparsers(dest="scenario", required=True)
