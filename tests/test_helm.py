@@ -330,6 +330,17 @@ def test_download_init_container(helm, tmp_path):
     assert "AWS_SECRET_ACCESS_KEY" not in text and "HF_TOKEN" not in text.replace("HF_TOKEN=hf_", "")
 
 
+def test_models_without_resources_get_an_explicit_gpu_shard(helm, tmp_path):
+    # ClusterConfig's own default depends on where it is parsed (the head pod has no GPU), so the chart must
+    # always say what a shard needs; with GPU worker groups that is one GPU.
+    values = {"models": [{"name": "solo", "tensor_parallel_size": 2,
+                          "source": {"huggingface": "meta-llama/Llama-3.2-1B"}}]}
+    args = serve_config(render(helm, tmp_path, values))["applications"][0]["args"]
+    assert args["models"][0]["resources_per_shard"] == {"GPU": 1}
+    values["models"][0]["tensor_parallel_size"] = 64
+    assert "models need 64 GPUs" in render_error(helm, tmp_path, values)
+
+
 def test_cpu_demo_example(helm, tmp_path):
     from workers.demo import DEMO_SHAPES
 

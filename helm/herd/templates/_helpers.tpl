@@ -82,6 +82,13 @@ weights.mountPath), else <weights.mountPath>/<name>. Argument: (list $model $roo
 {{- end -}}
 {{- end -}}
 
+{{/* A shard's resources when a model does not say: one GPU if any worker group has GPUs, else one CPU. */}}
+{{- define "herd.defaultShardResources" -}}
+{{- $gpus := 0.0 -}}
+{{- range $g := .Values.workerGroups -}}{{- $gpus = addf $gpus (default 0 $g.gpus | float64) -}}{{- end -}}
+{{- if gt $gpus 0.0 -}}GPU: 1{{- else -}}CPU: 1{{- end -}}
+{{- end -}}
+
 {{/* The `args` of the Serve application: the ClusterConfig that `herd serve CONFIG.yaml` reads. Null values
 are dropped (ClusterConfig's defaults apply) and chart-only keys (models[].source) removed. */}}
 {{- define "herd.clusterConfig" -}}
@@ -104,6 +111,10 @@ are dropped (ClusterConfig's defaults apply) and chart-only keys (models[].sourc
 {{- if and (ne $k "source") (not (kindIs "invalid" $v)) -}}{{- $_ := set $out $k $v -}}{{- end -}}
 {{- end -}}
 {{- $_ := set $out "path" (include "herd.modelPath" (list $m $root)) -}}
+{{- if not (hasKey $out "resources_per_shard") -}}
+{{- /* Always explicit: ClusterConfig's own default depends on the host that parses it (the head, no GPU). */ -}}
+{{- $_ := set $out "resources_per_shard" (include "herd.defaultShardResources" $root | fromYaml) -}}
+{{- end -}}
 {{- $models = append $models $out -}}
 {{- end -}}
 {{- $_ := set $cfg "models" $models -}}
@@ -439,7 +450,7 @@ must fit what the worker groups provide at theirs (gpus x maxReplicas with the R
 {{- $tp := default 1 $m.tensor_parallel_size | int -}}
 {{- $pp := default 1 $m.pipeline_parallel_size | int -}}
 {{- $shards := mul $tp $pp -}}
-{{- $res := default dict $m.resources_per_shard -}}
+{{- $res := default (include "herd.defaultShardResources" $ | fromYaml) $m.resources_per_shard -}}
 {{- $gpuPerShard := default 0 (get $res "GPU") | float64 -}}
 {{- $replicas := 1 -}}
 {{- if $m.autoscaling_config -}}
