@@ -102,8 +102,8 @@ class RenderOptions:
 
 def load_config_dict(path: str | Path) -> dict[str, Any]:
     """The config as written (validated by ClusterConfig). Rendering uses what the user wrote, not the parsed
-    model, so defaults that depend on the machine (resources_per_shard: GPU if CUDA is here) are decided where
-    the replicas run."""
+    model, so no default of this machine's (resources_per_shard: GPU if CUDA is here) leaks into it; cluster_args
+    fills that one in from the worker shape."""
     from cluster.config import ClusterConfig, ConfigError
 
     p = Path(path)
@@ -166,10 +166,12 @@ def cluster_args(data: dict[str, Any], opts: RenderOptions) -> dict[str, Any]:
     args["host"] = "0.0.0.0"
     if opts.api_keys_secret:
         args["api_keys_file"] = f"/etc/herd/api-keys/{opts.api_keys_key}"
-    if opts.models_pvc or opts.models_host_path:
-        for m in args["models"]:
+    for m in args["models"]:
+        if opts.models_pvc or opts.models_host_path:
             if not str(m["path"]).startswith("/"):
                 m["path"] = str(PurePosixPath(opts.models_mount) / m["path"])
+        # Always explicit: ClusterConfig's own default depends on the host that parses it (the head, no GPU).
+        m.setdefault("resources_per_shard", {"GPU": 1} if opts.gpus_per_worker else {"CPU": 1})
     return args
 
 
