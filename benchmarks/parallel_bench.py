@@ -1,8 +1,11 @@
 """`herd bench parallel`: TP / PP layouts on the CPU here, the driver→worker hop, per-shard memory.
 
 Prints JSON: for TP1, TP2, PP2 and TP2×PP2 on one checkpoint, the mean decode-step latency and tokens/s of
-a fixed batch, each shard's RSS; and the round trip of an empty driver→worker call with plain actor calls
-vs a Ray Compiled Graph (what a step pays before any model work).
+a fixed batch, each shard's RSS; every sharded layout is run twice, with the step delivered as plain actor
+calls (`use_compiled_graph=False`, `decode_step_ms_plain`) and through a Ray Compiled Graph
+(`use_compiled_graph=True`, `decode_step_ms_compiled`); `mode_*` records the path the executor actually took.
+Last, the round trip of an empty driver→worker call, plain actor call vs compiled graph (what a step pays
+before any model work).
 """
 from __future__ import annotations
 
@@ -18,10 +21,12 @@ SHAPE = dict(vocab_size=8000, hidden_size=512, intermediate_size=1408, num_hidde
              num_key_value_heads=4, max_position_embeddings=2048, dtype="float32")
 
 
-def _step_latency(path: str, tp: int, pp: int, batch: int, new_tokens: int) -> dict:
+def _step_latency(path: str, tp: int, pp: int, batch: int, new_tokens: int, compiled: bool | None = None) -> dict:
     from workers import Engine, SamplingParams
+    extra = {} if tp * pp == 1 else {"use_compiled_graph": compiled}
     engine = Engine.from_pretrained(path, tensor_parallel_size=tp, pipeline_parallel_size=pp, dtype="float32",
-                                    show_progress=False, resources_per_shard={"CPU": 0.5}, enable_prefix_caching=False)
+                                    show_progress=False, resources_per_shard={"CPU": 0.5}, enable_prefix_caching=False,
+                                    **extra)
     try:
         prompts = [[(7 * i + j) % 7000 + 3 for j in range(64)] for i in range(batch)]
         engine.generate(prompts[:2], SamplingParams(max_tokens=2, ignore_eos=True))  # warm-up
@@ -37,7 +42,8 @@ def _step_latency(path: str, tp: int, pp: int, batch: int, new_tokens: int) -> d
         return {"layout": f"TP{tp}xPP{pp}", "decode_step_ms": 1e3 * statistics.mean(times),
                 "tok_per_s": tokens / sum(times),
                 "shard_rss_mib": [round(s.get("rss_bytes", 0) / 2**20) for s in stats] if tp * pp > 1 else None,
-                "shard_weight_mib": [round(s["weight_bytes"] / 2**20, 1) for s in stats]}
+                "shard_weight_mib": [round(s["weight_bytes"] / 2**20, 1) for s in stats],
+                "mode": getattr(engine.executor, "mode", "tasks" if tp * pp > 1 else "local")}
     finally:
         engine.shutdown()
 
@@ -85,7 +91,16 @@ def run(args) -> int:
     try:
         result = {"model": path, "batch": args.batch, "layouts": []}
         for tp, pp in LAYOUTS:
-            r = _step_latency(path, tp, pp, args.batch, args.new_tokens)
+            if tp * pp == 1:
+                r = _step_latency(path, tp, pp, args.batch, args.new_tokens)
+            else:  # the same layout, step delivered both ways
+                plain = _step_latency(path, tp, pp, args.batch, args.new_tokens, compiled=False)
+                cg = _step_latency(path, tp, pp, args.batch, args.new_tokens, compiled=True)
+                r = {**cg, "decode_step_ms": None, "tok_per_s": None,
+                     "decode_step_ms_plain": plain["decode_step_ms"], "decode_step_ms_compiled": cg["decode_step_ms"],
+                     "tok_per_s_plain": plain["tok_per_s"], "tok_per_s_compiled": cg["tok_per_s"],
+                     "mode_plain": plain["mode"], "mode_compiled": cg["mode"]}
+                r = {k: v for k, v in r.items() if v is not None and k != "mode"}
             print(json.dumps(r), flush=True)
             result["layouts"].append(r)
         result["driver_to_worker_hop"] = _hop_overhead()
