@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Optional, Union
 
 from fastapi import Depends, FastAPI, Request
@@ -153,6 +154,28 @@ def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> di
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
+@dataclass
+class _Completion:
+    """A whole (non-streamed) generation, gathered from the chunk stream."""
+    text: str
+    token_ids: list[int]
+    logprobs: list[dict]
+    finish_reason: Optional[str]
+    usage: tuple[int, int, int]  # prompt, completion, cached tokens
+
+    @classmethod
+    async def drain(cls, stream: AsyncIterator[dict]) -> "_Completion":
+        text, token_ids, logprobs, finish, usage = [], [], [], None, (0, 0, 0)
+        async for chunk in stream:
+            text.append(chunk["text"])
+            token_ids += chunk["token_ids"]
+            logprobs += chunk["logprobs"] or []
+            if chunk["finish_reason"] is not None:
+                finish = chunk["finish_reason"]
+                usage = (chunk["prompt_tokens"], chunk["completion_tokens"], chunk["cached_tokens"])
+        return cls("".join(text), token_ids, logprobs, finish, usage)
+
+
 async def _first_then_rest(stream: AsyncIterator[dict]) -> AsyncIterator[dict]:
     """Await the first chunk now (so admission errors raise before a 200 is sent), then replay everything."""
     first = await stream.__anext__()
@@ -201,19 +224,11 @@ class OpenAIRoutes:
         if not body.stream:
             choices, usage = [], [0, 0, 0]
             for index, ids in enumerate(prompt_ids):
-                text, finish, lps, tokens = [], None, [], []
-                async for chunk in self.frontend.generate(route, ids, sampling):
-                    text.append(chunk["text"])
-                    tokens += chunk["token_ids"]
-                    if chunk["logprobs"] is not None:
-                        lps += chunk["logprobs"]
-                    if chunk["finish_reason"] is not None:
-                        finish = chunk["finish_reason"]
-                        usage[0] += chunk["prompt_tokens"]
-                        usage[1] += chunk["completion_tokens"]
-                        usage[2] += chunk["cached_tokens"]
-                choices.append({"index": index, "text": "".join(text), "finish_reason": finish,
-                                "logprobs": self._completion_logprobs(route, tokens, lps) if body.logprobs is not None else None})
+                out = await _Completion.drain(self.frontend.generate(route, ids, sampling))
+                usage = [a + b for a, b in zip(usage, out.usage)]
+                choices.append({"index": index, "text": out.text, "finish_reason": out.finish_reason,
+                                "logprobs": (self._completion_logprobs(route, out.token_ids, out.logprobs)
+                                             if body.logprobs is not None else None)})
             return JSONResponse({"id": request_id, "object": "text_completion", "created": created, "model": body.model,
                                  "choices": choices, "usage": _usage(*usage)})
 
@@ -257,20 +272,13 @@ class OpenAIRoutes:
         created = int(time.time())
 
         if not body.stream:
-            text, finish, lps, tokens, usage = [], None, [], [], (0, 0, 0)
-            async for chunk in self.frontend.generate(route, ids, sampling):
-                text.append(chunk["text"])
-                tokens += chunk["token_ids"]
-                if chunk["logprobs"] is not None:
-                    lps += chunk["logprobs"]
-                if chunk["finish_reason"] is not None:
-                    finish = chunk["finish_reason"]
-                    usage = (chunk["prompt_tokens"], chunk["completion_tokens"], chunk["cached_tokens"])
-            choice = {"index": 0, "message": {"role": "assistant", "content": "".join(text)},
-                      "finish_reason": finish,
-                      "logprobs": {"content": self._chat_logprobs(route, tokens, lps)} if body.logprobs else None}
+            out = await _Completion.drain(self.frontend.generate(route, ids, sampling))
+            choice = {"index": 0, "message": {"role": "assistant", "content": out.text},
+                      "finish_reason": out.finish_reason,
+                      "logprobs": ({"content": self._chat_logprobs(route, out.token_ids, out.logprobs)}
+                                   if body.logprobs else None)}
             return JSONResponse({"id": request_id, "object": "chat.completion", "created": created,
-                                 "model": body.model, "choices": [choice], "usage": _usage(*usage)})
+                                 "model": body.model, "choices": [choice], "usage": _usage(*out.usage)})
 
         stream = await _first_then_rest(self.frontend.generate(route, ids, sampling))
 

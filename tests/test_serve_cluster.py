@@ -329,6 +329,11 @@ def test_openai_chat_completions(oai, engines):
                                     extra_body={"ignore_eos": True})
     assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == want_text
     assert r.usage.prompt_tokens == len(prompt_ids)
+    r = oai.chat.completions.create(model="big", messages=messages, max_tokens=6, temperature=0, logprobs=True,
+                                    top_logprobs=2, extra_body={"ignore_eos": True})
+    content = r.choices[0].logprobs.content
+    assert len(content) == 6 and all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
+    assert "".join(bytes(t.bytes).decode("utf-8", "replace") for t in content) == want_text
     stream = oai.chat.completions.create(model="big", messages=messages, max_tokens=6, temperature=0, stream=True,
                                          extra_body={"ignore_eos": True})
     chunks = list(stream)
