@@ -427,7 +427,7 @@ def run_self_hosted(args) -> dict[str, Any]:
                               "replicas": args.replicas}
 
     os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
-    ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, _node_ip_address="127.0.0.1",
+    ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, _node_ip_address="127.0.0.1",
              log_to_driver=False)
     try:
         serve.start(**serve_start_options(ClusterConfig.from_dict(base)))

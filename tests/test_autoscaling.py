@@ -181,7 +181,7 @@ def test_replica_reported_kv_usage_scales_a_real_deployment():
     import ray
     from ray import serve
 
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     try:
         serve.start(proxy_location="Disabled")
 

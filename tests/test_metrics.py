@@ -118,7 +118,7 @@ def test_metrics_are_exported_with_model_and_replica_tags():
 
     os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
     port = _free_port()
-    ray.init(num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1", _metrics_export_port=port,
+    ray.init(address="local", num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1", _metrics_export_port=port,
              log_to_driver=False)
     try:
         @ray.remote(num_cpus=0)

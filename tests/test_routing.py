@@ -411,7 +411,7 @@ def test_sessions_stick_to_the_replica_holding_their_prefix():
     from ray import serve
     from ray.serve.config import RequestRouterConfig
 
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     try:
         serve.start(proxy_location="Disabled")
         toy = _toy_llm()
