@@ -75,7 +75,10 @@ def cmd_serve(args) -> int:
     if overrides:
         cfg = ClusterConfig.from_dict({**cfg.model_dump(), **overrides})
 
-    ray.init(address=args.address or "local")  # "local": never join a cluster by accident
+    if args.address:
+        ray.init(address=args.address)
+    else:  # a private single-node Ray: never join a cluster by accident, and keep its ports on loopback
+        ray.init(address="local", _node_ip_address="127.0.0.1")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
