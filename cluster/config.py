@@ -185,17 +185,11 @@ class ClusterConfig(_Strict):
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "ClusterConfig":
-        p = Path(path)
-        try:
-            data = yaml.safe_load(p.read_text())
-        except OSError as e:
-            raise ConfigError(f"{p}: cannot read ({e.strerror})") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: invalid YAML ({e})") from None
+        data = read_yaml(path)
         try:
             return cls.from_dict(data)
         except ConfigError as e:
-            raise ConfigError(f"{p}: {e}") from None
+            raise ConfigError(f"{path}: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=True)
@@ -213,6 +207,17 @@ class ClusterConfig(_Strict):
     def __repr_args__(self):  # never print keys
         for k, v in super().__repr_args__():
             yield (k, "<redacted>" if k == "api_keys" and v else v)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """The parsed YAML file; unreadable or malformed files raise ConfigError naming the file."""
+    p = Path(path)
+    try:
+        return yaml.safe_load(p.read_text())
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: invalid YAML ({e})") from None
 
 
 def _describe(e: ValidationError) -> str:

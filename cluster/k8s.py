@@ -104,19 +104,14 @@ def load_config_dict(path: str | Path) -> dict[str, Any]:
     """The config as written (validated by ClusterConfig). Rendering uses what the user wrote, not the parsed
     model, so no default of this machine's (resources_per_shard: GPU if CUDA is here) leaks into it; cluster_args
     fills that one in from the worker shape."""
-    from cluster.config import ClusterConfig, ConfigError
+    from cluster.config import ClusterConfig, ConfigError, read_yaml
 
-    p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text())
-    except OSError as e:
-        raise K8sError(f"{p}: cannot read ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        raise K8sError(f"{p}: invalid YAML ({e})") from None
-    try:
+        data = read_yaml(path)
         ClusterConfig.from_dict(data)
     except ConfigError as e:
-        raise K8sError(f"{p}: {e}") from None
+        msg = str(e)
+        raise K8sError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
     return data
 
 

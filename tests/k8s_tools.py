@@ -84,3 +84,29 @@ def ensure_helm() -> Path:
     if proc.returncode != 0:
         raise ToolUnavailable(f"{helm} does not run: {proc.stderr.strip()}")
     return helm
+
+
+# ---- KubeRay CRD validation (shared by the Helm and `herd k8s` tests) -------------------------------------
+CRDS = Path(__file__).resolve().parents[2] / "shared" / "crds"
+
+
+def strip_nulls(x):
+    """KubeRay's CRD schema rejects explicit nulls that the API server would drop."""
+    if isinstance(x, dict):
+        return {k: strip_nulls(v) for k, v in x.items() if v is not None}
+    if isinstance(x, list):
+        return [strip_nulls(v) for v in x if v is not None]
+    return x
+
+
+def rayservice_schema() -> dict:
+    import yaml
+    crd = yaml.safe_load((CRDS / "ray.io_rayservices.yaml").read_text())
+    return next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
+
+
+def rayservice_errors(obj: dict, schema: dict | None = None) -> list[str]:
+    """Schema violations of a rendered RayService against KubeRay's v1 CRD (Draft 7), path-sorted."""
+    import jsonschema
+    errors = jsonschema.Draft7Validator(schema or rayservice_schema()).iter_errors(strip_nulls(obj))
+    return [f"{list(e.path)}: {e.message}" for e in sorted(errors, key=lambda e: list(e.path))]

@@ -27,12 +27,12 @@ import yaml
 
 from cluster.config import AutoscalingConfig, ClusterConfig, ModelDeploymentConfig, RouterConfig
 
+import k8s_tools
 from k8s_tools import ToolUnavailable, ensure_helm
 
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "helm" / "herd"
 EXAMPLES = sorted((REPO / "helm" / "examples").glob("*.yaml"))
-CRDS = Path(__file__).resolve().parents[2] / "shared" / "crds"
 K8S_VERSION = "1.30"
 # Kinds whose schemas are CRDs (not in kubernetes-validate): the RayService is checked against KubeRay's CRD.
 CRD_KINDS = {"RayService", "ServiceMonitor", "PodMonitor", "GRPCRoute", "HTTPRoute"}
@@ -131,19 +131,9 @@ def serve_config(docs: list[dict]) -> dict:
     return yaml.safe_load(one(docs, "RayService")["spec"]["serveConfigV2"])
 
 
-def strip_nulls(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {k: strip_nulls(v) for k, v in x.items() if v is not None}
-    if isinstance(x, list):
-        return [strip_nulls(v) for v in x if v is not None]
-    return x
-
-
 @pytest.fixture(scope="session")
 def rayservice_schema() -> dict:
-    crd = yaml.safe_load((CRDS / "ray.io_rayservices.yaml").read_text())
-    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
-    return version["schema"]["openAPIV3Schema"]
+    return k8s_tools.rayservice_schema()
 
 
 def app_constant(name: str) -> Any:
@@ -186,9 +176,9 @@ def test_render_validates(helm, tmp_path, rayservice_schema, case):
         except kubernetes_validate.ValidationError as e:
             pytest.fail(f"{case}: {name} is not a valid Kubernetes {K8S_VERSION} object: {e.message} at {list(e.path)}")
 
-    rs = strip_nulls(one(docs, "RayService"))
-    errors = sorted(jsonschema.Draft7Validator(rayservice_schema).iter_errors(rs), key=lambda e: list(e.path))
-    assert not errors, "\n".join(f"{list(e.path)}: {e.message}" for e in errors[:10])
+    rs = k8s_tools.strip_nulls(one(docs, "RayService"))
+    errors = k8s_tools.rayservice_errors(rs, rayservice_schema)
+    assert not errors, "\n".join(errors[:10])
 
     # The pod templates inside the RayService are real pod specs: validate them as core PodTemplates.
     cluster = rs["spec"]["rayClusterConfig"]
