@@ -1,16 +1,29 @@
 """RayExecutor: the model's forward pass on a TP × PP group of Ray shard workers.
 
-The engine core (scheduler, KV bookkeeping, sampling) stays in the driver; each step is sent to every
-worker. Pipeline stages hand activations on through Ray's object store: the driver passes stage k's result
-*reference* to stage k+1, never the data. The step is split into micro-batches (one per stage by default)
-and all of them are submitted at once; since each actor runs its calls in order, stage 0 works on
-micro-batch i+1 while stage 1 works on micro-batch i. Every wait has a timeout; a dead or hung shard
-turns into EngineUnavailableError, and the executor reports unhealthy from then on.
+The engine core (scheduler, KV block bookkeeping, sampling) stays in the driver. Each step the driver
+hands every shard the same `StepInput`; shards exchange what they must among themselves over
+torch.distributed (TP all-reduces inside a stage, hidden states from stage to stage), and only the last
+stage's TP rank 0 returns anything: the logits of the rows to sample.
+
+Two ways to deliver the step to the shards, same semantics:
+- a Ray compiled graph (`ray.dag`, `experimental_compile`): the driver writes the step once into a
+  shared-memory channel that every shard's resident execution loop reads — no per-call task submission;
+- plain actor calls (`execute.remote`), the fallback when a graph cannot be compiled.
+`use_compiled_graph=None` (auto) takes the compiled graph, which measured faster (docs/parallel.md).
+
+Pipelining: with PP > 1 a step is split into micro-batches (`StepInput.split`, one per stage by default)
+and all of them are submitted before waiting on any. Each shard runs its calls in order, so stage k works
+on micro-batch i while stage k+1 works on micro-batch i-1 (stage k+1 blocks in `recv` until stage k sends).
+Micro-batch logits come back in `sample_indices` order, so concatenating them gives the step's logits.
+
+Failure: every wait has a deadline (`collective_timeout_s`, also the process groups' timeout), and every
+result of every shard is awaited, not only the logits: a killed shard fails the step at once, a hung one at
+the deadline. Either way `execute` raises `EngineUnavailableError`, the executor stays unhealthy
+(`check_health` raises) and the caller builds a new engine.
 """
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import ray
@@ -20,36 +33,37 @@ from ..config import ModelConfig
 from ..errors import EngineUnavailableError
 from ..model_runner import StepInput
 from ..shard import ShardInfo, check_tensor_parallel, partition_layers
-from .placement import place_shards
+from .placement import ShardPlacement, place_shards
 from .shard_worker import ShardWorker
 
 log = logging.getLogger(__name__)
 
+STARTUP_TIMEOUT_S = 300.0      # actor start + process-group rendezvous + KV allocation
+LOAD_TIMEOUT_S = 3600.0        # reading a 70B checkpoint's slice from network storage
+
 
 def ensure_ray() -> None:
-    """Join the Ray cluster this process belongs to (RAY_ADDRESS, or the one already initialised), or start
-    a local one."""
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        log.info("connecting to the Ray cluster at %s", address)
-        ray.init(address=address, log_to_driver=True)
-    else:  # a private local cluster, reachable on loopback only
-        log.info("starting a local Ray cluster on 127.0.0.1")
-        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True)
+    """Join the Ray cluster this process belongs to, or start a local one.
+
+    Already initialised (a Serve replica, a driver that called ray.init): nothing to do. Otherwise
+    `ray.init()` connects to RAY_ADDRESS or to the cluster `ray start` brought up on this machine, and
+    starts a local cluster when there is none.
+    """
+    if not ray.is_initialized():
+        ray.init()
+        log.info("Ray: %s", ray.get_runtime_context().gcs_address)
 
 
-def _fail_fast_wait(refs: list, timeout: float | None) -> None:
-    """Wait for all refs, but raise as soon as any of them fails (ray.get on a list waits for all first)."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    pending = list(refs)
-    while pending:
-        left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        ready, pending = ray.wait(pending, num_returns=1, timeout=left)
-        if not ready:
-            raise ray.exceptions.GetTimeoutError(f"{len(pending)} results still pending")
-        ray.get(ready)  # raises the shard's error, if any
+def _explain(error: BaseException, what: str, timeout: float | None) -> str:
+    if isinstance(error, (ray.exceptions.GetTimeoutError, ray.exceptions.RayChannelTimeoutError)):
+        return f"{what} timed out after {timeout:.0f}s (a shard is hung, or a collective is waiting on a dead peer)"
+    if isinstance(error, ray.exceptions.RayActorError):
+        return f"a shard worker died during {what} ({error.__class__.__name__})"
+    if isinstance(error, ray.exceptions.RayTaskError):
+        return f"a shard worker failed during {what}: {error.cause!r}"
+    if isinstance(error, ray.exceptions.RayChannelError):
+        return f"the compiled graph's channels closed during {what} (a shard died?)"
+    return f"{what} failed: {error!r}"
 
 
 class RayExecutor:
@@ -58,84 +72,142 @@ class RayExecutor:
         tp, pp = tensor_parallel_size, pipeline_parallel_size
         check_tensor_parallel(cfg, tp)
         layer_ranges = partition_layers(cfg.num_hidden_layers, pp, engine_config.pp_layer_partition)
-        self.tp, self.pp = tp, pp
-        self.timeout_s = engine_config.collective_timeout_s
-        self.num_microbatches = engine_config.num_microbatches or pp
+        self.cfg, self.tp, self.pp = cfg, tp, pp
+        self.timeout_s = float(engine_config.collective_timeout_s)
+        self.num_microbatches = max(1, engine_config.num_microbatches or pp) if pp > 1 else 1
+        self.last_rank = (pp - 1) * tp     # the shard that returns the logits
+        self.workers: list = []
+        self.placement: ShardPlacement | None = None
+        self.mode = "tasks"
+        self._dag = None
         self._dead: str | None = None
         ensure_ray()
-        self.placement = place_shards(tp * pp, engine_config.resources_per_shard, engine_config.placement_strategy)
-        self.stages: list[list] = []
+        self.placement = place_shards(tp, pp, engine_config.resources_per_shard, engine_config.placement_strategy)
         try:
             for p, (start, end) in enumerate(layer_ranges):
-                stage = []
                 for t in range(tp):
+                    rank = p * tp + t
                     shard = ShardInfo(tp_rank=t, tp_size=tp, pp_rank=p, pp_size=pp, layer_start=start, layer_end=end)
-                    stage.append(ShardWorker.options(
-                        scheduling_strategy=self.placement.scheduling(p * tp + t), **self.placement.actor_options(),
+                    self.workers.append(ShardWorker.options(
+                        scheduling_strategy=self.placement.scheduling(rank), **self.placement.actor_options(rank),
                     ).remote(cfg, shard, dtype, max_model_len, engine_config.block_size))
-                self.stages.append(stage)
-            self.workers = [w for stage in self.stages for w in stage]
-            addr, port = self._get(self.workers[0].rendezvous_address.remote(), "rendezvous")
-            self._get([w.init.remote(addr, port, self.timeout_s) for w in self.workers], "process group init")
-            log.info("loading %s on %d shards (TP%d × PP%d)", path, tp * pp, tp, pp)
-            self._get([w.load_weights.remote(path) for w in self.workers], "weight loading", timeout=None)
+            # Rendezvous on rank 0's node, at a port that is free there.
+            addr, port = self._get(self.workers[0].node_address.remote(), "shard start", STARTUP_TIMEOUT_S)
+            backends = self._get([w.init.remote(addr, port, self.timeout_s) for w in self.workers],
+                                 "process-group init", STARTUP_TIMEOUT_S)
+            log.info("loading %s on %d shards (TP%d × PP%d, %s)", path, tp * pp, tp, pp, backends[0])
+            self._get([w.load_weights.remote(path) for w in self.workers], "weight loading", LOAD_TIMEOUT_S)
             budget = engine_config.cache_budget()
+            # All shards share the engine's logical block ids: the smallest budget decides.
             self.num_blocks = min(self._get([w.num_blocks.remote(budget) for w in self.workers], "KV sizing"))
-            self._get([w.allocate_kv_cache.remote(self.num_blocks) for w in self.workers], "KV allocation")
+            self._get([w.allocate_kv_cache.remote(self.num_blocks) for w in self.workers], "KV allocation",
+                      STARTUP_TIMEOUT_S)
+            self._setup_compiled_graph(engine_config.use_compiled_graph)
         except BaseException:
             self.shutdown()
             raise
-        log.info("shard group ready: %d KV blocks per shard", self.num_blocks)
+        log.info("shard group ready: TP%d × PP%d, %d KV blocks per shard, %s", tp, pp, self.num_blocks, self.mode)
 
-    def _get(self, refs, what: str, timeout: float | None = -1.0):
-        timeout = self.timeout_s if timeout == -1.0 else timeout
+    def _setup_compiled_graph(self, wanted: bool | None) -> None:
+        if wanted is False:
+            return
         try:
-            if isinstance(refs, list):
-                _fail_fast_wait(refs, timeout)
-            return ray.get(refs, timeout=timeout)
-        except ray.exceptions.GetTimeoutError:
-            self._dead = f"{what} timed out after {timeout}s"
-        except ray.exceptions.RayActorError as e:
-            self._dead = f"a shard worker died during {what}: {e.__class__.__name__}"
-        except ray.exceptions.RayTaskError as e:
-            self._dead = f"a shard worker failed during {what}: {e.cause!r}"
-        raise EngineUnavailableError(self._dead)
+            from ray.dag import InputNode, MultiOutputNode
+            with InputNode() as step:
+                dag = MultiOutputNode([w.execute.bind(step) for w in self.workers])
+            self._dag = dag.experimental_compile(_submit_timeout=self.timeout_s,
+                                                 _max_inflight_executions=self.num_microbatches + 1)
+            self.mode = "compiled"
+        except Exception as e:  # noqa: BLE001 - any failure to compile: plain actor calls still work
+            if wanted:
+                raise EngineUnavailableError(f"could not compile the shard group's Ray graph: {e!r}") from e
+            log.warning("Ray compiled graph unavailable (%r); using plain actor calls", e)
 
-    # ---- Executor interface ----------------------------------------------------------------------------
-    def execute(self, step: StepInput) -> torch.Tensor:
+    # ---- waiting with deadlines ------------------------------------------------------------------
+    def _get(self, refs, what: str, timeout: float | None = None):
+        """ray.get with a deadline that fails fast: the first failed shard raises, without waiting for the
+        others (which may be blocked in a collective with it until the timeout)."""
+        timeout = self.timeout_s if timeout is None else timeout
+        single = not isinstance(refs, list)
+        pending = [refs] if single else list(refs)
+        deadline = time.monotonic() + timeout
+        try:
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+                if not ready:
+                    raise ray.exceptions.GetTimeoutError(f"{len(pending)} results pending")
+                ray.get(ready)  # raises the shard's error, if any
+            return ray.get(refs)
+        except Exception as e:  # noqa: BLE001 - every failure of the group is the same to the engine
+            self._dead = _explain(e, what, timeout)
+            raise EngineUnavailableError(self._dead) from e
+
+    def _raise_if_dead(self) -> None:
         if self._dead:
             raise EngineUnavailableError(f"shard group is down: {self._dead}")
-        micro = step.split(self.num_microbatches) if self.pp > 1 else [step]
-        finals, everything = [], []
-        for mb in micro:
-            carried = None
-            for stage in self.stages:
-                refs = [w.execute.remote(mb, carried) for w in stage]
-                everything += refs
-                carried = refs[0]  # TP rank 0 carries the stage's output; the others return None
-            finals.append(carried)
-        # Wait on every shard's call, not only the carriers: a killed shard then fails the step at once
-        # instead of leaving its peers blocked in a collective until the timeout.
-        results = self._get(everything, "a step")
-        by_ref = dict(zip(everything, results))
-        logits = [by_ref[r] for r in finals if by_ref[r].numel()]
-        return torch.cat(logits) if logits else torch.empty(0)
+
+    # ---- Executor interface ----------------------------------------------------------------------
+    def execute(self, step: StepInput) -> torch.Tensor:
+        self._raise_if_dead()
+        micro = step.split(self.num_microbatches) if self.num_microbatches > 1 else [step]
+        if self._dag is not None:
+            logits = self._execute_compiled(micro)
+        else:
+            logits = self._execute_tasks(micro)
+        return logits[0] if len(logits) == 1 else torch.cat(logits)
+
+    def _execute_tasks(self, micro: list[StepInput]) -> list[torch.Tensor]:
+        per_mb = [[w.execute.remote(mb) for w in self.workers] for mb in micro]  # all submitted before any wait
+        results = self._get([r for refs in per_mb for r in refs], "a step")
+        n = len(self.workers)
+        return [results[i * n + self.last_rank] for i in range(len(micro))]
+
+    def _execute_compiled(self, micro: list[StepInput]) -> list[torch.Tensor]:
+        deadline = time.monotonic() + self.timeout_s
+        try:
+            refs = [self._dag.execute(mb) for mb in micro]
+            return [ray.get(r, timeout=max(0.0, deadline - time.monotonic()))[self.last_rank] for r in refs]
+        except Exception as e:  # noqa: BLE001
+            self._dead = _explain(e, "a step", self.timeout_s)
+            raise EngineUnavailableError(self._dead) from e
 
     def check_health(self) -> None:
-        if self._dead:
-            raise EngineUnavailableError(f"shard group is down: {self._dead}")
+        self._raise_if_dead()
         self._get([w.ping.remote() for w in self.workers], "health check")
 
     def shard_stats(self) -> list[dict]:
+        self._raise_if_dead()
         return self._get([w.stats.remote() for w in self.workers], "stats")
 
+    def timelines(self) -> list[list[tuple[float, float, int]]]:
+        """Each shard's recent compute intervals (wall clock), by global rank."""
+        return self._get([w.recent_timeline.remote() for w in self.workers], "timelines")
+
     def shutdown(self) -> None:
-        for w in getattr(self, "workers", None) or [w for s in getattr(self, "stages", []) for w in s]:
+        dag, self._dag = self._dag, None
+        if dag is not None and not self._dead:
+            try:  # a healthy graph stops its loops cleanly before the actors go
+                dag.teardown()
+            except Exception as e:  # noqa: BLE001
+                log.debug("compiled graph teardown: %s", e)
+        for w in self.workers:
             try:
                 ray.kill(w, no_restart=True)
             except Exception:  # noqa: BLE001 - already dead is fine
                 pass
-        self.stages, self.workers = [], []
-        if getattr(self, "placement", None) is not None:
+        if dag is not None and self._dead:
+            # The actors are gone now, so tearing down cannot block on a shard stuck in a collective.
+            dag_log = logging.getLogger("ray.dag.compiled_dag_node")
+            level = dag_log.level
+            dag_log.setLevel(logging.CRITICAL)
+            try:
+                dag.teardown()
+            except Exception:  # noqa: BLE001
+                pass
+            finally:
+                dag_log.setLevel(level)
+        self.workers = []
+        if self.placement is not None:
             self.placement.release()
             self.placement = None
+        self._dead = self._dead or "shut down"

@@ -1,7 +1,15 @@
-"""One shard of a TP × PP group: a Ray actor holding its slice of the weights and of the KV cache."""
+"""One shard of a TP × PP group: a Ray actor holding its slice of the weights and of the KV cache.
+
+The driver sends every shard the same `StepInput` (plain lists) each step. Stage 0 embeds the token ids;
+later stages receive the previous stage's hidden states over torch.distributed (`PipeLink`), run their
+layers, and send theirs on; the last stage's TP rank 0 returns the logits. Everything else returns None,
+so the only bytes that come back to the driver are the logits of the sampled rows.
+"""
 from __future__ import annotations
 
+import collections
 import os
+import time
 
 import psutil
 import ray
@@ -11,7 +19,7 @@ from ..config import ModelConfig
 from ..executor import CacheBudget, default_device
 from ..model_runner import ModelRunner, StepInput
 from ..shard import ShardInfo
-from .distributed import free_port, init_shard_group
+from .distributed import PipeLink, ShardComm, free_port, global_rank, init_shard_group
 
 
 @ray.remote(max_restarts=0, max_task_retries=0)
@@ -21,24 +29,30 @@ class ShardWorker:
         self.cfg, self.shard, self.dtype = cfg, shard, dtype
         self.max_model_len, self.block_size = max_model_len, block_size
         self.device = default_device()
-        if self.device.type == "cuda":  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU
+        if self.device.type == "cuda":  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU(s)
             torch.cuda.set_device(0)
+            self.device = torch.device("cuda", 0)
+        self.rank = global_rank(shard.tp_rank, shard.pp_rank, shard.tp_size)
+        self.comm = ShardComm(None, PipeLink(None, None), "none")
         self.runner: ModelRunner | None = None
-        self.global_rank = shard.pp_rank * shard.tp_size + shard.tp_rank
+        self.timeline: collections.deque = collections.deque(maxlen=256)  # (start, end, tokens) of recent calls
+        self.compute_delay_s = 0.0
 
-    def rendezvous_address(self) -> tuple[str, int]:
-        """Called on rank 0 only: its node's address and a free port there."""
+    # ---- setup ---------------------------------------------------------------------------------
+    def node_address(self) -> tuple[str, int]:
+        """(IP of this shard's node, a free port there): rank 0's answer is the group's rendezvous address."""
         ip = ray.util.get_node_ip_address()
         return ip, free_port(ip)
 
-    def init(self, master_addr: str, master_port: int, timeout_s: float) -> None:
-        group = None
-        if self.shard.tp_size > 1:
-            group = init_shard_group(master_addr=master_addr, master_port=master_port, rank=self.global_rank,
-                                     tp_size=self.shard.tp_size, pp_size=self.shard.pp_size,
-                                     device=self.device, timeout_s=timeout_s)
-        self.runner = ModelRunner(self.cfg, shard=self.shard, group=group, dtype=self.dtype, device=self.device,
-                                  max_model_len=self.max_model_len, block_size=self.block_size)
+    def init(self, master_addr: str, master_port: int, timeout_s: float) -> str:
+        if self.shard.tp_size * self.shard.pp_size > 1:
+            self.comm = init_shard_group(master_addr=master_addr, master_port=master_port,
+                                         tp_rank=self.shard.tp_rank, pp_rank=self.shard.pp_rank,
+                                         tp_size=self.shard.tp_size, pp_size=self.shard.pp_size,
+                                         device=self.device, timeout_s=timeout_s)
+        self.runner = ModelRunner(self.cfg, shard=self.shard, group=self.comm.tp_group, dtype=self.dtype,
+                                  device=self.device, max_model_len=self.max_model_len, block_size=self.block_size)
+        return self.comm.backend
 
     def load_weights(self, path: str) -> int:
         self.runner.load_weights(path, show_progress=False)
@@ -50,19 +64,39 @@ class ShardWorker:
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.runner.allocate_kv_cache(num_blocks)
 
-    def execute(self, step: StepInput, hidden: torch.Tensor | None = None):
-        """Last stage: logits (from TP rank 0; other ranks return None). Earlier stages: hidden states."""
+    # ---- the step --------------------------------------------------------------------------------
+    def execute(self, step: StepInput) -> torch.Tensor | None:
+        """Run this shard's part of one (micro-)batch. Last stage, TP rank 0: fp32 logits on the CPU."""
+        hidden = None
+        if not self.shard.is_first_stage:
+            hidden = self.comm.pipe.recv(step.num_tokens, self.cfg.hidden_size, self.dtype, self.device)
+        start = time.time()
         out = self.runner.execute(step, hidden)
-        if self.shard.tp_rank != 0:
+        if self.compute_delay_s:
+            time.sleep(self.compute_delay_s)
+        self.timeline.append((start, time.time(), step.num_tokens))
+        if not self.shard.is_last_stage:
+            self.comm.pipe.send(out)
             return None
-        return out.cpu() if not self.shard.is_last_stage else out
+        return out if self.shard.tp_rank == 0 else None
 
+    # ---- operations ------------------------------------------------------------------------------
     def ping(self) -> int:
-        return self.global_rank
+        return self.rank
 
     def stats(self) -> dict:
-        return {"rank": self.global_rank, "tp_rank": self.shard.tp_rank, "pp_rank": self.shard.pp_rank,
+        kv = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.runner.kv_caches)
+        return {"rank": self.rank, "tp_rank": self.shard.tp_rank, "pp_rank": self.shard.pp_rank,
                 "layers": [self.shard.layer_start, self.shard.layer_end],
                 "weight_bytes": self.runner.model.weight_bytes(), "weight_bytes_read": self.runner.weight_bytes_read,
-                "rss_bytes": psutil.Process(os.getpid()).memory_info().rss,
-                "node_id": ray.get_runtime_context().get_node_id()}
+                "kv_cache_bytes": kv, "rss_bytes": psutil.Process(os.getpid()).memory_info().rss,
+                "device": str(self.device), "backend": self.comm.backend, "pid": os.getpid(),
+                "node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address()}
+
+    def recent_timeline(self) -> list[tuple[float, float, int]]:
+        """Wall-clock (start, end, tokens) of this shard's recent compute (benchmarks, pipeline tests)."""
+        return list(self.timeline)
+
+    def set_compute_delay(self, seconds: float) -> None:
+        """Stretch every compute by `seconds` (tests: makes pipeline overlap observable on a tiny model)."""
+        self.compute_delay_s = seconds
