@@ -1,151 +1,279 @@
-"""`herd plan`: which TP × PP layouts fit a model on given GPUs, and what each leaves for the KV cache.
+"""`herd plan`: which TP × PP layouts fit a model on given GPUs, and how much KV cache each leaves.
 
-Per GPU: weights ≈ (layers/PP) × (per-layer weights / TP) plus the embedding / lm_head slice (vocab / TP) on
-the first / last stage; KV cache per token = 2 × (layers/PP) × max(1, kv_heads/TP) × head_dim × bytes
-(kv heads are replicated when TP exceeds them). What is left of `gpu_memory × utilization` after weights and
-an activation reserve holds the KV cache; a layout fits when one sequence of max_model_len fits in it.
-TP stays inside a node (NVLink); PP spans nodes.
+The arithmetic mirrors what the shards really allocate: weight bytes per shard follow the same Megatron
+slices as `workers.model` (`ShardInfo`: q heads, kv heads — replicated when TP > kv heads —, MLP columns,
+padded vocabulary rows, embedding on the first stage, lm_head and final norm on the last), KV bytes per
+block are `model_runner.kv_block_bytes`, and the KV budget follows `CacheBudget` on CUDA:
+`memory × utilization − weights − runtime overhead`. The busiest shard decides, since every shard of a
+group holds the same number of KV blocks.
+
+Layouts considered: TP up to the GPUs of one node (a TP group all-reduces every layer, so it stays on a
+node), any PP, and T·P dividing the cluster's GPUs so whole replicas tile it. The recommendation is the
+layout that serves the most concurrent sequences of max_model_len over the whole cluster (replicas ×
+sequences per replica), then the one with fewer pipeline stages (fewer bubbles), then more TP.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from pathlib import Path
+import argparse
+import json
+import re
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
 
 from ..config import ModelConfig, parse_dtype
-from ..demo import hf_config
 from ..errors import CheckpointError
-from ..shard import check_tensor_parallel
+from ..model_runner import kv_block_bytes
+from ..shard import ShardInfo, check_tensor_parallel, partition_layers
 
-# Published Hugging Face configs of the real models (the parts that size memory).
-REAL_SHAPES: dict[str, dict] = {
-    "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096),
-    "llama2-13b": dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
-                       num_attention_heads=40, num_key_value_heads=40, max_position_embeddings=4096),
-    "llama2-70b": dict(vocab_size=32000, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                       num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=4096),
-    "llama3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
-                        tie_word_embeddings=True, head_dim=64),
-    "llama3.2-3b": dict(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
-                        num_attention_heads=24, num_key_value_heads=8, max_position_embeddings=131072,
-                        tie_word_embeddings=True, head_dim=128),
-    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072),
-    "llama3-70b": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                       num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=131072),
+GiB = 1 << 30
+RUNTIME_OVERHEAD = GiB + (512 << 20)   # CUDA context + NCCL buffers (~1 GiB) + CacheBudget's activation headroom
+
+_LLAMA3_SCALING = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 8192}
+
+
+def _llama2(hidden, inter, layers, heads, kv):
+    return dict(vocab_size=32000, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096,
+                rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, torch_dtype="float16")
+
+
+def _llama3(hidden, inter, layers, heads, kv, factor, tied, head_dim=None):
+    cfg = dict(vocab_size=128256, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+               num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=131072,
+               rms_norm_eps=1e-5, rope_theta=500000.0, rope_scaling={**_LLAMA3_SCALING, "factor": factor},
+               tie_word_embeddings=tied, torch_dtype="bfloat16")
+    if head_dim:
+        cfg["head_dim"] = head_dim
+    return cfg
+
+
+# The published Hugging Face config.json values of each model (meta-llama/...).
+SHAPES: dict[str, tuple[str, dict]] = {
+    "llama2-7b": ("Llama 2 7B", _llama2(4096, 11008, 32, 32, 32)),
+    "llama2-13b": ("Llama 2 13B", _llama2(5120, 13824, 40, 40, 40)),
+    "llama2-70b": ("Llama 2 70B", _llama2(8192, 28672, 80, 64, 8)),
+    "llama3-1b": ("Llama 3.2 1B", _llama3(2048, 8192, 16, 32, 8, 32.0, True, head_dim=64)),
+    "llama3-3b": ("Llama 3.2 3B", _llama3(3072, 8192, 28, 24, 8, 32.0, True, head_dim=128)),
+    "llama3-8b": ("Llama 3.1 8B", _llama3(4096, 14336, 32, 32, 8, 8.0, False)),
+    "llama3-70b": ("Llama 3.1 70B", _llama3(8192, 28672, 80, 64, 8, 8.0, False)),
 }
-ACTIVATION_RESERVE = 2 << 30   # per GPU: activations, CUDA context, allocator slack
+ALIASES = {"llama3.2-1b": "llama3-1b", "llama3.2-3b": "llama3-3b", "llama3.1-8b": "llama3-8b",
+           "llama3.1-70b": "llama3-70b"}
+
+
+def shape_config(name: str) -> tuple[str, ModelConfig]:
+    key = ALIASES.get(name.lower(), name.lower())
+    if key not in SHAPES:
+        raise CheckpointError(f"unknown shape {name!r} (known: {', '.join(list(SHAPES) + list(ALIASES))})")
+    title, cfg = SHAPES[key]
+    return title, ModelConfig.from_dict(cfg)
+
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)(b?)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'80GiB' / '80G' (binary) / '24GB' (decimal) / '81920MiB' / bytes -> bytes."""
+    m = _SIZE.match(str(text))
+    if not m:
+        raise CheckpointError(f"size {text!r}: use a number with a unit such as 80GiB, 24GB or 40960MiB")
+    value, unit, binary, b = m.groups()
+    power = "kmgt".find(unit.lower()) + 1 if unit else 0
+    base = 1000 if (unit and b and not binary) else 1024   # GB = 10^9; G, GiB = 2^30
+    return int(float(value) * base ** power)
+
+
+def shard_weight_bytes(cfg: ModelConfig, shard: ShardInfo, dtype: torch.dtype) -> int:
+    """Bytes of the parameters `LlamaForCausalLM(cfg, shard=shard)` allocates (see workers/model.py)."""
+    h, d = cfg.hidden_size, cfg.head_dim
+    q0, q1 = shard.q_heads(cfg)
+    k0, k1 = shard.kv_heads(cfg)
+    i0, i1 = shard.intermediate(cfg)
+    n_q, n_kv, n_i = q1 - q0, k1 - k0, i1 - i0
+    per_layer = (n_q + 2 * n_kv) * d * h + h * n_q * d + 2 * n_i * h + h * n_i + 2 * h
+    params = len(shard.layers(cfg)) * per_layer
+    rows = shard.vocab_per_rank(cfg)
+    if shard.is_first_stage or (shard.is_last_stage and cfg.tie_word_embeddings):
+        params += rows * h                      # embedding (also the tied lm_head)
+    if shard.is_last_stage:
+        params += h + (0 if cfg.tie_word_embeddings else rows * h)   # final norm (+ untied lm_head)
+    return params * torch.empty((), dtype=dtype).element_size()
 
 
 @dataclass
 class Layout:
     tp: int
     pp: int
-    weight_bytes: int        # per GPU (the largest stage)
-    kv_bytes: int            # per GPU, available for the KV cache
-    kv_bytes_per_token: int  # per GPU
-    max_seqs: int            # concurrent sequences of max_model_len
+    gpus: int                     # per replica
+    replicas: int                 # whole replicas the cluster holds
+    weight_bytes_per_gpu: int     # busiest shard
+    kv_bytes_per_gpu: int         # KV budget of the busiest shard (every shard holds as many blocks)
+    kv_tokens: int                # tokens of KV cache per replica
+    max_seqs: int                 # concurrent sequences of max_model_len per replica
+    fits: bool
+    reason: str = ""
 
     @property
-    def fits(self) -> bool:
-        return self.max_seqs >= 1
+    def name(self) -> str:
+        return f"TP{self.tp}" + (f"×PP{self.pp}" if self.pp > 1 else "")
+
+    @property
+    def total_seqs(self) -> int:
+        return self.max_seqs * self.replicas
 
 
-def model_shape(name_or_path: str) -> ModelConfig:
-    if name_or_path in REAL_SHAPES:
-        spec = dict(REAL_SHAPES[name_or_path])
-        return ModelConfig.from_dict(hf_config(**spec))
-    if Path(name_or_path).is_dir():
-        return ModelConfig.from_pretrained(name_or_path)
-    raise CheckpointError(f"{name_or_path!r} is neither a checkpoint folder nor a known shape "
-                          f"({', '.join(REAL_SHAPES)})")
+def evaluate(cfg: ModelConfig, tp: int, pp: int, *, gpu_memory: int, dtype: torch.dtype, max_model_len: int,
+             total_gpus: int, gpu_memory_utilization: float = 0.9, block_size: int = 16,
+             overhead: int = RUNTIME_OVERHEAD) -> Layout:
+    check_tensor_parallel(cfg, tp)
+    ranges = partition_layers(cfg.num_hidden_layers, pp)
+    weights, blocks = 0, None
+    for p, (start, end) in enumerate(ranges):
+        for t in range(tp):
+            shard = ShardInfo(tp_rank=t, tp_size=tp, pp_rank=p, pp_size=pp, layer_start=start, layer_end=end)
+            w = shard_weight_bytes(cfg, shard, dtype)
+            budget = int(gpu_memory * gpu_memory_utilization) - w - overhead
+            n = max(0, budget) // kv_block_bytes(cfg, shard, block_size, dtype)
+            weights = max(weights, w)
+            blocks = n if blocks is None else min(blocks, n)
+    kv_bytes = max(0, int(gpu_memory * gpu_memory_utilization) - weights - overhead)
+    per_seq = -(-max_model_len // block_size)
+    max_seqs = blocks // per_seq
+    reason = ""
+    if kv_bytes <= 0:
+        reason = f"weights ({weights / GiB:.1f} GiB per GPU) leave no room for the KV cache"
+    elif max_seqs < 1:
+        reason = f"KV cache holds {blocks * block_size} tokens, less than one sequence of {max_model_len}"
+    return Layout(tp, pp, tp * pp, total_gpus // (tp * pp), weights, kv_bytes, blocks * block_size, max_seqs,
+                  fits=max_seqs >= 1, reason=reason)
 
 
-def per_gpu(cfg: ModelConfig, tp: int, pp: int, elem: int) -> tuple[int, int]:
-    """(weight bytes of the heaviest shard, KV bytes per token per shard)."""
-    h, d = cfg.hidden_size, cfg.head_dim
-    kv_local = max(1, cfg.num_key_value_heads // tp)
-    per_layer = (h * (cfg.num_attention_heads // tp) * d * 2 + 2 * h * kv_local * d
-                 + 3 * h * (cfg.intermediate_size // tp) + 2 * h)
-    layers = math.ceil(cfg.num_hidden_layers / pp)
-    vocab_rows = math.ceil(cfg.vocab_size / tp) * h
-    ends = vocab_rows * (1 if pp > 1 or cfg.tie_word_embeddings else 2)  # first or last stage's share
-    weights = (layers * per_layer + ends) * elem
-    kv_per_token = 2 * layers * kv_local * d * elem
-    return weights, kv_per_token
-
-
-def plan(cfg: ModelConfig, *, gpus_per_node: int, gpu_memory: int, nodes: int = 1, max_model_len: int | None = None,
-         dtype: str = "bfloat16", utilization: float = 0.9) -> list[Layout]:
-    elem = parse_dtype(dtype).itemsize
-    max_len = max_model_len or cfg.max_position_embeddings
-    layouts = []
-    for tp in (1, 2, 4, 8, 16):
-        if tp > gpus_per_node:
-            break
+def candidate_layouts(cfg: ModelConfig, gpus_per_node: int, total_gpus: int) -> list[tuple[int, int]]:
+    out = []
+    for tp in range(1, gpus_per_node + 1):
         try:
             check_tensor_parallel(cfg, tp)
         except CheckpointError:
             continue
-        for pp in range(1, nodes * gpus_per_node // tp + 1):
-            if pp > cfg.num_hidden_layers:
-                break
-            weights, kv_tok = per_gpu(cfg, tp, pp, elem)
-            kv = int(gpu_memory * utilization) - weights - ACTIVATION_RESERVE
-            layouts.append(Layout(tp, pp, weights, max(kv, 0), kv_tok, max(kv, 0) // (kv_tok * max_len)))
-    return layouts
+        for pp in range(1, min(cfg.num_hidden_layers, total_gpus // tp) + 1):
+            if total_gpus % (tp * pp) == 0:
+                out.append((tp, pp))
+    return out
 
+
+def plan(cfg: ModelConfig, *, gpus_per_node: int, gpu_memory: int, nodes: int = 1, max_model_len: int | None = None,
+         dtype: torch.dtype = torch.bfloat16, gpu_memory_utilization: float = 0.9, block_size: int = 16) -> list[Layout]:
+    """Every candidate layout, fitting ones first (best first), then the ones that do not fit."""
+    if gpus_per_node < 1 or nodes < 1:
+        raise CheckpointError("--gpus-per-node and --nodes must be >= 1")
+    total = gpus_per_node * nodes
+    max_model_len = max_model_len or cfg.max_position_embeddings
+    layouts = [evaluate(cfg, tp, pp, gpu_memory=gpu_memory, dtype=dtype, max_model_len=max_model_len,
+                        total_gpus=total, gpu_memory_utilization=gpu_memory_utilization, block_size=block_size)
+               for tp, pp in candidate_layouts(cfg, gpus_per_node, total)]
+    return sorted(layouts, key=lambda l: (not l.fits, -l.total_seqs, l.pp, -l.tp))
+
+
+def min_gpus_needed(cfg: ModelConfig, *, gpus_per_node: int, gpu_memory: int, max_model_len: int,
+                    dtype: torch.dtype, gpu_memory_utilization: float = 0.9, limit: int = 1024) -> Layout | None:
+    """The smallest layout (fewest GPUs of this size, TP within a node) that fits, if any does."""
+    best = None
+    for tp in range(1, gpus_per_node + 1):
+        try:
+            check_tensor_parallel(cfg, tp)
+        except CheckpointError:
+            continue
+        for pp in range(1, min(cfg.num_hidden_layers, limit // tp) + 1):
+            layout = evaluate(cfg, tp, pp, gpu_memory=gpu_memory, dtype=dtype, max_model_len=max_model_len,
+                              total_gpus=tp * pp, gpu_memory_utilization=gpu_memory_utilization)
+            if layout.fits:
+                if best is None or (layout.gpus, layout.pp) < (best.gpus, best.pp):
+                    best = layout
+                break
+    return best
+
+
+# ---- CLI ---------------------------------------------------------------------------------------------------
 
 def _gib(n: int) -> str:
-    return f"{n / 2**30:6.1f}"
-
-
-def parse_size(text: str) -> int:
-    t = text.strip().lower().replace(" ", "")
-    for suffix, mult in (("gib", 2**30), ("gb", 10**9), ("mib", 2**20), ("g", 2**30)):
-        if t.endswith(suffix):
-            return int(float(t[: -len(suffix)]) * mult)
-    return int(t)
+    return f"{n / GiB:.1f} GiB"
 
 
 def cmd_plan(args) -> int:
-    cfg = model_shape(args.model or args.shape)
-    layouts = plan(cfg, gpus_per_node=args.gpus_per_node, gpu_memory=parse_size(args.gpu_memory), nodes=args.nodes,
-                   max_model_len=args.max_model_len, dtype=args.dtype)
+    if bool(args.model) == bool(args.shape):
+        print("herd plan: give exactly one of --model DIR or --shape NAME "
+              f"(shapes: {', '.join(SHAPES)})", file=sys.stderr)
+        return 2
+    if args.model:
+        cfg = ModelConfig.from_pretrained(args.model)
+        title = args.model
+    else:
+        title, cfg = shape_config(args.shape)
+    # The engine's default on GPUs is the checkpoint's stored dtype (resolve_dtype); shapes are bf16.
+    dtype = parse_dtype(args.dtype, cfg.stored_dtype if args.model else torch.bfloat16)
+    gpu_memory = parse_size(args.gpu_memory)
     max_len = args.max_model_len or cfg.max_position_embeddings
+    layouts = plan(cfg, gpus_per_node=args.gpus_per_node, gpu_memory=gpu_memory, nodes=args.nodes,
+                   max_model_len=max_len, dtype=dtype, gpu_memory_utilization=args.gpu_memory_utilization,
+                   block_size=args.block_size)
     fitting = [l for l in layouts if l.fits]
-    print(f"model: {args.model or args.shape} ({cfg.num_params / 1e9:.1f}B parameters, {cfg.num_hidden_layers} layers, "
-          f"{cfg.num_attention_heads} heads / {cfg.num_key_value_heads} kv heads), {args.dtype}, max_model_len {max_len}")
-    print(f"cluster: {args.nodes} node(s) × {args.gpus_per_node} GPU(s) × {args.gpu_memory}")
+    total_weights = shard_weight_bytes(cfg, ShardInfo(), dtype)
+    header = (f"{title}: {cfg.num_params / 1e9:.2f}B parameters, {_gib(total_weights)} of weights in "
+              f"{str(dtype).replace('torch.', '')}; max_model_len {max_len}\n"
+              f"cluster: {args.nodes} node(s) × {args.gpus_per_node} GPU(s) × {_gib(gpu_memory)} "
+              f"({args.gpu_memory_utilization:.0%} usable, {_gib(RUNTIME_OVERHEAD)} runtime overhead per GPU)")
+    if args.json:
+        print(json.dumps({"model": title, "dtype": str(dtype).replace("torch.", ""), "max_model_len": max_len,
+                          "weight_bytes": total_weights, "gpus": args.nodes * args.gpus_per_node,
+                          "gpu_memory_bytes": gpu_memory,
+                          "layouts": [{"name": l.name, **asdict(l)} for l in layouts],
+                          "recommended": fitting[0].name if fitting else None}, indent=2))
+        return 0 if fitting else 1
     if not fitting:
-        print("no layout fits: the weights and one sequence of max_model_len need more GPU memory than this cluster has"
-              " (add GPUs or nodes, lower max_model_len, or use a smaller model)")
+        need = min_gpus_needed(cfg, gpus_per_node=args.gpus_per_node, gpu_memory=gpu_memory, max_model_len=max_len,
+                               dtype=dtype, gpu_memory_utilization=args.gpu_memory_utilization)
+        best = max(layouts, key=lambda l: (l.kv_bytes_per_gpu, -l.weight_bytes_per_gpu)) if layouts else None
+        msg = [header, f"does not fit: no TP × PP layout of {args.nodes * args.gpus_per_node} GPU(s) of "
+                       f"{_gib(gpu_memory)} holds the weights plus one sequence of {max_len} tokens."]
+        if best is not None:
+            msg.append(f"  closest: {best.name} needs {_gib(best.weight_bytes_per_gpu)} of weights per GPU; {best.reason}")
+        if need is not None:
+            msg.append(f"  smallest layout that fits GPUs of this size: {need.name} ({need.gpus} GPUs, "
+                       f"{_gib(need.weight_bytes_per_gpu)} weights + {_gib(need.kv_bytes_per_gpu)} KV cache per GPU)")
+        else:
+            msg.append("  no layout of GPUs this size fits (lower --max-model-len, or use larger GPUs)")
+        print("\n".join(msg), file=sys.stderr)
         return 1
-    print(f"{'layout':<10} {'GPUs':>4} {'weights/GPU GiB':>16} {'KV cache/GPU GiB':>17} {'max seqs @ max_model_len':>25}")
+    print(header)
+    print(f"{'layout':<10} {'GPUs':>4} {'replicas':>8} {'weights/GPU':>12} {'KV cache/GPU':>13} "
+          f"{'KV tokens':>10} {'seqs/replica':>12} {'seqs total':>10}")
     for l in fitting:
-        print(f"{f'TP{l.tp}×PP{l.pp}':<10} {l.tp * l.pp:>4} {_gib(l.weight_bytes):>16} {_gib(l.kv_bytes):>17} {l.max_seqs:>25}")
-    best = recommend(fitting)
-    others = [f"TP{l.tp}×PP{l.pp}" for l in fitting if l.tp * l.pp == best.tp * best.pp and l is not best]
-    print(f"recommended: TP{best.tp}×PP{best.pp}" + (f" (alternatives on as many GPUs: {', '.join(others)})" if others else ""))
+        print(f"{l.name:<10} {l.gpus:>4} {l.replicas:>8} {_gib(l.weight_bytes_per_gpu):>12} "
+              f"{_gib(l.kv_bytes_per_gpu):>13} {l.kv_tokens:>10} {l.max_seqs:>12} {l.total_seqs:>10}")
+    rejected = [l for l in layouts if not l.fits]
+    if rejected:
+        print("does not fit: " + ", ".join(f"{l.name} ({l.reason})" for l in rejected))
+    best = fitting[0]
+    print(f"recommended: {best.name} × {best.replicas} replica(s): {best.total_seqs} concurrent sequences of "
+          f"{max_len} tokens (herd serve: tensor_parallel_size: {best.tp}, pipeline_parallel_size: {best.pp})")
     return 0
 
 
-def recommend(fitting: list[Layout]) -> Layout:
-    """Use every GPU the layouts allow, with as much TP (inside a node) as possible: TP cuts per-token latency,
-    PP only adds capacity."""
-    return max(fitting, key=lambda l: (l.tp * l.pp, l.tp))
-
-
-def register_plan_cli(subparsers) -> None:
-    p = subparsers.add_parser("plan", help="TP/PP layouts that fit a model on given GPUs")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="checkpoint folder")
-    src.add_argument("--shape", choices=list(REAL_SHAPES), help="a real model's published shape")
+def register_plan_cli(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("plan", help="TP × PP layouts that fit a model on given GPUs, with memory per GPU")
+    src = p.add_argument_group("model (one of)")
+    src.add_argument("--model", help="checkpoint folder (only config.json is read)")
+    src.add_argument("--shape", help=f"a published Llama shape: {', '.join(SHAPES)}")
     p.add_argument("--gpus-per-node", type=int, required=True)
-    p.add_argument("--gpu-memory", required=True, help="per GPU, e.g. 80GiB")
+    p.add_argument("--gpu-memory", required=True, help="memory of one GPU, e.g. 80GiB, 24GB")
     p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--max-model-len", type=int, default=None, help="default: the model's context length")
+    p.add_argument("--dtype", default=None, help="weights and KV cache dtype (default: bf16; --model: as stored)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_plan)
+    return p
