@@ -1,119 +1,302 @@
-"""`herd bench parallel`: TP / PP layouts on the CPU here, the driver→worker hop, per-shard memory.
+"""`herd bench parallel`: TP / PP shard groups on this machine's CPU, as JSON.
 
-Prints JSON: for TP1, TP2, PP2 and TP2×PP2 on one checkpoint, the mean decode-step latency and tokens/s of
-a fixed batch, each shard's RSS; every sharded layout is run twice, with the step delivered as plain actor
-calls (`use_compiled_graph=False`, `decode_step_ms_plain`) and through a Ray Compiled Graph
-(`use_compiled_graph=True`, `decode_step_ms_compiled`); `mode_*` records the path the executor actually took.
-Last, the round trip of an empty driver→worker call, plain actor call vs compiled graph (what a step pays
-before any model work).
+Three parts:
+- layouts: TP1 (in-process) vs TP2 vs PP2 vs TP2×PP2 on one generated checkpoint, each parallel layout with
+  the compiled-graph and the plain-actor-call step fan-out: prefill step, median decode step, tokens/s,
+  and each shard's RSS;
+- hop: the driver→workers cost of one step with nothing to compute (a decode-sized `StepInput` to 4 no-op
+  actors and the logits back) — plain actor calls vs a compiled graph;
+- activations: moving one stage's hidden states to the next stage — through the object store (the
+  driver passes the reference on), a compiled-graph channel, and torch.distributed send/recv (gloo).
+
+CPU figures say nothing about GPU speed; they show the fixed costs of the machinery (what the driver hop
+and the transports cost) and that PP/TP scale at all on few cores.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
-SHAPE = dict(vocab_size=8000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
-             num_key_value_heads=4, max_position_embeddings=2048, dtype="float32")
+import psutil
+import torch
+
+# ~100M parameters: matmuls dominate a decode step, yet four shards fit in a small CI machine's memory.
+BENCH_SHAPE = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
+                   num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048)
+# (tp, pp, use_compiled_graph, num_microbatches): each parallel layout with both step fan-outs (auto
+# micro-batching: big steps split, decode whole), and the PP layouts once more with every step split into
+# one micro-batch per stage, decode included (see docs/parallel.md for why that is not the default).
+LAYOUTS = [(1, 1, None, None),
+           (2, 1, True, None), (2, 1, False, None),
+           (1, 2, True, None), (1, 2, False, None), (1, 2, False, 2),
+           (2, 2, True, None), (2, 2, False, None), (2, 2, False, 2)]
 
 
-def _step_latency(path: str, tp: int, pp: int, batch: int, new_tokens: int, compiled: bool | None = None) -> dict:
+def _median_ms(xs: list[float]) -> float:
+    return round(statistics.median(xs) * 1e3, 3)
+
+
+def _decode_step_input(num_seqs: int, ctx_len: int = 128, block_size: int = 16):
+    from workers.model_runner import StepInput
+    blocks = -(-ctx_len // block_size)
+    step = StepInput()
+    for i in range(num_seqs):
+        table = list(range(i * blocks, (i + 1) * blocks))
+        step.input_ids.append(5 + i)
+        step.positions.append(ctx_len - 1)
+        step.slot_mapping.append(table[-1] * block_size + (ctx_len - 1) % block_size)
+        step.num_decode += 1
+        step.decode_block_tables.append(table)
+        step.decode_seq_lens.append(ctx_len)
+        step.sample_indices.append(i)
+    return step
+
+
+# ---- layouts ---------------------------------------------------------------------------------------------
+
+def bench_layout(path: str, tp: int, pp: int, compiled: bool | None, microbatches: int | None, *, batch: int,
+                 prompt_len: int, new_tokens: int) -> dict:
     from workers import Engine, SamplingParams
-    extra = {} if tp * pp == 1 else {"use_compiled_graph": compiled}
+    shard_cpu = max(0.1, min(1.0, (os.cpu_count() or 2) / (tp * pp)))
+    t0 = time.perf_counter()
     engine = Engine.from_pretrained(path, tensor_parallel_size=tp, pipeline_parallel_size=pp, dtype="float32",
-                                    show_progress=False, resources_per_shard={"CPU": 0.5}, enable_prefix_caching=False,
-                                    **extra)
+                                    show_progress=False, enable_prefix_caching=False, kv_cache_memory=64 << 20,
+                                    resources_per_shard={"CPU": shard_cpu}, use_compiled_graph=compiled,
+                                    num_microbatches=microbatches)
+    build_s = time.perf_counter() - t0
     try:
-        prompts = [[(7 * i + j) % 7000 + 3 for j in range(64)] for i in range(batch)]
-        engine.generate(prompts[:2], SamplingParams(max_tokens=2, ignore_eos=True))  # warm-up
-        for p in prompts:
-            engine.add_request(p, SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True))
-        engine.step()  # the prefill step
-        times, tokens = [], 0
+        vocab = engine.vocab_size
+        params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+        engine.generate([[7] * 8], SamplingParams(max_tokens=2, ignore_eos=True))   # warm-up
+        for i in range(batch):
+            engine.add_request([(31 * i + j) % (vocab - 3) + 3 for j in range(prompt_len)], params)
+        steps, start = [], time.perf_counter()
         while engine.has_unfinished():
-            t0 = time.perf_counter()
-            tokens += len(engine.step())
-            times.append(time.perf_counter() - t0)
-        stats = engine.executor.shard_stats()
-        return {"layout": f"TP{tp}xPP{pp}", "decode_step_ms": 1e3 * statistics.mean(times),
-                "tok_per_s": tokens / sum(times),
-                "shard_rss_mib": [round(s.get("rss_bytes", 0) / 2**20) for s in stats] if tp * pp > 1 else None,
-                "shard_weight_mib": [round(s["weight_bytes"] / 2**20, 1) for s in stats],
-                "mode": getattr(engine.executor, "mode", "tasks" if tp * pp > 1 else "local")}
+            s = time.perf_counter()
+            engine.step()
+            steps.append(time.perf_counter() - s)
+        total = time.perf_counter() - start
+        if tp * pp > 1:
+            shards = engine.executor.shard_stats()
+            rss = {f"rank{s['rank']}": round(s["rss_bytes"] / 2**20, 1) for s in shards}
+            weights = {f"rank{s['rank']}": round(s["weight_bytes"] / 2**20, 1) for s in shards}
+        else:
+            rss = {"rank0 (driver)": round(psutil.Process().memory_info().rss / 2**20, 1)}
+            weights = {"rank0": round(engine.executor.runner.model.weight_bytes() / 2**20, 1)}
+        mode = getattr(engine.executor, "mode", "in-process")
     finally:
         engine.shutdown()
+    return {"layout": f"TP{tp}" + (f"xPP{pp}" if pp > 1 else ""), "tp": tp, "pp": pp, "fan_out": mode,
+            "microbatches": ("auto" if microbatches is None else microbatches) if pp > 1 else 1,
+            "build_s": round(build_s, 2), "prefill_step_ms": round(steps[0] * 1e3, 1),
+            "decode_step_ms_median": _median_ms(steps[1:]), "decode_steps": len(steps) - 1,
+            "tok_per_s": round(batch * new_tokens / total, 1), "seconds": round(total, 2),
+            "shard_rss_mib": rss, "shard_weights_mib": weights}
 
 
-def _hop_overhead(calls: int = 300) -> dict:
+# ---- driver -> workers hop ---------------------------------------------------------------------------------
+
+def _define_actors():
     import ray
-    from ray.dag import InputNode
 
     @ray.remote(num_cpus=0.1)
-    class Echo:
-        def echo(self, x):
-            return x
+    class NoOpShard:
+        """Receives a step and does nothing; the last one returns decode-sized logits like the real last stage."""
 
-    actor = Echo.remote()
-    payload = {"input_ids": list(range(64)), "positions": list(range(64))}
-    ray.get(actor.echo.remote(payload))
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        ray.get(actor.echo.remote(payload))
-    plain = (time.perf_counter() - t0) / calls
-    with InputNode() as inp:
-        dag = actor.echo.bind(inp)
-    compiled = dag.experimental_compile()
-    try:
-        ray.get(compiled.execute(payload))
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            ray.get(compiled.execute(payload))
-        cg = (time.perf_counter() - t0) / calls
-    finally:
-        compiled.teardown()
-        ray.kill(actor)
-    return {"plain_actor_call_ms": plain * 1e3, "compiled_graph_ms": cg * 1e3}
+        def __init__(self, logits_shape=None):
+            self.logits = torch.zeros(logits_shape) if logits_shape else None
 
+        def execute(self, step):
+            return self.logits
+
+        def ping(self):
+            return 0
+
+        def pid(self):
+            return os.getpid()
+
+    @ray.remote(num_cpus=0.1)
+    class Stage:
+        """Hands a [tokens, hidden] activation to the next stage, three ways."""
+
+        def __init__(self):
+            self.cache = {}
+
+        def init(self, rank: int, port: int):
+            import torch.distributed as dist
+            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                                    timeout=datetime.timedelta(seconds=60))
+
+        def hidden(self, n: int, h: int):
+            if (n, h) not in self.cache:
+                self.cache[(n, h)] = torch.randn(n, h)
+            return self.cache[(n, h)]
+
+        def produce(self, shape):
+            return self.hidden(*shape)
+
+        def consume(self, shape, hidden):
+            return hidden.shape[0]
+
+        def send(self, shape):
+            import torch.distributed as dist
+            dist.send(self.hidden(*shape), dst=1)
+            return None
+
+        def recv(self, shape):
+            import torch.distributed as dist
+            buf = torch.empty(shape)
+            dist.recv(buf, src=0)
+            return buf.shape[0]
+
+        def noop(self, shape):
+            return None
+
+    return NoOpShard, Stage
+
+
+def _time_calls(fn, iters: int, warmup: int = 10) -> float:
+    for _ in range(warmup):
+        fn()
+    xs = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        xs.append(time.perf_counter() - t)
+    return _median_ms(xs)
+
+
+def bench_hop(iters: int, vocab: int) -> dict:
+    import ray
+    from ray.dag import InputNode, MultiOutputNode
+    NoOpShard, _ = _define_actors()
+    step = _decode_step_input(16)
+    out = {"step_input": "decode batch of 16 sequences, 128-token contexts", "logits_shape": [16, vocab]}
+    for n in (1, 4):
+        for returns_logits in (False, True):
+            shape = (16, vocab) if returns_logits else None
+            actors = [NoOpShard.remote(None) for _ in range(n - 1)] + [NoOpShard.remote(shape)]
+            ray.get([a.ping.remote() for a in actors])
+            tasks = _time_calls(lambda: ray.get([a.execute.remote(step) for a in actors]), iters)
+            with InputNode() as inp:
+                dag = MultiOutputNode([a.execute.bind(inp) for a in actors])
+            compiled = dag.experimental_compile()
+            try:
+                cg = _time_calls(lambda: ray.get(compiled.execute(step)), iters)
+                # What a shard's resident graph loop costs while it waits for the next step.
+                proc = psutil.Process(ray.get(actors[0].pid.remote()))
+                proc.cpu_percent()
+                time.sleep(1.0)
+                idle_cpu = proc.cpu_percent()
+            finally:
+                compiled.teardown()
+            for a in actors:
+                ray.kill(a)
+            key = f"{n}_shards_" + ("step_and_logits" if returns_logits else "step_only")
+            out[key] = {"actor_calls_ms": tasks, "compiled_graph_ms": cg,
+                        "compiled_graph_idle_shard_cpu_percent": round(idle_cpu, 1)}
+    return out
+
+
+def bench_activations(iters: int, hidden: int) -> dict:
+    import ray
+    from ray.dag import InputNode, MultiOutputNode
+    from workers.parallel.distributed import free_port
+    _, Stage = _define_actors()
+    a, b = Stage.remote(), Stage.remote()
+    port = free_port("127.0.0.1")
+    ray.get([a.init.remote(0, port), b.init.remote(1, port)], timeout=120)
+    out = {"hidden_size": hidden, "dtype": "float32"}
+    for tokens in (16, 512):
+        shape = (tokens, hidden)
+        ray.get(a.produce.remote(shape))
+        row = {"mib": round(tokens * hidden * 4 / 2**20, 2)}
+        row["baseline_two_noop_calls_ms"] = _time_calls(lambda: ray.get([a.noop.remote(shape), b.noop.remote(shape)]), iters)
+        row["object_store_ms"] = _time_calls(lambda: ray.get(b.consume.remote(shape, a.produce.remote(shape))), iters)
+        row["gloo_send_recv_ms"] = _time_calls(lambda: ray.get([a.send.remote(shape), b.recv.remote(shape)]), iters)
+        # The same three inside a compiled graph: a no-op baseline, the graph's own channel a -> b, and gloo
+        # send/recv between the two (what the executor does: the graph carries the step, gloo the activations).
+        graphs = {}
+        with InputNode() as inp:
+            graphs["compiled_graph_baseline_ms"] = MultiOutputNode([a.noop.bind(inp), b.noop.bind(inp)])
+        with InputNode() as inp:
+            graphs["compiled_graph_channel_ms"] = b.consume.bind(inp, a.produce.bind(inp))
+        with InputNode() as inp:
+            graphs["compiled_graph_gloo_send_recv_ms"] = MultiOutputNode([a.send.bind(inp), b.recv.bind(inp)])
+        for name, dag in graphs.items():
+            compiled = dag.experimental_compile()
+            try:
+                row[name] = _time_calls(lambda: ray.get(compiled.execute(shape)), iters)
+            finally:
+                compiled.teardown()
+        out[f"{tokens}_tokens"] = row
+    ray.kill(a)
+    ray.kill(b)
+    return out
+
+
+# ---- entry point -------------------------------------------------------------------------------------------
 
 def run(args) -> int:
     import ray
     from workers.demo import hf_config, write_checkpoint
-    path = args.model
-    if not path:
-        path = str(Path(tempfile.mkdtemp(prefix="herd-bench-par-")) / "model")
-        write_checkpoint(path, hf_config(**SHAPE))
     os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    tmp = None
+    if args.model:
+        path = args.model
+    else:
+        tmp = tempfile.TemporaryDirectory(prefix="herd-bench-parallel-")
+        path = str(write_checkpoint(Path(tmp.name) / "model", hf_config(**BENCH_SHAPE, dtype="float32")))
+    result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+                          "ray": ray.__version__, "load_avg_at_start": [round(x, 2) for x in os.getloadavg()]},
+              "model": {"path": args.model or "generated", **({} if args.model else BENCH_SHAPE)},
+              "workload": {"batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens}}
+    rows = []
+
+    def layout(tp, pp, compiled, microbatches):
+        rows.append(bench_layout(path, tp, pp, compiled, microbatches, batch=args.batch,
+                                 prompt_len=args.prompt_len, new_tokens=args.new_tokens))
+        if args.verbose_rows:
+            print(json.dumps(rows[-1]), flush=True)
+
     try:
-        result = {"model": path, "batch": args.batch, "layouts": []}
-        for tp, pp in LAYOUTS:
-            if tp * pp == 1:
-                r = _step_latency(path, tp, pp, args.batch, args.new_tokens)
-            else:  # the same layout, step delivered both ways
-                plain = _step_latency(path, tp, pp, args.batch, args.new_tokens, compiled=False)
-                cg = _step_latency(path, tp, pp, args.batch, args.new_tokens, compiled=True)
-                r = {**cg, "decode_step_ms": None, "tok_per_s": None,
-                     "decode_step_ms_plain": plain["decode_step_ms"], "decode_step_ms_compiled": cg["decode_step_ms"],
-                     "tok_per_s_plain": plain["tok_per_s"], "tok_per_s_compiled": cg["tok_per_s"],
-                     "mode_plain": plain["mode"], "mode_compiled": cg["mode"]}
-                r = {k: v for k, v in r.items() if v is not None and k != "mode"}
-            print(json.dumps(r), flush=True)
-            result["layouts"].append(r)
-        result["driver_to_worker_hop"] = _hop_overhead()
-        print(json.dumps(result, indent=2))
+        # The in-process layout first, before Ray (and the workers it prestarts) compete for the cores.
+        layout(*LAYOUTS[0])
+        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
+                 _node_ip_address="127.0.0.1", log_to_driver=False)
+        time.sleep(5)   # let the prestarted workers finish importing
+        for spec in LAYOUTS[1:]:
+            layout(*spec)
+        result["layouts"] = rows
+        result["driver_worker_hop"] = bench_hop(args.iters, BENCH_SHAPE["vocab_size"])
+        result["activation_transport"] = bench_activations(max(20, args.iters // 5), args.hidden)
+        result["machine"]["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     finally:
         ray.shutdown()
+        if tmp is not None:
+            tmp.cleanup()
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
     return 0
 
 
 def register_bench(bench_sub) -> None:
-    p = bench_sub.add_parser("parallel", help="TP/PP step latency, driver→worker hop, per-shard RSS (JSON)")
-    p.add_argument("--model", default=None, help="checkpoint (default: a generated ~30M-parameter model)")
+    p = bench_sub.add_parser("parallel", help="TP/PP shard groups on the CPU: step latency, driver hop, "
+                                              "activation transport, shard RSS (JSON)")
+    p.add_argument("--model", default=None, help="checkpoint folder (default: a generated ~100M-parameter model)")
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--new-tokens", type=int, default=24)
-    p.add_argument("--num-cpus", type=int, default=4, help="logical CPUs for the local Ray")
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--iters", type=int, default=200, help="calls per driver-hop measurement")
+    p.add_argument("--hidden", type=int, default=4096, help="hidden size of the activation-transport test")
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    p.add_argument("--verbose-rows", action="store_true", help="print each layout's row as it finishes")
     p.set_defaults(func=run)

@@ -21,6 +21,7 @@ from workers.config import ModelConfig
 from workers.demo import hf_config
 from workers.model_runner import ModelRunner, StepInput
 from workers.parallel.placement import assign_bundles
+from workers.parallel.ray_executor import microbatches
 
 WIDE = dict(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=16,
             num_key_value_heads=4, dtype="float32")
@@ -130,6 +131,16 @@ def test_split_microbatch_logits_equal_whole_step(tmp_path):
         torch.testing.assert_close(parts_logits, whole, rtol=0, atol=1e-5)
 
 
+def test_auto_microbatches_split_only_big_steps():
+    small = mixed_step()                                    # 21 tokens
+    assert microbatches(small, 1, None) == [small]
+    assert microbatches(small, 2, None) == [small]          # memory-bound: kept whole
+    assert len(microbatches(small, 2, 2)) == 2              # explicit: always split
+    big = StepInput(input_ids=list(range(200)), positions=list(range(200)), slot_mapping=list(range(200)),
+                    prefills=[(0, 100, 100, [0]), (100, 100, 100, [1])], sample_indices=[99, 199])
+    assert len(microbatches(big, 2, None)) == 2             # compute-bound: one per stage
+
+
 def test_assign_bundles_keeps_tp_groups_on_a_node():
     # SPREAD over two nodes alternates bundles; shards are regrouped so each stage's TP pair shares a node.
     node_of = {0: "A", 1: "B", 2: "A", 3: "B"}
@@ -158,15 +169,17 @@ class TestOnLocalRay:
         return Engine.from_pretrained(path, tensor_parallel_size=tp, pipeline_parallel_size=pp,
                                       resources_per_shard=SHARD, **{**SMALL, **kw})
 
-    @pytest.mark.parametrize("name, tp, pp, compiled", [
-        ("wide", 2, 1, None), ("wide", 4, 1, None), ("wide", 1, 2, None), ("wide", 1, 3, None),
-        ("wide", 2, 2, None), ("wide", 2, 2, False),
-        ("narrow_kv", 4, 1, None),   # TP 4 > 2 kv heads: kv heads are replicated, not rejected
+    # use_compiled_graph: True = compiled graph; None = auto, which is plain actor calls on CPU shards.
+    # num_microbatches: N = every step (decode included) in N micro-batches; None = auto (only big steps).
+    @pytest.mark.parametrize("name, tp, pp, compiled, micro", [
+        ("wide", 2, 1, True, None), ("wide", 4, 1, None, None), ("wide", 1, 2, True, 2), ("wide", 1, 3, None, 3),
+        ("wide", 2, 2, True, 2), ("wide", 2, 2, None, None),
+        ("narrow_kv", 4, 1, True, None),   # TP 4 > 2 kv heads: kv heads are replicated, not rejected
     ])
-    def test_layouts_match_single_process(self, checkpoints, reference, name, tp, pp, compiled):
-        engine = self.build(checkpoints[name], tp, pp, use_compiled_graph=compiled)
+    def test_layouts_match_single_process(self, checkpoints, reference, name, tp, pp, compiled, micro):
+        engine = self.build(checkpoints[name], tp, pp, use_compiled_graph=compiled, num_microbatches=micro)
         try:
-            assert engine.executor.mode == ("tasks" if compiled is False else "compiled")
+            assert engine.executor.mode == ("compiled" if compiled else "tasks")
             round1, round2 = run_rounds(engine)
             stats = engine.executor.shard_stats()
         finally:
@@ -195,7 +208,7 @@ class TestOnLocalRay:
     def test_pipeline_stages_overlap(self, checkpoints, compiled):
         """Stage 0 computes micro-batch 1 while stage 1 computes micro-batch 0 (each compute stretched by
         0.2 s so the overlap is visible whatever the machine's load)."""
-        engine = self.build(checkpoints["wide"], 1, 2, use_compiled_graph=compiled)
+        engine = self.build(checkpoints["wide"], 1, 2, use_compiled_graph=compiled, num_microbatches=2)
         try:
             ray.get([w.set_compute_delay.remote(0.2) for w in engine.executor.workers])
             t0 = time.monotonic()
@@ -240,9 +253,10 @@ class TestOnLocalRay:
         finally:
             fresh.shutdown()
 
-    def test_hung_shard_times_out(self, checkpoints):
+    @pytest.mark.parametrize("compiled", [True, False])
+    def test_hung_shard_times_out(self, checkpoints, compiled):
         """A shard that stops answering (SIGSTOP) fails the step at the collective timeout, not never."""
-        engine = self.build(checkpoints["wide"], 2, 1, collective_timeout_s=4)
+        engine = self.build(checkpoints["wide"], 2, 1, collective_timeout_s=4, use_compiled_graph=compiled)
         pid = engine.executor.shard_stats()[1]["pid"]
         try:
             os.kill(pid, signal.SIGSTOP)
@@ -265,11 +279,11 @@ class TestOnLocalRay:
         @ray.remote(num_cpus=0.2)
         class Replica:
             def run(self, path):
-                engine = Engine.from_pretrained(path, tensor_parallel_size=2, **SMALL)
+                engine = Engine.from_pretrained(path, tensor_parallel_size=2, use_compiled_graph=True, **SMALL)
                 try:
                     placement = engine.executor.placement
                     out = engine.generate([[5, 6, 7]], GREEDY)[0].token_ids
-                    return placement.group.id.hex(), placement.bundles, placement.owned, out
+                    return placement.group.id.hex(), placement.bundles, placement.owned, engine.executor.mode, out
                 finally:
                     engine.shutdown()
 
@@ -277,8 +291,9 @@ class TestOnLocalRay:
             replica = Replica.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
                 pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)).remote()
             before = len(placement_group_table())
-            group_id, bundles, owned, out = ray.get(replica.run.remote(str(checkpoints["wide"])), timeout=120)
+            group_id, bundles, owned, mode, out = ray.get(replica.run.remote(str(checkpoints["wide"])), timeout=120)
             assert group_id == pg.id.hex() and sorted(bundles) == [1, 2] and not owned
+            assert mode == "compiled"           # a compiled graph can be driven from inside an actor too
             assert len(placement_group_table()) == before
             assert len(out) == 6
             assert placement_group_table(pg)["state"] == "CREATED"   # still there: it is the caller's

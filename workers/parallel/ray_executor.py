@@ -7,14 +7,23 @@ stage's TP rank 0 returns anything: the logits of the rows to sample.
 
 Two ways to deliver the step to the shards, same semantics:
 - a Ray compiled graph (`ray.dag`, `experimental_compile`): the driver writes the step once into a
-  shared-memory channel that every shard's resident execution loop reads — no per-call task submission;
-- plain actor calls (`execute.remote`), the fallback when a graph cannot be compiled.
-`use_compiled_graph=None` (auto) takes the compiled graph, which measured faster (docs/parallel.md).
+  shared-memory channel that every shard's resident execution loop reads — no per-call task submission
+  (measured ~2–4 ms less per step than actor calls here);
+- plain actor calls (`execute.remote`).
+`use_compiled_graph=None` (auto) compiles the graph when the shards run on GPUs and uses actor calls on the
+CPU: a compiled graph's execution loop polls its channel and keeps one core busy per shard, which on CPU
+shards is taken from the matmuls and cost more than the hop saved (docs/parallel.md has the figures). If a
+graph cannot be compiled, auto falls back to actor calls; `use_compiled_graph=True` makes that an error.
 
-Pipelining: with PP > 1 a step is split into micro-batches (`StepInput.split`, one per stage by default)
-and all of them are submitted before waiting on any. Each shard runs its calls in order, so stage k works
-on micro-batch i while stage k+1 works on micro-batch i-1 (stage k+1 blocks in `recv` until stage k sends).
-Micro-batch logits come back in `sample_indices` order, so concatenating them gives the step's logits.
+Pipelining: with PP > 1 a step is split into micro-batches (`StepInput.split`) and all of them are
+submitted before waiting on any. Each shard runs its calls in order, so stage k works on micro-batch i
+while stage k+1 works on micro-batch i-1 (stage k+1 blocks in `recv` until stage k sends). Micro-batch
+logits come back in `sample_indices` order, so concatenating them gives the step's logits.
+How many micro-batches: `num_microbatches` when set (every step, decode included); by default (None) one
+per stage for steps of at least MICROBATCH_MIN_TOKENS tokens per micro-batch, and the whole step otherwise.
+A small step is memory-bound: each micro-batch re-reads all of a stage's weights, so splitting it costs more
+than the overlap gains (PP2 on the CPU here: decode of 16 sequences 71 ms whole vs 88 ms split; 128
+sequences 285 vs 265 ms; a 256-token prefill 378 vs 310 ms — docs/parallel.md).
 
 Failure: every wait has a deadline (`collective_timeout_s`, also the process groups' timeout), and every
 result of every shard is awaited, not only the logits: a killed shard fails the step at once, a hung one at
@@ -30,7 +39,7 @@ import ray
 import torch
 
 from ..config import ModelConfig
-from ..errors import EngineUnavailableError
+from ..errors import EngineUnavailableError, InvalidRequestError
 from ..model_runner import StepInput
 from ..shard import ShardInfo, check_tensor_parallel, partition_layers
 from .placement import ShardPlacement, place_shards
@@ -38,6 +47,7 @@ from .shard_worker import ShardWorker
 
 log = logging.getLogger(__name__)
 
+MICROBATCH_MIN_TOKENS = 48    # auto: split a step only if each micro-batch keeps at least this many tokens
 STARTUP_TIMEOUT_S = 300.0      # actor start + process-group rendezvous + KV allocation
 LOAD_TIMEOUT_S = 3600.0        # reading a 70B checkpoint's slice from network storage
 
@@ -52,6 +62,15 @@ def ensure_ray() -> None:
     if not ray.is_initialized():
         ray.init()
         log.info("Ray: %s", ray.get_runtime_context().gcs_address)
+
+
+def microbatches(step: StepInput, pp: int, num_microbatches: int | None) -> list[StepInput]:
+    """The micro-batches one step runs as (see the module docstring)."""
+    if pp == 1:
+        return [step]
+    if num_microbatches is None:
+        num_microbatches = pp if step.num_tokens >= MICROBATCH_MIN_TOKENS * pp else 1
+    return step.split(num_microbatches) if num_microbatches > 1 else [step]
 
 
 def _explain(error: BaseException, what: str, timeout: float | None) -> str:
@@ -74,7 +93,9 @@ class RayExecutor:
         layer_ranges = partition_layers(cfg.num_hidden_layers, pp, engine_config.pp_layer_partition)
         self.cfg, self.tp, self.pp = cfg, tp, pp
         self.timeout_s = float(engine_config.collective_timeout_s)
-        self.num_microbatches = max(1, engine_config.num_microbatches or pp) if pp > 1 else 1
+        self.num_microbatches = engine_config.num_microbatches   # None: auto (see microbatches())
+        if self.num_microbatches is not None and self.num_microbatches < 1:
+            raise InvalidRequestError("num_microbatches", f"must be >= 1, got {self.num_microbatches}")
         self.last_rank = (pp - 1) * tp     # the shard that returns the logits
         self.workers: list = []
         self.placement: ShardPlacement | None = None
@@ -93,16 +114,20 @@ class RayExecutor:
                     ).remote(cfg, shard, dtype, max_model_len, engine_config.block_size))
             # Rendezvous on rank 0's node, at a port that is free there.
             addr, port = self._get(self.workers[0].node_address.remote(), "shard start", STARTUP_TIMEOUT_S)
-            backends = self._get([w.init.remote(addr, port, self.timeout_s) for w in self.workers],
-                                 "process-group init", STARTUP_TIMEOUT_S)
-            log.info("loading %s on %d shards (TP%d × PP%d, %s)", path, tp * pp, tp, pp, backends[0])
+            devices = self._get([w.init.remote(addr, port, self.timeout_s) for w in self.workers],
+                                "process-group init", STARTUP_TIMEOUT_S)
+            self.device_type, backend = devices[0]
+            log.info("loading %s on %d shards (TP%d × PP%d, %s)", path, tp * pp, tp, pp, backend)
             self._get([w.load_weights.remote(path) for w in self.workers], "weight loading", LOAD_TIMEOUT_S)
             budget = engine_config.cache_budget()
             # All shards share the engine's logical block ids: the smallest budget decides.
             self.num_blocks = min(self._get([w.num_blocks.remote(budget) for w in self.workers], "KV sizing"))
             self._get([w.allocate_kv_cache.remote(self.num_blocks) for w in self.workers], "KV allocation",
                       STARTUP_TIMEOUT_S)
-            self._setup_compiled_graph(engine_config.use_compiled_graph)
+            wanted = engine_config.use_compiled_graph
+            if wanted is None:  # auto: see the module docstring
+                wanted = None if self.device_type == "cuda" else False
+            self._setup_compiled_graph(wanted)
         except BaseException:
             self.shutdown()
             raise
@@ -116,7 +141,7 @@ class RayExecutor:
             with InputNode() as step:
                 dag = MultiOutputNode([w.execute.bind(step) for w in self.workers])
             self._dag = dag.experimental_compile(_submit_timeout=self.timeout_s,
-                                                 _max_inflight_executions=self.num_microbatches + 1)
+                                                 _max_inflight_executions=max(self.num_microbatches or 1, self.pp) + 1)
             self.mode = "compiled"
         except Exception as e:  # noqa: BLE001 - any failure to compile: plain actor calls still work
             if wanted:
@@ -149,7 +174,7 @@ class RayExecutor:
     # ---- Executor interface ----------------------------------------------------------------------
     def execute(self, step: StepInput) -> torch.Tensor:
         self._raise_if_dead()
-        micro = step.split(self.num_microbatches) if self.num_microbatches > 1 else [step]
+        micro = microbatches(step, self.pp, self.num_microbatches)
         if self._dag is not None:
             logits = self._execute_compiled(micro)
         else:

@@ -44,7 +44,8 @@ class ShardWorker:
         ip = ray.util.get_node_ip_address()
         return ip, free_port(ip)
 
-    def init(self, master_addr: str, master_port: int, timeout_s: float) -> str:
+    def init(self, master_addr: str, master_port: int, timeout_s: float) -> tuple[str, str]:
+        """Join the group's process group and build the runner; returns (device type, backend)."""
         if self.shard.tp_size * self.shard.pp_size > 1:
             self.comm = init_shard_group(master_addr=master_addr, master_port=master_port,
                                          tp_rank=self.shard.tp_rank, pp_rank=self.shard.pp_rank,
@@ -52,7 +53,7 @@ class ShardWorker:
                                          device=self.device, timeout_s=timeout_s)
         self.runner = ModelRunner(self.cfg, shard=self.shard, group=self.comm.tp_group, dtype=self.dtype,
                                   device=self.device, max_model_len=self.max_model_len, block_size=self.block_size)
-        return self.comm.backend
+        return self.device.type, self.comm.backend
 
     def load_weights(self, path: str) -> int:
         self.runner.load_weights(path, show_progress=False)
