@@ -107,10 +107,12 @@ def _define_actors():
 
     @ray.remote(num_cpus=0.1)
     class NoOpShard:
-        """Receives a step and does nothing; the last one returns decode-sized logits like the real last stage."""
+        """Receives a step and does nothing; the last one returns decode-sized fp32 logits as the real last
+        stage does (a numpy array)."""
 
         def __init__(self, logits_shape=None):
-            self.logits = torch.zeros(logits_shape) if logits_shape else None
+            import numpy as np
+            self.logits = np.zeros(logits_shape, dtype=np.float32) if logits_shape else None
 
         def execute(self, step):
             return self.logits

@@ -35,6 +35,7 @@ from __future__ import annotations
 import logging
 import time
 
+import numpy as np
 import ray
 import torch
 
@@ -179,15 +180,16 @@ class RayExecutor:
             logits = self._execute_compiled(micro)
         else:
             logits = self._execute_tasks(micro)
-        return logits[0] if len(logits) == 1 else torch.cat(logits)
+        # Copy out of Ray's (read-only, shared) buffers: the sampler may write into the logits.
+        return torch.from_numpy(logits[0].copy() if len(logits) == 1 else np.concatenate(logits))
 
-    def _execute_tasks(self, micro: list[StepInput]) -> list[torch.Tensor]:
+    def _execute_tasks(self, micro: list[StepInput]) -> list[np.ndarray]:
         per_mb = [[w.execute.remote(mb) for w in self.workers] for mb in micro]  # all submitted before any wait
         results = self._get([r for refs in per_mb for r in refs], "a step")
         n = len(self.workers)
         return [results[i * n + self.last_rank] for i in range(len(micro))]
 
-    def _execute_compiled(self, micro: list[StepInput]) -> list[torch.Tensor]:
+    def _execute_compiled(self, micro: list[StepInput]) -> list[np.ndarray]:
         deadline = time.monotonic() + self.timeout_s
         try:
             refs = [self._dag.execute(mb) for mb in micro]

