@@ -33,6 +33,7 @@ the deadline. Either way `execute` raises `EngineUnavailableError`, the executor
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import numpy as np
@@ -54,15 +55,21 @@ LOAD_TIMEOUT_S = 3600.0        # reading a 70B checkpoint's slice from network s
 
 
 def ensure_ray() -> None:
-    """Join the Ray cluster this process belongs to, or start a local one.
+    """Join the Ray cluster this process belongs to, or start a private one.
 
-    Already initialised (a Serve replica, a driver that called ray.init): nothing to do. Otherwise
-    `ray.init()` connects to RAY_ADDRESS or to the cluster `ray start` brought up on this machine, and
-    starts a local cluster when there is none.
+    Already initialised (a Serve replica, a driver that called ray.init): nothing to do. RAY_ADDRESS set
+    (`auto` for the cluster `ray start` brought up on this machine): join it. Otherwise start a private local
+    cluster whose ports stay on loopback; joining a cluster is never implicit, so a stray one on the machine
+    is never borrowed.
     """
-    if not ray.is_initialized():
-        ray.init()
-        log.info("Ray: %s", ray.get_runtime_context().gcs_address)
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False)
+    log.info("Ray: %s", ray.get_runtime_context().gcs_address)
 
 
 def microbatches(step: StepInput, pp: int, num_microbatches: int | None) -> list[StepInput]:
