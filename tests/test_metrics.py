@@ -6,23 +6,12 @@ import re
 import socket
 import time
 import urllib.request
-from dataclasses import dataclass
 
 import pytest
 
 import cluster.metrics as cm
 from cluster.metrics import ReplicaMetrics
-
-
-@dataclass
-class Stats:
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_blocks_total: int = 100
-    kv_blocks_free: int = 100
-    prefix_cache_hit_tokens: int = 0
-    prompt_tokens: int = 0
-    generation_tokens: int = 0
+from tests.fakes import engine_stats
 
 
 class Recorder:
@@ -54,9 +43,9 @@ def recorders(monkeypatch):
 
 def test_engine_counters_become_increments(recorders):
     m = ReplicaMetrics("llama", "r1")
-    m.update_engine(Stats(num_running=3, num_waiting=2, kv_blocks_free=40, prompt_tokens=100,
+    m.update_engine(engine_stats(num_running=3, num_waiting=2, kv_blocks_free=40, prompt_tokens=100,
                           generation_tokens=10, prefix_cache_hit_tokens=32))
-    m.update_engine(Stats(num_running=1, num_waiting=0, kv_blocks_free=90, prompt_tokens=150,
+    m.update_engine(engine_stats(num_running=1, num_waiting=0, kv_blocks_free=90, prompt_tokens=150,
                           generation_tokens=30, prefix_cache_hit_tokens=32))
     assert recorders["prompt_tokens"].total() == 150
     assert recorders["generation_tokens"].total() == 30
@@ -65,7 +54,7 @@ def test_engine_counters_become_increments(recorders):
     assert recorders["queue"].calls[-1][1] == 0 and recorders["running"].calls[-1][1] == 1
     assert recorders["kv_used"].calls[-1][1] == 10 and recorders["kv_free"].calls[-1][1] == 90
     # The engine restarted (counters went down): its new value is all growth.
-    m.update_engine(Stats(prompt_tokens=20))
+    m.update_engine(engine_stats(prompt_tokens=20))
     assert recorders["prompt_tokens"].total() == 170
     # on_finish does not count tokens a second time when the engine is the source.
     m.on_finish(prompt_tokens=5, completion_tokens=5, cached_tokens=5)
@@ -81,7 +70,7 @@ def test_request_sourced_tokens_and_request_path(recorders):
     m.on_token(0.09, num_tokens=3)
     m.on_finish(prompt_tokens=40, completion_tokens=4, cached_tokens=32)
     m.on_error("RESOURCE_EXHAUSTED")
-    m.update_engine(Stats(prompt_tokens=999))             # gauges only
+    m.update_engine(engine_stats(prompt_tokens=999))             # gauges only
     assert recorders["requests"].total() == 1
     assert [c[1] for c in recorders["ttft"].calls] == [0.25]
     assert [c[1] for c in recorders["itl"].calls] == pytest.approx([0.02, 0.03, 0.03, 0.03])

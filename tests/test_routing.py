@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from ray.serve._private.common import DeploymentHandleSource, DeploymentID, Repl
 from ray.serve._private.request_router.common import PendingRequest
 
 from cluster.routing import DEFAULT_REPORT_MAX_HASHES, PrefixCacheRouter, routing_stats
+from tests.fakes import engine_stats
 from workers.block_hash import hash_token_blocks
 
 DEP = DeploymentID(name="llm", app_name="herd")
@@ -82,17 +82,6 @@ CONV_B = SYSTEM + list(range(101, 117))     # 8 blocks, diverges from A after th
 
 
 # ---- routing_stats ----------------------------------------------------------------------------------------
-@dataclass
-class FakeStats:
-    num_running: int = 3
-    num_waiting: int = 2
-    kv_blocks_total: int = 64
-    kv_blocks_free: int = 10
-    prefix_cache_hit_tokens: int = 0
-    prompt_tokens: int = 0
-    generation_tokens: int = 0
-
-
 class FakeEngine:
     block_size = 16
 
@@ -100,7 +89,7 @@ class FakeEngine:
         self._hashes = hashes
 
     def stats(self):
-        return FakeStats()
+        return engine_stats(num_running=3, num_waiting=2, kv_blocks_total=64, kv_blocks_free=10)
 
     def cached_block_hashes(self):
         return list(self._hashes)
