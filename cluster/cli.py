@@ -10,21 +10,8 @@ import argparse
 import logging
 import sys
 
+from cluster.client import add_sampling_args, sampling_from_args
 from workers.errors import HerdError
-
-
-def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=-1)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--presence-penalty", type=float, default=0.0)
-    p.add_argument("--frequency-penalty", type=float, default=0.0)
-    p.add_argument("--ignore-eos", action="store_true")
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -38,10 +25,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 
 def _sampling_from_args(args):
     from workers import SamplingParams
-    return SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        min_p=args.min_p, seed=args.seed, stop=args.stop, repetition_penalty=args.repetition_penalty,
-        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty, ignore_eos=args.ignore_eos)
+    return SamplingParams(**sampling_from_args(args))
 
 
 def _load_engine(args, async_engine: bool = False):
@@ -122,13 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate from a checkpoint in this process")
     _add_engine_args(p)
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
-    _add_sampling_args(p)
+    add_sampling_args(p, max_tokens=128, temperature=0.0)  # greedy unless asked
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="interactive chat with a checkpoint in this process (streams tokens)")
     _add_engine_args(p)
     p.add_argument("--system", default=None, help="system prompt")
-    _add_sampling_args(p)
+    add_sampling_args(p, max_tokens=128, temperature=0.0)  # greedy unless asked
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("demo-checkpoint", help="write a small random-weight checkpoint in the HF layout")

@@ -105,7 +105,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=None, help="deadline of the call in seconds")
 
 
-def _add_sampling(p: argparse.ArgumentParser) -> None:
+def add_sampling_args(p: argparse.ArgumentParser, **defaults) -> None:
+    """Sampling flags (shared by `herd client` and the in-process `herd generate`/`chat`). Unset flags stay None,
+    meaning the engine's documented default, unless `defaults` names another default."""
     p.add_argument("--max-tokens", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (server default 1.0)")
     p.add_argument("--top-p", type=float, default=None)
@@ -117,9 +119,10 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=None)
     p.add_argument("--presence-penalty", type=float, default=None)
     p.add_argument("--frequency-penalty", type=float, default=None)
+    p.set_defaults(**defaults)
 
 
-def _sampling_from_args(args) -> dict:
+def sampling_from_args(args) -> dict:
     return {name: getattr(args, name, None) for name in SAMPLING_FIELDS if getattr(args, name, None) is not None}
 
 
@@ -161,7 +164,7 @@ def cmd_generate(args) -> int:
     else:
         prompt = sys.stdin.read()
     with _client(args) as c:
-        return _stream_out(c.generate(args.model, prompt, timeout=args.timeout, **_sampling_from_args(args)),
+        return _stream_out(c.generate(args.model, prompt, timeout=args.timeout, **sampling_from_args(args)),
                            show_ids=args.show_ids)
 
 
@@ -170,7 +173,7 @@ def cmd_chat(args) -> int:
     with _client(args) as c:
         if args.message:
             messages += [{"role": "user", "content": m} for m in args.message]
-            return _stream_out(c.chat(args.model, messages, timeout=args.timeout, **_sampling_from_args(args)),
+            return _stream_out(c.chat(args.model, messages, timeout=args.timeout, **sampling_from_args(args)),
                                show_ids=False)
         print("chat with the model; an empty line or Ctrl-D ends the session", file=sys.stderr)
         while True:
@@ -183,7 +186,7 @@ def cmd_chat(args) -> int:
             messages.append({"role": "user", "content": line})
             print("assistant> ", end="", flush=True)
             reply = []
-            for resp in c.chat(args.model, messages, timeout=args.timeout, **_sampling_from_args(args)):
+            for resp in c.chat(args.model, messages, timeout=args.timeout, **sampling_from_args(args)):
                 print(resp.text, end="", flush=True)
                 reply.append(resp.text)
             print()
@@ -229,7 +232,7 @@ def register_client(subparsers) -> None:
     p.add_argument("--prompt", default=None, help="prompt text (default: read stdin)")
     p.add_argument("--token-ids", default=None, help="prompt as token ids, e.g. '1,450,4996'")
     p.add_argument("--show-ids", action="store_true", help="print token ids instead of text")
-    _add_sampling(p)
+    add_sampling_args(p)
     p.set_defaults(func=_guarded(cmd_generate))
 
     p = sub.add_parser("chat", help="chat with a model (interactive unless --message is given)")
@@ -237,7 +240,7 @@ def register_client(subparsers) -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--message", action="append", default=None, help="user message (repeatable): one turn")
-    _add_sampling(p)
+    add_sampling_args(p)
     p.set_defaults(func=_guarded(cmd_chat))
 
     p = sub.add_parser("tokenize", help="token ids of a text with the model's tokenizer")
