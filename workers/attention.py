@@ -113,9 +113,11 @@ class TorchPagedAttention:
 
     @staticmethod
     def _prefill(q, k_flat, v_flat, chunk: PrefillChunk, scale: float) -> torch.Tensor:
-        keys = k_flat[chunk.slots].transpose(0, 1)       # [Hkv, ctx_len, D]
-        values = v_flat[chunk.slots].transpose(0, 1)
-        query = q.transpose(0, 1)                        # [Hq, n, D]
+        # 4-D [1, heads, tokens, D]: torch's fused CPU (flash) SDPA kernel takes only batched input; a 3-D
+        # call falls back to the unfused math path, ~3-4x slower here.
+        keys = k_flat[chunk.slots].transpose(0, 1).unsqueeze(0)     # [1, Hkv, ctx_len, D]
+        values = v_flat[chunk.slots].transpose(0, 1).unsqueeze(0)
+        query = q.transpose(0, 1).unsqueeze(0)                     # [1, Hq, n, D]
         if chunk.q_len == chunk.ctx_len:
             o = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale, enable_gqa=True)
         else:
@@ -123,7 +125,7 @@ class TorchPagedAttention:
             q_pos = torch.arange(chunk.ctx_len - chunk.q_len, chunk.ctx_len, device=q.device).unsqueeze(1)
             mask = torch.arange(chunk.ctx_len, device=q.device).unsqueeze(0) <= q_pos
             o = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
-        return o.transpose(0, 1)
+        return o[0].transpose(0, 1)
 
 
 class CpuPagedAttention(TorchPagedAttention):

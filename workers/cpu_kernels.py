@@ -37,7 +37,7 @@ def paged_attention_module():
             from torch.utils.cpp_extension import load
             log.info("compiling the CPU paged-attention kernel (once per machine)...")
             _module = load(name="herd_paged_attention_cpu", sources=[str(_SOURCE)],
-                           extra_cflags=["-O3", "-march=native", "-ffast-math"], verbose=False)
+                           extra_cflags=["-O3", "-march=native", "-ffast-math", "-fno-strict-aliasing"], verbose=False)
         except Exception as e:  # noqa: BLE001 - any build problem means: use the portable path
             _failed = f"{type(e).__name__}: {e}"
             log.warning("CPU paged-attention kernel unavailable (%s); using the portable torch path", _failed)
