@@ -19,6 +19,7 @@ from torch import nn
 
 from .attention import AttentionBackend, AttentionMetadata, TorchPagedAttention
 from .config import ModelConfig, RopeConfig
+from .packed_linear import linear, pack_module_weights
 from .shard import LocalGroup, ShardInfo, TPGroup
 from .weights import WeightSource
 
@@ -112,15 +113,15 @@ class DecoderLayer(nn.Module):
     def forward(self, x, positions, rotary: Rotary, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
         d, eps = self.cfg.head_dim, self.cfg.rms_norm_eps
         h = rms_norm(x, self.input_norm, eps)
-        q, k, v = F.linear(h, self.qkv).split([self.n_q * d, self.n_kv * d, self.n_kv * d], dim=-1)
+        q, k, v = linear(h, self.qkv).split([self.n_q * d, self.n_kv * d, self.n_kv * d], dim=-1)
         q = rotary(q.view(-1, self.n_q, d), positions)
         k = rotary(k.view(-1, self.n_kv, d), positions)
         v = v.view(-1, self.n_kv, d)
         attn = self.attention.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
-        x = x + self.group.all_reduce(F.linear(attn.reshape(-1, self.n_q * d), self.o))
+        x = x + self.group.all_reduce(linear(attn.reshape(-1, self.n_q * d), self.o))
         h = rms_norm(x, self.post_attn_norm, eps)
-        gate, up = F.linear(h, self.gate_up).chunk(2, dim=-1)
-        return x + self.group.all_reduce(F.linear(F.silu(gate) * up, self.down))
+        gate, up = linear(h, self.gate_up).chunk(2, dim=-1)
+        return x + self.group.all_reduce(linear(F.silu(gate) * up, self.down))
 
 
 class LlamaForCausalLM(nn.Module):
@@ -166,9 +167,17 @@ class LlamaForCausalLM(nn.Module):
             if progress:
                 progress(1)
 
+    def pack_weights_for_cpu(self) -> None:
+        """Pack the matmul weights for the CPU's kernels (packed_linear.py); a no-op on GPU. The tied
+        lm_head stays plain: the embedding lookup reads the same tensor."""
+        for layer in self.layers:
+            pack_module_weights(layer, ["qkv", "o", "gate_up", "down"])
+        if self.lm_head is not None and self.lm_head is not self.embed:
+            pack_module_weights(self, ["lm_head"])
+
     def weight_bytes(self) -> int:
-        seen, total = set(), 0
-        for p in self.parameters():
+        seen, total = {id(b) for b in self.rotary.buffers()}, 0
+        for p in list(self.parameters()) + list(self.buffers()):  # packed weights are buffers
             if id(p) not in seen:
                 seen.add(id(p))
                 total += p.numel() * p.element_size()
@@ -194,7 +203,7 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary fp32 logits for the given final hidden states (last stage only)."""
         h = rms_norm(hidden, self.norm, self.cfg.rms_norm_eps)
-        logits = F.linear(h, self.lm_head)
+        logits = linear(h, self.lm_head)
         if self.shard.tp_size > 1:
             logits = self.group.all_gather(logits, dim=-1)
         return logits[:, : self.cfg.vocab_size].float()

@@ -99,6 +99,7 @@ class ModelRunner:
                                              disable=not show_progress, leave=False) as bar:
             self.model.load_weights(src, progress=bar.update)
             self.weight_bytes_read = src.bytes_read
+        self.model.pack_weights_for_cpu()
 
     def block_bytes(self) -> int:
         return kv_block_bytes(self.cfg, self.shard, self.block_size, self.dtype)
