@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from workers.attention import AttentionMetadata, CpuPagedAttention, TorchPagedAttention
-from workers.cpu_kernels import paged_attention_module
+from workers.cpu_kernels import cpu_kernel_module
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
@@ -14,7 +14,7 @@ from workers.cpu_kernels import paged_attention_module
 @pytest.mark.parametrize("d", [32, 64, 128])
 @pytest.mark.parametrize("lens", [[1, 17, 40, 16, 33], [70]])
 def test_cpu_kernel_matches_portable_path(dtype, tol, hq, hkv, d, lens):
-    kernel = paged_attention_module()
+    kernel = cpu_kernel_module()
     assert kernel is not None, "the CPU kernel must build on the CI machine (gcc + ninja are dependencies)"
     g = torch.Generator().manual_seed(0)
     blocks, bs = 64, 16

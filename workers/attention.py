@@ -143,8 +143,8 @@ def select_attention_backend(device: torch.device) -> AttentionBackend:
     """The fastest backend available for `device`. On CUDA this is where a flash-attn / flashinfer paged
     kernel plugs in; until one is installed the portable gather + SDPA path runs there too."""
     if device.type == "cpu":
-        from .cpu_kernels import paged_attention_module
-        kernel = paged_attention_module()
+        from .cpu_kernels import cpu_kernel_module
+        kernel = cpu_kernel_module()
         if kernel is not None:
             return CpuPagedAttention(kernel)
     return TorchPagedAttention()

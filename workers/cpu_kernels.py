@@ -1,26 +1,40 @@
-"""The CPU paged-decode-attention kernel (workers/csrc/paged_attention_cpu.cpp), compiled on first use.
+"""herd's CPU kernels (workers/csrc/), compiled on first use into one extension module.
 
-Decode attention on the CPU is memory-bound: the portable path gathers every sequence's keys and values
-into a padded copy each layer, then reads it again in SDPA. The kernel reads the paged cache in place
-(OpenMP over sequence × head, fp32 accumulation), ~4–10× faster per layer here. It is compiled with
-torch's cpp_extension (gcc + ninja) into ~/.cache/torch_extensions once per machine (~30 s); if that is not
-possible the engine logs why and keeps the portable path. HERD_CPU_KERNELS=0 turns it off.
+- paged_attention_cpu.cpp: decode attention reading the paged KV cache in place. On the CPU decode attention
+  is memory-bound; the portable path gathers every sequence's keys and values into a padded copy each layer
+  and reads it again in SDPA, the kernel reads each cache block once (~5x faster per layer here).
+- layer_ops_cpu.cpp: RMSNorm, rotary embedding and SiLU-mul as single passes (each replaces 4-8 torch ops).
+
+They are compiled with torch's cpp_extension (gcc + ninja) into ~/.cache/torch_extensions once per machine
+(~30-60 s); if that is not possible the engine logs why and keeps the portable torch paths, which compute the
+same thing. HERD_CPU_KERNELS=0 turns them off.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
 from pathlib import Path
 
 log = logging.getLogger(__name__)
-_SOURCE = Path(__file__).parent / "csrc" / "paged_attention_cpu.cpp"
+_CSRC = Path(__file__).parent / "csrc"
+_SOURCES = [_CSRC / name for name in ("bindings.cpp", "paged_attention_cpu.cpp", "layer_ops_cpu.cpp")]
+
+
+def _headers_digest() -> str:
+    # torch rebuilds an extension when its sources or flags change, but does not look at included headers:
+    # their digest goes into the flags.
+    h = hashlib.sha256()
+    for header in sorted(_CSRC.glob("*.h")):
+        h.update(header.read_bytes())
+    return h.hexdigest()[:16]
 _lock = threading.Lock()
 _module = None
 _failed: str | None = None
 
 
-def paged_attention_module():
+def cpu_kernel_module():
     """The compiled extension, or None (with the reason logged once) when it cannot be had."""
     global _module, _failed
     if _module is not None or _failed is not None:
@@ -35,10 +49,12 @@ def paged_attention_module():
             import ninja  # the pip package carries the binary; torch looks for it on PATH
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
             from torch.utils.cpp_extension import load
-            log.info("compiling the CPU paged-attention kernel (once per machine)...")
-            _module = load(name="herd_paged_attention_cpu", sources=[str(_SOURCE)],
-                           extra_cflags=["-O3", "-march=native", "-ffast-math", "-fno-strict-aliasing"], verbose=False)
+            log.info("loading herd's CPU kernels (compiled on first use, once per machine)...")
+            flags = ["-O3", "-march=native", "-ffast-math", "-fno-strict-aliasing",
+                     f"-DHERD_HEADERS_DIGEST={_headers_digest()}"]
+            _module = load(name="herd_cpu_kernels", sources=[str(s) for s in _SOURCES], extra_cflags=flags,
+                           verbose=False)
         except Exception as e:  # noqa: BLE001 - any build problem means: use the portable path
             _failed = f"{type(e).__name__}: {e}"
-            log.warning("CPU paged-attention kernel unavailable (%s); using the portable torch path", _failed)
+            log.warning("herd's CPU kernels are unavailable (%s); using the portable torch paths", _failed)
         return _module

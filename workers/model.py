@@ -19,6 +19,7 @@ from torch import nn
 
 from .attention import AttentionBackend, AttentionMetadata, TorchPagedAttention
 from .config import ModelConfig, RopeConfig
+from .layer_ops import TorchLayerOps
 from .packed_linear import linear, pack_module_weights
 from .shard import LocalGroup, ShardInfo, TPGroup
 from .weights import WeightSource
@@ -43,7 +44,8 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
 
 
 class Rotary(nn.Module):
-    """cos/sin tables for every position up to max_positions (rotate-half layout, as HF checkpoints use)."""
+    """cos/sin tables [max_positions, head_dim/2] (rotate-half layout, as HF checkpoints use); the rotation
+    itself is a layer op (layer_ops.py)."""
 
     def __init__(self, rope: RopeConfig, head_dim: int, max_positions: int, dtype: torch.dtype, device):
         super().__init__()
@@ -52,20 +54,6 @@ class Rotary(nn.Module):
         self.register_buffer("cos", freqs.cos().to(dtype=dtype, device=device), persistent=False)
         self.register_buffer("sin", freqs.sin().to(dtype=dtype, device=device), persistent=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        # x: [T, H, D]
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # As Hugging Face: normalise in fp32, cast back, then scale.
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
-
 
 def _param(shape, dtype, device) -> nn.Parameter:
     return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
@@ -73,9 +61,9 @@ def _param(shape, dtype, device) -> nn.Parameter:
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, shard: ShardInfo, group: TPGroup, dtype, device,
-                 attention: AttentionBackend):
+                 attention: AttentionBackend, ops: TorchLayerOps):
         super().__init__()
-        self.cfg, self.shard, self.group, self.attention = cfg, shard, group, attention
+        self.cfg, self.shard, self.group, self.attention, self.ops = cfg, shard, group, attention, ops
         q0, q1 = shard.q_heads(cfg)
         k0, k1 = shard.kv_heads(cfg)
         i0, i1 = shard.intermediate(cfg)
@@ -112,16 +100,16 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, positions, rotary: Rotary, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
         d, eps = self.cfg.head_dim, self.cfg.rms_norm_eps
-        h = rms_norm(x, self.input_norm, eps)
+        ops = self.ops
+        h = ops.rms_norm(x, self.input_norm, eps)
         q, k, v = linear(h, self.qkv).split([self.n_q * d, self.n_kv * d, self.n_kv * d], dim=-1)
-        q = rotary(q.view(-1, self.n_q, d), positions)
-        k = rotary(k.view(-1, self.n_kv, d), positions)
+        q = ops.rotary(q.view(-1, self.n_q, d), rotary.cos, rotary.sin, positions)
+        k = ops.rotary(k.view(-1, self.n_kv, d), rotary.cos, rotary.sin, positions)
         v = v.view(-1, self.n_kv, d)
         attn = self.attention.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
         x = x + self.group.all_reduce(linear(attn.reshape(-1, self.n_q * d), self.o))
-        h = rms_norm(x, self.post_attn_norm, eps)
-        gate, up = linear(h, self.gate_up).chunk(2, dim=-1)
-        return x + self.group.all_reduce(linear(F.silu(gate) * up, self.down))
+        h = ops.rms_norm(x, self.post_attn_norm, eps)
+        return x + self.group.all_reduce(linear(ops.silu_mul(linear(h, self.gate_up)), self.down))
 
 
 class LlamaForCausalLM(nn.Module):
@@ -131,14 +119,16 @@ class LlamaForCausalLM(nn.Module):
 
     def __init__(self, cfg: ModelConfig, *, shard: ShardInfo = ShardInfo(), group: TPGroup | None = None,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 max_positions: int | None = None, attention: AttentionBackend | None = None):
+                 max_positions: int | None = None, attention: AttentionBackend | None = None,
+                 layer_ops: TorchLayerOps | None = None):
         super().__init__()
         self.cfg, self.shard, self.group = cfg, shard, group or LocalGroup()
         self.dtype, self.device = dtype, torch.device(device)
         attention = attention or TorchPagedAttention()
+        self.ops = layer_ops or TorchLayerOps()
         self.layer_ids = list(shard.layers(cfg))
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, shard, self.group, dtype, device, attention) for _ in self.layer_ids)
+            DecoderLayer(cfg, shard, self.group, dtype, device, attention, self.ops) for _ in self.layer_ids)
         self.rotary = Rotary(cfg.rope, cfg.head_dim, max_positions or cfg.max_position_embeddings, dtype, device)
         self.vocab_start, self.vocab_end = shard.vocab(cfg)
         rows = shard.vocab_per_rank(cfg)
@@ -202,7 +192,7 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary fp32 logits for the given final hidden states (last stage only)."""
-        h = rms_norm(hidden, self.norm, self.cfg.rms_norm_eps)
+        h = self.ops.rms_norm(hidden, self.norm, self.cfg.rms_norm_eps)
         logits = linear(h, self.lm_head)
         if self.shard.tp_size > 1:
             logits = self.group.all_gather(logits, dim=-1)

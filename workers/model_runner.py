@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from .attention import AttentionMetadata, PrefillChunk, context_slots, select_attention_backend
 from .config import ModelConfig
+from .layer_ops import select_layer_ops
 from .model import LlamaForCausalLM
 from .shard import ShardInfo, TPGroup
 from .weights import WeightSource
@@ -89,7 +90,8 @@ class ModelRunner:
         self.device = torch.device(device)
         self.block_size = block_size
         self.model = LlamaForCausalLM(cfg, shard=shard, group=group, dtype=dtype, device=self.device,
-                                      max_positions=max_model_len, attention=select_attention_backend(self.device))
+                                      max_positions=max_model_len, attention=select_attention_backend(self.device),
+                                      layer_ops=select_layer_ops(self.device))
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.weight_bytes_read = 0
 

@@ -7,7 +7,7 @@
 // max/denominator rescaling, as flash-decoding does) and accumulates the value rows the same way. Every
 // inner loop runs over contiguous fp32 arrays of head_dim elements so the compiler vectorizes it; bf16 is
 // widened by a 16-bit shift on its raw bits (the conversion through c10::BFloat16's operator float does
-// not vectorize and made the first version of this kernel ~4x slower).
+// not vectorize and made the first version of this kernel ~4x slower; see convert.h).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cmath>
@@ -16,21 +16,15 @@
 #include <type_traits>
 #include <vector>
 
+#include "convert.h"
+
 namespace {
 
-// Widen one row of `n` cache elements to fp32.
-inline void widen(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
+using herd::widen;
 
-inline void widen(const at::BFloat16* src, float* dst, int64_t n) {
-  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
-  uint32_t* d = reinterpret_cast<uint32_t*>(dst);  // built with -fno-strict-aliasing
-  for (int64_t i = 0; i < n; ++i) d[i] = static_cast<uint32_t>(s[i]) << 16;
-}
-
-template <typename T>  // fp16, fp64: plain conversion
-inline void widen(const T* src, float* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
+// The running max before any score: finite, because the kernels are built with -ffast-math (which lets
+// the compiler assume no infinities and is what gives it glibc's vectorized expf). exp(kNoScore - x) == 0.
+constexpr float kNoScore = -3.0e38f;
 
 inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
   float s = 0.f;
@@ -93,10 +87,10 @@ inline void block_accumulate(const float* p, const T* v, int64_t stride, int64_t
 // Turns one block's raw scores s[0..n) into probabilities relative to the running max `m`, updates the
 // running max and denominator `l`, and returns the factor the accumulated output must be rescaled by.
 inline float online_softmax_update(float* s, int64_t n, float& m, float& l) {
-  float block_max = -INFINITY;
+  float block_max = kNoScore;
   for (int64_t t = 0; t < n; ++t) block_max = std::max(block_max, s[t]);
   const float new_max = std::max(m, block_max);
-  const float correction = std::exp(m - new_max);  // exp(-inf) = 0 on the first block
+  const float correction = std::exp(m - new_max);  // 0 on the first block
   float sum = 0.f;
   for (int64_t t = 0; t < n; ++t) {
     s[t] = std::exp(s[t] - new_max);
@@ -134,7 +128,7 @@ void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int64_t
       widen(q + (b * Hq + kv0 * G) * D, qf.data(), H * D);
       scale_row(scale, qf.data(), H * D);
       std::fill(acc.begin(), acc.end(), 0.f);
-      std::fill(m.begin(), m.end(), -INFINITY);
+      std::fill(m.begin(), m.end(), kNoScore);
       std::fill(l.begin(), l.end(), 0.f);
       for (int64_t blk = 0; blk * BS < L; ++blk) {
         const int64_t n = std::min(BS, L - blk * BS);
@@ -203,8 +197,4 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
     else run(decode_kernel<scalar_t, 0>);
   });
   return out;
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention (CPU)");
 }

@@ -1,0 +1,61 @@
+"""The elementwise parts of a decoder layer: RMSNorm, rotary position embedding, SiLU(gate) * up.
+
+`TorchLayerOps` writes them as torch expressions (any device; the same roundings as Hugging Face's eager
+code). `CpuLayerOps` runs the same math as single fused passes from herd's CPU kernels
+(csrc/layer_ops_cpu.cpp): in a decode step each of these is a handful of small torch ops whose dispatch and
+temporaries cost more than the arithmetic. On GPU this is where fused CUDA kernels would plug in.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class TorchLayerOps:
+    @staticmethod
+    def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        # As Hugging Face: normalise in fp32, cast back, then scale.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * xf.to(x.dtype)
+
+    @staticmethod
+    def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x: [T, H, D] -> rotated (rotate-half layout); cos/sin: [max_positions, D/2] tables."""
+        c = cos[positions].unsqueeze(1)
+        s = sin[positions].unsqueeze(1)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+
+    @staticmethod
+    def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+
+class CpuLayerOps(TorchLayerOps):
+    """The fused CPU kernels; inputs they do not take (other devices, fp64) go the torch way."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def rms_norm(self, x, weight, eps):
+        return self.kernel.rms_norm(x, weight, eps)
+
+    def rotary(self, x, cos, sin, positions):
+        if x.stride(-1) != 1 or x.stride(-2) != x.shape[-1]:
+            return super().rotary(x, cos, sin, positions)
+        self.kernel.rotary_(x, cos, sin, positions)  # in place: x is this step's own q/k
+        return x
+
+    def silu_mul(self, gate_up):
+        return self.kernel.silu_mul(gate_up)
+
+
+def select_layer_ops(device: torch.device) -> TorchLayerOps:
+    if device.type == "cpu":
+        from .cpu_kernels import cpu_kernel_module
+        kernel = cpu_kernel_module()
+        if kernel is not None:
+            return CpuLayerOps(kernel)
+    return TorchLayerOps()
