@@ -27,6 +27,10 @@ WORKDIR /home/ray/herd
 # torch first, from the chosen index, so `pip install .` finds its pin already satisfied.
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 
+# herd's CPU kernels (workers/csrc) are compiled with g++ on first use on a CPU replica (without a compiler
+# the engine logs it and runs the slower portable torch paths). The Ray images run as "ray" with sudo.
+RUN sudo apt-get update && sudo apt-get install -y --no-install-recommends g++ && sudo rm -rf /var/lib/apt/lists/*
+
 # Download tools for the chart's weights.source=download init container.
 RUN pip install --no-cache-dir "huggingface_hub==2.4.0" "awscli==1.46.2"
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import platform
 import threading
 from pathlib import Path
 
@@ -22,12 +23,19 @@ _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = [_CSRC / name for name in ("bindings.cpp", "paged_attention_cpu.cpp", "layer_ops_cpu.cpp")]
 
 
-def _headers_digest() -> str:
-    # torch rebuilds an extension when its sources or flags change, but does not look at included headers:
-    # their digest goes into the flags.
+def _build_digest() -> str:
+    """torch rebuilds an extension when its sources or flags change, but looks neither at included headers
+    nor at the CPU: a build cached by a machine with other instruction sets (-march=native) must not be
+    loaded here. Both go into the flags through this digest."""
     h = hashlib.sha256()
     for header in sorted(_CSRC.glob("*.h")):
         h.update(header.read_bytes())
+    h.update(platform.machine().encode())
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+        h.update(flags.encode())
+    except (OSError, StopIteration):
+        pass
     return h.hexdigest()[:16]
 _lock = threading.Lock()
 _module = None
@@ -51,7 +59,7 @@ def cpu_kernel_module():
             from torch.utils.cpp_extension import load
             log.info("loading herd's CPU kernels (compiled on first use, once per machine)...")
             flags = ["-O3", "-march=native", "-ffast-math", "-fno-strict-aliasing",
-                     f"-DHERD_HEADERS_DIGEST={_headers_digest()}"]
+                     f"-DHERD_BUILD_DIGEST={_build_digest()}"]
             _module = load(name="herd_cpu_kernels", sources=[str(s) for s in _SOURCES], extra_cflags=flags,
                            verbose=False)
         except Exception as e:  # noqa: BLE001 - any build problem means: use the portable path
