@@ -80,6 +80,23 @@ def test_batch_greedy_equals_transformers(flavour):
     assert all(o.finish_reason == "length" for o in outs)
 
 
+def test_portable_torch_paths_equal_transformers(flavour, monkeypatch):
+    """What runs where herd's CPU shortcuts do not (GPU, HERD_CPU_KERNELS=0, HERD_PACK_WEIGHTS=0): gather +
+    SDPA attention, torch-expression layer ops, plain F.linear."""
+    import workers.model_runner as model_runner
+    from workers.attention import TorchPagedAttention
+    from workers.layer_ops import TorchLayerOps
+    monkeypatch.setattr(model_runner, "select_attention_backend", lambda device: TorchPagedAttention())
+    monkeypatch.setattr(model_runner, "select_layer_ops", lambda device: TorchLayerOps())
+    monkeypatch.setenv("HERD_PACK_WEIGHTS", "0")
+    path, hf, prompts, expected = flavour
+    engine, outs = run(path, prompts)
+    model = engine.executor.runner.model
+    assert isinstance(model.ops, TorchLayerOps) and type(model.ops) is TorchLayerOps
+    assert model.layers[0].qkv.layout == torch.strided
+    assert [o.token_ids for o in outs] == expected
+
+
 def test_chunked_prefill_same_tokens(flavour):
     path, _, prompts, expected = flavour
     engine, outs = run(path, prompts, max_num_batched_tokens=7)  # every long prompt spans several steps
