@@ -30,7 +30,10 @@ def _peak_rss_mib() -> float:
 
 
 def _run_herd(path: str, dtype: str, n: int, max_num_seqs: int, out: mp.Queue) -> None:
+    import torch
+
     from workers import Engine, SamplingParams
+    from workers.cpu_kernels import cpu_kernel_module
     engine = Engine.from_pretrained(path, dtype=dtype, show_progress=False, max_num_seqs=max_num_seqs,
                                     enable_prefix_caching=False)
     reqs = workload(n, engine.vocab_size)
@@ -40,8 +43,12 @@ def _run_herd(path: str, dtype: str, n: int, max_num_seqs: int, out: mp.Queue) -
     outs = engine.generate([p for p, _ in reqs], params)
     elapsed = time.perf_counter() - t0
     tokens = sum(len(o.token_ids) for o in outs)
+    model = engine.executor.runner.model
+    setup = {"threads": torch.get_num_threads(), "cpu_kernels": cpu_kernel_module() is not None,
+             "packed_weights": model.layers[0].qkv.layout == torch._mkldnn}
     engine.shutdown()
-    out.put({"tokens": tokens, "seconds": elapsed, "tok_per_s": tokens / elapsed, "peak_rss_mib": _peak_rss_mib()})
+    out.put({"tokens": tokens, "seconds": elapsed, "tok_per_s": tokens / elapsed, "peak_rss_mib": _peak_rss_mib(),
+             "setup": setup})
 
 
 def _run_transformers(path: str, dtype: str, n: int, batch_size: int, out: mp.Queue) -> None:
