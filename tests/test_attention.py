@@ -38,3 +38,39 @@ def test_cpu_kernel_matches_portable_path(dtype, tol, hq, hkv, d, lens):
     meta2 = AttentionMetadata(slots, len(lens), table_t, torch.tensor(lens), [], bs)
     out = CpuPagedAttention(kernel).forward(q, k_new, v_new, k_cache, v_cache, meta2, d ** -0.5)
     assert torch.allclose(out.float(), ref.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("bs", [5, 32])
+def test_cpu_kernel_any_block_size(bs):
+    """Block sizes other than 16 (the cache layout follows EngineConfig.block_size)."""
+    kernel = cpu_kernel_module()
+    g = torch.Generator().manual_seed(bs)
+    hkv, hq, d, lens = 2, 4, 64, [3, bs, 2 * bs + 1, 40]
+    k_cache = torch.randn(40, bs, hkv, d, generator=g)
+    v_cache = torch.randn(40, bs, hkv, d, generator=g)
+    width = -(-max(lens) // bs)
+    tables = torch.randperm(40, generator=g)[: len(lens) * width].view(len(lens), width)
+    q = torch.randn(len(lens), hq, d, generator=g)
+    out = kernel.paged_decode_attention(q, k_cache, v_cache, tables, torch.tensor(lens), d ** -0.5)
+    for i, n in enumerate(lens):
+        pos = torch.arange(n)
+        slots = tables[i][pos // bs] * bs + pos % bs
+        k = k_cache.view(-1, hkv, d)[slots].transpose(0, 1)
+        v = v_cache.view(-1, hkv, d)[slots].transpose(0, 1)
+        ref = torch.nn.functional.scaled_dot_product_attention(q[i].unsqueeze(1), k, v, scale=d ** -0.5,
+                                                               enable_gqa=True).squeeze(1)
+        assert torch.allclose(out[i], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_kernels_reject_out_of_range_indices():
+    """The kernels read raw pointers; indices outside the tensors are errors, not out-of-bounds reads."""
+    kernel = cpu_kernel_module()
+    cache = torch.zeros(4, 16, 2, 64)
+    q = torch.zeros(1, 2, 64)
+    with pytest.raises(RuntimeError, match="block id"):
+        kernel.paged_decode_attention(q, cache, cache, torch.tensor([[7]]), torch.tensor([5]), 0.125)
+    with pytest.raises(RuntimeError, match="length"):
+        kernel.paged_decode_attention(q, cache, cache, torch.tensor([[1]]), torch.tensor([17]), 0.125)
+    table = torch.zeros(8, 32)
+    with pytest.raises(RuntimeError, match="position"):
+        kernel.rotary_(torch.zeros(2, 2, 64), table, table, torch.tensor([0, 8]))

@@ -112,12 +112,16 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
 
 void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, torch::Tensor positions) {
   TORCH_CHECK(x.device().is_cpu(), "x must be on the CPU");
+  TORCH_CHECK(x.dim() == 3 && cos.dim() == 2 && cos.size(1) * 2 == x.size(2), "x [T,H,D], cos/sin [P,D/2]");
   TORCH_CHECK(x.stride(2) == 1 && x.stride(1) == x.size(2), "x's heads must be contiguous within a token");
   check_rows(cos, "cos");
   check_rows(sin, "sin");
-  TORCH_CHECK(x.dim() == 3 && cos.dim() == 2 && cos.size(1) * 2 == x.size(2), "x [T,H,D], cos/sin [P,D/2]");
   TORCH_CHECK(x.scalar_type() == cos.scalar_type() && cos.scalar_type() == sin.scalar_type(), "one dtype");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.numel() == x.size(0), "one int64 position per token");
   positions = positions.contiguous();
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  for (int64_t t = 0; t < x.size(0); ++t)
+    TORCH_CHECK(pos[t] >= 0 && pos[t] < cos.size(0), "position ", pos[t], " outside the rotary table");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rotary_", [&] {
     rotary_kernel<scalar_t>(x.data_ptr<scalar_t>(), cos.data_ptr<scalar_t>(), sin.data_ptr<scalar_t>(),
                             positions.data_ptr<int64_t>(), x.size(0), x.size(1), x.size(2), x.stride(0));

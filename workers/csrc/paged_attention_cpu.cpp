@@ -180,12 +180,26 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "the KV cache must be contiguous");
   TORCH_CHECK(q.scalar_type() == k_cache.scalar_type(), "q and the cache must have one dtype");
   TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, "query heads must be a multiple of kv heads");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && seq_lens.scalar_type() == at::kLong,
+              "block tables and sequence lengths must be int64");
   q = q.contiguous();
   block_tables = block_tables.contiguous();
   seq_lens = seq_lens.contiguous();
   auto out = torch::empty_like(q);
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
   const int64_t BS = k_cache.size(1), Hkv = k_cache.size(2), max_blocks = block_tables.size(1);
+  TORCH_CHECK(seq_lens.numel() == B && block_tables.size(0) == B, "one block table and length per sequence");
+  // The kernel reads raw pointers: a bad length or block id must be an error here, not a read out of bounds.
+  const int64_t* lens = seq_lens.data_ptr<int64_t>();
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(lens[b] >= 1 && lens[b] <= max_blocks * BS, "sequence ", b, " has length ", lens[b],
+                " outside [1, ", max_blocks * BS, "]");
+    for (int64_t blk = 0; blk * BS < lens[b]; ++blk) {
+      const int64_t id = tables[b * max_blocks + blk];
+      TORCH_CHECK(id >= 0 && id < k_cache.size(0), "block id ", id, " outside the cache");
+    }
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
     auto run = [&](auto kernel) {
       kernel(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
