@@ -37,6 +37,8 @@ def _build_digest() -> str:
     except (OSError, StopIteration):
         pass
     return h.hexdigest()[:16]
+
+
 _lock = threading.Lock()
 _module = None
 _failed: str | None = None

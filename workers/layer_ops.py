@@ -34,7 +34,8 @@ class TorchLayerOps:
 
 
 class CpuLayerOps(TorchLayerOps):
-    """The fused CPU kernels; inputs they do not take (other devices, fp64) go the torch way."""
+    """The fused CPU kernels (CPU tensors only: select_layer_ops picks this class for the CPU). Rotary falls
+    back to the torch expression for a q/k whose heads are not contiguous within a token."""
 
     def __init__(self, kernel):
         self.kernel = kernel

@@ -41,7 +41,7 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
         ok = torch.allclose(_packed_linear(probe, packed).float(), F.linear(probe, weight).float(),
                             rtol=1e-2, atol=1e-2)
     except (RuntimeError, AttributeError) as e:
-        ok, packed = False, None
+        ok = False
         reason = f"{type(e).__name__}: {e}"
     else:
         reason = "packed result differs from F.linear"

@@ -3,8 +3,10 @@
 // -fno-strict-aliasing: the bf16 paths write fp32 bit patterns through uint32_t pointers.
 #pragma once
 #include <torch/extension.h>
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace herd {
 

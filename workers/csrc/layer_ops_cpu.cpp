@@ -98,6 +98,7 @@ void check_rows(const torch::Tensor& t, const char* name) {
 
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
   x = x.contiguous();
+  check_rows(x, "x");
   check_rows(weight, "weight");
   TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "x and weight must have one dtype");
   const int64_t H = x.size(-1);
@@ -130,6 +131,7 @@ void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, torch::Tenso
 
 torch::Tensor silu_mul(torch::Tensor gate_up) {
   gate_up = gate_up.contiguous();
+  check_rows(gate_up, "gate_up");
   TORCH_CHECK(gate_up.dim() == 2 && gate_up.size(1) % 2 == 0, "gate_up [T, 2I]");
   const int64_t I = gate_up.size(1) / 2;
   auto out = torch::empty({gate_up.size(0), I}, gate_up.options());

@@ -1,13 +1,14 @@
 // Paged decode attention for the CPU: one query token per sequence, keys/values read in place from the
 // block-paged cache (no gather copy).
 //
-// One task per (sequence, kv head): the task walks the sequence's blocks once, converts each block's key
-// rows to fp32 in a small L1-resident buffer, scores them against every query head that shares the kv head
-// (GQA reads each key once, not once per query head), folds the block into a running softmax (online
-// max/denominator rescaling, as flash-decoding does) and accumulates the value rows the same way. Every
-// inner loop runs over contiguous fp32 arrays of head_dim elements so the compiler vectorizes it; bf16 is
-// widened by a 16-bit shift on its raw bits (the conversion through c10::BFloat16's operator float does
-// not vectorize and made the first version of this kernel ~4x slower; see convert.h).
+// One task per sequence (or per (sequence, kv head) when there are too few sequences to feed the threads):
+// the task walks the sequence's blocks once, each block one contiguous run of all its kv heads, scores each
+// key row against every query head that shares its kv head (GQA reads each key once), folds the block into
+// a running softmax (online max/denominator rescaling, as flash-decoding does) and accumulates the value
+// rows the same way. With AVX-512 and head_dim 64/128 the rows go from the cache straight into registers
+// (bf16 widened by a 16-bit shift); otherwise they are widened to fp32 buffers that plain, vectorizable
+// loops read (the conversion through c10::BFloat16's operator float does not vectorize and made the first
+// version of this kernel ~4x slower; see convert.h).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cmath>
@@ -15,6 +16,9 @@
 #include <cstring>
 #include <type_traits>
 #include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include "convert.h"
 
@@ -41,7 +45,6 @@ inline void scale_row(float alpha, float* __restrict y, int64_t n) {
 }
 
 #if defined(__AVX512F__)
-#include <immintrin.h>
 #define HERD_AVX512 1
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const at::BFloat16* p) {
