@@ -87,7 +87,8 @@ def model_deployment_options(model) -> dict[str, Any]:
     shard = dict(model.resources_per_shard)
     opts: dict[str, Any] = {
         "name": deployment_name(model.name),
-        "max_ongoing_requests": model.max_ongoing_requests,
+        "max_ongoing_requests": model.effective_max_ongoing_requests,
+        "max_queued_requests": model.effective_serve_max_queued_requests,
         "graceful_shutdown_timeout_s": model.graceful_shutdown_timeout_s,
         "health_check_period_s": model.health_check_period_s,
         "health_check_timeout_s": model.health_check_timeout_s,
@@ -125,11 +126,33 @@ def build_app(args: Any) -> serve.Application:
             "pipeline_parallel_size": spec["pipeline_parallel_size"],
             "autoscaling": model.autoscaling_config is not None,
         }
-    ingress = IngressDeployment.options(
-        name=INGRESS_NAME, num_replicas=cfg.ingress_replicas, ray_actor_options={"num_cpus": INGRESS_CPUS})
+    ingress = IngressDeployment.options(**ingress_deployment_options(cfg))
     # A key file is read by the ingress itself (where the Secret is mounted, and re-read when it changes), so
     # the keys are not copied into the application's stored arguments.
-    return ingress.bind(handles, specs, list(cfg.api_keys), cfg.api_keys_file)
+    return ingress.bind(handles, specs, list(cfg.api_keys), cfg.api_keys_file, ingress_settings(cfg))
+
+
+def ingress_deployment_options(cfg: ClusterConfig) -> dict[str, Any]:
+    """The ingress is sized to carry every model's full capacity at once (cluster.config), so it never holds
+    back a request a model could take; past that the proxy answers RESOURCE_EXHAUSTED at once."""
+    opts: dict[str, Any] = {
+        "name": INGRESS_NAME, "ray_actor_options": {"num_cpus": INGRESS_CPUS},
+        "max_ongoing_requests": cfg.effective_ingress_max_ongoing_requests,
+        "max_queued_requests": cfg.ingress_max_queued_requests,
+        "graceful_shutdown_timeout_s": max(m.graceful_shutdown_timeout_s for m in cfg.models),
+    }
+    if cfg.ingress_autoscaling is not None:
+        autoscaling = cfg.ingress_autoscaling.model_dump(exclude_none=True)
+        opts["autoscaling_config"] = autoscaling
+    else:
+        opts["num_replicas"] = cfg.ingress_replicas
+    return opts
+
+
+def ingress_settings(cfg: ClusterConfig) -> dict[str, Any]:
+    """What the ingress needs of the config besides keys and models (plain data: pickled into each replica)."""
+    return {"limits": cfg.limits.model_dump(), "prefix_cache_isolation": cfg.prefix_cache_isolation,
+            "enable_openapi_docs": cfg.enable_openapi_docs}
 
 
 def serve_start_options(cfg: ClusterConfig) -> dict[str, Any]:
@@ -137,9 +160,10 @@ def serve_start_options(cfg: ClusterConfig) -> dict[str, Any]:
     from ray.serve.config import gRPCOptions, HTTPOptions
 
     http: dict[str, Any] = {"host": cfg.host, "port": cfg.http_port}
-    grpc_opts: dict[str, Any] = {"port": cfg.grpc_port, "grpc_servicer_functions": GRPC_SERVICER_FUNCTIONS}
-    if cfg.request_timeout_s:
-        http["request_timeout_s"] = grpc_opts["request_timeout_s"] = cfg.request_timeout_s
+    grpc_opts: dict[str, Any] = {"port": cfg.grpc_port, "grpc_servicer_functions": GRPC_SERVICER_FUNCTIONS,
+                                 "enable_reflection": cfg.enable_reflection,
+                                 "request_timeout_s": cfg.request_timeout_s}
+    http["request_timeout_s"] = cfg.request_timeout_s
     if cfg.tls is not None:  # HTTPS on the HTTP proxy; Serve's gRPC proxy has no TLS (see the module doc)
         http["ssl_certfile"], http["ssl_keyfile"] = cfg.tls.cert_file, cfg.tls.key_file
     return {"http_options": HTTPOptions(**http), "grpc_options": gRPCOptions(**grpc_opts)}

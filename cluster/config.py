@@ -56,6 +56,32 @@ class AutoscalingConfig(_Strict):
         return self
 
 
+class LimitsConfig(_Strict):
+    """Bounds on what one request may ask for; each violation is INVALID_ARGUMENT / 400 naming the field.
+    They keep one client from costing the others more than its own tokens (docs/serving.md, "Limits")."""
+    max_prompt_chars: int = Field(2_000_000, ge=1)        # a text prompt / chat content, in characters
+    max_prompt_tokens: Optional[int] = Field(None, ge=1)  # None: what the model's max_model_len leaves
+    max_prompts_per_request: int = Field(64, ge=1)        # /v1/completions with a list of prompts
+    max_chat_messages: int = Field(512, ge=1)
+    max_tokenize_chars: int = Field(2_000_000, ge=1)      # Tokenize text
+    max_stop_strings: int = Field(16, ge=0)
+    max_stop_string_chars: int = Field(256, ge=1)
+    max_stop_token_ids: int = Field(64, ge=0)
+    max_logprobs: int = Field(20, ge=0, le=20)            # top-N log-probabilities per token
+    min_repetition_penalty: float = Field(0.01, gt=0)
+    max_repetition_penalty: float = Field(10.0, gt=0)
+    max_request_body_bytes: int = Field(8 << 20, ge=1024)   # HTTP: 413 over it, checked before parsing
+    max_grpc_message_bytes: int = Field(8 << 20, ge=1024)   # gRPC: receive limit of the proxy
+    max_request_id_chars: int = Field(128, ge=8)
+    max_health_watchers: int = Field(64, ge=0)            # concurrent Health.Watch streams per ingress replica
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "LimitsConfig":
+        if self.max_repetition_penalty < self.min_repetition_penalty:
+            raise ValueError("max_repetition_penalty must be >= min_repetition_penalty")
+        return self
+
+
 class TLSConfig(_Strict):
     cert_file: str
     key_file: str
@@ -70,9 +96,13 @@ class RouterConfig(_Strict):
     routing_stats_period_s: float = Field(2.0, gt=0)
 
 
-_ENGINE_KEYS = ("max_num_seqs", "max_model_len", "max_num_batched_tokens", "block_size", "kv_cache_memory",
-                "gpu_memory_utilization", "enable_prefix_caching", "max_queued_requests", "placement_strategy",
+_ENGINE_KEYS = ("max_model_len", "max_num_batched_tokens", "block_size", "kv_cache_memory",
+                "gpu_memory_utilization", "enable_prefix_caching", "placement_strategy",
                 "resources_per_shard", "pp_layer_partition")
+# The engine's own default batch size (workers.EngineConfig.max_num_seqs); the serving defaults derive from it.
+DEFAULT_MAX_NUM_SEQS = 128
+# Ingress slots kept beyond the models' capacity, for unary calls (Tokenize, ListModels, Health.Check).
+INGRESS_UNARY_HEADROOM = 64
 
 
 class ModelDeploymentConfig(_Strict):
@@ -93,9 +123,14 @@ class ModelDeploymentConfig(_Strict):
     kv_cache_memory: Optional[int] = Field(None, ge=1)
     gpu_memory_utilization: Optional[float] = Field(None, gt=0, le=1)
     enable_prefix_caching: Optional[bool] = None
-    max_queued_requests: Optional[int] = Field(None, ge=0)
+    # Capacity of one replica (docs/serving.md, "Capacity"): `max_num_seqs` run in the engine's batch,
+    # `max_queued_requests` more wait in its scheduler; Serve sends a replica at most `max_ongoing_requests`
+    # (default: the two together), and a caller holds at most `serve_max_queued_requests` more while every
+    # replica is full (e.g. while autoscaling starts one); past that the client gets RESOURCE_EXHAUSTED at once.
+    max_queued_requests: Optional[int] = Field(None, ge=0)       # default: max_num_seqs
+    max_ongoing_requests: Optional[int] = Field(None, ge=1)      # default: max_num_seqs + max_queued_requests
+    serve_max_queued_requests: Optional[int] = Field(None, ge=0)  # default: max_queued_requests
     # Serve deployment knobs
-    max_ongoing_requests: int = Field(64, ge=1)
     graceful_shutdown_timeout_s: float = Field(60.0, ge=0)
     health_check_period_s: float = Field(10.0, gt=0)
     health_check_timeout_s: float = Field(30.0, gt=0)
@@ -130,9 +165,42 @@ class ModelDeploymentConfig(_Strict):
     def num_shards(self) -> int:
         return self.tensor_parallel_size * self.pipeline_parallel_size
 
+    # ---- capacity (explicit values win; the rest derive from max_num_seqs) -----------------------------
+    @property
+    def effective_max_num_seqs(self) -> int:
+        return self.max_num_seqs or DEFAULT_MAX_NUM_SEQS
+
+    @property
+    def effective_max_queued_requests(self) -> int:
+        return self.max_queued_requests if self.max_queued_requests is not None else self.effective_max_num_seqs
+
+    @property
+    def effective_max_ongoing_requests(self) -> int:
+        if self.max_ongoing_requests is not None:
+            return self.max_ongoing_requests
+        return self.effective_max_num_seqs + self.effective_max_queued_requests
+
+    @property
+    def effective_serve_max_queued_requests(self) -> int:
+        if self.serve_max_queued_requests is not None:
+            return self.serve_max_queued_requests
+        return self.effective_max_queued_requests
+
+    @property
+    def max_replicas(self) -> int:
+        return self.autoscaling_config.max_replicas if self.autoscaling_config else (self.num_replicas or 1)
+
+    @property
+    def capacity(self) -> int:
+        """Requests this model holds at once at full scale: in its replicas plus those a caller queues."""
+        return self.max_replicas * self.effective_max_ongoing_requests + self.effective_serve_max_queued_requests
+
     def engine_args(self) -> dict[str, Any]:
-        """Keyword arguments for workers.Engine.from_pretrained beyond path/TP/PP/dtype (only those set)."""
+        """Keyword arguments for workers.Engine.from_pretrained beyond path/TP/PP/dtype (only those set;
+        max_num_seqs and max_queued_requests always, so the engine's queue is finite when it serves)."""
         args = {k: getattr(self, k) for k in _ENGINE_KEYS if getattr(self, k) is not None}
+        args["max_num_seqs"] = self.effective_max_num_seqs
+        args["max_queued_requests"] = self.effective_max_queued_requests
         args["placement_strategy"] = self.placement_strategy
         args["resources_per_shard"] = dict(self.resources_per_shard)
         return args
@@ -152,9 +220,22 @@ class ClusterConfig(_Strict):
     http_port: int = Field(8000, ge=1, le=65535)
     api_keys: list[str] = Field(default_factory=list, repr=False)
     api_keys_file: Optional[str] = None
+    # Serving on a non-loopback host with no API keys is refused unless this says it is meant.
+    allow_unauthenticated: bool = False
     tls: Optional[TLSConfig] = None
-    request_timeout_s: Optional[float] = Field(None, gt=0)
+    # End-to-end limit of one request at the proxies (a stream included); finite so nothing waits forever.
+    request_timeout_s: float = Field(600.0, gt=0)
+    # Ingress (gRPC + HTTP front): fixed replicas or autoscaled; each replica takes every model's capacity
+    # plus headroom unless `ingress_max_ongoing_requests` says otherwise (docs/serving.md, "Capacity").
     ingress_replicas: int = Field(1, ge=1)
+    ingress_autoscaling: Optional[AutoscalingConfig] = None
+    ingress_max_ongoing_requests: Optional[int] = Field(None, ge=1)
+    ingress_max_queued_requests: int = Field(64, ge=0)
+    enable_reflection: bool = False      # gRPC server reflection (grpcurl without the .proto)
+    enable_openapi_docs: bool = False    # /docs, /redoc and /openapi.json on the HTTP port
+    # per_key: one API key's requests never reuse (or detect) blocks another key's requests cached.
+    prefix_cache_isolation: Literal["none", "per_key"] = "none"
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
     models: list[ModelDeploymentConfig] = Field(min_length=1)
 
@@ -162,6 +243,14 @@ class ClusterConfig(_Strict):
     def _consistent(self) -> "ClusterConfig":
         if self.api_keys and self.api_keys_file:
             raise ValueError("set api_keys or api_keys_file, not both")
+        if not (self.api_keys or self.api_keys_file) and not is_loopback(self.host) \
+                and not self.allow_unauthenticated:
+            raise ValueError(f"host {self.host!r} is reachable from other machines and no api_keys are set; "
+                             "set api_keys / api_keys_file, or allow_unauthenticated: true if that is meant")
+        if self.ingress_autoscaling is not None and self.ingress_replicas != 1:
+            raise ValueError("set ingress_replicas or ingress_autoscaling, not both")
+        if self.prefix_cache_isolation == "per_key" and not (self.api_keys or self.api_keys_file):
+            raise ValueError("prefix_cache_isolation: per_key needs api_keys or api_keys_file")
         if self.grpc_port == self.http_port:
             raise ValueError("grpc_port and http_port must differ")
         names = [m.name for m in self.models]
@@ -172,6 +261,14 @@ class ClusterConfig(_Strict):
             if m.router is None:
                 object.__setattr__(m, "router", self.router)
         return self
+
+    @property
+    def effective_ingress_max_ongoing_requests(self) -> int:
+        """Every model's full capacity, the Health.Watch streams and headroom for unary calls: an ingress
+        replica never makes a request wait that a model could take (and never hides load from autoscaling)."""
+        if self.ingress_max_ongoing_requests is not None:
+            return self.ingress_max_ongoing_requests
+        return sum(m.capacity for m in self.models) + self.limits.max_health_watchers + INGRESS_UNARY_HEADROOM
 
     # ---- loading -----------------------------------------------------------------------------------
     @classmethod
@@ -207,6 +304,18 @@ class ClusterConfig(_Strict):
     def __repr_args__(self):  # never print keys
         for k, v in super().__repr_args__():
             yield (k, "<redacted>" if k == "api_keys" and v else v)
+
+
+def is_loopback(host: str) -> bool:
+    """Is `host` a loopback address or name (127.0.0.0/8, ::1, localhost)?"""
+    import ipaddress
+
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def read_yaml(path: str | Path) -> Any:

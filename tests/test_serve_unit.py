@@ -182,11 +182,19 @@ def test_serve_start_options():
     from cluster.app import GRPC_SERVICER_FUNCTIONS, serve_start_options
 
     opts = serve_start_options(_cfg(host="10.0.0.5", grpc_port=9100, http_port=8100, request_timeout_s=30,
-                                    tls={"cert_file": "/tls/c.pem", "key_file": "/tls/k.pem"}))
+                                    api_keys=["k"], tls={"cert_file": "/tls/c.pem", "key_file": "/tls/k.pem"}))
     http, grpc_opts = opts["http_options"], opts["grpc_options"]
     assert (http.host, http.port, http.ssl_certfile, http.ssl_keyfile) == ("10.0.0.5", 8100, "/tls/c.pem", "/tls/k.pem")
     assert (grpc_opts.port, grpc_opts.grpc_servicer_functions) == (9100, GRPC_SERVICER_FUNCTIONS)
     assert http.request_timeout_s == grpc_opts.request_timeout_s == 30
+    assert grpc_opts.enable_reflection is False  # off unless the config enables it
+
+
+def test_request_timeout_is_finite_by_default():
+    from cluster.app import serve_start_options
+
+    opts = serve_start_options(_cfg())
+    assert 0 < opts["grpc_options"].request_timeout_s == opts["http_options"].request_timeout_s < float("inf")
 
 
 def test_load_config_from_args(tmp_path):
