@@ -27,15 +27,16 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import random
-import socket
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
+
+from benchmarks.bench_common import (Timeline, TimelineSampler, free_port, local_ray, percentile,  # noqa: F401
+                                     replica_counts)
 
 DEFAULT_ROUTER = "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter"
 PREFIX_ROUTER = "cluster.routing:PrefixCacheRouter"
@@ -64,15 +65,6 @@ class TurnResult:
     completion_tokens: int = 0
     cached_tokens: int = 0
     error: Optional[str] = None
-
-
-def percentile(values: list[float], q: float) -> Optional[float]:
-    """Nearest-rank percentile (q in 0..100); None for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), math.ceil(q / 100.0 * len(ordered))))
-    return ordered[rank - 1]
 
 
 def summarize(results: list[TurnResult], wall_s: float) -> dict[str, Any]:
@@ -204,51 +196,15 @@ def run_sessions(generate: Callable[[list[int], int], tuple[TurnResult, list[int
 
 
 # ---- autoscale timeline -------------------------------------------------------------------------------------
-@dataclass
-class Timeline:
-    t: list[float] = field(default_factory=list)
-    replicas: list[int] = field(default_factory=list)     # RUNNING
-    wanted: list[int] = field(default_factory=list)       # RUNNING + starting (what the autoscaler asked for)
-    in_flight: list[int] = field(default_factory=list)
-    phases: list[tuple[str, float, float]] = field(default_factory=list)
-
-
-def replica_counts(app_name: str, deployment: str) -> tuple[int, int]:
-    """(running, running + starting) replicas of a deployment, from serve.status()."""
-    from ray import serve
-
-    app = serve.status().applications.get(app_name)
-    if app is None or deployment not in app.deployments:
-        return 0, 0
-    states = {str(getattr(k, "value", k)): n for k, n in app.deployments[deployment].replica_states.items()}
-    running = states.get("RUNNING", 0)
-    return running, running + sum(states.get(k, 0) for k in ("STARTING", "UPDATING", "RECOVERING"))
-
-
 def autoscale_timeline(target: GrpcTarget, vocab: int, replicas_now: Callable[[], tuple[int, int]],
                        phases: list[tuple[str, float, int]], period_s: float = 0.5,
                        max_tokens: int = 16) -> Timeline:
     """Runs `phases` (name, seconds, concurrent sessions) back to back, sampling replicas and load."""
-    tl, in_flight = Timeline(), [0]
-    t0 = time.monotonic()
-    sampling = threading.Event()
-
-    def sampler():
-        while not sampling.is_set():
-            try:
-                running, wanted = replicas_now()
-            except Exception:  # noqa: BLE001 - a status hiccup repeats the last sample, not a failed bench
-                running, wanted = (tl.replicas[-1], tl.wanted[-1]) if tl.replicas else (0, 0)
-            tl.t.append(time.monotonic() - t0)
-            tl.replicas.append(running)
-            tl.wanted.append(wanted)
-            tl.in_flight.append(in_flight[0])
-            sampling.wait(period_s)
-
-    sampler_thread = threading.Thread(target=sampler, daemon=True)
-    sampler_thread.start()
+    in_flight = [0]
+    sampler = TimelineSampler(replicas_now, lambda: in_flight[0], period_s).start()
+    tl = sampler.tl
     for i, (name, seconds, sessions) in enumerate(phases):
-        start = time.monotonic() - t0
+        start = sampler.now()
         if sessions > 0:
             stop = threading.Event()
             w = Workload(sessions=sessions, turns=4, max_tokens=max_tokens, seed=100 + i)
@@ -261,10 +217,8 @@ def autoscale_timeline(target: GrpcTarget, vocab: int, replicas_now: Callable[[]
             worker.join(timeout=120)
         else:
             time.sleep(seconds)
-        tl.phases.append((name, start, time.monotonic() - t0))
-    sampling.set()
-    sampler_thread.join(timeout=5)
-    return tl
+        tl.phases.append((name, start, sampler.now()))
+    return sampler.stop()
 
 
 def plot_timeline(tl: Timeline, path: Path, title: str) -> Path:
@@ -353,12 +307,6 @@ def overhead_summary(grpc_results: list[TurnResult], local_results: list[TurnRes
 
 
 # ---- self-hosted cluster ------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def _router_class(router: str):
     """Select the model deployments' router class for build_app.
@@ -407,7 +355,6 @@ def _undeploy() -> None:
 
 
 def run_self_hosted(args) -> dict[str, Any]:
-    import ray
     from ray import serve
 
     from cluster.app import APP_NAME, deployment_name, serve_start_options
@@ -420,16 +367,13 @@ def run_self_hosted(args) -> dict[str, Any]:
         model_path = str(out / "checkpoints" / args.shape)
         if not (Path(model_path) / "config.json").is_file():
             write_demo_checkpoint(model_path, args.shape)
-    grpc_port, http_port = _free_port(), _free_port()
+    grpc_port, http_port = free_port(), free_port()
     base = bench_config(model_path, grpc_port, http_port, replicas=args.replicas)
     w = _workload(args)
     report: dict[str, Any] = {"mode": "self-hosted", "checkpoint": model_path, "workload": asdict(w),
                               "replicas": args.replicas}
 
-    os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
-    ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=False)
-    try:
+    with local_ray():
         serve.start(**serve_start_options(ClusterConfig.from_dict(base)))
         target = GrpcTarget(f"127.0.0.1:{grpc_port}", BENCH_MODEL)
 
@@ -476,9 +420,6 @@ def run_self_hosted(args) -> dict[str, Any]:
                                "peak_in_flight": max(tl.in_flight or [0]), "samples": len(tl.t),
                                "timeline": asdict(tl)}
         target.close()
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     return report
 
 

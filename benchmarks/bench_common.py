@@ -1,0 +1,390 @@
+"""Pieces the `herd bench` scenarios share: percentiles, a private local Ray + Serve + herd app, a temporary demo
+checkpoint, replica sampling from serve.status(), a grpc.aio streaming client that times every token, and the
+closed-loop driver that keeps N streams in flight.
+
+Nothing here is a scenario itself: serve_bench.py, load_bench.py and soak_bench.py are.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Iterator, Optional
+
+BENCH_MODEL = "bench"
+
+
+# ---- figures ------------------------------------------------------------------------------------------------
+def percentile(values: list[float], q: float) -> Optional[float]:
+    """Nearest-rank percentile (q in 0..100); None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), math.ceil(q / 100.0 * len(ordered))))
+    return ordered[rank - 1]
+
+
+def ms(seconds: Optional[float]) -> Optional[float]:
+    return None if seconds is None else round(seconds * 1000, 2)
+
+
+def p50_p99_ms(values_s: list[float], name: str) -> dict[str, Optional[float]]:
+    """{name_p50_ms, name_p99_ms} of values in seconds."""
+    return {f"{name}_p50_ms": ms(percentile(values_s, 50)), f"{name}_p99_ms": ms(percentile(values_s, 99))}
+
+
+def log(msg: str) -> None:
+    """Progress goes to stderr: stdout carries the one JSON report."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def write_report(report: dict[str, Any], out: Optional[str], filename: str) -> None:
+    """The JSON report: written to `out`/filename when `out` is given (its path logged), else printed to stdout."""
+    text = json.dumps(report, indent=2)
+    if out:
+        path = Path(out) / filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        log(f"wrote {path}")
+    else:
+        print(text, flush=True)
+
+
+def figure_path(out: Optional[str], filename: str) -> Path:
+    """Where a PNG goes: `out`, or the current folder when the JSON goes to stdout."""
+    return Path(out or ".") / filename
+
+
+# ---- a private cluster --------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def demo_checkpoint(shape: str, model: Optional[str] = None) -> Iterator[str]:
+    """`model` if given, else a demo checkpoint of `shape` in a temporary folder that is removed afterwards."""
+    if model:
+        yield model
+        return
+    from workers.demo import write_demo_checkpoint
+
+    tmp = tempfile.mkdtemp(prefix="herd-bench-")
+    try:
+        path = str(Path(tmp) / shape)
+        write_demo_checkpoint(path, shape)
+        yield path
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def local_ray(num_cpus: Optional[int] = None) -> Iterator[None]:
+    """A private Ray on 127.0.0.1 (never joins another); Serve and Ray are shut down on the way out."""
+    import ray
+    from ray import serve
+
+    os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
+    ray.init(address="local", num_cpus=num_cpus or max(2, os.cpu_count() or 2), include_dashboard=False,
+             _node_ip_address="127.0.0.1", log_to_driver=os.environ.get("HERD_BENCH_RAY_LOGS") == "1")
+    try:
+        yield
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+def cluster_config(models: list[dict[str, Any]], **extra) -> dict[str, Any]:
+    """A loopback ClusterConfig dict on free ports."""
+    return {"host": "127.0.0.1", "grpc_port": free_port(), "http_port": free_port(), "models": models, **extra}
+
+
+def start_herd(cfg_dict: dict[str, Any], ready_timeout_s: float = 300) -> str:
+    """serve.start + the herd app from `cfg_dict` (inside local_ray); blocks until RUNNING; the gRPC address."""
+    from ray import serve
+
+    from cluster.app import APP_NAME, build_app, serve_start_options
+    from cluster.config import ClusterConfig
+
+    cfg = ClusterConfig.from_dict(cfg_dict)
+    serve.start(**serve_start_options(cfg))
+    serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)
+    deadline = time.monotonic() + ready_timeout_s
+    while (status := serve.status().applications[APP_NAME]).status != "RUNNING":
+        if status.status == "DEPLOY_FAILED":
+            raise RuntimeError(f"herd app failed to deploy: {status.message}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"herd app not RUNNING after {ready_timeout_s:.0f} s")
+        time.sleep(0.5)
+    return f"127.0.0.1:{cfg.grpc_port}"
+
+
+def model_handle(model: str):
+    from ray import serve
+
+    from cluster.app import APP_NAME, deployment_name
+
+    return serve.get_deployment_handle(deployment_name(model), app_name=APP_NAME)
+
+
+def model_stats(model: str, timeout_s: float = 30) -> dict[str, Any]:
+    """ModelServer.stats() of one replica of `model` (engine counters, kv_blocks_free, replica_id)."""
+    return model_handle(model).stats.remote().result(timeout_s=timeout_s)
+
+
+def replica_actors(model: str) -> list[dict[str, Any]]:
+    """The ALIVE replica actors of `model`'s deployment: {name, pid, actor_id}. Read from the GCS actor table
+    (no dashboard needed); `name` works with ray.get_actor(name, namespace="serve")."""
+    import ray._private.state as state
+
+    from cluster.app import APP_NAME, deployment_name
+
+    marker = f"{APP_NAME}#{deployment_name(model)}#"
+    out = []
+    for actor_id, info in state.actors().items():
+        name = info.get("Name") or ""
+        if info.get("State") == "ALIVE" and marker in name:
+            out.append({"name": name, "pid": info.get("Pid"), "actor_id": actor_id})
+    return out
+
+
+# ---- replica timeline ---------------------------------------------------------------------------------------
+@dataclass
+class Timeline:
+    t: list[float] = field(default_factory=list)
+    replicas: list[int] = field(default_factory=list)     # RUNNING
+    wanted: list[int] = field(default_factory=list)       # RUNNING + starting (what the autoscaler asked for)
+    in_flight: list[int] = field(default_factory=list)
+    phases: list[tuple[str, float, float]] = field(default_factory=list)
+
+
+def replica_counts(app_name: str, deployment: str) -> tuple[int, int]:
+    """(running, running + starting) replicas of a deployment, from serve.status()."""
+    from ray import serve
+
+    app = serve.status().applications.get(app_name)
+    if app is None or deployment not in app.deployments:
+        return 0, 0
+    states = {str(getattr(k, "value", k)): n for k, n in app.deployments[deployment].replica_states.items()}
+    running = states.get("RUNNING", 0)
+    return running, running + sum(states.get(k, 0) for k in ("STARTING", "UPDATING", "RECOVERING"))
+
+
+class TimelineSampler:
+    """Samples (running, wanted) replicas and the caller's in-flight count every `period_s` into a Timeline,
+    in a thread, from `start()` (t = 0) until `stop()`."""
+
+    def __init__(self, replicas_now: Callable[[], tuple[int, int]], in_flight: Callable[[], int],
+                 period_s: float = 0.5):
+        self.tl, self.period_s = Timeline(), period_s
+        self._replicas_now, self._in_flight = replicas_now, in_flight
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.t0 = time.monotonic()
+
+    def now(self) -> float:
+        return time.monotonic() - self.t0
+
+    def start(self) -> "TimelineSampler":
+        self.t0 = time.monotonic()
+        self._thread.start()
+        return self
+
+    def stop(self) -> Timeline:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        return self.tl
+
+    def _run(self) -> None:
+        tl = self.tl
+        while not self._stop.is_set():
+            try:
+                running, wanted = self._replicas_now()
+            except Exception:  # noqa: BLE001 - a status hiccup repeats the last sample, not a failed bench
+                running, wanted = (tl.replicas[-1], tl.wanted[-1]) if tl.replicas else (0, 0)
+            tl.t.append(round(self.now(), 3))
+            tl.replicas.append(running)
+            tl.wanted.append(wanted)
+            tl.in_flight.append(self._in_flight())
+            self._stop.wait(self.period_s)
+
+
+# ---- streaming client ---------------------------------------------------------------------------------------
+@dataclass
+class StreamResult:
+    """One streamed request, timed at the client. Times are seconds; `start` is relative to the run's t0."""
+    start: float = 0.0
+    code: str = "OK"                        # gRPC status name (OK, RESOURCE_EXHAUSTED, CANCELLED, ...)
+    ttft_s: Optional[float] = None
+    latency_s: Optional[float] = None       # call to last chunk / error
+    tokens: int = 0
+    gaps_s: list[float] = field(default_factory=list)  # inter-token latency samples (one per token after the first)
+    kind: str = "normal"                    # workload class (soak): normal / cancel / invalid / deadline
+
+    def on_chunk(self, now: float, n_tokens: int, last_chunk_at: Optional[float]) -> None:
+        """Record a chunk of `n_tokens` arriving at `now` (seconds since this call began)."""
+        if n_tokens <= 0:
+            return
+        if self.ttft_s is None:
+            self.ttft_s = now
+            self.gaps_s.extend([0.0] * (n_tokens - 1))
+        elif last_chunk_at is not None:
+            self.gaps_s.extend([(now - last_chunk_at) / n_tokens] * n_tokens)
+        self.tokens += n_tokens
+
+
+def stream_summary(results: list[StreamResult], wall_s: float) -> dict[str, Any]:
+    """tok/s, TTFT and inter-token p50/p99 of the OK streams; outcome counts by status code."""
+    ok = [r for r in results if r.code == "OK"]
+    codes: dict[str, int] = {}
+    for r in results:
+        codes[r.code] = codes.get(r.code, 0) + 1
+    tokens = sum(r.tokens for r in results)
+    return {
+        "requests": len(results), "ok": len(ok), "errors": {k: v for k, v in codes.items() if k != "OK"},
+        "tokens": tokens, "tokens_per_s": round(tokens / wall_s, 2) if wall_s > 0 else None,
+        **p50_p99_ms([r.ttft_s for r in ok if r.ttft_s is not None], "ttft"),
+        **p50_p99_ms([g for r in ok for g in r.gaps_s], "itl"),
+        **p50_p99_ms([r.latency_s for r in ok if r.latency_s is not None], "latency"),
+        "wall_s": round(wall_s, 3),
+    }
+
+
+class AioTarget:
+    """herd's Generate over grpc.aio: every stream in one event loop, spread over a few HTTP/2 connections."""
+
+    def __init__(self, address: str, model: str, api_key: Optional[str] = None, channels: int = 4):
+        import grpc
+
+        from cluster.pb import inference_pb2 as pb
+        from cluster.pb import inference_pb2_grpc as pb_grpc
+
+        self.grpc, self.pb, self.model = grpc, pb, model
+        opts = [("grpc.use_local_subchannel_pool", 1)]  # separate connections, not one shared subchannel
+        self.channels = [grpc.aio.insecure_channel(address, options=opts) for _ in range(max(1, channels))]
+        self.stubs = [pb_grpc.InferenceStub(c) for c in self.channels]
+        self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self._next = 0
+
+    async def close(self) -> None:
+        for c in self.channels:
+            await c.close()
+
+    async def wait_ready(self, timeout_s: float = 120.0) -> Any:
+        """Waits until ListModels lists the model; its ModelInfo."""
+        deadline, last = time.monotonic() + timeout_s, None
+        while time.monotonic() < deadline:
+            try:
+                resp = await self.stubs[0].ListModels(self.pb.ListModelsRequest(), metadata=self.metadata,
+                                                      timeout=10)
+                for m in resp.models:
+                    if m.name == self.model:
+                        return m
+                last = f"model {self.model!r} not listed"
+            except self.grpc.aio.AioRpcError as e:
+                last = f"{e.code().name}: {e.details()}"
+            await asyncio.sleep(0.5)
+        raise RuntimeError(f"{self.model!r} not served within {timeout_s:.0f} s ({last})")
+
+    async def generate(self, prompt: list[int], max_tokens: int, *, timeout_s: float = 120.0,
+                       cancel_after_tokens: Optional[int] = None, t0: float = 0.0,
+                       **sampling) -> StreamResult:
+        """One greedy ignore_eos stream (unless `sampling` says otherwise); `cancel_after_tokens` cancels it
+        from the client side once that many tokens arrived (code CANCELLED_BY_CLIENT)."""
+        pb = self.pb
+        params = {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True, **sampling}
+        req = pb.GenerateRequest(model=self.model, token_ids=pb.TokenIds(ids=prompt),
+                                 sampling=pb.SamplingParams(**params))
+        stub = self.stubs[self._next % len(self.stubs)]
+        self._next += 1
+        start = time.perf_counter()
+        res, last = StreamResult(start=start - t0), None
+        call = stub.Generate(req, metadata=self.metadata, timeout=timeout_s)
+        try:
+            async for chunk in call:
+                now = time.perf_counter() - start
+                res.on_chunk(now, len(chunk.token_ids), last)
+                last = now if chunk.token_ids else last
+                if cancel_after_tokens is not None and res.tokens >= cancel_after_tokens:
+                    call.cancel()
+                    res.code = "CANCELLED_BY_CLIENT"
+                    break
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
+        except self.grpc.aio.AioRpcError as e:
+            res.code = e.code().name
+        res.latency_s = time.perf_counter() - start
+        return res
+
+
+async def closed_loop(make_call: Callable[[int], Awaitable[StreamResult]], n_requests: int,
+                      concurrency: int, in_flight: Optional[list[int]] = None) -> tuple[list[StreamResult], float]:
+    """Runs `make_call(i)` for i in range(n_requests), keeping `concurrency` of them in flight; (results, wall)."""
+    results: list[Optional[StreamResult]] = [None] * n_requests
+    counter = iter(range(n_requests))
+
+    async def worker() -> None:
+        for i in counter:
+            if in_flight is not None:
+                in_flight[0] += 1
+            try:
+                results[i] = await make_call(i)
+            finally:
+                if in_flight is not None:
+                    in_flight[0] -= 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(min(concurrency, n_requests))))
+    return [r for r in results if r is not None], time.perf_counter() - t0
+
+
+class LoopLag:
+    """Measures how late the client's event loop wakes (a busy client shows up here, not as server latency)."""
+
+    def __init__(self, period_s: float = 0.01):
+        self.period_s, self.lags = period_s, []
+        self._task: Optional[asyncio.Task] = None
+
+    async def _run(self) -> None:
+        while True:
+            t = time.perf_counter()
+            await asyncio.sleep(self.period_s)
+            self.lags.append(max(0.0, time.perf_counter() - t - self.period_s))
+
+    def __enter__(self) -> "LoopLag":
+        self.lags = []
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    def summary(self) -> dict[str, Optional[float]]:
+        return p50_p99_ms(self.lags, "client_loop_lag")
+
+
+def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    """`n` distinct random prompts (ids 3..vocab-1): no two share a first block, so no prefix-cache help."""
+    import random
+
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(length)] for _ in range(n)]
+
+
+def checkpoint_vocab(path: str) -> int:
+    return int(json.loads((Path(path) / "config.json").read_text())["vocab_size"])
