@@ -3,7 +3,7 @@
 Contract with the ingress (and with the router, which reads the token ids from the first positional arg):
 
     handle.options(stream=True).generate_stream.remote(prompt_token_ids: list[int], sampling: dict,
-                                                       request_id: str)
+                                                       request_id: str, cache_salt: int = 0)
 
 yields plain dicts, one per engine step that produced something:
 
@@ -16,6 +16,9 @@ into a RayTaskError with their fields, and the client must see the field name.
 
 Each logprobs entry is `{"logprob": float, "top": [[token_id, logprob], ...]}` (the `sampling["logprobs"]`
 most likely tokens, most likely first) for the token at the same position in token_ids.
+
+`cache_salt` (a keyword, non-zero with per-tenant prefix-cache isolation) roots the request's block-hash
+chain, in the engine's prefix cache and in the router alike, so tenants never share (or see) cached blocks.
 
 Placement: a replica of a TP·PP = 1 model reserves `resources_per_shard` itself. For TP·PP > 1 the replica owns
 a placement group, `[{"CPU": driver_cpus}] + [resources_per_shard] * (TP*PP)` (see cluster.app); the replica
@@ -92,7 +95,7 @@ class ModelServer:
 
     # ---- requests ------------------------------------------------------------------------------------
     async def generate_stream(self, prompt_token_ids: list[int], sampling: dict[str, Any],
-                              request_id: str) -> AsyncIterator[dict[str, Any]]:
+                              request_id: str, cache_salt: int = 0) -> AsyncIterator[dict[str, Any]]:
         from workers import SamplingParams
         from workers.errors import HerdError
 
@@ -103,7 +106,8 @@ class ModelServer:
         try:
             params = SamplingParams.from_dict(sampling)
             self.engine.validate(prompt_token_ids, params)
-            stream = self.engine.generate(list(prompt_token_ids), params, request_id=request_id)
+            salt = {"cache_salt": int(cache_salt)} if cache_salt else {}
+            stream = self.engine.generate(list(prompt_token_ids), params, request_id=request_id, **salt)
             # aclosing: if we are cancelled (client gone), the engine's generator is closed at once, which
             # aborts the sequence and frees its KV blocks, instead of whenever it is garbage collected.
             async with contextlib.aclosing(stream):

@@ -28,6 +28,7 @@ from typing import Any, AsyncIterator, Iterable
 from ray import serve
 
 from cluster.errors import ApiError, to_api_error
+from cluster.limits import InputLimits, LiveRequestIds
 from cluster.openai_http import OpenAIRoutes, openai_app
 from cluster.pb import inference_pb2 as pb
 
@@ -42,6 +43,18 @@ CHAT_ROLES = ("system", "user", "assistant", "tool", "ipython")
 READINESS_TTL_S = 1.0
 # Service name that means "the whole API" besides "" (grpc.health.v1 convention).
 SERVICE_NAME = "herd.v1.Inference"
+# A request whose replica died before its first token is sent again this many times.
+RETRIES_BEFORE_FIRST_TOKEN = 1
+# Texts longer than this are tokenized in a worker thread, so the ingress's event loop keeps streaming other
+# requests' tokens meanwhile (shorter ones cost less than the hop to a thread).
+OFF_LOOP_CHARS = 4096
+
+
+async def off_loop(size: int, fn, *args, **kwargs):
+    """fn(*args, **kwargs), in a worker thread when `size` (characters of input) is large."""
+    if size > OFF_LOOP_CHARS:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+    return fn(*args, **kwargs)
 
 
 # ---- authentication ------------------------------------------------------------------------------------
@@ -109,11 +122,13 @@ class ApiKeyAuth:
                 key = value.strip()
         return key
 
-    def check(self, headers: Iterable[tuple[str, Any]]) -> None:
+    def check(self, headers: Iterable[tuple[str, Any]]) -> bytes | None:
+        """Raise UNAUTHENTICATED unless the headers carry a configured key; return that key's SHA-256 digest
+        (None when authentication is off), which stands for the tenant in per-key cache isolation."""
         if self._key_file is not None:
             self._reload_file()
         if not self.enabled:
-            return
+            return None
         key = self.presented_key(headers)
         if key is None:
             raise ApiError.unauthenticated("missing API key: send 'authorization: Bearer <key>' or 'x-api-key: <key>'")
@@ -123,6 +138,7 @@ class ApiKeyAuth:
             ok |= hmac.compare_digest(digest, ref)
         if not ok:
             raise ApiError.unauthenticated("invalid API key")
+        return digest
 
 
 # ---- protocol-free core --------------------------------------------------------------------------------
@@ -146,11 +162,26 @@ def sampling_from_proto(msg: pb.SamplingParams) -> dict[str, Any]:
     return d
 
 
+def cache_salt_for(key_digest: bytes | None) -> int:
+    """The prefix-cache salt of a tenant (an API key's digest): a non-zero 64-bit number that roots its block
+    hash chain, so its blocks never match another tenant's (0 = shared cache)."""
+    if key_digest is None:
+        return 0
+    salt = int.from_bytes(hashlib.sha256(b"herd-prefix-cache-salt:" + key_digest).digest()[:8], "little")
+    return salt or 1
+
+
 class Frontend:
     def __init__(self, handles: dict[str, Any], specs: dict[str, dict[str, Any]], api_keys: Iterable[str] = (),
-                 api_keys_file: str | None = None):
+                 api_keys_file: str | None = None, settings: dict[str, Any] | None = None):
+        settings = dict(settings or {})
         self.routes = {name: ModelRoute(name, handles[name], specs[name]) for name in specs}
         self.auth = ApiKeyAuth(api_keys, api_keys_file)
+        self.limits = InputLimits(settings.get("limits"))
+        self.isolate_prefix_cache = settings.get("prefix_cache_isolation", "none") == "per_key"
+        self.openapi_docs = bool(settings.get("enable_openapi_docs", False))
+        self.live_request_ids = LiveRequestIds()
+        self.health_watchers = 0
         self.started_at = int(time.time())
         self._ready: tuple[float, dict[str, bool]] | None = None
         self._ready_lock = asyncio.Lock()
@@ -165,8 +196,10 @@ class Frontend:
                 log.warning("model %s: no usable tokenizer at the ingress (%s); only token-id prompts", route.name, e)
 
     # -- lookups and validation
-    def authenticate(self, headers: Iterable[tuple[str, Any]]) -> None:
-        self.auth.check(headers)
+    def authenticate(self, headers: Iterable[tuple[str, Any]]) -> int:
+        """Check the API key; return the request's prefix-cache salt (0 unless per-key isolation is on)."""
+        digest = self.auth.check(headers)
+        return cache_salt_for(digest) if self.isolate_prefix_cache else 0
 
     async def model(self, name: str) -> ModelRoute:
         route = self.routes.get(name)
@@ -187,11 +220,11 @@ class Frontend:
                         raise to_api_error(e) from None
         return route.info
 
-    @staticmethod
-    def check_sampling(sampling: dict[str, Any]) -> dict[str, Any]:
+    def check_sampling(self, sampling: dict[str, Any]) -> dict[str, Any]:
         from workers import SamplingParams
         from workers.errors import InvalidRequestError
 
+        self.limits.check_sampling(sampling)
         try:
             SamplingParams.from_dict(sampling)
         except InvalidRequestError as e:
@@ -204,7 +237,8 @@ class Frontend:
         if isinstance(prompt, str):
             if not prompt:
                 raise ApiError.invalid(field, "must not be empty")
-            ids = self.tokenizer_for(route, field).encode(prompt, bos=True)
+            self.limits.check_prompt_text(prompt, field)
+            ids = await off_loop(len(prompt), self.tokenizer_for(route, field).encode, prompt, bos=True)
         else:
             ids = [int(t) for t in prompt]
             if not ids:
@@ -215,18 +249,21 @@ class Frontend:
     async def encode_chat(self, route: ModelRoute, messages: list[dict[str, str]], field: str = "messages") -> list[int]:
         if not messages:
             raise ApiError.invalid(field, "must not be empty")
+        self.limits.check_messages(messages, field)
         for i, m in enumerate(messages):
             if m["role"] not in CHAT_ROLES:
                 raise ApiError.invalid(f"{field}[{i}].role", f"must be one of {', '.join(CHAT_ROLES)}")
         tok = self.tokenizer_for(route, field)
+        size = sum(len(m.get("content") or "") for m in messages)
         try:
-            ids = tok.apply_chat_template(messages, add_generation_prompt=True)
+            ids = await off_loop(size, tok.apply_chat_template, messages, add_generation_prompt=True)
         except Exception as e:  # noqa: BLE001 - the tokenizer's complaint about the messages
             raise ApiError.invalid(field, str(e)) from None
         await self.check_prompt(route, ids, field)
         return ids
 
     async def check_prompt(self, route: ModelRoute, ids: list[int], field: str) -> None:
+        self.limits.check_prompt_tokens(len(ids), field)
         info = await self.info(route)
         vocab, max_len = info["vocab_size"], info["max_model_len"]
         for t in ids:
@@ -250,11 +287,32 @@ class Frontend:
         return route.tokenizer.token_bytes(token_id) if route.tokenizer is not None else b""
 
     # -- generation
-    async def generate(self, route: ModelRoute, ids: list[int], sampling: dict[str, Any]) -> AsyncIterator[dict]:
+    async def generate(self, route: ModelRoute, ids: list[int], sampling: dict[str, Any],
+                       cache_salt: int = 0) -> AsyncIterator[dict]:
         """Stream chunk dicts from a model replica; raises ApiError. Leaving early cancels the replica's stream
-        (and so aborts the sequence and frees its KV blocks)."""
+        (and so aborts the sequence and frees its KV blocks).
+
+        A request whose replica turns out to be unavailable (it died, its engine is down) before any token
+        was streamed is sent once more, to whichever replica the router picks then: nothing reached the
+        client yet, so a replica restart under load costs clients nothing before their first token."""
+        for attempt in range(1 + RETRIES_BEFORE_FIRST_TOKEN):
+            streamed = False
+            try:
+                async for chunk in self._generate_once(route, ids, sampling, cache_salt):
+                    streamed = True
+                    yield chunk
+                return
+            except ApiError as e:
+                if streamed or e.code != "UNAVAILABLE" or attempt == RETRIES_BEFORE_FIRST_TOKEN:
+                    raise
+                log.warning("model %s: replica unavailable before the first token (%s); retrying once",
+                            route.name, e.message)
+
+    async def _generate_once(self, route: ModelRoute, ids: list[int], sampling: dict[str, Any],
+                             cache_salt: int) -> AsyncIterator[dict]:
         engine_request_id = uuid.uuid4().hex
-        gen = route.handle.options(stream=True).generate_stream.remote(ids, sampling, engine_request_id)
+        kwargs = {"cache_salt": cache_salt} if cache_salt else {}
+        gen = route.handle.options(stream=True).generate_stream.remote(ids, sampling, engine_request_id, **kwargs)
         done = False
         try:
             async for chunk in gen:
@@ -355,8 +413,8 @@ class InferenceIngress(OpenAIRoutes):
     """gRPC methods are named as the RPCs (Serve's proxy dispatches by name) and take `grpc_context`."""
 
     async def __init__(self, models: dict[str, Any], specs: dict[str, dict[str, Any]], api_keys: list[str],
-                       api_keys_file: str | None = None):
-        self.frontend = Frontend(models, specs, api_keys, api_keys_file)
+                       api_keys_file: str | None = None, settings: dict[str, Any] | None = None):
+        self.frontend = Frontend(models, specs, api_keys, api_keys_file, settings)
         await self.frontend.load_tokenizers()
         log.info("ingress: serving models %s (API keys %s)", ", ".join(specs),
                  "required" if self.frontend.auth.enabled else "not configured")
@@ -384,13 +442,15 @@ class InferenceIngress(OpenAIRoutes):
 
     async def _stream(self, request, grpc_context, prepare) -> AsyncIterator[pb.GenerateResponse]:
         try:
-            self.frontend.authenticate(grpc_context.invocation_metadata())
+            cache_salt = self.frontend.authenticate(grpc_context.invocation_metadata())
+            if request.request_id:
+                self.frontend.limits.check_request_id(request.request_id)
             route = await self.frontend.model(request.model)
             sampling = self.frontend.check_sampling(sampling_from_proto(request.sampling))
             ids = await prepare(route)
-            request_id = request.request_id or uuid.uuid4().hex
-            async for chunk in self.frontend.generate(route, ids, sampling):
-                yield response_from_chunk(self.frontend, route, chunk, request_id)
+            with self.frontend.live_request_ids.hold(request.request_id or uuid.uuid4().hex) as request_id:
+                async for chunk in self.frontend.generate(route, ids, sampling, cache_salt):
+                    yield response_from_chunk(self.frontend, route, chunk, request_id)
         except ApiError as e:
             raise _set_status(grpc_context, e) from None
         except Exception as e:  # noqa: BLE001 - a bug here; the client gets a clean INTERNAL
@@ -409,9 +469,10 @@ class InferenceIngress(OpenAIRoutes):
             else:
                 if not request.text:
                     raise ApiError.invalid("text", "must not be empty")
+                self.frontend.limits.check_tokenize_text(request.text)
                 tok = self.frontend.tokenizer_for(route, "text")
                 add_bos = request.add_bos if request.HasField("add_bos") else True
-                ids = tok.encode(request.text, bos=add_bos)
+                ids = await off_loop(len(request.text), tok.encode, request.text, bos=add_bos)
             info = await self.frontend.info(route)
             return pb.TokenizeResponse(token_ids=ids, tokens=[self.frontend.token_text(route, t) for t in ids],
                                        max_model_len=info["max_model_len"])
@@ -445,18 +506,30 @@ class InferenceIngress(OpenAIRoutes):
             status=health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def Watch(self, request, grpc_context):
+        """Streams status changes. Watchers need no key, so they are capped (limits.max_health_watchers per
+        ingress replica, whose slots are reserved beside the models' capacity): a flood of them is refused
+        with RESOURCE_EXHAUSTED instead of taking the seats inference needs."""
         from grpc_health.v1 import health_pb2
 
-        last = None
-        while True:
-            serving = await self.frontend.health(request.service)
-            status = (health_pb2.HealthCheckResponse.SERVICE_UNKNOWN if serving is None else
-                      health_pb2.HealthCheckResponse.SERVING if serving else
-                      health_pb2.HealthCheckResponse.NOT_SERVING)
-            if status != last:
-                yield health_pb2.HealthCheckResponse(status=status)
-                last = status
-            await asyncio.sleep(READINESS_TTL_S)
+        frontend = self.frontend
+        if frontend.health_watchers >= frontend.limits.cfg.max_health_watchers:
+            raise _set_status(grpc_context, ApiError(
+                "RESOURCE_EXHAUSTED", f"too many Health.Watch streams ({frontend.health_watchers}); "
+                                      "poll Health.Check instead"))
+        frontend.health_watchers += 1
+        try:
+            last = None
+            while True:
+                serving = await frontend.health(request.service)
+                status = (health_pb2.HealthCheckResponse.SERVICE_UNKNOWN if serving is None else
+                          health_pb2.HealthCheckResponse.SERVING if serving else
+                          health_pb2.HealthCheckResponse.NOT_SERVING)
+                if status != last:
+                    yield health_pb2.HealthCheckResponse(status=status)
+                    last = status
+                await asyncio.sleep(READINESS_TTL_S)
+        finally:
+            frontend.health_watchers -= 1
 
 
 IngressDeployment = serve.deployment(InferenceIngress, name="Ingress")

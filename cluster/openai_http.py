@@ -11,29 +11,44 @@ For a streamed request the first chunk is awaited before the response starts, so
 `data: {"error": {...}}` (which the openai client raises as an APIError).
 
 Beyond OpenAI's fields, the vLLM-style sampling extras are accepted (top_k, min_p, repetition_penalty,
-ignore_eos, stop_token_ids), e.g. through the openai client's `extra_body`.
+ignore_eos, stop_token_ids), e.g. through the openai client's `extra_body`. OpenAI fields herd does not
+implement (`UNSUPPORTED_FIELDS`) are refused with 400 naming the field, never silently dropped.
+
+Before a body is read (`EdgeGuard`, an ASGI middleware): the API key is checked (401 for an unauthenticated
+request, whose body is never read) and the body's size is bounded (413 over `limits.max_request_body_bytes`,
+by its Content-Length or, for a chunked body, as it arrives). A 429 carries `Retry-After`.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Optional, Union
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from cluster.errors import ApiError, to_api_error
 
-openai_app = FastAPI(title="herd OpenAI-compatible API", docs_url=None, redoc_url=None)
+# No built-in docs routes: /openapi.json and /docs exist only when the config enables them (see below).
+openai_app = FastAPI(title="herd OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
+# Seconds a client told "429" should wait before trying again (a replica frees seats as streams finish).
+RETRY_AFTER_S = 1
+# Paths that need no API key (probes cannot send one).
+OPEN_PATHS = ("/health",)
+# OpenAI request fields herd does not implement (yet): refused by name, never silently dropped.
+UNSUPPORTED_FIELDS = ("response_format", "tools", "tool_choice", "functions", "function_call",
+                      "parallel_tool_calls", "logit_bias", "prediction", "audio", "modalities",
+                      "web_search_options", "reasoning_effort")
 
 
 # ---- request bodies ------------------------------------------------------------------------------------
 class _SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # kept, so UNSUPPORTED_FIELDS can be refused by name
 
     model: str
     max_tokens: Optional[int] = None
@@ -55,6 +70,9 @@ class _SamplingFields(BaseModel):
     stop_token_ids: Optional[list[int]] = None
 
     def sampling(self, logprobs: Optional[int]) -> dict[str, Any]:
+        for name in UNSUPPORTED_FIELDS:
+            if (self.model_extra or {}).get(name) not in (None, {}, []):
+                raise ApiError.invalid(name, f"{name} is not supported by this server")
         if self.n != 1:
             raise ApiError.invalid("n", "only n=1 is supported")
         d: dict[str, Any] = {}
@@ -115,7 +133,8 @@ class ChatCompletionRequest(_SamplingFields):
 
 # ---- errors --------------------------------------------------------------------------------------------
 def error_response(err: ApiError) -> JSONResponse:
-    return JSONResponse(err.openai_body(), status_code=err.http_status)
+    headers = {"retry-after": str(RETRY_AFTER_S)} if err.code == "RESOURCE_EXHAUSTED" else None
+    return JSONResponse(err.openai_body(), status_code=err.http_status, headers=headers)
 
 
 @openai_app.exception_handler(ApiError)
@@ -136,12 +155,69 @@ async def _validation_error_handler(request: Request, exc: RequestValidationErro
     return error_response(ApiError.invalid(field or "body", first.get("msg", "invalid value")))
 
 
-async def require_api_key(request: Request) -> None:
-    """A route dependency, so a missing key is 401 even when the body is invalid too (dependencies run before
-    the body is validated)."""
+def _frontend():
     from ray import serve
 
-    serve.get_replica_context().servable_object.frontend.authenticate(request.headers.items())
+    return serve.get_replica_context().servable_object.frontend
+
+
+class BodyTooLarge(HTTPException):
+    """Raised while a body arrives past the limit (an HTTPException, so FastAPI's body parsing lets it through
+    to the handler below instead of calling it a parse error)."""
+
+    def __init__(self, limit: int):
+        super().__init__(status_code=413)
+        self.limit = limit
+
+    def response(self) -> JSONResponse:
+        err = ApiError.invalid("body", f"request body is over this server's limit of {self.limit} bytes "
+                                       "(limits.max_request_body_bytes)")
+        return JSONResponse(err.openai_body(), status_code=413)
+
+
+@openai_app.exception_handler(BodyTooLarge)
+async def _body_too_large_handler(request: Request, exc: BodyTooLarge) -> JSONResponse:
+    return exc.response()
+
+
+class EdgeGuard:
+    """ASGI middleware run before a route reads its body: API key (401), body size (413). The request's
+    prefix-cache salt (per-key isolation) goes to `request.state.cache_salt` for the route. `frontend` is a
+    callable giving the ingress's Frontend (the Serve replica's, by default)."""
+
+    def __init__(self, app, frontend=_frontend):
+        self.app = app
+        self.frontend = frontend
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        frontend = self.frontend()
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope.get("headers", [])]
+        limit = frontend.limits.cfg.max_request_body_bytes
+        try:
+            salt = frontend.authenticate(headers)
+        except ApiError as e:
+            return await error_response(e)(scope, receive, send)
+        length = next((v for k, v in headers if k.lower() == "content-length"), None)
+        if length is not None and (not length.strip().isdigit() or int(length) > limit):
+            return await BodyTooLarge(limit).response()(scope, receive, send)
+        scope.setdefault("state", {})["cache_salt"] = salt
+        received = 0
+
+        async def bounded_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        return await self.app(scope, bounded_receive, send)
+
+
+openai_app.add_middleware(EdgeGuard)
 
 
 def _sse(obj: Any) -> str:
@@ -176,7 +252,46 @@ class _Completion:
         return cls("".join(text), token_ids, logprobs, finish, usage)
 
 
-async def _first_then_rest(stream: AsyncIterator[dict]) -> AsyncIterator[dict]:
+def _cache_salt(request: Request) -> int:
+    return getattr(request.state, "cache_salt", 0) or 0
+
+
+async def _merge(streams: list[AsyncIterator[dict]]) -> AsyncIterator[tuple[int, dict]]:
+    """(index, chunk) from several streams as their chunks arrive. An error in any stream ends the merge
+    (and, like leaving it early, closes every stream, which aborts their sequences)."""
+    if len(streams) == 1:
+        async for chunk in streams[0]:
+            yield 0, chunk
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(index: int, stream: AsyncIterator[dict]) -> None:
+        try:
+            async for chunk in stream:
+                await queue.put((index, chunk))
+            await queue.put((index, done))
+        except Exception as e:  # noqa: BLE001 - handed to the consumer
+            await queue.put((index, e))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _first_then_rest(stream: AsyncIterator) -> AsyncIterator:
     """Await the first chunk now (so admission errors raise before a 200 is sent), then replay everything."""
     first = await stream.__anext__()
 
@@ -198,7 +313,22 @@ class OpenAIRoutes:
         ready = await self.frontend.all_ready()
         return JSONResponse({"status": "ok" if ready else "loading"}, status_code=200 if ready else 503)
 
-    @openai_app.get("/v1/models", dependencies=[Depends(require_api_key)])
+    @openai_app.get("/openapi.json", include_in_schema=False)
+    async def openapi_schema(self) -> JSONResponse:
+        """The API's OpenAPI schema, only where `enable_openapi_docs` is set (off by default)."""
+        if not self.frontend.openapi_docs:
+            raise ApiError("NOT_FOUND", "not found")
+        return JSONResponse(openai_app.openapi())
+
+    @openai_app.get("/docs", include_in_schema=False)
+    async def openapi_docs(self):
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        if not self.frontend.openapi_docs:
+            raise ApiError("NOT_FOUND", "not found")
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=openai_app.title)
+
+    @openai_app.get("/v1/models")
     async def list_models(self) -> JSONResponse:
         data = []
         for info in await self.frontend.list_models():
@@ -206,50 +336,51 @@ class OpenAIRoutes:
                          "owned_by": "herd", "max_model_len": info.get("max_model_len")})
         return JSONResponse({"object": "list", "data": data})
 
-    @openai_app.post("/v1/completions", dependencies=[Depends(require_api_key)])
-    async def completions(self, body: CompletionRequest):
+    @openai_app.post("/v1/completions")
+    async def completions(self, body: CompletionRequest, request: Request):
         if body.echo:
             raise ApiError.invalid("echo", "echo is not supported")
         if body.best_of not in (None, 1):
             raise ApiError.invalid("best_of", "only best_of=1 is supported")
         if body.suffix:
             raise ApiError.invalid("suffix", "suffix is not supported")
+        sampling = self.frontend.check_sampling(body.sampling(body.logprobs))
         route = await self.frontend.model(body.model)
         prompts = self._completion_prompts(body.prompt)
-        sampling = self.frontend.check_sampling(body.sampling(body.logprobs))
+        self.frontend.limits.check_prompt_count(len(prompts))
         prompt_ids = [await self.frontend.encode_prompt(route, p, field="prompt") for p in prompts]
         request_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
+        salt = _cache_salt(request)
+        # Every prompt is in the engine at once (they batch together), each an independent stream.
+        streams = [self.frontend.generate(route, ids, sampling, salt) for ids in prompt_ids]
 
         if not body.stream:
-            choices, usage = [], [0, 0, 0]
-            for index, ids in enumerate(prompt_ids):
-                out = await _Completion.drain(self.frontend.generate(route, ids, sampling))
-                usage = [a + b for a, b in zip(usage, out.usage)]
-                choices.append({"index": index, "text": out.text, "finish_reason": out.finish_reason,
-                                "logprobs": (self._completion_logprobs(route, out.token_ids, out.logprobs)
-                                             if body.logprobs is not None else None)})
+            outs = await asyncio.gather(*(_Completion.drain(s) for s in streams))
+            usage = [sum(col) for col in zip(*(out.usage for out in outs))]
+            choices = [{"index": index, "text": out.text, "finish_reason": out.finish_reason,
+                        "logprobs": (self._completion_logprobs(route, out.token_ids, out.logprobs)
+                                     if body.logprobs is not None else None)}
+                       for index, out in enumerate(outs)]
             return JSONResponse({"id": request_id, "object": "text_completion", "created": created, "model": body.model,
                                  "choices": choices, "usage": _usage(*usage)})
 
-        streams = [await _first_then_rest(self.frontend.generate(route, prompt_ids[0], sampling))]
+        merged = await _first_then_rest(_merge(streams))
 
         async def events():
             usage = [0, 0, 0]
             try:
-                for index, ids in enumerate(prompt_ids):
-                    stream = streams[0] if index == 0 else self.frontend.generate(route, ids, sampling)
-                    async for chunk in stream:
-                        lp = (self._completion_logprobs(route, chunk["token_ids"], chunk["logprobs"])
-                              if body.logprobs is not None else None)
-                        yield _sse({"id": request_id, "object": "text_completion", "created": created,
-                                    "model": body.model, "choices": [{"index": index, "text": chunk["text"],
-                                                                      "logprobs": lp,
-                                                                      "finish_reason": chunk["finish_reason"]}]})
-                        if chunk["finish_reason"] is not None:
-                            usage[0] += chunk["prompt_tokens"]
-                            usage[1] += chunk["completion_tokens"]
-                            usage[2] += chunk["cached_tokens"]
+                async for index, chunk in merged:
+                    lp = (self._completion_logprobs(route, chunk["token_ids"], chunk["logprobs"])
+                          if body.logprobs is not None else None)
+                    yield _sse({"id": request_id, "object": "text_completion", "created": created,
+                                "model": body.model, "choices": [{"index": index, "text": chunk["text"],
+                                                                  "logprobs": lp,
+                                                                  "finish_reason": chunk["finish_reason"]}]})
+                    if chunk["finish_reason"] is not None:
+                        usage[0] += chunk["prompt_tokens"]
+                        usage[1] += chunk["completion_tokens"]
+                        usage[2] += chunk["cached_tokens"]
                 if body.include_usage:
                     yield _sse({"id": request_id, "object": "text_completion", "created": created,
                                 "model": body.model, "choices": [], "usage": _usage(*usage)})
@@ -259,20 +390,21 @@ class OpenAIRoutes:
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    @openai_app.post("/v1/chat/completions", dependencies=[Depends(require_api_key)])
-    async def chat_completions(self, body: ChatCompletionRequest):
-        route = await self.frontend.model(body.model)
+    @openai_app.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request):
         if body.max_completion_tokens is not None and body.max_tokens is None:
             body.max_tokens = body.max_completion_tokens
         top = body.top_logprobs if body.top_logprobs is not None else 0
         sampling = self.frontend.check_sampling(body.sampling(top if body.logprobs else None))
+        route = await self.frontend.model(body.model)
         messages = [{"role": m.role, "content": m.text(i)} for i, m in enumerate(body.messages)]
         ids = await self.frontend.encode_chat(route, messages)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
 
+        salt = _cache_salt(request)
         if not body.stream:
-            out = await _Completion.drain(self.frontend.generate(route, ids, sampling))
+            out = await _Completion.drain(self.frontend.generate(route, ids, sampling, salt))
             choice = {"index": 0, "message": {"role": "assistant", "content": out.text},
                       "finish_reason": out.finish_reason,
                       "logprobs": ({"content": self._chat_logprobs(route, out.token_ids, out.logprobs)}
@@ -280,7 +412,7 @@ class OpenAIRoutes:
             return JSONResponse({"id": request_id, "object": "chat.completion", "created": created,
                                  "model": body.model, "choices": [choice], "usage": _usage(*out.usage)})
 
-        stream = await _first_then_rest(self.frontend.generate(route, ids, sampling))
+        stream = await _first_then_rest(self.frontend.generate(route, ids, sampling, salt))
 
         def chunk_obj(delta: dict, finish: Optional[str], logprobs=None) -> dict:
             return {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": body.model,

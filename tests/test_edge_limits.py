@@ -1,0 +1,281 @@
+"""The serving edge without Ray: input limits, the HTTP guard (API key before the body, body size), retry
+before the first token, per-key cache salts, capacity sizing of every hop."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.testclient import TestClient
+
+from cluster.config import ClusterConfig, LimitsConfig
+from cluster.errors import ApiError
+from cluster.ingress import Frontend, ModelRoute, cache_salt_for
+from cluster.limits import InputLimits, LiveRequestIds
+
+
+# ---- limits ----------------------------------------------------------------------------------------------
+def limits(**kw) -> InputLimits:
+    return InputLimits(LimitsConfig(**kw))
+
+
+@pytest.mark.parametrize("sampling, field", [
+    ({"stop": ["x"] * 17}, "stop"),
+    ({"stop": ["x" * 257]}, "stop"),
+    ({"stop_token_ids": list(range(65))}, "stop_token_ids"),
+    ({"logprobs": 21}, "logprobs"),
+    ({"repetition_penalty": 0.001}, "repetition_penalty"),
+    ({"repetition_penalty": 11.0}, "repetition_penalty"),
+])
+def test_sampling_limits_name_the_field(sampling, field):
+    with pytest.raises(ApiError) as e:
+        limits().check_sampling(sampling)
+    assert (e.value.code, e.value.field) == ("INVALID_ARGUMENT", field)
+    assert "limit" in e.value.message or "must be in" in e.value.message
+
+
+def test_sampling_within_limits_passes():
+    limits().check_sampling({"stop": ["a"] * 16, "stop_token_ids": list(range(64)), "logprobs": 20,
+                             "repetition_penalty": 1.2})
+
+
+def test_text_and_message_limits():
+    lim = limits(max_prompt_chars=10, max_chat_messages=2, max_tokenize_chars=5, max_prompts_per_request=3,
+                 max_prompt_tokens=4)
+    lim.check_prompt_text("x" * 10, "prompt")
+    for call, field in [(lambda: lim.check_prompt_text("x" * 11, "prompt"), "prompt"),
+                        (lambda: lim.check_messages([{"role": "user", "content": "a"}] * 3), "messages"),
+                        (lambda: lim.check_messages([{"role": "user", "content": "x" * 11}]), "messages"),
+                        (lambda: lim.check_tokenize_text("x" * 6), "text"),
+                        (lambda: lim.check_prompt_count(4), "prompt"),
+                        (lambda: lim.check_prompt_tokens(5, "prompt"), "prompt")]:
+        with pytest.raises(ApiError) as e:
+            call()
+        assert e.value.field == field and e.value.code == "INVALID_ARGUMENT"
+
+
+@pytest.mark.parametrize("rid, ok", [("abc-123_x.y:z", True), ("a" * 128, True), ("a" * 129, False),
+                                     ("has space", False), ("new\nline", False), ("ü", False)])
+def test_request_id_bounds(rid, ok):
+    if ok:
+        limits().check_request_id(rid)
+    else:
+        with pytest.raises(ApiError) as e:
+            limits().check_request_id(rid)
+        assert e.value.field == "request_id"
+
+
+def test_duplicate_live_request_id_is_refused_until_released():
+    live = LiveRequestIds()
+    with live.hold("r1"):
+        with pytest.raises(ApiError) as e:
+            live.hold("r1")
+        assert e.value.code == "ALREADY_EXISTS" and e.value.http_status == 409
+    with live.hold("r1"):  # released: usable again
+        assert len(live) == 1
+    assert len(live) == 0
+
+
+# ---- per-key prefix-cache salts ------------------------------------------------------------------------
+def test_cache_salt_per_key():
+    fe = Frontend({}, {}, ["key-a", "key-b"], settings={"prefix_cache_isolation": "per_key"})
+    a = fe.authenticate([("authorization", "Bearer key-a")])
+    b = fe.authenticate([("x-api-key", "key-b")])
+    assert a and b and a != b
+    assert a == fe.authenticate([("x-api-key", "key-a")])  # a key's salt is stable
+    shared = Frontend({}, {}, ["key-a"])
+    assert shared.authenticate([("x-api-key", "key-a")]) == 0
+    assert cache_salt_for(None) == 0
+
+
+# ---- capacity sizing ----------------------------------------------------------------------------------------
+def test_capacity_defaults_derive_from_max_num_seqs():
+    from cluster.app import ingress_deployment_options, model_deployment_options
+
+    cfg = ClusterConfig.from_dict({"models": [
+        {"name": "a", "path": "/a", "max_num_seqs": 32},
+        {"name": "b", "path": "/b", "autoscaling_config": {"min_replicas": 1, "max_replicas": 3}},
+    ]})
+    a, b = cfg.models
+    assert a.engine_args()["max_num_seqs"] == 32 and a.engine_args()["max_queued_requests"] == 32
+    opts = model_deployment_options(a)
+    assert (opts["max_ongoing_requests"], opts["max_queued_requests"]) == (64, 32)
+    assert model_deployment_options(b)["max_ongoing_requests"] == 256
+    ingress = ingress_deployment_options(cfg)
+    # one ingress replica carries every model at full scale: 64+32 and 3*256+128, plus watchers and headroom
+    assert ingress["max_ongoing_requests"] >= (64 + 32) + (3 * 256 + 128) + cfg.limits.max_health_watchers
+    assert ingress["max_queued_requests"] >= 0 and ingress["num_replicas"] == 1
+
+
+def test_capacity_overrides_and_ingress_autoscaling():
+    from cluster.app import ingress_deployment_options, model_deployment_options
+
+    cfg = ClusterConfig.from_dict({
+        "ingress_autoscaling": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 200},
+        "ingress_max_ongoing_requests": 500,
+        "models": [{"name": "a", "path": "/a", "max_num_seqs": 8, "max_queued_requests": 0,
+                    "max_ongoing_requests": 10, "serve_max_queued_requests": 2}]})
+    opts = model_deployment_options(cfg.models[0])
+    assert (opts["max_ongoing_requests"], opts["max_queued_requests"]) == (10, 2)
+    assert cfg.models[0].engine_args()["max_queued_requests"] == 0
+    ingress = ingress_deployment_options(cfg)
+    assert ingress["max_ongoing_requests"] == 500 and ingress["autoscaling_config"]["max_replicas"] == 4
+    assert "num_replicas" not in ingress
+
+
+@pytest.mark.parametrize("host, extra, ok", [
+    ("127.0.0.1", {}, True), ("localhost", {}, True), ("::1", {}, True),
+    ("0.0.0.0", {}, False), ("10.1.2.3", {}, False),
+    ("0.0.0.0", {"api_keys": ["k"]}, True), ("0.0.0.0", {"allow_unauthenticated": True}, True),
+])
+def test_non_loopback_needs_keys_or_explicit_consent(host, extra, ok):
+    from cluster.config import ConfigError
+
+    data = {"host": host, "models": [{"name": "m", "path": "/m"}], **extra}
+    if ok:
+        ClusterConfig.from_dict(data)
+    else:
+        with pytest.raises(ConfigError, match="allow_unauthenticated"):
+            ClusterConfig.from_dict(data)
+
+
+# ---- the HTTP guard -------------------------------------------------------------------------------------------
+@pytest.fixture
+def guarded_app():
+    from cluster.openai_http import EdgeGuard, _body_too_large_handler, BodyTooLarge
+
+    frontend = Frontend({}, {}, ["sekrit"], settings={"limits": {"max_request_body_bytes": 2048},
+                                                      "prefix_cache_isolation": "per_key"})
+    reads = []
+    app = FastAPI()
+    app.add_middleware(EdgeGuard, frontend=lambda: frontend)
+    app.add_exception_handler(BodyTooLarge, _body_too_large_handler)
+
+    @app.post("/v1/echo")
+    async def echo(request: Request):
+        body = await request.body()
+        reads.append(len(body))
+        return {"bytes": len(body), "salt": request.state.cache_salt}
+
+    @app.post("/v1/json")
+    async def parsed(payload: dict):
+        reads.append(1)
+        return {"keys": len(payload)}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    return TestClient(app), reads
+
+
+def test_guard_refuses_without_key_before_reading_the_body(guarded_app):
+    client, reads = guarded_app
+    r = client.post("/v1/echo", content=b"x" * 100_000)
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert reads == []  # the route never ran, so the body was never read
+    assert client.get("/health").status_code == 200  # probes need no key
+
+
+def test_guard_limits_the_body(guarded_app):
+    client, reads = guarded_app
+    key = {"authorization": "Bearer sekrit"}
+    ok = client.post("/v1/echo", content=b"x" * 2048, headers=key)
+    assert ok.status_code == 200 and ok.json()["bytes"] == 2048 and ok.json()["salt"] != 0
+    big = client.post("/v1/echo", content=b"x" * 2049, headers=key)
+    assert big.status_code == 413 and big.json()["error"]["param"] == "body"
+
+    def chunks():  # no Content-Length: counted as it arrives
+        for _ in range(10):
+            yield b"y" * 1000
+    streamed = client.post("/v1/json", content=chunks(), headers=key)
+    assert streamed.status_code == 413
+    assert reads == [2048]
+
+
+# ---- retry before the first token --------------------------------------------------------------------------
+class _Stream:
+    def __init__(self, chunks, fail_with=None):
+        self.chunks, self.fail_with, self.cancelled = chunks, fail_with, False
+
+    def __aiter__(self):
+        return self._gen()
+
+    async def _gen(self):
+        for c in self.chunks:
+            yield c
+        if self.fail_with is not None:
+            raise self.fail_with
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class _Handle:
+    """A DeploymentHandle stand-in whose calls play back scripted streams."""
+
+    def __init__(self, scripts):
+        self.scripts, self.calls = list(scripts), 0
+
+    def options(self, **_):
+        return self
+
+    @property
+    def generate_stream(self):
+        return self
+
+    def remote(self, *args, **kwargs):
+        self.calls += 1
+        return self.scripts.pop(0)
+
+
+def _chunk(finish=None):
+    return {"token_ids": [1], "text": "a", "logprobs": None, "finish_reason": finish, "prompt_tokens": 1,
+            "cached_tokens": 0, "completion_tokens": 1}
+
+
+def _run(frontend_generate):
+    async def go():
+        return [c async for c in frontend_generate]
+    return asyncio.run(go())
+
+
+def test_replica_death_before_the_first_token_is_retried_once():
+    from ray.exceptions import ActorDiedError
+
+    handle = _Handle([_Stream([], ActorDiedError()), _Stream([_chunk(), _chunk("length")])])
+    fe = Frontend({"m": handle}, {"m": {"name": "m"}})
+    chunks = _run(fe.generate(fe.routes["m"], [1, 2], {}))
+    assert [c["finish_reason"] for c in chunks] == [None, "length"] and handle.calls == 2
+
+
+def test_no_retry_after_a_token_was_streamed_or_for_client_errors():
+    from ray.exceptions import ActorDiedError
+
+    handle = _Handle([_Stream([_chunk()], ActorDiedError())])
+    fe = Frontend({"m": handle}, {"m": {"name": "m"}})
+    with pytest.raises(ApiError) as e:
+        _run(fe.generate(fe.routes["m"], [1], {}))
+    assert e.value.code == "UNAVAILABLE" and handle.calls == 1
+
+    bad = _Stream([{"error": {"code": "INVALID_ARGUMENT", "message": "x", "field": "stop"}}])
+    handle = _Handle([bad])
+    fe = Frontend({"m": handle}, {"m": {"name": "m"}})
+    with pytest.raises(ApiError) as e:
+        _run(fe.generate(fe.routes["m"], [1], {}))
+    assert e.value.code == "INVALID_ARGUMENT" and handle.calls == 1
+
+
+def test_a_second_death_is_reported_unavailable():
+    from ray.exceptions import ActorDiedError
+
+    handle = _Handle([_Stream([], ActorDiedError()), _Stream([], ActorDiedError())])
+    fe = Frontend({"m": handle}, {"m": {"name": "m"}})
+    with pytest.raises(ApiError) as e:
+        _run(fe.generate(fe.routes["m"], [1], {}))
+    assert e.value.code == "UNAVAILABLE" and handle.calls == 2
+
+
+def test_model_route_is_unchanged():  # the route record other code builds on
+    route = ModelRoute("m", object(), {"name": "m"})
+    assert route.tokenizer is None and route.info is None
