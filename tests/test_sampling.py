@@ -1,16 +1,14 @@
-"""SamplingParams validation, the batched sampler, penalties, logprobs and stop strings."""
+"""SamplingParams validation, the batched sampler, penalties and logprobs (stop strings: test_stop_strings.py)."""
 from __future__ import annotations
 
 import math
-import random
 
 import pytest
 import torch
 
 from workers import SamplingParams as PublicSamplingParams
 from workers.errors import InvalidRequestError
-from workers.sampling import (Sampler, SamplingParams, SamplingState, apply_penalties, filter_logits,
-                              safe_stream_delta, stop_holdback, stop_string_cut, stream_safe_length)
+from workers.sampling import Sampler, SamplingParams, SamplingState, apply_penalties, filter_logits
 
 
 # ---- SamplingParams ------------------------------------------------------------------------------------
@@ -295,62 +293,3 @@ def test_logprobs_per_row_in_a_batch():
         assert res[i].logprobs == pytest.approx(expected)
     tiny = torch.randn(1, 5)                              # N larger than the vocabulary is clamped
     assert len(Sampler()(tiny, states([SamplingParams(logprobs=20)]))[0].logprobs) == 5
-
-
-# ---- stop strings ----------------------------------------------------------------------------------------
-def test_stop_strings_cut_exactly_even_across_deltas():
-    assert stop_string_cut("Hello wor", ["world"]) is None
-    assert stop_string_cut("Hello world!", ["world"], searched_until=9) == 6
-    assert stop_string_cut("abcSTOPxyzEND", ["END", "STOP"]) == 3   # the earliest wins, whatever the order
-    assert stop_string_cut("abcSTOP", ["STOP", "cST"]) == 2         # overlapping: the earliest start
-    text = "The answer is 42.\n\nQ:"
-    assert text[:stop_string_cut(text, ["\n\nQ:"])] == "The answer is 42."
-    assert stop_string_cut("anything", []) is None
-
-
-def test_holdback_is_the_partial_match_only():
-    assert stop_holdback("Hello", ["</end>"]) == 0
-    assert stop_holdback("Hello </e", ["</end>"]) == 3
-    assert stop_holdback("Hello <", ["</end>", "<|eot|>"]) == 1
-    assert stop_holdback("ab", ["abc", "bcd"]) == 2
-    assert stream_safe_length("Hello </e", ["</end>"]) == 6
-    assert stream_safe_length("Hello </e", []) == 9
-    assert safe_stream_delta("Hello </e", 2, ["</end>"]) == "llo "
-    assert safe_stream_delta("Hello </e", 7, ["</end>"]) == ""       # never goes backwards
-
-
-def stream(deltas, stop):
-    """What the engine does per token: search for a stop string, else stream the safe part."""
-    text, streamed, pieces = "", 0, []
-    for delta in deltas:
-        text += delta
-        cut = stop_string_cut(text, stop, streamed)
-        if cut is not None:
-            assert cut >= streamed                     # nothing streamed was part of the stop string
-            pieces.append(text[streamed:cut])
-            return "".join(pieces), "stop"
-        piece = safe_stream_delta(text, streamed, stop)
-        pieces.append(piece)
-        streamed += len(piece)
-    pieces.append(text[streamed:])                     # finished for another reason: flush what was held
-    return "".join(pieces), "length"
-
-
-def test_streaming_never_emits_part_of_a_stop_string():
-    out, reason = stream(["Hi", " there", "</", "en", "d>", "tail"], ["</end>"])
-    assert (out, reason) == ("Hi there", "stop")
-    out, reason = stream(["a <", "/b", "> c"], ["</end>"])           # a false start is released later
-    assert (out, reason) == ("a </b> c", "length")
-
-
-def test_streaming_any_split_matches_the_whole_text_cut():
-    rng = random.Random(0)
-    alphabet = "ab<>/ \n"
-    for _ in range(400):
-        stop = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(1, 3))]
-        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
-        cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randint(0, 8)))) if len(text) > 1 else []
-        deltas = [text[i:j] for i, j in zip([0] + cuts, cuts + [len(text)])]
-        whole = stop_string_cut(text, stop)
-        expected = (text[:whole], "stop") if whole is not None else (text, "length")
-        assert stream(deltas, stop) == expected, (text, stop, deltas)

@@ -2,18 +2,29 @@
 
 Callers (a Serve replica's event loop) submit requests and iterate `StreamDelta`s; the engine thread
 runs `Engine.step()` whenever there is work, applies submissions and aborts between steps (the core is
-single-threaded by design), and hands each delta to the caller's loop with `call_soon_threadsafe`. A caller
-that stops iterating (client gone, cancelled) aborts its request, which frees its KV blocks at once.
-If a step fails (a shard died), every in-flight request ends with `EngineUnavailableError` and the engine
-reports unhealthy from then on.
+single-threaded by design), and hands each delta to the caller's loop with `call_soon_threadsafe`.
+
+A request's life is: submitted (a command in the queue) -> queued in the scheduler -> prefilling ->
+decoding -> finished. A caller that goes away at any point (cancelled, closed, client gone) aborts it and
+frees its KV blocks: the request id is chosen before submitting, the stream's try/finally starts before
+the first await, and the abort command queues behind the submission, so even a caller cancelled before
+its submission was applied leaves nothing behind.
+
+One request's own failure (sampling its row, detokenizing) ends that request with its typed error
+(`RequestFailedError`); the others go on. A failed step (a shard died), a crashed engine thread, or a step
+running longer than `EngineConfig.step_timeout_s` (noticed by `check_health`, which Serve calls
+periodically) makes the engine unavailable: every open stream ends with `EngineUnavailableError` at once,
+from the caller's side if the engine thread is stuck, and later calls fail fast.
 """
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import queue
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import AsyncIterator, Callable, Sequence
 
@@ -30,6 +41,23 @@ _STOP = object()
 HASH_SNAPSHOT_PERIOD_S = 0.5
 
 
+class _Stream:
+    """One caller's stream: the request id it asked for, and the caller's loop and queue that its deltas (or
+    an exception that ends it) go to."""
+
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop):
+        self.request_id = request_id
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def post(self, item: StreamDelta | BaseException) -> None:
+        """Hand `item` to the caller (from any thread)."""
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the caller's loop is closed: nobody is listening any more
+            pass
+
+
 class AsyncEngine:
     def __init__(self, engine: Engine):
         self.engine = engine
@@ -38,10 +66,17 @@ class AsyncEngine:
         self.max_model_len = engine.max_model_len
         self.block_size = engine.block_size
         self.vocab_size = engine.vocab_size
+        self.step_timeout_s = engine.config.step_timeout_s
         self._commands: queue.SimpleQueue[Callable[[], None] | object] = queue.SimpleQueue()
         self._wake = threading.Event()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._dead: BaseException | None = None
+        # Admitted requests by id; touched by the engine thread only (it routes deltas and applies aborts).
+        self._streams: dict[str, _Stream] = {}
+        # Every caller's open stream, from the moment generate() starts; guarded by _lock, because a caller
+        # (check_health, shutdown) must be able to end them all while the engine thread is stuck in a step.
+        self._lock = threading.Lock()
+        self._open: set[_Stream] = set()
+        self._dead: str | None = None          # why the engine is unavailable; set once, under _lock
+        self._busy_since: float | None = None  # when the engine thread's current iteration began; None: idle
         self._stats = engine.stats()
         self._hashes: list[int] = []
         self._hashes_at = 0.0
@@ -57,42 +92,38 @@ class AsyncEngine:
         self.engine.validate(prompt_token_ids, params)
 
     async def generate(self, prompt: str | Sequence[int], params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[StreamDelta]:
-        self._raise_if_dead()
-        loop = asyncio.get_running_loop()
-        out: asyncio.Queue = asyncio.Queue()
-        submitted: asyncio.Future = loop.create_future()
-
-        def submit() -> None:
-            try:
-                rid = self.engine.add_request(prompt, params, request_id)
-            except BaseException as e:  # validation / queue-full errors go back to the caller
-                loop.call_soon_threadsafe(_set_exception, submitted, e)
-                return
-            self._streams[rid] = (loop, out)
-            loop.call_soon_threadsafe(_set_result, submitted, rid)
-
-        self._send(submit)
-        rid = await submitted
+                       request_id: str | None = None, *, cache_salt: int = 0) -> AsyncIterator[StreamDelta]:
+        """Stream the request's deltas. Raises the engine's typed errors: InvalidRequestError /
+        QueueFullError when it is refused, RequestFailedError when it alone failed, EngineUnavailableError
+        when the engine is down. Closing or cancelling the iteration at any point aborts the request."""
+        stream = _Stream(request_id or f"req-{uuid.uuid4().hex}", asyncio.get_running_loop())
+        self._open_stream(stream)
         finished = False
         try:
+            self._send(functools.partial(self._admit, stream, prompt, params, cache_salt))
             while True:
-                item = await out.get()
-                if isinstance(item, BaseException):
-                    finished = True
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):  # refused, or the engine went down
                     raise item
+                if item.error is not None:           # failed alone; the engine already dropped it
+                    finished = True
+                    raise item.error
                 yield item
                 if item.finished:
                     finished = True
                     return
         finally:
-            if not finished:
-                self.abort(rid)
+            self._close_stream(stream)
+            if not finished:  # queued behind the submission, so it finds the request wherever it is
+                self._send(functools.partial(self._abort_stream, stream))
 
     def abort(self, request_id: str) -> None:
+        """Abort a request by id; its stream (if one is iterating) ends with a final "abort" delta."""
         def do_abort() -> None:
-            self._streams.pop(request_id, None)
-            self.engine.abort(request_id)
+            stream = self._streams.pop(request_id, None)
+            final = self.engine.abort(request_id)
+            if stream is not None and final is not None:
+                stream.post(final)
         self._send(do_abort)
 
     def stats(self) -> EngineStats:
@@ -103,13 +134,24 @@ class AsyncEngine:
         return list(self._hashes)
 
     def check_health(self) -> None:
+        """Raise EngineUnavailableError if the engine cannot serve: it failed, its thread is gone, or its
+        current step has run past step_timeout_s (then every open stream is ended now, without waiting for
+        the stuck step)."""
         self._raise_if_dead()
+        if not self._thread.is_alive():
+            self._declare_dead("the engine thread has exited")
+            self._raise_if_dead()
+        since = self._busy_since
+        if since is not None and (elapsed := time.monotonic() - since) > self.step_timeout_s:
+            self._declare_dead(f"an engine step has run for {elapsed:.1f}s (step_timeout_s={self.step_timeout_s})")
+            self._raise_if_dead()
         try:
             self.engine.check_health()
         except HerdError as e:
             raise EngineUnavailableError(str(e)) from e
 
     def shutdown(self) -> None:
+        self._declare_dead("engine shut down")  # open streams end now; later generate() calls fail fast
         if self._thread.is_alive():
             self._commands.put(_STOP)
             self._wake.set()
@@ -120,59 +162,109 @@ class AsyncEngine:
         self._commands.put(command)
         self._wake.set()
 
+    def _open_stream(self, stream: _Stream) -> None:
+        with self._lock:
+            if self._dead is None:
+                self._open.add(stream)
+                return
+        self._raise_if_dead()
+
+    def _close_stream(self, stream: _Stream) -> None:
+        with self._lock:
+            self._open.discard(stream)
+
     def _raise_if_dead(self) -> None:
         if self._dead is not None:
             raise EngineUnavailableError(f"engine is down: {self._dead}")
 
+    def _declare_dead(self, reason: str) -> None:
+        """Mark the engine unavailable (the first reason sticks) and end every open stream. Callable from
+        any thread; the engine thread frees the requests' blocks when (if) it gets back to its loop."""
+        with self._lock:
+            if self._dead is None:
+                log.error("engine unavailable: %s", reason)
+                self._dead = reason
+            streams, self._open = list(self._open), set()
+        for stream in streams:
+            stream.post(EngineUnavailableError(f"engine is down: {self._dead}"))
+
     # ---- engine thread ---------------------------------------------------------------------------
     def _run(self) -> None:
         torch.set_grad_enabled(False)
+        try:
+            self._loop()
+        except BaseException as e:  # a bug in the loop itself: the engine cannot go on
+            log.exception("engine thread crashed")
+            self._declare_dead(f"engine thread crashed ({type(e).__name__})")
+        finally:
+            self._busy_since = None
+
+    def _loop(self) -> None:
         while True:
+            self._busy_since = None
             if not self.engine.has_unfinished() and self._commands.empty():
                 self._wake.wait(timeout=1.0)
             self._wake.clear()
+            self._busy_since = time.monotonic()
             while not self._commands.empty():
                 command = self._commands.get()
                 if command is _STOP:
-                    self._fail_all(EngineUnavailableError("engine shut down"))
+                    self._abort_everything()
                     return
                 command()
-            if self._dead is not None:
-                self._fail_all(EngineUnavailableError(f"engine is down: {self._dead}"))
-                continue
-            try:
-                deltas = self.engine.step() if self.engine.has_unfinished() else []
-            except Exception as e:  # the executor failed (e.g. a shard died): this engine is done
-                log.exception("engine step failed; marking engine unavailable")
-                self._dead = e
-                self._fail_all(EngineUnavailableError(f"engine is down: {e}"))
-                continue
-            for d in deltas:
-                target = self._streams.get(d.request_id)
-                if target is not None:
-                    if d.finished:
-                        del self._streams[d.request_id]
-                    target[0].call_soon_threadsafe(target[1].put_nowait, d)
-            self._stats = self.engine.stats()
-            now = time.monotonic()
-            if now - self._hashes_at >= HASH_SNAPSHOT_PERIOD_S:  # a copy per step would cost O(cache) each step
-                self._hashes, self._hashes_at = self.engine.cached_block_hashes(), now
+            if self._dead is None:
+                self._step()
+            if self._dead is not None:  # declared by a failed step, or by check_health while it ran
+                self._abort_everything()
+            self._snapshot()
 
-    def _fail_all(self, error: BaseException) -> None:
-        for rid, (loop, out) in list(self._streams.items()):
-            loop.call_soon_threadsafe(out.put_nowait, error)
+    def _step(self) -> None:
+        if not self.engine.has_unfinished():
+            return
+        try:
+            deltas = self.engine.step()
+        except Exception as e:  # the executor failed (e.g. a shard died): this engine is done
+            log.exception("engine step failed; marking engine unavailable")
+            self._declare_dead(str(e) or type(e).__name__)
+            return
+        for d in deltas:
+            stream = self._streams.get(d.request_id)
+            if stream is not None:
+                if d.finished:
+                    del self._streams[d.request_id]
+                stream.post(d)
+
+    def _admit(self, stream: _Stream, prompt, params: SamplingParams, cache_salt: int) -> None:
+        if self._dead is not None:
+            stream.post(EngineUnavailableError(f"engine is down: {self._dead}"))
+            return
+        try:
+            self.engine.add_request(prompt, params, stream.request_id, cache_salt=cache_salt)
+        except Exception as e:  # validation, queue full, a duplicate id: back to this caller only
+            stream.post(e)
+            return
+        self._streams[stream.request_id] = stream
+
+    def _abort_stream(self, stream: _Stream) -> None:
+        # Only this stream's own request: not a refused duplicate's live namesake, nor a later reuse of the id.
+        if self._streams.get(stream.request_id) is stream:
+            del self._streams[stream.request_id]
+            self.engine.abort(stream.request_id)
+
+    def _abort_everything(self) -> None:
+        """The engine is going away: free every request's blocks and end every admitted stream."""
+        for rid in self.engine.request_ids():
             try:
                 self.engine.abort(rid)
             except Exception:  # noqa: BLE001 - best effort while failing everything
-                pass
-        self._streams.clear()
+                log.exception("aborting %s failed", rid)
+        streams, self._streams = self._streams, {}
+        reason = self._dead or "engine shut down"
+        for stream in streams.values():
+            stream.post(EngineUnavailableError(f"engine is down: {reason}"))
 
-
-def _set_result(fut: asyncio.Future, value) -> None:
-    if not fut.done():
-        fut.set_result(value)
-
-
-def _set_exception(fut: asyncio.Future, exc: BaseException) -> None:
-    if not fut.done():
-        fut.set_exception(exc)
+    def _snapshot(self) -> None:
+        self._stats = self.engine.stats()
+        now = time.monotonic()
+        if now - self._hashes_at >= HASH_SNAPSHOT_PERIOD_S:  # a copy per step would cost O(cache) each step
+            self._hashes, self._hashes_at = self.engine.cached_block_hashes(), now

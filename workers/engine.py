@@ -16,13 +16,15 @@ from typing import Sequence as Seq
 import torch
 
 from .config import ModelConfig, parse_dtype
-from .errors import CheckpointError, InvalidRequestError, PromptTooLongError, QueueFullError
+from .errors import (CheckpointError, HerdError, InvalidRequestError, PromptTooLongError, QueueFullError,
+                     RequestFailedError)
 from .executor import CacheBudget, Executor, LocalExecutor, default_device
 from .kv_cache import KVCacheManager
 from .model_runner import StepInput
-from .sampling import Sampler, SamplingParams, stop_string_cut, stream_safe_length
+from .sampling import SampleResult, Sampler, SamplingParams, SamplingState
 from .scheduler import ScheduledSeq, Scheduler
 from .sequence import Sequence
+from .stop_strings import StopStringMatcher
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,9 @@ class EngineConfig:
     num_microbatches: int | None = None
     use_compiled_graph: bool | None = None
     collective_timeout_s: float = 60.0
+    # AsyncEngine.check_health reports the engine dead when one step runs longer than this (a hung shard or
+    # collective). Generous: a GPU's first step compiles kernels and can take minutes.
+    step_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -56,6 +61,8 @@ class EngineConfig:
             raise InvalidRequestError("max_model_len", "must be >= 2")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise InvalidRequestError("gpu_memory_utilization", "must be in (0, 1]")
+        if not self.step_timeout_s > 0:
+            raise InvalidRequestError("step_timeout_s", "must be > 0")
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":
@@ -79,6 +86,8 @@ class StreamDelta:
     finish_reason: str | None
     num_prompt_tokens: int
     num_cached_tokens: int
+    # Set (with finish_reason "error") when this request alone failed and was aborted; the engine goes on.
+    error: HerdError | None = None
 
     @property
     def finished(self) -> bool:
@@ -94,6 +103,7 @@ class RequestOutput:
     finish_reason: str | None = None
     logprobs: list[dict[int, float]] | None = None
     num_cached_tokens: int = 0
+    error: HerdError | None = None  # why finish_reason is "error"
 
     def add(self, d: StreamDelta) -> None:
         self.token_ids += d.token_ids
@@ -102,6 +112,7 @@ class RequestOutput:
             self.logprobs = (self.logprobs or []) + d.logprobs
         self.finish_reason = d.finish_reason
         self.num_cached_tokens = d.num_cached_tokens
+        self.error = d.error
 
 
 @dataclass
@@ -126,6 +137,8 @@ class _Request:
     def __init__(self, seq: Sequence, detok: IncrementalDetokenizer | None):
         self.seq = seq
         self.detok = detok
+        # Stop strings only apply to text, so a model without a tokenizer never needs a matcher.
+        self.stops = StopStringMatcher(seq.params.stop) if detok is not None and seq.params.stop else None
         self.text = ""
         self.streamed_chars = 0
         self.streamed_tokens = 0
@@ -205,17 +218,29 @@ class Engine:
                 raise InvalidRequestError("prompt_token_ids", f"token id {t!r} is outside the vocabulary [0, {vocab})")
         if len(prompt_token_ids) >= self.max_model_len:
             raise PromptTooLongError(len(prompt_token_ids), self.max_model_len)
+        for t in params.stop_token_ids:  # SamplingParams checked the type and sign; only we know the vocabulary
+            if t >= vocab:
+                raise InvalidRequestError("stop_token_ids", f"token id {t} is outside the vocabulary [0, {vocab})")
 
-    def add_request(self, prompt: str | Seq[int], params: SamplingParams, request_id: str | None = None) -> str:
+    def add_request(self, prompt: str | Seq[int], params: SamplingParams, request_id: str | None = None, *,
+                    cache_salt: int = 0) -> str:
+        """Queue a request; returns its id. `cache_salt` partitions the prefix cache: a request only reuses
+        KV blocks computed under the same salt (e.g. one per tenant), so no tenant can probe another's
+        prompts by timing. 0 is the shared, unsalted cache.
+
+        max_tokens may ask for more than the prompt leaves of max_model_len: generation then stops at
+        max_model_len with finish_reason "length" (as vLLM does), rather than refusing the request."""
         token_ids = self.encode_prompt(prompt)
         self.validate(token_ids, params)
+        if not isinstance(cache_salt, int) or isinstance(cache_salt, bool):
+            raise InvalidRequestError("cache_salt", f"must be an integer, got {cache_salt!r}")
         limit = self.config.max_queued_requests
         if limit is not None and len(self.scheduler.waiting) >= limit:
             raise QueueFullError(f"{len(self.scheduler.waiting)} requests already waiting (max_queued_requests={limit})")
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._requests:
             raise InvalidRequestError("request_id", f"{request_id!r} is already in flight")
-        seq = Sequence(request_id, token_ids, params)
+        seq = Sequence(request_id, token_ids, params, cache_salt=cache_salt)
         detok = IncrementalDetokenizer(self.tokenizer, token_ids) if self.tokenizer else None
         self._requests[request_id] = _Request(seq, detok)
         self.scheduler.add(seq)
@@ -242,18 +267,58 @@ class Engine:
             return []
         batch = sorted(out.scheduled, key=lambda s: s.num_new != 1)  # decodes first, then prefill chunks
         step, sampled = self._build_step(batch)
+        # An executor failure (a dead shard, a broken device) propagates: it is the whole engine's, not a
+        # request's. What follows is per request, and a failure there ends that request only.
         logits = self.executor.execute(step) if step.num_tokens else None
-        results = self.sampler(logits, [s.seq.sampling for s in sampled]) if sampled else []
+        results = self._sample(logits, [s.seq.sampling for s in sampled]) if sampled else []
         for s in batch:
             s.seq.num_computed += s.num_new
         deltas = []
         for s, result in zip(sampled, results):
             req = self._requests.get(s.seq.request_id)
-            if req is not None:
-                delta = self._on_token(req, result.token_id, result.logprobs)
-                if delta is not None:
-                    deltas.append(delta)
+            if req is None:
+                continue
+            if isinstance(result, Exception):
+                delta = self._fail(req, "sampling", result)
+            else:
+                try:
+                    delta = self._on_token(req, result.token_id, result.logprobs)
+                except Exception as e:  # detokenizing, stop strings, logprobs: this request's own data
+                    delta = self._fail(req, "post-processing", e)
+            if delta is not None:
+                deltas.append(delta)
         return deltas
+
+    def _sample(self, logits: torch.Tensor, states: list[SamplingState]) -> list[SampleResult | Exception]:
+        """Sample the batch at once; if that fails, sample row by row so only the row(s) that fail lose their
+        request. Seeded generators are rewound first, so a seeded request draws the same tokens whether or
+        not a neighbour's failure made it sample twice."""
+        rewind = [(st.generator, st.generator.get_state()) for st in states if st.generator is not None]
+        try:
+            return self.sampler(logits, states)
+        except Exception:
+            log.warning("batched sampling of %d rows failed; sampling row by row", len(states), exc_info=True)
+        for generator, state in rewind:
+            generator.set_state(state)
+        results: list[SampleResult | Exception] = []
+        for i, st in enumerate(states):
+            try:
+                results.append(self.sampler(logits[i:i + 1], [st])[0])
+            except Exception as e:
+                results.append(e)
+        return results
+
+    def _fail(self, req: _Request, stage: str, error: Exception) -> StreamDelta:
+        """End one request whose own processing raised: free its blocks and tell its caller, without internals
+        (the log keeps the traceback)."""
+        seq = req.seq
+        log.error("request %s failed in %s; aborting it", seq.request_id, stage, exc_info=error)
+        self._requests.pop(seq.request_id, None)
+        self.scheduler.finish(seq)
+        seq.finish_reason = "error"
+        return StreamDelta(seq.request_id, [], "", None, "error", seq.num_prompt_tokens,
+                           max(seq.num_cached_tokens, 0),
+                           error=RequestFailedError(f"request {seq.request_id} failed during {stage} and was aborted"))
 
     def _build_step(self, batch: list[ScheduledSeq]) -> tuple[StepInput, list[ScheduledSeq]]:
         step, sampled, bs = StepInput(), [], self.block_size
@@ -287,12 +352,12 @@ class Engine:
         if logprobs is not None:
             req.pending_logprobs.append(logprobs)
         is_stop_token = token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self._eos_ids)
-        if req.detok is not None and not is_stop_token:
-            req.text += req.detok.add(token_id)
+        new_text = req.detok.add(token_id) if req.detok is not None and not is_stop_token else ""
+        req.text += new_text
         finish, cut_at = None, None
         if is_stop_token:
             finish = "stop"
-        elif params.stop and (cut_at := stop_string_cut(req.text, params.stop, req.streamed_chars)) is not None:
+        elif req.stops is not None and new_text and (cut_at := req.stops.feed(new_text)) is not None:
             req.text = req.text[:cut_at]
             finish = "stop"
         elif len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
@@ -308,7 +373,9 @@ class Engine:
 
     def _delta(self, req: _Request, final: bool) -> StreamDelta | None:
         seq = req.seq
-        safe = len(req.text) if final else stream_safe_length(req.text, seq.params.stop)
+        # While a stop string may be forming at the end of the text, that tail waits for the next tokens.
+        held = req.stops.holdback if req.stops is not None and not final else 0
+        safe = len(req.text) - held
         text = req.text[req.streamed_chars:safe] if safe > req.streamed_chars else ""
         new_tokens = seq.output_token_ids[req.streamed_tokens:]
         if not final and not new_tokens and not text:

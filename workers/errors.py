@@ -40,6 +40,11 @@ class EngineUnavailableError(HerdError):
     """The engine (or a shard of it) is dead or shutting down; the request cannot be served."""
 
 
+class RequestFailedError(HerdError):
+    """This request alone failed inside the engine (sampling, detokenizing, stop strings) and was aborted; the
+    engine and every other request go on. The message names the stage, never internals (those are logged)."""
+
+
 class CheckpointError(HerdError):
     """A checkpoint folder is missing files or has a config/weights herd cannot use."""
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from .block_hash import ROOT_HASH, hash_block
+from .block_hash import hash_block, root_hash
 
 
 @dataclass
@@ -67,14 +67,15 @@ class KVCacheManager:
         self.pool = BlockPool(num_blocks)
         self._blocks: dict[str, list[Block]] = {}
         self._hashes: dict[str, list[int]] = {}   # chain hashes of the sequence's registered full blocks
+        self._roots: dict[str, int] = {}           # the root of the sequence's chain (its cache salt's)
 
     # ---- prefix cache ------------------------------------------------------------------------------
-    def find_cached_prefix(self, token_ids: list[int]) -> list[Block]:
-        """Blocks already holding the leading full blocks of `token_ids`. At least the last token is always
-        left to compute, because the model must produce logits for it."""
+    def find_cached_prefix(self, token_ids: list[int], salt: int = 0) -> list[Block]:
+        """Blocks already holding the leading full blocks of `token_ids`, cached under the same `salt`. At
+        least the last token is always left to compute, because the model must produce logits for it."""
         if not self.enable_prefix_caching:
             return []
-        bs, found, parent = self.block_size, [], ROOT_HASH
+        bs, found, parent = self.block_size, [], root_hash(salt)
         for i in range((len(token_ids) - 1) // bs):
             parent = hash_block(parent, token_ids[i * bs:(i + 1) * bs])
             block = self.pool.cached.get(parent)
@@ -92,16 +93,19 @@ class KVCacheManager:
         reclaimed_from_free = sum(1 for b in cached if b.ref_count == 0)
         return needed <= self.pool.num_free - reclaimed_from_free
 
-    def allocate(self, seq_id: str, token_ids: list[int], num_tokens: int, cached: list[Block] = ()) -> bool:
+    def allocate(self, seq_id: str, token_ids: list[int], num_tokens: int, cached: list[Block] = (),
+                 salt: int = 0) -> bool:
         """Make the sequence's block table cover its first `num_tokens` tokens (`token_ids` holds at least
-        those). `cached` prefix blocks are adopted on the first call. Returns False (changing nothing) if
-        the pool has too few free blocks."""
+        those). `cached` prefix blocks (found under the same `salt`) are adopted on the first call, which
+        also fixes the salt its full blocks are registered under. Returns False (changing nothing) if the
+        pool has too few free blocks."""
         blocks = self._blocks.get(seq_id)
         if blocks is None:
             if not self.can_allocate(num_tokens, cached):
                 return False
             blocks = self._blocks[seq_id] = []
             self._hashes[seq_id] = []
+            self._roots[seq_id] = root_hash(salt)
             for b in cached:
                 self.pool.touch(b)
                 blocks.append(b)
@@ -120,7 +124,7 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return
         hashes, blocks, bs = self._hashes[seq_id], self._blocks[seq_id], self.block_size
-        parent = hashes[-1] if hashes else ROOT_HASH
+        parent = hashes[-1] if hashes else self._roots[seq_id]
         for i in range(len(hashes), num_tokens // bs):
             parent = hash_block(parent, token_ids[i * bs:(i + 1) * bs])
             hashes.append(parent)
@@ -129,6 +133,7 @@ class KVCacheManager:
     def free(self, seq_id: str) -> None:
         blocks = self._blocks.pop(seq_id, None)
         self._hashes.pop(seq_id, None)
+        self._roots.pop(seq_id, None)
         for b in reversed(blocks or ()):
             self.pool.release(b)
 

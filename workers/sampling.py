@@ -1,4 +1,4 @@
-"""Sampling: request parameters, the batched sampler, and stop-string handling.
+"""Sampling: request parameters and the batched sampler (stop strings: workers/stop_strings.py).
 
 Order of operations follows vLLM: log-probabilities are taken from the raw model distribution; then
 repetition penalty (HF semantics, over prompt + output), frequency/presence penalties (OpenAI semantics,
@@ -325,39 +325,3 @@ def _draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> 
     target = u.to(cdf.device)[:, None] * cdf[:, -1:]
     # right=True: the first index with cdf > target, so a token of probability 0 (a flat step) is never picked.
     return torch.searchsorted(cdf, target, right=True)[:, 0].clamp_(max=probs.shape[1] - 1)
-
-
-# ---- stop strings ------------------------------------------------------------------------------------
-def stop_string_cut(text: str, stop: Sequence[str], searched_until: int = 0) -> int | None:
-    """Where to cut `text` so it ends right before the earliest stop string (vLLM: the stop string itself is
-    not returned), or None if none occurs. Text before `searched_until` was already searched without a match
-    (it may be any length that was searched, e.g. what was streamed), so only occurrences ending after it
-    can be new; a stop string may straddle that point, hence the look-back of the longest one."""
-    if not stop:
-        return None
-    start = max(0, searched_until - max(len(s) for s in stop) + 1)
-    hits = [i for i in (text.find(s, start) for s in stop) if i >= 0]
-    return min(hits) if hits else None
-
-
-def stop_holdback(text: str, stop: Sequence[str]) -> int:
-    """How many trailing characters of `text` could be the beginning of a stop string that the next tokens
-    complete: the longest suffix of `text` that is a proper prefix of some stop string. At most
-    max(len(s)) - 1, and usually 0, so streaming is held back only while a stop string may be forming."""
-    held = 0
-    for s in stop:
-        for k in range(min(len(s) - 1, len(text)), held, -1):
-            if text.endswith(s[:k]):
-                held = k
-                break
-    return held
-
-
-def stream_safe_length(text: str, stop: Sequence[str]) -> int:
-    """How much of `text` may be streamed now (call after stop_string_cut found nothing in `text`)."""
-    return len(text) - stop_holdback(text, stop) if stop else len(text)
-
-
-def safe_stream_delta(text: str, streamed_chars: int, stop: Sequence[str]) -> str:
-    """The text to stream now, given the full output text so far and how much of it was already streamed."""
-    return text[streamed_chars:max(streamed_chars, stream_safe_length(text, stop))]

@@ -61,7 +61,8 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             num_new = min(seq.num_tokens - seq.num_computed, budget)
-            while not self.kv.allocate(seq.request_id, seq.token_ids, seq.num_computed + num_new):
+            while not self.kv.allocate(seq.request_id, seq.token_ids, seq.num_computed + num_new,
+                                       salt=seq.cache_salt):
                 victim = self.running.pop()  # the latest arrival gives way
                 self._preempt(victim)
                 preempted.append(victim)
@@ -75,10 +76,11 @@ class Scheduler:
         # New work only joins when nothing had to be preempted this step (it would just thrash).
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            cached = self.kv.find_cached_prefix(seq.token_ids)
+            cached = self.kv.find_cached_prefix(seq.token_ids, seq.cache_salt)
             num_computed = len(cached) * self.kv.block_size
             num_new = min(seq.num_tokens - num_computed, budget)
-            if not self.kv.allocate(seq.request_id, seq.token_ids, num_computed + num_new, cached):
+            if not self.kv.allocate(seq.request_id, seq.token_ids, num_computed + num_new, cached,
+                                    salt=seq.cache_salt):
                 break
             self.waiting.popleft()
             seq.num_computed = num_computed

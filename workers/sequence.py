@@ -26,6 +26,7 @@ class Sequence:
     num_cached_tokens: int = -1  # prompt tokens served from the prefix cache (set when first scheduled)
     finish_reason: str | None = None
     sampling: SamplingState | None = None
+    cache_salt: int = 0          # prefix-cache partition: blocks are only shared between equal salts
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)  # prompt + output, the sequence as the model sees it
