@@ -1,0 +1,215 @@
+"""A private single-node Ray whose every listening socket is on loopback (what `herd serve` starts locally).
+
+    start_local_ray(num_cpus=..., serve_grpc_host=cfg.host, serve_grpc_port=cfg.grpc_port, ...)
+    listening_sockets_outside_loopback(ray_session_pids())   # -> [Listener(pid, process, ip, port), ...]
+    exposure_warnings(cfg.host, {cfg.grpc_port, cfg.http_port})  # what `herd serve` prints after start
+
+What binds where in Ray 2.60 and what keeps it on 127.0.0.1 (observed with psutil, docs/security.md):
+- `ray.init(_node_ip_address="127.0.0.1")` alone does not: Ray turns a loopback node address into the
+  machine's external one (services.resolve_ip_for_localhost) unless `ray_constants.ENABLE_RAY_CLUSTER` is off
+  (its Windows/macOS default). With the external node address the GCS, raylet and every worker's gRPC server
+  listen on [::], the dashboard agent's gRPC and metrics ports and the autoscaler/dashboard metrics ports on
+  0.0.0.0/[::], the agent's HTTP port and the runtime-env agent on the external address. With the node
+  address really 127.0.0.1 all of them bind 127.0.0.1 (the C++ servers as ::ffff:127.0.0.1), so
+  start_local_ray turns that constant off for the duration of ray.init.
+- Serve binds two gRPC servers to "[::]" whatever the options say: the gRPC proxy (grpc_util.start_grpc_server)
+  and every replica's inter-deployment server ("[::]:0", replica.py). A worker_process_setup_hook (runs in
+  every worker of this job, the detached Serve controller and proxy included: they inherit the job's
+  runtime_env) rebinds wildcard addresses: the Serve gRPC port to `serve_grpc_host`, anything else to
+  127.0.0.1. `exposure_warnings` checks the result after start, so a Ray upgrade that bypasses the hook is
+  reported, not silently assumed.
+- The proxy's gRPC receive (and send) limit is RAY_SERVE_GRPC_MAX_MESSAGE_SIZE, read in the proxy process; it
+  travels in the job's runtime_env env_vars (the driver's own environment is left alone).
+
+This module is imported by every Ray worker of the session (the setup hook): keep its imports light.
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+from typing import Iterable, NamedTuple, Optional
+
+LOOPBACK = "127.0.0.1"
+# Read by the worker setup hook (set through the job's runtime_env env_vars).
+_BIND_ENV = "HERD_LOCAL_RAY_BIND"              # where wildcard binds in workers go
+_GRPC_HOST_ENV = "HERD_SERVE_GRPC_HOST"        # ... except the Serve gRPC proxy's port, which goes here
+_GRPC_PORT_ENV = "HERD_SERVE_GRPC_PORT"
+_SETUP_HOOK = "cluster.local_ray._worker_setup_hook"
+_WILDCARDS = ("0.0.0.0", "::", "[::]", "")
+
+
+class Listener(NamedTuple):
+    """A listening TCP socket of a Ray session process."""
+    pid: int
+    process: str   # process name as `ps` shows it (Ray workers rename themselves, e.g. ray::ProxyActor)
+    ip: str
+    port: int
+
+
+def start_local_ray(*, num_cpus: Optional[float] = None, include_dashboard: bool = True,
+                    grpc_max_message_bytes: Optional[int] = None, serve_grpc_host: str = LOOPBACK,
+                    serve_grpc_port: Optional[int] = None, log_to_driver: bool = True,
+                    namespace: Optional[str] = None) -> None:
+    """Start a private single-node Ray (never joins a running cluster) with every port on 127.0.0.1.
+
+    serve_grpc_host/port: where Serve's gRPC proxy is to listen (the cluster config's host and grpc_port);
+    without a port every wildcard bind in a worker goes to loopback. grpc_max_message_bytes: the gRPC proxy's
+    message size limit (Serve's default is 2 GiB). The dashboard, when included, is on 127.0.0.1:8265 (or the
+    next free port)."""
+    import ray
+    from ray._private import ray_constants
+
+    env_vars = {_BIND_ENV: LOOPBACK, _GRPC_HOST_ENV: serve_grpc_host}
+    if serve_grpc_port is not None:
+        env_vars[_GRPC_PORT_ENV] = str(serve_grpc_port)
+    if grpc_max_message_bytes is not None:
+        env_vars["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] = str(int(grpc_max_message_bytes))
+    # Ray replaces a loopback _node_ip_address by the external address when clusters are enabled (Linux);
+    # with the node address really 127.0.0.1, every Ray process binds loopback.
+    had = hasattr(ray_constants, "ENABLE_RAY_CLUSTER")
+    saved = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=include_dashboard,
+                 dashboard_host=LOOPBACK, _node_ip_address=LOOPBACK, namespace=namespace,
+                 log_to_driver=log_to_driver,
+                 runtime_env={"worker_process_setup_hook": _SETUP_HOOK, "env_vars": env_vars})
+    finally:
+        if had:
+            ray_constants.ENABLE_RAY_CLUSTER = saved
+        else:
+            del ray_constants.ENABLE_RAY_CLUSTER
+
+
+def _bind_host(host: str) -> str:
+    """`host` as the host part of a gRPC listening address."""
+    if host in ("", "::", "[::]"):
+        return "[::]"
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def _rebind(address: str) -> str:
+    """A worker's wildcard gRPC address rebound per the HERD_* env vars (other addresses unchanged)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or host not in _WILDCARDS:
+        return address
+    if port == os.environ.get(_GRPC_PORT_ENV):
+        return f"{_bind_host(os.environ.get(_GRPC_HOST_ENV) or LOOPBACK)}:{port}"
+    return f"{_bind_host(os.environ.get(_BIND_ENV) or LOOPBACK)}:{port}"
+
+
+def _worker_setup_hook() -> None:
+    """Runs in every worker process of a start_local_ray session (Serve controller, proxy, replicas, actors):
+    rebinds wildcard gRPC listening addresses (Serve's gRPC proxy and replica servers use "[::]")."""
+    if not os.environ.get(_BIND_ENV):
+        return
+    try:
+        from grpc.aio import _server
+
+        server_cls = _server.Server
+        if getattr(server_cls, "_herd_rebind", False):
+            return
+        insecure, secure = server_cls.add_insecure_port, server_cls.add_secure_port
+
+        def add_insecure_port(self, address):
+            return insecure(self, _rebind(address))
+
+        def add_secure_port(self, address, server_credentials):
+            return secure(self, _rebind(address), server_credentials)
+
+        server_cls.add_insecure_port, server_cls.add_secure_port = add_insecure_port, add_secure_port
+        server_cls._herd_rebind = True
+    except Exception:  # never fail a worker's start; exposure_warnings reports what actually listens
+        pass
+
+
+def is_loopback_ip(ip: str) -> bool:
+    """127.0.0.0/8, ::1 and IPv4-mapped loopback (::ffff:127.0.0.1, how gRPC's dual-stack sockets show)."""
+    try:
+        addr = ipaddress.ip_address(ip.strip("[]").split("%")[0])
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback
+
+
+def ray_session_pids() -> set[int]:
+    """This process and every process of the local Ray session it started (GCS, raylet, dashboard and its
+    agents, log monitor, autoscaler monitor, workers): processes whose command line names the session
+    folder, with their descendants (workers rename themselves, e.g. ray::ProxyActor)."""
+    import psutil
+    import ray
+
+    node = ray._private.worker._global_node
+    session_dir = node.get_session_dir_path() if node is not None else None
+    pids = {os.getpid()}
+    if not session_dir:
+        return pids
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any(session_dir in arg for arg in proc.info["cmdline"] or ()):
+                pids.add(proc.pid)
+                pids.update(child.pid for child in proc.children(recursive=True))
+        except psutil.Error:
+            continue
+    return pids
+
+
+def listening_sockets(pids: Iterable[int]) -> list[Listener]:
+    """The listening TCP sockets (IPv4 and IPv6) of these processes."""
+    import psutil
+
+    found = []
+    for pid in sorted(set(pids)):
+        try:
+            proc = psutil.Process(pid)
+            name = proc.name()
+            conns = proc.net_connections(kind="tcp")
+        except psutil.Error:
+            continue
+        found += [Listener(pid, name, c.laddr.ip, c.laddr.port) for c in conns if c.status == psutil.CONN_LISTEN]
+    return found
+
+
+def listening_sockets_outside_loopback(pids: Iterable[int]) -> list[Listener]:
+    """The listening TCP sockets of these processes reachable from other machines (not on loopback)."""
+    return [s for s in listening_sockets(pids) if not is_loopback_ip(s.ip)]
+
+
+def _covered(ip: str, host: str) -> bool:
+    """Does a socket on `ip` listen no wider than `host` asks for?"""
+    if is_loopback_ip(ip):
+        return True
+    if host in _WILDCARDS:
+        return True
+    try:
+        return ipaddress.ip_address(ip.strip("[]")) == ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False   # a host name: only loopback counts as certainly no wider
+
+
+def unexpected_listeners(host: str, serving_ports: Iterable[int], pids: Optional[Iterable[int]] = None
+                         ) -> list[Listener]:
+    """Sockets of the local Ray session that listen wider than they should: the Serve proxies' ports (HTTP,
+    gRPC) wider than `host`, everything else anywhere but loopback."""
+    ports = set(serving_ports)
+    return [s for s in listening_sockets_outside_loopback(ray_session_pids() if pids is None else pids)
+            if not (s.port in ports and _covered(s.ip, host))]
+
+
+def exposure_warnings(host: str, serving_ports: Iterable[int], pids: Optional[Iterable[int]] = None
+                      ) -> list[str]:
+    """Human-readable warnings for `unexpected_listeners` (empty when everything binds as configured)."""
+    ports = set(serving_ports)
+    out = []
+    for s in unexpected_listeners(host, ports, pids):
+        what = f"port {s.port} of {s.process} (pid {s.pid}) listens on {s.ip or '*'}"
+        if s.port in ports:
+            out.append(f"{what}, wider than the configured host {host!r}: it is reachable from other machines. "
+                       "Block it with a firewall or serve behind a gateway that alone is exposed "
+                       "(docs/security.md).")
+        else:
+            out.append(f"{what}: a Ray-internal port reachable from other machines. Block it with a firewall "
+                       "(docs/security.md).")
+    return out

@@ -1,0 +1,118 @@
+"""A local `herd serve` Ray (cluster.local_ray.start_local_ray): every listening socket of the session is on
+loopback — GCS, raylet, dashboard and its agents, metrics, workers, the Serve controller, both proxies and a
+replica — and the gRPC proxy takes herd's message size limit."""
+from __future__ import annotations
+
+import os
+import socket
+import urllib.request
+
+import grpc
+import pytest
+
+from cluster.local_ray import (_covered, _rebind, exposure_warnings, is_loopback_ip, listening_sockets,
+                               listening_sockets_outside_loopback, ray_session_pids, start_local_ray)
+from tests.serve_fixtures import free_port
+
+MAX_GRPC_MESSAGE = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def local_serve():
+    os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
+    import ray
+    from ray import serve
+
+    from cluster.app import serve_start_options
+    from cluster.config import ClusterConfig
+
+    cfg = ClusterConfig.from_dict({"host": "127.0.0.1", "grpc_port": free_port(), "http_port": free_port(),
+                                   "limits": {"max_grpc_message_bytes": MAX_GRPC_MESSAGE},
+                                   "models": [{"name": "m", "path": "/nonexistent"}]})
+    start_local_ray(num_cpus=2, include_dashboard=True, grpc_max_message_bytes=cfg.limits.max_grpc_message_bytes,
+                    serve_grpc_host=cfg.host, serve_grpc_port=cfg.grpc_port, log_to_driver=False,
+                    namespace="herd-local-ray-test")
+    try:
+        serve.start(**serve_start_options(cfg))
+
+        @serve.deployment(ray_actor_options={"num_cpus": 0})
+        class Probe:  # a replica: Serve starts an inter-deployment gRPC server in each
+            def __call__(self, request) -> str:
+                return "ok"
+
+        serve.run(Probe.bind(), name="probe", route_prefix="/probe")
+        yield cfg
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.mark.slow
+def test_every_session_socket_is_on_loopback(local_serve):
+    cfg = local_serve
+    pids = ray_session_pids()
+    sockets = listening_sockets(pids)
+    names = {s.process for s in sockets}
+    # the check sees the whole session: core processes, Serve's actors, and the proxies' ports
+    for expected in ("gcs_server", "raylet", "ray::ProxyActor", "ray::ServeController", "ray::DashboardAgent"):
+        assert any(expected in n for n in names), (expected, sorted(names))
+    assert any("ServeReplica" in n for n in names), sorted(names)
+    ports = {s.port for s in sockets}
+    assert {cfg.grpc_port, cfg.http_port} <= ports
+    assert listening_sockets_outside_loopback(pids) == []
+    assert exposure_warnings(cfg.host, {cfg.grpc_port, cfg.http_port}, pids) == []
+    # ... and Serve still works through the rebound servers
+    with urllib.request.urlopen(f"http://127.0.0.1:{cfg.http_port}/probe", timeout=30) as r:
+        assert r.read() == b"ok"
+
+
+@pytest.mark.slow
+def test_grpc_proxy_takes_the_message_size_limit(local_serve):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{local_serve.grpc_port}",
+                               options=[("grpc.max_send_message_length", 8 << 20)]) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        with pytest.raises(grpc.RpcError) as big:
+            stub.Check(health_pb2.HealthCheckRequest(service="x" * (MAX_GRPC_MESSAGE + 1024)), timeout=30)
+        assert big.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        try:  # a small request gets past the limit (no herd app here, so any answer but RESOURCE_EXHAUSTED)
+            stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=30)
+        except grpc.RpcError as e:
+            assert e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_exposure_warnings_report_a_wide_socket():
+    with socket.socket() as wide, socket.socket() as local:
+        wide.bind(("0.0.0.0", 0))
+        wide.listen()
+        local.bind(("127.0.0.1", 0))
+        local.listen()
+        wide_port, local_port = wide.getsockname()[1], local.getsockname()[1]
+        found = listening_sockets_outside_loopback([os.getpid()])
+        assert [(s.ip, s.port) for s in found if s.port in (wide_port, local_port)] == [("0.0.0.0", wide_port)]
+        # a serving port wider than a loopback host is reported, and says what to do
+        warnings = exposure_warnings("127.0.0.1", {wide_port}, pids=[os.getpid()])
+        assert len([w for w in warnings if f"port {wide_port} " in w]) == 1
+        assert "wider than the configured host" in warnings[0] and "firewall" in warnings[0]
+        # ... not when the host asks for every interface
+        assert not [w for w in exposure_warnings("0.0.0.0", {wide_port}, pids=[os.getpid()])
+                    if f"port {wide_port} " in w]
+        # a non-serving port outside loopback is always reported
+        assert [w for w in exposure_warnings("0.0.0.0", set(), pids=[os.getpid()]) if f"port {wide_port} " in w]
+
+
+def test_loopback_and_rebind_rules(monkeypatch):
+    assert is_loopback_ip("127.0.0.1") and is_loopback_ip("::1") and is_loopback_ip("::ffff:127.0.0.1")
+    assert not is_loopback_ip("0.0.0.0") and not is_loopback_ip("::") and not is_loopback_ip("192.0.2.2")
+    assert _covered("10.0.0.5", "0.0.0.0") and _covered("10.0.0.5", "10.0.0.5") and _covered("::1", "10.0.0.5")
+    assert not _covered("::", "127.0.0.1") and not _covered("::", "10.0.0.5")
+    monkeypatch.setenv("HERD_LOCAL_RAY_BIND", "127.0.0.1")
+    monkeypatch.setenv("HERD_SERVE_GRPC_PORT", "9000")
+    for host, bound in (("127.0.0.1", "127.0.0.1:9000"), ("0.0.0.0", "0.0.0.0:9000"), ("::", "[::]:9000"),
+                        ("::1", "[::1]:9000"), ("localhost", "localhost:9000")):
+        monkeypatch.setenv("HERD_SERVE_GRPC_HOST", host)
+        assert _rebind("[::]:9000") == bound
+    assert _rebind("[::]:0") == "127.0.0.1:0"          # Serve replicas' inter-deployment server
+    assert _rebind("0.0.0.0:1234") == "127.0.0.1:1234"
+    assert _rebind("10.1.2.3:9000") == "10.1.2.3:9000"  # an explicit address is left alone
