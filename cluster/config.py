@@ -129,7 +129,7 @@ class ModelDeploymentConfig(_Strict):
     # replica is full (e.g. while autoscaling starts one); past that the client gets RESOURCE_EXHAUSTED at once.
     max_queued_requests: Optional[int] = Field(None, ge=0)       # default: max_num_seqs
     max_ongoing_requests: Optional[int] = Field(None, ge=1)      # default: max_num_seqs + max_queued_requests
-    serve_max_queued_requests: Optional[int] = Field(None, ge=0)  # default: max_queued_requests
+    serve_max_queued_requests: Optional[int] = Field(None, ge=1)  # default: max_queued_requests (>= 1: Serve's minimum)
     # Serve deployment knobs
     graceful_shutdown_timeout_s: float = Field(60.0, ge=0)
     health_check_period_s: float = Field(10.0, gt=0)
@@ -184,7 +184,7 @@ class ModelDeploymentConfig(_Strict):
     def effective_serve_max_queued_requests(self) -> int:
         if self.serve_max_queued_requests is not None:
             return self.serve_max_queued_requests
-        return self.effective_max_queued_requests
+        return max(1, self.effective_max_queued_requests)
 
     @property
     def max_replicas(self) -> int:
@@ -230,7 +230,7 @@ class ClusterConfig(_Strict):
     ingress_replicas: int = Field(1, ge=1)
     ingress_autoscaling: Optional[AutoscalingConfig] = None
     ingress_max_ongoing_requests: Optional[int] = Field(None, ge=1)
-    ingress_max_queued_requests: int = Field(64, ge=0)
+    ingress_max_queued_requests: int = Field(64, ge=1)
     enable_reflection: bool = False      # gRPC server reflection (grpcurl without the .proto)
     enable_openapi_docs: bool = False    # /docs, /redoc and /openapi.json on the HTTP port
     # per_key: one API key's requests never reuse (or detect) blocks another key's requests cached.

@@ -41,6 +41,7 @@ def cluster(checkpoints):
               "health_check_timeout_s": 30.0}
     config = {
         "api_keys": [API_KEY],
+        "enable_reflection": True,
         "models": [
             {"name": "big", "path": checkpoints["big"], "tensor_parallel_size": 2, "pipeline_parallel_size": 2,
              "max_model_len": MAX_MODEL_LEN["big"], **common},
