@@ -64,6 +64,7 @@ def cmd_serve(args) -> int:
 
     from cluster.app import APP_NAME, build_app, serve_start_options
     from cluster.config import ClusterConfig
+    from cluster.local_ray import start_local_ray
 
     if args.config:
         cfg = ClusterConfig.from_yaml(args.config)
@@ -77,8 +78,9 @@ def cmd_serve(args) -> int:
 
     if args.address:
         ray.init(address=args.address)
-    else:  # a private single-node Ray: never join a cluster by accident, and keep its ports on loopback
-        ray.init(address="local", _node_ip_address="127.0.0.1")
+    else:  # a private single-node Ray: never join a cluster by accident; every port on loopback but the proxies
+        start_local_ray(grpc_max_message_bytes=cfg.limits.max_grpc_message_bytes, serve_grpc_host=cfg.host,
+                        serve_grpc_port=cfg.grpc_port)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -87,6 +89,7 @@ def cmd_serve(args) -> int:
         print(f"herd: loading {len(cfg.models)} model(s): {', '.join(m.name for m in cfg.models)} ...",
               file=sys.stderr)
         serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)
+        _report_exposure(cfg, joined=bool(args.address))
         print(f"herd: serving gRPC on {cfg.host}:{cfg.grpc_port} (herd.v1.Inference, grpc.health.v1.Health) and "
               f"OpenAI-compatible HTTP on http://{cfg.host}:{cfg.http_port}/v1; Ctrl-C stops", file=sys.stderr)
         print(f"herd: try `herd client models --address {cfg.host}:{cfg.grpc_port}`", file=sys.stderr)
@@ -96,6 +99,27 @@ def cmd_serve(args) -> int:
         serve.shutdown()
         ray.shutdown()
     return 0
+
+
+def _report_exposure(cfg, *, joined: bool) -> None:
+    """Say plainly what listens wider than the config asks (docs/security.md)."""
+    from cluster.config import is_loopback
+    from cluster.local_ray import exposure_warnings
+
+    if joined:  # the proxies run on the cluster's nodes, with the cluster's settings: nothing to check here
+        if is_loopback(cfg.host):
+            print(f"herd: WARNING: on a joined Ray cluster, Serve's gRPC proxy (port {cfg.grpc_port}) listens on "
+                  "all interfaces ([::]) whatever `host` says (Ray 2.60), and the cluster's own settings decide "
+                  "its message size limit (RAY_SERVE_GRPC_MAX_MESSAGE_SIZE); firewall it or expose only a "
+                  "gateway (docs/security.md)", file=sys.stderr)
+        return
+    try:
+        warnings = exposure_warnings(cfg.host, {cfg.grpc_port, cfg.http_port})
+    except Exception as e:  # noqa: BLE001 - never stop serving over a failed check; say it did not run
+        print(f"herd: WARNING: could not check which addresses Ray listens on ({e!r})", file=sys.stderr)
+        return
+    for w in warnings:
+        print(f"herd: WARNING: {w}", file=sys.stderr)
 
 
 def register_cli(subparsers) -> None:
