@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -331,14 +332,19 @@ class AioTarget:
         return res
 
 
-async def closed_loop(make_call: Callable[[int], Awaitable[StreamResult]], n_requests: int,
-                      concurrency: int, in_flight: Optional[list[int]] = None) -> tuple[list[StreamResult], float]:
-    """Runs `make_call(i)` for i in range(n_requests), keeping `concurrency` of them in flight; (results, wall)."""
-    results: list[Optional[StreamResult]] = [None] * n_requests
-    counter = iter(range(n_requests))
+async def closed_loop(make_call: Callable[[int], Awaitable[StreamResult]], n_requests: Optional[int],
+                      concurrency: int, in_flight: Optional[list[int]] = None,
+                      run_for_s: Optional[float] = None) -> tuple[list[StreamResult], float]:
+    """Runs `make_call(i)` for i = 0, 1, ... keeping `concurrency` calls in flight, until `n_requests` were
+    made or (with n_requests None) `run_for_s` seconds have passed (calls in flight then finish); (results, wall)."""
+    results: dict[int, StreamResult] = {}
+    counter = iter(range(n_requests)) if n_requests is not None else itertools.count()
+    t0 = time.perf_counter()
 
     async def worker() -> None:
         for i in counter:
+            if run_for_s is not None and time.perf_counter() - t0 >= run_for_s:
+                return
             if in_flight is not None:
                 in_flight[0] += 1
             try:
@@ -347,9 +353,9 @@ async def closed_loop(make_call: Callable[[int], Awaitable[StreamResult]], n_req
                 if in_flight is not None:
                     in_flight[0] -= 1
 
-    t0 = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(min(concurrency, n_requests))))
-    return [r for r in results if r is not None], time.perf_counter() - t0
+    workers = concurrency if n_requests is None else min(concurrency, n_requests)
+    await asyncio.gather(*(worker() for _ in range(workers)))
+    return [results[i] for i in sorted(results)], time.perf_counter() - t0
 
 
 class LoopLag:

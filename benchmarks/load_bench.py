@@ -1,0 +1,385 @@
+"""`herd bench load`: a concurrency sweep through the served path against the same requests in-process.
+
+    herd bench load                                   # self-hosted: local Ray + Serve + herd, one demo replica
+    herd bench load --concurrency 1,8,32 --out bench-out/load
+    herd bench load --overload                        # + the past-capacity figure (rejection latency)
+    herd bench load --autoscale                       # the model autoscaled 1..2, replica count over time
+    herd bench load --address HOST:PORT [--model PATH] # drive a running cluster (in-process only with --model)
+
+At every concurrency level C, C streams stay in flight (closed loop) until `--requests-per-level` requests
+finished. Every request has its own random prompt of `--prompt-tokens` tokens (no prefix-cache help) and
+generates exactly `--max-tokens` tokens (greedy, ignore_eos). The clients are grpc.aio streams in one event
+loop; the loop's wake-up lag is reported so a saturated client is visible as such.
+
+The in-process baseline runs the same requests through `workers.Engine` (add_request/step, C in flight) in a
+separate process, with the engine settings the served replica gets from its ModelDeploymentConfig and the
+thread count its CPU reservation gives it.
+
+With `--overload` a second model with a small capacity (max_num_seqs 2, queues 2 + 2) is served beside it and
+`--overload-streams` streams are fired at it at once: the rejections' latency (call to RESOURCE_EXHAUSTED)
+is the "past capacity" figure.
+
+Output: load_bench.json in `--out` (or the JSON on stdout without --out), load_bench.png (tok/s and TTFT
+against concurrency), load_autoscale.png with --autoscale. Progress goes to stderr. The demo checkpoints
+have random weights: the figures measure the serving path, not a real model's speed.
+"""
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import subprocess
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Optional
+
+from benchmarks.bench_common import (BENCH_MODEL, AioTarget, LoopLag, StreamResult, TimelineSampler,
+                                     checkpoint_vocab, closed_loop, cluster_config, demo_checkpoint,
+                                     figure_path, local_ray, log, p50_p99_ms, random_prompts, replica_counts,
+                                     start_herd, stream_summary, write_report)
+
+CAPPED_MODEL = "bench-capped"
+CAPPED_LIMITS = {"max_num_seqs": 2, "max_queued_requests": 2, "serve_max_queued_requests": 2}
+TARGET_CONCURRENCY, TARGET_FRACTION, TARGET_REJECTION_P99_MS = 64, 0.85, 100.0
+
+
+def model_entry(path: str, args, name: str = BENCH_MODEL, **overrides) -> dict[str, Any]:
+    """The ModelDeploymentConfig dict of the served model (its engine settings are the in-process ones too)."""
+    levels = parse_levels(args.concurrency)
+    entry: dict[str, Any] = {
+        "name": name, "path": path, "resources_per_shard": {"CPU": args.replica_cpus},
+        "max_model_len": args.prompt_tokens + args.max_tokens + 16,
+        "max_num_seqs": args.max_num_seqs or max(levels),
+        "router": {"routing_stats_period_s": 1.0},
+    }
+    if getattr(args, "autoscale", False) and name == BENCH_MODEL:
+        entry["autoscaling_config"] = {
+            "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": args.target_ongoing_requests,
+            "upscale_delay_s": 1.0, "downscale_delay_s": 5.0, "look_back_period_s": 2.0, "metrics_interval_s": 0.5}
+    else:
+        entry["num_replicas"] = 1
+    entry.update(overrides)
+    return entry
+
+
+def engine_kwargs(entry: dict[str, Any]) -> dict[str, Any]:
+    """Engine.from_pretrained keyword arguments of a served model entry (what its replica builds)."""
+    from cluster.app import model_spec
+    from cluster.config import ModelDeploymentConfig
+
+    spec = model_spec(ModelDeploymentConfig(**entry))
+    return {"dtype": spec["dtype"], **spec["engine_args"], "show_progress": False}
+
+
+def parse_levels(text: str) -> list[int]:
+    levels = [int(x) for x in str(text).split(",") if x.strip()]
+    if not levels or min(levels) < 1:
+        raise ValueError(f"--concurrency needs positive integers, got {text!r}")
+    return levels
+
+
+def requests_for(level: int, args) -> int:
+    return args.requests_per_level or max(level, 64)
+
+
+def level_prompts(level: int, args, vocab: int) -> list[list[int]]:
+    return random_prompts(requests_for(level, args), args.prompt_tokens, vocab, seed=args.seed * 1000 + level)
+
+
+# ---- in-process baseline (its own process) ------------------------------------------------------------------
+def _in_process_sweep(path: str, kwargs: dict[str, Any], threads: int, levels: list[int], args_d: dict[str, Any],
+                      out: mp.Queue) -> None:
+    import torch
+
+    from workers import Engine, SamplingParams
+
+    torch.set_num_threads(threads)  # what the replica's CPU reservation gives it (Ray sets OMP_NUM_THREADS)
+    engine = Engine.from_pretrained(path, **kwargs)
+    args = _Args(args_d)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
+    vocab = engine.vocab_size
+    engine.generate(random_prompts(2, args.prompt_tokens, vocab, seed=-1), params)  # warm-up
+    report = {}
+    for level in levels:
+        prompts = level_prompts(level, args, vocab)
+        results = [StreamResult() for _ in prompts]
+        active: dict[str, tuple[int, float, Optional[float]]] = {}
+        pending = iter(range(len(prompts)))
+        t0 = time.perf_counter()
+
+        def admit() -> None:
+            for i in pending:
+                results[i].start = time.perf_counter() - t0
+                active[engine.add_request(prompts[i], params)] = (i, time.perf_counter(), None)
+                if len(active) >= level:
+                    return
+
+        admit()
+        while active:
+            deltas = engine.step()
+            now = time.perf_counter()
+            for d in deltas:
+                i, start, last = active[d.request_id]
+                results[i].on_chunk(now - start, len(d.token_ids), last)
+                active[d.request_id] = (i, start, now - start if d.token_ids else last)
+                if d.finished:
+                    results[i].latency_s = now - start
+                    del active[d.request_id]
+            admit()
+        report[level] = stream_summary(results, time.perf_counter() - t0)
+    engine.shutdown()
+    out.put(report)
+
+
+class _Args:
+    """The few argparse fields the workload needs, rebuilt in the spawned process."""
+
+    def __init__(self, d: dict[str, Any]):
+        self.__dict__.update(d)
+
+
+def _workload_fields(args) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in ("prompt_tokens", "max_tokens", "requests_per_level", "seed")}
+
+
+def in_process_sweep(path: str, entry: dict[str, Any], levels: list[int], args) -> dict[int, dict[str, Any]]:
+    from benchmarks.engine_bench import _in_process
+
+    threads = max(1, int(round(entry["resources_per_shard"].get("CPU", 1))))
+    return _in_process(_in_process_sweep, path, engine_kwargs(entry), threads, levels, _workload_fields(args))
+
+
+# ---- served ---------------------------------------------------------------------------------------------------
+async def warm_up(target: AioTarget, args, vocab: int) -> None:
+    warm = random_prompts(4, args.prompt_tokens, vocab, seed=-1)
+    await closed_loop(lambda i: target.generate(warm[i], 2, timeout_s=args.timeout_s), len(warm), 2)
+
+
+async def served_sweep(target: AioTarget, levels: list[int], args, vocab: int,
+                       in_flight: list[int]) -> dict[int, dict[str, Any]]:
+    report = {}
+    for level in levels:
+        prompts = level_prompts(level, args, vocab)
+        t0 = time.perf_counter()
+        with LoopLag() as lag:
+            results, wall = await closed_loop(
+                lambda i: target.generate(prompts[i], args.max_tokens, timeout_s=args.timeout_s, t0=t0),
+                len(prompts), level, in_flight)
+        report[level] = {**stream_summary(results, wall), **lag.summary()}
+        log(f"served c={level}: {report[level]['tokens_per_s']} tok/s, ttft p50 {report[level]['ttft_p50_ms']} ms, "
+            f"errors {report[level]['errors']}")
+    return report
+
+
+async def overload(target: AioTarget, args, vocab: int, capacity: int) -> dict[str, Any]:
+    """`--overload-streams` streams at once at a model that holds `capacity`: who is refused, and how fast."""
+    prompts = random_prompts(args.overload_streams, args.prompt_tokens, vocab, seed=args.seed + 99)
+    results = await asyncio.gather(*(target.generate(p, args.max_tokens, timeout_s=args.timeout_s) for p in prompts))
+    rejected = [r.latency_s for r in results if r.code == "RESOURCE_EXHAUSTED"]
+    summary = stream_summary(list(results), max(r.latency_s or 0 for r in results))
+    p99 = p50_p99_ms(rejected, "rejection")
+    return {"model": CAPPED_MODEL, "limits": CAPPED_LIMITS, "capacity": capacity, "streams": len(results),
+            "rejected": len(rejected), "served": summary["ok"], "errors": summary["errors"], **p99,
+            "goal": f"rejection p99 < {TARGET_REJECTION_P99_MS:.0f} ms",
+            "met": bool(rejected) and p99["rejection_p99_ms"] < TARGET_REJECTION_P99_MS}
+
+
+def merge_levels(levels: list[int], served: dict, local: Optional[dict], args) -> list[dict[str, Any]]:
+    rows = []
+    for level in levels:
+        row: dict[str, Any] = {"concurrency": level, "requests": requests_for(level, args), "served": served[level]}
+        if local is not None:
+            row["in_process"] = local[level]
+            s, l = served[level]["tokens_per_s"], local[level]["tokens_per_s"]
+            row["served_fraction_of_in_process"] = round(s / l, 3) if s and l else None
+        rows.append(row)
+    return rows
+
+
+def target_check(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The goal: at 64 streams, served tok/s >= 85% of in-process with 0 errors (if 64 was measured)."""
+    row = next((r for r in rows if r["concurrency"] == TARGET_CONCURRENCY), None)
+    out: dict[str, Any] = {"goal": f"at {TARGET_CONCURRENCY} streams >= {TARGET_FRACTION:.0%} of in-process tok/s, "
+                                   "0 errors", "measured": row is not None}
+    if row is not None:
+        frac = row.get("served_fraction_of_in_process")
+        errors = sum(row["served"]["errors"].values())
+        out.update(fraction=frac, errors=errors, met=frac is not None and frac >= TARGET_FRACTION and errors == 0)
+    return out
+
+
+def plot_sweep(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = [r["concurrency"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.3), dpi=110)
+    ax1.plot(c, [r["served"]["tokens_per_s"] for r in rows], "o-", color="#1f5fa8", label="served (gRPC)")
+    if all("in_process" in r for r in rows):
+        ax1.plot(c, [r["in_process"]["tokens_per_s"] for r in rows], "s--", color="#555", label="in-process Engine")
+    ax1.set(xlabel="concurrent streams", ylabel="generated tokens / s", title="throughput")
+    for name, style, color in (("ttft_p50_ms", "o-", "#1f5fa8"), ("ttft_p99_ms", "^-", "#c0392b")):
+        ax2.plot(c, [r["served"][name] for r in rows], style, color=color, label=f"served {name[5:8]}")
+        if all("in_process" in r for r in rows):
+            ax2.plot(c, [r["in_process"][name] for r in rows], style.replace("-", "--"), color=color, alpha=0.5,
+                     label=f"in-process {name[5:8]}")
+    ax2.set(xlabel="concurrent streams", ylabel="time to first token (ms)", title="TTFT")
+    for ax in (ax1, ax2):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(c, [str(x) for x in c])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def git_commit() -> Optional[str]:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# ---- the run --------------------------------------------------------------------------------------------------
+def run(args) -> int:
+    levels = parse_levels(args.concurrency)
+    report: dict[str, Any] = {"bench": "load", "commit": git_commit(), "concurrency": levels,
+                              "workload": {**_workload_fields(args), "timeout_s": args.timeout_s}}
+    with demo_checkpoint(args.shape, None if args.address else args.model) as path:
+        if args.address:
+            report.update(mode="external", address=args.address, model=args.served_model)
+            rows, extra = _run_external(args, levels)
+        else:
+            report.update(mode="self-hosted", checkpoint=args.model or f"demo:{args.shape}",
+                          replica_cpus=args.replica_cpus)
+            rows, extra = _run_self_hosted(args, levels, path, report)
+    report["levels"] = rows
+    report["target"] = target_check(rows)
+    report.update(extra)
+    title = f"herd bench load: {report.get('checkpoint') or args.served_model}"
+    report["png"] = str(plot_sweep(rows, figure_path(args.out, "load_bench.png"), title))
+    write_report(report, args.out, "load_bench.json")
+    return 0
+
+
+def _run_self_hosted(args, levels: list[int], path: str, report: dict[str, Any]) -> tuple[list, dict]:
+    from cluster.app import APP_NAME, deployment_name
+    from cluster.config import ModelDeploymentConfig
+
+    entry = model_entry(path, args)
+    report["engine"] = {k: v for k, v in engine_kwargs(entry).items() if k != "show_progress"}
+    local = None
+    if not args.skip_in_process:
+        log(f"in-process sweep {levels} ...")
+        local = in_process_sweep(path, entry, levels, args)
+    models = [entry]
+    capped = None
+    if args.overload:
+        capped = model_entry(path, args, name=CAPPED_MODEL, num_replicas=1, **CAPPED_LIMITS)
+        models.append(capped)
+    extra: dict[str, Any] = {}
+    n_replicas = 2 if args.autoscale else 1
+    cpus = int(args.replica_cpus * (n_replicas + len(models) - 1)) + 2
+    vocab = checkpoint_vocab(path)
+    with local_ray(num_cpus=max(cpus, 4)):
+        log("starting the herd app ...")
+        address = start_herd(cluster_config(models))
+        in_flight = [0]
+        sampler = None
+        if args.autoscale:
+            dep = deployment_name(BENCH_MODEL)
+            sampler = TimelineSampler(lambda: replica_counts(APP_NAME, dep), lambda: in_flight[0]).start()
+
+        async def drive():
+            target = AioTarget(address, BENCH_MODEL)
+            await target.wait_ready()
+            await warm_up(target, args, vocab)
+            phases = []
+            served = {}
+            for level in levels:  # one level at a time, so the timeline can name its phases
+                start = sampler.now() if sampler else 0.0
+                served.update(await served_sweep(target, [level], args, vocab, in_flight))
+                phases.append((f"c={level}", start, sampler.now() if sampler else 0.0))
+            await target.close()
+            if capped is not None:
+                capped_target = AioTarget(address, CAPPED_MODEL)
+                await capped_target.wait_ready()
+                extra["overload"] = await overload(capped_target, args, vocab,
+                                                   ModelDeploymentConfig(**capped).capacity)
+                log(f"overload: {extra['overload']['rejected']} rejected, p99 "
+                    f"{extra['overload']['rejection_p99_ms']} ms")
+                await capped_target.close()
+            return served, phases
+
+        served, phases = asyncio.run(drive())
+        if sampler is not None:
+            time.sleep(args.cooldown_s)  # let the autoscaler come back down while sampling
+            tl = sampler.stop()
+            tl.phases = phases + [("idle", phases[-1][2], tl.t[-1] if tl.t else phases[-1][2])]
+            extra["autoscale"] = _autoscale_report(tl, args)
+    return merge_levels(levels, served, local, args), extra
+
+
+def _autoscale_report(tl, args) -> dict[str, Any]:
+    from benchmarks.serve_bench import plot_timeline
+
+    png = plot_timeline(tl, figure_path(args.out, "load_autoscale.png"),
+                        f"herd bench load --autoscale: replicas (min 1 / max 2) under the sweep")
+    return {"png": str(png), "peak_replicas": max(tl.replicas or [0]),
+            "final_replicas": tl.replicas[-1] if tl.replicas else None, "samples": len(tl.t),
+            "timeline": asdict(tl)}
+
+
+def _run_external(args, levels: list[int]) -> tuple[list, dict]:
+    async def drive():
+        target = AioTarget(args.address, args.served_model, api_key=args.api_key)
+        info = await target.wait_ready()
+        await warm_up(target, args, info.vocab_size)
+        served = await served_sweep(target, levels, args, info.vocab_size, [0])
+        await target.close()
+        return served
+
+    served = asyncio.run(drive())
+    local = None
+    if args.model and not args.skip_in_process:
+        entry = model_entry(args.model, args)
+        local = in_process_sweep(args.model, entry, levels, args)
+    return merge_levels(levels, served, local, args), {}
+
+
+def register_bench(bench_sub) -> None:
+    import os
+
+    p = bench_sub.add_parser("load", help="concurrency sweep: served tok/s, TTFT, inter-token latency vs the same "
+                                          "requests in-process; past-capacity rejections (JSON + PNG)")
+    p.add_argument("--concurrency", default="1,8,32,64,128,256", help="comma-separated stream counts")
+    p.add_argument("--requests-per-level", type=int, default=None, help="default: max(level, 64)")
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=64, help="generated tokens per request (ignore_eos)")
+    p.add_argument("--model", default=None, help="checkpoint folder instead of the demo (self-hosted), or the "
+                                                 "in-process baseline's checkpoint with --address")
+    p.add_argument("--shape", default="llama32-1b-mini", help="demo checkpoint shape (written to a temp folder)")
+    p.add_argument("--address", default=None, help="HOST:PORT of a running cluster (default: self-hosted)")
+    p.add_argument("--served-model", default=BENCH_MODEL, help="model name to request, with --address")
+    p.add_argument("--api-key", default=os.environ.get("HERD_API_KEY"), help="with --address")
+    p.add_argument("--replica-cpus", type=float, default=1.0,
+                   help="self-hosted: CPU reservation (= torch threads) of the replica and the in-process engine")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="engine batch size (default: the largest level)")
+    p.add_argument("--timeout-s", type=float, default=120.0, help="deadline of each request")
+    p.add_argument("--autoscale", action="store_true", help="autoscale the model (min 1, max 2); plot replicas")
+    p.add_argument("--target-ongoing-requests", type=float, default=16.0, help="with --autoscale")
+    p.add_argument("--cooldown-s", type=float, default=8.0, help="with --autoscale: idle sampling after the sweep")
+    p.add_argument("--overload", action="store_true", help="also measure rejections past a small model's capacity")
+    p.add_argument("--overload-streams", type=int, default=32)
+    p.add_argument("--skip-in-process", action="store_true", help="no in-process baseline")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="folder for load_bench.json and the PNGs (default: JSON to stdout, "
+                                               "PNGs to the current folder)")
+    p.set_defaults(func=run)
