@@ -66,6 +66,24 @@ def figure_path(out: Optional[str], filename: str) -> Path:
     return Path(out or ".") / filename
 
 
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path) -> Path:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    pyplot().close(fig)
+    return path
+
+
 # ---- a private cluster --------------------------------------------------------------------------------------
 def free_port() -> int:
     with socket.socket() as s:
@@ -92,13 +110,15 @@ def demo_checkpoint(shape: str, model: Optional[str] = None) -> Iterator[str]:
 
 @contextlib.contextmanager
 def local_ray(num_cpus: Optional[int] = None) -> Iterator[None]:
-    """A private Ray on 127.0.0.1 (never joins another); Serve and Ray are shut down on the way out."""
+    """A private Ray with every port on 127.0.0.1, as `herd serve` starts it (cluster.local_ray; never joins
+    another); Serve and Ray are shut down on the way out."""
     import ray
     from ray import serve
 
-    os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
-    ray.init(address="local", num_cpus=num_cpus or max(2, os.cpu_count() or 2), include_dashboard=False,
-             _node_ip_address="127.0.0.1", log_to_driver=os.environ.get("HERD_BENCH_RAY_LOGS") == "1")
+    from cluster.local_ray import start_local_ray
+
+    start_local_ray(num_cpus=num_cpus or max(2, os.cpu_count() or 2), include_dashboard=False,
+                    log_to_driver=os.environ.get("HERD_BENCH_RAY_LOGS") == "1")
     try:
         yield
     finally:
@@ -113,8 +133,9 @@ def cluster_config(models: list[dict[str, Any]], **extra) -> dict[str, Any]:
     return {"host": "127.0.0.1", "grpc_port": free_port(), "http_port": free_port(), "models": models, **extra}
 
 
-def start_herd(cfg_dict: dict[str, Any], ready_timeout_s: float = 300) -> str:
-    """serve.start + the herd app from `cfg_dict` (inside local_ray); blocks until RUNNING; the gRPC address."""
+def start_herd(cfg_dict: dict[str, Any]) -> str:
+    """serve.start + the herd app from `cfg_dict` (inside local_ray); the gRPC address. serve.run returns once
+    the application is RUNNING (and raises if it failed to deploy)."""
     from ray import serve
 
     from cluster.app import APP_NAME, build_app, serve_start_options
@@ -123,13 +144,6 @@ def start_herd(cfg_dict: dict[str, Any], ready_timeout_s: float = 300) -> str:
     cfg = ClusterConfig.from_dict(cfg_dict)
     serve.start(**serve_start_options(cfg))
     serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)
-    deadline = time.monotonic() + ready_timeout_s
-    while (status := serve.status().applications[APP_NAME]).status != "RUNNING":
-        if status.status == "DEPLOY_FAILED":
-            raise RuntimeError(f"herd app failed to deploy: {status.message}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"herd app not RUNNING after {ready_timeout_s:.0f} s")
-        time.sleep(0.5)
     return f"127.0.0.1:{cfg.grpc_port}"
 
 

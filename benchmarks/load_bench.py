@@ -35,8 +35,8 @@ from typing import Any, Optional
 
 from benchmarks.bench_common import (BENCH_MODEL, AioTarget, LoopLag, StreamResult, TimelineSampler,
                                      checkpoint_vocab, closed_loop, cluster_config, demo_checkpoint,
-                                     figure_path, local_ray, log, p50_p99_ms, random_prompts, replica_counts,
-                                     start_herd, stream_summary, write_report)
+                                     figure_path, local_ray, log, p50_p99_ms, pyplot, random_prompts,
+                                     replica_counts, save_figure, start_herd, stream_summary, write_report)
 
 CAPPED_MODEL = "bench-capped"
 CAPPED_LIMITS = {"max_num_seqs": 2, "max_queued_requests": 2, "serve_max_queued_requests": 2}
@@ -209,11 +209,7 @@ def target_check(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def plot_sweep(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     c = [r["concurrency"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.3), dpi=110)
     ax1.plot(c, [r["served"]["tokens_per_s"] for r in rows], "o-", color="#1f5fa8", label="served (gRPC)")
@@ -232,11 +228,7 @@ def plot_sweep(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def git_commit() -> Optional[str]:
@@ -331,7 +323,7 @@ def _autoscale_report(tl, args) -> dict[str, Any]:
     from benchmarks.serve_bench import plot_timeline
 
     png = plot_timeline(tl, figure_path(args.out, "load_autoscale.png"),
-                        f"herd bench load --autoscale: replicas (min 1 / max 2) under the sweep")
+                        "herd bench load --autoscale: replicas (min 1 / max 2) under the sweep")
     return {"png": str(png), "peak_replicas": max(tl.replicas or [0]),
             "final_replicas": tl.replicas[-1] if tl.replicas else None, "samples": len(tl.t),
             "timeline": asdict(tl)}

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from benchmarks.bench_common import (Timeline, TimelineSampler, free_port, local_ray, percentile,  # noqa: F401
-                                     replica_counts)
+                                     pyplot, replica_counts, save_figure)
 
 DEFAULT_ROUTER = "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter"
 PREFIX_ROUTER = "cluster.routing:PrefixCacheRouter"
@@ -222,11 +222,7 @@ def autoscale_timeline(target: GrpcTarget, vocab: int, replicas_now: Callable[[]
 
 
 def plot_timeline(tl: Timeline, path: Path, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 4.5), dpi=110)
     colors = {"low": "#e8f4ea", "high": "#fdecea", "idle": "#eef1f6"}
     for name, a, b in tl.phases:
@@ -248,11 +244,7 @@ def plot_timeline(tl: Timeline, path: Path, title: str) -> Path:
     lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
     ax.legend(lines, [ln.get_label() for ln in lines], loc="upper right", fontsize=9)
     ax.set_title(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # ---- in-process baseline ------------------------------------------------------------------------------------

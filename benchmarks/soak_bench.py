@@ -31,8 +31,8 @@ from typing import Any, Optional
 
 from benchmarks.bench_common import (BENCH_MODEL, AioTarget, StreamResult, TimelineSampler, checkpoint_vocab,
                                      closed_loop, cluster_config, demo_checkpoint, figure_path, local_ray, log,
-                                     model_stats, p50_p99_ms, replica_actors, replica_counts, start_herd,
-                                     stream_summary, write_report)
+                                     model_stats, p50_p99_ms, pyplot, replica_actors, replica_counts,
+                                     save_figure, start_herd, stream_summary, write_report)
 
 EXPECTED = {"normal": {"OK"}, "cancel": {"CANCELLED_BY_CLIENT", "OK"}, "invalid": {"INVALID_ARGUMENT"},
             "deadline": {"DEADLINE_EXCEEDED", "OK"}}
@@ -212,11 +212,7 @@ def run_soak(args) -> int:
 
 
 def plot_soak(s: dict[str, list], t_load: float, t_end: float, warmup_s: float, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 4.5), dpi=110)
     ax.axvspan(t_load, t_load + warmup_s, color="#fff4d6", zorder=0, label="warm-up")
     ax.axvspan(t_load + warmup_s, t_end, color="#fdecea", zorder=0, label="load")
@@ -230,11 +226,7 @@ def plot_soak(s: dict[str, list], t_load: float, t_end: float, warmup_s: float, 
     lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
     ax.legend(lines, [ln.get_label() for ln in lines], loc="lower right", fontsize=8)
     ax.set_title("herd bench soak: replica memory and KV blocks")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # ---- fault ----------------------------------------------------------------------------------------------------

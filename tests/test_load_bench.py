@@ -1,0 +1,121 @@
+"""`herd bench load | soak | fault`: the figures' arithmetic (fast), and the benches end to end on a tiny demo
+checkpoint with a real local Ray + Serve + gRPC (slow; each a few tens of seconds on 2 cores)."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+
+import pytest
+
+from benchmarks import bench_common as bc
+from benchmarks import load_bench, soak_bench
+
+
+def _parse(module, argv):
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="scenario", required=True)
+    module.register_bench(sub)
+    return parser.parse_args(argv)
+
+
+def test_chunks_make_ttft_and_inter_token_gaps():
+    r = bc.StreamResult()
+    r.on_chunk(0.010, 2, None)         # first chunk: TTFT; its second token came with it (gap 0)
+    r.on_chunk(0.030, 1, 0.010)
+    r.on_chunk(0.070, 2, 0.030)        # 40 ms for two tokens: 20 ms each
+    assert r.ttft_s == 0.010 and r.tokens == 5
+    assert r.gaps_s == pytest.approx([0.0, 0.020, 0.020, 0.020])
+
+
+def test_stream_summary_counts_codes_and_orders_percentiles():
+    ok = [bc.StreamResult(ttft_s=0.01 * i, latency_s=0.1, tokens=4, gaps_s=[0.001 * i]) for i in range(1, 11)]
+    bad = [bc.StreamResult(code="RESOURCE_EXHAUSTED", latency_s=0.002)] * 3
+    s = bc.stream_summary(ok + bad, wall_s=2.0)
+    assert s["requests"] == 13 and s["ok"] == 10 and s["errors"] == {"RESOURCE_EXHAUSTED": 3}
+    assert s["tokens_per_s"] == 20.0
+    assert s["ttft_p50_ms"] == 50.0 and s["ttft_p99_ms"] == 100.0 and s["itl_p50_ms"] <= s["itl_p99_ms"]
+
+
+def test_closed_loop_keeps_the_concurrency_and_stops_on_time():
+    peak, now = [0], [0]
+
+    async def call(i):
+        now[0] += 1
+        peak[0] = max(peak[0], now[0])
+        await asyncio.sleep(0.005)
+        now[0] -= 1
+        return bc.StreamResult(tokens=1)
+
+    results, _ = asyncio.run(bc.closed_loop(call, 20, 4))
+    assert len(results) == 20 and peak[0] == 4
+    results, wall = asyncio.run(bc.closed_loop(call, None, 3, run_for_s=0.1))
+    assert len(results) > 3 and wall < 1.0
+
+
+def test_soak_outcomes_and_fault_summary():
+    rs = [bc.StreamResult(kind="normal"), bc.StreamResult(kind="invalid", code="INVALID_ARGUMENT"),
+          bc.StreamResult(kind="deadline", code="OK"), bc.StreamResult(kind="normal", code="INTERNAL")]
+    by_kind, unexpected = soak_bench.outcome_counts(rs)
+    assert by_kind["normal"] == {"OK": 1, "INTERNAL": 1} and unexpected == {"normal:INTERNAL": 1}
+    f = soak_bench.fault_summary([bc.StreamResult(start=1.0, latency_s=0.5),
+                                  bc.StreamResult(start=5.0, code="UNAVAILABLE", latency_s=0.5),
+                                  bc.StreamResult(start=5.2, code="UNAVAILABLE", latency_s=1.0)], 5.0, 30.0)
+    assert f["failed"] == 2 and f["first_error_after_kill_s"] == 0.5 and f["error_window_s"] == 0.7
+    assert f["hung"] is False and f["reached_deadline"] == 0
+
+
+def test_target_check_and_cli():
+    rows = [{"concurrency": 64, "served": {"errors": {}}, "served_fraction_of_in_process": 0.9}]
+    assert load_bench.target_check(rows)["met"] is True
+    assert load_bench.target_check([])["measured"] is False
+    args = _parse(load_bench, ["load", "--concurrency", "1,4", "--overload"])
+    assert load_bench.parse_levels(args.concurrency) == [1, 4] and args.overload
+    assert load_bench.requests_for(4, args) == 64
+    assert _parse(soak_bench, ["soak", "--minutes", "0.5"]).func is soak_bench.run_soak
+    assert _parse(soak_bench, ["fault"]).func is soak_bench.run_fault
+
+
+def _check_summary(s):
+    assert s["errors"] == {} and s["ok"] == s["requests"] > 0
+    assert s["tokens_per_s"] > 0
+    for name in ("ttft", "itl", "latency"):
+        assert s[f"{name}_p50_ms"] <= s[f"{name}_p99_ms"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_load_bench_end_to_end(tmp_path):
+    args = _parse(load_bench, ["load", "--concurrency", "1,4", "--requests-per-level", "6", "--prompt-tokens", "16",
+                               "--max-tokens", "6", "--overload", "--overload-streams", "12",
+                               "--out", str(tmp_path)])
+    assert args.func(args) == 0
+    report = json.loads((tmp_path / "load_bench.json").read_text())
+    assert [r["concurrency"] for r in report["levels"]] == [1, 4]
+    for row in report["levels"]:
+        assert row["requests"] == 6
+        _check_summary(row["served"])
+        _check_summary(row["in_process"])
+        assert row["served"]["tokens"] == row["in_process"]["tokens"] == 6 * 6  # exactly max_tokens each
+        assert row["served_fraction_of_in_process"] > 0
+    o = report["overload"]
+    assert o["streams"] == 12 and o["rejected"] + o["served"] <= 12
+    assert set(o["errors"]) <= {"RESOURCE_EXHAUSTED"}
+    if o["rejected"]:
+        assert o["rejection_p50_ms"] <= o["rejection_p99_ms"]
+    assert (tmp_path / "load_bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_soak_bench_end_to_end(tmp_path):
+    args = _parse(soak_bench, ["soak", "--minutes", "0.1", "--streams", "6", "--max-tokens", "8", "--max-prompt",
+                               "32", "--sample-s", "0.5", "--out", str(tmp_path)])
+    assert args.func(args) == 0
+    report = json.loads((tmp_path / "soak_bench.json").read_text())
+    assert report["requests"] > 0 and report["unexpected_total"] == 0, report["unexpected"]
+    assert report["outcomes"]["normal"]["OK"] > 0
+    kv = report["kv_blocks"]
+    assert kv["returned"] and kv["free_end"] == kv["free_start"] and kv["free_min"] <= kv["free_start"]
+    assert report["rss_mib"]["start"] > 0 and len(report["samples"]["t"]) >= 5
+    assert (tmp_path / "soak_bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
