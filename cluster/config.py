@@ -103,6 +103,10 @@ _ENGINE_KEYS = ("max_model_len", "max_num_batched_tokens", "block_size", "kv_cac
 DEFAULT_MAX_NUM_SEQS = 128
 # Ingress slots kept beyond the models' capacity, for unary calls (Tokenize, ListModels, Health.Check).
 INGRESS_UNARY_HEADROOM = 64
+# Model-replica slots beyond what its engine holds: calls such as model_info() and stats() also take a Serve
+# slot, and must still reach a full replica. A generation that lands in them is refused by the engine's full
+# queue at once (RESOURCE_EXHAUSTED), so they never make anyone wait.
+REPLICA_CONTROL_HEADROOM = 4
 
 
 class ModelDeploymentConfig(_Strict):
@@ -125,10 +129,10 @@ class ModelDeploymentConfig(_Strict):
     enable_prefix_caching: Optional[bool] = None
     # Capacity of one replica (docs/serving.md, "Capacity"): `max_num_seqs` run in the engine's batch,
     # `max_queued_requests` more wait in its scheduler; Serve sends a replica at most `max_ongoing_requests`
-    # (default: the two together), and a caller holds at most `serve_max_queued_requests` more while every
+    # (default: the two together plus REPLICA_CONTROL_HEADROOM), and a caller holds at most `serve_max_queued_requests` more while every
     # replica is full (e.g. while autoscaling starts one); past that the client gets RESOURCE_EXHAUSTED at once.
     max_queued_requests: Optional[int] = Field(None, ge=0)       # default: max_num_seqs
-    max_ongoing_requests: Optional[int] = Field(None, ge=1)      # default: max_num_seqs + max_queued_requests
+    max_ongoing_requests: Optional[int] = Field(None, ge=1)      # default: max_num_seqs + max_queued_requests + 4
     serve_max_queued_requests: Optional[int] = Field(None, ge=1)  # default: max_queued_requests (>= 1: Serve's minimum)
     # Serve deployment knobs
     graceful_shutdown_timeout_s: float = Field(60.0, ge=0)
@@ -178,7 +182,7 @@ class ModelDeploymentConfig(_Strict):
     def effective_max_ongoing_requests(self) -> int:
         if self.max_ongoing_requests is not None:
             return self.max_ongoing_requests
-        return self.effective_max_num_seqs + self.effective_max_queued_requests
+        return self.effective_max_num_seqs + self.effective_max_queued_requests + REPLICA_CONTROL_HEADROOM
 
     @property
     def effective_serve_max_queued_requests(self) -> int:

@@ -48,14 +48,15 @@ def start_herd_cluster(config: dict[str, Any], *, num_cpus: int = 4, api_key: st
 
     from cluster.app import APP_NAME, build_app, serve_start_options
     from cluster.config import ClusterConfig
+    from cluster.local_ray import start_local_ray
 
     config = {**config, "host": "127.0.0.1", "grpc_port": free_port(), "http_port": free_port()}
     cfg = ClusterConfig.from_dict(config)
-    # address="local": RAY_ENABLE_AUTO_CONNECT=0 does not stop ray.init() from joining the cluster named in
-    # /tmp/ray/ray_current_cluster (another test run, a `ray start`); "local" always starts our own.
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-             namespace="herd-tests",
-             log_to_driver=os.environ.get("HERD_TEST_RAY_LOGS") == "1")
+    # A private Ray (never a cluster named in /tmp/ray/ray_current_cluster), every port on loopback, the gRPC
+    # proxy bound to the config's host and holding its message limit: what `herd serve` starts.
+    start_local_ray(num_cpus=num_cpus, include_dashboard=False, namespace="herd-tests",
+                    grpc_max_message_bytes=cfg.limits.max_grpc_message_bytes, serve_grpc_host=cfg.host,
+                    serve_grpc_port=cfg.grpc_port, log_to_driver=os.environ.get("HERD_TEST_RAY_LOGS") == "1")
     try:
         serve.start(**serve_start_options(cfg))
         serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)

@@ -99,11 +99,11 @@ def test_capacity_defaults_derive_from_max_num_seqs():
     a, b = cfg.models
     assert a.engine_args()["max_num_seqs"] == 32 and a.engine_args()["max_queued_requests"] == 32
     opts = model_deployment_options(a)
-    assert (opts["max_ongoing_requests"], opts["max_queued_requests"]) == (64, 32)
-    assert model_deployment_options(b)["max_ongoing_requests"] == 256
+    assert (opts["max_ongoing_requests"], opts["max_queued_requests"]) == (64 + 4, 32)  # + control headroom
+    assert model_deployment_options(b)["max_ongoing_requests"] == 256 + 4
     ingress = ingress_deployment_options(cfg)
-    # one ingress replica carries every model at full scale: 64+32 and 3*256+128, plus watchers and headroom
-    assert ingress["max_ongoing_requests"] >= (64 + 32) + (3 * 256 + 128) + cfg.limits.max_health_watchers
+    # one ingress replica carries every model at full scale: 68+32 and 3*260+128, plus watchers and headroom
+    assert ingress["max_ongoing_requests"] >= (68 + 32) + (3 * 260 + 128) + cfg.limits.max_health_watchers
     assert ingress["max_queued_requests"] >= 0 and ingress["num_replicas"] == 1
 
 

@@ -10,7 +10,8 @@ from workers import Engine, InvalidRequestError, PromptTooLongError, QueueFullEr
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
     path = make_checkpoint(tmp_path_factory.mktemp("ckpt"), "llama2", LLAMA2_MHA)
-    eng = Engine.from_pretrained(path, dtype="float32", show_progress=False, max_model_len=64, max_queued_requests=3)
+    eng = Engine.from_pretrained(path, dtype="float32", show_progress=False, max_model_len=64, max_num_seqs=2,
+                                 max_queued_requests=3)
     yield eng
     eng.shutdown()
 
@@ -61,7 +62,11 @@ def test_one_bad_request_in_a_batch_rejects_the_batch_cleanly(engine):
 
 
 def test_queue_full(engine):
-    ids = [engine.add_request([5, 6, 7], GOOD) for _ in range(3)]
+    # 2 seats in the batch (the next step admits those at once, so they do not count as queued) + 3 queued
+    ids = [engine.add_request([5, 6, 7], GOOD) for _ in range(2 + 3)]
+    with pytest.raises(QueueFullError):
+        engine.add_request([5, 6, 7], GOOD)
+    engine.step()  # two are running now; still 3 queued
     with pytest.raises(QueueFullError):
         engine.add_request([5, 6, 7], GOOD)
     for rid in ids:

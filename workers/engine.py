@@ -235,8 +235,8 @@ class Engine:
         if not isinstance(cache_salt, int) or isinstance(cache_salt, bool):
             raise InvalidRequestError("cache_salt", f"must be an integer, got {cache_salt!r}")
         limit = self.config.max_queued_requests
-        if limit is not None and len(self.scheduler.waiting) >= limit:
-            raise QueueFullError(f"{len(self.scheduler.waiting)} requests already waiting (max_queued_requests={limit})")
+        if limit is not None and self._num_queued() >= limit:
+            raise QueueFullError(f"{self._num_queued()} requests already waiting (max_queued_requests={limit})")
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._requests:
             raise InvalidRequestError("request_id", f"{request_id!r} is already in flight")
@@ -253,6 +253,12 @@ class Engine:
         self.scheduler.finish(req.seq)
         req.seq.finish_reason = "abort"
         return self._delta(req, final=True)
+
+    def _num_queued(self) -> int:
+        """Waiting requests beyond the running batch's free seats: those the next step will admit (they only
+        arrived between two steps) are not queued, so a burst that fits the batch is never refused."""
+        free_seats = max(0, self.scheduler.max_num_seqs - len(self.scheduler.running))
+        return max(0, len(self.scheduler.waiting) - free_seats)
 
     def has_unfinished(self) -> bool:
         return bool(self._requests)
