@@ -100,6 +100,15 @@ def request_token_ids(pending_request: Optional[PendingRequest]) -> Optional[Seq
     return None
 
 
+def request_cache_salt(pending_request: Optional[PendingRequest]) -> int:
+    """The request's prefix-cache salt (keyword `cache_salt`; 0 = the shared cache): the router hashes the
+    prompt exactly as the engine will, so a tenant's request only ever matches its own tenant's blocks."""
+    if pending_request is None:
+        return 0
+    salt = (pending_request.kwargs or {}).get("cache_salt", 0)
+    return int(salt) if isinstance(salt, int) else 0
+
+
 @dataclass
 class ReplicaView:
     """What the router knows about one replica's prefix cache and load."""
@@ -244,7 +253,8 @@ class PrefixCacheRouter(RequestRouter):
                 pass
         hashes = cache.get(block_size)
         if hashes is None:
-            hashes = cache[block_size] = hash_token_blocks(token_ids, block_size, limit=self._max_prefix_blocks)
+            hashes = cache[block_size] = hash_token_blocks(token_ids, block_size, limit=self._max_prefix_blocks,
+                                                           salt=request_cache_salt(pending_request))
         return hashes
 
     def match_blocks(self, replica: RunningReplica, hashes: Sequence[int]) -> int:

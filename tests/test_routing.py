@@ -485,3 +485,20 @@ def test_real_engine_sessions_hit_their_prefix_cache(tmp_path):
         assert any(r["hashes"] for r in reports)
     finally:
         stop_herd_cluster()
+
+
+def test_a_salted_request_only_matches_blocks_hashed_with_its_salt():
+    """Per-key cache isolation: the router hashes with the request's cache_salt exactly as the engine does."""
+    async def go():
+        router = make_router()
+        a, b = FakeReplica("a"), FakeReplica("b")
+        a.report(blocks(CONV_A))                                         # the shared (unsalted) cache
+        b.report(hash_token_blocks(list(CONV_A), BS, salt=77))           # tenant 77's blocks
+        router.update_replicas([a, b])
+        salted = PendingRequest(args=[list(CONV_A) + [1]], kwargs={"cache_salt": 77}, metadata=None)
+        assert names(await router.choose_replicas([a, b], salted))[0] == ["b"]
+        other = PendingRequest(args=[list(CONV_A) + [1]], kwargs={"cache_salt": 78}, metadata=None)
+        hashes = router._request_hashes(other, list(CONV_A), BS)
+        assert router.match_blocks(a, hashes) == router.match_blocks(b, hashes) == 0
+        assert names(await router.choose_replicas([a, b], request(list(CONV_A) + [1])))[0] == ["a"]
+    run(go())
