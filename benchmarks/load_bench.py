@@ -107,12 +107,10 @@ def _in_process_sweep(path: str, kwargs: dict[str, Any], threads: int, levels: l
         pending = iter(range(len(prompts)))
         t0 = time.perf_counter()
 
-        def admit() -> None:
-            for i in pending:
+        def admit() -> None:  # top up to `level` requests in flight
+            while len(active) < level and (i := next(pending, None)) is not None:
                 results[i].start = time.perf_counter() - t0
                 active[engine.add_request(prompts[i], params)] = (i, time.perf_counter(), None)
-                if len(active) >= level:
-                    return
 
         admit()
         while active:
