@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tests.checkpoints import LLAMA2_MHA, LLAMA3_GQA_TIED, LLAMA3_ROPE_PARAMETERS, make_checkpoint
-from workers import Engine, SamplingParams
+from workers import Engine, RequestOutput, SamplingParams
 from workers.config import ModelConfig
 from workers.model_runner import ModelRunner, StepInput
 
@@ -129,3 +129,27 @@ def test_prefix_cache_on_off_identical_and_hits_on_repeat(flavour):
     assert [first.token_ids, second.token_ids] == [o.token_ids for o in off]
     assert all(o.num_cached_tokens == 0 for o in off)
     assert [o.token_ids for o in again] == expected
+
+
+def test_cache_salt_isolates_prefix_cache_hits(tmp_path):
+    """Per-tenant isolation: the same prompt under another salt computes everything again (no hit to time),
+    under its own salt it hits, and the tokens are the same either way."""
+    path = make_checkpoint(tmp_path, "salt", LLAMA2_MHA)
+    engine = Engine.from_pretrained(path, dtype="float32", show_progress=False)
+    prompt = list(range(5, 60))  # three full 16-token blocks
+
+    def once(salt):
+        rid = engine.add_request(prompt, GREEDY, cache_salt=salt)
+        out = RequestOutput(rid, prompt)
+        while engine.has_unfinished():
+            for d in engine.step():
+                out.add(d)
+        return out
+
+    try:
+        a, b, a_again, plain = once(0xA), once(0xB), once(0xA), once(0)
+    finally:
+        engine.shutdown()
+    assert [a.num_cached_tokens, b.num_cached_tokens, a_again.num_cached_tokens, plain.num_cached_tokens] == \
+        [0, 0, 48, 0]
+    assert a.token_ids == b.token_ids == a_again.token_ids == plain.token_ids

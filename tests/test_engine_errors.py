@@ -1,10 +1,13 @@
-"""Bad input is a typed error naming the problem, and the engine keeps serving afterwards."""
+"""Bad input is a typed error naming the problem, one request's failure is its own, and the engine keeps
+serving afterwards."""
 from __future__ import annotations
 
 import pytest
 
 from tests.checkpoints import LLAMA2_MHA, make_checkpoint
 from workers import Engine, InvalidRequestError, PromptTooLongError, QueueFullError, SamplingParams
+from workers.demo import hf_config, write_checkpoint
+from workers.errors import HerdError, RequestFailedError
 
 
 @pytest.fixture(scope="module")
@@ -88,3 +91,108 @@ def test_unknown_engine_argument_is_named(tmp_path):
     with pytest.raises(InvalidRequestError) as e:
         Engine.from_pretrained(path, max_num_seqz=4)
     assert e.value.field == "max_num_seqz"
+
+
+def test_stop_token_ids_outside_the_vocabulary(engine):
+    with pytest.raises(InvalidRequestError) as e:
+        engine.add_request([5, 6, 7], SamplingParams(max_tokens=4, stop_token_ids=[3, 512]))  # vocab is 512
+    assert e.value.field == "stop_token_ids" and "512" in str(e.value)
+    assert not engine.has_unfinished()
+    out = engine.generate([[5, 6, 7]], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True,
+                                                     stop_token_ids=[511]))[0]
+    assert out.finish_reason in ("length", "stop")
+
+
+def test_max_tokens_beyond_max_model_len_is_capped_not_refused(engine):
+    # 50-token prompt, max_model_len 64: max_tokens=1000 is accepted and ends at the context with "length"
+    rid = engine.add_request(list(range(3, 53)), SamplingParams(max_tokens=1000, temperature=0.0, ignore_eos=True))
+    deltas = []
+    while engine.has_unfinished():
+        deltas += [d for d in engine.step() if d.request_id == rid]
+    assert sum(len(d.token_ids) for d in deltas) == 64 - 50
+    assert deltas[-1].finish_reason == "length"
+    assert engine.stats().kv_blocks_free == engine.stats().kv_blocks_total
+
+
+def test_cache_salt_must_be_an_integer(engine):
+    for salt in ("tenant", 1.5, True):
+        with pytest.raises(InvalidRequestError) as e:
+            engine.add_request([5, 6, 7], GOOD, cache_salt=salt)
+        assert e.value.field == "cache_salt"
+    assert not engine.has_unfinished()
+
+
+# ---- one request's failure ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def text_engine(tmp_path_factory):
+    """An engine with a real (SentencePiece) tokenizer, so requests are detokenized and stop strings apply."""
+    path = write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tok", hf_config(**dict(LLAMA2_MHA, vocab_size=1000)),
+                            tokenizer="llama2")
+    eng = Engine.from_pretrained(path, dtype="float32", show_progress=False)
+    yield eng
+    eng.shutdown()
+
+
+PROMPTS = [[1, 17, 42, 99, 7], [1, 300, 301, 302], [1, 55, 66, 77, 88, 99]]
+TEXT_PARAMS = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, stop=["never-appears"], logprobs=2)
+
+
+def run_all(engine, fault=None):
+    """Run PROMPTS concurrently; `fault(engine, request_id)` may break the second request after it is added."""
+    ids = [engine.add_request(p, TEXT_PARAMS) for p in PROMPTS]
+    if fault is not None:
+        fault(engine, ids[1])
+    finals = {}
+    tokens = {rid: [] for rid in ids}
+    text = {rid: "" for rid in ids}
+    while engine.has_unfinished():
+        for d in engine.step():
+            tokens[d.request_id] += d.token_ids
+            text[d.request_id] += d.text
+            if d.finished:
+                finals[d.request_id] = d
+    return [(tokens[r], text[r], finals[r]) for r in ids]
+
+
+def boom(*args, **kwargs):
+    raise RuntimeError("secret internal detail")
+
+
+@pytest.mark.parametrize("where", ["detokenizer", "stop strings"])
+def test_a_post_processing_failure_fails_only_that_request(text_engine, where):
+    clean = run_all(text_engine)
+
+    def fault(engine, rid):
+        req = engine._requests[rid]  # test-only reach into one request's state
+        if where == "detokenizer":
+            req.detok.add = boom
+        else:
+            req.stops.feed = boom
+
+    faulted = run_all(text_engine, fault)
+    tokens, text, final = faulted[1]
+    assert final.finish_reason == "error" and isinstance(final.error, RequestFailedError)
+    assert isinstance(final.error, HerdError) and "secret" not in str(final.error)
+    for i in (0, 2):
+        assert faulted[i][:2] == clean[i][:2]  # same tokens and text as without the fault
+        assert faulted[i][2].finish_reason == "length" and faulted[i][2].error is None
+    s = text_engine.stats()
+    assert s.kv_blocks_free == s.kv_blocks_total and s.num_running == 0 and s.num_waiting == 0
+
+
+def test_offline_generate_reports_a_failed_request_and_finishes_the_rest(text_engine):
+    real = text_engine.sampler
+
+    def faulty(logits, states):
+        if any(st.prompt_token_ids == PROMPTS[1] for st in states):
+            raise RuntimeError("bad row")
+        return real(logits, states)
+    text_engine.sampler = faulty
+    try:
+        outs = text_engine.generate(PROMPTS, TEXT_PARAMS)
+    finally:
+        text_engine.sampler = real
+    assert outs[1].finish_reason == "error" and isinstance(outs[1].error, RequestFailedError)
+    assert outs[1].token_ids == []
+    assert [o.finish_reason for o in (outs[0], outs[2])] == ["length", "length"]
+    assert all(len(o.token_ids) == 12 for o in (outs[0], outs[2]))

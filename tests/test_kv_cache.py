@@ -57,3 +57,35 @@ def test_prefix_caching_off_never_hits():
     kv.allocate("a", list(range(9)), 9)
     assert kv.find_cached_prefix(list(range(9))) == []
     assert kv.cached_block_hashes() == []
+
+
+def test_salt_zero_is_the_plain_chain_and_other_salts_share_nothing():
+    from workers.block_hash import ROOT_HASH, hash_block
+    tokens = list(range(48))
+    plain = hash_token_blocks(tokens, 16)
+    assert hash_token_blocks(tokens, 16, salt=0) == plain
+    # salt 0 is exactly the chain from ROOT_HASH (what routers and replicas computed before salts existed)
+    parent, chain = ROOT_HASH, []
+    for i in range(3):
+        parent = hash_block(parent, tokens[i * 16:(i + 1) * 16])
+        chain.append(parent)
+    assert plain == chain
+    salted = {s: hash_token_blocks(tokens, 16, salt=s) for s in (1, 2, -1, 2**64 + 5)}
+    assert salted[1] == hash_token_blocks(tokens, 16, salt=1)  # deterministic
+    every = [h for hs in [plain, *salted.values()] for h in hs]
+    assert len(set(every)) == len(every)  # no block hash shared between salts
+    assert hash_token_blocks(tokens, 16, limit=2, salt=1) == salted[1][:2]
+
+
+def test_prefix_cache_hits_only_under_the_same_salt():
+    kv = KVCacheManager(num_blocks=16, block_size=4)
+    tokens = list(range(10))
+    assert kv.allocate("a", tokens, len(tokens), salt=7)
+    assert kv.find_cached_prefix(tokens, salt=0) == []
+    assert kv.find_cached_prefix(tokens, salt=8) == []
+    cached = kv.find_cached_prefix(tokens, salt=7)
+    assert [b.block_id for b in cached] == kv.block_table("a")[:2]
+    assert set(kv.cached_block_hashes()) == set(hash_token_blocks(tokens, 4, salt=7))  # what the router sees
+    kv.free("a")
+    assert kv.allocate("b", tokens, len(tokens), salt=0)  # registers the unsalted chain beside the salted one
+    assert len(kv.find_cached_prefix(tokens, salt=0)) == 2 and len(kv.find_cached_prefix(tokens, salt=7)) == 2
