@@ -372,3 +372,15 @@ def test_cache_salt_partitions_the_prefix_cache(engine):
         return [await cached(s) for s in (11, 22, 11, 0)]
 
     assert run(main()) == [0, 0, 48, 0]
+
+
+def test_abort_by_id_ends_the_callers_stream(engine):
+    async def main():
+        gen = engine.generate([5, 6, 7], LONG, request_id="to-abort")
+        first = await gen.__anext__()
+        engine.abort("to-abort")
+        rest = [d async for d in gen]
+        assert first.finish_reason is None and rest[-1].finish_reason == "abort"
+        await until(lambda: idle_and_free(engine))
+
+    run(main())
