@@ -21,6 +21,7 @@ from workers.errors import (
     EngineUnavailableError,
     InvalidRequestError,
     QueueFullError,
+    RequestFailedError,
     TokenizerError,
 )
 
@@ -100,6 +101,8 @@ def to_api_error(exc: BaseException) -> ApiError:
         return ApiError("INVALID_ARGUMENT", str(exc), exc.field)
     if isinstance(exc, QueueFullError):
         return ApiError("RESOURCE_EXHAUSTED", str(exc) or "the model's request queue is full; retry later")
+    if isinstance(exc, RequestFailedError):  # this request alone failed; its message holds no internals
+        return ApiError("INTERNAL", str(exc) or "the request failed")
     if isinstance(exc, EngineUnavailableError):
         return ApiError("UNAVAILABLE", str(exc) or "the model's engine is unavailable")
     if isinstance(exc, (CheckpointError, TokenizerError)):

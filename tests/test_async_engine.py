@@ -384,3 +384,28 @@ def test_abort_by_id_ends_the_callers_stream(engine):
         await until(lambda: idle_and_free(engine))
 
     run(main())
+
+
+def test_deltas_that_pile_up_go_out_as_one(engine, path):
+    """A caller slower than the engine gets the tokens it missed in one delta (fewer, larger messages on
+    every hop after it), with exactly the tokens, text and logprobs of the token-by-token stream."""
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=2)
+
+    async def go():
+        deltas = []
+        stream = engine.generate([5, 6, 7, 8], params)
+        deltas.append(await stream.__anext__())             # the first token, then the caller is busy
+        while engine.stats().num_running:                   # ... until the engine has finished the request
+            await asyncio.sleep(0.01)
+        deltas += [d async for d in stream]
+        return deltas
+
+    deltas = asyncio.run(go())
+    reference = Engine.from_pretrained(path, dtype="float32", show_progress=False)
+    try:
+        ref = reference.generate([[5, 6, 7, 8]], params)[0]
+    finally:
+        reference.shutdown()
+    assert len(deltas) == 2 and deltas[-1].finish_reason == "length"
+    assert sum((d.token_ids for d in deltas), []) == ref.token_ids
+    assert sum((d.logprobs for d in deltas), []) == ref.logprobs

@@ -10,7 +10,7 @@ from cluster.errors import ApiError, error_to_dict, to_api_error
 from cluster.ingress import ApiKeyAuth, sampling_from_proto
 from cluster.pb import inference_pb2 as pb
 from workers.errors import (CheckpointError, EngineUnavailableError, InvalidRequestError, PromptTooLongError,
-                            QueueFullError)
+                            QueueFullError, RequestFailedError)
 
 
 # ---- error mapping ---------------------------------------------------------------------------------------
@@ -24,6 +24,7 @@ from workers.errors import (CheckpointError, EngineUnavailableError, InvalidRequ
     (ApiError.unknown_model("x", ["a", "b"]), "NOT_FOUND", 404, "model"),
     (ApiError.unauthenticated(), "UNAUTHENTICATED", 401, None),
     (KeyError("oops"), "INTERNAL", 500, None),
+    (RequestFailedError("sampling this request failed"), "INTERNAL", 500, None),
 ])
 def test_error_mapping(exc, code, http, field):
     err = to_api_error(exc)

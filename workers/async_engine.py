@@ -101,13 +101,22 @@ class AsyncEngine:
         finished = False
         try:
             self._send(functools.partial(self._admit, stream, prompt, params, cache_salt))
+            held = None
             while True:
-                item = await stream.queue.get()
+                item, held = (held, None) if held is not None else (await stream.queue.get(), None)
                 if isinstance(item, BaseException):  # refused, or the engine went down
                     raise item
                 if item.error is not None:           # failed alone; the engine already dropped it
                     finished = True
                     raise item.error
+                # Deltas that piled up while the caller was busy go out as one: under load each hop after
+                # this one (Serve, the ingress, gRPC) then moves fewer, larger messages.
+                while not item.finished and not stream.queue.empty():
+                    later = stream.queue.get_nowait()
+                    if isinstance(later, BaseException) or later.error is not None:
+                        held = later
+                        break
+                    item = item.followed_by(later)
                 yield item
                 if item.finished:
                     finished = True

@@ -93,6 +93,14 @@ class StreamDelta:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    def followed_by(self, later: "StreamDelta") -> "StreamDelta":
+        """One delta holding this one and the `later` one of the same request (neither failed)."""
+        logprobs = None
+        if self.logprobs is not None or later.logprobs is not None:
+            logprobs = (self.logprobs or []) + (later.logprobs or [])
+        return StreamDelta(self.request_id, self.token_ids + later.token_ids, self.text + later.text, logprobs,
+                           later.finish_reason, later.num_prompt_tokens, later.num_cached_tokens)
+
 
 @dataclass
 class RequestOutput:
