@@ -17,6 +17,8 @@ replica's call, whose `finally` cancels the model replica's stream, which aborts
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import dataclasses
 import hashlib
 import hmac
 import logging
@@ -48,6 +50,21 @@ RETRIES_BEFORE_FIRST_TOKEN = 1
 # Texts longer than this are tokenized in a worker thread, so the ingress's event loop keeps streaming other
 # requests' tokens meanwhile (shorter ones cost less than the hop to a thread).
 OFF_LOOP_CHARS = 4096
+
+
+def as_own_serve_request(call):
+    """`call()` (a handle's .remote()) as a Serve request of its own. Serve tags a call made while serving
+    a request with that request's internal id, and two calls in flight under one id (the prompts of one
+    /v1/completions request) get mixed up in its router and replica, which stall. A fresh id per call keeps
+    them apart; leaving early still cancels each (Frontend.generate cancels its stream itself)."""
+    def run():
+        from ray.serve import context as serve_context  # the request context is internal to Serve
+
+        current = serve_context._get_serve_request_context()
+        serve_context._serve_request_context.set(
+            dataclasses.replace(current, _internal_request_id=uuid.uuid4().hex))
+        return call()
+    return contextvars.copy_context().run(run)
 
 
 async def off_loop(size: int, fn, *args, **kwargs):
@@ -312,7 +329,8 @@ class Frontend:
                              cache_salt: int) -> AsyncIterator[dict]:
         engine_request_id = uuid.uuid4().hex
         kwargs = {"cache_salt": cache_salt} if cache_salt else {}
-        gen = route.handle.options(stream=True).generate_stream.remote(ids, sampling, engine_request_id, **kwargs)
+        gen = as_own_serve_request(lambda: route.handle.options(stream=True).generate_stream.remote(
+            ids, sampling, engine_request_id, **kwargs))
         done = False
         try:
             async for chunk in gen:

@@ -1,0 +1,352 @@
+"""herd under load and abuse, end to end: real Ray + Serve on 127.0.0.1, real gRPC and HTTP.
+
+One cluster for the module, API keys on with per-key prefix-cache isolation:
+- "wide": one whole-model replica, max_num_seqs 64 — dozens of concurrent streams share its batch;
+- "narrow": an engine that holds two requests (one running, one waiting), so overload is easy to provoke;
+- "pair": two replicas, for killing one under load.
+Nothing here asserts a wall-clock figure: waits are for conditions, with generous deadlines against hangs.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import httpx
+import pytest
+
+from cluster.client import HerdClient, collect
+from cluster.pb import inference_pb2 as pb
+from cluster.pb import inference_pb2_grpc as pb_grpc
+from tests.serve_fixtures import start_herd_cluster, stop_herd_cluster
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+KEY_A, KEY_B = "tenant-a-key-0001", "tenant-b-key-0002"
+WIDE = 64
+GREEDY = {"temperature": 0.0, "ignore_eos": True}
+MAX_MODEL_LEN = 256
+LONG = 4096  # "narrow" holds its seats with long generations
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    from workers.demo import write_demo_checkpoint
+
+    path = str(write_demo_checkpoint(tmp_path_factory.mktemp("load") / "m", "llama2-70b-mini", dtype="float32"))
+    common = {"path": path, "resources_per_shard": {"CPU": 0.25}, "max_model_len": MAX_MODEL_LEN,
+              "kv_cache_memory": 32 << 20, "health_check_period_s": 1.0, "health_check_timeout_s": 30.0}
+    config = {
+        "api_keys": [KEY_A, KEY_B], "prefix_cache_isolation": "per_key",
+        "limits": {"max_health_watchers": 3, "max_request_body_bytes": 65536, "max_tokenize_chars": 5000},
+        "models": [
+            {"name": "wide", "max_num_seqs": WIDE, **common},
+            {"name": "narrow", "max_num_seqs": 1, "max_queued_requests": 1, "serve_max_queued_requests": 4,
+             **common, "max_model_len": LONG},
+            {"name": "pair", "num_replicas": 2, "max_num_seqs": 16, **common},
+        ],
+    }
+    c = start_herd_cluster(config, num_cpus=4, api_key=KEY_A)
+    try:
+        yield c
+    finally:
+        stop_herd_cluster()
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    with HerdClient(cluster.grpc_address, api_key=KEY_A) as c:
+        yield c
+
+
+def wait_for(predicate, timeout_s: float = 60.0, interval_s: float = 0.05):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError("condition not met in time")
+
+
+def outcome(stream) -> str:
+    """'length' / 'stop', or the gRPC status code name the stream ended with."""
+    try:
+        return collect(stream)[2].finish_reason
+    except grpc.RpcError as e:
+        return e.code().name
+
+
+def prompt(i: int, n: int = 16) -> list[int]:
+    return [(7 * i + j) % 1500 + 10 for j in range(n)]
+
+
+# ---- capacity ---------------------------------------------------------------------------------------------
+def test_64_streams_share_one_engine_batch_while_health_answers(cluster, client):
+    peak, stop = [0], threading.Event()
+    http = httpx.Client(base_url=cluster.http_url, timeout=30)
+
+    def watch():
+        while not stop.is_set():
+            peak[0] = max(peak[0], cluster.model_stats("wide")["num_running"])
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(WIDE) as pool:
+            futures = [pool.submit(lambda i=i: outcome(client.generate("wide", prompt(i), max_tokens=48,
+                                                                        timeout=300, **GREEDY)))
+                       for i in range(WIDE)]
+            wait_for(lambda: peak[0] == WIDE, timeout_s=120)
+            # saturated, yet probes answer (they hold no inference seat)
+            assert client.health("", timeout=10) == "SERVING"
+            assert http.get("/health").status_code == 200
+            results = [f.result() for f in futures]
+    finally:
+        stop.set()
+        watcher.join(timeout=5)
+    assert results == ["length"] * WIDE
+    assert peak[0] == WIDE  # all 64 were in the engine's running batch at once (its own counter)
+
+
+def test_overload_is_refused_at_once_with_resource_exhausted(cluster, client):
+    start = cluster.model_stats("narrow")["kv_blocks_free"]
+    long_calls = [client.generate("narrow", prompt(i), max_tokens=LONG - 100, timeout=300, **GREEDY)
+                  for i in range(2)]
+    holders = [threading.Thread(target=lambda c=c: outcome(c), daemon=True) for c in long_calls]
+    for h in holders:
+        h.start()
+    wait_for(lambda: cluster.model_stats("narrow")["num_waiting"] == 1)  # one running, one waiting: full
+    refused = [outcome(client.generate("narrow", prompt(9 + i), max_tokens=4, timeout=60)) for i in range(5)]
+    assert refused == ["RESOURCE_EXHAUSTED"] * 5
+    assert cluster.model_stats("narrow")["num_running"] == 1  # refused while the others still ran
+
+    r = httpx.post(f"{cluster.http_url}/v1/completions", headers={"authorization": f"Bearer {KEY_A}"},
+                   json={"model": "narrow", "prompt": prompt(3), "max_tokens": 4}, timeout=60)
+    assert r.status_code == 429 and r.headers["retry-after"] == "1"
+    for call in long_calls:
+        call.cancel()
+    for h in holders:
+        h.join(timeout=60)
+    wait_for(lambda: cluster.model_stats("narrow")["num_running"] + cluster.model_stats("narrow")["num_waiting"] == 0)
+    wait_for(lambda: cluster.model_stats("narrow")["kv_blocks_free"] == start)
+
+
+def test_health_watch_streams_are_capped(cluster):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with cluster.channel() as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        watches = [stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=60) for _ in range(3)]
+        for w in watches:
+            assert next(w).status == health_pb2.HealthCheckResponse.SERVING
+        extra = stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=60)
+        with pytest.raises(grpc.RpcError) as e:
+            next(extra)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status == \
+            health_pb2.HealthCheckResponse.SERVING
+        for w in watches:
+            w.cancel()
+        # seats come back once the watchers leave
+        def watch_again():
+            try:
+                return next(stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=10)).status
+            except grpc.RpcError:
+                return None
+        assert wait_for(watch_again, timeout_s=30) == health_pb2.HealthCheckResponse.SERVING
+
+
+# ---- bounded inputs ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, field", [
+    ({"stop": ["x"] * 17}, "stop"),
+    ({"stop": ["y" * 300]}, "stop"),
+    ({"stop_token_ids": [1] * 65}, "stop_token_ids"),
+    ({"logprobs": 21}, "logprobs"),
+    ({"repetition_penalty": 50.0}, "repetition_penalty"),
+])
+def test_sampling_limits_over_grpc(client, kwargs, field):
+    code = outcome(client.generate("wide", prompt(1), max_tokens=2, timeout=30, **kwargs))
+    assert code == "INVALID_ARGUMENT"
+    with pytest.raises(grpc.RpcError) as e:
+        collect(client.generate("wide", prompt(1), max_tokens=2, timeout=30, **kwargs))
+    assert e.value.details().startswith(field)
+
+
+def test_text_limits_and_request_ids(cluster, client):
+    with pytest.raises(grpc.RpcError) as e:
+        client.tokenize("wide", "word " * 2000, timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_tokenize_chars" in e.value.details()
+
+    with cluster.channel() as ch:
+        stub = pb_grpc.InferenceStub(ch)
+        meta = [("x-api-key", KEY_A)]
+
+        def gen(rid: str, max_tokens: int = 2):
+            return stub.Generate(pb.GenerateRequest(model="wide", token_ids=pb.TokenIds(ids=prompt(2)),
+                                                    request_id=rid, sampling=pb.SamplingParams(
+                                                        max_tokens=max_tokens, temperature=0.0, ignore_eos=True)),
+                                 metadata=meta, timeout=120)
+        assert outcome(gen("bad id with spaces")) == "INVALID_ARGUMENT"
+        assert outcome(gen("x" * 200)) == "INVALID_ARGUMENT"
+        live = gen("dup-1", max_tokens=150)
+        first = next(iter(live))
+        assert first.request_id == "dup-1"
+        assert outcome(gen("dup-1")) == "ALREADY_EXISTS"
+        live.cancel()
+        wait_for(lambda: outcome(gen("dup-1")) == "length", timeout_s=30)  # free once the first ended
+
+
+def test_max_tokens_is_capped_by_the_context_and_says_length(client):
+    p = prompt(5, 200)
+    tokens, _, last = collect(client.generate("wide", p, max_tokens=10_000, timeout=120, **GREEDY))
+    assert last.finish_reason == "length"
+    assert len(tokens) == last.usage.completion_tokens == MAX_MODEL_LEN - len(p)
+
+
+def test_http_limits_and_unsupported_fields(cluster):
+    key = {"authorization": f"Bearer {KEY_A}"}
+    with httpx.Client(base_url=cluster.http_url, timeout=60) as http:
+        big = http.post("/v1/completions", headers=key, content=b"{" + b" " * 70000 + b"}")
+        assert big.status_code == 413 and big.json()["error"]["param"] == "body"
+        for field, value in [("response_format", {"type": "json_object"}),
+                             ("tools", [{"type": "function", "function": {"name": "f"}}]),
+                             ("n", 2)]:
+            r = http.post("/v1/chat/completions", headers=key,
+                          json={"model": "wide", "messages": [{"role": "user", "content": "hi"}], field: value})
+            assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+        r = http.post("/v1/completions", headers=key, json={"model": "wide", "prompt": ["a"] * 65})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+        # several prompts in one request: answered together, in order
+        r = http.post("/v1/completions", headers=key,
+                      json={"model": "wide", "prompt": [prompt(1), prompt(2), prompt(3)], "max_tokens": 3,
+                            "temperature": 0})
+        assert r.status_code == 200 and [c["index"] for c in r.json()["choices"]] == [0, 1, 2]
+        assert r.json()["usage"]["completion_tokens"] == 9
+
+
+# ---- authentication and exposure ----------------------------------------------------------------------------
+def test_every_method_and_route_needs_a_key(cluster):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with cluster.channel() as ch:
+        stub = pb_grpc.InferenceStub(ch)
+        calls = [
+            lambda: list(stub.Generate(pb.GenerateRequest(model="wide", text="hi"), timeout=30)),
+            lambda: list(stub.Chat(pb.ChatRequest(model="wide", messages=[pb.ChatMessage(role="user", content="x")]),
+                                   timeout=30)),
+            lambda: stub.Tokenize(pb.TokenizeRequest(model="wide", text="hi"), timeout=30),
+            lambda: stub.ListModels(pb.ListModelsRequest(), timeout=30),
+        ]
+        for call in calls:
+            with pytest.raises(grpc.RpcError) as e:
+                call()
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        health = health_pb2_grpc.HealthStub(ch)  # probes need no key
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=30).status == \
+            health_pb2.HealthCheckResponse.SERVING
+        # reflection is off unless the config enables it
+        from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+        refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+        with pytest.raises(grpc.RpcError) as e:
+            list(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                           timeout=30))
+        assert e.value.code() in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.NOT_FOUND)
+
+    with httpx.Client(base_url=cluster.http_url, timeout=30) as http:
+        assert http.get("/v1/models").status_code == 401
+        assert http.post("/v1/completions", json={"model": "wide", "prompt": "x"}).status_code == 401
+        assert http.post("/v1/chat/completions", json={}).status_code == 401
+        assert http.get("/health").status_code == 200
+        assert http.get("/openapi.json", headers={"x-api-key": KEY_A}).status_code == 404
+        assert http.get("/docs", headers={"x-api-key": KEY_A}).status_code == 404
+
+
+def test_prefix_cache_is_isolated_per_key(cluster, client):
+    p = prompt(42, 96)
+    with HerdClient(cluster.grpc_address, api_key=KEY_B) as other:
+        first = collect(client.generate("wide", p, max_tokens=2, timeout=60, **GREEDY))[2].usage.cached_tokens
+        again = collect(client.generate("wide", p, max_tokens=2, timeout=60, **GREEDY))[2].usage.cached_tokens
+        b = collect(other.generate("wide", p, max_tokens=2, timeout=60, **GREEDY))[2].usage.cached_tokens
+        b_again = collect(other.generate("wide", p, max_tokens=2, timeout=60, **GREEDY))[2].usage.cached_tokens
+    assert first == 0 and again >= 80       # tenant A reuses its own blocks
+    assert b == 0 and b_again >= 80         # tenant B never sees A's, only its own
+
+
+# ---- cancellation at every stage ---------------------------------------------------------------------------
+def test_cancel_while_queued_prefilling_and_decoding_returns_every_block(cluster, client):
+    start = cluster.model_stats("narrow")["kv_blocks_free"]
+    running = client.generate("narrow", prompt(1), max_tokens=LONG - 100, timeout=300, **GREEDY)
+    next(iter(running))                                      # decoding
+    queued = client.generate("narrow", prompt(2, 180), max_tokens=50, timeout=300, **GREEDY)
+    holder = threading.Thread(target=lambda: outcome(queued), daemon=True)
+    holder.start()
+    wait_for(lambda: cluster.model_stats("narrow")["num_waiting"] == 1)
+    queued.cancel()                                          # queued in the engine
+    wait_for(lambda: cluster.model_stats("narrow")["num_waiting"] == 0)
+    running.cancel()                                         # decoding
+    holder.join(timeout=30)
+    wait_for(lambda: cluster.model_stats("narrow")["num_running"] == 0)
+    wait_for(lambda: cluster.model_stats("narrow")["kv_blocks_free"] == start)
+    # a long prompt cancelled before its first token (admission / prefill)
+    for delay in (0.0, 0.05, 0.2):
+        call = client.generate("narrow", prompt(3 + int(delay * 100), 230), max_tokens=20, timeout=60, **GREEDY)
+        time.sleep(delay)
+        call.cancel()
+        wait_for(lambda: cluster.model_stats("narrow")["num_running"] == 0)
+        wait_for(lambda: cluster.model_stats("narrow")["kv_blocks_free"] == start)
+
+
+def test_http_stream_disconnect_aborts_the_sequence(cluster):
+    start = cluster.model_stats("narrow")["kv_blocks_free"]
+    with httpx.Client(base_url=cluster.http_url, timeout=60) as http:
+        with http.stream("POST", "/v1/completions", headers={"x-api-key": KEY_A},
+                         json={"model": "narrow", "prompt": prompt(4), "max_tokens": LONG - 100, "stream": True,
+                               "temperature": 0, "ignore_eos": True}) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            next(line for line in lines if line.startswith("data:"))
+        # leaving the block closes the connection mid-stream
+    wait_for(lambda: cluster.model_stats("narrow")["num_running"] == 0)
+    wait_for(lambda: cluster.model_stats("narrow")["kv_blocks_free"] == start)
+
+
+# ---- a replica dies under load -------------------------------------------------------------------------
+def _replica_actor_names(deployment: str) -> list[str]:
+    import ray
+
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["name"].startswith(f"SERVE_REPLICA::herd#{deployment}#"))
+
+
+def test_killed_replica_ends_its_streams_unavailable_and_traffic_recovers(cluster, client):
+    import ray
+
+    from cluster.app import deployment_name
+
+    names = _replica_actor_names(deployment_name("pair"))
+    assert len(names) == 2
+    results: list[str] = []
+
+    def one(i: int) -> str:
+        return outcome(client.generate("pair", prompt(100 + i), max_tokens=120, timeout=240, **GREEDY))
+
+    with ThreadPoolExecutor(12) as pool:
+        futures = [pool.submit(one, i) for i in range(12)]
+        wait_for(lambda: sum(cluster.model_handle("pair").stats.remote().result(timeout_s=30)["num_running"]
+                             for _ in range(1)) > 0)
+        time.sleep(0.5)
+        ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+        # requests sent right after the kill: retried before their first token if they hit the dead replica
+        after = [pool.submit(one, 50 + i) for i in range(6)]
+        results = [f.result(timeout=300) for f in futures]
+        after_results = [f.result(timeout=300) for f in after]
+    assert set(results) <= {"length", "UNAVAILABLE"}, results       # no hang (DEADLINE_EXCEEDED), no INTERNAL
+    assert "UNAVAILABLE" in results                                 # the dead replica's streams were told
+    assert after_results.count("length") >= len(after_results) - 1, after_results
+    # Serve replaces the replica; the model serves on both again
+    wait_for(lambda: len(_replica_actor_names(deployment_name("pair"))) == 2 and
+             _replica_actor_names(deployment_name("pair")) != names, timeout_s=180, interval_s=1.0)
+    assert outcome(client.generate("pair", prompt(7), max_tokens=4, timeout=120, **GREEDY)) == "length"
