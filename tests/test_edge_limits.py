@@ -279,3 +279,39 @@ def test_a_second_death_is_reported_unavailable():
 def test_model_route_is_unchanged():  # the route record other code builds on
     route = ModelRoute("m", object(), {"name": "m"})
     assert route.tokenizer is None and route.info is None
+
+
+def test_long_texts_are_tokenized_off_the_event_loop():
+    """A 1 MB prompt is encoded in a worker thread, so the ingress's loop keeps serving other streams."""
+    import threading
+    import time
+
+    from cluster.ingress import OFF_LOOP_CHARS, off_loop
+
+    async def go():
+        loop_thread = threading.get_ident()
+        ticks = 0
+
+        def encode(text):
+            nonlocal ticks
+            start = ticks
+            deadline = time.monotonic() + 0.3
+            while time.monotonic() < deadline:   # a slow tokenizer
+                pass
+            return threading.get_ident(), ticks - start
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.005)
+
+        t = asyncio.create_task(ticker())
+        big_thread, ticks_during_big = await off_loop(1 << 20, encode, "x" * (1 << 20))
+        small_thread, _ = await off_loop(OFF_LOOP_CHARS, encode, "short")
+        t.cancel()
+        return loop_thread, big_thread, ticks_during_big, small_thread
+
+    loop_thread, big_thread, ticks_during_big, small_thread = asyncio.run(go())
+    assert big_thread != loop_thread and ticks_during_big > 0   # the loop kept running meanwhile
+    assert small_thread == loop_thread                          # short texts stay inline
