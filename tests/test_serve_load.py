@@ -265,7 +265,7 @@ def test_every_method_and_route_needs_a_key(cluster):
 
 
 def test_prefix_cache_is_isolated_per_key(cluster, client):
-    p = prompt(42, 96)
+    p = prompt(777, 96)  # a prompt no other test sends
     with HerdClient(cluster.grpc_address, api_key=KEY_B) as other:
         first = collect(client.generate("wide", p, max_tokens=2, timeout=60, **GREEDY))[2].usage.cached_tokens
         again = collect(client.generate("wide", p, max_tokens=2, timeout=60, **GREEDY))[2].usage.cached_tokens
