@@ -58,6 +58,25 @@ def demo_config(cache_dir: Path | None = None, *, host: str = "127.0.0.1", grpc_
     return {"host": host, "grpc_port": grpc_port, "http_port": http_port, "models": models}
 
 
+# `herd serve` flags that override the config: cluster-wide keys, and capacity keys applied to every model.
+CLUSTER_FLAGS = ("host", "grpc_port", "http_port", "ingress_replicas", "request_timeout_s")
+MODEL_FLAGS = ("max_num_seqs", "max_queued_requests", "max_ongoing_requests", "serve_max_queued_requests")
+
+
+def apply_overrides(cfg, args):
+    """The config with the flags given on the command line (validated again, so errors name the key)."""
+    from cluster.config import ClusterConfig
+
+    cluster = {k: getattr(args, k) for k in CLUSTER_FLAGS if getattr(args, k, None) is not None}
+    model = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k, None) is not None}
+    if not cluster and not model:
+        return cfg
+    data = cfg.model_dump()
+    data.update(cluster)
+    data["models"] = [{**m, **model} for m in data["models"]]
+    return ClusterConfig.from_dict(data)
+
+
 def cmd_serve(args) -> int:
     import ray
     from ray import serve
@@ -71,10 +90,7 @@ def cmd_serve(args) -> int:
     else:
         print("herd: no config given; serving the embedded demo", file=sys.stderr)
         cfg = ClusterConfig.from_dict(demo_config())
-    overrides = {k: v for k, v in (("host", args.host), ("grpc_port", args.grpc_port),
-                                   ("http_port", args.http_port)) if v is not None}
-    if overrides:
-        cfg = ClusterConfig.from_dict({**cfg.model_dump(), **overrides})
+    cfg = apply_overrides(cfg, args)
 
     if args.address:
         ray.init(address=args.address)
@@ -129,5 +145,14 @@ def register_cli(subparsers) -> None:
     p.add_argument("--host", default=None, help="override the config's host")
     p.add_argument("--grpc-port", type=int, default=None, help="override the config's grpc_port")
     p.add_argument("--http-port", type=int, default=None, help="override the config's http_port")
+    p.add_argument("--ingress-replicas", type=int, default=None, help="override the config's ingress_replicas")
+    p.add_argument("--request-timeout-s", type=float, default=None,
+                   help="override the config's request_timeout_s (whole request, stream included)")
+    for key, what in (("max_num_seqs", "sequences in each engine's batch"),
+                      ("max_queued_requests", "requests waiting in each engine"),
+                      ("max_ongoing_requests", "requests Serve sends one replica"),
+                      ("serve_max_queued_requests", "requests a caller holds while every replica is full")):
+        p.add_argument(f"--{key.replace('_', '-')}", type=int, default=None,
+                       help=f"for every model: {what} (docs/serving.md, Capacity)")
     p.set_defaults(func=cmd_serve)
     register_client(subparsers)

@@ -56,3 +56,20 @@ def test_bad_checkpoint_is_a_clear_error(tmp_path, capsys):
     rc = main(["generate", "--model", str(tmp_path), "--prompt", "x"])
     assert rc == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_herd_serve_flags_override_capacity_and_cluster_keys():
+    from cluster.cli import build_parser
+    from cluster.config import ClusterConfig, ConfigError
+    from cluster.serve_cli import apply_overrides
+
+    cfg = ClusterConfig.from_dict({"models": [{"name": "a", "path": "/a"}, {"name": "b", "path": "/b"}]})
+    args = build_parser().parse_args(["serve", "--ingress-replicas", "2", "--request-timeout-s", "30",
+                                      "--max-num-seqs", "16", "--serve-max-queued-requests", "8"])
+    out = apply_overrides(cfg, args)
+    assert (out.ingress_replicas, out.request_timeout_s) == (2, 30.0)
+    assert [m.effective_max_num_seqs for m in out.models] == [16, 16]
+    assert [m.effective_serve_max_queued_requests for m in out.models] == [8, 8]
+    assert apply_overrides(cfg, build_parser().parse_args(["serve"])) is cfg
+    with pytest.raises(ConfigError, match="max_num_seqs"):
+        apply_overrides(cfg, build_parser().parse_args(["serve", "--max-num-seqs", "0"]))
