@@ -89,3 +89,70 @@ def test_prefix_cache_hits_only_under_the_same_salt():
     kv.free("a")
     assert kv.allocate("b", tokens, len(tokens), salt=0)  # registers the unsalted chain beside the salted one
     assert len(kv.find_cached_prefix(tokens, salt=0)) == 2 and len(kv.find_cached_prefix(tokens, salt=7)) == 2
+
+
+# ---- what the router's reports are built from -------------------------------------------------------------
+def _blocks(start, n, bs=4):
+    return [start * 1000 + i for i in range(n * bs)]
+
+
+def test_cached_hashes_come_most_recently_used_first_and_a_hit_refreshes_a_block():
+    kv = KVCacheManager(num_blocks=64, block_size=4)
+    hot = _blocks(1, 4)                           # a system prompt, registered first
+    assert kv.allocate("hot", hot + [0], 17)
+    kv.free("hot")
+    for i in range(2, 8):                          # newer prompts registered after it
+        assert kv.allocate(f"s{i}", _blocks(i, 2) + [0], 9)
+        kv.free(f"s{i}")
+    hot_hashes = hash_token_blocks(hot, 4)
+    assert set(kv.cached_block_hashes()[-4:]) == set(hot_hashes)   # least recently used: last
+    # A prefix-cache hit on the hot prompt makes it the most recently used.
+    cached = kv.find_cached_prefix(hot + [5])
+    assert len(cached) == 4
+    assert kv.allocate("again", hot + [5], 17, cached)
+    assert set(kv.cached_block_hashes(limit=4)) == set(hot_hashes)
+    kv.free("again")
+    # Released tail first: the prompt's head is the most recently used, its tail next.
+    assert kv.cached_block_hashes(limit=4) == hot_hashes
+    assert len(kv.cached_block_hashes()) == 4 + 6 * 2
+    assert kv.cached_block_hashes(limit=0) == []
+
+
+def test_the_block_filter_tracks_registration_and_eviction():
+    from workers.block_hash import filter_contains
+    kv = KVCacheManager(num_blocks=4, block_size=4)
+    first = list(range(100, 108))
+    kv.allocate("a", first, 8)
+    kv.free("a")
+    f = kv.block_filter()
+    assert f["n"] == 2 and len(f["bits"]) * 8 >= 64
+    assert all(filter_contains(f["bits"], f["k"], h) for h in hash_token_blocks(first, 4))
+    kv.allocate("b", list(range(200, 216)), 16)       # needs all four blocks: both of a's are evicted
+    f = kv.block_filter()
+    assert f["n"] == 4
+    assert not any(filter_contains(f["bits"], f["k"], h) for h in hash_token_blocks(first, 4))
+    assert all(filter_contains(f["bits"], f["k"], h) for h in hash_token_blocks(list(range(200, 216)), 4))
+    assert KVCacheManager(4, 4, enable_prefix_caching=False).block_filter() is None
+
+
+def test_counting_filter_equals_a_filter_built_from_the_set_after_churn():
+    import random
+
+    from workers.block_hash import CountingBlockFilter, filter_from_hashes, filter_hits, filter_positions, filter_shape
+    rng = random.Random(1)
+    num_bits, k = filter_shape(2000, 0.01)
+    f = CountingBlockFilter(num_bits, k)
+    live: set[int] = set()
+    for _ in range(5000):
+        if live and rng.random() < 0.45:
+            h = live.pop()
+            f.remove(h)
+        else:
+            h = rng.getrandbits(64)
+            live.add(h)
+            f.add(h)
+    assert f.snapshot() == filter_from_hashes(sorted(live), num_bits, k)
+    assert filter_hits(f.snapshot(), filter_positions(sorted(live), num_bits, k)).all()   # no false negatives
+    others = [rng.getrandbits(64) for _ in range(20000)]
+    fpr = filter_hits(f.snapshot(), filter_positions(others, num_bits, k)).mean()
+    assert fpr < 0.03, fpr                         # sized for 1% at 2000 entries; holds fewer

@@ -5,13 +5,20 @@ tokens. Full blocks are registered under their chain hash (workers.block_hash), 
 prompt starts with the same tokens reuses them. Blocks have reference counts; a block whose count drops
 to zero goes to the free queue but keeps its hash, so it can still be hit until it is evicted (LRU:
 least recently freed first, and a sequence's tail blocks before its head blocks, as vLLM does).
+
+For the router's reports the pool also keeps (a) the cached hashes in order of use, least recent first: a
+block moves to the end when it is registered, when a prefix-cache hit takes it (touch) and when its last
+sequence lets go of it (release, tail blocks before head blocks, so a prompt's head counts as used last), and
+(b) a counting Bloom filter of every cached hash (workers.block_hash.CountingBlockFilter), updated on register
+and evict, so a report costs one copy of the filter's bytes however many blocks are cached.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from itertools import islice
 
-from .block_hash import hash_block, root_hash
+from .block_hash import DEFAULT_FILTER_FPR, CountingBlockFilter, hash_block, root_hash
 
 
 @dataclass
@@ -22,12 +29,15 @@ class Block:
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int):
+    def __init__(self, num_blocks: int, filter_fpr: float | None = DEFAULT_FILTER_FPR):
         if num_blocks < 1:
             raise ValueError("the KV cache needs at least one block")
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
-        self.cached: dict[int, Block] = {}   # block hash -> block holding that prefix
+        # block hash -> block holding that prefix, least recently used first
+        self.cached: OrderedDict[int, Block] = OrderedDict()
+        # every cached hash, for the router (None: no filter); sized for a pool full of cached blocks
+        self.filter = CountingBlockFilter.for_capacity(num_blocks, filter_fpr) if filter_fpr else None
 
     @property
     def num_free(self) -> int:
@@ -39,32 +49,49 @@ class BlockPool:
         if block.block_hash is not None:  # evict its cached content
             if self.cached.get(block.block_hash) is block:
                 del self.cached[block.block_hash]
+                if self.filter is not None:
+                    self.filter.remove(block.block_hash)
             block.block_hash = None
         block.ref_count = 1
         return block
 
     def touch(self, block: Block) -> None:
+        """A prefix-cache hit takes the block: one more user, and it becomes the most recently used."""
         if block.ref_count == 0:
             del self.free_queue[block.block_id]
         block.ref_count += 1
+        self._used(block)
 
     def release(self, block: Block) -> None:
         block.ref_count -= 1
         if block.ref_count == 0:
             self.free_queue[block.block_id] = None
+            self._used(block)
 
     def register(self, block: Block, block_hash: int) -> None:
         if block_hash not in self.cached:
             self.cached[block_hash] = block
             block.block_hash = block_hash
+            if self.filter is not None:
+                self.filter.add(block_hash)
+
+    def _used(self, block: Block) -> None:
+        if block.block_hash is not None and self.cached.get(block.block_hash) is block:
+            self.cached.move_to_end(block.block_hash)
+
+    def hashes_by_recency(self, limit: int | None = None) -> list[int]:
+        """Cached block hashes, most recently used first; `limit` bounds the cost (O(limit), not O(cache))."""
+        newest_first = reversed(self.cached)
+        return list(newest_first if limit is None else islice(newest_first, max(0, int(limit))))
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 filter_fpr: float = DEFAULT_FILTER_FPR):
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.enable_prefix_caching = enable_prefix_caching
-        self.pool = BlockPool(num_blocks)
+        self.pool = BlockPool(num_blocks, filter_fpr if enable_prefix_caching else None)
         self._blocks: dict[str, list[Block]] = {}
         self._hashes: dict[str, list[int]] = {}   # chain hashes of the sequence's registered full blocks
         self._roots: dict[str, int] = {}           # the root of the sequence's chain (its cache salt's)
@@ -84,8 +111,18 @@ class KVCacheManager:
             found.append(block)
         return found
 
-    def cached_block_hashes(self) -> list[int]:
-        return list(self.pool.cached)
+    def cached_block_hashes(self, limit: int | None = None) -> list[int]:
+        """The prefix cache's block hashes, most recently used first (a hit refreshes a block), at most
+        `limit` of them. O(limit): the engine thread can afford a bounded list every report period."""
+        return self.pool.hashes_by_recency(limit)
+
+    def block_filter(self) -> dict | None:
+        """A Bloom filter of every cached block hash: {"bits": bytes, "k": int, "n": cached blocks}, or None
+        with prefix caching off. One copy of the filter's bytes, whatever the number of cached blocks."""
+        f = self.pool.filter
+        if f is None:
+            return None
+        return {"bits": f.snapshot(), "k": f.k, "n": len(self.pool.cached)}
 
     # ---- allocation ----------------------------------------------------------------------------------
     def can_allocate(self, num_tokens: int, cached: list[Block] = ()) -> bool:
