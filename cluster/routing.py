@@ -49,6 +49,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
+import numpy as np
 from ray.serve.request_router import (
     PendingRequest,
     ReplicaID,
@@ -57,37 +58,53 @@ from ray.serve.request_router import (
     RunningReplica,
 )
 
-from workers.block_hash import hash_token_blocks
+from workers.block_hash import filter_from_hashes, filter_hits, filter_positions, filter_shape, hash_token_blocks
 
 logger = logging.getLogger("ray.serve")
 
-# How many block hashes a replica reports at most. Each is a 64-bit int; the dict travels replica ->
-# controller -> every router (ingress replicas, proxies) once per period when it changed.
-DEFAULT_REPORT_MAX_HASHES = 4096
-ROUTING_STATS_VERSION = 1
+# Report format 2: a Bloom filter of every block the replica's prefix cache holds ("filter": bytes, "filter_k"),
+# whose size is fixed by the replica's KV capacity and capped (workers.block_hash.DEFAULT_FILTER_MAX_BYTES), so
+# it does not grow with the number of cached blocks and a router knows the whole cache from one report.
+# Optionally the most recently used hashes too ("hashes", exact, most recent first), which routers of format 1
+# read. Format 1 ("hashes" only, newest first, capped) is still understood.
+ROUTING_STATS_VERSION = 2
+DEFAULT_REPORT_MAX_HASHES = 0      # exact hashes sent beside the filter (0: the filter alone)
+# A router ignores a replica's filter larger than this (its state per replica stays bounded).
+DEFAULT_MAX_FILTER_BYTES = 4 << 20
 
 
 def routing_stats(engine: Any, max_hashes: int = DEFAULT_REPORT_MAX_HASHES) -> dict:
     """The replica's routing report: what `record_routing_stats()` of a model deployment returns.
 
-    `engine` is an AsyncEngine (anything with `stats()`, `cached_block_hashes()` and `block_size`).
-    `cached_block_hashes()` lists the prefix cache's block hashes oldest first (the order blocks were
-    registered / least recently used first); the report keeps the newest `max_hashes`, newest first.
-    Reading both is cheap: the engine thread keeps snapshots of them.
+    `engine` is an AsyncEngine: `stats()`, `block_size`, `cached_block_filter()` (the engine thread's snapshot
+    of its KV cache's Bloom filter: {"bits", "k", "n"}) and `cached_block_hashes()` (most recently used first).
+    An engine without `cached_block_filter()` (a small or fake one) gets a filter built from its hash list,
+    sized for its KV capacity. All of it is a few plain values and one bytes object of a fixed size.
     """
     stats = engine.stats()
-    hashes = list(engine.cached_block_hashes())
-    newest_first = hashes[::-1][:max(0, int(max_hashes))]
-    return {
+    get_filter = getattr(engine, "cached_block_filter", None)
+    block_filter = get_filter() if get_filter is not None else None
+    hashes: Optional[list] = None
+    if block_filter is None and get_filter is None:
+        hashes = list(engine.cached_block_hashes())
+        num_bits, k = filter_shape(max(len(hashes), int(stats.kv_blocks_total or 0)))
+        block_filter = {"bits": filter_from_hashes(hashes, num_bits, k), "k": k, "n": len(hashes)}
+    report = {
         "v": ROUTING_STATS_VERSION,
         "block_size": int(engine.block_size),
-        "hashes": newest_first,
-        "num_cached_blocks": len(hashes),
+        "num_cached_blocks": int(block_filter["n"]) if block_filter else 0,
         "num_running": int(stats.num_running),
         "num_waiting": int(stats.num_waiting),
         "kv_blocks_total": int(stats.kv_blocks_total),
         "kv_blocks_free": int(stats.kv_blocks_free),
     }
+    if block_filter is not None:
+        report["filter"] = bytes(block_filter["bits"])
+        report["filter_k"] = int(block_filter["k"])
+    if max_hashes > 0:
+        recent = hashes if hashes is not None else engine.cached_block_hashes()
+        report["hashes"] = list(recent[:int(max_hashes)])
+    return report
 
 
 def request_token_ids(pending_request: Optional[PendingRequest]) -> Optional[Sequence[int]]:
@@ -113,7 +130,9 @@ def request_cache_salt(pending_request: Optional[PendingRequest]) -> int:
 class ReplicaView:
     """What the router knows about one replica's prefix cache and load."""
 
-    reported: set = field(default_factory=set)              # hashes from the latest report
+    reported: set = field(default_factory=set)              # exact hashes from the latest report
+    filter_bits: Optional[bytes] = None                     # Bloom filter of the replica's cache (latest report)
+    filter_k: int = 0
     optimistic: "OrderedDict[int, float]" = field(default_factory=OrderedDict)  # hash -> routed at (oldest first)
     report: Optional[dict] = None                           # the report object ingested last (identity = new)
     block_size: Optional[int] = None
@@ -123,10 +142,15 @@ class ReplicaView:
     kv_blocks_free: Optional[int] = None
 
     def holds(self, block_hash: int) -> bool:
+        """Exactly known to be held (reported hash list or routed here); the filter is asked separately."""
         return block_hash in self.reported or block_hash in self.optimistic
 
     def size(self) -> int:
         return len(self.reported) + len(self.optimistic)
+
+    def state_bytes(self) -> int:
+        """Rough memory held for this replica: the filter plus ~100 bytes per exact hash."""
+        return len(self.filter_bits or b"") + 100 * self.size()
 
 
 class PrefixCacheRouter(RequestRouter):
@@ -141,6 +165,8 @@ class PrefixCacheRouter(RequestRouter):
         max_prefix_blocks: int = 2048,
         optimistic_grace_s: float = 5.0,
         optimistic_ttl_s: float = 120.0,
+        kv_saturated_free_fraction: float = 0.05,
+        max_filter_bytes: int = DEFAULT_MAX_FILTER_BYTES,
     ):
         """Called by Serve with `request_router_kwargs`.
 
@@ -153,11 +179,19 @@ class PrefixCacheRouter(RequestRouter):
         optimistic_grace_s: a report supersedes routed-but-unreported hashes only if it arrived this long
             after they were routed (the prefill may not have run when the replica built its report).
         optimistic_ttl_s: routed-but-unreported hashes are forgotten after this long in any case.
+        kv_saturated_free_fraction: a replica whose last report shows waiting sequences and less than this
+            fraction of its KV blocks free is saturated: it loses its affinity to the least loaded replica
+            that is not (0 turns the rule off).
+        max_filter_bytes: a report's Bloom filter larger than this is ignored (bounds the state per replica).
         """
         if block_size < 1 or max_hashes_per_replica < 1 or max_prefix_blocks < 1 or min_match_blocks < 1:
             raise ValueError("block_size, max_hashes_per_replica, max_prefix_blocks, min_match_blocks must be >= 1")
         if load_imbalance_margin < 0 or optimistic_grace_s < 0 or optimistic_ttl_s <= 0:
             raise ValueError("load_imbalance_margin and optimistic_grace_s must be >= 0, optimistic_ttl_s > 0")
+        if not 0 <= kv_saturated_free_fraction < 1 or max_filter_bytes < 8:
+            raise ValueError("kv_saturated_free_fraction must be in [0, 1), max_filter_bytes >= 8")
+        self._kv_saturated = float(kv_saturated_free_fraction)
+        self._max_filter_bytes = int(max_filter_bytes)
         self._default_block_size = int(block_size)
         self._margin = float(load_imbalance_margin)
         self._min_match_blocks = int(min_match_blocks)
@@ -191,9 +225,19 @@ class PrefixCacheRouter(RequestRouter):
         if report is v.report:
             return
         v.report = report
-        if not report or "hashes" not in report:
+        if not report or ("hashes" not in report and "v" not in report):
             return  # no report yet (Serve starts with {}), or a deployment without record_routing_stats data
-        v.reported = set(report["hashes"][: self._max_hashes])
+        # Format 1: "hashes" only (newest first); format 2: "filter" (+ "filter_k") and optional "hashes".
+        v.reported = set(report.get("hashes", ())[: self._max_hashes])
+        bits, k = report.get("filter"), report.get("filter_k")
+        if isinstance(bits, (bytes, bytearray)) and isinstance(k, int) and k >= 1 and bits \
+                and len(bits) <= self._max_filter_bytes:
+            v.filter_bits, v.filter_k = bytes(bits), k
+        else:
+            if bits:
+                logger.warning("ignoring a routing report filter of %d bytes (max_filter_bytes=%d)",
+                               len(bits), self._max_filter_bytes)
+            v.filter_bits, v.filter_k = None, 0
         bs = report.get("block_size")
         v.block_size = int(bs) if bs else None
         for key in ("num_running", "num_waiting", "kv_blocks_total", "kv_blocks_free"):
@@ -257,16 +301,47 @@ class PrefixCacheRouter(RequestRouter):
                                                            salt=request_cache_salt(pending_request))
         return hashes
 
-    def match_blocks(self, replica: RunningReplica, hashes: Sequence[int]) -> int:
-        """How many leading blocks of the prompt the replica is known to hold (the deepest block it holds:
-        a chain hash stands for its whole prefix)."""
+    def _request_positions(self, pending_request: Optional[PendingRequest], hashes: Sequence[int],
+                           block_size: int, num_bits: int, k: int):
+        """The prompt's Bloom-filter bit positions for one filter shape, once per request (replicas of one
+        deployment share a shape, so normally once)."""
+        cache = getattr(pending_request, "_herd_block_hashes", None) if pending_request is not None else None
+        if cache is None:
+            return filter_positions(hashes, num_bits, k)
+        key = ("positions", block_size, num_bits, k)
+        positions = cache.get(key)
+        if positions is None:
+            positions = cache[key] = filter_positions(hashes, num_bits, k)
+        return positions
+
+    def match_blocks(self, replica: RunningReplica, hashes: Sequence[int], positions=None) -> int:
+        """How many leading blocks of the prompt the replica is known to hold. O(prompt blocks).
+
+        From the report's Bloom filter: the leading run of blocks the filter (or exact knowledge) holds. A
+        false positive can only lengthen a run by a block now and then (probability fpr per block), which is
+        why the filter is read as a leading run and never as "the deepest block it seems to hold".
+        From exact knowledge (routed history, a format-1 hash list): the deepest block held, since a chain
+        hash stands for its whole prefix; this keeps working when a capped list lost a conversation's head.
+        `positions`: the filter positions of `hashes` if the caller has them (filter_positions)."""
         v = self._state().get(replica.replica_id)
-        if v is None or (not v.reported and not v.optimistic):
+        if v is None:
             return 0
-        for k in range(len(hashes) - 1, -1, -1):
-            if v.holds(hashes[k]):
-                return k + 1
-        return 0
+        exact = bool(v.reported or v.optimistic)
+        best = 0
+        if v.filter_bits is not None and len(hashes):
+            if positions is None:
+                positions = filter_positions(hashes, len(v.filter_bits) * 8, v.filter_k)
+            hits = filter_hits(v.filter_bits, positions)
+            best = len(hashes)
+            for i in np.flatnonzero(~hits):
+                if not (exact and v.holds(hashes[i])):
+                    best = int(i)
+                    break
+        if exact:
+            for k in range(len(hashes) - 1, best - 1, -1):
+                if v.holds(hashes[k]):
+                    return k + 1
+        return best
 
     def load(self, replica: RunningReplica) -> float:
         """Requests at the replica: Serve's queue-length cache when it has an entry, else the last report."""
@@ -283,6 +358,14 @@ class PrefixCacheRouter(RequestRouter):
         if v is None or not v.kv_blocks_total:
             return 1.0
         return (v.kv_blocks_free or 0) / v.kv_blocks_total
+
+    def kv_saturated(self, replica: RunningReplica) -> bool:
+        """Its last report shows sequences waiting and almost no free KV blocks: a new prompt would wait for
+        blocks, whatever its cached prefix saves."""
+        v = self._state().get(replica.replica_id)
+        if v is None or not v.num_waiting:
+            return False
+        return self._kv_free_fraction(replica) < self._kv_saturated
 
     # ---- the decision -------------------------------------------------------------------------------------
     def _power_of_two(self, candidates: list[RunningReplica]) -> list[list[RunningReplica]]:
@@ -312,8 +395,13 @@ class PrefixCacheRouter(RequestRouter):
             v = self._state().get(r.replica_id)
             if v is not None:
                 self._expire_optimistic(v, ttl_cutoff)
-            hashes = self._request_hashes(pending_request, token_ids, self._block_size_for(r.replica_id))
-            matches[r.replica_id] = self.match_blocks(r, hashes)
+            block_size = self._block_size_for(r.replica_id)
+            hashes = self._request_hashes(pending_request, token_ids, block_size)
+            positions = None
+            if v is not None and v.filter_bits is not None and hashes:
+                positions = self._request_positions(pending_request, hashes, block_size,
+                                                    len(v.filter_bits) * 8, v.filter_k)
+            matches[r.replica_id] = self.match_blocks(r, hashes, positions)
 
         best = max(matches.values())
         if best < self._min_match_blocks:
@@ -323,10 +411,13 @@ class PrefixCacheRouter(RequestRouter):
         holders = [r for r in candidates if matches[r.replica_id] == best]
         random.shuffle(holders)  # equal in every respect: spread
         chosen = min(holders, key=lambda r: (loads[r.replica_id], -self._kv_free_fraction(r)))
-        least = min(loads.values())
-        if loads[chosen.replica_id] - least > self._margin:
-            least_loaded = [r for r in candidates if loads[r.replica_id] == least]
-            rest = [r for r in candidates if loads[r.replica_id] != least]
+        # Load wins over affinity: past the queue margin, or when the chosen replica's KV is saturated, the
+        # least loaded replica(s) not saturated get the request (if every replica is saturated, the match does).
+        unsaturated = [r for r in candidates if not self.kv_saturated(r)] or candidates
+        least = min(loads[r.replica_id] for r in unsaturated)
+        if loads[chosen.replica_id] - least > self._margin or chosen not in unsaturated:
+            least_loaded = [r for r in unsaturated if loads[r.replica_id] == least]
+            rest = [r for r in candidates if r not in least_loaded]
             return [least_loaded, rest] if rest else [least_loaded]
         rest = sorted((r for r in candidates if r is not chosen),
                       key=lambda r: (-matches[r.replica_id], loads[r.replica_id]))

@@ -13,7 +13,7 @@ import pytest
 from ray.serve._private.common import DeploymentHandleSource, DeploymentID, ReplicaID
 from ray.serve._private.request_router.common import PendingRequest
 
-from cluster.routing import DEFAULT_REPORT_MAX_HASHES, PrefixCacheRouter, routing_stats
+from cluster.routing import ROUTING_STATS_VERSION, PrefixCacheRouter, routing_stats
 from tests.fakes import engine_stats
 from workers.block_hash import hash_token_blocks
 
@@ -95,17 +95,22 @@ class FakeEngine:
         return list(self._hashes)
 
 
-def test_routing_stats_report_is_newest_first_capped_with_load():
-    engine = FakeEngine(list(range(10)))  # engine order: oldest first
-    report = routing_stats(engine, max_hashes=4)
-    assert report["hashes"] == [9, 8, 7, 6]
+def test_routing_stats_report_is_a_filter_of_every_cached_block_with_load():
+    from workers.block_hash import filter_contains, filter_shape
+    engine = FakeEngine(list(range(10)))  # engine order: most recently used first
+    report = routing_stats(engine)
+    assert report["v"] == ROUTING_STATS_VERSION == 2
+    assert "hashes" not in report                               # the filter alone by default
+    assert len(report["filter"]) * 8 == filter_shape(64)[0]     # sized for the KV capacity (64 blocks)
+    assert all(filter_contains(report["filter"], report["filter_k"], h) for h in range(10))
     assert report["num_cached_blocks"] == 10
     assert report["block_size"] == 16
     assert (report["num_running"], report["num_waiting"]) == (3, 2)
     assert (report["kv_blocks_total"], report["kv_blocks_free"]) == (64, 10)
-    assert routing_stats(FakeEngine([]))["hashes"] == []
-    assert len(routing_stats(FakeEngine(list(range(DEFAULT_REPORT_MAX_HASHES + 5))))["hashes"]) \
-        == DEFAULT_REPORT_MAX_HASHES
+    assert routing_stats(engine, max_hashes=4)["hashes"] == [0, 1, 2, 3]   # the most recently used, exact
+    assert routing_stats(FakeEngine([]))["num_cached_blocks"] == 0
+    # The report's size does not depend on how many blocks are cached.
+    assert len(routing_stats(FakeEngine(list(range(60))))["filter"]) == len(report["filter"])
 
 
 # ---- scoring ------------------------------------------------------------------------------------------------

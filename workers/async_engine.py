@@ -37,8 +37,10 @@ from .sampling import SamplingParams
 log = logging.getLogger(__name__)
 
 _STOP = object()
-# How often the engine thread snapshots its prefix-cache hashes for the router's reports.
+# How often the engine thread snapshots its prefix cache for the router's reports: the Bloom filter of every
+# cached block (one copy of its bytes) and the most recently used hashes (a bounded list).
 HASH_SNAPSHOT_PERIOD_S = 0.5
+HASH_SNAPSHOT_LIMIT = 4096
 
 
 class _Stream:
@@ -79,6 +81,7 @@ class AsyncEngine:
         self._busy_since: float | None = None  # when the engine thread's current iteration began; None: idle
         self._stats = engine.stats()
         self._hashes: list[int] = []
+        self._block_filter: dict | None = None
         self._hashes_at = 0.0
         self._thread = threading.Thread(target=self._run, name="herd-engine", daemon=True)
         self._thread.start()
@@ -140,7 +143,12 @@ class AsyncEngine:
         return self._stats
 
     def cached_block_hashes(self) -> list[int]:
+        """The most recently used cached block hashes, most recent first (at most HASH_SNAPSHOT_LIMIT)."""
         return list(self._hashes)
+
+    def cached_block_filter(self) -> dict | None:
+        """Bloom filter of every cached block hash (KVCacheManager.block_filter), as of the last snapshot."""
+        return self._block_filter
 
     def check_health(self) -> None:
         """Raise EngineUnavailableError if the engine cannot serve: it failed, its thread is gone, or its
@@ -276,4 +284,6 @@ class AsyncEngine:
         self._stats = self.engine.stats()
         now = time.monotonic()
         if now - self._hashes_at >= HASH_SNAPSHOT_PERIOD_S:  # a copy per step would cost O(cache) each step
-            self._hashes, self._hashes_at = self.engine.cached_block_hashes(), now
+            kv = self.engine.kv
+            self._hashes, self._block_filter = kv.cached_block_hashes(HASH_SNAPSHOT_LIMIT), kv.block_filter()
+            self._hashes_at = now
