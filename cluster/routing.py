@@ -58,7 +58,8 @@ from ray.serve.request_router import (
     RunningReplica,
 )
 
-from workers.block_hash import filter_from_hashes, filter_hits, filter_positions, filter_shape, hash_token_blocks
+from workers.block_hash import (filter_from_hashes, filter_hits, filter_positions, filter_probe, filter_shape,
+                                hash_token_blocks)
 
 logger = logging.getLogger("ray.serve")
 
@@ -234,9 +235,10 @@ class PrefixCacheRouter(RequestRouter):
                 and len(bits) <= self._max_filter_bytes:
             v.filter_bits, v.filter_k = bytes(bits), k
         else:
-            if bits:
-                logger.warning("ignoring a routing report filter of %d bytes (max_filter_bytes=%d)",
-                               len(bits), self._max_filter_bytes)
+            if bits and not getattr(self, "_warned_filter_size", False):
+                self._warned_filter_size = True   # once: a report arrives every period
+                logger.warning("ignoring routing report filters over max_filter_bytes=%d (this one: %d bytes)",
+                               self._max_filter_bytes, len(bits))
             v.filter_bits, v.filter_k = None, 0
         bs = report.get("block_size")
         v.block_size = int(bs) if bs else None
@@ -307,11 +309,11 @@ class PrefixCacheRouter(RequestRouter):
         deployment share a shape, so normally once)."""
         cache = getattr(pending_request, "_herd_block_hashes", None) if pending_request is not None else None
         if cache is None:
-            return filter_positions(hashes, num_bits, k)
+            return filter_probe(filter_positions(hashes, num_bits, k))
         key = ("positions", block_size, num_bits, k)
         positions = cache.get(key)
         if positions is None:
-            positions = cache[key] = filter_positions(hashes, num_bits, k)
+            positions = cache[key] = filter_probe(filter_positions(hashes, num_bits, k))
         return positions
 
     def match_blocks(self, replica: RunningReplica, hashes: Sequence[int], positions=None) -> int:
@@ -322,7 +324,7 @@ class PrefixCacheRouter(RequestRouter):
         why the filter is read as a leading run and never as "the deepest block it seems to hold".
         From exact knowledge (routed history, a format-1 hash list): the deepest block held, since a chain
         hash stands for its whole prefix; this keeps working when a capped list lost a conversation's head.
-        `positions`: the filter positions of `hashes` if the caller has them (filter_positions)."""
+        `positions`: the filter probe of `hashes` if the caller has it (filter_probe(filter_positions(..)))."""
         v = self._state().get(replica.replica_id)
         if v is None:
             return 0
@@ -338,9 +340,13 @@ class PrefixCacheRouter(RequestRouter):
                     best = int(i)
                     break
         if exact:
-            for k in range(len(hashes) - 1, best - 1, -1):
-                if v.holds(hashes[k]):
-                    return k + 1
+            rep, opt = v.reported, v.optimistic
+            tail = hashes[best:]
+            if tail and not (opt.keys().isdisjoint(tail) and rep.isdisjoint(tail)):  # C-speed test first
+                for k in range(len(hashes) - 1, best - 1, -1):
+                    h = hashes[k]
+                    if h in opt or h in rep:
+                        return k + 1
         return best
 
     def load(self, replica: RunningReplica) -> float:

@@ -507,3 +507,183 @@ def test_a_salted_request_only_matches_blocks_hashed_with_its_salt():
         assert router.match_blocks(a, hashes) == router.match_blocks(b, hashes) == 0
         assert names(await router.choose_replicas([a, b], request(list(CONV_A) + [1])))[0] == ["a"]
     run(go())
+
+
+# ---- reports at scale: recency order, the filter, old formats ----------------------------------------------
+class KVEngine:
+    """An engine stand-in over a real KVCacheManager, with what routing_stats reads of an AsyncEngine."""
+
+    def __init__(self, num_blocks=256, block_size=BS):
+        from workers.kv_cache import KVCacheManager
+        self.kv = KVCacheManager(num_blocks, block_size)
+        self.block_size = block_size
+        self._n = 0
+
+    def stats(self):
+        return engine_stats(kv_blocks_total=self.kv.num_blocks, kv_blocks_free=self.kv.num_free_blocks)
+
+    def cached_block_hashes(self):
+        return self.kv.cached_block_hashes(4096)
+
+    def cached_block_filter(self):
+        return self.kv.block_filter()
+
+    def serve(self, tokens):
+        """Run one prompt through the cache: reuse its cached prefix, register the rest, finish."""
+        self._n += 1
+        seq = f"s{self._n}"
+        cached = self.kv.find_cached_prefix(tokens)
+        assert self.kv.allocate(seq, tokens, len(tokens), cached)
+        self.kv.free(seq)
+
+
+def test_a_hot_prefix_reused_among_many_newer_blocks_survives_a_truncated_or_compact_report():
+    hot = list(range(5000, 5032))                   # a system prompt: 8 blocks, registered first
+    a = KVEngine(num_blocks=1024)
+    a.serve(hot + [1])
+    registered_after_hot = 0
+    for i in range(60):                             # 60 conversations of 8 new blocks each, all newer than `hot`
+        a.serve([10_000 + i * 100 + j for j in range(32)] + [2])
+        registered_after_hot += 8
+        if i % 10 == 9:
+            a.serve(hot + [i, i, i, i, 3])          # the hot prompt is used again: a prefix-cache hit
+    a.serve([90_000 + j for j in range(32)] + [4])  # and newer blocks after its last use
+    registered_after_hot += 8
+    truncated = 64
+    assert registered_after_hot > 4 * truncated    # newest-*registered* first, a 64-hash report had lost `hot`
+
+    hot_hashes = blocks(hot)
+    recent = routing_stats(a, max_hashes=truncated)["hashes"]
+    assert set(hot_hashes) <= set(recent[:16])      # recency order: among the most recently used
+
+    async def go(report):
+        router = make_router()
+        ra, rb = FakeReplica("a"), FakeReplica("b")
+        rb.report(blocks(CONV_B))                   # b holds something else
+        ra.routing_stats = report
+        router.update_replicas([ra, rb])
+        for turn in range(3):
+            ranks = names(await router.choose_replicas([ra, rb], request(hot + [turn] * 12)))
+            assert ranks[0] == ["a"], ranks
+        assert router.match_blocks(ra, hot_hashes) == 8
+
+    full = routing_stats(a, max_hashes=truncated)
+    compact = {k: v for k, v in full.items() if k != "hashes"}     # the filter alone
+    only_list = {k: v for k, v in full.items() if k not in ("filter", "filter_k")}
+    for report in (compact, only_list):
+        run(go(report))
+
+
+def test_a_fresh_router_routes_from_the_first_filter_report():
+    """No routing history at all: one report per replica and every conversation goes to its replica."""
+    async def go():
+        engines = [KVEngine(num_blocks=512) for _ in range(4)]
+        convs = {}
+        for c in range(40):
+            tokens = SYSTEM + [100_000 + c * 64 + j for j in range(24)]
+            engines[c % 4].serve(tokens + [0])
+            convs[c] = tokens
+        for e in engines:
+            e.serve(SYSTEM + [7])                   # everyone holds the system prompt
+        reps = [FakeReplica(f"r{i}") for i in range(4)]
+        for rep, e in zip(reps, engines):
+            rep.routing_stats = routing_stats(e)
+        router = make_router()
+        router.update_replicas(reps)
+        for c, tokens in convs.items():
+            ranks = names(await router.choose_replicas(reps, request(tokens + [1, 2, 3, 4, 5])))
+            assert ranks[0] == [f"r{c % 4}"], (c, ranks)
+    run(go())
+
+
+def test_filter_is_read_as_a_leading_run_so_stray_deep_bits_do_not_match():
+    from workers.block_hash import filter_from_hashes, filter_shape
+
+    def filter_report(hashes):
+        m, k = filter_shape(256)
+        return {"v": 2, "block_size": BS, "filter": filter_from_hashes(hashes, m, k), "filter_k": k,
+                "num_running": 0, "num_waiting": 0, "kv_blocks_total": 256, "kv_blocks_free": 256}
+
+    async def go():
+        router = make_router()
+        a, b = FakeReplica("a"), FakeReplica("b")
+        a.routing_stats = filter_report(blocks(CONV_A)[3:])    # deep blocks only (as false positives would look)
+        b.routing_stats = filter_report(blocks(CONV_A)[:5])
+        router.update_replicas([a, b])
+        assert router.match_blocks(a, blocks(CONV_A)) == 0
+        assert router.match_blocks(b, blocks(CONV_A)) == 5
+        assert names(await router.choose_replicas([a, b], request(CONV_A)))[0] == ["b"]
+        # Routed history is exact: it counts by its deepest block, beyond the filter's run.
+        router.remember_routed(a.replica_id, blocks(CONV_A))
+        assert router.match_blocks(a, blocks(CONV_A)) == 8
+    run(go())
+
+
+def test_old_and_new_report_formats_mix():
+    async def go():
+        router = make_router()
+        old, new = FakeReplica("old"), FakeReplica("new")
+        old.report(blocks(CONV_A))                          # format 1: a hash list
+        e = KVEngine()
+        e.serve(list(CONV_B) + [1])
+        new.routing_stats = routing_stats(e)                # format 2: the filter
+        router.update_replicas([old, new])
+        assert names(await router.choose_replicas([old, new], request(CONV_A + [9])))[0] == ["old"]
+        assert names(await router.choose_replicas([old, new], request(CONV_B + [9])))[0] == ["new"]
+        # A filter over the router's bound is ignored, not held.
+        small = make_router(max_filter_bytes=8)
+        small.update_replicas([old, new])
+        assert small.view(new.replica_id).filter_bits is None
+    run(go())
+
+
+def test_load_wins_over_affinity_at_the_queue_and_kv_thresholds():
+    """Measured: the queue length and the free-KV fraction at which the router leaves the cached replica."""
+    async def leaves(margin, queue=0, waiting=0, free=100):
+        router = make_router(load_imbalance_margin=margin, kv_saturated_free_fraction=0.05)
+        a, b, c = (FakeReplica(n) for n in "abc")
+        a.report(blocks(CONV_A), running=0, waiting=waiting, total=100, free=free)
+        b.report([])
+        c.report([])
+        router.update_replicas([a, b, c])
+        router.replica_queue_len_cache.update(a.replica_id, queue)
+        router.replica_queue_len_cache.update(b.replica_id, 0)
+        router.replica_queue_len_cache.update(c.replica_id, 1)
+        return names(await router.choose_replicas([a, b, c], request(CONV_A)))[0] != ["a"]
+
+    async def go():
+        for margin in (0, 4, 8):
+            leave_at = [q for q in range(20) if await leaves(margin, queue=q)][0]
+            print(f"margin {margin}: leaves the cached replica at queue {leave_at} (others 0 and 1)")
+            assert leave_at == margin + 1
+        # KV: saturated (sequences waiting, < 5% blocks free) -> leave; low free KV alone (nothing waiting) stays.
+        free_at = [f for f in range(0, 20) if await leaves(8, waiting=2, free=f)]
+        print(f"with sequences waiting, leaves at free KV blocks {free_at} of 100")
+        assert free_at == [0, 1, 2, 3, 4]
+        assert not await leaves(8, waiting=0, free=0)
+    run(go())
+
+
+def test_misses_and_ties_spread_over_the_replicas():
+    async def go():
+        from collections import Counter
+
+        router = make_router()
+        reps = [FakeReplica(f"r{i}") for i in range(8)]
+        for i, rep in enumerate(reps):
+            e = KVEngine(num_blocks=512)
+            e.serve(SYSTEM + [1])                           # every replica holds the system prompt (ties)
+            for j in range(40):                             # and a fairly full cache of other blocks
+                e.serve([i * 10_000 + j * 100 + t for t in range(40)] + [2])
+            rep.routing_stats = routing_stats(e)
+        router.update_replicas(reps)
+        misses, ties = Counter(), Counter()
+        for n in range(800):
+            first = (await router.choose_replicas(reps, request([500_000 + n * 50 + t for t in range(40)])))[0]
+            misses.update(r.replica_id.unique_id for r in first)       # Serve takes the shorter queue of the two
+            first = (await router.choose_replicas(reps, request(SYSTEM + [600_000 + n] * 8)))[0]
+            ties.update(r.replica_id.unique_id for r in first)
+        for counts in (misses, ties):
+            print(sorted(counts.values()))
+            assert len(counts) == 8 and max(counts.values()) < 2 * min(counts.values())
+    run(go())

@@ -94,11 +94,18 @@ def filter_positions(block_hashes, num_bits: int, k: int):
     return (h1[None, :] + i * h2[None, :]) % np.uint64(num_bits)
 
 
-def filter_hits(bits: bytes, positions):
-    """For (k, n) `positions`: a bool array of n, True where the filter may hold the hash (all k bits set)."""
+def filter_probe(positions):
+    """(byte index, bit shift) arrays of (k, n) `positions`: computed once, tested against many filters."""
     import numpy as np
-    arr = np.frombuffer(bits, dtype=np.uint8)
-    got = (arr[positions >> np.uint64(3)] >> (positions & np.uint64(7)).astype(np.uint8)) & np.uint8(1)
+    return (positions >> np.uint64(3)).astype(np.intp), (positions & np.uint64(7)).astype(np.uint8)
+
+
+def filter_hits(bits: bytes, positions):
+    """A bool array of n, True where the filter may hold the hash (all k bits set). `positions`: the (k, n)
+    array of filter_positions, or its filter_probe."""
+    import numpy as np
+    byte_idx, shift = positions if isinstance(positions, tuple) else filter_probe(positions)
+    got = (np.frombuffer(bits, dtype=np.uint8)[byte_idx] >> shift) & np.uint8(1)
     return got.all(axis=0)
 
 
