@@ -8,27 +8,31 @@ is the engines' own view rather than a guess over characters.
 Where the router's knowledge comes from
 ---------------------------------------
 1. Replica reports. Every `request_routing_stats_period_s` Serve calls the deployment's
-   `record_routing_stats()`, which returns `routing_stats(engine)` (below): the hashes of the blocks the
-   engine's prefix cache holds (newest first, capped) plus load numbers. Serve's controller broadcasts the
-   dict to every router, where it appears as `RunningReplica.routing_stats`. A new report *replaces* that
-   replica's reported set, so evictions reach the router too.
+   `record_routing_stats()`, which returns `routing_stats(engine)` (below): a Bloom filter of *every* block
+   hash the engine's prefix cache holds (its size fixed by the KV capacity, not by how much is cached; the
+   engine keeps it up to date block by block) plus load numbers. Serve's controller broadcasts the dict to
+   every router, where it appears as `RunningReplica.routing_stats`. A new report *replaces* what the router
+   knew of that replica, so evictions reach the router too, and a router that just started knows every
+   cache from the first report. (Format 1 reports, a capped list of hashes, are still read.)
 2. Optimistic memory. Between reports the router remembers the block hashes of the requests it routed
    itself (the replica will have them cached once the prefill runs). An entry lives until a report that
    arrived at least `optimistic_grace_s` after it was routed supersedes it, or `optimistic_ttl_s` passes.
 
-Both are bounded per replica by `max_hashes_per_replica` (reported: the newest hashes of the report;
-optimistic: least-recently-routed entries are dropped first).
+State per replica is bounded: the filter by `max_filter_bytes`, hash lists by `max_hashes_per_replica`
+(reported: the first hashes of a list report; optimistic: least-recently-routed entries are dropped first).
 
 The decision, per request (token ids = the request's first positional argument)
 -------------------------------------------------------------------------------
-- Score each candidate by the number of leading full blocks of the prompt it is known to hold. Because a
-  block's chain hash stands for its whole prefix, the deepest block a replica holds gives that count; this
-  also keeps working when a capped report left out a long conversation's oldest (head) blocks.
+- Score each candidate by the number of leading full blocks of the prompt it is known to hold, O(prompt
+  blocks) whatever the cache size: the leading run of blocks its filter holds (a false positive can only
+  lengthen a run now and then), or, from exact knowledge (routed history, list reports), the deepest block
+  it holds, since a block's chain hash stands for its whole prefix.
 - No replica holds at least `min_match_blocks` blocks: power of two choices, as Serve's default router does
   (two random candidates; Serve takes the one with the shorter queue).
 - Otherwise the best-matching replica (ties: shorter queue, then more free KV blocks) — unless its queue is
   longer than the least loaded candidate's by more than `load_imbalance_margin` requests, in which case the
-  least loaded one(s) get it: a hot prefix must not pile every request onto one replica.
+  least loaded one(s) get it: a hot prefix must not pile every request onto one replica. Likewise when its
+  last report shows it KV-saturated (sequences waiting, < `kv_saturated_free_fraction` blocks free).
   Queue length = Serve's per-router queue-length cache (requests sent and not finished, corrected by probes)
   when it has an entry, else the replica's last report (running + waiting sequences).
 - Later ranks hold the remaining candidates, so a full replica (at max_ongoing_requests) does not stall the
