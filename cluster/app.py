@@ -79,6 +79,8 @@ def model_spec(model) -> dict[str, Any]:
         "pipeline_parallel_size": model.pipeline_parallel_size,
         "dtype": model.dtype,
         "engine_args": model.engine_args(),
+        "stream_pacing": {"max_messages_per_s": model.stream_max_messages_per_s,
+                          "max_interval_s": model.stream_max_interval_s},
     }
 
 

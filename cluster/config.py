@@ -129,11 +129,16 @@ class ModelDeploymentConfig(_Strict):
     enable_prefix_caching: Optional[bool] = None
     # Capacity of one replica (docs/serving.md, "Capacity"): `max_num_seqs` run in the engine's batch,
     # `max_queued_requests` more wait in its scheduler; Serve sends a replica at most `max_ongoing_requests`
-    # (default: the two together plus REPLICA_CONTROL_HEADROOM), and a caller holds at most `serve_max_queued_requests` more while every
-    # replica is full (e.g. while autoscaling starts one); past that the client gets RESOURCE_EXHAUSTED at once.
+    # (default: the two together plus REPLICA_CONTROL_HEADROOM), and a caller holds at most
+    # `serve_max_queued_requests` more while every replica is full (e.g. while autoscaling starts one); past
+    # that the client gets RESOURCE_EXHAUSTED at once.
     max_queued_requests: Optional[int] = Field(None, ge=0)       # default: max_num_seqs
     max_ongoing_requests: Optional[int] = Field(None, ge=1)      # default: max_num_seqs + max_queued_requests + 4
     serve_max_queued_requests: Optional[int] = Field(None, ge=1)  # default: max_queued_requests (>= 1: Serve's minimum)
+    # Streaming under load (cluster/stream_pacing.py): a replica sends about this many messages per second in
+    # all, batching each stream's tokens (a message at most every stream_max_interval_s); 0 = every step's.
+    stream_max_messages_per_s: float = Field(400.0, ge=0)
+    stream_max_interval_s: float = Field(0.25, gt=0, le=5)
     # Serve deployment knobs
     graceful_shutdown_timeout_s: float = Field(60.0, ge=0)
     health_check_period_s: float = Field(10.0, gt=0)

@@ -75,6 +75,7 @@ class ModelServer:
 
     async def __init__(self, spec: dict[str, Any]):
         from workers import AsyncEngine
+        from workers.stream_pacing import StreamPacing
 
         self.spec = spec
         self.name = spec["name"]
@@ -86,7 +87,8 @@ class ModelServer:
         # Blocking load in a thread: the replica's event loop stays responsive while weights load.
         self.engine = await asyncio.to_thread(
             AsyncEngine.from_pretrained, spec["path"], tensor_parallel_size=tp, pipeline_parallel_size=pp,
-            dtype=spec.get("dtype"), **dict(spec.get("engine_args") or {}))
+            dtype=spec.get("dtype"), pacing=StreamPacing(**dict(spec.get("stream_pacing") or {})),
+            **dict(spec.get("engine_args") or {}))
         stats = self.engine.stats()
         log.info("model %s: loaded in %.1fs; max_model_len %d, %d KV blocks of %d tokens", self.name,
                  time.monotonic() - t0, self.engine.max_model_len, stats.kv_blocks_total, self.engine.block_size)

@@ -33,6 +33,7 @@ import torch
 from .engine import Engine, EngineStats, StreamDelta
 from .errors import EngineUnavailableError, HerdError
 from .sampling import SamplingParams
+from .stream_pacing import PacedDeltas, StreamPacing
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +48,11 @@ class _Stream:
     """One caller's stream: the request id it asked for, and the caller's loop and queue that its deltas (or
     an exception that ends it) go to."""
 
-    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop):
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, pacing: StreamPacing):
         self.request_id = request_id
         self.loop = loop
         self.queue: asyncio.Queue = asyncio.Queue()
+        self.paced = PacedDeltas(pacing)  # touched by the engine thread only
 
     def post(self, item: StreamDelta | BaseException) -> None:
         """Hand `item` to the caller (from any thread)."""
@@ -61,8 +63,10 @@ class _Stream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, pacing: StreamPacing | None = None):
         self.engine = engine
+        # No pacing unless asked (every step's tokens at once); the serving layer passes its configured one.
+        self.pacing = pacing or StreamPacing(max_messages_per_s=0)
         self.tokenizer = engine.tokenizer
         self.model_config = engine.model_config
         self.max_model_len = engine.max_model_len
@@ -87,8 +91,8 @@ class AsyncEngine:
         self._thread.start()
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, **kwargs) -> "AsyncEngine":
-        return cls(Engine.from_pretrained(path, **kwargs))
+    def from_pretrained(cls, path: str | Path, *, pacing: StreamPacing | None = None, **kwargs) -> "AsyncEngine":
+        return cls(Engine.from_pretrained(path, **kwargs), pacing)
 
     # ---- caller side -----------------------------------------------------------------------------
     def validate(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
@@ -99,7 +103,7 @@ class AsyncEngine:
         """Stream the request's deltas. Raises the engine's typed errors: InvalidRequestError /
         QueueFullError when it is refused, RequestFailedError when it alone failed, EngineUnavailableError
         when the engine is down. Closing or cancelling the iteration at any point aborts the request."""
-        stream = _Stream(request_id or f"req-{uuid.uuid4().hex}", asyncio.get_running_loop())
+        stream = _Stream(request_id or f"req-{uuid.uuid4().hex}", asyncio.get_running_loop(), self.pacing)
         self._open_stream(stream)
         finished = False
         try:
@@ -135,7 +139,8 @@ class AsyncEngine:
             stream = self._streams.pop(request_id, None)
             final = self.engine.abort(request_id)
             if stream is not None and final is not None:
-                stream.post(final)
+                stream.paced.add(final)  # with any tokens still held for it
+                stream.post(stream.paced.take(time.monotonic()))
         self._send(do_abort)
 
     def stats(self) -> EngineStats:
@@ -244,12 +249,26 @@ class AsyncEngine:
             log.exception("engine step failed; marking engine unavailable")
             self._declare_dead(str(e) or type(e).__name__)
             return
+        now, active = time.monotonic(), len(self.engine.scheduler.running)
         for d in deltas:
             stream = self._streams.get(d.request_id)
-            if stream is not None:
-                if d.finished:
-                    del self._streams[d.request_id]
+            if stream is None:
+                continue
+            if d.error is not None:  # what it held, then its error (a failed delta does not merge)
+                if stream.paced.pending is not None:
+                    stream.post(stream.paced.take(now))
                 stream.post(d)
+            else:
+                stream.paced.add(d)
+            if d.finished:
+                del self._streams[d.request_id]
+                if stream.paced.pending is not None:
+                    stream.post(stream.paced.take(now))
+        # Every stream whose turn has come gets what it holds (also one that made nothing this step, e.g.
+        # preempted: its held tokens do not wait for its next one).
+        for stream in self._streams.values():
+            if stream.paced.due(now, active):
+                stream.post(stream.paced.take(now))
 
     def _admit(self, stream: _Stream, prompt, params: SamplingParams, cache_salt: int) -> None:
         if self._dead is not None:
