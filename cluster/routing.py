@@ -83,14 +83,14 @@ def routing_stats(engine: Any, max_hashes: int = DEFAULT_REPORT_MAX_HASHES) -> d
 
     `engine` is an AsyncEngine: `stats()`, `block_size`, `cached_block_filter()` (the engine thread's snapshot
     of its KV cache's Bloom filter: {"bits", "k", "n"}) and `cached_block_hashes()` (most recently used first).
-    An engine without `cached_block_filter()` (a small or fake one) gets a filter built from its hash list,
-    sized for its KV capacity. All of it is a few plain values and one bytes object of a fixed size.
+    An engine without `cached_block_filter()` (a small or fake one), or whose filter is not there yet, gets a
+    filter built from its hash list, sized for its KV capacity. All of it is a few plain values and one bytes object of a fixed size.
     """
     stats = engine.stats()
     get_filter = getattr(engine, "cached_block_filter", None)
     block_filter = get_filter() if get_filter is not None else None
     hashes: Optional[list] = None
-    if block_filter is None and get_filter is None:
+    if block_filter is None:  # no filter kept (or none snapshotted yet): one from the listed hashes
         hashes = list(engine.cached_block_hashes())
         num_bits, k = filter_shape(max(len(hashes), int(stats.kv_blocks_total or 0)))
         block_filter = {"bits": filter_from_hashes(hashes, num_bits, k), "k": k, "n": len(hashes)}

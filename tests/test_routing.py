@@ -451,7 +451,7 @@ def test_sessions_stick_to_the_replica_holding_their_prefix():
 def test_real_engine_sessions_hit_their_prefix_cache(tmp_path):
     """The whole path: gRPC -> ingress -> PrefixCacheRouter -> one of two real engine replicas. Every follow-up
     turn must find the conversation so far in its replica's prefix cache (cached_tokens over gRPC), and the
-    replicas' routing reports must carry the engine's block hashes."""
+    replicas' routing reports must carry a filter of the engine's block hashes."""
     import sys
 
     sys.path.insert(0, str(Path(__file__).parent))
@@ -487,7 +487,9 @@ def test_real_engine_sessions_hit_their_prefix_cache(tmp_path):
         handle = cluster.model_handle("tiny")
         reports = [handle.record_routing_stats.remote().result(timeout_s=30) for _ in range(8)]  # either replica
         assert all(r["block_size"] == block and r["kv_blocks_total"] > 0 for r in reports)
-        assert any(r["hashes"] for r in reports)
+        assert all(r["v"] == 2 and isinstance(r.get("filter"), bytes) and r["filter_k"] >= 1 for r in reports), \
+            [sorted(r) for r in reports]
+        assert any(r["num_cached_blocks"] > 0 and any(r["filter"]) for r in reports)
     finally:
         stop_herd_cluster()
 
