@@ -92,8 +92,9 @@ def routing_stats(engine: Any, max_hashes: int = DEFAULT_REPORT_MAX_HASHES) -> d
     hashes: Optional[list] = None
     if block_filter is None:  # no filter kept (or none snapshotted yet): one from the listed hashes
         hashes = list(engine.cached_block_hashes())
-        num_bits, k = filter_shape(max(len(hashes), int(stats.kv_blocks_total or 0)))
-        block_filter = {"bits": filter_from_hashes(hashes, num_bits, k), "k": k, "n": len(hashes)}
+        if hashes:  # nothing cached (or prefix caching off): no filter, the router knows nothing is held
+            num_bits, k = filter_shape(max(len(hashes), int(stats.kv_blocks_total or 0)))
+            block_filter = {"bits": filter_from_hashes(hashes, num_bits, k), "k": k, "n": len(hashes)}
     report = {
         "v": ROUTING_STATS_VERSION,
         "block_size": int(engine.block_size),
