@@ -315,3 +315,34 @@ def test_long_texts_are_tokenized_off_the_event_loop():
     loop_thread, big_thread, ticks_during_big, small_thread = asyncio.run(go())
     assert big_thread != loop_thread and ticks_during_big > 0   # the loop kept running meanwhile
     assert small_thread == loop_thread                          # short texts stay inline
+
+
+def test_serve_failure_logs_are_dropped_for_answers_the_client_got():
+    import logging
+    import sys
+
+    from cluster.ingress import QuietClientErrors
+
+    class Wrapped(Exception):  # like Serve's gRPCStatusError: the user's exception as original_exception
+        def __init__(self, original):
+            super().__init__("wrapped")
+            self.original_exception = original
+
+    def record_for(exc):
+        try:
+            raise exc
+        except Exception:
+            return logging.LogRecord("ray.serve", logging.ERROR, __file__, 1, "Request failed.", None,
+                                     sys.exc_info())
+
+    quiet = QuietClientErrors()
+    assert not quiet.filter(record_for(Wrapped(ApiError("RESOURCE_EXHAUSTED", "full"))))
+    try:
+        try:
+            raise ApiError("INVALID_ARGUMENT", "bad", "stop")
+        except ApiError as e:
+            raise RuntimeError("wrapper") from e
+    except RuntimeError as chained:
+        assert not quiet.filter(record_for(chained))
+    assert quiet.filter(record_for(KeyError("a bug")))                   # real failures are still logged
+    assert quiet.filter(logging.LogRecord("ray.serve", logging.INFO, __file__, 1, "CALL OK", None, None))
