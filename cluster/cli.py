@@ -134,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     engine_bench.register_bench(bench_sub)
     parallel_bench.register_bench(bench_sub)
     serve_bench.register_bench(bench_sub)
+    routing_sim.register_bench(bench_sub)
     load_bench.register_bench(bench_sub)  # herd bench load
     soak_bench.register_bench(bench_sub)  # herd bench soak, herd bench fault
     return parser

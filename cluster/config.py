@@ -93,6 +93,9 @@ class RouterConfig(_Strict):
     min_match_blocks: int = Field(1, ge=1)
     max_hashes_per_replica: int = Field(16384, ge=1)
     max_prefix_blocks: int = Field(2048, ge=1)
+    # a replica with sequences waiting and less than this fraction of its KV blocks free counts as saturated
+    kv_saturated_free_fraction: float = Field(0.05, ge=0, le=1)
+    max_filter_bytes: int = Field(4 << 20, ge=1024)   # largest Bloom-filter report a router accepts
     routing_stats_period_s: float = Field(2.0, gt=0)
 
 
