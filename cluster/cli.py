@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks (print JSON figures)")
     bench_sub = bench.add_subparsers(dest="scenario", required=True)
-    from benchmarks import engine_bench, load_bench, parallel_bench, serve_bench, soak_bench
+    from benchmarks import engine_bench, load_bench, parallel_bench, routing_sim, serve_bench, soak_bench
     engine_bench.register_bench(bench_sub)
     parallel_bench.register_bench(bench_sub)
     serve_bench.register_bench(bench_sub)
