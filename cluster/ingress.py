@@ -30,6 +30,7 @@ from typing import Any, AsyncIterator, Iterable
 from ray import serve
 
 from cluster.errors import ApiError, to_api_error
+from cluster.grpc_status import StatusSet, install_status_log_filter
 from cluster.limits import InputLimits, LiveRequestIds
 from cluster.openai_http import OpenAIRoutes, openai_app
 from cluster.pb import inference_pb2 as pb
@@ -211,6 +212,17 @@ class Frontend:
                 route.tokenizer = await asyncio.to_thread(Tokenizer.from_pretrained_dir, route.spec["path"])
             except Exception as e:  # noqa: BLE001 - a model without a tokenizer still serves token ids
                 log.warning("model %s: no usable tokenizer at the ingress (%s); only token-id prompts", route.name, e)
+
+    async def warm_up(self) -> None:
+        """Ask every model for its info in the background, which also sets up the ingress's handle to it
+        (Serve's first call through a handle waits ~1 s for the replica list): the first requests after a
+        deploy, a burst included, then meet a ready handle. A model not up yet is simply asked again later."""
+        async def one(route: ModelRoute) -> None:
+            try:
+                await self.info(route)
+            except Exception:  # noqa: BLE001 - the first request will ask (and report) again
+                log.info("model %s: not ready at ingress start; its info is fetched on first use", route.name)
+        await asyncio.gather(*(one(r) for r in self.routes.values()))
 
     # -- lookups and validation
     def authenticate(self, headers: Iterable[tuple[str, Any]]) -> int:
@@ -419,33 +431,12 @@ def response_from_chunk(frontend: Frontend, route: ModelRoute, chunk: dict, requ
     return resp
 
 
-class QuietClientErrors(logging.Filter):
-    """Drops Serve's "Request failed." log record (with its traceback) for a request that ended with an
-    ApiError: that is an answer the client got with its precise status, not a failure of the server. Serve's
-    replica formats and writes such a record on its event loop, about 40 ms each here, so a burst of
-    refusals otherwise waited in line behind one another's tracebacks (RESOURCE_EXHAUSTED after a second
-    instead of milliseconds). Anything else a request raises is still logged."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        seen = 0
-        while exc is not None and seen < 4:
-            if isinstance(exc, ApiError):
-                return False
-            exc = getattr(exc, "original_exception", None) or exc.__cause__
-            seen += 1
-        return True
-
-
-def _set_status(grpc_context, err: ApiError) -> ApiError:
-    """Put the error's status on the Serve gRPC context (a streaming caller then raises the returned error).
-
-    The error is returned without the traceback it gathered on its way up: Serve's replica formats and logs
-    the traceback of every exception a request raises, on the replica's event loop, and a burst of refusals
-    with deep tracebacks held each refusal back by about a second."""
+def _set_status(grpc_context, err: ApiError) -> StatusSet:
+    """Put the error's status on the Serve gRPC context; a streaming method then raises the returned
+    StatusSet (a unary one returns an empty message), so the client gets exactly this status."""
     grpc_context.set_code(err.grpc_code)
     grpc_context.set_details(err.message)
-    return err.with_traceback(None)
+    return StatusSet(err.message)
 
 
 @serve.ingress(openai_app)
@@ -455,8 +446,9 @@ class InferenceIngress(OpenAIRoutes):
     async def __init__(self, models: dict[str, Any], specs: dict[str, dict[str, Any]], api_keys: list[str],
                        api_keys_file: str | None = None, settings: dict[str, Any] | None = None):
         self.frontend = Frontend(models, specs, api_keys, api_keys_file, settings)
-        log.addFilter(QuietClientErrors())  # log is Serve's replica logger ("ray.serve")
+        install_status_log_filter()  # refusals log one line, not a traceback each (cluster.grpc_status)
         await self.frontend.load_tokenizers()
+        self._warm_up = asyncio.get_running_loop().create_task(self.frontend.warm_up())
         log.info("ingress: serving models %s (API keys %s)", ", ".join(specs),
                  "required" if self.frontend.auth.enabled else "not configured")
 

@@ -317,11 +317,11 @@ def test_long_texts_are_tokenized_off_the_event_loop():
     assert small_thread == loop_thread                          # short texts stay inline
 
 
-def test_serve_failure_logs_are_dropped_for_answers_the_client_got():
+def test_logs_of_answered_calls_keep_their_line_but_not_their_traceback():
     import logging
     import sys
 
-    from cluster.ingress import QuietClientErrors
+    from cluster.grpc_status import StatusLogFilter, StatusSet
 
     class Wrapped(Exception):  # like Serve's gRPCStatusError: the user's exception as original_exception
         def __init__(self, original):
@@ -335,14 +335,29 @@ def test_serve_failure_logs_are_dropped_for_answers_the_client_got():
             return logging.LogRecord("ray.serve", logging.ERROR, __file__, 1, "Request failed.", None,
                                      sys.exc_info())
 
-    quiet = QuietClientErrors()
-    assert not quiet.filter(record_for(Wrapped(ApiError("RESOURCE_EXHAUSTED", "full"))))
+    quiet = StatusLogFilter()
+    answered = record_for(Wrapped(StatusSet("full")))
+    assert quiet.filter(answered) and answered.exc_info is None and answered.getMessage() == "Request failed."
     try:
         try:
-            raise ApiError("INVALID_ARGUMENT", "bad", "stop")
-        except ApiError as e:
+            raise StatusSet("bad")
+        except StatusSet as e:
             raise RuntimeError("wrapper") from e
     except RuntimeError as chained:
-        assert not quiet.filter(record_for(chained))
-    assert quiet.filter(record_for(KeyError("a bug")))                   # real failures are still logged
-    assert quiet.filter(logging.LogRecord("ray.serve", logging.INFO, __file__, 1, "CALL OK", None, None))
+        rec = record_for(chained)
+        assert quiet.filter(rec) and rec.exc_info is None
+    for failure in (KeyError("a bug"), Wrapped(ApiError("INTERNAL", "x"))):  # real failures keep theirs
+        rec = record_for(failure)
+        assert quiet.filter(rec) and rec.exc_info is not None
+
+
+def test_the_exception_that_ends_a_stream_imports_nothing_of_herd():
+    """Serve's proxy unpickles it: its module must not pull in the engine (torch)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, pickle; from cluster.grpc_status import StatusSet; "
+            "pickle.loads(pickle.dumps(StatusSet('x'))); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'workers', 'ray')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
