@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import time
 from typing import Any, AsyncIterator
 
@@ -44,6 +45,8 @@ from cluster.routing import routing_stats
 
 log = logging.getLogger("ray.serve")
 
+# GIL switch interval of a model replica's process (Python's default is 5 ms; see ModelServer.__init__).
+ENGINE_GIL_SWITCH_INTERVAL_S = 0.0005
 # How often engine gauges (KV blocks, queue depth) are pushed to the metrics.
 ENGINE_METRICS_PERIOD_S = 2.0
 
@@ -77,6 +80,10 @@ class ModelServer:
         from workers import AsyncEngine
         from workers.stream_pacing import StreamPacing
 
+        # The engine thread shares this process's GIL with Serve's and Ray's Python threads (streaming each
+        # message out); it releases the GIL in every torch op and, at Python's default 5 ms switch interval,
+        # can wait that long to get it back. A shorter interval hands it back sooner.
+        sys.setswitchinterval(ENGINE_GIL_SWITCH_INTERVAL_S)
         self.spec = spec
         self.name = spec["name"]
         self.replica_id = _replica_id()
