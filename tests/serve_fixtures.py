@@ -4,11 +4,12 @@ seconds on a 2-core machine); the fixture shuts down exactly what it started (se
 never `ray stop`)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import grpc
 
@@ -71,6 +72,27 @@ def start_herd_cluster(config: dict[str, Any], *, num_cpus: int = 4, api_key: st
         stop_herd_cluster()
         raise
     return HerdCluster(f"127.0.0.1:{cfg.grpc_port}", f"http://127.0.0.1:{cfg.http_port}", config, api_key)
+
+
+@contextlib.contextmanager
+def running_herd_cluster(config: dict[str, Any], **kwargs) -> Iterator[HerdCluster]:
+    """start_herd_cluster for the life of a `with` block (a module fixture's body)."""
+    cluster = start_herd_cluster(config, **kwargs)
+    try:
+        yield cluster
+    finally:
+        stop_herd_cluster()
+
+
+def wait_for(predicate, timeout_s: float = 60.0, interval_s: float = 0.05):
+    """predicate()'s first truthy value, polled until timeout_s (a guard against hangs, not a timing)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError("condition not met in time")
 
 
 def stop_herd_cluster() -> None:

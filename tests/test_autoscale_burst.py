@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tests.checkpoints import LLAMA2_MHA, make_checkpoint
-from tests.serve_fixtures import start_herd_cluster, stop_herd_cluster
+from tests.serve_fixtures import running_herd_cluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 MODEL = "tiny"
@@ -25,9 +25,8 @@ def cluster(tmp_path_factory):
         "name": MODEL, "path": str(path), "dtype": "float32", "resources_per_shard": {"CPU": 0.25},
         "max_model_len": 2048, "kv_cache_memory": 128 << 20, "graceful_shutdown_timeout_s": 60,
         "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "downscale_delay_s": 4}}]}
-    c = start_herd_cluster(config, num_cpus=4)
-    yield c
-    stop_herd_cluster()
+    with running_herd_cluster(config, num_cpus=4) as c:
+        yield c
 
 
 def running_replicas() -> int:

@@ -16,7 +16,7 @@ import pytest
 from cluster.client import HerdClient, collect
 from cluster.pb import inference_pb2 as pb
 from cluster.pb import inference_pb2_grpc as pb_grpc
-from tests.serve_fixtures import start_herd_cluster, stop_herd_cluster
+from tests.serve_fixtures import running_herd_cluster, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -52,12 +52,9 @@ def cluster(checkpoints):
         ],
     }
     started = time.monotonic()
-    c = start_herd_cluster(config, num_cpus=4, api_key=API_KEY)
-    print(f"herd test cluster up in {time.monotonic() - started:.1f}s")
-    try:
+    with running_herd_cluster(config, num_cpus=4, api_key=API_KEY) as c:
+        print(f"herd test cluster up in {time.monotonic() - started:.1f}s")
         yield c
-    finally:
-        stop_herd_cluster()
 
 
 @pytest.fixture(scope="module")
@@ -235,16 +232,6 @@ def test_api_key_required(cluster, metadata):
         # x-api-key is accepted as well as the bearer token
         ok = stub.ListModels(pb.ListModelsRequest(), metadata=[("x-api-key", API_KEY)], timeout=30)
         assert len(ok.models) == 3
-
-
-def wait_for(predicate, timeout_s: float = 30.0, interval_s: float = 0.1):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval_s)
-    raise AssertionError("condition not met in time")
 
 
 def test_queue_full_is_resource_exhausted(cluster, client):
