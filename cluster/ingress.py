@@ -1,17 +1,19 @@
 """The ingress deployment: herd's gRPC API (herd.v1.Inference + grpc.health.v1.Health) and the OpenAI HTTP API.
 
-Every request is authenticated, validated and tokenized here, once; the model deployment's handle is then
-called with token ids (`generate_stream(prompt_token_ids, sampling, request_id)`, see cluster.deployment), so
-the prefix-cache router hashes the very tokens the engine's KV cache will hold.
+Every request is authenticated, validated against the configured limits (cluster.limits) and tokenized here,
+once; the model deployment's handle is then called with token ids (`generate_stream(prompt_token_ids,
+sampling, request_id, cache_salt=...)`, see cluster.deployment), so the prefix-cache router hashes the very
+tokens (under the very salt) the engine's KV cache will hold.
 
 `Frontend` is the protocol-free core (auth, model lookup, tokenization, validation, streaming from a model
 replica, readiness) shared by the gRPC methods below and the OpenAI routes (cluster.openai_http).
 
 Status codes: a failure becomes a `cluster.errors.ApiError`, whose code and details go on the Serve gRPC
 context. Unary methods then return an empty message (the proxy sends the status set on the context);
-streaming methods raise, because Serve applies the context only with a yielded message or a raised exception
-(an exception without a code would reach the client as INTERNAL with a traceback). Serve's proxy logs such a
-raise at ERROR level; the client sees exactly the status set here. Client cancellation and deadlines: the proxy cancels this
+streaming methods raise `StatusSet`, because Serve applies the context only with a yielded message or a raised
+exception (an exception without a code would reach the client as INTERNAL with a traceback); see
+cluster.grpc_status for why that exception, and its log line, are kept cheap. The client sees exactly the
+status set here. Client cancellation and deadlines: the proxy cancels this
 replica's call, whose `finally` cancels the model replica's stream, which aborts the sequence in the engine.
 """
 from __future__ import annotations

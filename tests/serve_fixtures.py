@@ -44,7 +44,6 @@ def start_herd_cluster(config: dict[str, Any], *, num_cpus: int = 4, api_key: st
                        ready_timeout_s: float = 300) -> HerdCluster:
     """Start Ray + Serve + the herd app from `config` (host/ports are filled in). Blocks until the app runs."""
     os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
-    import ray
     from ray import serve
 
     from cluster.app import APP_NAME, build_app, serve_start_options

@@ -293,7 +293,6 @@ def test_long_texts_are_tokenized_off_the_event_loop():
         ticks = 0
 
         def encode(text):
-            nonlocal ticks
             start = ticks
             deadline = time.monotonic() + 0.3
             while time.monotonic() < deadline:   # a slow tokenizer

@@ -71,6 +71,7 @@ def prompt(i: int, n: int = 16) -> list[int]:
 
 # ---- capacity ---------------------------------------------------------------------------------------------
 def test_64_streams_share_one_engine_batch_while_health_answers(cluster, client):
+    # Long enough streams (200 tokens) that all 64 overlap even when they arrive spread out on a busy machine.
     peak, stop = [0], threading.Event()
     http = httpx.Client(base_url=cluster.http_url, timeout=30)
 
@@ -83,7 +84,7 @@ def test_64_streams_share_one_engine_batch_while_health_answers(cluster, client)
     watcher.start()
     try:
         with ThreadPoolExecutor(WIDE) as pool:
-            futures = [pool.submit(lambda i=i: outcome(client.generate("wide", prompt(i), max_tokens=48,
+            futures = [pool.submit(lambda i=i: outcome(client.generate("wide", prompt(i), max_tokens=200,
                                                                         timeout=300, **GREEDY)))
                        for i in range(WIDE)]
             wait_for(lambda: peak[0] == WIDE, timeout_s=120)
