@@ -20,3 +20,9 @@ LLAMA3_ROPE_PARAMETERS = dict(LLAMA3_GQA_TIED, rope_form="parameters", tie_word_
 
 def make_checkpoint(root: Path, name: str, spec: dict, num_shards: int = 1, seed: int = 0) -> Path:
     return write_checkpoint(root / name, hf_config(**spec), num_shards=num_shards, seed=seed)
+
+
+def make_text_checkpoint(root: Path, name: str = "tok") -> Path:
+    """LLAMA2_MHA with a real SentencePiece tokenizer (it needs a vocabulary of ~600 or more for its characters),
+    so requests are detokenized and stop strings apply."""
+    return write_checkpoint(root / name, hf_config(**dict(LLAMA2_MHA, vocab_size=1000)), tokenizer="llama2")

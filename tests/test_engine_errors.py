@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.checkpoints import LLAMA2_MHA, make_checkpoint
+from tests.checkpoints import LLAMA2_MHA, make_checkpoint, make_text_checkpoint
 from workers import Engine, InvalidRequestError, PromptTooLongError, QueueFullError, SamplingParams
-from workers.demo import hf_config, write_checkpoint
 from workers.errors import HerdError, RequestFailedError
 
 
@@ -126,9 +125,8 @@ def test_cache_salt_must_be_an_integer(engine):
 @pytest.fixture(scope="module")
 def text_engine(tmp_path_factory):
     """An engine with a real (SentencePiece) tokenizer, so requests are detokenized and stop strings apply."""
-    path = write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tok", hf_config(**dict(LLAMA2_MHA, vocab_size=1000)),
-                            tokenizer="llama2")
-    eng = Engine.from_pretrained(path, dtype="float32", show_progress=False)
+    eng = Engine.from_pretrained(make_text_checkpoint(tmp_path_factory.mktemp("ckpt")), dtype="float32",
+                                 show_progress=False)
     yield eng
     eng.shutdown()
 

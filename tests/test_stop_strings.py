@@ -6,9 +6,8 @@ import time
 
 import pytest
 
-from tests.checkpoints import LLAMA2_MHA
+from tests.checkpoints import make_text_checkpoint
 from workers import Engine, SamplingParams
-from workers.demo import hf_config, write_checkpoint
 from workers.stop_strings import StopStringMatcher
 from workers.tokenizer import IncrementalDetokenizer
 
@@ -128,10 +127,8 @@ def test_per_token_cost_micro_check(capsys):
 # ---- in the engine -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    # A real SentencePiece tokenizer (it needs a vocabulary of at least ~600 for its characters).
-    path = write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tok", hf_config(**dict(LLAMA2_MHA, vocab_size=1000)),
-                            tokenizer="llama2")
-    eng = Engine.from_pretrained(path, dtype="float32", show_progress=False)
+    eng = Engine.from_pretrained(make_text_checkpoint(tmp_path_factory.mktemp("ckpt")), dtype="float32",
+                                 show_progress=False)
     yield eng
     eng.shutdown()
 
