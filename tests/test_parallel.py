@@ -353,3 +353,12 @@ class TestPlacementAcrossNodes:
             assert stage_nodes[0] == stage_nodes[1]                    # everything on one node
         else:
             assert stage_nodes[0] != stage_nodes[1]                    # stages on different nodes
+
+
+def test_rendezvous_is_a_file_on_one_node_and_tcp_across_nodes():
+    """One node: torch's FileStore (no TCPStore server listening on every interface); several: rank 0's node."""
+    from workers.parallel.distributed import rendezvous
+
+    one = rendezvous([("node-a", "10.0.0.1", 4000), ("node-a", "10.0.0.1", 4001)])
+    assert one.startswith("file:///tmp/herd-rendezvous-") and one != rendezvous([("node-a", "10.0.0.1", 4000)])
+    assert rendezvous([("node-a", "10.0.0.1", 4000), ("node-b", "10.0.0.2", 4001)]) == "tcp://10.0.0.1:4000"

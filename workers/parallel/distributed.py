@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import uuid
 from dataclasses import dataclass
 
 import torch
@@ -83,7 +84,28 @@ class ShardComm:
     backend: str
 
 
-def init_shard_group(*, master_addr: str, master_port: int, tp_rank: int, pp_rank: int, tp_size: int,
+def rendezvous(addresses: list[tuple[str, str, int]]) -> str:
+    """The process group's init_method from every shard's (node id, IP, free port), rank 0 first.
+
+    Shards that all share one node meet through a file (torch's FileStore): no port is opened, where a TCPStore
+    server listens on every interface of the machine whatever address it is given. Shards on several nodes
+    meet at rank 0's node, at a port that was free there."""
+    if len({node for node, _, _ in addresses}) == 1:
+        return f"file:///tmp/herd-rendezvous-{uuid.uuid4().hex}"
+    _, ip, port = addresses[0]
+    return f"tcp://{ip}:{port}"
+
+
+def remove_rendezvous_file(init_method: str) -> None:
+    """Delete a FileStore rendezvous file (shard actors are killed, so torch's own clean-up never runs)."""
+    if init_method.startswith("file://"):
+        try:
+            os.remove(init_method[len("file://"):])
+        except FileNotFoundError:
+            pass
+
+
+def init_shard_group(*, init_method: str, tp_rank: int, pp_rank: int, tp_size: int,
                      pp_size: int, device: torch.device, timeout_s: float) -> ShardComm:
     """Join the shard group's process group; return this shard's TP sub-group and pipeline links."""
     backend = backend_for(device)
@@ -94,7 +116,7 @@ def init_shard_group(*, master_addr: str, master_port: int, tp_rank: int, pp_ran
         # Block in wait() and raise there at the timeout (the default only lets the watchdog kill the process).
         os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
         kwargs["device_id"] = torch.device("cuda", torch.cuda.current_device())
-    dist.init_process_group(backend=backend, init_method=f"tcp://{master_addr}:{master_port}",
+    dist.init_process_group(backend=backend, init_method=init_method,
                             world_size=tp_size * pp_size, rank=rank, timeout=timeout, **kwargs)
     tp_group = None
     if tp_size > 1:

@@ -45,6 +45,7 @@ from ..errors import EngineUnavailableError, InvalidRequestError
 from ..model_runner import StepInput
 from ..shard import ShardInfo, check_tensor_parallel, partition_layers
 from .placement import ShardPlacement, place_shards
+from .distributed import rendezvous
 from .shard_worker import ShardWorker
 
 log = logging.getLogger(__name__)
@@ -120,9 +121,10 @@ class RayExecutor:
                     self.workers.append(ShardWorker.options(
                         scheduling_strategy=self.placement.scheduling(rank), **self.placement.actor_options(rank),
                     ).remote(cfg, shard, dtype, max_model_len, engine_config.block_size))
-            # Rendezvous on rank 0's node, at a port that is free there.
-            addr, port = self._get(self.workers[0].node_address.remote(), "shard start", STARTUP_TIMEOUT_S)
-            devices = self._get([w.init.remote(addr, port, self.timeout_s) for w in self.workers],
+            # A file when the group shares one node, else rank 0's node at a port free there (distributed.py).
+            init_method = rendezvous(self._get([w.node_address.remote() for w in self.workers], "shard start",
+                                               STARTUP_TIMEOUT_S))
+            devices = self._get([w.init.remote(init_method, self.timeout_s) for w in self.workers],
                                 "process-group init", STARTUP_TIMEOUT_S)
             self.device_type, backend = devices[0]
             log.info("loading %s on %d shards (TP%d × PP%d, %s)", path, tp * pp, tp, pp, backend)
@@ -224,6 +226,11 @@ class RayExecutor:
                 dag.teardown()
             except Exception as e:  # noqa: BLE001
                 log.debug("compiled graph teardown: %s", e)
+        if self.workers and not self._dead:
+            try:  # best effort: a group that met through a file leaves none behind
+                ray.get(self.workers[0].forget_rendezvous.remote(), timeout=5)
+            except Exception as e:  # noqa: BLE001
+                log.debug("rendezvous clean-up: %s", e)
         for w in self.workers:
             try:
                 ray.kill(w, no_restart=True)

@@ -20,7 +20,7 @@ from ..config import ModelConfig
 from ..executor import CacheBudget, default_device
 from ..model_runner import ModelRunner, StepInput
 from ..shard import ShardInfo
-from .distributed import PipeLink, ShardComm, free_port, global_rank, init_shard_group
+from .distributed import PipeLink, ShardComm, free_port, global_rank, init_shard_group, remove_rendezvous_file
 
 
 @ray.remote(max_restarts=0, max_task_retries=0)
@@ -38,17 +38,20 @@ class ShardWorker:
         self.runner: ModelRunner | None = None
         self.timeline: collections.deque = collections.deque(maxlen=256)  # (start, end, tokens) of recent calls
         self.compute_delay_s = 0.0
+        self.init_method = ""  # where the group met (distributed.rendezvous), once init() ran
 
     # ---- setup ---------------------------------------------------------------------------------
-    def node_address(self) -> tuple[str, int]:
-        """(IP of this shard's node, a free port there): rank 0's answer is the group's rendezvous address."""
+    def node_address(self) -> tuple[str, str, int]:
+        """(this shard's node id, its IP, a free port there): what the group's rendezvous is chosen from."""
         ip = ray.util.get_node_ip_address()
-        return ip, free_port(ip)
+        return ray.get_runtime_context().get_node_id(), ip, free_port(ip)
 
-    def init(self, master_addr: str, master_port: int, timeout_s: float) -> tuple[str, str]:
-        """Join the group's process group and build the runner; returns (device type, backend)."""
+    def init(self, init_method: str, timeout_s: float) -> tuple[str, str]:
+        """Join the group's process group (at `init_method`, see distributed.rendezvous) and build the runner;
+        returns (device type, backend)."""
+        self.init_method = init_method
         if self.shard.tp_size * self.shard.pp_size > 1:
-            self.comm = init_shard_group(master_addr=master_addr, master_port=master_port,
+            self.comm = init_shard_group(init_method=init_method,
                                          tp_rank=self.shard.tp_rank, pp_rank=self.shard.pp_rank,
                                          tp_size=self.shard.tp_size, pp_size=self.shard.pp_size,
                                          device=self.device, timeout_s=timeout_s)
@@ -95,6 +98,10 @@ class ShardWorker:
                 "kv_cache_bytes": kv, "rss_bytes": psutil.Process(os.getpid()).memory_info().rss,
                 "device": str(self.device), "backend": self.comm.backend, "pid": os.getpid(),
                 "node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address()}
+
+    def forget_rendezvous(self) -> None:
+        """Remove the group's rendezvous file, if it met through one (the executor asks rank 0 at shutdown)."""
+        remove_rendezvous_file(self.init_method)
 
     def recent_timeline(self) -> list[tuple[float, float, int]]:
         """Wall-clock (start, end, tokens) of this shard's recent compute (benchmarks, pipeline tests)."""
