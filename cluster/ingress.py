@@ -280,12 +280,11 @@ class Frontend:
     async def encode_chat(self, route: ModelRoute, messages: list[dict[str, str]], field: str = "messages") -> list[int]:
         if not messages:
             raise ApiError.invalid(field, "must not be empty")
-        self.limits.check_messages(messages, field)
+        size = self.limits.check_messages(messages, field)
         for i, m in enumerate(messages):
             if m["role"] not in CHAT_ROLES:
                 raise ApiError.invalid(f"{field}[{i}].role", f"must be one of {', '.join(CHAT_ROLES)}")
         tok = self.tokenizer_for(route, field)
-        size = sum(len(m.get("content") or "") for m in messages)
         try:
             ids = await off_loop(size, tok.apply_chat_template, messages, add_generation_prompt=True)
         except Exception as e:  # noqa: BLE001 - the tokenizer's complaint about the messages

@@ -35,10 +35,12 @@ class InputLimits:
     def check_tokenize_text(self, text: str, field: str = "text") -> None:
         _at_most(field, len(text), self.cfg.max_tokenize_chars, "characters", "max_tokenize_chars")
 
-    def check_messages(self, messages: list[dict[str, str]], field: str = "messages") -> None:
+    def check_messages(self, messages: list[dict[str, str]], field: str = "messages") -> int:
+        """Bound the message count and their content's size; returns that size (characters)."""
         _at_most(field, len(messages), self.cfg.max_chat_messages, "messages", "max_chat_messages")
         total = sum(len(m.get("content") or "") for m in messages)
         _at_most(field, total, self.cfg.max_prompt_chars, "characters of content", "max_prompt_chars")
+        return total
 
     def check_prompt_count(self, n: int, field: str = "prompt") -> None:
         _at_most(field, n, self.cfg.max_prompts_per_request, "prompts", "max_prompts_per_request")
