@@ -37,6 +37,8 @@ GRPC_SERVICER_FUNCTIONS = [
     "cluster.pb.inference_pb2_grpc.add_InferenceServicer_to_server",
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 ]
+# Added (last) when `enable_reflection` is on: reflection v1 beside Serve's v1alpha (see cluster.reflection).
+REFLECTION_SERVICER_FUNCTIONS = ["cluster.reflection.add_reflection_v1_to_server"]
 # CPU reserved by the engine driver of a TP×PP replica (bundle 0 of its placement group).
 DRIVER_CPUS = 0.1
 INGRESS_CPUS = 0.1
@@ -162,7 +164,8 @@ def serve_start_options(cfg: ClusterConfig) -> dict[str, Any]:
     from ray.serve.config import gRPCOptions, HTTPOptions
 
     http: dict[str, Any] = {"host": cfg.host, "port": cfg.http_port}
-    grpc_opts: dict[str, Any] = {"port": cfg.grpc_port, "grpc_servicer_functions": GRPC_SERVICER_FUNCTIONS,
+    servicers = GRPC_SERVICER_FUNCTIONS + (REFLECTION_SERVICER_FUNCTIONS if cfg.enable_reflection else [])
+    grpc_opts: dict[str, Any] = {"port": cfg.grpc_port, "grpc_servicer_functions": servicers,
                                  "enable_reflection": cfg.enable_reflection,
                                  "request_timeout_s": cfg.request_timeout_s}
     http["request_timeout_s"] = cfg.request_timeout_s

@@ -224,11 +224,12 @@ def test_serve_config_is_a_cluster_config(helm, tmp_path, case):
     sc = serve_config(docs)
     ServeDeploySchema.model_validate(sc)     # what KubeRay hands to Serve's REST API
     assert sc["http_options"]["host"] == "0.0.0.0"
-    assert sc["grpc_options"]["grpc_servicer_functions"] == app_constant("GRPC_SERVICER_FUNCTIONS")
     [app] = sc["applications"]
     assert app["import_path"] == "cluster.app:build_app"
     assert app["name"] == app_constant("APP_NAME")
     cfg = ClusterConfig.from_dict(app["args"])
+    reflection = app_constant("REFLECTION_SERVICER_FUNCTIONS") if cfg.enable_reflection else []
+    assert sc["grpc_options"]["grpc_servicer_functions"] == app_constant("GRPC_SERVICER_FUNCTIONS") + reflection
     # The proxies bind every interface so the Services reach them, on the ports the config names.
     assert cfg.host == "0.0.0.0"
     assert sc["http_options"]["port"] == cfg.http_port and sc["grpc_options"]["port"] == cfg.grpc_port

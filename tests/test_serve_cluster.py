@@ -109,15 +109,36 @@ def test_health_overall_and_per_model(client):
     assert err.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_reflection_lists_the_services(cluster):
-    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+def _reflect(channel, service: str, request) -> list:
+    """Responses of one ServerReflectionInfo call on `service` (v1 and v1alpha share their messages)."""
+    from grpc_reflection.v1alpha import reflection_pb2
 
+    call = channel.stream_stream(f"/{service}/ServerReflectionInfo",
+                                 request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                                 response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+    return list(call(iter([request]), timeout=30))
+
+
+@pytest.mark.parametrize("version", ["v1", "v1alpha"])
+def test_reflection_lists_and_describes_the_services(cluster, version):
+    """grpcurl / Postman ask grpc.reflection.v1 first, older clients v1alpha: both answer, and both can
+    describe herd's service (the file holding it, with its request and response messages)."""
+    from google.protobuf import descriptor_pb2
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    service = f"grpc.reflection.{version}.ServerReflection"
     with cluster.channel() as ch:
-        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
-        responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
-                                              timeout=30)
-        names = {s.name for r in responses for s in r.list_services_response.service}
-    assert {"herd.v1.Inference", "grpc.health.v1.Health"} <= names
+        [listed] = _reflect(ch, service, reflection_pb2.ServerReflectionRequest(list_services=""))
+        names = {s.name for s in listed.list_services_response.service}
+        [described] = _reflect(ch, service, reflection_pb2.ServerReflectionRequest(
+            file_containing_symbol="herd.v1.Inference"))
+    assert {"herd.v1.Inference", "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection"} <= names
+    files = [descriptor_pb2.FileDescriptorProto.FromString(b)
+             for b in described.file_descriptor_response.file_descriptor_proto]
+    herd_file = next(f for f in files if f.package == "herd.v1")
+    assert {m.name for m in herd_file.service[0].method} >= {"Generate", "Chat", "Tokenize", "ListModels"}
+    assert "GenerateRequest" in {m.name for m in herd_file.message_type}
 
 
 @pytest.mark.parametrize("model", ["big", "mid", "small"])

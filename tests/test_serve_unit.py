@@ -191,6 +191,14 @@ def test_serve_start_options():
     assert grpc_opts.enable_reflection is False  # off unless the config enables it
 
 
+def test_reflection_adds_the_v1_servicer_last():
+    from cluster.app import GRPC_SERVICER_FUNCTIONS, REFLECTION_SERVICER_FUNCTIONS, serve_start_options
+
+    grpc_opts = serve_start_options(_cfg(enable_reflection=True))["grpc_options"]
+    assert grpc_opts.grpc_servicer_functions == GRPC_SERVICER_FUNCTIONS + REFLECTION_SERVICER_FUNCTIONS
+    assert grpc_opts.enable_reflection is True  # Serve's own v1alpha stays on beside herd's v1
+
+
 def test_request_timeout_is_finite_by_default():
     from cluster.app import serve_start_options
 
