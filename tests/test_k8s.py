@@ -1,11 +1,11 @@
-"""`herd k8s render | apply | status | delete` (cluster/k8s.py).
+"""`herd k8s render | apply | status | delete` (cluster/k8s.py, cluster/helm.py).
 
-render: the manifest validates (KubeRay's RayService CRD schema, Kubernetes 1.30 for the Services and the
-pod templates) and its serveConfigV2 is a herd ClusterConfig; bad configs exit 2 with one line.
-apply / status / delete: against a Kubernetes API emulator on loopback (kmock), through a kubeconfig as
-kubectl would use it, driving `register_cli` with a tiny argparse parser. The CLI is synchronous (the classic
-kubernetes client), so it runs in a thread while the emulator serves on the test's event loop. kmock answers
-200 where a real API server answers 201 on creates; the client treats both as success.
+render: prints exactly what `helm template` prints for the same values (every example in helm/examples/), and
+passes the chart's refusals on in one line; without helm it says how to get it.
+apply / status / delete: against a Kubernetes API emulator on loopback (kmock, taught server-side apply in
+k8s_tools), through a kubeconfig as kubectl would use it, driving `register_cli` with a tiny argparse parser.
+The CLI is synchronous (the classic kubernetes client), so it runs in a thread while the emulator serves on
+the test's event loop.
 """
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ import contextlib
 import io
 import json
 import socket
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import kmock as kmock_lib
-import kubernetes_validate
 import pytest
 import yaml
 
@@ -27,24 +27,29 @@ import k8s_tools
 from cluster import k8s
 from cluster.config import ClusterConfig
 
+pytestmark = pytest.mark.kmock(cls=k8s_tools.server_side_apply_emulator())
+
 RS = "ray.io/v1/rayservices"
 RC = "ray.io/v1/rayclusters"
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = sorted((REPO / "helm" / "examples").glob("*.yaml"))
 
-CONFIG = {
-    "grpc_port": 9000,
-    "http_port": 8000,
-    "request_timeout_s": 60,
+# Chart values: a 70B TP4 x PP2 group and an autoscaled 8B on 2..4 pods of 4 GPUs, weights on a PVC,
+# API keys from an existing Secret (so no key is generated: renders are reproducible).
+VALUES = {
+    "image": {"repository": "ghcr.io/acme/herd", "tag": "0.1.0"},
+    "config": {"request_timeout_s": 60},
+    "apiKeys": {"existingSecret": "herd-keys"},
+    "weights": {"source": "pvc", "pvc": {"existingClaim": "llama-weights"}},
     "models": [
         {"name": "llama2-70b", "path": "llama2-70b", "tensor_parallel_size": 4, "pipeline_parallel_size": 2,
          "resources_per_shard": {"GPU": 1}, "num_replicas": 1},
-        {"name": "llama3-8b", "path": "/weights/llama3-8b", "resources_per_shard": {"GPU": 1},
+        {"name": "llama3-8b", "path": "/models/llama3-8b", "resources_per_shard": {"GPU": 1},
          "autoscaling_config": {"min_replicas": 1, "max_replicas": 8}},
     ],
+    "workerGroups": [{"name": "gpu", "gpus": 4, "replicas": 2, "minReplicas": 2, "maxReplicas": 4}],
+    "autoscaling": {"enabled": True},
 }
-# 8 (70B) + 8 (8B at max) = 16 GPUs = 4 pods x 4 GPUs.
-RENDER_ARGS = ["--image", "ghcr.io/acme/herd:0.1.0", "--gpus-per-worker", "4", "--workers", "2",
-               "--min-workers", "2", "--max-workers", "4", "--autoscale", "--models-pvc", "llama-weights",
-               "--api-keys-secret", "herd-keys", "--node-selector", "nvidia.com/gpu.product=NVIDIA-H100-80GB-HBM3"]
 
 
 def run_cli(argv: list[str]) -> tuple[int, str, str]:
@@ -58,10 +63,25 @@ def run_cli(argv: list[str]) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
+@pytest.fixture(scope="session")
+def helm_binary() -> Path:
+    try:
+        return k8s_tools.ensure_helm()
+    except k8s_tools.ToolUnavailable as e:
+        pytest.fail(f"cannot install helm for the render tests: {e}")
+
+
+@pytest.fixture(autouse=True)
+def helm(monkeypatch, helm_binary) -> Path:
+    """`herd k8s` finds the tests' helm through $HERD_HELM, as a user may point it at theirs."""
+    monkeypatch.setenv("HERD_HELM", str(helm_binary))
+    return helm_binary
+
+
 @pytest.fixture
-def config_file(tmp_path: Path) -> Path:
-    p = tmp_path / "cluster.yaml"
-    p.write_text(yaml.safe_dump(CONFIG))
+def values_file(tmp_path: Path) -> Path:
+    p = tmp_path / "values.yaml"
+    p.write_text(yaml.safe_dump(VALUES))
     return p
 
 
@@ -91,149 +111,150 @@ def kubeconfig_for(tmp_path):
     return make
 
 
+CHART_KINDS = {"v1/services": "Service", "v1/secrets": "Secret", "v1/serviceaccounts": "ServiceAccount",
+               "v1/configmaps": "ConfigMap", "v1/pods": "Pod",
+               "networking.k8s.io/v1/networkpolicies": "NetworkPolicy",
+               "policy/v1/poddisruptionbudgets": "PodDisruptionBudget"}
+
+
 def declare_kuberay(kmock) -> None:
-    """The KubeRay CRDs, as API discovery shows them."""
-    kmock.resources[RS] = kmock_lib.ResourceInfo(kind="RayService", namespaced=True, verbs={"get", "list", "create", "patch", "delete"})
+    """KubeRay's CRDs and the core kinds the chart renders, as API discovery shows them."""
+    kmock.resources[RS] = kmock_lib.ResourceInfo(kind="RayService", namespaced=True, verbs={"get", "list", "patch", "delete"})
     kmock.resources[RC] = kmock_lib.ResourceInfo(kind="RayCluster", namespaced=True, verbs={"get", "list"})
-    kmock.resources["v1/services"] = kmock_lib.ResourceInfo(kind="Service", namespaced=True)
-    kmock.resources["v1/pods"] = kmock_lib.ResourceInfo(kind="Pod", namespaced=True)
+    for resource, kind in CHART_KINDS.items():
+        kmock.resources[resource] = kmock_lib.ResourceInfo(kind=kind, namespaced=True)
 
 
-# ==== render ================================================================================================
-def test_render_is_a_valid_rayservice(config_file):
-    from ray.serve.schema import ServeDeploySchema
+def helm_template(helm: Path, *args: str, release: str = "herd") -> str:
+    proc = subprocess.run([str(helm), "template", release, str(REPO / "helm" / "herd"), *args],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
 
-    code, out, err = run_cli(["k8s", "render", "-f", str(config_file), "-n", "llm", *RENDER_ARGS])
+
+def without_generated_keys(text: str) -> list[dict]:
+    """The manifests, with the chart's randomly generated API key (new on every render) blanked."""
+    docs = [d for d in yaml.safe_load_all(text) if d]
+    for d in docs:
+        if d["kind"] == "Secret" and d["metadata"]["name"].endswith("-api-keys"):
+            d["data"] = {k: "<generated>" for k in d["data"]}
+    return docs
+
+
+# ==== render: the chart, through helm ===================================================================
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
+def test_render_is_helm_template(helm, example):
+    code, out, err = run_cli(["k8s", "render", "-f", str(example)])
     assert code == 0, err
-    docs = list(yaml.safe_load_all(out))
-    assert [d["kind"] for d in docs] == ["RayService", "Service", "Service"]
-    rs = docs[0]
-
-    errors = k8s_tools.rayservice_errors(rs)
-    assert not errors, errors[:5]
-    for svc in docs[1:]:
-        kubernetes_validate.validate(svc, "1.30", strict=True)
-    cluster = rs["spec"]["rayClusterConfig"]
-    for template in [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]:
-        kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"},
-                                      "template": template}, "1.30", strict=True)
-
-    sc = yaml.safe_load(rs["spec"]["serveConfigV2"])
-    ServeDeploySchema.model_validate(sc)
-    [app] = sc["applications"]
-    assert app["import_path"] == "cluster.app:build_app"
-    cfg = ClusterConfig.from_dict(app["args"])
-    assert cfg.host == "0.0.0.0" and sc["http_options"]["host"] == "0.0.0.0"
-    assert sc["grpc_options"]["port"] == 9000 and sc["http_options"]["request_timeout_s"] == 60
-    assert cfg.api_keys_file == "/etc/herd/api-keys/api-keys"
-    paths = {m.name: m.path for m in cfg.models}
-    assert paths == {"llama2-70b": "/models/llama2-70b", "llama3-8b": "/weights/llama3-8b"}
-
-    assert rs["metadata"]["namespace"] == "llm"
-    assert cluster["headGroupSpec"]["rayStartParams"] == {"num-cpus": "0", "dashboard-host": "0.0.0.0"}
-    assert cluster["enableInTreeAutoscaling"] is True
-    [group] = cluster["workerGroupSpecs"]
-    assert (group["replicas"], group["minReplicas"], group["maxReplicas"]) == (2, 2, 4)
-    pod = group["template"]["spec"]
-    res = pod["containers"][0]["resources"]
-    assert res["requests"]["nvidia.com/gpu"] == res["limits"]["nvidia.com/gpu"] == "4"
-    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
-    vols = {v["name"]: v for v in pod["volumes"]}
-    assert vols["shared-mem"]["emptyDir"]["medium"] == "Memory"
-    assert vols["models"]["persistentVolumeClaim"] == {"claimName": "llama-weights", "readOnly": True}
-    assert vols["api-keys"]["secret"]["secretName"] == "herd-keys"
-    assert pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"][-1] == "ray stop"
-    grpc = docs[1]
-    assert grpc["metadata"]["name"] == "herd-grpc"
-    assert grpc["spec"]["ports"][0] == {"name": "grpc", "port": 9000, "targetPort": "grpc", "protocol": "TCP",
-                                        "appProtocol": "grpc"}
-    assert grpc["spec"]["selector"] == {"herd.dev/instance": "herd", "ray.io/serve": "true"}
+    assert without_generated_keys(out) == without_generated_keys(helm_template(helm, "--values", str(example)))
+    assert any(d["kind"] == "RayService" for d in yaml.safe_load_all(out) if d)
 
 
-def test_render_to_file_and_cpu_workers(tmp_path):
-    cfg = tmp_path / "demo.yaml"
-    cfg.write_text(yaml.safe_dump({"models": [{"name": "tiny", "path": "/m/tiny", "resources_per_shard": {"CPU": 0.5},
-                                               "tensor_parallel_size": 2}]}))
-    code, _, err = run_cli(["k8s", "render", "-f", str(cfg), "--gpus-per-worker", "0", "--no-services",
-                            "-o", str(tmp_path / "rs.yaml")])
+def test_render_passes_values_sets_namespace_and_release(helm, values_file, tmp_path):
+    sets = ["--set", "workerGroups[0].maxReplicas=5", "--set", "config.request_timeout_s=30"]
+    args = ["-f", str(values_file), *sets]
+    code, _, err = run_cli(["k8s", "render", *args, "--name", "llama", "-n", "llm", "-o", str(tmp_path / "rs.yaml")])
     assert code == 0, err
-    [rs] = list(yaml.safe_load_all((tmp_path / "rs.yaml").read_text()))
-    [group] = rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]
-    assert group["groupName"] == "cpu"
-    assert "nvidia.com/gpu" not in group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    text = (tmp_path / "rs.yaml").read_text()
+    assert err.strip() == f"wrote {len(without_generated_keys(text))} object(s) to {tmp_path / 'rs.yaml'}"
+    expected = helm_template(helm, "--namespace", "llm", "--values", str(values_file), *sets, release="llama")
+    assert without_generated_keys(text) == without_generated_keys(expected)
+    [rs] = [d for d in yaml.safe_load_all(text) if d and d["kind"] == "RayService"]
+    assert rs["metadata"]["name"] == "llama-herd"
+    assert rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["maxReplicas"] == 5
+    [app] = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"]
+    assert ClusterConfig.from_dict(app["args"]).request_timeout_s == 30
 
 
-@pytest.mark.parametrize("config, extra, message", [
-    (CONFIG, ["--gpus-per-worker", "4", "--workers", "2"],
-     "models need 16 GPUs at their largest size (llama2-70b: TP x PP = 4 x 2 x 1 GPU x 1 replica(s); "
-     "llama3-8b: TP x PP = 1 x 1 x 1 GPU x 8 replica(s)), but the workers provide 8 (2 pod(s) x 4 GPU)"),
-    ({"models": [{"name": "m", "path": "/m", "tensor_parallel_size": 8, "placement_strategy": "STRICT_PACK",
-                  "resources_per_shard": {"GPU": 1}}]}, ["--gpus-per-worker", "4", "--workers", "2"],
-     "STRICT_PACK puts all TP x PP = 8 x 1 shards (8 GPUs) on one node, but a worker has 4 GPUs"),
-    ({"api_keys": ["sk-123"], "models": [{"name": "m", "path": "/m", "resources_per_shard": {"GPU": 1}}]}, [],
-     "inline api_keys"),
-    ({"models": [{"name": "m", "path": "/m", "tensor_parallel_size": 0}]}, [],
-     "models[0].tensor_parallel_size: Input should be greater than or equal to 1"),
-    ({"models": [{"name": "m", "path": "/m"}], "hots": "0.0.0.0"}, [], "hots: unknown key"),
-])
-def test_render_rejects_bad_configs(tmp_path, config, extra, message):
-    cfg = tmp_path / "bad.yaml"
-    cfg.write_text(yaml.safe_dump(config))
-    code, out, err = run_cli(["k8s", "render", "-f", str(cfg), *extra])
+def test_render_reports_what_the_chart_refuses(values_file):
+    # 8 (70B) + 8 (8B at max) = 16 GPUs; two pods of 4 at most provide 8.
+    code, out, err = run_cli(["k8s", "render", "-f", str(values_file), "--set", "workerGroups[0].maxReplicas=2"])
     assert code == 2 and out == ""
-    assert message in err, err
+    assert err.startswith("herd k8s: helm template refused the values: ")
+    assert "models need 16 GPUs at their largest size" in err and "but the worker groups provide 8" in err
     assert "Traceback" not in err and err.count("\n") == 1
 
 
+def test_render_without_helm_says_how_to_get_it(monkeypatch, values_file, tmp_path):
+    monkeypatch.delenv("HERD_HELM")
+    monkeypatch.setenv("PATH", str(tmp_path))          # no helm anywhere
+    code, out, err = run_cli(["k8s", "render", "-f", str(values_file)])
+    assert code == 2 and out == ""
+    assert err.startswith("herd k8s: helm is not on PATH; install helm (https://helm.sh/docs/intro/install/)")
+    assert "--helm" in err and "$HERD_HELM" in err
+    code, _, err = run_cli(["k8s", "render", "-f", str(values_file), "--helm", str(tmp_path / "helm")])
+    assert code == 2 and err.startswith(f"herd k8s: helm not found at {tmp_path / 'helm'}; install helm")
+    code, _, err = run_cli(["k8s", "render", "-f", str(values_file), "--chart", str(tmp_path)])
+    assert code == 2 and f"{tmp_path} has no Chart.yaml; pass --chart" in err
+
+
 # ==== apply / status / delete against the emulator =====================================================
+def _applied(kmock) -> list[str]:
+    return [str(r.url.path) for r in list(kmock) if r.method == "PATCH"]
+
+
 @pytest.mark.asyncio
-async def test_apply_creates_then_patches(kmock, kubeconfig_for, config_file):
+async def test_apply_is_server_side_apply_of_every_chart_object(kmock, kubeconfig_for, values_file, helm):
     declare_kuberay(kmock)
     kc = kubeconfig_for(kmock)
-    argv = ["k8s", "apply", "-f", str(config_file), "--kubeconfig", str(kc), *RENDER_ARGS]
+    argv = ["k8s", "apply", "-f", str(values_file), "--kubeconfig", str(kc)]
 
     code, out, err = await asyncio.to_thread(run_cli, argv)
     assert code == 0, err
-    assert out.splitlines() == ["rayservice/herd created (namespace llm)", "service/herd-grpc created (namespace llm)",
-                                "service/herd-http created (namespace llm)"]
-    # What reached the API: the rendered RayService, in the kubeconfig context's namespace, with a token.
-    posts = [r for r in list(kmock) if r.method == "POST"]
-    assert [str(r.url.path) for r in posts] == ["/apis/ray.io/v1/namespaces/llm/rayservices",
-                                               "/api/v1/namespaces/llm/services", "/api/v1/namespaces/llm/services"]
-    assert posts[0].headers["Authorization"] == "Bearer test-token"
+    rendered = without_generated_keys(helm_template(helm, "--namespace", "llm", "--values", str(values_file)))
+    assert out.splitlines() == [f"{d['kind'].lower()}/{d['metadata']['name']} serverside-applied (namespace llm)"
+                                for d in rendered]
+    # What reached the API: one apply per object, in helm's order, in the kubeconfig context's namespace.
+    patches = [r for r in list(kmock) if r.method == "PATCH"]
+    assert len(patches) == len(rendered)
+    for r in patches:
+        assert r.headers["Content-Type"] == "application/apply-patch+yaml"
+        assert r.params == {"fieldManager": "herd", "force": "true"}
+        assert r.headers["Authorization"] == "Bearer test-token"
+    assert patches[-1].url.path == "/apis/ray.io/v1/namespaces/llm/rayservices/herd"
     stored = kmock.objects[RS, "llm", "herd"]
     assert stored["metadata"]["namespace"] == "llm"
+    recorded = json.loads(stored["metadata"]["annotations"][k8s.INVENTORY_ANNOTATION])
+    assert recorded == [[d["apiVersion"], d["kind"], d["metadata"]["name"]] for d in rendered if d["kind"] != "RayService"]
     args = yaml.safe_load(stored["spec"]["serveConfigV2"])["applications"][0]["args"]
     assert ClusterConfig.from_dict(args).models[0].name == "llama2-70b"
     assert kmock.objects["v1/services", "llm", "herd-grpc"]["spec"]["ports"][0]["appProtocol"] == "grpc"
 
-    # Again, with a change: 409 on create, then a merge patch of the same object.
-    config = yaml.safe_load(config_file.read_text())
-    config["models"][1]["autoscaling_config"]["max_replicas"] = 4
-    config_file.write_text(yaml.safe_dump(config))
+    # Again, with a change: the same applies, and the stored RayService has the new value.
+    VALUES_CHANGED = dict(VALUES, models=[VALUES["models"][0], dict(VALUES["models"][1],
+                                                                    autoscaling_config={"max_replicas": 4})])
+    values_file.write_text(yaml.safe_dump(VALUES_CHANGED))
     code, out, err = await asyncio.to_thread(run_cli, argv)
     assert code == 0, err
-    assert out.splitlines()[0] == "rayservice/herd configured (namespace llm)"
-    patches = [r for r in list(kmock) if r.method == "PATCH"]
-    assert [str(r.url.path) for r in patches][0] == "/apis/ray.io/v1/namespaces/llm/rayservices/herd"
-    assert patches[0].headers["Content-Type"] == "application/merge-patch+json"
+    assert _applied(kmock)[len(rendered):] == _applied(kmock)[:len(rendered)]
     args = yaml.safe_load(kmock.objects[RS, "llm", "herd"]["spec"]["serveConfigV2"])["applications"][0]["args"]
     assert args["models"][1]["autoscaling_config"]["max_replicas"] == 4
 
 
 @pytest.mark.asyncio
-async def test_apply_a_rendered_manifest_in_another_context(kmock, kubeconfig_for, config_file, tmp_path):
+async def test_apply_a_rendered_manifest_in_another_context(kmock, kubeconfig_for, values_file, tmp_path):
     declare_kuberay(kmock)
     kc = kubeconfig_for(kmock)
     manifest = tmp_path / "rs.yaml"
-    code, _, err = run_cli(["k8s", "render", "-f", str(config_file), "--name", "llama", "--no-services",
-                            "-o", str(manifest), *RENDER_ARGS])
+    code, _, err = run_cli(["k8s", "render", "-f", str(values_file), "--name", "llama", "-o", str(manifest)])
     assert code == 0, err
     code, out, err = await asyncio.to_thread(
         run_cli, ["k8s", "apply", "-f", str(manifest), "--kubeconfig", str(kc), "--context", "other"])
     assert code == 0, err
-    assert out.strip() == "rayservice/llama created (namespace team-b)"
-    assert kmock.objects[RS, "team-b", "llama"]["kind"] == "RayService"
+    assert out.splitlines()[-1] == "rayservice/llama-herd serverside-applied (namespace team-b)"
+    assert kmock.objects[RS, "team-b", "llama-herd"]["kind"] == "RayService"
+    # A manifest is applied as it is: no values or --set beside it.
+    code, _, err = await asyncio.to_thread(
+        run_cli, ["k8s", "apply", "-f", str(manifest), "--set", "x=1", "--kubeconfig", str(kc)])
+    assert code == 2 and "is a rendered manifest: apply it alone" in err
+
+
+async def _apply(kmock, kubeconfig_for, values_file) -> Path:
+    declare_kuberay(kmock)
+    kc = kubeconfig_for(kmock)
+    code, _, err = await asyncio.to_thread(run_cli, ["k8s", "apply", "-f", str(values_file), "--kubeconfig", str(kc)])
+    assert code == 0, err
+    return kc
 
 
 SERVE_DETAILS = {"applications": {"herd": {"status": "RUNNING", "deployments": {
@@ -275,12 +296,8 @@ def _seed_cluster(kmock, cluster: str) -> None:
 
 
 @pytest.mark.asyncio
-async def test_status_prints_conditions_models_and_worker_groups(kmock, kubeconfig_for, config_file):
-    declare_kuberay(kmock)
-    kc = kubeconfig_for(kmock)
-    code, _, err = await asyncio.to_thread(run_cli, ["k8s", "apply", "-f", str(config_file), "--kubeconfig", str(kc),
-                                                     *RENDER_ARGS])
-    assert code == 0, err
+async def test_status_prints_conditions_models_and_worker_groups(kmock, kubeconfig_for, values_file):
+    kc = await _apply(kmock, kubeconfig_for, values_file)
     cluster = "herd-raycluster-x7k2p"
     _seed_cluster(kmock, cluster)
     # The Ray dashboard, through the API server's service proxy.
@@ -304,12 +321,8 @@ async def test_status_prints_conditions_models_and_worker_groups(kmock, kubeconf
 
 
 @pytest.mark.asyncio
-async def test_status_without_dashboard_shows_configured_replicas(kmock, kubeconfig_for, config_file):
-    declare_kuberay(kmock)
-    kc = kubeconfig_for(kmock)
-    code, _, err = await asyncio.to_thread(run_cli, ["k8s", "apply", "-f", str(config_file), "--kubeconfig", str(kc),
-                                                     *RENDER_ARGS])
-    assert code == 0, err
+async def test_status_without_dashboard_shows_configured_replicas(kmock, kubeconfig_for, values_file):
+    kc = await _apply(kmock, kubeconfig_for, values_file)
     # Just created: KubeRay has not reported anything yet.
     code, out, err = await asyncio.to_thread(run_cli, ["k8s", "status", "herd", "--json", "--kubeconfig", str(kc)])
     assert code == 0, err
@@ -329,20 +342,22 @@ async def test_status_without_dashboard_shows_configured_replicas(kmock, kubecon
 
 
 @pytest.mark.asyncio
-async def test_delete(kmock, kubeconfig_for, config_file):
-    declare_kuberay(kmock)
-    kc = kubeconfig_for(kmock)
-    code, _, err = await asyncio.to_thread(run_cli, ["k8s", "apply", "-f", str(config_file), "--kubeconfig", str(kc),
-                                                     *RENDER_ARGS])
-    assert code == 0, err
-    # A Service of the same name that herd did not create stays.
-    kmock.objects["v1/services", "llm", "herd-http"].patch({"metadata": {"labels": {"app.kubernetes.io/managed-by": "Helm"}}})
+async def test_delete_removes_what_apply_made(kmock, kubeconfig_for, values_file):
+    kc = await _apply(kmock, kubeconfig_for, values_file)
+    recorded = json.loads(kmock.objects[RS, "llm", "herd"]["metadata"]["annotations"][k8s.INVENTORY_ANNOTATION])
+    assert ["v1", "Service", "herd-grpc"] in recorded
+    # An object that apply did not make stays, even with the release's name in it.
+    kmock.objects["v1/services", "llm", "herd-extra"] = {"apiVersion": "v1", "kind": "Service",
+                                                         "metadata": {"name": "herd-extra", "namespace": "llm"}}
 
     code, out, err = await asyncio.to_thread(run_cli, ["k8s", "delete", "--kubeconfig", str(kc)])
     assert code == 0, err
-    assert out.splitlines() == ["rayservice/herd deleted (namespace llm)", "service/herd-grpc deleted (namespace llm)"]
+    assert out.splitlines() == ["rayservice/herd deleted (namespace llm)"] + [
+        f"{kind.lower()}/{name} deleted (namespace llm)" for _, kind, name in recorded]
     deletes = [str(r.url.path) for r in list(kmock) if r.method == "DELETE"]
-    assert deletes == ["/apis/ray.io/v1/namespaces/llm/rayservices/herd", "/api/v1/namespaces/llm/services/herd-grpc"]
+    assert deletes[0] == "/apis/ray.io/v1/namespaces/llm/rayservices/herd"
+    assert "/api/v1/namespaces/llm/services/herd-grpc" in deletes and len(deletes) == 1 + len(recorded)
+    assert not kmock.objects["v1/services", "llm", "herd-extra"].deleted
 
     code, out, err = await asyncio.to_thread(run_cli, ["k8s", "delete", "--kubeconfig", str(kc)])
     assert code == 1 and err.strip() == "herd k8s: RayService llm/herd not found"
@@ -354,15 +369,28 @@ async def test_delete(kmock, kubeconfig_for, config_file):
 
 # ==== clear errors ==========================================================================================
 @pytest.mark.asyncio
-async def test_crd_missing(kmock, kubeconfig_for, config_file):
+async def test_crd_missing(kmock, kubeconfig_for, values_file):
     kc = kubeconfig_for(kmock)      # an API server without KubeRay: ray.io/v1 is not served
-    kmock["post", kmock_lib.resource(RS)] << kmock_lib.KubernetesResourceNotFoundError
+    for resource, kind in CHART_KINDS.items():
+        kmock.resources[resource] = kmock_lib.ResourceInfo(kind=kind, namespaced=True)
     kmock["get /apis/ray.io/v1"] << kmock_lib.KubernetesResourceNotFoundError
-    for argv in (["k8s", "status"], ["k8s", "delete"], ["k8s", "apply", "-f", str(config_file), *RENDER_ARGS]):
+    for argv in (["k8s", "status"], ["k8s", "delete"], ["k8s", "apply", "-f", str(values_file)]):
         code, out, err = await asyncio.to_thread(run_cli, [*argv, "--kubeconfig", str(kc)])
         assert code == 2, (argv, out, err)
         assert "the RayService custom resource (rayservices.ray.io/v1) is not installed" in err
         assert "KubeRay operator" in err and "Traceback" not in err
+    assert not [r for r in list(kmock) if r.method == "PATCH"]     # nothing applied before the check
+
+
+@pytest.mark.asyncio
+async def test_apply_refuses_a_kind_the_cluster_does_not_serve(kmock, kubeconfig_for, values_file):
+    declare_kuberay(kmock)           # no Prometheus Operator: monitoring.coreos.com/v1 is not served
+    kc = kubeconfig_for(kmock)
+    code, out, err = await asyncio.to_thread(run_cli, ["k8s", "apply", "-f", str(values_file), "--set",
+                                                       "monitoring.podMonitor.enabled=true", "--kubeconfig", str(kc)])
+    assert code == 2 and out == ""
+    assert err.strip() == (f"herd k8s: the Kubernetes API at {str(kmock.url).rstrip('/')} does not serve PodMonitor "
+                           "(monitoring.coreos.com/v1): install what provides it, or turn that feature off in the values")
 
 
 @pytest.mark.asyncio
@@ -378,12 +406,12 @@ async def test_forbidden(kmock, kubeconfig_for):
                            'User "tester" cannot get resource "rayservices"')
 
 
-def test_api_unreachable(tmp_path, config_file):
+def test_api_unreachable(tmp_path, values_file):
     with socket.socket() as s:                  # a loopback port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     kc = write_kubeconfig(tmp_path / "kubeconfig", f"http://127.0.0.1:{port}")
-    for argv in (["k8s", "status"], ["k8s", "delete"], ["k8s", "apply", "-f", str(config_file), *RENDER_ARGS]):
+    for argv in (["k8s", "status"], ["k8s", "delete"], ["k8s", "apply", "-f", str(values_file)]):
         code, out, err = run_cli([*argv, "--kubeconfig", str(kc)])
         assert code == 2, (argv, err)
         assert err.startswith(f"herd k8s: cannot reach the Kubernetes API at http://127.0.0.1:{port}"), err
