@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
@@ -62,6 +63,7 @@ from ray.serve.request_router import (
     RunningReplica,
 )
 
+from cluster.metrics import RouterMetrics
 from workers.block_hash import (filter_from_hashes, filter_hits, filter_positions, filter_probe, filter_shape,
                                 hash_token_blocks)
 
@@ -103,6 +105,7 @@ def routing_stats(engine: Any, max_hashes: int = DEFAULT_REPORT_MAX_HASHES) -> d
         "num_waiting": int(stats.num_waiting),
         "kv_blocks_total": int(stats.kv_blocks_total),
         "kv_blocks_free": int(stats.kv_blocks_free),
+        "at": time.time(),              # when it was built (wall clock): the router's report-age metric
     }
     if block_filter is not None:
         report["filter"] = bytes(block_filter["bits"])
@@ -141,6 +144,7 @@ class ReplicaView:
     filter_k: int = 0
     optimistic: "OrderedDict[int, float]" = field(default_factory=OrderedDict)  # hash -> routed at (oldest first)
     report: Optional[dict] = None                           # the report object ingested last (identity = new)
+    report_at: Optional[float] = None                       # wall-clock time the report was built (or ingested)
     block_size: Optional[int] = None
     num_running: Optional[int] = None
     num_waiting: Optional[int] = None
@@ -206,6 +210,12 @@ class PrefixCacheRouter(RequestRouter):
         self._grace_s = float(optimistic_grace_s)
         self._ttl_s = float(optimistic_ttl_s)
         self._views: dict[ReplicaID, ReplicaView] = {}
+        self._metrics = RouterMetrics(self._model_name())
+
+    def _model_name(self) -> str:
+        """The model this router routes for (its deployment is `model-<name>`, cluster.app.deployment_name)."""
+        dep = getattr(getattr(self, "_deployment_id", None), "name", None) or "unknown"
+        return dep[len("model-"):] if dep.startswith("model-") else dep
 
     # Defaults for a router Serve built without calling initialize_state (it always calls it today).
     def _state(self) -> dict[ReplicaID, ReplicaView]:
@@ -245,6 +255,8 @@ class PrefixCacheRouter(RequestRouter):
                 logger.warning("ignoring routing report filters over max_filter_bytes=%d (this one: %d bytes)",
                                self._max_filter_bytes, len(bits))
             v.filter_bits, v.filter_k = None, 0
+        at = report.get("at")
+        v.report_at = float(at) if isinstance(at, (int, float)) else time.time()
         bs = report.get("block_size")
         v.block_size = int(bs) if bs else None
         for key in ("num_running", "num_waiting", "kv_blocks_total", "kv_blocks_free"):
@@ -397,8 +409,10 @@ class PrefixCacheRouter(RequestRouter):
             return []
         for r in candidates:  # cheap when nothing changed (identity check)
             self._ingest_report(r)
+        self._record_report_ages(candidates)
         token_ids = request_token_ids(pending_request)
         if token_ids is None:
+            self._note_decision(pending_request, "fallback", {})
             return self._power_of_two(candidates)
         ttl_cutoff = self._now() - self._ttl_s
         matches: dict[ReplicaID, int] = {}
@@ -416,6 +430,7 @@ class PrefixCacheRouter(RequestRouter):
 
         best = max(matches.values())
         if best < self._min_match_blocks:
+            self._note_decision(pending_request, "fallback", matches)
             return self._power_of_two(candidates)
 
         loads = {r.replica_id: self.load(r) for r in candidates}
@@ -429,16 +444,42 @@ class PrefixCacheRouter(RequestRouter):
         if loads[chosen.replica_id] - least > self._margin or chosen not in unsaturated:
             least_loaded = [r for r in unsaturated if loads[r.replica_id] == least]
             rest = [r for r in candidates if r not in least_loaded]
+            self._note_decision(pending_request, "load", matches)
             return [least_loaded, rest] if rest else [least_loaded]
         rest = sorted((r for r in candidates if r is not chosen),
                       key=lambda r: (-matches[r.replica_id], loads[r.replica_id]))
+        self._note_decision(pending_request, "affinity", matches)
         return [[chosen], rest] if rest else [[chosen]]
+
+    # ---- metrics (cluster.metrics.RouterMetrics) -----------------------------------------------------------
+    @staticmethod
+    def _note_decision(pending_request: Optional[PendingRequest], reason: str,
+                       matches: dict[ReplicaID, int]) -> None:
+        """Keep why the request was ranked as it was, for on_request_routed to count once the replica that
+        took it is known (Serve may call choose_replicas several times for one request)."""
+        if pending_request is not None:
+            try:
+                setattr(pending_request, "_herd_decision", (reason, matches))
+            except AttributeError:
+                pass
+
+    def _record_report_ages(self, candidates: list[RunningReplica]) -> None:
+        now = time.time()
+        views = self._state()
+        for r in candidates:
+            v = views.get(r.replica_id)
+            if v is not None and v.report_at is not None:
+                self._metrics.on_report_age(r.replica_id.unique_id, now - v.report_at)
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
                           result: ReplicaResult) -> None:
         """Serve calls this once a replica accepted the request: remember its prompt blocks there."""
         token_ids = request_token_ids(pending_request)
-        if token_ids is None:
-            return
-        block_size = self._block_size_for(replica_id)
-        self.remember_routed(replica_id, self._request_hashes(pending_request, token_ids, block_size))
+        hashes = []
+        if token_ids is not None:
+            block_size = self._block_size_for(replica_id)
+            hashes = self._request_hashes(pending_request, token_ids, block_size)
+            self.remember_routed(replica_id, hashes)
+        reason, matches = getattr(pending_request, "_herd_decision", None) or ("fallback", {})
+        self._state()  # (initialize_state has run: self._metrics exists)
+        self._metrics.on_decision(reason, len(hashes), matches.get(replica_id, 0))
