@@ -7,6 +7,7 @@ Nothing here is a scenario itself: serve_bench.py, load_bench.py and soak_bench.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import itertools
 import json
@@ -20,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterator, Optional
+from typing import Any, Awaitable, Callable, Iterator, Optional, TextIO
 
 BENCH_MODEL = "bench"
 
@@ -49,16 +50,48 @@ def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def write_report(report: dict[str, Any], out: Optional[str], filename: str) -> None:
-    """The JSON report: written to `out`/filename when `out` is given (its path logged), else printed to stdout."""
+_report_streams: list[TextIO] = []       # the real stdout while stdout_reserved_for_report() is active
+
+
+@contextlib.contextmanager
+def stdout_reserved_for_report() -> Iterator[None]:
+    """Inside, whatever writes to stdout (Ray's INFO lines, worker processes that inherit the descriptor, C
+    libraries, a stray print) goes to stderr, and only `write_json` writes to the real stdout: so
+    `herd bench ... > report.json` holds exactly one JSON document. `herd bench` runs every scenario in it."""
+    sys.stdout.flush()
+    real = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    _report_streams.append(real)
+    try:
+        yield
+    finally:
+        _report_streams.pop()
+        sys.stdout.flush()
+        real.flush()
+        os.dup2(real.fileno(), 1)
+        real.close()
+
+
+def report_stream() -> TextIO:
+    """Where a report printed to stdout goes: the real stdout (see stdout_reserved_for_report)."""
+    return _report_streams[-1] if _report_streams else sys.stdout
+
+
+def write_json(report: dict[str, Any], path: Optional[str | Path]) -> None:
+    """The JSON report, once: into the file `path` (logged), else to stdout."""
     text = json.dumps(report, indent=2)
-    if out:
-        path = Path(out) / filename
+    if path:
+        path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+        path.write_text(text + "\n")
         log(f"wrote {path}")
     else:
-        print(text, flush=True)
+        print(text, file=report_stream(), flush=True)
+
+
+def write_report(report: dict[str, Any], out: Optional[str], filename: str) -> None:
+    """The JSON report: `out`/filename when the folder `out` is given, else stdout."""
+    write_json(report, Path(out) / filename if out else None)
 
 
 def figure_path(out: Optional[str], filename: str) -> Path:
@@ -91,6 +124,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def scratch_dir(prefix: str = "herd-bench-") -> Path:
+    """A new temporary folder that is removed when this process exits (a generated checkpoint is hundreds of
+    MB: a benchmark must not leave it behind, however it ends)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
 @contextlib.contextmanager
 def demo_checkpoint(shape: str, model: Optional[str] = None) -> Iterator[str]:
     """`model` if given, else a demo checkpoint of `shape` in a temporary folder that is removed afterwards."""
@@ -99,9 +140,9 @@ def demo_checkpoint(shape: str, model: Optional[str] = None) -> Iterator[str]:
         return
     from workers.demo import write_demo_checkpoint
 
-    tmp = tempfile.mkdtemp(prefix="herd-bench-")
+    tmp = scratch_dir()
     try:
-        path = str(Path(tmp) / shape)
+        path = str(tmp / shape)
         write_demo_checkpoint(path, shape)
         yield path
     finally:

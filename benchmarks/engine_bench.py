@@ -11,9 +11,9 @@ import json
 import multiprocessing as mp
 import random
 import resource
-import tempfile
 import time
-from pathlib import Path
+
+from benchmarks.bench_common import log, scratch_dir, write_json
 
 # ~58M parameters with a Llama 2 sized vocabulary: big enough that matmuls, not Python, dominate.
 BENCH_SHAPE = dict(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
@@ -88,16 +88,16 @@ def run(args) -> int:
     if args.model:
         path = args.model
     else:
-        path = str(Path(tempfile.mkdtemp(prefix="herd-bench-")) / "llama-58m")
+        path = str(scratch_dir() / "llama-58m")          # removed when the bench exits
         write_checkpoint(path, hf_config(dtype=args.dtype, **BENCH_SHAPE))
     herd = _in_process(_run_herd, path, args.dtype, args.requests, args.max_num_seqs)
-    print(json.dumps({"herd": herd}), flush=True)
+    log(json.dumps({"herd": herd}))
     result = {"model": path, "dtype": args.dtype, "requests": args.requests, "herd": herd}
     if not args.skip_transformers:
         hf = _in_process(_run_transformers, path, args.dtype, args.requests, args.hf_batch_size)
         result["transformers"] = hf
         result["speedup"] = herd["tok_per_s"] / hf["tok_per_s"]
-    print(json.dumps(result, indent=2))
+    write_json(result, None)
     return 0
 
 

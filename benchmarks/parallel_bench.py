@@ -26,6 +26,8 @@ from pathlib import Path
 import psutil
 import torch
 
+from benchmarks.bench_common import log, write_json
+
 # ~100M parameters: matmuls dominate a decode step, yet four shards fit in a small CI machine's memory.
 BENCH_SHAPE = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
                    num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048)
@@ -265,7 +267,7 @@ def run(args) -> int:
         rows.append(bench_layout(path, tp, pp, compiled, microbatches, batch=args.batch,
                                  prompt_len=args.prompt_len, new_tokens=args.new_tokens))
         if args.verbose_rows:
-            print(json.dumps(rows[-1]), flush=True)
+            log(json.dumps(rows[-1]))
 
     try:
         # The in-process layout first, before Ray (and the workers it prestarts) compete for the cores.
@@ -283,10 +285,7 @@ def run(args) -> int:
         ray.shutdown()
         if tmp is not None:
             tmp.cleanup()
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    write_json(result, args.out)
     return 0
 
 
@@ -299,6 +298,6 @@ def register_bench(bench_sub) -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--iters", type=int, default=200, help="calls per driver-hop measurement")
     p.add_argument("--hidden", type=int, default=4096, help="hidden size of the activation-transport test")
-    p.add_argument("--out", default=None, help="also write the JSON here")
-    p.add_argument("--verbose-rows", action="store_true", help="print each layout's row as it finishes")
+    p.add_argument("--out", default=None, help="write the JSON to this file (default: stdout)")
+    p.add_argument("--verbose-rows", action="store_true", help="log each layout's row (stderr) as it finishes")
     p.set_defaults(func=run)

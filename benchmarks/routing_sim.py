@@ -37,6 +37,7 @@ from typing import Optional
 
 import numpy as np
 
+from benchmarks.bench_common import report_stream
 from workers.block_hash import CountingBlockFilter, filter_positions, filter_shape
 
 BLOCK_SIZE = 16
@@ -313,7 +314,7 @@ def run(blocks_list=(100_000, 1_000_000), *, replicas: int = 8, routers: int = 4
 
 def _main(args) -> int:
     run(tuple(args.blocks), replicas=args.replicas, routers=args.routers, requests=args.requests,
-        designs=tuple(args.designs), report_every=args.report_every, seed=args.seed)
+        designs=tuple(args.designs), report_every=args.report_every, seed=args.seed, out=report_stream())
     return 0
 
 

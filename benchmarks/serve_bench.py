@@ -20,7 +20,8 @@ Self-hosted phases (one local Ray; the model deployment runs `--replicas` replic
 Against a running cluster: phase 1 with whatever router that cluster uses, plus phase 3's sampling of its
 replica count if `--ray-address` lets the bench read `serve.status()`.
 
-Figures go to stdout (JSON) and `--out` (serve_bench.json, autoscale_timeline.png). The demo checkpoints are
+The JSON report goes to stdout, or to serve_bench.json in `--out` (with autoscale_timeline.png, which
+otherwise lands in the current folder); progress goes to stderr. The demo checkpoints are
 random-weight, so the absolute numbers measure the serving path, not a real model's speed.
 """
 from __future__ import annotations
@@ -35,8 +36,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from benchmarks.bench_common import (Timeline, TimelineSampler, free_port, local_ray, percentile,  # noqa: F401
-                                     pyplot, replica_counts, save_figure)
+from benchmarks.bench_common import (Timeline, TimelineSampler, figure_path, free_port,  # noqa: F401
+                                     local_ray, log, percentile, pyplot, replica_counts, save_figure,
+                                     scratch_dir, write_report)
 
 DEFAULT_ROUTER = "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter"
 PREFIX_ROUTER = "cluster.routing:PrefixCacheRouter"
@@ -353,10 +355,10 @@ def run_self_hosted(args) -> dict[str, Any]:
     from cluster.config import ClusterConfig
     from workers.demo import write_demo_checkpoint
 
-    out = Path(args.out)
     model_path = args.checkpoint
     if model_path is None:
-        model_path = str(out / "checkpoints" / args.shape)
+        # Kept in --out for the next run; a scratch folder removed at exit without it.
+        model_path = str((Path(args.out) / "checkpoints" if args.out else scratch_dir()) / args.shape)
         if not (Path(model_path) / "config.json").is_file():
             write_demo_checkpoint(model_path, args.shape)
     grpc_port, http_port = free_port(), free_port()
@@ -376,7 +378,7 @@ def run_self_hosted(args) -> dict[str, Any]:
             info = target.model_info()
             results, wall = run_sessions(lambda p, m: target.generate(p, m), w, info.vocab_size)
             routers[label] = summarize(results, wall)
-            print(json.dumps({label: routers[label]}), flush=True)
+            log(json.dumps({label: routers[label]}))
             _undeploy()
         report["routers"] = routers
 
@@ -390,7 +392,7 @@ def run_self_hosted(args) -> dict[str, Any]:
         engine_kwargs = {"max_model_len": base["models"][0]["max_model_len"], "show_progress": False}
         local_results = in_process_latencies(model_path, prompts, args.max_tokens, engine_kwargs)
         report["grpc_overhead"] = overhead_summary(grpc_results, local_results)
-        print(json.dumps({"grpc_overhead": report["grpc_overhead"]}), flush=True)
+        log(json.dumps({"grpc_overhead": report["grpc_overhead"]}))
 
         # 3. autoscale timeline
         autoscaling = {"min_replicas": 1, "max_replicas": args.max_replicas, "target_ongoing_requests": 2,
@@ -405,7 +407,7 @@ def run_self_hosted(args) -> dict[str, Any]:
         tl = autoscale_timeline(target, info.vocab_size, lambda: replica_counts(APP_NAME, dep), phases,
                                 max_tokens=args.max_tokens)
         _undeploy()
-        png = plot_timeline(tl, out / "autoscale_timeline.png",
+        png = plot_timeline(tl, figure_path(args.out, "autoscale_timeline.png"),
                             f"herd autoscaling: {BENCH_MODEL} ({args.shape}), min 1 / max {args.max_replicas}")
         report["autoscale"] = {"png": str(png), "peak_replicas": max(tl.replicas or [0]),
                                "final_replicas": tl.replicas[-1] if tl.replicas else None,
@@ -422,7 +424,7 @@ def run_against(args) -> dict[str, Any]:
     results, wall = run_sessions(lambda p, m: target.generate(p, m), w, info.vocab_size)
     report: dict[str, Any] = {"mode": "external", "address": args.address, "model": args.model,
                               "workload": asdict(w), "cluster_router": summarize(results, wall)}
-    print(json.dumps({"cluster_router": report["cluster_router"]}), flush=True)
+    log(json.dumps({"cluster_router": report["cluster_router"]}))
     if args.ray_address:
         import ray
 
@@ -435,7 +437,7 @@ def run_against(args) -> dict[str, Any]:
             tl = autoscale_timeline(target, info.vocab_size,
                                     lambda: replica_counts(APP_NAME, deployment_name(args.model)), phases,
                                     max_tokens=args.max_tokens)
-            png = plot_timeline(tl, Path(args.out) / "autoscale_timeline.png", f"herd autoscaling: {args.model}")
+            png = plot_timeline(tl, figure_path(args.out, "autoscale_timeline.png"), f"herd autoscaling: {args.model}")
             report["autoscale"] = {"png": str(png), "peak_replicas": max(tl.replicas or [0]),
                                    "timeline": asdict(tl)}
         finally:
@@ -451,13 +453,7 @@ def _workload(args) -> Workload:
 
 def run(args) -> int:
     report = run_against(args) if args.address else run_self_hosted(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "serve_bench.json").write_text(json.dumps(report, indent=2))
-    brief = {k: v for k, v in report.items() if k != "autoscale"}
-    if "autoscale" in report:
-        brief["autoscale"] = {k: v for k, v in report["autoscale"].items() if k != "timeline"}
-    print(json.dumps(brief, indent=2))
+    write_report(report, args.out, "serve_bench.json")
     return 0
 
 
@@ -483,5 +479,6 @@ def register_bench(bench_sub) -> None:
     p.add_argument("--high-sessions", type=int, default=8, help="autoscale timeline: sessions in the high phase")
     p.add_argument("--phase-s", type=float, default=10.0, help="autoscale timeline: length of the low phase")
     p.add_argument("--downscale-delay-s", type=float, default=5.0)
-    p.add_argument("--out", default="bench-out/serve", help="folder for serve_bench.json and the PNG")
+    p.add_argument("--out", default=None, help="folder for serve_bench.json and the PNG (default: JSON to stdout, "
+                                               "PNG in the current folder)")
     p.set_defaults(func=run)

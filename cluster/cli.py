@@ -146,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if args.command == "bench":       # stdout carries the one JSON report; Ray's and other output to stderr
+            from benchmarks.bench_common import stdout_reserved_for_report
+            with stdout_reserved_for_report():
+                return int(args.func(args) or 0)
         return int(args.func(args) or 0)
     except HerdError as e:
         print(f"herd: error: {e}", file=sys.stderr)
