@@ -161,7 +161,7 @@ def test_a_post_processing_failure_fails_only_that_request(text_engine, where):
     clean = run_all(text_engine)
 
     def fault(engine, rid):
-        req = engine._requests[rid]  # test-only reach into one request's state
+        req = engine._requests[rid].completions[0]  # test-only reach into one request's (only) completion
         if where == "detokenizer":
             req.detok.add = boom
         else:

@@ -46,13 +46,22 @@ HASH_SNAPSHOT_LIMIT = 4096
 
 class _Stream:
     """One caller's stream: the request id it asked for, and the caller's loop and queue that its deltas (or
-    an exception that ends it) go to."""
+    an exception that ends it) go to. A request with n completions has one stream, paced per completion."""
 
-    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, pacing: StreamPacing):
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, pacing: StreamPacing, n: int = 1):
         self.request_id = request_id
         self.loop = loop
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.paced = PacedDeltas(pacing)  # touched by the engine thread only
+        self.n = n
+        # Touched by the engine thread only: each completion's held tokens, and how many have finished.
+        self.paced = {i: PacedDeltas(pacing) for i in range(n)}
+        self.num_finished = 0
+
+    def post_held(self, now: float) -> None:
+        """Hand over every completion's held tokens."""
+        for paced in self.paced.values():
+            if paced.pending is not None:
+                self.post(paced.take(now))
 
     def post(self, item: StreamDelta | BaseException) -> None:
         """Hand `item` to the caller (from any thread)."""
@@ -100,15 +109,19 @@ class AsyncEngine:
 
     async def generate(self, prompt: str | Sequence[int], params: SamplingParams,
                        request_id: str | None = None, *, cache_salt: int = 0) -> AsyncIterator[StreamDelta]:
-        """Stream the request's deltas. Raises the engine's typed errors: InvalidRequestError /
-        QueueFullError when it is refused, RequestFailedError when it alone failed, EngineUnavailableError
-        when the engine is down. Closing or cancelling the iteration at any point aborts the request."""
-        stream = _Stream(request_id or f"req-{uuid.uuid4().hex}", asyncio.get_running_loop(), self.pacing)
+        """Stream the request's deltas: with params.n > 1, those of all n completions (StreamDelta.index),
+        ending when all n are finished. Raises the engine's typed errors: InvalidRequestError /
+        QueueFullError when it is refused (or its grammar does not compile), RequestFailedError when it
+        alone failed, EngineUnavailableError when the engine is down. Closing or cancelling the iteration at
+        any point aborts the request (all its completions)."""
+        n = params.n if isinstance(params, SamplingParams) else 1
+        stream = _Stream(request_id or f"req-{uuid.uuid4().hex}", asyncio.get_running_loop(), self.pacing, n)
         self._open_stream(stream)
         finished = False
         try:
             self._send(functools.partial(self._admit, stream, prompt, params, cache_salt))
             held = None
+            num_finished = 0
             while True:
                 item, held = (held, None) if held is not None else (await stream.queue.get(), None)
                 if isinstance(item, BaseException):  # refused, or the engine went down
@@ -117,17 +130,20 @@ class AsyncEngine:
                     finished = True
                     raise item.error
                 # Deltas that piled up while the caller was busy go out as one: under load each hop after
-                # this one (Serve, the ingress, gRPC) then moves fewer, larger messages.
+                # this one (Serve, the ingress, gRPC) then moves fewer, larger messages. Only deltas of the
+                # same completion merge; the first other one waits for the next round.
                 while not item.finished and not stream.queue.empty():
                     later = stream.queue.get_nowait()
-                    if isinstance(later, BaseException) or later.error is not None:
+                    if isinstance(later, BaseException) or later.error is not None or later.index != item.index:
                         held = later
                         break
                     item = item.followed_by(later)
                 yield item
                 if item.finished:
-                    finished = True
-                    return
+                    num_finished += 1
+                    if num_finished >= stream.n:
+                        finished = True
+                        return
         finally:
             self._close_stream(stream)
             if not finished:  # queued behind the submission, so it finds the request wherever it is
@@ -137,10 +153,11 @@ class AsyncEngine:
         """Abort a request by id; its stream (if one is iterating) ends with a final "abort" delta."""
         def do_abort() -> None:
             stream = self._streams.pop(request_id, None)
-            final = self.engine.abort(request_id)
-            if stream is not None and final is not None:
-                stream.paced.add(final)  # with any tokens still held for it
-                stream.post(stream.paced.take(time.monotonic()))
+            finals = self.engine.abort_request(request_id)
+            if stream is not None:
+                for final in finals:
+                    stream.paced[final.index].add(final)  # with any tokens still held for it
+                stream.post_held(time.monotonic())
         self._send(do_abort)
 
     def stats(self) -> EngineStats:
@@ -254,21 +271,24 @@ class AsyncEngine:
             stream = self._streams.get(d.request_id)
             if stream is None:
                 continue
-            if d.error is not None:  # what it held, then its error (a failed delta does not merge)
-                if stream.paced.pending is not None:
-                    stream.post(stream.paced.take(now))
+            if d.error is not None:  # what it held, then its error (a failed delta does not merge); all done
+                stream.post_held(now)
                 stream.post(d)
-            else:
-                stream.paced.add(d)
-            if d.finished:
                 del self._streams[d.request_id]
-                if stream.paced.pending is not None:
-                    stream.post(stream.paced.take(now))
+                continue
+            paced = stream.paced[d.index]
+            paced.add(d)
+            if d.finished:
+                stream.post(paced.take(now))
+                stream.num_finished += 1
+                if stream.num_finished >= stream.n:
+                    del self._streams[d.request_id]
         # Every stream whose turn has come gets what it holds (also one that made nothing this step, e.g.
         # preempted: its held tokens do not wait for its next one).
         for stream in self._streams.values():
-            if stream.paced.due(now, active):
-                stream.post(stream.paced.take(now))
+            for paced in stream.paced.values():
+                if paced.due(now, active):
+                    stream.post(paced.take(now))
 
     def _admit(self, stream: _Stream, prompt, params: SamplingParams, cache_salt: int) -> None:
         if self._dead is not None:

@@ -6,6 +6,7 @@ batch API; `AsyncEngine` (async_engine.py) drives the same core from a backgroun
 """
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import logging
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from .sampling import SampleResult, Sampler, SamplingParams, SamplingState
 from .scheduler import ScheduledSeq, Scheduler
 from .sequence import Sequence
 from .stop_strings import StopStringMatcher
+from .structured_output import GrammarCompiler
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -87,22 +89,51 @@ class StreamDelta:
     num_cached_tokens: int
     # Set (with finish_reason "error") when this request alone failed and was aborted; the engine goes on.
     error: HerdError | None = None
+    index: int = 0  # which of the request's n completions these tokens belong to
+    # Per prompt token (the first has None): {token: logprob} of the actual token and the top-N. Only on the
+    # request's first delta, and only when SamplingParams.prompt_logprobs asked for it.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
     @property
     def finished(self) -> bool:
+        """This completion is finished (a request with n > 1 is finished when all n are)."""
         return self.finish_reason is not None
 
     def followed_by(self, later: "StreamDelta") -> "StreamDelta":
-        """One delta holding this one and the `later` one of the same request (neither failed)."""
+        """One delta holding this one and the `later` one of the same completion (neither failed)."""
+        if later.index != self.index or later.request_id != self.request_id:
+            raise ValueError(f"cannot merge completion {later.index} of {later.request_id!r} into completion "
+                             f"{self.index} of {self.request_id!r}")
         logprobs = None
         if self.logprobs is not None or later.logprobs is not None:
             logprobs = (self.logprobs or []) + (later.logprobs or [])
+        prompt_logprobs = self.prompt_logprobs if self.prompt_logprobs is not None else later.prompt_logprobs
         return StreamDelta(self.request_id, self.token_ids + later.token_ids, self.text + later.text, logprobs,
-                           later.finish_reason, later.num_prompt_tokens, later.num_cached_tokens)
+                           later.finish_reason, later.num_prompt_tokens, later.num_cached_tokens,
+                           index=self.index, prompt_logprobs=prompt_logprobs)
+
+
+@dataclass
+class CompletionOutput:
+    """One of a request's n completions."""
+    index: int
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    logprobs: list[dict[int, float]] | None = None
+
+    def add(self, d: StreamDelta) -> None:
+        self.token_ids += d.token_ids
+        self.text += d.text
+        if d.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + d.logprobs
+        self.finish_reason = d.finish_reason
 
 
 @dataclass
 class RequestOutput:
+    """A request's result. The top-level token_ids / text / finish_reason / logprobs are completion 0's;
+    `completions` holds all n (n = SamplingParams.n), in index order."""
     request_id: str
     prompt_token_ids: list[int]
     token_ids: list[int] = field(default_factory=list)
@@ -111,15 +142,24 @@ class RequestOutput:
     logprobs: list[dict[int, float]] | None = None
     num_cached_tokens: int = 0
     error: HerdError | None = None  # why finish_reason is "error"
+    completions: list[CompletionOutput] = field(default_factory=list)
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
     def add(self, d: StreamDelta) -> None:
-        self.token_ids += d.token_ids
-        self.text += d.text
-        if d.logprobs is not None:
-            self.logprobs = (self.logprobs or []) + d.logprobs
-        self.finish_reason = d.finish_reason
-        self.num_cached_tokens = d.num_cached_tokens
-        self.error = d.error
+        while len(self.completions) <= d.index:
+            self.completions.append(CompletionOutput(len(self.completions)))
+        self.completions[d.index].add(d)
+        if d.prompt_logprobs is not None:
+            self.prompt_logprobs = d.prompt_logprobs
+        if d.index == 0:
+            self.token_ids += d.token_ids
+            self.text += d.text
+            if d.logprobs is not None:
+                self.logprobs = (self.logprobs or []) + d.logprobs
+            self.finish_reason = d.finish_reason
+            self.num_cached_tokens = d.num_cached_tokens
+        if d.error is not None:  # a failure ends the whole request, whichever completion it came from
+            self.error, self.finish_reason = d.error, "error"
 
 
 @dataclass
@@ -132,14 +172,16 @@ class EngineStats:
     prompt_tokens: int             # cumulative
     generation_tokens: int         # cumulative
     num_preemptions: int           # cumulative
+    # Prompt tokens whose k/v were computed (not taken from the prefix cache), recomputation included.
+    prompt_tokens_computed: int = 0  # cumulative
 
     @property
     def kv_blocks_used(self) -> int:
         return self.kv_blocks_total - self.kv_blocks_free
 
 
-class _Request:
-    """Engine-side state of a request beyond what the scheduler tracks: detokenizer and stream position."""
+class _Completion:
+    """Engine-side state of one completion beyond what the scheduler tracks: detokenizer and stream position."""
 
     def __init__(self, seq: Sequence, detok: IncrementalDetokenizer | None):
         self.seq = seq
@@ -150,6 +192,32 @@ class _Request:
         self.streamed_chars = 0
         self.streamed_tokens = 0
         self.pending_logprobs: list[dict[int, float]] = []
+
+
+class _Request:
+    """A request: its n completions (n sequences of one prompt), its grammar while it compiles, and its
+    prompt logprobs while they are computed.
+
+    Only completion 0 is scheduled at first; the others (`held`) join the queue once its prefill is done,
+    so they find the whole prompt in the prefix cache and compute at most one block of it each."""
+
+    def __init__(self, request_id: str, completions: list[_Completion]):
+        self.request_id = request_id
+        self.completions = completions
+        self.params = completions[0].seq.params
+        self.unfinished = len(completions)
+        self.held: list[Sequence] = [c.seq for c in completions[1:]]
+        self.grammar: concurrent.futures.Future | None = None
+        self.prompt_logprobs: list[dict[int, float] | None] | None = None
+        self.prompt_logprobs_sent = False
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]  # the first prompt token has nothing before it
+            first = completions[0].seq
+            first.wants_prompt_logits = first.num_prompt_tokens > 1
+
+    @property
+    def seqs(self) -> list[Sequence]:
+        return [c.seq for c in self.completions]
 
 
 class Engine:
@@ -166,9 +234,12 @@ class Engine:
                                    max_num_batched_tokens=config.max_num_batched_tokens)
         self.sampler = Sampler()
         self._requests: dict[str, _Request] = {}
+        self._compiling: dict[str, _Request] = {}  # requests whose grammar is not compiled yet (not queued)
         self._ids = itertools.count()
         self._eos_ids = frozenset(model_config.eos_token_ids) | (tokenizer.stop_ids if tokenizer else frozenset())
-        self._counters = {"prefix_cache_hit_tokens": 0, "prompt_tokens": 0, "generation_tokens": 0}
+        self._counters = {"prefix_cache_hit_tokens": 0, "prompt_tokens": 0, "generation_tokens": 0,
+                          "prompt_tokens_computed": 0}
+        self._grammars: GrammarCompiler | None = None  # made at the first constrained request
 
     # ---- construction ----------------------------------------------------------------------------
     @classmethod
@@ -228,6 +299,11 @@ class Engine:
         for t in params.stop_token_ids:  # SamplingParams checked the type and sign; only we know the vocabulary
             if t >= vocab:
                 raise InvalidRequestError("stop_token_ids", f"token id {t} is outside the vocabulary [0, {vocab})")
+        for t in params.logit_bias:
+            if t >= vocab:
+                raise InvalidRequestError("logit_bias", f"token id {t} is outside the vocabulary [0, {vocab})")
+        if params.structured is not None and self.tokenizer is None:
+            raise InvalidRequestError("structured", "this model has no tokenizer, which a grammar needs")
 
     def add_request(self, prompt: str | Seq[int], params: SamplingParams, request_id: str | None = None, *,
                     cache_salt: int = 0) -> str:
@@ -235,8 +311,11 @@ class Engine:
         KV blocks computed under the same salt (e.g. one per tenant), so no tenant can probe another's
         prompts by timing. 0 is the shared, unsalted cache.
 
-        max_tokens may ask for more than the prompt leaves of max_model_len: generation then stops at
-        max_model_len with finish_reason "length" (as vLLM does), rather than refusing the request."""
+        max_tokens may ask for more than the prompt leaves of max_model_len (or be None: until the context
+        ends): generation then stops at max_model_len with finish_reason "length" (as vLLM does), rather than
+        refusing the request. With params.n > 1 the request has n completions (StreamDelta.index); a
+        grammar (params.structured) is compiled off this thread first, and a bad one fails the request with
+        its InvalidRequestError delta."""
         token_ids = self.encode_prompt(prompt)
         self.validate(token_ids, params)
         if not isinstance(cache_salt, int) or isinstance(cache_salt, bool):
@@ -247,25 +326,52 @@ class Engine:
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._requests:
             raise InvalidRequestError("request_id", f"{request_id!r} is already in flight")
-        seq = Sequence(request_id, token_ids, params, cache_salt=cache_salt)
-        detok = IncrementalDetokenizer(self.tokenizer, token_ids) if self.tokenizer else None
-        self._requests[request_id] = _Request(seq, detok)
-        self.scheduler.add(seq)
+        completions = []
+        for i in range(params.n):
+            seq = Sequence(request_id, token_ids, params, cache_salt=cache_salt, index=i)
+            detok = IncrementalDetokenizer(self.tokenizer, token_ids) if self.tokenizer else None
+            completions.append(_Completion(seq, detok))
+        req = _Request(request_id, completions)
+        self._requests[request_id] = req
+        if params.structured is not None:
+            # Compiled on the compiler's thread; the request joins the queue when its grammar is ready.
+            req.grammar = self._grammar_compiler().compile(params.structured)
+            self._compiling[request_id] = req
+        else:
+            self.scheduler.add(completions[0].seq)
         return request_id
 
+    def _grammar_compiler(self) -> GrammarCompiler:
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer, self.vocab_size, sorted(self._eos_ids))
+        return self._grammars
+
     def abort(self, request_id: str) -> StreamDelta | None:
+        """Abort every completion of the request; returns completion 0's final delta (None if unknown).
+        `abort_request` returns all of them."""
+        deltas = self.abort_request(request_id)
+        return deltas[0] if deltas else None
+
+    def abort_request(self, request_id: str) -> list[StreamDelta]:
+        """Abort every completion of the request; the final "abort" delta of each one still unfinished."""
         req = self._requests.pop(request_id, None)
+        self._compiling.pop(request_id, None)
         if req is None:
-            return None
-        self.scheduler.finish(req.seq)
-        req.seq.finish_reason = "abort"
-        return self._delta(req, final=True)
+            return []
+        deltas = []
+        for comp in req.completions:
+            if comp.seq.finished:
+                continue
+            self.scheduler.finish(comp.seq)
+            comp.seq.finish_reason = "abort"
+            deltas.append(self._delta(req, comp, final=True))
+        return deltas
 
     def _num_queued(self) -> int:
         """Waiting requests beyond the running batch's free seats: those the next step will admit (they only
         arrived between two steps) are not queued, so a burst that fits the batch is never refused."""
         free_seats = max(0, self.scheduler.max_num_seqs - len(self.scheduler.running))
-        return max(0, len(self.scheduler.waiting) - free_seats)
+        return max(0, len(self.scheduler.waiting) + len(self._compiling) - free_seats)
 
     def has_unfinished(self) -> bool:
         return bool(self._requests)
@@ -275,31 +381,66 @@ class Engine:
 
     # ---- one step ------------------------------------------------------------------------------
     def step(self) -> list[StreamDelta]:
+        deltas = self._start_compiled()
         out = self.scheduler.schedule()
         if not out.scheduled:
-            return []
+            return deltas
         batch = sorted(out.scheduled, key=lambda s: s.num_new != 1)  # decodes first, then prefill chunks
-        step, sampled = self._build_step(batch)
+        step, sampled, prompt_rows = self._build_step(batch)
         # An executor failure (a dead shard, a broken device) propagates: it is the whole engine's, not a
         # request's. What follows is per request, and a failure there ends that request only.
         logits = self.executor.execute(step) if step.num_tokens else None
+        if prompt_rows:
+            deltas += self._collect_prompt_logprobs(logits, prompt_rows)
+            # Only the sampling rows go on (of requests that are still there: collecting may fail one).
+            sampled = [(row, s) for row, s in sampled if s.seq.request_id in self._requests]
+            logits = logits[torch.tensor([row for row, _ in sampled], dtype=torch.long)] if sampled else None
+        sampled = [s for _, s in sampled]
         results = self._sample(logits, [s.seq.sampling for s in sampled]) if sampled else []
         for s in batch:
+            prompt_left = s.seq.num_prompt_tokens - s.seq.num_computed
+            self._counters["prompt_tokens_computed"] += max(0, min(s.num_new, prompt_left))
             s.seq.num_computed += s.num_new
-        deltas = []
         for s, result in zip(sampled, results):
             req = self._requests.get(s.seq.request_id)
             if req is None:
                 continue
+            comp = req.completions[s.seq.index]
             if isinstance(result, Exception):
                 delta = self._fail(req, "sampling", result)
             else:
                 try:
-                    delta = self._on_token(req, result.token_id, result.logprobs)
-                except Exception as e:  # detokenizing, stop strings, logprobs: this request's own data
+                    delta = self._on_token(req, comp, result.token_id, result.logprobs)
+                except Exception as e:  # detokenizing, stop strings, the grammar: this request's own data
                     delta = self._fail(req, "post-processing", e)
             if delta is not None:
                 deltas.append(delta)
+        return deltas
+
+    def _start_compiled(self) -> list[StreamDelta]:
+        """Queue the requests whose grammar has compiled; fail those whose grammar did not. When nothing else
+        can run, wait a little for a compilation rather than spin."""
+        if not self._compiling:
+            return []
+        if not self.scheduler.has_work():
+            concurrent.futures.wait([r.grammar for r in self._compiling.values()], timeout=0.05,
+                                    return_when=concurrent.futures.FIRST_COMPLETED)
+        deltas = []
+        for rid, req in list(self._compiling.items()):
+            if not req.grammar.done():
+                continue
+            del self._compiling[rid]
+            try:
+                compiled = req.grammar.result()
+            except HerdError as e:     # InvalidRequestError: the client's grammar
+                deltas.append(self._fail(req, "grammar compilation", e, public=e))
+                continue
+            except Exception as e:     # noqa: BLE001 - llguidance's own failure: this request only
+                deltas.append(self._fail(req, "grammar compilation", e))
+                continue
+            for seq in req.seqs:
+                seq.sampling.grammar = GrammarCompiler.matcher(compiled)
+            self.scheduler.add(req.completions[0].seq)
         return deltas
 
     def _sample(self, logits: torch.Tensor, states: list[SamplingState]) -> list[SampleResult | Exception]:
@@ -321,23 +462,31 @@ class Engine:
                 results.append(e)
         return results
 
-    def _fail(self, req: _Request, stage: str, error: Exception) -> StreamDelta:
-        """End one request whose own processing raised: free its blocks and tell its caller, without internals
-        (the log keeps the traceback)."""
-        seq = req.seq
-        log.error("request %s failed in %s; aborting it", seq.request_id, stage, exc_info=error)
-        self._requests.pop(seq.request_id, None)
-        self.scheduler.finish(seq)
-        seq.finish_reason = "error"
-        return StreamDelta(seq.request_id, [], "", None, "error", seq.num_prompt_tokens,
+    def _fail(self, req: _Request, stage: str, error: Exception, public: HerdError | None = None) -> StreamDelta:
+        """End a request whose own processing raised (all its completions): free its blocks and tell its
+        caller `public`, or without internals (the log keeps the traceback)."""
+        if public is not None:
+            log.info("request %s refused in %s: %s", req.request_id, stage, public)
+        else:
+            log.error("request %s failed in %s; aborting it", req.request_id, stage, exc_info=error)
+        self._requests.pop(req.request_id, None)
+        self._compiling.pop(req.request_id, None)
+        for seq in req.seqs:
+            self.scheduler.finish(seq)
+            seq.finish_reason = "error"
+        seq = req.completions[0].seq
+        return StreamDelta(req.request_id, [], "", None, "error", seq.num_prompt_tokens,
                            max(seq.num_cached_tokens, 0),
-                           error=RequestFailedError(f"request {seq.request_id} failed during {stage} and was aborted"))
+                           error=public or RequestFailedError(
+                               f"request {req.request_id} failed during {stage} and was aborted"))
 
-    def _build_step(self, batch: list[ScheduledSeq]) -> tuple[StepInput, list[ScheduledSeq]]:
-        step, sampled, bs = StepInput(), [], self.block_size
+    def _build_step(self, batch: list[ScheduledSeq]):
+        """The step's input, the sequences that sample (each with its row in the logits), and the prompt
+        positions whose logits prompt_logprobs wants ((row, sequence, first position, count))."""
+        step, sampled, prompt_rows, bs = StepInput(), [], [], self.block_size
         for s in batch:
             seq, start = s.seq, s.seq.num_computed
-            table = self.kv.block_table(seq.request_id)
+            table = self.kv.block_table(seq.seq_id)
             q_start = len(step.input_ids)
             positions = range(start, start + s.num_new)
             step.input_ids += seq.token_ids[start:start + s.num_new]
@@ -350,61 +499,113 @@ class Engine:
                 step.decode_seq_lens.append(ctx_len)
             else:
                 step.prefills.append((q_start, s.num_new, ctx_len, table))
+            if seq.wants_prompt_logits:
+                # Position p's logits predict prompt token p + 1; the last prompt position's is the sampling row.
+                count = min(ctx_len, seq.num_prompt_tokens - 1) - start
+                if count > 0:
+                    prompt_rows.append((len(step.sample_indices), seq, start, count))
+                    step.sample_indices += range(q_start, q_start + count)
             if s.completes:
+                sampled.append((len(step.sample_indices), s))
                 step.sample_indices.append(q_start + s.num_new - 1)
-                sampled.append(s)
-        return step, sampled
+        return step, sampled, prompt_rows
 
-    def _on_token(self, req: _Request, token_id: int, logprobs: dict[int, float] | None) -> StreamDelta | None:
-        seq, params = req.seq, req.seq.params
-        if not seq.output_token_ids:  # first token: the prompt's accounting is final now
+    def _collect_prompt_logprobs(self, logits: torch.Tensor, prompt_rows) -> list[StreamDelta]:
+        deltas = []
+        for row, seq, start, count in prompt_rows:
+            req = self._requests.get(seq.request_id)
+            if req is None or req.prompt_logprobs is None:
+                continue
+            try:
+                # Positions already reported (a recomputation after preemption) are not added twice.
+                skip = len(req.prompt_logprobs) - 1 - start
+                if skip >= count:
+                    continue
+                lp = torch.log_softmax(logits[row + skip:row + count].float(), -1)
+                actual = torch.tensor(seq.prompt_token_ids[start + skip + 1:start + count + 1], dtype=torch.long)
+                chosen = lp.gather(1, actual[:, None])[:, 0].tolist()
+                n_top = min(req.params.prompt_logprobs, lp.shape[1])
+                top = lp.topk(n_top, dim=-1) if n_top else None
+                top_ids = top.indices.tolist() if top is not None else [[]] * len(chosen)
+                top_vals = top.values.tolist() if top is not None else [[]] * len(chosen)
+                for token, value, ids, vals in zip(actual.tolist(), chosen, top_ids, top_vals):
+                    entry = dict(zip(ids, vals))
+                    entry.setdefault(token, value)
+                    req.prompt_logprobs.append(entry)
+                if len(req.prompt_logprobs) >= seq.num_prompt_tokens:
+                    seq.wants_prompt_logits = False
+            except Exception as e:  # noqa: BLE001 - this request's own data
+                deltas.append(self._fail(req, "prompt logprobs", e))
+        return deltas
+
+    def _on_token(self, req: _Request, comp: _Completion, token_id: int,
+                  logprobs: dict[int, float] | None) -> StreamDelta | None:
+        seq, params = comp.seq, comp.seq.params
+        if not seq.output_token_ids and seq.index == 0:  # first token: the prompt's accounting is final now
             self._counters["prompt_tokens"] += seq.num_prompt_tokens
             self._counters["prefix_cache_hit_tokens"] += max(seq.num_cached_tokens, 0)
+            # The prompt's blocks are in the prefix cache now: the other completions join the queue.
+            for sibling in req.held:
+                self.scheduler.add(sibling, front=True)
+            req.held = []
         seq.append(token_id)
         self._counters["generation_tokens"] += 1
+        grammar = seq.sampling.grammar
+        if grammar is not None:
+            grammar.accept(token_id)  # the mask allowed it, so this only fails on a bug: the request fails
         if logprobs is not None:
-            req.pending_logprobs.append(logprobs)
+            comp.pending_logprobs.append(logprobs)
         is_stop_token = token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self._eos_ids)
-        new_text = req.detok.add(token_id) if req.detok is not None and not is_stop_token else ""
-        req.text += new_text
+        new_text = comp.detok.add(token_id) if comp.detok is not None and not is_stop_token else ""
+        comp.text += new_text
         finish, cut_at = None, None
         if is_stop_token:
             finish = "stop"
-        elif req.stops is not None and new_text and (cut_at := req.stops.feed(new_text)) is not None:
-            req.text = req.text[:cut_at]
+        elif comp.stops is not None and new_text and (cut_at := comp.stops.feed(new_text)) is not None:
+            comp.text = comp.text[:cut_at]
             finish = "stop"
-        elif len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+        elif grammar is not None and grammar.is_finished:  # complete, and nothing more may follow
+            finish = "stop"
+        elif (params.max_tokens is not None and len(seq.output_token_ids) >= params.max_tokens) or \
+                seq.num_tokens >= self.max_model_len:
             finish = "length"
         if finish is not None:
-            if req.detok is not None and cut_at is None:  # bytes held back for an unfinished character
-                req.text += req.detok.flush()
+            if comp.detok is not None and cut_at is None:  # bytes held back for an unfinished character
+                comp.text += comp.detok.flush()
             seq.finish_reason = finish
-            self._requests.pop(seq.request_id, None)
             self.scheduler.finish(seq)
-            return self._delta(req, final=True)
-        return self._delta(req, final=False)
+            req.unfinished -= 1
+            if req.unfinished == 0:
+                self._requests.pop(req.request_id, None)
+            return self._delta(req, comp, final=True)
+        return self._delta(req, comp, final=False)
 
-    def _delta(self, req: _Request, final: bool) -> StreamDelta | None:
-        seq = req.seq
+    def _delta(self, req: _Request, comp: _Completion, final: bool) -> StreamDelta | None:
+        seq = comp.seq
         # While a stop string may be forming at the end of the text, that tail waits for the next tokens.
-        held = req.stops.holdback if req.stops is not None and not final else 0
-        safe = len(req.text) - held
-        text = req.text[req.streamed_chars:safe] if safe > req.streamed_chars else ""
-        new_tokens = seq.output_token_ids[req.streamed_tokens:]
+        held = comp.stops.holdback if comp.stops is not None and not final else 0
+        safe = len(comp.text) - held
+        text = comp.text[comp.streamed_chars:safe] if safe > comp.streamed_chars else ""
+        new_tokens = seq.output_token_ids[comp.streamed_tokens:]
         if not final and not new_tokens and not text:
             return None
-        req.streamed_chars = max(req.streamed_chars, safe)
-        req.streamed_tokens = len(seq.output_token_ids)
+        comp.streamed_chars = max(comp.streamed_chars, safe)
+        comp.streamed_tokens = len(seq.output_token_ids)
         logprobs = None
         if seq.params.logprobs is not None:
-            logprobs, req.pending_logprobs = req.pending_logprobs, []
+            logprobs, comp.pending_logprobs = comp.pending_logprobs, []
+        prompt_logprobs = None
+        if req.prompt_logprobs is not None and not req.prompt_logprobs_sent:
+            prompt_logprobs, req.prompt_logprobs_sent = req.prompt_logprobs, True
         return StreamDelta(seq.request_id, new_tokens, text, logprobs, seq.finish_reason if final else None,
-                           seq.num_prompt_tokens, max(seq.num_cached_tokens, 0))
+                           seq.num_prompt_tokens, max(seq.num_cached_tokens, 0), index=seq.index,
+                           prompt_logprobs=prompt_logprobs)
 
     # ---- offline batch API ---------------------------------------------------------------------------
     def generate(self, prompts: Seq[str] | Seq[Seq[int]],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
-        """Run every prompt to completion in one continuously batched loop; outputs in prompt order."""
+        """Run every prompt to completion in one continuously batched loop; outputs in prompt order (one per
+        prompt, with all n of its completions)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             raise InvalidRequestError("prompts", "must be a list of prompts (strings or token-id lists)")
         if sampling_params is None:
@@ -417,18 +618,23 @@ class Engine:
         for ids, params in zip(encoded, sampling_params):  # reject the whole batch before starting any of it
             self.validate(ids, params)
         outputs: dict[str, RequestOutput] = {}
+        unfinished: dict[str, int] = {}
         order = []
         for ids, params in zip(encoded, sampling_params):
             rid = self.add_request(ids, params)
-            outputs[rid] = RequestOutput(rid, ids)
+            outputs[rid] = RequestOutput(rid, ids, completions=[CompletionOutput(i) for i in range(params.n)])
+            unfinished[rid] = params.n
             order.append(rid)
-        pending = set(order)
-        while pending:
+        while unfinished:
             for d in self.step():
-                if d.request_id in outputs:
+                if d.request_id in unfinished:
                     outputs[d.request_id].add(d)
-                    if d.finished:
-                        pending.discard(d.request_id)
+                    if d.error is not None:
+                        del unfinished[d.request_id]
+                    elif d.finished:
+                        unfinished[d.request_id] -= 1
+                        if not unfinished[d.request_id]:
+                            del unfinished[d.request_id]
         return [outputs[r] for r in order]
 
     # ---- operations ------------------------------------------------------------------------------
@@ -445,6 +651,8 @@ class Engine:
         self.executor.check_health()
 
     def shutdown(self) -> None:
+        if self._grammars is not None:
+            self._grammars.shutdown()
         self.executor.shutdown()
 
 

@@ -18,8 +18,11 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .errors import InvalidRequestError
+from .structured_output import GrammarMatcher, StructuredOutputs, allowed_tokens
 
 MAX_LOGPROBS = 20
+MAX_N = 16                  # completions per prompt
+MAX_LOGIT_BIAS = 100.0      # OpenAI's range for logit_bias values: [-100, 100]
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range (and the proto's uint64)
 # Temperatures below this are greedy (vLLM's _SAMPLING_EPS): dividing logits by them overflows float32.
 GREEDY_TEMPERATURE = 1e-5
@@ -31,7 +34,7 @@ _TOP_P_SLICE = 1024  # tokens ranked per row before falling back to a full sort 
 
 @dataclass
 class SamplingParams:
-    max_tokens: int = 16
+    max_tokens: int | None = 16          # None: until the context ends (max_model_len - prompt length)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
@@ -44,6 +47,10 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logprobs: int | None = None
+    n: int = 1                                       # completions sampled from the prompt (1..MAX_N)
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    prompt_logprobs: int | None = None               # top-N log-probabilities of each prompt token
+    structured: StructuredOutputs | None = None      # a grammar the output must follow
 
     def __post_init__(self) -> None:
         # Normalise the list fields first (a single stop string, None, tuples) so validate() sees lists.
@@ -51,6 +58,9 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = _as_list(self.stop, "stop")
         self.stop_token_ids = _as_list(self.stop_token_ids, "stop_token_ids")
+        self.logit_bias = _logit_bias(self.logit_bias)
+        if self.structured is not None and not isinstance(self.structured, StructuredOutputs):
+            self.structured = StructuredOutputs.from_dict(self.structured)  # the dict form (JSON, Ray hops)
         self.validate()
 
     @classmethod
@@ -64,7 +74,12 @@ class SamplingParams:
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """Plain values only (lists, dicts, numbers, strings), so it crosses Ray hops and JSON alike;
+        from_dict(to_dict()) gives an equal SamplingParams."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["stop"], d["stop_token_ids"], d["logit_bias"] = list(self.stop), list(self.stop_token_ids), dict(self.logit_bias)
+        d["structured"] = self.structured.to_dict() if self.structured is not None else None
+        return d
 
     @property
     def is_greedy(self) -> bool:
@@ -74,8 +89,14 @@ class SamplingParams:
     def has_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
+    @property
+    def needs_mask(self) -> bool:
+        """Does sampling restrict or shift the vocabulary (a grammar or a logit bias)?"""
+        return self.structured is not None or bool(self.logit_bias)
+
     def validate(self) -> None:
-        _int(self, "max_tokens", minimum=1)
+        if self.max_tokens is not None:
+            _int(self, "max_tokens", minimum=1)
         _real(self, "temperature", lambda v: v >= 0, "must be >= 0 (0 = greedy)")
         _real(self, "top_p", lambda v: 0 < v <= 1, "must be in (0, 1]")
         _int(self, "top_k", minimum=-1)  # -1 and 0 both mean "off"
@@ -87,6 +108,9 @@ class SamplingParams:
         _real(self, "repetition_penalty", lambda v: v > 0, "must be > 0 (1 = off)")
         if self.logprobs is not None:
             _int(self, "logprobs", minimum=0, maximum=MAX_LOGPROBS)
+        _int(self, "n", minimum=1, maximum=MAX_N)
+        if self.prompt_logprobs is not None:
+            _int(self, "prompt_logprobs", minimum=0, maximum=MAX_LOGPROBS)
         if not isinstance(self.ignore_eos, bool):
             raise InvalidRequestError("ignore_eos", f"must be a boolean, got {self.ignore_eos!r}")
         for s in self.stop:
@@ -95,6 +119,31 @@ class SamplingParams:
         for t in self.stop_token_ids:
             if not isinstance(t, int) or isinstance(t, bool) or t < 0:
                 raise InvalidRequestError("stop_token_ids", f"{t!r} is not a token id")
+
+
+def _logit_bias(value: Any) -> dict[int, float]:
+    """{token id: bias} with int ids (JSON object keys arrive as strings) and finite values in
+    [-MAX_LOGIT_BIAS, MAX_LOGIT_BIAS]. Ids beyond the vocabulary are the engine's to refuse (it knows it)."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise InvalidRequestError("logit_bias", f"must be a mapping of token ids to numbers, got {type(value).__name__}")
+    out: dict[int, float] = {}
+    for key, bias in value.items():
+        token = key
+        if isinstance(key, str):
+            try:
+                token = int(key.strip())
+            except ValueError:
+                raise InvalidRequestError("logit_bias", f"{key!r} is not a token id") from None
+        if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+            raise InvalidRequestError("logit_bias", f"{key!r} is not a token id")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not math.isfinite(bias) \
+                or not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+            raise InvalidRequestError("logit_bias", f"bias of token {token} must be a number in "
+                                                    f"[-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {bias!r}")
+        out[token] = float(bias)
+    return out
 
 
 def _as_list(value: Any, name: str) -> list:
@@ -132,11 +181,15 @@ class SamplingState:
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     generator: torch.Generator | None
+    grammar: GrammarMatcher | None = None  # set by the engine once the request's grammar is compiled
 
     @classmethod
-    def create(cls, params: SamplingParams, prompt_token_ids: Sequence[int]) -> "SamplingState":
+    def create(cls, params: SamplingParams, prompt_token_ids: Sequence[int], seed_offset: int = 0) -> "SamplingState":
+        """`seed_offset` gives each of a request's n completions its own stream (seed + i)."""
         # A CPU generator: the same seed gives the same noise whichever device the logits are on.
-        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        gen = None
+        if params.seed is not None:
+            gen = torch.Generator().manual_seed((params.seed + seed_offset) % (MAX_SEED + 1))
         return cls(params, list(prompt_token_ids), [], gen)
 
 
@@ -180,6 +233,27 @@ def apply_penalties(logits: torch.Tensor, states: Sequence[SamplingState]) -> to
         p = torch.tensor([states[i].params.presence_penalty for i in additive], dtype=logits.dtype, device=dev)
         idx = torch.tensor(additive, device=dev)
         logits[idx] -= f[:, None] * counts + p[:, None] * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def apply_logit_masks(logits: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
+    """In place on logits [N, V]: add each row's logit_bias, then set every token its grammar does not allow
+    next to -inf (a bias cannot bring back a token the grammar forbids). The grammar rows' masks come from
+    one batched call; rows without either are not touched."""
+    dev, vocab = logits.device, logits.shape[1]
+    for i, st in enumerate(states):
+        if st.params.logit_bias:
+            ids = torch.tensor(list(st.params.logit_bias), dtype=torch.long, device=dev)
+            logits[i].index_add_(0, ids, torch.tensor(list(st.params.logit_bias.values()), dtype=logits.dtype,
+                                                      device=dev))
+    rows = [i for i, st in enumerate(states) if st.grammar is not None]
+    if rows:
+        allowed = allowed_tokens([states[i].grammar for i in rows], vocab).to(dev)
+        empty = (~allowed.any(-1)).nonzero()[:, 0].tolist()
+        if empty:  # the matcher is in an error state: this row cannot go on (Engine._sample fails it alone)
+            bad = states[rows[empty[0]]].grammar
+            raise RuntimeError(f"grammar allows no next token ({bad.error or 'no continuation'})")
+        _on_rows(logits, rows, lambda r: r.masked_fill_(~allowed, float("-inf")))
     return logits
 
 
@@ -266,8 +340,11 @@ class Sampler:
         lp_rows = [i for i, st in enumerate(states) if st.params.logprobs is not None]
         # Logprobs describe what the model said, so they come from the logits before anything below.
         raw_logprobs = torch.log_softmax(logits[torch.tensor(lp_rows, device=logits.device)], -1) if lp_rows else None
-        if any(st.params.has_penalties for st in states):
+        cloned = any(st.params.has_penalties for st in states)
+        if cloned:
             logits = apply_penalties(logits.clone(), states)  # clone: the caller's tensor stays untouched
+        if any(st.params.logit_bias or st.grammar is not None for st in states):
+            logits = apply_logit_masks(logits if cloned else logits.clone(), states)
         tokens = self._choose(logits, states)
         token_list = tokens.tolist()
 

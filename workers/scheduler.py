@@ -15,6 +15,10 @@ from dataclasses import dataclass
 from .kv_cache import KVCacheManager
 from .sequence import Sequence, SeqStatus
 
+# A sequence whose every prompt position's logits are kept (prompt_logprobs) prefills at most this many
+# tokens a step: its logits are [tokens, vocab], 128 MiB of float32 at 256 tokens of a 128k vocabulary.
+PROMPT_LOGITS_CHUNK = 256
+
 
 @dataclass
 class ScheduledSeq:
@@ -46,8 +50,13 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
 
-    def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+    def add(self, seq: Sequence, front: bool = False) -> None:
+        """Queue a sequence: last, or first (a request's other completions, which join it once its prompt is
+        prefilled, so they run together and before the prompt's blocks can be evicted)."""
+        if front:
+            self.waiting.appendleft(seq)
+        else:
+            self.waiting.append(seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -60,8 +69,8 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            num_new = min(seq.num_tokens - seq.num_computed, budget)
-            while not self.kv.allocate(seq.request_id, seq.token_ids, seq.num_computed + num_new,
+            num_new = self._chunk(seq, seq.num_computed, budget)
+            while not self.kv.allocate(seq.seq_id, seq.token_ids, seq.num_computed + num_new,
                                        salt=seq.cache_salt):
                 victim = self.running.pop()  # the latest arrival gives way
                 self._preempt(victim)
@@ -76,10 +85,11 @@ class Scheduler:
         # New work only joins when nothing had to be preempted this step (it would just thrash).
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            cached = self.kv.find_cached_prefix(seq.token_ids, seq.cache_salt)
+            # prompt_logprobs needs the logits of every prompt position, which a cached block does not keep.
+            cached = [] if seq.wants_prompt_logits else self.kv.find_cached_prefix(seq.token_ids, seq.cache_salt)
             num_computed = len(cached) * self.kv.block_size
-            num_new = min(seq.num_tokens - num_computed, budget)
-            if not self.kv.allocate(seq.request_id, seq.token_ids, num_computed + num_new, cached,
+            num_new = self._chunk(seq, num_computed, budget)
+            if not self.kv.allocate(seq.seq_id, seq.token_ids, num_computed + num_new, cached,
                                     salt=seq.cache_salt):
                 break
             self.waiting.popleft()
@@ -92,8 +102,15 @@ class Scheduler:
             budget -= num_new
         return SchedulerOutput(scheduled, preempted)
 
+    @staticmethod
+    def _chunk(seq: Sequence, num_computed: int, budget: int) -> int:
+        """Tokens the sequence computes this step: what it lacks, within the budget (and PROMPT_LOGITS_CHUNK
+        while its prompt's logits are kept)."""
+        num_new = min(seq.num_tokens - num_computed, budget)
+        return min(num_new, PROMPT_LOGITS_CHUNK) if seq.wants_prompt_logits else num_new
+
     def _preempt(self, seq: Sequence) -> None:
-        self.kv.free(seq.request_id)
+        self.kv.free(seq.seq_id)
         seq.num_computed = 0
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
@@ -105,5 +122,5 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.kv.free(seq.request_id)
+        self.kv.free(seq.seq_id)
         seq.status = SeqStatus.FINISHED

@@ -27,11 +27,20 @@ class Sequence:
     finish_reason: str | None = None
     sampling: SamplingState | None = None
     cache_salt: int = 0          # prefix-cache partition: blocks are only shared between equal salts
+    index: int = 0               # which of the request's n completions this is
+    # Every prompt position's logits are wanted (prompt_logprobs): computed, not taken from the prefix cache.
+    wants_prompt_logits: bool = False
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)  # prompt + output, the sequence as the model sees it
         if self.sampling is None:
-            self.sampling = SamplingState.create(self.params, self.prompt_token_ids)
+            self.sampling = SamplingState.create(self.params, self.prompt_token_ids, seed_offset=self.index)
+
+    @property
+    def seq_id(self) -> str:
+        """The key of this sequence's KV blocks: the request id for the first completion, and a suffix no
+        client id can take (a NUL) for its siblings."""
+        return self.request_id if self.index == 0 else f"{self.request_id}\x00{self.index}"
 
     @property
     def num_tokens(self) -> int:
