@@ -56,7 +56,8 @@ class StepInput:
         return [self._subset(g) for g in groups]
 
     def _subset(self, seqs) -> "StepInput":
-        sample = set(self.sample_indices)
+        # A sequence may want several rows (prompt_logprobs keeps every prompt position's logits), in order.
+        sample = sorted(self.sample_indices)
         out = StepInput()
         for q_start, q_len, ctx_len, blocks in seqs:
             new_start = len(out.input_ids)
@@ -70,8 +71,7 @@ class StepInput:
                 out.decode_seq_lens.append(ctx_len)
             else:
                 out.prefills.append((new_start, q_len, ctx_len, blocks))
-            if q_start + q_len - 1 in sample:
-                out.sample_indices.append(new_start + q_len - 1)
+            out.sample_indices += [new_start + i - q_start for i in sample if q_start <= i < q_start + q_len]
         return out
 
 
