@@ -80,6 +80,20 @@ ROUTER_TAG_KEYS = ("model",)
 DECISION_REASONS = ("affinity", "load", "fallback")
 
 
+# herd's series -> vLLM's series of the same quantity (a dashboard shows one of the two).
+VLLM_TWINS = {
+    "herd_time_to_first_token_seconds": "vllm:time_to_first_token_seconds",
+    "herd_inter_token_latency_seconds": "vllm:inter_token_latency_seconds",
+    "herd_queue_depth": "vllm:num_requests_waiting",
+    "herd_running_sequences": "vllm:num_requests_running",
+    "herd_kv_blocks_used": "vllm:kv_cache_usage_perc",
+    "herd_kv_blocks_free": "vllm:kv_cache_usage_perc",
+    "herd_prefix_cache_hit_tokens_total": "vllm:prefix_cache_hits",
+    "herd_prompt_tokens_total": "vllm:prompt_tokens",
+    "herd_generation_tokens_total": "vllm:generation_tokens",
+}
+
+
 def vllm_series_name(vllm_name: str) -> str:
     """The name to register a vLLM metric under so that Ray exports it (':' -> '_', as vLLM's Ray logger does).
     On the endpoint it is then `ray_` + this (+ `_total` for a counter)."""
