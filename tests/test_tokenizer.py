@@ -206,31 +206,37 @@ def test_llama2_chat_format_follows_meta_reference(llama2, llama2_path):
         pair("1+1?", "2") + pair("and 2+2?", "4")
 
 
-@pytest.mark.parametrize("messages", [
-    [],
-    [{"role": "assistant", "content": "x"}],
-    [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
-    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],  # no user turn to answer
-    [{"role": "robot", "content": "x"}],
-    [{"role": "system", "content": "s"}],
-    [{"role": "user", "content": "a"}, {"role": "system", "content": "s"}],
-    [{"role": "user", "content": 3}],
-    ["hello"],
+@pytest.mark.parametrize("messages, field, message", [
+    ([], "messages", "non-empty list"),
+    ([{"role": "assistant", "content": "x"}], "messages[0].role", "must alternate"),
+    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "messages[1].role", "must alternate"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],  # no user turn to answer
+     "messages[1].role", "the last message must be from the user"),
+    ([{"role": "robot", "content": "x"}], "messages[0].role",
+     "must be one of 'system', 'user', 'assistant', 'tool', 'ipython', got 'robot'"),
+    ([{"role": "system", "content": "s"}], "messages", "must be followed by a user message"),
+    ([{"role": "user", "content": "a"}, {"role": "system", "content": "s"}], "messages[1].role",
+     "only the first message may be a system message"),
+    ([{"role": "user", "content": 3}], "messages[0].content", "must be a string or a list of content parts, got int"),
+    (["hello"], "messages[0]", "must be an object {role, content}, got str"),
 ])
-def test_llama2_chat_rejects_bad_dialogs(llama2, messages):
+def test_llama2_chat_rejects_bad_dialogs(llama2, messages, field, message):
     with pytest.raises(InvalidRequestError) as e:
         llama2.apply_chat_template(messages)
-    assert e.value.field == "messages"
+    assert (e.value.field, message in e.value.message) == (field, True), e.value
 
 
-@pytest.mark.parametrize("messages", [
-    [], [{"role": "robot", "content": "x"}], [{"role": "user"}],
-    [{"role": "user", "content": "a"}, {"role": "system", "content": "s"}],
+@pytest.mark.parametrize("messages, field, message", [
+    ([], "messages", "non-empty list"),
+    ([{"role": "robot", "content": "x"}], "messages[0].role", "got 'robot'"),
+    ([{"role": "user"}], "messages[0].content", "is required"),
+    ([{"role": "user", "content": "a"}, {"role": "system", "content": "s"}], "messages[1].role",
+     "only the first message may be a system message"),
 ])
-def test_llama3_chat_rejects_bad_dialogs(llama3, messages):
+def test_llama3_chat_rejects_bad_dialogs(llama3, messages, field, message):
     with pytest.raises(InvalidRequestError) as e:
         llama3.apply_chat_template(messages)
-    assert e.value.field == "messages"
+    assert (e.value.field, message in e.value.message) == (field, True), e.value
 
 
 # ---- streaming ---------------------------------------------------------------------------------------------------

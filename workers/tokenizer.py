@@ -8,7 +8,11 @@
 Decisions every caller should know:
 - `encode` never parses special-token text: a user who types "<|eot_id|>" or "</s>" gets those characters as
   ordinary text (Meta's `allowed_special=set(), disallowed_special=()`), so nobody can forge a turn boundary.
-  Only the chat formats (chat_template.py) insert special ids, by id. `encode` never appends eos.
+  Only the chat formats insert special ids: the built-in ones (chat_template.py) by id, a checkpoint's Jinja
+  template (jinja_template.py) through `encode_with_special_tokens` on the text the template itself wrote,
+  never on the user's strings. `encode` never appends eos.
+- A checkpoint folder whose tokenizer_config.json (or chat_template.jinja) has a chat template uses it
+  (`chat_format` "jinja"); otherwise the built-in Meta format of the tokenizer's family.
 - `decode` and the streaming detokenizer leave special tokens out (skip_special_tokens behaviour): bos, eos,
   <|eot_id|>, headers... contribute "" to text. SentencePiece's <unk> keeps sentencepiece's own surface " ⁇ ".
 - `IncrementalDetokenizer` streams *the text the generated ids add to the prompt*; see its docstring.
@@ -20,10 +24,11 @@ import binascii
 import codecs
 import json
 import re
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from .chat_template import ChatTemplate, Llama2ChatTemplate, Llama3ChatTemplate
+from .chat_template import ChatTemplate, Llama2ChatTemplate, Llama3ChatTemplate, validate_messages
 from .errors import TokenizerError
 
 # ---- Llama 3 constants, as in Meta's llama_models/llama3/tokenizer.py ----------------------------------------
@@ -105,7 +110,9 @@ class Tokenizer:
             raise TokenizerError(f"{root}: not a checkpoint folder")
         for name in Tokenizer.TOKENIZER_FILES:
             if (root / name).is_file():
-                return Tokenizer.from_file(root / name)
+                tok = Tokenizer.from_file(root / name)
+                tok._configure_from_folder(root)
+                return tok
         raise TokenizerError(f"{root}: no tokenizer found (looked for {', '.join(Tokenizer.TOKENIZER_FILES)})")
 
     # ---- what the rest of herd reads -------------------------------------------------------------------------
@@ -116,7 +123,7 @@ class Tokenizer:
 
     @property
     def chat_format(self) -> str:
-        """"llama2" or "llama3"."""
+        """"llama2" or "llama3" (Meta's built-in formats), or "jinja" (the checkpoint's own chat template)."""
         return self.chat.name
 
     @property
@@ -156,10 +163,46 @@ class Tokenizer:
         Several tokens may be needed to make a whole UTF-8 character."""
         raise NotImplementedError
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of a dialog ({"role": "system"|"user"|"assistant", "content": str} ...) in the model's chat
-        format, ending with the assistant's turn opened when `add_generation_prompt`."""
-        return self.chat.encode(self, messages, add_generation_prompt)
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> list[int]:
+        """Token ids of a dialog of OpenAI-shaped messages (chat_template.validate_messages: roles system, user,
+        assistant, tool; text content; assistant tool_calls) in the model's chat format, ending with the
+        assistant's turn opened when `add_generation_prompt`. `tools` (OpenAI tool definitions, see
+        tool_calls.validate_tools) are rendered as the format expects; pass None for tool_choice "none".
+        Bad messages, tools or a template that fails are InvalidRequestError."""
+        from .tool_calls import validate_tools
+
+        checked = validate_messages(messages)
+        return self.chat.encode(self, checked, add_generation_prompt, validate_tools(tools) if tools else None)
+
+    @property
+    def chat_control_tokens(self) -> dict[str, int]:
+        """Text -> id of the tokens a chat template's text may write (the special tokens)."""
+        return self.special_tokens
+
+    def encode_with_special_tokens(self, text: str) -> list[int]:
+        """Ids of `text` in which special-token text (`chat_control_tokens`) is the special token; no bos added.
+        Only for text a chat template wrote (jinja_template.encode_marked keeps the user's strings plain)."""
+        controls = self.chat_control_tokens
+        ids: list[int] = []
+        for i, piece in enumerate(_special_token_pattern(tuple(controls)).split(text)):
+            if i % 2:
+                ids.append(controls[piece])
+            elif piece:
+                ids += self._encode_segment(piece, at_start=(i == 0))
+        return ids
+
+    def _encode_segment(self, text: str, at_start: bool) -> list[int]:
+        """Plain ids of text between special tokens (`at_start`: it begins the whole text)."""
+        return self.encode(text, bos=False)
+
+    def _configure_from_folder(self, root: Path) -> None:
+        """What the checkpoint folder adds to its tokenizer file: its own chat template, if it has one."""
+        from .jinja_template import load_chat_template
+
+        template = load_chat_template(root)
+        if template is not None:
+            self.chat = template
 
     # ---- for subclasses and the streaming detokenizer -----------------------------------------------------------
     def _encode_plain(self, text: str) -> list[int]:
@@ -221,6 +264,8 @@ class SentencePieceTokenizer(Tokenizer):
                 self._bytes.append(sp.id_to_piece(i).replace(SPIECE_SPACE, " ").encode("utf-8"))
                 self._kinds.append("piece")
         self._strips_first_space, self._strips_all_leading = self._probe_leading_space_rule()
+        self.prefix_scheme = "first"  # see _encode_segment
+        self._no_prefix_sp = None     # the same model without the dummy prefix, built on first use
 
     def _probe_leading_space_rule(self) -> tuple[bool, bool]:
         """Ask sentencepiece how it decodes the start of a text, rather than re-reading its normalizer spec.
@@ -245,6 +290,38 @@ class SentencePieceTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.sp.decode([i for i in ids if 0 <= i < self._vocab_size])
+
+    @property
+    def chat_control_tokens(self) -> dict[str, int]:
+        # transformers' LlamaTokenizer counts <unk> among its special (added) tokens, beside <s> and </s>.
+        unk = self.sp.unk_id()
+        return {**self.special_tokens, **({self.sp.id_to_piece(unk): unk} if unk >= 0 else {})}
+
+    def _encode_segment(self, text: str, at_start: bool) -> list[int]:
+        """Text between special tokens, as transformers' LlamaTokenizer splits it: its Metaspace pre-tokenizer
+        puts the prefix space ("▁") before every segment (prepend_scheme "always", tokenizer_config `legacy:
+        true`), only before the text's start ("first", the default), or nowhere ("never", `add_prefix_space:
+        false`). Without the prefix, the model runs with SentencePiece's add_dummy_prefix switched off."""
+        if self.prefix_scheme == "always" or (self.prefix_scheme == "first" and at_start):
+            return self.encode(text, bos=False)
+        if self._no_prefix_sp is None:
+            import sentencepiece as spm
+            from sentencepiece import sentencepiece_model_pb2
+
+            proto = sentencepiece_model_pb2.ModelProto()
+            proto.ParseFromString(self.sp.serialized_model_proto())
+            proto.normalizer_spec.add_dummy_prefix = False
+            self._no_prefix_sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace") if _has_surrogate(text) else text
+        return self._no_prefix_sp.encode(text)
+
+    def _configure_from_folder(self, root: Path) -> None:
+        super()._configure_from_folder(root)
+        config = _tokenizer_config(root)
+        if config.get("add_prefix_space") is False:
+            self.prefix_scheme = "never"
+        elif config.get("legacy") is True:
+            self.prefix_scheme = "always"
 
     def token_bytes(self, token_id: int) -> bytes:
         return self._bytes[token_id] if 0 <= token_id < self._vocab_size else b""
@@ -416,6 +493,20 @@ class IncrementalDetokenizer:
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------------
+
+def _tokenizer_config(root: Path) -> dict:
+    try:
+        config = json.loads((root / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}  # a malformed file is reported by jinja_template.load_chat_template
+    return config if isinstance(config, dict) else {}
+
+
+@lru_cache(maxsize=8)
+def _special_token_pattern(tokens: tuple[str, ...]) -> re.Pattern:
+    """Splits text at special-token text (longest first), keeping the tokens: [text, token, text, ...]."""
+    return re.compile("(" + ("|".join(map(re.escape, sorted(tokens, key=len, reverse=True))) or "(?!)") + ")")
+
 
 def _has_surrogate(text: str) -> bool:
     try:
