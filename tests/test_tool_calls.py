@@ -290,3 +290,76 @@ def test_streaming_without_tools_is_plain_content():
     parser = ToolCallStreamParser([])
     assert parser.feed('{"name": "now"}') == '{"name": "now"}'
     assert parser.finish() == ParsedToolCalls(content="", tool_calls=[])
+
+
+# ---- tools in the built-in Meta formats (checkpoints without a template of their own) ---------------------------
+
+@pytest.fixture(scope="module")
+def meta_llama3():
+    from workers.demo_tokenizer import llama3_tokenizer_path
+    from workers.tokenizer import Tokenizer
+
+    return Tokenizer.from_file(llama3_tokenizer_path())
+
+
+@pytest.fixture(scope="module")
+def meta_llama2(tmp_path_factory):
+    from workers.demo_tokenizer import build_llama2_sentencepiece
+    from workers.tokenizer import Tokenizer
+
+    return Tokenizer.from_file(build_llama2_sentencepiece(tmp_path_factory.mktemp("sp") / "tokenizer.model",
+                                                          vocab_size=1000))
+
+
+CALL_MSG = {"role": "assistant", "content": None, "tool_calls": [
+    {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]}
+RESULT_MSG = {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": -3}'}
+
+
+def test_llama3_builtin_format_renders_tools_like_the_llama31_template(meta_llama3):
+    from workers.tool_calls import builtin_tool_instructions
+
+    tok = meta_llama3
+    sp = tok.special_tokens
+
+    def turn(role, text):
+        return [sp["<|start_header_id|>"]] + tok.encode(role, bos=False) + [sp["<|end_header_id|>"]] + \
+            tok.encode("\n\n", bos=False) + tok.encode(text, bos=False) + [sp["<|eot_id|>"]]
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Oslo?"},
+                CALL_MSG, RESULT_MSG]
+    ids = tok.apply_chat_template(messages, tools=[WEATHER])
+    instructions = builtin_tool_instructions(validate_tools([WEATHER]))
+    assert instructions.startswith("Given the following functions") and '"name": "get_weather"' in instructions
+    expected = [sp["<|begin_of_text|>"]] + turn("system", "Be brief.") + \
+        turn("user", instructions + "Weather in Oslo?") + \
+        turn("assistant", '{"name": "get_weather", "parameters": {"city": "Oslo"}}') + \
+        turn("ipython", '{"temp": -3}')
+    generation_prompt = [sp["<|start_header_id|>"]] + tok.encode("assistant", bos=False) + \
+        [sp["<|end_header_id|>"]] + tok.encode("\n\n", bos=False)
+    assert ids == expected + generation_prompt
+    # Without tools (tool_choice "none") the same dialog has no instructions; the call is still replayed.
+    plain = tok.apply_chat_template(messages)
+    assert "Given the following functions" not in tok.decode(plain) and '"parameters"' in tok.decode(plain)
+    # What the model is asked to write is what parse_tool_calls reads.
+    answer = tok.decode(turn("assistant", '{"name": "get_weather", "parameters": {"city": "Oslo"}}'))
+    assert _calls(parse_tool_calls(answer.split("\n\n", 1)[1], [WEATHER])) == [("get_weather", {"city": "Oslo"})]
+    with pytest.raises(InvalidRequestError, match="first user message"):
+        tok.apply_chat_template([{"role": "system", "content": "x"}], tools=[WEATHER])
+
+
+def test_llama2_builtin_format_puts_tools_in_the_system_prompt(meta_llama2):
+    from workers.tool_calls import builtin_tool_instructions
+
+    tok = meta_llama2
+    system = "<<SYS>>\nBe brief.\n\n" + builtin_tool_instructions(validate_tools([WEATHER])).rstrip() + "\n<</SYS>>\n\n"
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Oslo?"},
+                CALL_MSG, RESULT_MSG, {"role": "user", "content": "And tomorrow?"}]
+    ids = tok.apply_chat_template(messages, tools=[WEATHER])
+    call = '{"name": "get_weather", "parameters": {"city": "Oslo"}}'
+    expected = tok.encode(f"[INST] {system}Weather in Oslo? [/INST] {call} ") + [tok.eos_id] + \
+        tok.encode('[INST] Result of get_weather: {"temp": -3}\n\nAnd tomorrow? [/INST]')
+    assert ids == expected
+    # A tool result may end the dialog: the model answers it.
+    ids = tok.apply_chat_template(messages[:4], tools=[WEATHER])
+    assert tok.decode(ids).endswith('[INST] Result of get_weather: {"temp": -3} [/INST]')
