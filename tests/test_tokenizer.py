@@ -215,6 +215,8 @@ def test_llama2_chat_format_follows_meta_reference(llama2, llama2_path):
     ([{"role": "robot", "content": "x"}], "messages[0].role",
      "must be one of 'system', 'user', 'assistant', 'tool', 'ipython', got 'robot'"),
     ([{"role": "system", "content": "s"}], "messages", "must be followed by a user message"),
+    ([{"role": "system", "content": "s"}, {"role": "assistant", "content": "x"}], "messages[1].role",
+     "must alternate"),
     ([{"role": "user", "content": "a"}, {"role": "system", "content": "s"}], "messages[1].role",
      "only the first message may be a system message"),
     ([{"role": "user", "content": 3}], "messages[0].content", "must be a string or a list of content parts, got int"),

@@ -165,7 +165,7 @@ class Llama2ChatTemplate(ChatTemplate):
         if system is not None:
             if not dialog:
                 raise InvalidRequestError("messages", "a system message must be followed by a user message")
-            dialog[0] = {"role": dialog[0]["role"], "content": self.B_SYS + system + self.E_SYS + dialog[0]["content"]}
+            dialog[0] = {**dialog[0], "content": self.B_SYS + system + self.E_SYS + dialog[0]["content"]}
         for i, m in enumerate(dialog):
             if m["role"] != ("user" if i % 2 == 0 else "assistant"):
                 raise InvalidRequestError(f"messages[{m['index']}].role", "roles must alternate user/assistant "
