@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import psutil
-import torch
 
 from benchmarks.bench_common import log, write_json
 
@@ -138,6 +137,7 @@ def _define_actors():
                                     timeout=datetime.timedelta(seconds=60))
 
         def hidden(self, n: int, h: int):
+            import torch
             if (n, h) not in self.cache:
                 self.cache[(n, h)] = torch.randn(n, h)
             return self.cache[(n, h)]
@@ -154,6 +154,7 @@ def _define_actors():
             return None
 
         def recv(self, shape):
+            import torch
             import torch.distributed as dist
             buf = torch.empty(shape)
             dist.recv(buf, src=0)
@@ -249,6 +250,7 @@ def bench_activations(iters: int, hidden: int) -> dict:
 
 def run(args) -> int:
     import ray
+    import torch
     from workers.demo import hf_config, write_checkpoint
     os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
     tmp = None

@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from cluster import serve_cli
     serve_cli.register_cli(sub)          # herd serve, herd client ...
-    from workers.parallel.plan import register_plan_cli
+    from cluster.plan_cli import register_plan_cli
     register_plan_cli(sub)               # herd plan
     from cluster import k8s
     k8s.register_cli(sub)                # herd k8s render | apply | status | delete

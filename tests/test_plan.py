@@ -12,10 +12,10 @@ from tests.checkpoints import make_checkpoint
 from workers.config import ModelConfig
 from workers.demo import hf_config
 from workers.model import LlamaForCausalLM
-from workers.model_runner import kv_block_bytes
-from workers.parallel.plan import (GiB, RUNTIME_OVERHEAD, SHAPES, min_gpus_needed, parse_size, plan,
-                                   register_plan_cli, shape_config, shard_weight_bytes)
-from workers.shard import ShardInfo, partition_layers
+from cluster.plan_cli import register_plan_cli
+from workers.parallel.plan import (GiB, RUNTIME_OVERHEAD, SHAPES, min_gpus_needed, parse_size, plan, shape_config,
+                                   shard_weight_bytes)
+from workers.shard import ShardInfo, kv_block_bytes, partition_layers
 
 
 def run_cli(argv, capsys):

@@ -1,14 +1,35 @@
-"""herd's inference engine for one model replica (no Serve, no gRPC here)."""
-from .async_engine import AsyncEngine
-from .config import ModelConfig
-from .engine import Engine, EngineConfig, EngineStats, RequestOutput, StreamDelta
-from .errors import (CheckpointError, EngineUnavailableError, HerdError, InvalidRequestError,
-                     PromptTooLongError, QueueFullError, TokenizerError)
-from .sampling import SamplingParams
-from .tokenizer import Tokenizer
+"""herd's inference engine for one model replica (no Serve, no gRPC here).
 
-__all__ = [
-    "AsyncEngine", "CheckpointError", "Engine", "EngineConfig", "EngineStats", "EngineUnavailableError",
-    "HerdError", "InvalidRequestError", "ModelConfig", "PromptTooLongError", "QueueFullError", "RequestOutput",
-    "SamplingParams", "StreamDelta", "Tokenizer", "TokenizerError",
-]
+The names below are imported on first use (a module `__getattr__`), so that importing a light module of
+this package (workers.config, workers.errors, workers.parallel.plan) does not import torch: `herd plan`,
+`herd client` and `herd --help` start in a fraction of a second.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "AsyncEngine": "async_engine", "ModelConfig": "config",
+    "Engine": "engine", "EngineConfig": "engine", "EngineStats": "engine", "RequestOutput": "engine",
+    "StreamDelta": "engine",
+    "CheckpointError": "errors", "EngineUnavailableError": "errors", "HerdError": "errors",
+    "InvalidRequestError": "errors", "PromptTooLongError": "errors", "QueueFullError": "errors",
+    "TokenizerError": "errors",
+    "SamplingParams": "sampling", "Tokenizer": "tokenizer",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value              # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+

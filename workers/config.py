@@ -7,32 +7,48 @@ Both config generations are understood: the classic `rope_theta` + `rope_scaling
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .errors import CheckpointError
 
-_DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+if TYPE_CHECKING:
+    import torch
+
+# Names a config or a flag may give -> the dtype's canonical name. Kept as names so that reading a config
+# (herd plan, the router, the CLI) does not import torch; parse_dtype makes the torch dtype where one is needed.
+_DTYPE_NAMES = {
+    "float32": "float32", "fp32": "float32", "float": "float32",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
 }
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 _SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
-def parse_dtype(value: str | torch.dtype | None, default: torch.dtype = torch.float32) -> torch.dtype:
-    """'bfloat16' / torch.bfloat16 / None ('auto') -> torch dtype."""
+def dtype_name(value: "str | torch.dtype | None", default: str = "float32") -> str:
+    """'bf16' / torch.bfloat16 / None ('auto') -> 'bfloat16' (the canonical name)."""
     if value is None or value == "auto":
         return default
-    if isinstance(value, torch.dtype):
-        return value
     try:
-        return _DTYPES[str(value).replace("torch.", "").lower()]
+        return _DTYPE_NAMES[str(value).replace("torch.", "").lower()]
     except KeyError:
         raise CheckpointError(f"dtype: unsupported value {value!r} (use bfloat16, float16 or float32)") from None
+
+
+def dtype_bytes(value: "str | torch.dtype") -> int:
+    """Bytes of one element of a dtype given by name or as a torch dtype."""
+    return DTYPE_BYTES[dtype_name(value)]
+
+
+def parse_dtype(value: "str | torch.dtype | None", default: "torch.dtype | None" = None) -> "torch.dtype":
+    """'bfloat16' / torch.bfloat16 / None ('auto') -> torch dtype (default: float32)."""
+    import torch
+
+    if value is None or value == "auto":
+        return torch.float32 if default is None else default
+    return getattr(torch, dtype_name(value))
 
 
 @dataclass(frozen=True)
@@ -58,10 +74,13 @@ class ModelConfig:
     max_position_embeddings: int
     tie_word_embeddings: bool
     rope: RopeConfig
-    stored_dtype: torch.dtype
+    stored_dtype_name: str                  # canonical name (dtype_name) of the checkpoint's torch_dtype
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
-    raw: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def stored_dtype(self) -> "torch.dtype":
+        return parse_dtype(self.stored_dtype_name)
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> "ModelConfig":
@@ -92,10 +111,9 @@ class ModelConfig:
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             rope=_parse_rope(cfg),
-            stored_dtype=parse_dtype(cfg.get("torch_dtype") or cfg.get("dtype"), torch.float32),
+            stored_dtype_name=dtype_name(cfg.get("torch_dtype") or cfg.get("dtype")),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
-            raw=dict(cfg),
         )
 
     @classmethod
@@ -116,11 +134,6 @@ class ModelConfig:
         kv = 2 * h * self.num_key_value_heads * self.head_dim
         per_layer = q + kv + self.num_attention_heads * self.head_dim * h + 3 * h * i + 2 * h
         return v * h * (1 if self.tie_word_embeddings else 2) + layers * per_layer + h
-
-    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
-        """K and V for every layer and kv head, for one token (whole model, no sharding)."""
-        elem = torch.empty((), dtype=dtype).element_size()
-        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * elem
 
 
 def _parse_rope(cfg: dict[str, Any]) -> RopeConfig:

@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-
-import torch
-from safetensors.torch import save_file
+from typing import TYPE_CHECKING
 
 from .demo_tokenizer import build_llama2_sentencepiece, llama3_tokenizer_path
 from .tokenizer import Tokenizer
+
+if TYPE_CHECKING:           # torch is imported where weights are made: `herd --help` lists DEMO_SHAPES without it
+    import torch
 
 LLAMA3_VOCAB = 128256
 LLAMA3_ROPE_SCALING = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -68,6 +69,8 @@ def hf_config(*, vocab_size: int, hidden_size: int, intermediate_size: int, num_
 
 def random_weights(cfg: dict, seed: int = 0, std: float = 0.02) -> dict[str, torch.Tensor]:
     """fp32 random weights with the exact HF tensor names and shapes for `cfg`."""
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     h, inter, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     n_heads, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
@@ -99,6 +102,9 @@ def random_weights(cfg: dict, seed: int = 0, std: float = 0.02) -> dict[str, tor
 def write_checkpoint(outdir: str | Path, cfg: dict, *, seed: int = 0, num_shards: int = 1,
                      tokenizer: str | None = None) -> Path:
     """Write config.json + safetensors (one file, or `num_shards` files with an index) + tokenizer."""
+    import torch
+    from safetensors.torch import save_file
+
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg["torch_dtype"]]

@@ -16,7 +16,7 @@ from .attention import AttentionMetadata, PrefillChunk, context_slots, select_at
 from .config import ModelConfig
 from .layer_ops import select_layer_ops
 from .model import LlamaForCausalLM
-from .shard import ShardInfo, TPGroup
+from .shard import ShardInfo, TPGroup, kv_block_bytes
 from .weights import WeightSource
 
 log = logging.getLogger(__name__)
@@ -73,13 +73,6 @@ class StepInput:
                 out.prefills.append((new_start, q_len, ctx_len, blocks))
             out.sample_indices += [new_start + i - q_start for i in sample if q_start <= i < q_start + q_len]
         return out
-
-
-def kv_block_bytes(cfg: ModelConfig, shard: ShardInfo, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes one KV block takes on this shard (its layers, its kv heads, K and V)."""
-    k0, k1 = shard.kv_heads(cfg)
-    elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * len(shard.layers(cfg)) * block_size * (k1 - k0) * cfg.head_dim * elem
 
 
 class ModelRunner:

@@ -7,12 +7,13 @@ executor (workers/parallel/) gives every shard worker its own `ShardInfo` and a 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol, Sequence
 
-import torch
-
-from .config import ModelConfig
+from .config import ModelConfig, dtype_bytes
 from .errors import CheckpointError
+
+if TYPE_CHECKING:                     # annotations only: herd plan does this arithmetic without torch
+    import torch
 
 
 class TPGroup(Protocol):
@@ -113,3 +114,9 @@ def partition_layers(num_layers: int, pp: int, partition: Sequence[int] | None =
         ranges.append((start, start + n))
         start += n
     return ranges
+
+
+def kv_block_bytes(cfg: ModelConfig, shard: ShardInfo, block_size: int, dtype: "str | torch.dtype") -> int:
+    """Bytes one KV block takes on this shard (its layers, its kv heads, K and V)."""
+    k0, k1 = shard.kv_heads(cfg)
+    return 2 * len(shard.layers(cfg)) * block_size * (k1 - k0) * cfg.head_dim * dtype_bytes(dtype)

@@ -1,9 +1,10 @@
-"""`herd plan`: which TP × PP layouts fit a model on given GPUs, and how much KV cache each leaves.
+"""Which TP × PP layouts fit a model on given GPUs, and how much KV cache each leaves (`herd plan`, whose
+command line is cluster/plan_cli.py).
 
 The arithmetic mirrors what the shards really allocate: weight bytes per shard follow the same Megatron
 slices as `workers.model` (`ShardInfo`: q heads, kv heads — replicated when TP > kv heads —, MLP columns,
 padded vocabulary rows, embedding on the first stage, lm_head and final norm on the last), KV bytes per
-block are `model_runner.kv_block_bytes`, and the KV budget follows `CacheBudget` on CUDA:
+block are `shard.kv_block_bytes` (what the model runner allocates), and the KV budget follows `CacheBudget` on CUDA:
 `memory × utilization − weights − runtime overhead`. The busiest shard decides, since every shard of a
 group holds the same number of KV blocks.
 
@@ -14,18 +15,16 @@ sequences per replica), then the one with fewer pipeline stages (fewer bubbles),
 """
 from __future__ import annotations
 
-import argparse
-import json
 import re
-import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-
-from ..config import ModelConfig, parse_dtype
+from ..config import ModelConfig, dtype_bytes
 from ..errors import CheckpointError
-from ..model_runner import kv_block_bytes
-from ..shard import ShardInfo, check_tensor_parallel, partition_layers
+from ..shard import ShardInfo, check_tensor_parallel, kv_block_bytes, partition_layers
+
+if TYPE_CHECKING:              # dtypes are names or torch dtypes; the arithmetic itself needs no torch
+    import torch
 
 GiB = 1 << 30
 RUNTIME_OVERHEAD = GiB + (512 << 20)   # CUDA context + NCCL buffers (~1 GiB) + CacheBudget's activation headroom
@@ -86,7 +85,7 @@ def parse_size(text: str) -> int:
     return int(float(value) * base ** power)
 
 
-def shard_weight_bytes(cfg: ModelConfig, shard: ShardInfo, dtype: torch.dtype) -> int:
+def shard_weight_bytes(cfg: ModelConfig, shard: ShardInfo, dtype: str | torch.dtype) -> int:
     """Bytes of the parameters `LlamaForCausalLM(cfg, shard=shard)` allocates (see workers/model.py)."""
     h, d = cfg.hidden_size, cfg.head_dim
     q0, q1 = shard.q_heads(cfg)
@@ -100,7 +99,7 @@ def shard_weight_bytes(cfg: ModelConfig, shard: ShardInfo, dtype: torch.dtype) -
         params += rows * h                      # embedding (also the tied lm_head)
     if shard.is_last_stage:
         params += h + (0 if cfg.tie_word_embeddings else rows * h)   # final norm (+ untied lm_head)
-    return params * torch.empty((), dtype=dtype).element_size()
+    return params * dtype_bytes(dtype)
 
 
 @dataclass
@@ -125,7 +124,7 @@ class Layout:
         return self.max_seqs * self.replicas
 
 
-def evaluate(cfg: ModelConfig, tp: int, pp: int, *, gpu_memory: int, dtype: torch.dtype, max_model_len: int,
+def evaluate(cfg: ModelConfig, tp: int, pp: int, *, gpu_memory: int, dtype: str | torch.dtype, max_model_len: int,
              total_gpus: int, gpu_memory_utilization: float = 0.9, block_size: int = 16,
              overhead: int = RUNTIME_OVERHEAD) -> Layout:
     check_tensor_parallel(cfg, tp)
@@ -165,7 +164,7 @@ def candidate_layouts(cfg: ModelConfig, gpus_per_node: int, total_gpus: int) -> 
 
 
 def plan(cfg: ModelConfig, *, gpus_per_node: int, gpu_memory: int, nodes: int = 1, max_model_len: int | None = None,
-         dtype: torch.dtype = torch.bfloat16, gpu_memory_utilization: float = 0.9, block_size: int = 16) -> list[Layout]:
+         dtype: str | torch.dtype = "bfloat16", gpu_memory_utilization: float = 0.9, block_size: int = 16) -> list[Layout]:
     """Every candidate layout, fitting ones first (best first), then the ones that do not fit."""
     if gpus_per_node < 1 or nodes < 1:
         raise CheckpointError("--gpus-per-node and --nodes must be >= 1")
@@ -178,7 +177,7 @@ def plan(cfg: ModelConfig, *, gpus_per_node: int, gpu_memory: int, nodes: int = 
 
 
 def min_gpus_needed(cfg: ModelConfig, *, gpus_per_node: int, gpu_memory: int, max_model_len: int,
-                    dtype: torch.dtype, gpu_memory_utilization: float = 0.9, limit: int = 1024) -> Layout | None:
+                    dtype: str | torch.dtype, gpu_memory_utilization: float = 0.9, limit: int = 1024) -> Layout | None:
     """The smallest layout (fewest GPUs of this size, TP within a node) that fits, if any does."""
     best = None
     for tp in range(1, gpus_per_node + 1):
@@ -194,86 +193,3 @@ def min_gpus_needed(cfg: ModelConfig, *, gpus_per_node: int, gpu_memory: int, ma
                     best = layout
                 break
     return best
-
-
-# ---- CLI ---------------------------------------------------------------------------------------------------
-
-def _gib(n: int) -> str:
-    return f"{n / GiB:.1f} GiB"
-
-
-def cmd_plan(args) -> int:
-    if bool(args.model) == bool(args.shape):
-        print("herd plan: give exactly one of --model DIR or --shape NAME "
-              f"(shapes: {', '.join(SHAPES)})", file=sys.stderr)
-        return 2
-    if args.model:
-        cfg = ModelConfig.from_pretrained(args.model)
-        title = args.model
-    else:
-        title, cfg = shape_config(args.shape)
-    # The engine's default on GPUs is the checkpoint's stored dtype (resolve_dtype); shapes are bf16.
-    dtype = parse_dtype(args.dtype, cfg.stored_dtype if args.model else torch.bfloat16)
-    gpu_memory = parse_size(args.gpu_memory)
-    max_len = args.max_model_len or cfg.max_position_embeddings
-    layouts = plan(cfg, gpus_per_node=args.gpus_per_node, gpu_memory=gpu_memory, nodes=args.nodes,
-                   max_model_len=max_len, dtype=dtype, gpu_memory_utilization=args.gpu_memory_utilization,
-                   block_size=args.block_size)
-    fitting = [l for l in layouts if l.fits]
-    total_weights = shard_weight_bytes(cfg, ShardInfo(), dtype)
-    header = (f"{title}: {cfg.num_params / 1e9:.2f}B parameters, {_gib(total_weights)} of weights in "
-              f"{str(dtype).replace('torch.', '')}; max_model_len {max_len}\n"
-              f"cluster: {args.nodes} node(s) × {args.gpus_per_node} GPU(s) × {_gib(gpu_memory)} "
-              f"({args.gpu_memory_utilization:.0%} usable, {_gib(RUNTIME_OVERHEAD)} runtime overhead per GPU)")
-    if args.json:
-        print(json.dumps({"model": title, "dtype": str(dtype).replace("torch.", ""), "max_model_len": max_len,
-                          "weight_bytes": total_weights, "gpus": args.nodes * args.gpus_per_node,
-                          "gpu_memory_bytes": gpu_memory,
-                          "layouts": [{"name": l.name, **asdict(l)} for l in layouts],
-                          "recommended": fitting[0].name if fitting else None}, indent=2))
-        return 0 if fitting else 1
-    if not fitting:
-        need = min_gpus_needed(cfg, gpus_per_node=args.gpus_per_node, gpu_memory=gpu_memory, max_model_len=max_len,
-                               dtype=dtype, gpu_memory_utilization=args.gpu_memory_utilization)
-        best = max(layouts, key=lambda l: (l.kv_bytes_per_gpu, -l.weight_bytes_per_gpu)) if layouts else None
-        msg = [header, f"does not fit: no TP × PP layout of {args.nodes * args.gpus_per_node} GPU(s) of "
-                       f"{_gib(gpu_memory)} holds the weights plus one sequence of {max_len} tokens."]
-        if best is not None:
-            msg.append(f"  closest: {best.name} needs {_gib(best.weight_bytes_per_gpu)} of weights per GPU; {best.reason}")
-        if need is not None:
-            msg.append(f"  smallest layout that fits GPUs of this size: {need.name} ({need.gpus} GPUs, "
-                       f"{_gib(need.weight_bytes_per_gpu)} weights + {_gib(need.kv_bytes_per_gpu)} KV cache per GPU)")
-        else:
-            msg.append("  no layout of GPUs this size fits (lower --max-model-len, or use larger GPUs)")
-        print("\n".join(msg), file=sys.stderr)
-        return 1
-    print(header)
-    print(f"{'layout':<10} {'GPUs':>4} {'replicas':>8} {'weights/GPU':>12} {'KV cache/GPU':>13} "
-          f"{'KV tokens':>10} {'seqs/replica':>12} {'seqs total':>10}")
-    for l in fitting:
-        print(f"{l.name:<10} {l.gpus:>4} {l.replicas:>8} {_gib(l.weight_bytes_per_gpu):>12} "
-              f"{_gib(l.kv_bytes_per_gpu):>13} {l.kv_tokens:>10} {l.max_seqs:>12} {l.total_seqs:>10}")
-    rejected = [l for l in layouts if not l.fits]
-    if rejected:
-        print("does not fit: " + ", ".join(f"{l.name} ({l.reason})" for l in rejected))
-    best = fitting[0]
-    print(f"recommended: {best.name} × {best.replicas} replica(s): {best.total_seqs} concurrent sequences of "
-          f"{max_len} tokens (herd serve: tensor_parallel_size: {best.tp}, pipeline_parallel_size: {best.pp})")
-    return 0
-
-
-def register_plan_cli(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("plan", help="TP × PP layouts that fit a model on given GPUs, with memory per GPU")
-    src = p.add_argument_group("model (one of)")
-    src.add_argument("--model", help="checkpoint folder (only config.json is read)")
-    src.add_argument("--shape", help=f"a published Llama shape: {', '.join(SHAPES)}")
-    p.add_argument("--gpus-per-node", type=int, required=True)
-    p.add_argument("--gpu-memory", required=True, help="memory of one GPU, e.g. 80GiB, 24GB")
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--max-model-len", type=int, default=None, help="default: the model's context length")
-    p.add_argument("--dtype", default=None, help="weights and KV cache dtype (default: bf16; --model: as stored)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=cmd_plan)
-    return p
