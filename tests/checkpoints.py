@@ -147,7 +147,8 @@ def make_chat_checkpoint(root: Path, name: str, family: str, chat_template=None,
         spec = dict(LLAMA2_MHA, vocab_size=1000)
         path = write_checkpoint(root / name, hf_config(**spec), tokenizer="llama2")
     else:
-        spec = dict(LLAMA3_GQA_TIED, vocab_size=128256, bos_token_id=128000, eos_token_id=[128001, 128008, 128009])
+        spec = dict(LLAMA3_GQA_TIED, vocab_size=128256, bos_token_id=128000, eos_token_id=[128001, 128008, 128009],
+                    max_position_embeddings=4096, rope_scaling=None)
         path = write_checkpoint(root / name, hf_config(**spec))
     template = chat_template if chat_template is not None else \
         (LLAMA2_CHAT_TEMPLATE if family == "llama2" else LLAMA31_CHAT_TEMPLATE)

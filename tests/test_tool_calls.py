@@ -129,7 +129,7 @@ def test_required_schema_is_any_one_call():
         jsonschema.validate(call, schema)
         assert parse_tool_calls(json.dumps(call), TOOLS).tool_calls[0].name == call["name"]
     for bad in [{"name": "add", "parameters": {"a": "1", "b": 2}}, {"name": "sub", "parameters": {}}, [],
-                "get_weather"]:
+                "get_weather", {"name": "now", "parameters": {"x": 1}}]:  # no parameters: an empty list
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(bad, schema)
 
@@ -363,3 +363,52 @@ def test_llama2_builtin_format_puts_tools_in_the_system_prompt(meta_llama2):
     # A tool result may end the dialog: the model answers it.
     ids = tok.apply_chat_template(messages[:4], tools=[WEATHER])
     assert tok.decode(ids).endswith('[INST] Result of get_weather: {"temp": -3} [/INST]')
+
+
+# ---- forced calls on random weights ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module", params=["llama2", "llama3"])
+def chat_engine(request, tmp_path_factory):
+    from tests.checkpoints import make_chat_checkpoint
+    from workers import Engine
+
+    path = make_chat_checkpoint(tmp_path_factory.mktemp("tools"), request.param, request.param)
+    eng = Engine.from_pretrained(path, dtype="float32", show_progress=False, kv_cache_memory=64 << 20)
+    yield eng
+    eng.shutdown()
+
+
+BOUNDED = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 8},
+                                         "unit": {"type": "string", "enum": ["c", "f"]}},
+        "required": ["city"], "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "now"}},
+]
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}],
+                         ids=["required", "named"])
+def test_forced_choices_always_parse_even_from_random_weights(chat_engine, choice):
+    """The checkpoint's template (the real Llama 2 / 3.1 one) renders the tools; the grammar of
+    tool_call_json_schema makes a model that knows nothing answer with a call that parses and fits its schema."""
+    from workers import SamplingParams
+
+    tools = validate_tools(BOUNDED)
+    prompt = chat_engine.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What's the weather in Paris?"}],
+        tools=tools)  # (the real Llama 2 template ignores them; the grammar still forces the call)
+    schema = tool_call_json_schema(tools, choice)
+    params = [SamplingParams(max_tokens=200, temperature=1.0, seed=seed, structured={"json_schema": schema})
+              for seed in range(6)]
+    outs = chat_engine.generate([prompt] * len(params), params)
+    by_name = {t["function"]["name"]: t["function"].get("parameters") for t in tools}
+    for out in outs:
+        assert out.finish_reason == "stop", out.text
+        parsed = parse_tool_calls(out.text, tools)
+        assert parsed.content is None and len(parsed.tool_calls) == 1, out.text
+        call = parsed.tool_calls[0]
+        if isinstance(choice, dict):
+            assert call.name == "get_weather"
+        arguments = json.loads(call.arguments)
+        jsonschema.validate(arguments, by_name[call.name] or {"type": "object", "maxProperties": 0})

@@ -29,6 +29,8 @@ FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for functi
 PYTHON_TAG = "<|python_tag|>"                    # Llama 3.1: "a tool call follows" (ipython mode)
 TOOL_CHOICE_MODES = ("auto", "none", "required")
 _ID_ALPHABET = string.ascii_letters + string.digits
+# OpenAI: "omitting parameters defines a function with an empty parameter list".
+NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
 
 
 # ---- validating the request --------------------------------------------------------------------------------------
@@ -132,7 +134,7 @@ def tool_call_json_schema(tools: list[dict] | None, tool_choice: str | dict | No
     """The JSON schema of the one tool call that `tool_choice` forces, in Llama 3.1's format
     `{"name": <function>, "parameters": {...}}`: for a named function its own call, for "required" an anyOf over
     every tool's call. None for "auto" / "none" (nothing is forced). Each function's `parameters` schema is
-    embedded as it is; its local `$ref`s are rewritten so that they still point inside it (a `$defs` of a
+    embedded as it is (a function without `parameters` takes none: `{}`); its local `$ref`s are rewritten so that they still point inside it (a `$defs` of a
     function moves to the root under a per-function prefix)."""
     tool_choice = validate_tool_choice(tool_choice, tools)
     if tool_choice in ("auto", "none"):
@@ -147,7 +149,7 @@ def tool_call_json_schema(tools: list[dict] | None, tool_choice: str | dict | No
     for tool in chosen:
         i = tools.index(tool)
         path = "#/properties/parameters" if len(chosen) == 1 else f"#/anyOf/{len(calls)}/properties/parameters"
-        params = _relocate_refs(tool["function"].get("parameters") or {"type": "object"}, path, f"tool{i}_", defs)
+        params = _relocate_refs(tool["function"].get("parameters", NO_PARAMETERS), path, f"tool{i}_", defs)
         calls.append({"type": "object",
                       "properties": {"name": {"const": tool["function"]["name"]}, "parameters": params},
                       "required": ["name", "parameters"], "additionalProperties": False})
