@@ -238,6 +238,9 @@ STREAM_CASES = [
     "<|pyth but not the tag",
     "<",
     '{"name": "sub", "parameters": {}}',
+    '[{"name": "now", "parameters": {}}, {"name": "sub"}] then text',
+    '[] {"name": "now", "parameters": {}}',
+    PYTHON_TAG + "hello",
     '{"looks": "like json"} but is not a call',
     "   ",
     "",
@@ -278,6 +281,14 @@ def test_streaming_passes_content_through_as_it_comes():
     parser = ToolCallStreamParser(TOOLS)
     assert parser.feed("<|py") == "" and parser.buffering           # may be <|python_tag|>
     assert parser.feed("x") == "<|pyx"
+
+    # JSON that is not a call is let go as soon as its first value is complete, not at the end.
+    parser = ToolCallStreamParser(TOOLS)
+    assert parser.feed('{"answer": ') == "" and parser.feed("42") == ""
+    assert parser.feed("} and more") == '{"answer": 42} and more' and not parser.buffering
+    assert parser.feed(" text") == " text"
+    parser = ToolCallStreamParser(TOOLS)
+    assert parser.feed(PYTHON_TAG) == "" and parser.feed(" print(1)") == PYTHON_TAG + " print(1)"
 
     parser = ToolCallStreamParser(TOOLS)
     assert parser.feed('{"name": "now", ') == "" and parser.buffering

@@ -307,7 +307,9 @@ class ToolCallStreamParser:
     Feed it the text deltas of one answer; `feed` returns the content to send on now:
     - While the answer is only whitespace so far, that whitespace is held (a call may follow it).
     - If the first non-whitespace text is `{`, `[` or (a prefix of) `<|python_tag|>`, the answer may be a tool
-      call: everything from then on is held, and `feed` returns "".
+      call: everything from then on is held, and `feed` returns "". It is let go as content (all of it, then
+      every later delta) as soon as it can no longer be one: `<|python_tag|>` followed by something other than
+      JSON, or a first complete JSON value that is not a call of one of the tools.
     - Otherwise the answer is content: the held text and every later delta are returned as they come.
     `finish()` ends the answer: a held answer that parses as tool calls (`parse_tool_calls`) gives
     `ParsedToolCalls(None, calls)`; otherwise its `content` is the text not yet returned by `feed` (possibly "")
@@ -333,10 +335,31 @@ class ToolCallStreamParser:
             elif PYTHON_TAG.startswith(head):
                 return ""  # "<|pyth..." so far: wait for the rest of the tag
             else:
-                self._state = "content"
-                out, self._held = self._held, ""
-                return out
+                return self._let_go()
+        if self._cannot_be_a_call(delta):
+            return self._let_go()
         return ""
+
+    def _cannot_be_a_call(self, delta: str) -> bool:
+        """Whether the held text fails parse_tool_calls whatever follows it (checked when it may have changed)."""
+        body = self._held.lstrip()
+        if body.startswith(PYTHON_TAG):
+            body = body[len(PYTHON_TAG):].lstrip()
+            if body and body[0] not in "{[":
+                return True
+        if not body or ("}" not in delta and "]" not in delta):
+            return False
+        try:  # an object or list ends at its closing bracket: text that follows cannot change it
+            value, _ = _decoder.raw_decode(body)
+        except json.JSONDecodeError:
+            return False  # unfinished (or broken: finish() will tell)
+        names = set(self.names)
+        return any(_one_call(item, names) is None for item in (value if isinstance(value, list) else [value]))
+
+    def _let_go(self) -> str:
+        self._state = "content"
+        out, self._held = self._held, ""
+        return out
 
     @property
     def buffering(self) -> bool:
