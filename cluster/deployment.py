@@ -43,7 +43,7 @@ from cluster.errors import ApiError, error_to_dict
 from cluster.metrics import ReplicaMetrics
 from cluster.routing import routing_stats
 
-log = logging.getLogger("ray.serve")
+log = logging.getLogger(f"herd.{__name__}")
 
 # GIL switch interval of a model replica's process (Python's default is 5 ms; see ModelServer.__init__).
 ENGINE_GIL_SWITCH_INTERVAL_S = 0.0005

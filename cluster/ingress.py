@@ -37,7 +37,7 @@ from cluster.limits import InputLimits, LiveRequestIds
 from cluster.openai_http import OpenAIRoutes, openai_app
 from cluster.pb import inference_pb2 as pb
 
-log = logging.getLogger("ray.serve")
+log = logging.getLogger(f"herd.{__name__}")
 
 # Sampling fields that are proto3 `optional` scalars (set or not) and the repeated ones.
 _OPTIONAL_SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "ignore_eos",

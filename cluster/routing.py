@@ -67,7 +67,7 @@ from cluster.metrics import RouterMetrics
 from workers.block_hash import (filter_from_hashes, filter_hits, filter_positions, filter_probe, filter_shape,
                                 hash_token_blocks)
 
-logger = logging.getLogger("ray.serve")
+logger = logging.getLogger(f"herd.{__name__}")
 
 # Report format 2: a Bloom filter of every block the replica's prefix cache holds ("filter": bytes, "filter_k"),
 # whose size is fixed by the replica's KV capacity and capped (workers.block_hash.DEFAULT_FILTER_MAX_BYTES), so

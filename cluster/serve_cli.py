@@ -17,7 +17,7 @@ from typing import Any
 
 from cluster.client import register_client
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"herd.{__name__}")
 
 # 64 MiB of KV cache per shard holds tens of thousands of tokens of these small shapes (the CPU default,
 # 1 GiB per shard, would make the demo take ~6 GiB of memory).

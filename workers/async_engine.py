@@ -35,7 +35,7 @@ from .errors import EngineUnavailableError, HerdError
 from .sampling import SamplingParams
 from .stream_pacing import PacedDeltas, StreamPacing
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"herd.{__name__}")
 
 _STOP = object()
 # How often the engine thread snapshots its prefix cache for the router's reports: the Bloom filter of every

@@ -18,7 +18,7 @@ import platform
 import threading
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"herd.{__name__}")
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = [_CSRC / name for name in ("bindings.cpp", "paged_attention_cpu.cpp", "layer_ops_cpu.cpp")]
 

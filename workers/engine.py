@@ -28,7 +28,7 @@ from .stop_strings import StopStringMatcher
 from .structured_output import GrammarCompiler
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"herd.{__name__}")
 
 
 @dataclass

@@ -16,7 +16,7 @@ from .config import ModelConfig
 from .errors import CheckpointError
 from .model_runner import ModelRunner, StepInput
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"herd.{__name__}")
 
 DEFAULT_CPU_KV_CACHE_MEMORY = 1 << 30   # 1 GiB
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.9

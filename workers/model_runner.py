@@ -19,7 +19,7 @@ from .model import LlamaForCausalLM
 from .shard import ShardInfo, TPGroup, kv_block_bytes
 from .weights import WeightSource
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"herd.{__name__}")
 
 
 @dataclass

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"herd.{__name__}")
 _PACKABLE = (torch.float32, torch.bfloat16)
 _warned = False
 

@@ -36,7 +36,7 @@ import torch
 
 from .errors import InvalidRequestError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"herd.{__name__}")
 
 KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
 MAX_CHOICES = 1024

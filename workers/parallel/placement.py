@@ -23,7 +23,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ..errors import EngineUnavailableError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"herd.{__name__}")
 STRATEGIES = ("PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD")
 PLACEMENT_TIMEOUT_S = 600.0   # an autoscaling cluster may need minutes to add GPU nodes
 

@@ -48,7 +48,7 @@ from .placement import ShardPlacement, place_shards
 from .distributed import rendezvous
 from .shard_worker import ShardWorker
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"herd.{__name__}")
 
 MICROBATCH_MIN_TOKENS = 48    # auto: split a step only if each micro-batch keeps at least this many tokens
 STARTUP_TIMEOUT_S = 300.0      # actor start + process-group rendezvous + KV allocation
