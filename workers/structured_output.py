@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -157,10 +158,14 @@ def validate_structured(spec: StructuredOutputs | Mapping[str, Any] | None) -> N
         raise InvalidRequestError(f"structured.{spec.kind}", _readable(messages[0]))
 
 
-def _readable(message: str) -> str:
-    """llguidance prefixes errors with where in its generated grammar they are; the cause is what a client
-    can act on, and the grammar dump is noise."""
-    return message.strip().splitlines()[0] if message.strip() else "invalid grammar"
+def _readable(message: str, limit: int = 400) -> str:
+    """One line a client can act on: llguidance's message without its parser-state and grammar dumps, the
+    caret lines under a quoted source line, and the quoted lines of its generated grammar."""
+    message = re.split(r"<state>|<grammar>", message)[0]
+    kept = [ln.strip() for ln in message.splitlines()
+            if ln.strip() and not re.fullmatch(r"\s*\^+\s*", ln) and not re.match(r"\s*\d+\s*\|", ln)]
+    text = " ".join(kept) or "invalid grammar"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 # ---- per tokenizer -------------------------------------------------------------------------------------
