@@ -11,6 +11,7 @@ import logging
 import sys
 
 from cluster.client import add_sampling_args, sampling_from_args
+from cluster.logs import log_through_root
 from workers.errors import HerdError
 
 
@@ -145,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_through_root()                   # herd.* records: this handler, not Ray's (cluster/logs.py)
     try:
         if args.command == "bench":       # stdout carries the one JSON report; Ray's and other output to stderr
             from benchmarks.bench_common import stdout_reserved_for_report

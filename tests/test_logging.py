@@ -62,3 +62,17 @@ def test_herd_records_reach_serves_handlers_at_serves_level():
     assert seen["serve"] == [["herd.workers.engine", "INFO", "engine up"],
                              ["herd.cluster.ingress", "WARNING", "careful"]]
     assert seen["root"] == []
+
+
+def test_the_herd_command_prints_herd_records_with_its_own_handler():
+    code = textwrap.dedent("""
+        import logging, sys
+        import ray                                          # sets up Ray's "ray" logger (INFO, no propagation)
+        from cluster import cli
+        sys.argv = ["herd", "-v", "plan", "--shape", "llama2-70b", "--gpus-per-node", "8", "--gpu-memory", "80GiB"]
+        cli.main(sys.argv[1:])
+        logging.getLogger("herd.workers.engine").debug("a debug line")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "DEBUG herd.workers.engine: a debug line" in proc.stderr
