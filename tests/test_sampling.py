@@ -293,3 +293,76 @@ def test_logprobs_per_row_in_a_batch():
         assert res[i].logprobs == pytest.approx(expected)
     tiny = torch.randn(1, 5)                              # N larger than the vocabulary is clamped
     assert len(Sampler()(tiny, states([SamplingParams(logprobs=20)]))[0].logprobs) == 5
+
+
+# ---- n, logit_bias, prompt_logprobs, structured, max_tokens=None ---------------------------------------
+@pytest.mark.parametrize("kwargs, field", [
+    ({"n": 0}, "n"), ({"n": 17}, "n"), ({"n": 2.0}, "n"), ({"n": True}, "n"),
+    ({"logit_bias": {"x": 1}}, "logit_bias"), ({"logit_bias": {-1: 1}}, "logit_bias"),
+    ({"logit_bias": {1: 101}}, "logit_bias"), ({"logit_bias": {1: -100.5}}, "logit_bias"),
+    ({"logit_bias": {1: math.nan}}, "logit_bias"), ({"logit_bias": {1: "5"}}, "logit_bias"),
+    ({"logit_bias": {True: 1}}, "logit_bias"), ({"logit_bias": [1, 2]}, "logit_bias"),
+    ({"prompt_logprobs": 21}, "prompt_logprobs"), ({"prompt_logprobs": -1}, "prompt_logprobs"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"structured": {"regex": "a", "json_object": True}}, "structured"),
+    ({"structured": {"choice": "abc"}}, "structured.choice"), ({"structured": "json"}, "structured"),
+    ({"structured": {"json_object": 1}}, "structured.json_object"),
+])
+def test_new_fields_are_validated(kwargs, field):
+    with pytest.raises(InvalidRequestError) as e:
+        SamplingParams(**kwargs)
+    assert e.value.field == field
+
+
+def test_new_fields_defaults_and_normalisation():
+    from workers.sampling import MAX_N
+    from workers.structured_output import StructuredOutputs
+    p = SamplingParams()
+    assert (p.n, p.logit_bias, p.prompt_logprobs, p.structured, MAX_N) == (1, {}, None, None, 16)
+    # JSON object keys are strings: they become token ids; values become floats.
+    assert SamplingParams(logit_bias={"5": 100, " 7": -100, 9: 0.5}).logit_bias == {5: 100.0, 7: -100.0, 9: 0.5}
+    assert SamplingParams(max_tokens=None).max_tokens is None  # until the context ends
+    s = SamplingParams.from_dict({"structured": {"json_schema": {"type": "object"}}, "n": 16, "prompt_logprobs": 0})
+    assert isinstance(s.structured, StructuredOutputs) and s.structured.kind == "json_schema"
+    assert SamplingParams.from_dict(s.to_dict()) == s
+
+
+def test_logit_bias_forces_and_bans_tokens():
+    logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(0))
+    greedy = SamplingParams(temperature=0)
+    top = logits.argmax(-1).tolist()
+    forced = Sampler()(logits, states([SamplingParams(temperature=0, logit_bias={11: 100}), greedy,
+                                       SamplingParams(temperature=1.0, seed=1, logit_bias={11: 100})]))
+    assert [r.token_id for r in forced] == [11, top[1], 11]  # the middle row is untouched
+    # -100 bans: a banned top token is never drawn, greedy or not, over many draws.
+    banned = SamplingParams(temperature=0, logit_bias={top[0]: -100})
+    assert Sampler()(logits[[0]], states([banned]))[0].token_id != top[0]
+    hot = logits[[0]].clone()
+    hot[0, 3] = 5.0  # the likely token, banned
+    draws = run_steps(Sampler(), hot, states([SamplingParams(temperature=1.0, seed=2, logit_bias={3: -100})]), 200)
+    assert 3 not in draws and len(set(draws)) > 5
+
+
+def test_logit_bias_shifts_the_distribution_but_not_the_logprobs():
+    logits = torch.zeros(1, 4)
+    p = SamplingParams(temperature=1.0, seed=0, logit_bias={2: math.log(9.0)}, logprobs=1)  # token 2: 9x as likely
+    sampler, st = Sampler(), states([p])
+    results = []
+    for _ in range(600):
+        r = sampler(logits, st)[0]
+        st[0].output_token_ids.append(r.token_id)
+        results.append(r)
+    share = sum(r.token_id == 2 for r in results) / len(results)
+    assert 0.65 < share < 0.85  # 9 / 12 = 0.75
+    # logprobs describe the model's own distribution (uniform here), as for penalties
+    assert all(abs(r.logprobs[r.token_id] - math.log(0.25)) < 1e-5 for r in results)
+
+
+def test_n_completions_draw_from_their_own_seed_streams():
+    logits = torch.randn(1, 60, generator=torch.Generator().manual_seed(3))
+    p = SamplingParams(temperature=1.0, seed=11, n=3)
+    streams = [run_steps(Sampler(), logits, [SamplingState.create(p, [1], seed_offset=i)], 20) for i in range(3)]
+    again = [run_steps(Sampler(), logits, [SamplingState.create(p, [1], seed_offset=i)], 20) for i in range(3)]
+    assert streams == again and len({tuple(s) for s in streams}) == 3
+    # completion i draws what a request seeded with seed + i draws
+    assert streams[2] == run_steps(Sampler(), logits, states([SamplingParams(temperature=1.0, seed=13)]), 20)
