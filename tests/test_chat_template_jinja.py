@@ -42,6 +42,8 @@ LLAMA3_CONVERSATIONS = {
     "tool_result_then_answer": ([{"role": "user", "content": "Weather in Paris?"}, CALL, RESULT,
                                  {"role": "assistant", "content": "It is 21°C and clear in Paris."},
                                  {"role": "user", "content": "Thanks!"}], [WEATHER], False),
+    "ipython_result": ([{"role": "user", "content": "Weather in Paris?"}, CALL,
+                        {"role": "ipython", "content": "sunny"}], [WEATHER], True),
     "content_parts": ([{"role": "user", "content": [{"type": "text", "text": "First part."},
                                                     {"type": "text", "text": "Second part."}]}], None, True),
 }
