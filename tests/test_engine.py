@@ -153,3 +153,17 @@ def test_cache_salt_isolates_prefix_cache_hits(tmp_path):
     assert [a.num_cached_tokens, b.num_cached_tokens, a_again.num_cached_tokens, plain.num_cached_tokens] == \
         [0, 0, 48, 0]
     assert a.token_ids == b.token_ids == a_again.token_ids == plain.token_ids
+
+
+def test_max_tokens_none_runs_until_the_context_ends(tmp_path):
+    path = make_checkpoint(tmp_path, "ctx", LLAMA2_MHA)
+    engine = Engine.from_pretrained(path, dtype="float32", show_progress=False, max_model_len=40)
+    try:
+        outs = engine.generate([list(range(5, 15)), list(range(5, 38))],
+                               SamplingParams(max_tokens=None, temperature=0.0, ignore_eos=True))
+        with pytest.raises(Exception, match="max_model_len"):
+            engine.generate([list(range(5, 45))], SamplingParams(max_tokens=None))
+    finally:
+        engine.shutdown()
+    assert [len(o.token_ids) for o in outs] == [30, 7]  # max_model_len - prompt length
+    assert all(o.finish_reason == "length" for o in outs)
