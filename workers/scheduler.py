@@ -34,7 +34,6 @@ class ScheduledSeq:
 @dataclass
 class SchedulerOutput:
     scheduled: list[ScheduledSeq]
-    preempted: list[Sequence]
 
     @property
     def num_tokens(self) -> int:
@@ -100,7 +99,7 @@ class Scheduler:
             self.running.append(seq)
             scheduled.append(ScheduledSeq(seq, num_new))
             budget -= num_new
-        return SchedulerOutput(scheduled, preempted)
+        return SchedulerOutput(scheduled)
 
     @staticmethod
     def _chunk(seq: Sequence, num_computed: int, budget: int) -> int:

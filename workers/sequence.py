@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import enum
-import time
 from dataclasses import dataclass, field
 
 from .sampling import SamplingParams, SamplingState
@@ -19,7 +18,6 @@ class Sequence:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    arrival: float = field(default_factory=time.monotonic)
     status: SeqStatus = SeqStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     num_computed: int = 0        # tokens whose k/v are in the cache
