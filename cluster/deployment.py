@@ -38,9 +38,11 @@ from typing import Any, AsyncIterator
 
 from ray import serve
 
+from cluster import tracing
 from cluster.autoscaling import autoscaling_stats
 from cluster.errors import ApiError, error_to_dict
 from cluster.metrics import ReplicaMetrics
+from cluster.request_context import install_request_id_logging, request_id_from, set_request_id
 from cluster.routing import routing_stats
 
 log = logging.getLogger(f"herd.{__name__}")
@@ -87,6 +89,8 @@ class ModelServer:
         self.spec = spec
         self.name = spec["name"]
         self.replica_id = _replica_id()
+        install_request_id_logging()  # a request's log lines name its id (cluster.request_context)
+        tracing.configure(spec.get("tracing"), f"model-{self.name}")
         tp, pp = int(spec.get("tensor_parallel_size", 1)), int(spec.get("pipeline_parallel_size", 1))
         log.info("model %s: loading %s (TP%d x PP%d, dtype %s) ...", self.name, spec["path"], tp, pp,
                  spec.get("dtype") or "auto")
@@ -104,8 +108,50 @@ class ModelServer:
         self._metrics_task = asyncio.get_running_loop().create_task(self._push_engine_metrics())
 
     # ---- requests ------------------------------------------------------------------------------------
-    async def generate_stream(self, prompt_token_ids: list[int], sampling: dict[str, Any],
-                              request_id: str, cache_salt: int = 0) -> AsyncIterator[dict[str, Any]]:
+    async def generate_stream(self, prompt_token_ids: list[int], sampling: dict[str, Any], request_id: str,
+                              cache_salt: int = 0, context: dict[str, str] | None = None
+                              ) -> AsyncIterator[dict[str, Any]]:
+        """The request's chunks (module doc). `context`: the request's id and trace context from the ingress
+        (cluster.request_context.outgoing_context): this request's log lines name the id, and with tracing
+        on its spans continue the ingress's trace."""
+        set_request_id(request_id_from(context))
+        chunks = self._chunks(prompt_token_ids, sampling, request_id, cache_salt)
+        span = tracing.start_span("herd.replica.generate", context, {
+            "herd.model": self.name, "herd.replica": self.replica_id,
+            "herd.request_id": request_id_from(context) or request_id}, kind="server")
+        started, first_token_at, error, last = time.monotonic(), None, None, {}
+        try:
+            async with contextlib.aclosing(chunks):
+                async for chunk in chunks:
+                    if "error" in chunk:
+                        error = chunk["error"]["code"]
+                    else:
+                        if first_token_at is None and chunk["token_ids"]:
+                            first_token_at = time.monotonic()
+                        last = chunk
+                    yield chunk
+        except asyncio.CancelledError:
+            error = "CANCELLED"
+            raise
+        finally:
+            finished = time.monotonic()
+            # One line per request (as Serve's access log), with the figures an operator asks about first.
+            log.info("model %s: request %s %s: %s prompt tokens (%s cached), %s generated, first token %s, "
+                     "total %.0f ms", self.name, request_id, error or last.get("finish_reason") or "ended",
+                     last.get("prompt_tokens", "?"), last.get("cached_tokens", "?"),
+                     last.get("completion_tokens", 0),
+                     f"{1000 * (first_token_at - started):.0f} ms" if first_token_at is not None else "-",
+                     1000 * (finished - started))
+            if span is not None:
+                tracing.add_engine_spans(span, submitted_s=started, first_token_s=first_token_at,
+                                         finished_s=finished, attributes={
+                                             "herd.prompt_tokens": last.get("prompt_tokens"),
+                                             "herd.cached_tokens": last.get("cached_tokens"),
+                                             "herd.completion_tokens": last.get("completion_tokens")})
+                tracing.end_span(span, error=error)
+
+    async def _chunks(self, prompt_token_ids: list[int], sampling: dict[str, Any], request_id: str,
+                      cache_salt: int = 0) -> AsyncIterator[dict[str, Any]]:
         from workers import SamplingParams
         from workers.errors import HerdError
 

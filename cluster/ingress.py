@@ -34,6 +34,9 @@ from ray import serve
 from cluster.errors import ApiError, to_api_error
 from cluster.grpc_status import StatusSet, install_status_log_filter
 from cluster.limits import InputLimits, LiveRequestIds
+from cluster import tracing
+from cluster.request_context import (REQUEST_ID_HEADER, current_request_id, grpc_request_id,
+                                     install_request_id_logging, outgoing_context, set_request_id)
 from cluster.openai_http import OpenAIRoutes, openai_app
 from cluster.pb import inference_pb2 as pb
 
@@ -64,8 +67,10 @@ def as_own_serve_request(call):
         from ray.serve import context as serve_context  # the request context is internal to Serve
 
         current = serve_context._get_serve_request_context()
-        serve_context._serve_request_context.set(
-            dataclasses.replace(current, _internal_request_id=uuid.uuid4().hex))
+        serve_context._serve_request_context.set(dataclasses.replace(
+            current, _internal_request_id=uuid.uuid4().hex,
+            # herd's request id as Serve's too: the model replica's Serve log lines show it
+            request_id=current_request_id() or current.request_id))
         return call()
     return contextvars.copy_context().run(run)
 
@@ -342,6 +347,9 @@ class Frontend:
                              cache_salt: int) -> AsyncIterator[dict]:
         engine_request_id = uuid.uuid4().hex
         kwargs = {"cache_salt": cache_salt} if cache_salt else {}
+        context = outgoing_context()  # the request id and trace context travel with the call
+        if context:
+            kwargs["context"] = context
         gen = as_own_serve_request(lambda: route.handle.options(stream=True).generate_stream.remote(
             ids, sampling, engine_request_id, **kwargs))
         done = False
@@ -448,6 +456,8 @@ class InferenceIngress(OpenAIRoutes):
                        api_keys_file: str | None = None, settings: dict[str, Any] | None = None):
         self.frontend = Frontend(models, specs, api_keys, api_keys_file, settings)
         install_status_log_filter()  # refusals log one line, not a traceback each (cluster.grpc_status)
+        install_request_id_logging()  # a request's log lines name its id (cluster.request_context)
+        tracing.configure((settings or {}).get("tracing"), "ingress")
         await self.frontend.load_tokenizers()
         self._warm_up = asyncio.get_running_loop().create_task(self.frontend.warm_up())
         log.info("ingress: serving models %s (API keys %s)", ", ".join(specs),
@@ -475,14 +485,20 @@ class InferenceIngress(OpenAIRoutes):
             yield resp
 
     async def _stream(self, request, grpc_context, prepare) -> AsyncIterator[pb.GenerateResponse]:
+        span = tracing.start_request_span(type(request).__name__, grpc_context.invocation_metadata())
+        client_request_id = grpc_request_id(request.request_id, grpc_context.invocation_metadata())
+        set_request_id(client_request_id)
         try:
             cache_salt = self.frontend.authenticate(grpc_context.invocation_metadata())
-            if request.request_id:
-                self.frontend.limits.check_request_id(request.request_id)
+            if client_request_id:
+                self.frontend.limits.check_request_id(client_request_id)
             route = await self.frontend.model(request.model)
             sampling = self.frontend.check_sampling(sampling_from_proto(request.sampling))
             ids = await prepare(route)
-            with self.frontend.live_request_ids.hold(request.request_id or uuid.uuid4().hex) as request_id:
+            with self.frontend.live_request_ids.hold(client_request_id or uuid.uuid4().hex) as request_id:
+                set_request_id(request_id)  # the request's log lines and its model call carry it
+                grpc_context.set_trailing_metadata([(REQUEST_ID_HEADER, request_id)])
+                tracing.set_attribute(span, "herd.request_id", request_id)
                 async for chunk in self.frontend.generate(route, ids, sampling, cache_salt):
                     yield response_from_chunk(self.frontend, route, chunk, request_id)
         except ApiError as e:
@@ -490,6 +506,8 @@ class InferenceIngress(OpenAIRoutes):
         except Exception as e:  # noqa: BLE001 - a bug here; the client gets a clean INTERNAL
             log.exception("ingress: request failed")
             raise _set_status(grpc_context, to_api_error(e)) from None
+        finally:
+            tracing.end_span(span, error=tracing.grpc_error(grpc_context.code()))
 
     async def Tokenize(self, request: pb.TokenizeRequest, grpc_context) -> pb.TokenizeResponse:
         try:

@@ -33,6 +33,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from cluster.errors import ApiError, to_api_error
+from cluster import tracing
+from cluster.request_context import http_request_id, request_scope
 
 # No built-in docs routes: /openapi.json and /docs exist only when the config enables them (see below).
 openai_app = FastAPI(title="herd OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
@@ -203,6 +205,13 @@ class EdgeGuard:
         if length is not None and (not length.strip().isdigit() or int(length) > limit):
             return await BodyTooLarge(limit).response()(scope, receive, send)
         scope.setdefault("state", {})["cache_salt"] = salt
+        # X-Request-Id: the client's, or the one Serve's proxy made; Serve echoes it on the response.
+        request_id = http_request_id(headers)
+        if request_id:
+            try:
+                frontend.limits.check_request_id(request_id, field="X-Request-Id")
+            except ApiError as e:
+                return await error_response(e)(scope, receive, send)
         received = 0
 
         async def bounded_receive():
@@ -214,7 +223,22 @@ class EdgeGuard:
                     raise BodyTooLarge(limit)
             return message
 
-        return await self.app(scope, bounded_receive, send)
+        span = tracing.start_request_span(f"{scope.get('method', 'GET')} {scope['path']}", headers)
+        tracing.set_attribute(span, "herd.request_id", request_id)
+        status = {}
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message.get("status", 200)
+            await send(message)
+
+        try:
+            with request_scope(request_id):
+                return await self.app(scope, bounded_receive, send_status if span is not None else send)
+        finally:
+            code = status.get("code", 500)
+            tracing.set_attribute(span, "http.response.status_code", code)
+            tracing.end_span(span, error=f"HTTP {code}" if code >= 400 else None)
 
 
 openai_app.add_middleware(EdgeGuard)

@@ -63,6 +63,7 @@ from ray.serve.request_router import (
     RunningReplica,
 )
 
+from cluster import tracing
 from cluster.metrics import RouterMetrics
 from workers.block_hash import (filter_from_hashes, filter_hits, filter_positions, filter_probe, filter_shape,
                                 hash_token_blocks)
@@ -410,6 +411,7 @@ class PrefixCacheRouter(RequestRouter):
         for r in candidates:  # cheap when nothing changed (identity check)
             self._ingest_report(r)
         self._record_report_ages(candidates)
+        self._start_trace(pending_request)
         token_ids = request_token_ids(pending_request)
         if token_ids is None:
             self._note_decision(pending_request, "fallback", {})
@@ -483,3 +485,28 @@ class PrefixCacheRouter(RequestRouter):
         reason, matches = getattr(pending_request, "_herd_decision", None) or ("fallback", {})
         self._state()  # (initialize_state has run: self._metrics exists)
         self._metrics.on_decision(reason, len(hashes), matches.get(replica_id, 0))
+        span = getattr(pending_request, "_herd_span", None)
+        if span is not None:
+            for key, value in (("herd.route.reason", reason), ("herd.route.prompt_blocks", len(hashes)),
+                               ("herd.route.matched_blocks", matches.get(replica_id, 0)),
+                               ("herd.replica", replica_id.unique_id)):
+                tracing.set_attribute(span, key, value)
+            tracing.end_span(span)
+
+    @staticmethod
+    def _start_trace(pending_request: Optional[PendingRequest]) -> None:
+        """With tracing on: the request's router span, from its first routing attempt until a replica takes it
+        (on_request_routed). The request's context (the `context` keyword, cluster.request_context) then
+        carries this span, so the replica's span is its child."""
+        if not tracing.enabled() or pending_request is None or hasattr(pending_request, "_herd_span"):
+            return
+        context = (pending_request.kwargs or {}).get("context")
+        if not isinstance(context, dict):
+            return
+        span = tracing.start_span("herd.router", context, {"herd.request_id": context.get("request_id")})
+        try:
+            setattr(pending_request, "_herd_span", span)
+        except AttributeError:
+            tracing.end_span(span)
+            return
+        tracing.inject(context, span)
