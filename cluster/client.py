@@ -14,9 +14,10 @@ gRPC status code and message and exits 1.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
-from typing import Iterator
+from typing import Any, Iterator
 
 import grpc
 
@@ -24,16 +25,55 @@ from cluster.pb import inference_pb2 as pb
 from cluster.pb import inference_pb2_grpc as pb_grpc
 
 DEFAULT_ADDRESS = "127.0.0.1:9000"
-SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
-                   "ignore_eos", "presence_penalty", "frequency_penalty", "repetition_penalty", "logprobs")
+# The proto's sampling fields (tests/test_proto.py holds them equal to workers.SamplingParams').
+SAMPLING_FIELDS = tuple(f.name for f in pb.SamplingParams.DESCRIPTOR.fields)
+
+
+def structured_message(spec: dict[str, Any]) -> pb.StructuredOutput:
+    """pb.StructuredOutput from workers.StructuredOutputs' dict form, e.g. {"json_schema": {...}} or
+    {"choice": ["yes", "no"]} (a schema may be a dict or its JSON text)."""
+    if len(spec) != 1:
+        raise TypeError(f"structured takes exactly one of json_schema, json_object, regex, choice, grammar; got {spec}")
+    [(kind, value)] = spec.items()
+    if kind == "choice":
+        return pb.StructuredOutput(choice=pb.Choices(choices=list(value)))
+    if kind == "json_schema" and not isinstance(value, str):
+        value = json.dumps(value)
+    return pb.StructuredOutput(**{kind: value})
 
 
 def sampling_message(**kw) -> pb.SamplingParams:
-    """pb.SamplingParams from keyword arguments; None values stay unset (server defaults)."""
+    """pb.SamplingParams from keyword arguments; None values stay unset (server defaults). `structured` takes
+    the dict form (see structured_message), `logit_bias` a {token_id: bias} dict."""
     unknown = set(kw) - set(SAMPLING_FIELDS)
     if unknown:
         raise TypeError(f"unknown sampling parameter(s): {', '.join(sorted(unknown))}")
-    return pb.SamplingParams(**{k: v for k, v in kw.items() if v is not None})
+    kw = {k: v for k, v in kw.items() if v is not None}
+    if "structured" in kw and isinstance(kw["structured"], dict):
+        kw["structured"] = structured_message(kw["structured"])
+    return pb.SamplingParams(**kw)
+
+
+def chat_message(m: dict[str, Any]) -> pb.ChatMessage:
+    """pb.ChatMessage from an OpenAI-shaped message dict (role, content, tool_calls, tool_call_id, name)."""
+    calls = [pb.ToolCall(id=c.get("id", ""), name=c["function"]["name"], arguments=c["function"]["arguments"])
+             for c in m.get("tool_calls") or ()]
+    return pb.ChatMessage(role=m["role"], content=m.get("content") or "", tool_calls=calls,
+                          tool_call_id=m.get("tool_call_id", ""), name=m.get("name", ""))
+
+
+def tool_message(tool: dict[str, Any]) -> pb.Tool:
+    """pb.Tool from an OpenAI tool definition ({"type": "function", "function": {name, description, parameters}})."""
+    fn = tool.get("function", tool)
+    params = fn.get("parameters")
+    return pb.Tool(name=fn["name"], description=fn.get("description", ""),
+                   parameters=json.dumps(params) if params is not None else "")
+
+
+def tool_choice_message(choice: str | dict[str, Any]) -> pb.ToolChoice:
+    if isinstance(choice, str):
+        return pb.ToolChoice(mode=choice)
+    return pb.ToolChoice(function=choice["function"]["name"])
 
 
 class HerdClient:
@@ -63,15 +103,20 @@ class HerdClient:
             req.token_ids.ids.extend(prompt)
         return self.stub.Generate(req, timeout=timeout, metadata=self.metadata)
 
-    def chat(self, model: str, messages: list[dict[str, str]], *, timeout: float | None = None,
-             request_id: str = "", **sampling) -> Iterator[pb.GenerateResponse]:
-        req = pb.ChatRequest(model=model, messages=[pb.ChatMessage(**m) for m in messages],
-                             sampling=sampling_message(**sampling), request_id=request_id)
+    def chat(self, model: str, messages: list[dict[str, Any]], *, timeout: float | None = None,
+             request_id: str = "", tools: list[dict[str, Any]] | None = None,
+             tool_choice: str | dict[str, Any] | None = None, **sampling) -> Iterator[pb.GenerateResponse]:
+        """Messages, tools and tool_choice in OpenAI's shapes."""
+        req = pb.ChatRequest(model=model, messages=[chat_message(m) for m in messages],
+                             sampling=sampling_message(**sampling), request_id=request_id,
+                             tools=[tool_message(t) for t in tools or ()])
+        if tool_choice is not None:
+            req.tool_choice.CopyFrom(tool_choice_message(tool_choice))
         return self.stub.Chat(req, timeout=timeout, metadata=self.metadata)
 
     def tokenize(self, model: str, text: str = "", *, messages: list[dict[str, str]] | None = None,
                  add_bos: bool | None = None, timeout: float | None = None) -> pb.TokenizeResponse:
-        req = pb.TokenizeRequest(model=model, text=text, messages=[pb.ChatMessage(**m) for m in messages or []])
+        req = pb.TokenizeRequest(model=model, text=text, messages=[chat_message(m) for m in messages or []])
         if add_bos is not None:
             req.add_bos = add_bos
         return self.stub.Tokenize(req, timeout=timeout, metadata=self.metadata)

@@ -7,8 +7,12 @@ Contract with the ingress (and with the router, which reads the token ids from t
 
 yields plain dicts, one per engine step that produced something:
 
-    {"token_ids": [...], "text": "...", "logprobs": [...] | None, "finish_reason": None | "stop" | "length",
-     "prompt_tokens": int, "cached_tokens": int, "completion_tokens": int (so far)}
+    {"index": int, "token_ids": [...], "text": "...", "logprobs": [...] | None,
+     "finish_reason": None | "stop" | "length", "prompt_tokens": int, "cached_tokens": int,
+     "completion_tokens": int (of this completion, so far), "prompt_logprobs": [...] (first chunk, if asked)}
+
+`index` tells apart the `sampling["n"]` completions of one request (they interleave); the stream ends when
+every one of them has had its chunk with a finish_reason.
 
 or, once and last, `{"error": {"code": "<gRPC code name>", "message": ..., "field": ...}}` when the request
 fails (cluster.errors). Errors travel as data, not exceptions: the engine's exceptions do not survive pickling
@@ -72,6 +76,13 @@ def logprobs_to_wire(token_ids: list[int], logprobs: list[dict[int, float]] | No
         out.append({"logprob": float(entry.get(tok, float("nan"))),
                     "top": [[int(t), float(lp)] for t, lp in top]})
     return out
+
+
+def prompt_logprobs_to_wire(prompt_token_ids: list[int], logprobs: list[dict[int, float] | None],
+                            num_top: int) -> list[dict | None]:
+    """Prompt logprobs (None for the first position, which has no context) in logprobs_to_wire's form."""
+    return [None if entry is None else logprobs_to_wire([tok], [entry], num_top)[0]
+            for tok, entry in zip(prompt_token_ids, logprobs)]
 
 
 class ModelServer:
@@ -157,10 +168,11 @@ class ModelServer:
 
         t_start = time.monotonic()
         self.metrics.on_request()
-        completion_tokens = 0
+        completion_tokens: dict[int, int] = {}  # per completion (n > 1: several, told apart by d.index)
         last_token_at: float | None = None
         try:
             params = SamplingParams.from_dict(sampling)
+            unfinished = params.n
             self.engine.validate(prompt_token_ids, params)
             salt = {"cache_salt": int(cache_salt)} if cache_salt else {}
             stream = self.engine.generate(list(prompt_token_ids), params, request_id=request_id, **salt)
@@ -175,19 +187,26 @@ class ModelServer:
                         else:
                             self.metrics.on_token(now - last_token_at, len(d.token_ids))
                         last_token_at = now
-                    completion_tokens += len(d.token_ids)
-                    yield {
+                    completion_tokens[d.index] = completion_tokens.get(d.index, 0) + len(d.token_ids)
+                    chunk = {
+                        "index": d.index,
                         "token_ids": list(d.token_ids),
                         "text": d.text,
                         "logprobs": logprobs_to_wire(d.token_ids, d.logprobs, params.logprobs or 0),
                         "finish_reason": d.finish_reason,
                         "prompt_tokens": d.num_prompt_tokens,
                         "cached_tokens": d.num_cached_tokens,
-                        "completion_tokens": completion_tokens,
+                        "completion_tokens": completion_tokens[d.index],
                     }
+                    if d.prompt_logprobs is not None:
+                        chunk["prompt_logprobs"] = prompt_logprobs_to_wire(
+                            prompt_token_ids, d.prompt_logprobs, params.prompt_logprobs or 0)
+                    yield chunk
                     if d.finished:
-                        self.metrics.on_finish(d.num_prompt_tokens, completion_tokens, d.num_cached_tokens,
-                                               e2e_seconds=now - t_start)
+                        unfinished -= 1
+                        if unfinished == 0:  # the request's figures, once, when its last completion ends
+                            self.metrics.on_finish(d.num_prompt_tokens, sum(completion_tokens.values()),
+                                                   d.num_cached_tokens, e2e_seconds=now - t_start)
         except (HerdError, ApiError) as e:
             err = error_to_dict(e)
             self.metrics.on_error(err["error"]["code"])

@@ -78,6 +78,20 @@ class ApiError(Exception):
         }.get(self.code, self.code.lower())
         return {"error": {"message": self.message, "type": err_type, "param": self.field, "code": code}}
 
+    def renamed(self, names: dict[str, str]) -> "ApiError":
+        """This error with its field named as the client's API names it (e.g. the engine's "logprobs" is a
+        chat request's "top_logprobs"); a field under a renamed one ("structured.regex") is renamed too."""
+        if not self.field:
+            return self
+        for old, new in names.items():
+            if self.field == old or self.field.startswith(old + ".") or self.field.startswith(old + "["):
+                field = new + self.field[len(old):]
+                message = self.message
+                if message.startswith(self.field):
+                    message = field + message[len(self.field):]
+                return ApiError(self.code, message, field)
+        return self
+
     # Constructors for the errors the ingress raises itself.
     @classmethod
     def invalid(cls, field: str, message: str) -> "ApiError":

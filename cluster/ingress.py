@@ -31,6 +31,7 @@ from typing import Any, AsyncIterator, Iterable
 
 from ray import serve
 
+from cluster.chat_tools import ChatTools
 from cluster.errors import ApiError, to_api_error
 from cluster.grpc_status import StatusSet, install_status_log_filter
 from cluster.limits import InputLimits, LiveRequestIds
@@ -39,14 +40,11 @@ from cluster.request_context import (REQUEST_ID_HEADER, current_request_id, grpc
                                      install_request_id_logging, outgoing_context, set_request_id)
 from cluster.openai_http import OpenAIRoutes, openai_app
 from cluster.pb import inference_pb2 as pb
+from cluster.proto_convert import (messages_from_proto, response_from_chunk, sampling_from_proto,
+                                   tool_choice_from_proto, tools_from_proto)
 
 log = logging.getLogger(f"herd.{__name__}")
 
-# Sampling fields that are proto3 `optional` scalars (set or not) and the repeated ones.
-_OPTIONAL_SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "ignore_eos",
-                      "presence_penalty", "frequency_penalty", "repetition_penalty", "logprobs")
-_REPEATED_SAMPLING = ("stop", "stop_token_ids")
-CHAT_ROLES = ("system", "user", "assistant", "tool", "ipython")
 # How long a readiness answer (from the Serve controller) is reused.
 READINESS_TTL_S = 1.0
 # Service name that means "the whole API" besides "" (grpc.health.v1 convention).
@@ -177,16 +175,6 @@ class ModelRoute:
     info_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
-def sampling_from_proto(msg: pb.SamplingParams) -> dict[str, Any]:
-    """Set fields only: an unset optional keeps workers.SamplingParams' default (never proto's zero)."""
-    d: dict[str, Any] = {name: getattr(msg, name) for name in _OPTIONAL_SAMPLING if msg.HasField(name)}
-    for name in _REPEATED_SAMPLING:
-        values = list(getattr(msg, name))
-        if values:
-            d[name] = values
-    return d
-
-
 def cache_salt_for(key_digest: bytes | None) -> int:
     """The prefix-cache salt of a tenant (an API key's digest): a non-zero 64-bit number that roots its block
     hash chain, so its blocks never match another tenant's (0 = shared cache)."""
@@ -257,12 +245,17 @@ class Frontend:
         return route.info
 
     def check_sampling(self, sampling: dict[str, Any]) -> dict[str, Any]:
+        """Limits, then workers.SamplingParams' own checks, then the structured-output constraint's (a bad
+        schema, regex or grammar is refused here, before anything is queued)."""
         from workers import SamplingParams
         from workers.errors import InvalidRequestError
+        from workers.structured_output import validate_structured
 
         self.limits.check_sampling(sampling)
         try:
-            SamplingParams.from_dict(sampling)
+            params = SamplingParams.from_dict(sampling)
+            if params.structured is not None:
+                validate_structured(params.structured)
         except InvalidRequestError as e:
             raise to_api_error(e) from None
         except (TypeError, ValueError) as e:  # a wrong type that the dataclass itself refused
@@ -282,16 +275,20 @@ class Frontend:
         await self.check_prompt(route, ids, field)
         return ids
 
-    async def encode_chat(self, route: ModelRoute, messages: list[dict[str, str]], field: str = "messages") -> list[int]:
+    async def encode_chat(self, route: ModelRoute, messages: list[dict[str, Any]], field: str = "messages",
+                          tools: list[dict] | None = None) -> list[int]:
+        """Messages (and tools) rendered with the model's chat template, then tokenized. The template's
+        validator names the offending message and field (e.g. messages[2].role)."""
+        from workers.errors import InvalidRequestError
+
         if not messages:
             raise ApiError.invalid(field, "must not be empty")
         size = self.limits.check_messages(messages, field)
-        for i, m in enumerate(messages):
-            if m["role"] not in CHAT_ROLES:
-                raise ApiError.invalid(f"{field}[{i}].role", f"must be one of {', '.join(CHAT_ROLES)}")
         tok = self.tokenizer_for(route, field)
         try:
-            ids = await off_loop(size, tok.apply_chat_template, messages, add_generation_prompt=True)
+            ids = await off_loop(size, tok.apply_chat_template, messages, add_generation_prompt=True, tools=tools)
+        except InvalidRequestError as e:
+            raise to_api_error(e) from None
         except Exception as e:  # noqa: BLE001 - the tokenizer's complaint about the messages
             raise ApiError.invalid(field, str(e)) from None
         await self.check_prompt(route, ids, field)
@@ -345,7 +342,9 @@ class Frontend:
 
     async def _generate_once(self, route: ModelRoute, ids: list[int], sampling: dict[str, Any],
                              cache_salt: int) -> AsyncIterator[dict]:
+        """One try: the replica's chunks until each of the request's `n` completions has finished."""
         engine_request_id = uuid.uuid4().hex
+        unfinished = int(sampling.get("n", 1))
         kwargs = {"cache_salt": cache_salt} if cache_salt else {}
         context = outgoing_context()  # the request id and trace context travel with the call
         if context:
@@ -360,8 +359,10 @@ class Frontend:
                     raise ApiError.from_dict(chunk["error"])
                 yield chunk
                 if chunk["finish_reason"] is not None:
-                    done = True
-                    return
+                    unfinished -= 1
+                    if unfinished == 0:
+                        done = True
+                        return
             done = True
             raise ApiError("UNAVAILABLE", "the model's stream ended early")
         except ApiError:
@@ -424,22 +425,6 @@ class Frontend:
 
 
 # ---- gRPC <-> Frontend ---------------------------------------------------------------------------------
-def response_from_chunk(frontend: Frontend, route: ModelRoute, chunk: dict, request_id: str) -> pb.GenerateResponse:
-    resp = pb.GenerateResponse(token_ids=chunk["token_ids"], text=chunk["text"],
-                               finish_reason=chunk["finish_reason"] or "", request_id=request_id)
-    if chunk["finish_reason"] is not None:
-        resp.usage.CopyFrom(pb.Usage(prompt_tokens=chunk["prompt_tokens"],
-                                     completion_tokens=chunk["completion_tokens"],
-                                     cached_tokens=chunk["cached_tokens"]))
-    if chunk["logprobs"] is not None:
-        for tok, entry in zip(chunk["token_ids"], chunk["logprobs"]):
-            resp.logprobs.append(pb.TokenLogprob(
-                token_id=tok, logprob=entry["logprob"],
-                top_logprobs=[pb.TopLogprob(token_id=t, logprob=lp, token=frontend.token_text(route, t))
-                              for t, lp in entry["top"]]))
-    return resp
-
-
 def _set_status(grpc_context, err: ApiError) -> StatusSet:
     """Put the error's status on the Serve gRPC context; a streaming method then raises the returned
     StatusSet (a unary one returns an empty message), so the client gets exactly this status."""
@@ -465,7 +450,7 @@ class InferenceIngress(OpenAIRoutes):
 
     # -- herd.v1.Inference
     async def Generate(self, request: pb.GenerateRequest, grpc_context) -> AsyncIterator[pb.GenerateResponse]:
-        async def prepare(route: ModelRoute) -> list[int]:
+        async def prepare(route: ModelRoute, tools: ChatTools) -> list[int]:
             which = request.WhichOneof("prompt")
             if which == "text":
                 return await self.frontend.encode_prompt(route, request.text, field="text")
@@ -477,14 +462,18 @@ class InferenceIngress(OpenAIRoutes):
             yield resp
 
     async def Chat(self, request: pb.ChatRequest, grpc_context) -> AsyncIterator[pb.GenerateResponse]:
-        async def prepare(route: ModelRoute) -> list[int]:
-            messages = [{"role": m.role, "content": m.content} for m in request.messages]
-            return await self.frontend.encode_chat(route, messages)
+        async def prepare(route: ModelRoute, tools: ChatTools) -> list[int]:
+            return await self.frontend.encode_chat(route, messages_from_proto(request.messages), tools=tools.tools)
 
-        async for resp in self._stream(request, grpc_context, prepare):
+        def chat_tools() -> ChatTools:
+            return ChatTools.from_request(tools_from_proto(request.tools), tool_choice_from_proto(request))
+
+        async for resp in self._stream(request, grpc_context, prepare, chat_tools):
             yield resp
 
-    async def _stream(self, request, grpc_context, prepare) -> AsyncIterator[pb.GenerateResponse]:
+    async def _stream(self, request, grpc_context, prepare, chat_tools=ChatTools.none) -> AsyncIterator[pb.GenerateResponse]:
+        """Authenticate, validate, `prepare(route, tools)` the prompt ids, stream. `chat_tools()` gives the
+        request's tools (after authentication: an unauthenticated client learns nothing about its input)."""
         span = tracing.start_request_span(type(request).__name__, grpc_context.invocation_metadata())
         client_request_id = grpc_request_id(request.request_id, grpc_context.invocation_metadata())
         set_request_id(client_request_id)
@@ -493,14 +482,16 @@ class InferenceIngress(OpenAIRoutes):
             if client_request_id:
                 self.frontend.limits.check_request_id(client_request_id)
             route = await self.frontend.model(request.model)
-            sampling = self.frontend.check_sampling(sampling_from_proto(request.sampling))
-            ids = await prepare(route)
+            tools = chat_tools()
+            sampling = self.frontend.check_sampling(tools.constrain(sampling_from_proto(request.sampling)))
+            ids = await prepare(route, tools)
+            token_text = lambda t: self.frontend.token_text(route, t)  # noqa: E731
             with self.frontend.live_request_ids.hold(client_request_id or uuid.uuid4().hex) as request_id:
                 set_request_id(request_id)  # the request's log lines and its model call carry it
                 grpc_context.set_trailing_metadata([(REQUEST_ID_HEADER, request_id)])
                 tracing.set_attribute(span, "herd.request_id", request_id)
-                async for chunk in self.frontend.generate(route, ids, sampling, cache_salt):
-                    yield response_from_chunk(self.frontend, route, chunk, request_id)
+                async for chunk in tools.parse(self.frontend.generate(route, ids, sampling, cache_salt)):
+                    yield response_from_chunk(chunk, request_id, token_text, ids)
         except ApiError as e:
             raise _set_status(grpc_context, e) from None
         except Exception as e:  # noqa: BLE001 - a bug here; the client gets a clean INTERNAL
@@ -516,8 +507,8 @@ class InferenceIngress(OpenAIRoutes):
             if request.messages and request.text:
                 raise ApiError.invalid("text", "set text or messages, not both")
             if request.messages:
-                ids = await self.frontend.encode_chat(
-                    route, [{"role": m.role, "content": m.content} for m in request.messages])
+                tools = ChatTools.from_request(tools_from_proto(request.tools), None)
+                ids = await self.frontend.encode_chat(route, messages_from_proto(request.messages), tools=tools.tools)
             else:
                 if not request.text:
                     raise ApiError.invalid("text", "must not be empty")

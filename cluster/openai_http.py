@@ -10,9 +10,16 @@ For a streamed request the first chunk is awaited before the response starts, so
 (queue full, prompt too long) still get their status; an error after tokens were sent arrives as an SSE event
 `data: {"error": {...}}` (which the openai client raises as an APIError).
 
-Beyond OpenAI's fields, the vLLM-style sampling extras are accepted (top_k, min_p, repetition_penalty,
-ignore_eos, stop_token_ids), e.g. through the openai client's `extra_body`. OpenAI fields herd does not
-implement (`UNSUPPORTED_FIELDS`) are refused with 400 naming the field, never silently dropped.
+OpenAI's sampling fields map onto workers.SamplingParams by name (the body fields that are SamplingParams
+fields pass through, so a new one needs no edit here); a missing `max_tokens` means "until the context
+ends". `n` completions share one prefill and come back as choices (for several prompts, choice
+`prompt_index * n + i`). Structured outputs: `response_format` (json_object, json_schema), or vLLM's
+`structured_outputs` {json, regex, choice, grammar} / `guided_json` ... extras; tools and `tool_choice` on chat
+(cluster.chat_tools). Beyond OpenAI's fields, the vLLM-style extras are accepted (top_k, min_p,
+repetition_penalty, ignore_eos, stop_token_ids, prompt_logprobs), e.g. through the openai client's
+`extra_body`. OpenAI fields herd does not implement (`UNSUPPORTED_FIELDS`) are refused with 400 naming the
+field, never silently dropped; an error names the field as the request named it (`top_logprobs`,
+`response_format.json_schema.schema`, `messages[2].role`).
 
 Before a body is read (`EdgeGuard`, an ASGI middleware): the API key is checked (401 for an unauthenticated
 request, whose body is never read) and the body's size is bounded (413 over `limits.max_request_body_bytes`,
@@ -25,6 +32,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from typing import Any, AsyncIterator, Optional, Union
 
 from fastapi import FastAPI, HTTPException, Request
@@ -32,6 +40,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from cluster.chat_tools import ChatTools
 from cluster.errors import ApiError, to_api_error
 from cluster import tracing
 from cluster.request_context import http_request_id, request_scope
@@ -43,9 +52,21 @@ RETRY_AFTER_S = 1
 # Paths that need no API key (probes cannot send one).
 OPEN_PATHS = ("/health",)
 # OpenAI request fields herd does not implement (yet): refused by name, never silently dropped.
-UNSUPPORTED_FIELDS = ("response_format", "tools", "tool_choice", "functions", "function_call",
-                      "parallel_tool_calls", "logit_bias", "prediction", "audio", "modalities",
+UNSUPPORTED_FIELDS = ("functions", "function_call", "prediction", "audio", "modalities",
                       "web_search_options", "reasoning_effort")
+# vLLM's structured-output extras -> workers.StructuredOutputs' field (one may be given, or response_format).
+GUIDED_FIELDS = {"guided_json": "json_schema", "guided_regex": "regex", "guided_choice": "choice",
+                 "guided_grammar": "grammar"}
+STRUCTURED_OUTPUTS_KEYS = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar",
+                           "json_object": "json_object"}
+
+
+def _sampling_field_names() -> frozenset[str]:
+    from dataclasses import fields
+
+    from workers.sampling import SamplingParams
+
+    return frozenset(f.name for f in fields(SamplingParams))
 
 
 # ---- request bodies ------------------------------------------------------------------------------------
@@ -56,7 +77,7 @@ class _SamplingFields(BaseModel):
     max_tokens: Optional[int] = None
     temperature: Optional[float] = None
     top_p: Optional[float] = None
-    n: int = 1
+    n: Optional[int] = None
     stream: bool = False
     stream_options: Optional[dict[str, Any]] = None
     stop: Optional[Union[str, list[str]]] = None
@@ -70,24 +91,82 @@ class _SamplingFields(BaseModel):
     repetition_penalty: Optional[float] = None
     ignore_eos: Optional[bool] = None
     stop_token_ids: Optional[list[int]] = None
+    logit_bias: Optional[dict[str, float]] = None
+    prompt_logprobs: Optional[int] = None
+    # structured outputs
+    response_format: Optional[dict[str, Any]] = None
+    structured_outputs: Optional[dict[str, Any]] = None
+    guided_json: Optional[Union[dict[str, Any], str]] = None
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
+    guided_grammar: Optional[str] = None
 
     def sampling(self, logprobs: Optional[int]) -> dict[str, Any]:
+        """The workers.SamplingParams dict of this body: every body field named like a SamplingParams field,
+        `logprobs` as the route reads it, the structured-output constraint, and max_tokens None (= until the
+        context ends) when the body has none."""
         for name in UNSUPPORTED_FIELDS:
             if (self.model_extra or {}).get(name) not in (None, {}, []):
                 raise ApiError.invalid(name, f"{name} is not supported by this server")
-        if self.n != 1:
-            raise ApiError.invalid("n", "only n=1 is supported")
-        d: dict[str, Any] = {}
-        for name in ("max_tokens", "temperature", "top_p", "seed", "presence_penalty", "frequency_penalty",
-                     "top_k", "min_p", "repetition_penalty", "ignore_eos", "stop_token_ids"):
+        d: dict[str, Any] = {"max_tokens": self.max_tokens}
+        for name in _sampling_field_names() & set(type(self).model_fields) - {"logprobs", "max_tokens"}:
             value = getattr(self, name)
             if value is not None:
                 d[name] = value
-        if self.stop is not None:
-            d["stop"] = [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        if isinstance(d.get("stop"), str):
+            d["stop"] = [d["stop"]]
         if logprobs is not None:
             d["logprobs"] = logprobs
+        structured = self.structured()
+        if structured is not None:
+            d["structured"] = structured
         return d
+
+    def structured(self) -> Optional[dict[str, Any]]:
+        """workers.StructuredOutputs' dict form from response_format, structured_outputs or guided_* (one)."""
+        given: list[tuple[str, dict[str, Any]]] = []
+        rf = self.response_format
+        if rf is not None:
+            kind = rf.get("type") if isinstance(rf, dict) else None
+            if kind == "json_object":
+                given.append(("response_format", {"json_object": True}))
+            elif kind == "json_schema":
+                spec = rf.get("json_schema")
+                if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+                    raise ApiError.invalid("response_format.json_schema.schema", "must be a JSON schema object")
+                given.append(("response_format", {"json_schema": spec["schema"]}))
+            elif kind != "text":
+                raise ApiError.invalid("response_format.type", f"must be 'text', 'json_object' or 'json_schema', "
+                                                               f"got {kind!r}")
+        if self.structured_outputs:
+            so = self.structured_outputs
+            unknown = sorted(set(so) - set(STRUCTURED_OUTPUTS_KEYS))
+            if unknown:
+                raise ApiError.invalid(f"structured_outputs.{unknown[0]}",
+                                       f"unknown key (known: {', '.join(STRUCTURED_OUTPUTS_KEYS)})")
+            given.append(("structured_outputs", {STRUCTURED_OUTPUTS_KEYS[k]: v for k, v in so.items()
+                                                 if v not in (None, False)}))
+        for name, kind in GUIDED_FIELDS.items():
+            if getattr(self, name) is not None:
+                given.append((name, {kind: getattr(self, name)}))
+        if len(given) > 1:
+            raise ApiError.invalid(given[1][0], f"give one structured output format, not both {given[0][0]} "
+                                                f"and {given[1][0]}")
+        return given[0][1] if given else None
+
+    def param_names(self) -> dict[str, str]:
+        """Engine field -> this body's field, for error messages."""
+        return {"structured": self.structured_field_name()}
+
+    def structured_field_name(self) -> str:
+        if self.response_format is not None and (self.response_format or {}).get("type") == "json_schema":
+            return "response_format.json_schema.schema"
+        if self.response_format is not None:
+            return "response_format"
+        for name in ("structured_outputs", *GUIDED_FIELDS):
+            if getattr(self, name):
+                return name
+        return "structured"
 
     @property
     def include_usage(self) -> bool:
@@ -112,6 +191,17 @@ class ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: str
     content: Union[str, list[ChatContentPart], None] = None
+    tool_calls: Optional[list[dict[str, Any]]] = None
+    tool_call_id: Optional[str] = None
+    name: Optional[str] = None
+
+    def as_dict(self, index: int) -> dict[str, Any]:
+        """The message as workers' chat templates take it: text content, and the tool fields it sets."""
+        d: dict[str, Any] = {"role": self.role, "content": self.text(index)}
+        for name in ("tool_calls", "tool_call_id", "name"):
+            if getattr(self, name) is not None:
+                d[name] = getattr(self, name)
+        return d
 
     def text(self, index: int) -> str:
         if self.content is None:
@@ -131,6 +221,15 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: Optional[int] = None
     logprobs: bool = False
     top_logprobs: Optional[int] = None
+    tools: Optional[list[dict[str, Any]]] = None
+    tool_choice: Optional[Union[str, dict[str, Any]]] = None
+    parallel_tool_calls: Optional[bool] = None  # accepted: an answer may hold several calls either way
+
+    def param_names(self) -> dict[str, str]:
+        names = {**super().param_names(), "logprobs": "top_logprobs"}
+        if self.max_completion_tokens is not None:
+            names["max_tokens"] = "max_completion_tokens"
+        return names
 
 
 # ---- errors --------------------------------------------------------------------------------------------
@@ -150,6 +249,11 @@ _NESTED_FIELDS = {"role", "content", "type", "text", "include_usage"}
 @openai_app.exception_handler(RequestValidationError)
 async def _validation_error_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    if first.get("type") == "json_invalid":  # loc is ("body", character position), not a field
+        position = first.get("loc", ("body", "?"))[-1]
+        reason = (first.get("ctx") or {}).get("error", "JSON decode error")
+        err = ApiError("INVALID_ARGUMENT", f"the request body is not valid JSON: {reason} (at character {position})")
+        return error_response(err)
     loc = [p for p in first.get("loc", ()) if p != "body"]
     # The param is the request field (pydantic adds the union member tried, e.g. prompt.str: drop it);
     # list positions stay (messages.0.role).
@@ -256,24 +360,54 @@ def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> di
 
 @dataclass
 class _Completion:
-    """A whole (non-streamed) generation, gathered from the chunk stream."""
-    text: str
-    token_ids: list[int]
-    logprobs: list[dict]
-    finish_reason: Optional[str]
-    usage: tuple[int, int, int]  # prompt, completion, cached tokens
+    """One whole (non-streamed) completion, gathered from the chunk stream."""
+    text: str = ""
+    token_ids: list[int] = dataclass_field(default_factory=list)
+    logprobs: list[dict] = dataclass_field(default_factory=list)
+    finish_reason: Optional[str] = None
+    tool_calls: Optional[list[dict]] = None
+    prompt_logprobs: Optional[list] = None
+    completion_tokens: int = 0
 
-    @classmethod
-    async def drain(cls, stream: AsyncIterator[dict]) -> "_Completion":
-        text, token_ids, logprobs, finish, usage = [], [], [], None, (0, 0, 0)
-        async for chunk in stream:
-            text.append(chunk["text"])
-            token_ids += chunk["token_ids"]
-            logprobs += chunk["logprobs"] or []
-            if chunk["finish_reason"] is not None:
-                finish = chunk["finish_reason"]
-                usage = (chunk["prompt_tokens"], chunk["completion_tokens"], chunk["cached_tokens"])
-        return cls("".join(text), token_ids, logprobs, finish, usage)
+    def add(self, chunk: dict) -> None:
+        self.text += chunk["text"]
+        self.token_ids += chunk["token_ids"]
+        self.logprobs += chunk["logprobs"] or []
+        self.prompt_logprobs = chunk.get("prompt_logprobs") or self.prompt_logprobs
+        if chunk["finish_reason"] is not None:
+            self.finish_reason = chunk["finish_reason"]
+            self.tool_calls = chunk.get("tool_calls")
+            self.completion_tokens = chunk["completion_tokens"]
+
+
+class _Usage:
+    """Token counts of a request: each prompt counted once, however many completions it has."""
+
+    def __init__(self) -> None:
+        self.prompt = self.completion = self.cached = 0
+        self._prompts_seen: set[int] = set()
+
+    def add(self, prompt_index: int, chunk: dict) -> None:
+        """Count a completion's last chunk."""
+        self.completion += chunk["completion_tokens"]
+        if prompt_index not in self._prompts_seen:
+            self._prompts_seen.add(prompt_index)
+            self.prompt += chunk["prompt_tokens"]
+            self.cached += chunk["cached_tokens"]
+
+    def body(self) -> dict[str, Any]:
+        return _usage(self.prompt, self.completion, self.cached)
+
+
+async def _drain(stream: AsyncIterator[tuple[int, dict]], n: int) -> tuple[list[_Completion], _Usage]:
+    """Every completion of (prompt index, chunk) pairs, in choice order (prompt_index * n + chunk index)."""
+    completions: dict[int, _Completion] = {}
+    usage = _Usage()
+    async for prompt_index, chunk in stream:
+        completions.setdefault(prompt_index * n + chunk.get("index", 0), _Completion()).add(chunk)
+        if chunk["finish_reason"] is not None:
+            usage.add(prompt_index, chunk)
+    return [completions[i] for i in sorted(completions)], usage
 
 
 def _cache_salt(request: Request) -> int:
@@ -326,6 +460,12 @@ async def _first_then_rest(stream: AsyncIterator) -> AsyncIterator:
     return replay()
 
 
+def _assistant_message(text: str, tool_calls: Optional[list[dict]]) -> dict[str, Any]:
+    if tool_calls:
+        return {"role": "assistant", "content": text or None, "tool_calls": tool_calls}
+    return {"role": "assistant", "content": text}
+
+
 # ---- routes --------------------------------------------------------------------------------------------
 class OpenAIRoutes:
     """Mixin for the ingress deployment; needs `self.frontend` (cluster.ingress.Frontend)."""
@@ -368,46 +508,55 @@ class OpenAIRoutes:
             raise ApiError.invalid("best_of", "only best_of=1 is supported")
         if body.suffix:
             raise ApiError.invalid("suffix", "suffix is not supported")
-        sampling = self.frontend.check_sampling(body.sampling(body.logprobs))
+        try:
+            sampling = self.frontend.check_sampling(body.sampling(body.logprobs))
+        except ApiError as e:
+            raise e.renamed(body.param_names()) from None
         route = await self.frontend.model(body.model)
         prompts = self._completion_prompts(body.prompt)
         self.frontend.limits.check_prompt_count(len(prompts))
         prompt_ids = [await self.frontend.encode_prompt(route, p, field="prompt") for p in prompts]
+        n = body.n or 1
         request_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         salt = _cache_salt(request)
         # Every prompt is in the engine at once (they batch together), each an independent stream.
         streams = [self.frontend.generate(route, ids, sampling, salt) for ids in prompt_ids]
 
+        def choice(prompt_index: int, completion_index: int, text: str, token_ids, logprobs, finish) -> dict:
+            return {"index": prompt_index * n + completion_index, "text": text, "finish_reason": finish,
+                    "logprobs": (self._completion_logprobs(route, token_ids, logprobs)
+                                 if body.logprobs is not None else None)}
+
         if not body.stream:
-            outs = await asyncio.gather(*(_Completion.drain(s) for s in streams))
-            usage = [sum(col) for col in zip(*(out.usage for out in outs))]
-            choices = [{"index": index, "text": out.text, "finish_reason": out.finish_reason,
-                        "logprobs": (self._completion_logprobs(route, out.token_ids, out.logprobs)
-                                     if body.logprobs is not None else None)}
-                       for index, out in enumerate(outs)]
+            outs, usage = await _drain(_merge(streams), n)
+            choices = []
+            for i, out in enumerate(outs):
+                c = choice(i // n, i % n, out.text, out.token_ids, out.logprobs, out.finish_reason)
+                if body.prompt_logprobs is not None:
+                    c["prompt_logprobs"] = self._prompt_logprobs(route, prompt_ids[i // n], out.prompt_logprobs)
+                choices.append(c)
             return JSONResponse({"id": request_id, "object": "text_completion", "created": created, "model": body.model,
-                                 "choices": choices, "usage": _usage(*usage)})
+                                 "choices": choices, "usage": usage.body()})
 
         merged = await _first_then_rest(_merge(streams))
 
         async def events():
-            usage = [0, 0, 0]
+            usage = _Usage()
             try:
-                async for index, chunk in merged:
-                    lp = (self._completion_logprobs(route, chunk["token_ids"], chunk["logprobs"])
-                          if body.logprobs is not None else None)
+                async for prompt_index, chunk in merged:
+                    c = choice(prompt_index, chunk.get("index", 0), chunk["text"], chunk["token_ids"],
+                               chunk["logprobs"], chunk["finish_reason"])
+                    if chunk.get("prompt_logprobs"):
+                        c["prompt_logprobs"] = self._prompt_logprobs(route, prompt_ids[prompt_index],
+                                                                     chunk["prompt_logprobs"])
                     yield _sse({"id": request_id, "object": "text_completion", "created": created,
-                                "model": body.model, "choices": [{"index": index, "text": chunk["text"],
-                                                                  "logprobs": lp,
-                                                                  "finish_reason": chunk["finish_reason"]}]})
+                                "model": body.model, "choices": [c]})
                     if chunk["finish_reason"] is not None:
-                        usage[0] += chunk["prompt_tokens"]
-                        usage[1] += chunk["completion_tokens"]
-                        usage[2] += chunk["cached_tokens"]
+                        usage.add(prompt_index, chunk)
                 if body.include_usage:
                     yield _sse({"id": request_id, "object": "text_completion", "created": created,
-                                "model": body.model, "choices": [], "usage": _usage(*usage)})
+                                "model": body.model, "choices": [], "usage": usage.body()})
             except Exception as e:  # noqa: BLE001 - after the 200: report in-band
                 yield _sse(to_api_error(e).openai_body())
             yield "data: [DONE]\n\n"
@@ -419,42 +568,71 @@ class OpenAIRoutes:
         if body.max_completion_tokens is not None and body.max_tokens is None:
             body.max_tokens = body.max_completion_tokens
         top = body.top_logprobs if body.top_logprobs is not None else 0
-        sampling = self.frontend.check_sampling(body.sampling(top if body.logprobs else None))
+        try:
+            tools = ChatTools.from_request(body.tools, body.tool_choice)
+            sampling = self.frontend.check_sampling(tools.constrain(body.sampling(top if body.logprobs else None)))
+        except ApiError as e:
+            raise e.renamed(body.param_names()) from None
         route = await self.frontend.model(body.model)
-        messages = [{"role": m.role, "content": m.text(i)} for i, m in enumerate(body.messages)]
-        ids = await self.frontend.encode_chat(route, messages)
+        messages = [m.as_dict(i) for i, m in enumerate(body.messages)]
+        ids = await self.frontend.encode_chat(route, messages, tools=tools.tools)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-
         salt = _cache_salt(request)
+        stream = tools.parse(self.frontend.generate(route, ids, sampling, salt))
+        prompt_logprobs = (lambda lps: self._prompt_logprobs(route, ids, lps)) if body.prompt_logprobs is not None \
+            else None
+
         if not body.stream:
-            out = await _Completion.drain(self.frontend.generate(route, ids, sampling, salt))
-            choice = {"index": 0, "message": {"role": "assistant", "content": out.text},
-                      "finish_reason": out.finish_reason,
-                      "logprobs": ({"content": self._chat_logprobs(route, out.token_ids, out.logprobs)}
-                                   if body.logprobs else None)}
-            return JSONResponse({"id": request_id, "object": "chat.completion", "created": created,
-                                 "model": body.model, "choices": [choice], "usage": _usage(*out.usage)})
+            outs, usage = await _drain(_merge([stream]), 1)
+            choices = [{"index": i, "message": _assistant_message(out.text, out.tool_calls),
+                        "finish_reason": out.finish_reason,
+                        "logprobs": ({"content": self._chat_logprobs(route, out.token_ids, out.logprobs)}
+                                     if body.logprobs else None)}
+                       for i, out in enumerate(outs)]
+            response = {"id": request_id, "object": "chat.completion", "created": created,
+                        "model": body.model, "choices": choices, "usage": usage.body()}
+            if prompt_logprobs is not None:
+                response["prompt_logprobs"] = prompt_logprobs(outs[0].prompt_logprobs)
+            return JSONResponse(response)
 
-        stream = await _first_then_rest(self.frontend.generate(route, ids, sampling, salt))
+        stream = await _first_then_rest(stream)
 
-        def chunk_obj(delta: dict, finish: Optional[str], logprobs=None) -> dict:
+        def chunk_obj(index: int, delta: dict, finish: Optional[str], logprobs=None) -> dict:
             return {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": body.model,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
+                    "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
 
         async def events():
-            yield _sse(chunk_obj({"role": "assistant", "content": ""}, None))
+            started: set[int] = set()
+            usage = _Usage()
             try:
                 async for chunk in stream:
+                    index = chunk.get("index", 0)
+                    if index not in started:  # each choice opens with the assistant's role
+                        started.add(index)
+                        first = chunk_obj(index, {"role": "assistant", "content": ""}, None)
+                        if prompt_logprobs is not None and chunk.get("prompt_logprobs"):
+                            first["prompt_logprobs"] = prompt_logprobs(chunk["prompt_logprobs"])
+                        yield _sse(first)
                     lp = ({"content": self._chat_logprobs(route, chunk["token_ids"], chunk["logprobs"])}
                           if body.logprobs else None)
-                    delta = {"content": chunk["text"]} if chunk["text"] or chunk["finish_reason"] is None else {}
-                    yield _sse(chunk_obj(delta, chunk["finish_reason"], lp))
-                    if chunk["finish_reason"] is not None and body.include_usage:
-                        yield _sse({"id": request_id, "object": "chat.completion.chunk", "created": created,
-                                    "model": body.model, "choices": [],
-                                    "usage": _usage(chunk["prompt_tokens"], chunk["completion_tokens"],
-                                                    chunk["cached_tokens"])})
+                    finish = chunk["finish_reason"]
+                    if chunk.get("tool_calls"):  # the calls, then the choice's end
+                        if chunk["text"]:
+                            yield _sse(chunk_obj(index, {"content": chunk["text"]}, None, lp))
+                            lp = None
+                        calls = [{"index": k, **call} for k, call in enumerate(chunk["tool_calls"])]
+                        yield _sse(chunk_obj(index, {"tool_calls": calls}, None, lp))
+                        yield _sse(chunk_obj(index, {}, finish))
+                    elif chunk["text"] or finish is None:
+                        yield _sse(chunk_obj(index, {"content": chunk["text"]}, finish, lp))
+                    else:
+                        yield _sse(chunk_obj(index, {}, finish, lp))
+                    if finish is not None:
+                        usage.add(0, chunk)
+                if body.include_usage:
+                    yield _sse({"id": request_id, "object": "chat.completion.chunk", "created": created,
+                                "model": body.model, "choices": [], "usage": usage.body()})
             except Exception as e:  # noqa: BLE001 - after the 200: report in-band
                 yield _sse(to_api_error(e).openai_body())
             yield "data: [DONE]\n\n"
@@ -479,6 +657,16 @@ class OpenAIRoutes:
         return {"tokens": tokens, "token_logprobs": [e["logprob"] for e in lps],
                 "top_logprobs": [{self.frontend.token_text(route, t): lp for t, lp in e["top"]} for e in lps],
                 "text_offset": []}
+
+    def _prompt_logprobs(self, route, prompt_ids: list[int], lps: Optional[list]) -> Optional[list]:
+        """vLLM's shape: per prompt position None (the first) or {token_id: {logprob, decoded_token}} holding the
+        prompt's token and the top-N at that position."""
+        if lps is None:
+            return None
+        return [None if entry is None else
+                {str(t): {"logprob": lp, "decoded_token": self.frontend.token_text(route, t)}
+                 for t, lp in [(tok, entry["logprob"])] + [tuple(x) for x in entry["top"]]}
+                for tok, entry in zip(prompt_ids, lps)]
 
     def _chat_logprobs(self, route, token_ids: list[int], lps: Optional[list[dict]]) -> Optional[list[dict]]:
         if lps is None:

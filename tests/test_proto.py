@@ -37,14 +37,16 @@ def test_descriptor_names():
 
 
 def test_sampling_fields_mirror_workers_sampling_params():
-    from cluster.pb import inference_pb2 as pb
+    from dataclasses import fields as dataclass_fields
 
-    fields = {f.name for f in pb.SamplingParams.DESCRIPTOR.fields}
-    assert fields == {"max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
-                      "ignore_eos", "presence_penalty", "frequency_penalty", "repetition_penalty", "logprobs"}
-    # Scalars are proto3 `optional`: unset is distinguishable from zero.
-    for f in pb.SamplingParams.DESCRIPTOR.fields:
-        if f.name not in ("stop", "stop_token_ids"):
+    from cluster.pb import inference_pb2 as pb
+    from workers import SamplingParams
+
+    proto_fields = {f.name: f for f in pb.SamplingParams.DESCRIPTOR.fields}
+    assert set(proto_fields) == {f.name for f in dataclass_fields(SamplingParams)}
+    # Scalars are proto3 `optional`: unset is distinguishable from zero (lists, maps and messages need not be).
+    for f in proto_fields.values():
+        if not f.is_repeated and f.message_type is None:
             assert f.has_presence, f.name
 
 

@@ -199,9 +199,8 @@ def test_http_limits_and_unsupported_fields(cluster):
     with httpx.Client(base_url=cluster.http_url, timeout=60) as http:
         big = http.post("/v1/completions", headers=key, content=b"{" + b" " * 70000 + b"}")
         assert big.status_code == 413 and big.json()["error"]["param"] == "body"
-        for field, value in [("response_format", {"type": "json_object"}),
-                             ("tools", [{"type": "function", "function": {"name": "f"}}]),
-                             ("n", 2)]:
+        for field, value in [("functions", [{"name": "f"}]), ("audio", {"voice": "alloy"}),
+                             ("prediction", {"type": "content", "content": "x"})]:
             r = http.post("/v1/chat/completions", headers=key,
                           json={"model": "wide", "messages": [{"role": "user", "content": "hi"}], field: value})
             assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text

@@ -7,7 +7,8 @@ import grpc
 import pytest
 
 from cluster.errors import ApiError, error_to_dict, to_api_error
-from cluster.ingress import ApiKeyAuth, sampling_from_proto
+from cluster.ingress import ApiKeyAuth
+from cluster.proto_convert import sampling_from_proto
 from cluster.pb import inference_pb2 as pb
 from workers.errors import (CheckpointError, EngineUnavailableError, InvalidRequestError, PromptTooLongError,
                             QueueFullError, RequestFailedError)
@@ -101,12 +102,67 @@ def test_sampling_from_proto_only_set_fields():
                                         "ignore_eos": False, "logprobs": 0, "seed": 3}
 
 
+def test_sampling_from_proto_new_fields():
+    msg = pb.SamplingParams(n=3, logit_bias={5: 100.0, 9: -100.0}, prompt_logprobs=2,
+                            structured=pb.StructuredOutput(choice=pb.Choices(choices=["yes", "no"])))
+    assert sampling_from_proto(msg) == {"n": 3, "logit_bias": {5: 100.0, 9: -100.0}, "prompt_logprobs": 2,
+                                        "structured": {"choice": ["yes", "no"]}}
+    schema = '{"type": "object"}'
+    assert sampling_from_proto(pb.SamplingParams(structured=pb.StructuredOutput(json_schema=schema))) == {
+        "structured": {"json_schema": schema}}
+    assert sampling_from_proto(pb.SamplingParams(structured=pb.StructuredOutput(json_object=True))) == {
+        "structured": {"json_object": True}}
+    with pytest.raises(ApiError) as e:
+        sampling_from_proto(pb.SamplingParams(structured=pb.StructuredOutput()))
+    assert e.value.field == "sampling.structured"
+
+
 def test_sampling_dict_builds_workers_params():
     from workers import SamplingParams
 
-    d = sampling_from_proto(pb.SamplingParams(temperature=0.0, max_tokens=5, top_k=3))
+    d = sampling_from_proto(pb.SamplingParams(temperature=0.0, max_tokens=5, top_k=3, n=2,
+                                              structured=pb.StructuredOutput(regex="[ab]+")))
     p = SamplingParams.from_dict(d)
-    assert (p.temperature, p.max_tokens, p.top_k, p.top_p) == (0.0, 5, 3, 1.0)
+    assert (p.temperature, p.max_tokens, p.top_k, p.top_p, p.n, p.structured.regex) == (0.0, 5, 3, 1.0, 2, "[ab]+")
+
+
+def test_chat_messages_and_tools_from_proto():
+    from cluster.proto_convert import messages_from_proto, tool_choice_from_proto, tools_from_proto
+
+    req = pb.ChatRequest(
+        model="m", messages=[
+            pb.ChatMessage(role="user", content="weather?"),
+            pb.ChatMessage(role="assistant", tool_calls=[pb.ToolCall(id="call_1", name="w", arguments='{"c": 1}')]),
+            pb.ChatMessage(role="tool", tool_call_id="call_1", content="sunny")],
+        tools=[pb.Tool(name="w", description="weather", parameters='{"type": "object"}')],
+        tool_choice=pb.ToolChoice(function="w"))
+    assert messages_from_proto(req.messages) == [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": "",
+         "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "w", "arguments": '{"c": 1}'}}]},
+        {"role": "tool", "content": "sunny", "tool_call_id": "call_1"}]
+    assert tools_from_proto(req.tools) == [{"type": "function", "function": {
+        "name": "w", "description": "weather", "parameters": {"type": "object"}}}]
+    assert tool_choice_from_proto(req) == {"type": "function", "function": {"name": "w"}}
+    assert tool_choice_from_proto(pb.ChatRequest(tool_choice=pb.ToolChoice(mode="required"))) == "required"
+    assert tool_choice_from_proto(pb.ChatRequest()) is None
+    with pytest.raises(ApiError) as e:
+        tools_from_proto([pb.Tool(name="w", parameters="{not json")])
+    assert e.value.field == "tools[0].parameters"
+
+
+def test_response_from_chunk_carries_index_tool_calls_and_prompt_logprobs():
+    from cluster.proto_convert import response_from_chunk
+
+    chunk = {"index": 2, "token_ids": [5], "text": "", "logprobs": None, "finish_reason": "tool_calls",
+             "prompt_tokens": 3, "cached_tokens": 0, "completion_tokens": 4,
+             "tool_calls": [{"id": "call_x", "type": "function", "function": {"name": "w", "arguments": "{}"}}],
+             "prompt_logprobs": [None, {"logprob": -1.5, "top": [[7, -0.5]]}, {"logprob": -2.0, "top": []}]}
+    resp = response_from_chunk(chunk, "r1", lambda t: f"<{t}>", [1, 8, 9])
+    assert (resp.index, resp.finish_reason, resp.usage.completion_tokens) == (2, "tool_calls", 4)
+    assert [(c.id, c.name, c.arguments) for c in resp.tool_calls] == [("call_x", "w", "{}")]
+    assert [(p.token_id, p.logprob) for p in resp.prompt_logprobs] == [(8, -1.5), (9, -2.0)]
+    assert [(t.token_id, t.token) for t in resp.prompt_logprobs[0].top_logprobs] == [(7, "<7>")]
 
 
 def test_openai_sampling_mapping():
@@ -114,12 +170,94 @@ def test_openai_sampling_mapping():
 
     req = CompletionRequest(model="m", prompt="hi", max_tokens=4, temperature=0, stop="x", top_k=5)
     assert req.sampling(None) == {"max_tokens": 4, "temperature": 0, "stop": ["x"], "top_k": 5}
-    with pytest.raises(ApiError) as e:
-        CompletionRequest(model="m", prompt="hi", n=2).sampling(None)
-    assert e.value.field == "n"
+    # no max_tokens: until the context ends (None), not SamplingParams' Python default
+    assert CompletionRequest(model="m", prompt="hi").sampling(None) == {"max_tokens": None}
+    req = CompletionRequest(model="m", prompt="hi", n=2, logit_bias={"7": 5.5}, prompt_logprobs=1)
+    assert req.sampling(None) == {"max_tokens": None, "n": 2, "logit_bias": {"7": 5.5}, "prompt_logprobs": 1}
     chat = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": [{"type": "text", "text": "a"},
                                                                                   {"type": "text", "text": "b"}]}])
     assert chat.messages[0].text(0) == "ab"
+
+
+@pytest.mark.parametrize("extra, structured", [
+    ({"response_format": {"type": "text"}}, None),
+    ({"response_format": {"type": "json_object"}}, {"json_object": True}),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}},
+     {"json_schema": {"type": "object"}}),
+    ({"structured_outputs": {"regex": "a+"}}, {"regex": "a+"}),
+    ({"structured_outputs": {"choice": ["a", "b"]}}, {"choice": ["a", "b"]}),
+    ({"guided_json": {"type": "integer"}}, {"json_schema": {"type": "integer"}}),
+    ({"guided_grammar": "start: \"a\""}, {"grammar": "start: \"a\""}),
+])
+def test_openai_structured_output_fields(extra, structured):
+    from cluster.openai_http import ChatCompletionRequest
+
+    req = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], **extra)
+    assert req.sampling(None).get("structured") == structured
+
+
+@pytest.mark.parametrize("extra, field", [
+    ({"response_format": {"type": "yaml"}}, "response_format.type"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format.json_schema.schema"),
+    ({"structured_outputs": {"xml": "x"}}, "structured_outputs.xml"),
+    ({"response_format": {"type": "json_object"}, "guided_regex": "a"}, "guided_regex"),
+])
+def test_openai_structured_output_errors_name_the_field(extra, field):
+    from cluster.openai_http import ChatCompletionRequest
+
+    with pytest.raises(ApiError) as e:
+        ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], **extra).sampling(None)
+    assert e.value.field == field and e.value.message.startswith(field)
+
+
+def test_errors_are_renamed_to_the_clients_field_names():
+    err = ApiError.invalid("structured.json_schema", "bad schema")
+    renamed = err.renamed({"structured": "response_format.json_schema.schema"})
+    assert renamed.field == "response_format.json_schema.schema.json_schema"
+    assert renamed.message == "response_format.json_schema.schema.json_schema: bad schema"
+    top = ApiError.invalid("logprobs", "must be <= 20").renamed({"logprobs": "top_logprobs"})
+    assert (top.field, top.message) == ("top_logprobs", "top_logprobs: must be <= 20")
+    assert ApiError.invalid("logprobsx", "m").renamed({"logprobs": "top_logprobs"}).field == "logprobsx"
+
+
+def test_chat_tools_constrain_and_parse():
+    import asyncio
+
+    from cluster.chat_tools import ChatTools
+
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    assert ChatTools.from_request(tools, "none").active is False
+    assert ChatTools.from_request(tools, "auto").constrain({"n": 1}) == {"n": 1}
+    forced = ChatTools.from_request(tools, "required").constrain({})
+    assert forced["structured"]["json_schema"]["properties"]["name"] == {"const": "get_weather"}
+    with pytest.raises(ApiError) as e:
+        ChatTools.from_request(tools, "required").constrain({"structured": {"json_object": True}})
+    assert e.value.field == "tool_choice"
+    with pytest.raises(ApiError) as e:
+        ChatTools.from_request(tools, {"type": "function", "function": {"name": "nope"}})
+    assert e.value.field == "tool_choice.function.name"
+
+    def chunk(index, text, finish=None):
+        return {"index": index, "text": text, "token_ids": [1], "logprobs": None, "finish_reason": finish,
+                "prompt_tokens": 3, "cached_tokens": 0, "completion_tokens": 1}
+
+    async def run(chunks):
+        async def stream():
+            for c in chunks:
+                yield c
+        return [c async for c in ChatTools.from_request(tools, "auto").parse(stream())]
+
+    out = asyncio.run(run([chunk(0, '{"name": "get_weather", '), chunk(1, "Hello"),
+                           chunk(0, '"parameters": {"city": "Paris"}}', "stop"), chunk(1, " there", "stop")]))
+    assert [c["text"] for c in out] == ["", "Hello", "", " there"]
+    calls = out[2]["tool_calls"]
+    assert out[2]["finish_reason"] == "tool_calls" and out[3]["finish_reason"] == "stop"
+    assert calls[0]["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    assert calls[0]["id"].startswith("call_") and "tool_calls" not in out[3]
+    # held text that turns out not to be a call is sent as content at the end
+    out = asyncio.run(run([chunk(0, "{not a call"), chunk(0, "}", "length")]))
+    assert "".join(c["text"] for c in out) == "{not a call}" and out[-1]["finish_reason"] == "length"
 
 
 def test_auth_key_file_is_read_and_rotated(tmp_path, monkeypatch):

@@ -24,41 +24,55 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17herd/v1/inference.proto\x12\x07herd.v1\"\xec\x03\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\r\x12\x17\n\nignore_eos\x18\t \x01(\x08H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\n \x01(\x01H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0b \x01(\x01H\x08\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0c \x01(\x01H\t\x88\x01\x01\x12\x15\n\x08logprobs\x18\r \x01(\x05H\n\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x0b\n\t_logprobs\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xa1\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12&\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x11.herd.v1.TokenIdsH\x00\x12)\n\x08sampling\x18\x04 \x01(\x0b\x32\x17.herd.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\tB\x08\n\x06prompt\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x83\x01\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\x08messages\x18\x02 \x03(\x0b\x32\x14.herd.v1.ChatMessage\x12)\n\x08sampling\x18\x03 \x01(\x0b\x32\x17.herd.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\r\n\x05token\x18\x03 \x01(\t\"\\\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12)\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x13.herd.v1.TopLogprob\"\xa6\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x1d\n\x05usage\x18\x04 \x01(\x0b\x32\x0e.herd.v1.Usage\x12\'\n\x08logprobs\x18\x05 \x03(\x0b\x32\x15.herd.v1.TokenLogprob\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"x\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12&\n\x08messages\x18\x03 \x03(\x0b\x32\x14.herd.v1.ChatMessage\x12\x14\n\x07\x61\x64\x64_bos\x18\x04 \x01(\x08H\x00\x88\x01\x01\x42\n\n\x08_add_bos\"L\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\"\x13\n\x11ListModelsRequest\"\xab\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x1c\n\x14tensor_parallel_size\x18\x04 \x01(\r\x12\x1e\n\x16pipeline_parallel_size\x18\x05 \x01(\r\x12\x13\n\x0b\x61utoscaling\x18\x06 \x01(\x08\x12\x12\n\nblock_size\x18\x07 \x01(\r\"8\n\x12ListModelsResponse\x12\"\n\x06models\x18\x01 \x03(\x0b\x32\x12.herd.v1.ModelInfo2\x91\x02\n\tInference\x12\x41\n\x08Generate\x12\x18.herd.v1.GenerateRequest\x1a\x19.herd.v1.GenerateResponse0\x01\x12\x39\n\x04\x43hat\x12\x14.herd.v1.ChatRequest\x1a\x19.herd.v1.GenerateResponse0\x01\x12?\n\x08Tokenize\x12\x18.herd.v1.TokenizeRequest\x1a\x19.herd.v1.TokenizeResponse\x12\x45\n\nListModels\x12\x1a.herd.v1.ListModelsRequest\x1a\x1b.herd.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17herd/v1/inference.proto\x12\x07herd.v1\"\xd1\x05\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\r\x12\x17\n\nignore_eos\x18\t \x01(\x08H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\n \x01(\x01H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0b \x01(\x01H\x08\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0c \x01(\x01H\t\x88\x01\x01\x12\x15\n\x08logprobs\x18\r \x01(\x05H\n\x88\x01\x01\x12\x0e\n\x01n\x18\x0e \x01(\rH\x0b\x88\x01\x01\x12:\n\nlogit_bias\x18\x0f \x03(\x0b\x32&.herd.v1.SamplingParams.LogitBiasEntry\x12\x1c\n\x0fprompt_logprobs\x18\x10 \x01(\x05H\x0c\x88\x01\x01\x12-\n\nstructured\x18\x11 \x01(\x0b\x32\x19.herd.v1.StructuredOutput\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x0b\n\t_logprobsB\x04\n\x02_nB\x12\n\x10_prompt_logprobs\"\x90\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\"\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x10.herd.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xa1\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12&\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x11.herd.v1.TokenIdsH\x00\x12)\n\x08sampling\x18\x04 \x01(\x0b\x32\x17.herd.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\tB\x08\n\x06prompt\"w\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12%\n\ntool_calls\x18\x03 \x03(\x0b\x32\x11.herd.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"=\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\":\n\nToolChoice\x12\x0e\n\x04mode\x18\x01 \x01(\tH\x00\x12\x12\n\x08\x66unction\x18\x02 \x01(\tH\x00\x42\x08\n\x06\x63hoice\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"\xcb\x01\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\x08messages\x18\x02 \x03(\x0b\x32\x14.herd.v1.ChatMessage\x12)\n\x08sampling\x18\x03 \x01(\x0b\x32\x17.herd.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x1c\n\x05tools\x18\x05 \x03(\x0b\x32\r.herd.v1.Tool\x12(\n\x0btool_choice\x18\x06 \x01(\x0b\x32\x13.herd.v1.ToolChoice\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\r\n\x05token\x18\x03 \x01(\t\"\\\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12)\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x13.herd.v1.TopLogprob\"\x8c\x02\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x1d\n\x05usage\x18\x04 \x01(\x0b\x32\x0e.herd.v1.Usage\x12\'\n\x08logprobs\x18\x05 \x03(\x0b\x32\x15.herd.v1.TokenLogprob\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\r\n\x05index\x18\x07 \x01(\r\x12%\n\ntool_calls\x18\x08 \x03(\x0b\x32\x11.herd.v1.ToolCall\x12.\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x15.herd.v1.TokenLogprob\"\x96\x01\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12&\n\x08messages\x18\x03 \x03(\x0b\x32\x14.herd.v1.ChatMessage\x12\x14\n\x07\x61\x64\x64_bos\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12\x1c\n\x05tools\x18\x05 \x03(\x0b\x32\r.herd.v1.ToolB\n\n\x08_add_bos\"L\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\"\x13\n\x11ListModelsRequest\"\xab\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x1c\n\x14tensor_parallel_size\x18\x04 \x01(\r\x12\x1e\n\x16pipeline_parallel_size\x18\x05 \x01(\r\x12\x13\n\x0b\x61utoscaling\x18\x06 \x01(\x08\x12\x12\n\nblock_size\x18\x07 \x01(\r\"8\n\x12ListModelsResponse\x12\"\n\x06models\x18\x01 \x03(\x0b\x32\x12.herd.v1.ModelInfo2\x91\x02\n\tInference\x12\x41\n\x08Generate\x12\x18.herd.v1.GenerateRequest\x1a\x19.herd.v1.GenerateResponse0\x01\x12\x39\n\x04\x43hat\x12\x14.herd.v1.ChatRequest\x1a\x19.herd.v1.GenerateResponse0\x01\x12?\n\x08Tokenize\x12\x18.herd.v1.TokenizeRequest\x1a\x19.herd.v1.TokenizeResponse\x12\x45\n\nListModels\x12\x1a.herd.v1.ListModelsRequest\x1a\x1b.herd.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, __name__, _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_SAMPLINGPARAMS']._serialized_start=37
-  _globals['_SAMPLINGPARAMS']._serialized_end=529
-  _globals['_TOKENIDS']._serialized_start=531
-  _globals['_TOKENIDS']._serialized_end=554
-  _globals['_GENERATEREQUEST']._serialized_start=557
-  _globals['_GENERATEREQUEST']._serialized_end=718
-  _globals['_CHATMESSAGE']._serialized_start=720
-  _globals['_CHATMESSAGE']._serialized_end=764
-  _globals['_CHATREQUEST']._serialized_start=767
-  _globals['_CHATREQUEST']._serialized_end=898
-  _globals['_USAGE']._serialized_start=900
-  _globals['_USAGE']._serialized_end=980
-  _globals['_TOPLOGPROB']._serialized_start=982
-  _globals['_TOPLOGPROB']._serialized_end=1044
-  _globals['_TOKENLOGPROB']._serialized_start=1046
-  _globals['_TOKENLOGPROB']._serialized_end=1138
-  _globals['_GENERATERESPONSE']._serialized_start=1141
-  _globals['_GENERATERESPONSE']._serialized_end=1307
-  _globals['_TOKENIZEREQUEST']._serialized_start=1309
-  _globals['_TOKENIZEREQUEST']._serialized_end=1429
-  _globals['_TOKENIZERESPONSE']._serialized_start=1431
-  _globals['_TOKENIZERESPONSE']._serialized_end=1507
-  _globals['_LISTMODELSREQUEST']._serialized_start=1509
-  _globals['_LISTMODELSREQUEST']._serialized_end=1528
-  _globals['_MODELINFO']._serialized_start=1531
-  _globals['_MODELINFO']._serialized_end=1702
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1704
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1760
-  _globals['_INFERENCE']._serialized_start=1763
-  _globals['_INFERENCE']._serialized_end=2036
+  _globals['_SAMPLINGPARAMS']._serialized_end=758
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=520
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=568
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=761
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=905
+  _globals['_CHOICES']._serialized_start=907
+  _globals['_CHOICES']._serialized_end=933
+  _globals['_TOKENIDS']._serialized_start=935
+  _globals['_TOKENIDS']._serialized_end=958
+  _globals['_GENERATEREQUEST']._serialized_start=961
+  _globals['_GENERATEREQUEST']._serialized_end=1122
+  _globals['_CHATMESSAGE']._serialized_start=1124
+  _globals['_CHATMESSAGE']._serialized_end=1243
+  _globals['_TOOL']._serialized_start=1245
+  _globals['_TOOL']._serialized_end=1306
+  _globals['_TOOLCHOICE']._serialized_start=1308
+  _globals['_TOOLCHOICE']._serialized_end=1366
+  _globals['_TOOLCALL']._serialized_start=1368
+  _globals['_TOOLCALL']._serialized_end=1423
+  _globals['_CHATREQUEST']._serialized_start=1426
+  _globals['_CHATREQUEST']._serialized_end=1629
+  _globals['_USAGE']._serialized_start=1631
+  _globals['_USAGE']._serialized_end=1711
+  _globals['_TOPLOGPROB']._serialized_start=1713
+  _globals['_TOPLOGPROB']._serialized_end=1775
+  _globals['_TOKENLOGPROB']._serialized_start=1777
+  _globals['_TOKENLOGPROB']._serialized_end=1869
+  _globals['_GENERATERESPONSE']._serialized_start=1872
+  _globals['_GENERATERESPONSE']._serialized_end=2140
+  _globals['_TOKENIZEREQUEST']._serialized_start=2143
+  _globals['_TOKENIZEREQUEST']._serialized_end=2293
+  _globals['_TOKENIZERESPONSE']._serialized_start=2295
+  _globals['_TOKENIZERESPONSE']._serialized_end=2371
+  _globals['_LISTMODELSREQUEST']._serialized_start=2373
+  _globals['_LISTMODELSREQUEST']._serialized_end=2392
+  _globals['_MODELINFO']._serialized_start=2395
+  _globals['_MODELINFO']._serialized_end=2566
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2568
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2624
+  _globals['_INFERENCE']._serialized_start=2627
+  _globals['_INFERENCE']._serialized_end=2900
 # @@protoc_insertion_point(module_scope)
