@@ -34,7 +34,8 @@ class BlockPool:
             raise ValueError("the KV cache needs at least one block")
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
-        # block hash -> block holding that prefix, least recently used first
+        # block hash -> block holding that prefix, oldest register / prefix hit / release first (a block that a
+        # running sequence holds stays where its last such event put it, however often it is read since)
         self.cached: OrderedDict[int, Block] = OrderedDict()
         # every cached hash, for the router (None: no filter); sized for a pool full of cached blocks
         self.filter = CountingBlockFilter.for_capacity(num_blocks, filter_fpr) if filter_fpr else None
@@ -80,7 +81,8 @@ class BlockPool:
             self.cached.move_to_end(block.block_hash)
 
     def hashes_by_recency(self, limit: int | None = None) -> list[int]:
-        """Cached block hashes, most recently used first; `limit` bounds the cost (O(limit), not O(cache))."""
+        """Cached block hashes, latest register / prefix hit / release first; `limit` bounds the cost (O(limit),
+        not O(cache))."""
         newest_first = reversed(self.cached)
         return list(newest_first if limit is None else islice(newest_first, max(0, int(limit))))
 
