@@ -114,9 +114,11 @@ class HerdClient:
             req.tool_choice.CopyFrom(tool_choice_message(tool_choice))
         return self.stub.Chat(req, timeout=timeout, metadata=self.metadata)
 
-    def tokenize(self, model: str, text: str = "", *, messages: list[dict[str, str]] | None = None,
-                 add_bos: bool | None = None, timeout: float | None = None) -> pb.TokenizeResponse:
-        req = pb.TokenizeRequest(model=model, text=text, messages=[chat_message(m) for m in messages or []])
+    def tokenize(self, model: str, text: str = "", *, messages: list[dict[str, Any]] | None = None,
+                 tools: list[dict[str, Any]] | None = None, add_bos: bool | None = None,
+                 timeout: float | None = None) -> pb.TokenizeResponse:
+        req = pb.TokenizeRequest(model=model, text=text, messages=[chat_message(m) for m in messages or []],
+                                 tools=[tool_message(t) for t in tools or ()])
         if add_bos is not None:
             req.add_bos = add_bos
         return self.stub.Tokenize(req, timeout=timeout, metadata=self.metadata)

@@ -1,5 +1,7 @@
 """Structured outputs, tool calls, n > 1, logit_bias and prompt logprobs through a real herd cluster: real Ray +
 Serve on 127.0.0.1, the `openai` client on the HTTP port and herd's gRPC client, dozens of requests at once.
+"l3" ships the real Llama 3.1 Instruct chat template (rendered with Jinja, tools included), "l2" is the Llama 2
+demo with the built-in format.
 
 The models are random-weight: they know nothing, so every well-formed answer below is the grammar's doing.
 """
@@ -15,6 +17,7 @@ import jsonschema
 import pytest
 
 from cluster.client import HerdClient, collect
+from tests.checkpoints import make_chat_checkpoint
 from tests.serve_fixtures import running_herd_cluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -48,7 +51,8 @@ def cluster(tmp_path_factory):
     common = {"resources_per_shard": {"CPU": 0.25}, "max_model_len": MAX_MODEL_LEN, "max_num_seqs": SEATS,
               "kv_cache_memory": 48 << 20}
     config = {"api_keys": [API_KEY], "models": [
-        {"name": "l3", "path": str(write_demo_checkpoint(root / "l3", "llama32-1b-mini", dtype="float32")), **common},
+        # Llama 3 with the real Llama 3.1 Instruct Jinja template in tokenizer_config.json: tools are rendered by it
+        {"name": "l3", "path": str(make_chat_checkpoint(root, "l3", "llama3")), **common},
         {"name": "l2", "path": str(write_demo_checkpoint(root / "l2", "llama2-70b-mini", dtype="float32")), **common},
     ]}
     with running_herd_cluster(config, num_cpus=4, api_key=API_KEY) as c:
@@ -302,3 +306,13 @@ def test_grpc_bad_constraints_are_invalid_argument(client):
     with pytest.raises(grpc.RpcError) as e:
         collect(client.chat("l3", [{"role": "user", "content": "x"}], tool_choice="required", timeout=60))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "tool_choice" in e.value.details()
+
+
+def test_the_checkpoints_jinja_template_renders_tools(client):
+    """Tokenize with tools renders through the checkpoint's Llama 3.1 template (its system header and tool
+    instructions), not the built-in format."""
+    msgs = [{"role": "user", "content": "Weather in Rome?"}]
+    with_tools = client.tokenize("l3", messages=msgs, tools=WEATHER_TOOLS)
+    plain = client.tokenize("l3", messages=msgs)
+    text = "".join(with_tools.tokens)
+    assert "Cutting Knowledge Date" in text and "get_weather" in text and "get_weather" not in "".join(plain.tokens)
