@@ -70,7 +70,7 @@ COMMANDS = [c for doc in DOCS for c in herd_commands(doc)]
 def test_the_docs_show_herd_commands():
     # The extraction finds the commands people copy: a broken pattern would make the test below vacuous.
     shown = {" ".join(argv[:2]) for _, argv in COMMANDS} | {argv[0] for _, argv in COMMANDS}
-    assert {"serve", "plan", "client models", "k8s render", "k8s apply"} <= shown
+    assert {"serve", "plan", "client models", "k8s render", "k8s apply", "bench routing-sim"} <= shown
     assert len(COMMANDS) >= 20
 
 
