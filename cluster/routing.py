@@ -413,8 +413,7 @@ class PrefixCacheRouter(RequestRouter):
         self._record_report_ages(candidates)
         self._start_trace(pending_request)
         token_ids = request_token_ids(pending_request)
-        if token_ids is None:
-            self._note_decision(pending_request, "fallback", {})
+        if token_ids is None:  # not a generation (model_info, stats): nothing to match, not counted
             return self._power_of_two(candidates)
         ttl_cutoff = self._now() - self._ttl_s
         matches: dict[ReplicaID, int] = {}
@@ -478,13 +477,12 @@ class PrefixCacheRouter(RequestRouter):
         """Serve calls this once a replica accepted the request: remember its prompt blocks there."""
         token_ids = request_token_ids(pending_request)
         hashes = []
-        if token_ids is not None:
+        reason, matches = getattr(pending_request, "_herd_decision", None) or ("fallback", {})
+        if token_ids is not None:  # a generation (metrics count only those: see choose_replicas)
             block_size = self._block_size_for(replica_id)
             hashes = self._request_hashes(pending_request, token_ids, block_size)
             self.remember_routed(replica_id, hashes)
-        reason, matches = getattr(pending_request, "_herd_decision", None) or ("fallback", {})
-        self._state()  # (initialize_state has run: self._metrics exists)
-        self._metrics.on_decision(reason, len(hashes), matches.get(replica_id, 0))
+            self._metrics.on_decision(reason, len(hashes), matches.get(replica_id, 0))
         span = getattr(pending_request, "_herd_span", None)
         if span is not None:
             for key, value in (("herd.route.reason", reason), ("herd.route.prompt_blocks", len(hashes)),
