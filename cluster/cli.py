@@ -124,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from cluster import serve_cli
     serve_cli.register_cli(sub)          # herd serve, herd client ...
+    from cluster import status
+    status.register_cli(sub)             # herd status
     from cluster.plan_cli import register_plan_cli
     register_plan_cli(sub)               # herd plan
     from cluster import k8s
