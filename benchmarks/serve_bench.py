@@ -163,7 +163,6 @@ def run_sessions(generate: Callable[[list[int], int], tuple[TurnResult, list[int
 
     def session(s: int) -> None:
         r = random.Random(w.seed * 1000 + s)
-        rounds = 0
         while True:
             history = system + [r.randrange(low, vocab) for _ in range(w.user_tokens)]
             for turn in range(w.turns):
@@ -184,7 +183,6 @@ def run_sessions(generate: Callable[[list[int], int], tuple[TurnResult, list[int
                 with lock:
                     results.append(res)
                 history = history + reply + [r.randrange(low, vocab) for _ in range(w.user_tokens)]
-            rounds += 1
             if not loop:
                 return
 

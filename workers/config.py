@@ -75,7 +75,6 @@ class ModelConfig:
     tie_word_embeddings: bool
     rope: RopeConfig
     stored_dtype_name: str                  # canonical name (dtype_name) of the checkpoint's torch_dtype
-    bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
     @property
@@ -112,7 +111,6 @@ class ModelConfig:
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             rope=_parse_rope(cfg),
             stored_dtype_name=dtype_name(cfg.get("torch_dtype") or cfg.get("dtype")),
-            bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
         )
 

@@ -51,12 +51,6 @@ class WeightSource:
         hint = f" (found {', '.join(pickles)}: pickle checkpoints are never loaded; convert to safetensors)" if pickles else ""
         raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
 
-    def names(self) -> list[str]:
-        return list(self._file_of)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._file_of
-
     def _handle(self, name: str):
         try:
             file = self._file_of[name]
@@ -67,9 +61,6 @@ class WeightSource:
                 raise CheckpointError(f"{file}: listed in the index but missing")
             self._handles[file] = self._stack.enter_context(safe_open(file, framework="pt"))
         return self._handles[file]
-
-    def shape(self, name: str) -> list[int]:
-        return list(self._handle(name).get_slice(name).get_shape())
 
     def get(self, name: str, dim: int | None = None, start: int = 0, end: int | None = None) -> torch.Tensor:
         """The tensor `name`, or only rows/columns [start, end) along `dim` (read from disk as a slice)."""

@@ -128,8 +128,3 @@ def init_shard_group(*, init_method: str, tp_rank: int, pp_rank: int, tp_size: i
     pipe = PipeLink(prev_rank=global_rank(tp_rank, pp_rank - 1, tp_size) if pp_rank > 0 else None,
                     next_rank=global_rank(tp_rank, pp_rank + 1, tp_size) if pp_rank < pp_size - 1 else None)
     return ShardComm(tp_group, pipe, backend)
-
-
-def destroy() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()

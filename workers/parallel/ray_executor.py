@@ -8,7 +8,7 @@ stage's TP rank 0 returns anything: the logits of the rows to sample.
 Two ways to deliver the step to the shards, same semantics:
 - a Ray compiled graph (`ray.dag`, `experimental_compile`): the driver writes the step once into a
   shared-memory channel that every shard's resident execution loop reads — no per-call task submission
-  (measured ~2–4 ms less per step than actor calls here);
+  (the hop it saves per step is measured in docs/parallel.md);
 - plain actor calls (`execute.remote`).
 `use_compiled_graph=None` (auto) compiles the graph when the shards run on GPUs and uses actor calls on the
 CPU: a compiled graph's execution loop polls its channel and keeps one core busy per shard, which on CPU
@@ -22,8 +22,7 @@ logits come back in `sample_indices` order, so concatenating them gives the step
 How many micro-batches: `num_microbatches` when set (every step, decode included); by default (None) one
 per stage for steps of at least MICROBATCH_MIN_TOKENS tokens per micro-batch, and the whole step otherwise.
 A small step is memory-bound: each micro-batch re-reads all of a stage's weights, so splitting it costs more
-than the overlap gains (PP2 on the CPU here: decode of 16 sequences 71 ms whole vs 88 ms split; 128
-sequences 285 vs 265 ms; a 256-token prefill 378 vs 310 ms — docs/parallel.md).
+than the overlap gains (whole vs split steps at several sizes: docs/parallel.md).
 
 Failure: every wait has a deadline (`collective_timeout_s`, also the process groups' timeout), and every
 result of every shard is awaited, not only the logits: a killed shard fails the step at once, a hung one at
@@ -32,6 +31,7 @@ the deadline. Either way `execute` raises `EngineUnavailableError`, the executor
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -53,6 +53,13 @@ log = logging.getLogger(f"herd.{__name__}")
 MICROBATCH_MIN_TOKENS = 48    # auto: split a step only if each micro-batch keeps at least this many tokens
 STARTUP_TIMEOUT_S = 300.0      # actor start + process-group rendezvous + KV allocation
 LOAD_TIMEOUT_S = 3600.0        # reading a 70B checkpoint's slice from network storage
+# A shard that dies is not restarted behind the engine's back: the group fails and the replica is replaced.
+ACTOR_OPTIONS = {"max_restarts": 0, "max_task_retries": 0}
+
+
+@functools.cache
+def _actor_class(worker_class: type):
+    return ray.remote(**ACTOR_OPTIONS)(worker_class)
 
 
 def ensure_ray() -> None:
@@ -95,6 +102,8 @@ def _explain(error: BaseException, what: str, timeout: float | None) -> str:
 
 
 class RayExecutor:
+    worker_class: type = ShardWorker     # each shard's actor class (a subclass may stand in for it)
+
     def __init__(self, path: str, cfg: ModelConfig, *, tensor_parallel_size: int, pipeline_parallel_size: int,
                  dtype: torch.dtype, max_model_len: int, engine_config) -> None:
         tp, pp = tensor_parallel_size, pipeline_parallel_size
@@ -118,7 +127,7 @@ class RayExecutor:
                 for t in range(tp):
                     rank = p * tp + t
                     shard = ShardInfo(tp_rank=t, tp_size=tp, pp_rank=p, pp_size=pp, layer_start=start, layer_end=end)
-                    self.workers.append(ShardWorker.options(
+                    self.workers.append(_actor_class(self.worker_class).options(
                         scheduling_strategy=self.placement.scheduling(rank), **self.placement.actor_options(rank),
                     ).remote(cfg, shard, dtype, max_model_len, engine_config.block_size))
             # A file when the group shares one node, else rank 0's node at a port free there (distributed.py).

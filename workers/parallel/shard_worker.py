@@ -23,8 +23,9 @@ from ..shard import ShardInfo
 from .distributed import PipeLink, ShardComm, free_port, global_rank, init_shard_group, remove_rendezvous_file
 
 
-@ray.remote(max_restarts=0, max_task_retries=0)
 class ShardWorker:
+    """Runs as a Ray actor (RayExecutor makes it one: `ray.remote(**ACTOR_OPTIONS)(worker_class)`)."""
+
     def __init__(self, cfg: ModelConfig, shard: ShardInfo, dtype: torch.dtype, max_model_len: int, block_size: int):
         torch.set_grad_enabled(False)
         self.cfg, self.shard, self.dtype = cfg, shard, dtype
@@ -37,7 +38,6 @@ class ShardWorker:
         self.comm = ShardComm(None, PipeLink(None, None), "none")
         self.runner: ModelRunner | None = None
         self.timeline: collections.deque = collections.deque(maxlen=256)  # (start, end, tokens) of recent calls
-        self.compute_delay_s = 0.0
         self.init_method = ""  # where the group met (distributed.rendezvous), once init() ran
 
     # ---- setup ---------------------------------------------------------------------------------
@@ -72,14 +72,12 @@ class ShardWorker:
     # ---- the step --------------------------------------------------------------------------------
     def execute(self, step: StepInput) -> np.ndarray | None:
         """Run this shard's part of one (micro-)batch. Last stage, TP rank 0: fp32 logits as a numpy array
-        (Ray moves numpy arrays without pickling their data: ~3 ms less per step than a 2 MiB tensor)."""
+        (Ray moves numpy arrays without pickling their data; what that saves per step: docs/parallel.md)."""
         hidden = None
         if not self.shard.is_first_stage:
             hidden = self.comm.pipe.recv(step.num_tokens, self.cfg.hidden_size, self.dtype, self.device)
         start = time.time()
         out = self.runner.execute(step, hidden)
-        if self.compute_delay_s:
-            time.sleep(self.compute_delay_s)
         self.timeline.append((start, time.time(), step.num_tokens))
         if not self.shard.is_last_stage:
             self.comm.pipe.send(out)
@@ -106,7 +104,3 @@ class ShardWorker:
     def recent_timeline(self) -> list[tuple[float, float, int]]:
         """Wall-clock (start, end, tokens) of this shard's recent compute (benchmarks, pipeline tests)."""
         return list(self.timeline)
-
-    def set_compute_delay(self, seconds: float) -> None:
-        """Stretch every compute by `seconds` (tests: makes pipeline overlap observable on a tiny model)."""
-        self.compute_delay_s = seconds
