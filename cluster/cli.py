@@ -2,7 +2,9 @@
 
 Subcommands come from the modules that own them (each exposes a `register_*` function), so this file only
 assembles the parser: generate / chat / demo-checkpoint (engine), serve / client (the cluster), plan
-(parallel layouts), bench (benchmarks), k8s (Kubernetes).
+(parallel layouts), bench (benchmarks), k8s (Kubernetes). It is the one face over the whole product: the only
+serving module that imports benchmark code (.importlinter). Building the parser imports neither torch nor Ray:
+the commands that need a model import the engine when they run.
 """
 from __future__ import annotations
 
