@@ -10,12 +10,14 @@ place). The portable path attends decodes in groups of similar context length (`
 per step and shared by every layer): each group gathers its keys by flat cache slot and runs one SDPA,
 padding only to the longest context inside the group.
 
-This is the seam for a CUDA kernel: `AttentionBackend` is what the model calls. `TorchPagedAttention`
-(gather + SDPA) runs anywhere; on GPU a flash-attn / flashinfer paged kernel can implement the same
-`forward(q, k, v, k_cache, v_cache, meta, scale)` over the same cache layout and block tables.
+`AttentionBackend` is what the model calls. `TorchPagedAttention` (gather + SDPA) runs anywhere; on CUDA
+`TritonPagedAttention` (triton_attention.py: flash-decoding over the block tables, one launch for all the
+prefill chunks) implements the same `forward(q, k, v, k_cache, v_cache, meta, scale)` over the same cache
+layout. HERD_TRITON_ATTENTION=0 keeps the portable path on CUDA.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -49,6 +51,7 @@ class AttentionMetadata:
     prefills: list[PrefillChunk]
     block_size: int = 16
     _groups: list[DecodeGroup] | None = None
+    _prefill_index: tuple[torch.Tensor, torch.Tensor, int] | None = None
 
     @property
     def decode_groups(self) -> list[DecodeGroup]:
@@ -56,6 +59,23 @@ class AttentionMetadata:
         if self._groups is None:
             self._groups = build_decode_groups(self.decode_block_tables, self.decode_seq_lens, self.block_size)
         return self._groups
+
+    @property
+    def prefill_index(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The prefill chunks packed for one kernel launch, built once per step (shared by all layers):
+        int64 [num_chunks, 4] rows (q_start, q_len, ctx_len, offset of the chunk's slots), every chunk's
+        slots concatenated, and the longest q_len (a host int: sizing the launch never waits for the GPU)."""
+        if self._prefill_index is None:
+            offsets, rows = 0, []
+            for c in self.prefills:
+                rows.append((c.q_start, c.q_len, c.ctx_len, offsets))
+                offsets += c.ctx_len
+            device = self.slot_mapping.device
+            slots = torch.cat([c.slots for c in self.prefills]) if self.prefills else torch.zeros(0, dtype=torch.long)
+            self._prefill_index = (torch.tensor(rows, dtype=torch.long, device=device).view(-1, 4),
+                                   slots.to(device=device, dtype=torch.long),
+                                   max((c.q_len for c in self.prefills), default=0))
+        return self._prefill_index
 
 
 def context_slots(block_table: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
@@ -139,9 +159,24 @@ class CpuPagedAttention(TorchPagedAttention):
                                                   meta.decode_seq_lens, scale)
 
 
+def triton_enabled(switch: str) -> bool:
+    """Whether the Triton kernels may run: the environment switch (`switch`=0 turns them off) and an
+    importable triton (it ships with PyTorch's CUDA wheels)."""
+    if os.environ.get(switch, "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def select_attention_backend(device: torch.device) -> AttentionBackend:
-    """The fastest backend available for `device`. On CUDA this is where a flash-attn / flashinfer paged
-    kernel plugs in; until one is installed the portable gather + SDPA path runs there too."""
+    """The fastest backend available for `device`: the Triton kernels on CUDA, the compiled CPU decode
+    kernel on the CPU, else the portable gather + SDPA path."""
+    if device.type == "cuda" and triton_enabled("HERD_TRITON_ATTENTION"):
+        from .triton_attention import TritonPagedAttention
+        return TritonPagedAttention()
     if device.type == "cpu":
         from .cpu_kernels import cpu_kernel_module
         kernel = cpu_kernel_module()

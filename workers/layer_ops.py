@@ -3,12 +3,16 @@
 `TorchLayerOps` writes them as torch expressions (any device; the same roundings as Hugging Face's eager
 code). `CpuLayerOps` runs the same math as single fused passes from herd's CPU kernels
 (csrc/layer_ops_cpu.cpp): in a decode step each of these is a handful of small torch ops whose dispatch and
-temporaries cost more than the arithmetic. On GPU this is where fused CUDA kernels would plug in.
+temporaries cost more than the arithmetic. On CUDA `TritonLayerOps` (triton_layer_ops.py) runs them as fused
+Triton kernels, the residual add folded into the RMSNorm that follows it; HERD_TRITON_LAYER_OPS=0 keeps the
+torch expressions there.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .attention import triton_enabled
 
 
 class TorchLayerOps:
@@ -18,6 +22,12 @@ class TorchLayerOps:
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
         return weight * xf.to(x.dtype)
+
+    def add_rms_norm(self, x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual add and the RMSNorm after it: (rms_norm(x + delta), x + delta)."""
+        x = x + delta
+        return self.rms_norm(x, weight, eps), x
 
     @staticmethod
     def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -54,6 +64,11 @@ class CpuLayerOps(TorchLayerOps):
 
 
 def select_layer_ops(device: torch.device) -> TorchLayerOps:
+    """The fused kernels for `device` (Triton on CUDA, herd's compiled kernels on the CPU), else the torch
+    expressions."""
+    if device.type == "cuda" and triton_enabled("HERD_TRITON_LAYER_OPS"):
+        from .triton_layer_ops import TritonLayerOps
+        return TritonLayerOps()
     if device.type == "cpu":
         from .cpu_kernels import cpu_kernel_module
         kernel = cpu_kernel_module()
