@@ -240,11 +240,6 @@ class ModelServer:
         s = self.engine.stats()
         return {**{k: getattr(s, k) for k in s.__dataclass_fields__}, "replica_id": self.replica_id}
 
-    def shard_actors(self) -> list:
-        """The engine's shard worker actors (TP·PP > 1; empty for a whole-model replica): for operators'
-        debugging (`ray.get_actor` has no names for them) and for fault-injection tests."""
-        return list(getattr(self.engine.engine.executor, "workers", []))
-
     # ---- Serve hooks ---------------------------------------------------------------------------------
     def check_health(self) -> None:
         self.engine.check_health()  # raises EngineUnavailableError: Serve marks the replica unhealthy

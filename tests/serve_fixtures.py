@@ -39,6 +39,13 @@ class HerdCluster:
     def model_stats(self, model: str) -> dict[str, Any]:
         return self.model_handle(model).stats.remote().result(timeout_s=30)
 
+    def shard_worker_pids(self) -> list[int]:
+        """Process ids of the live shard workers (the actors of the TP x PP models), from Ray's actor table:
+        fault tests kill one, without reaching into a replica's engine."""
+        import ray._private.state as state
+        return sorted(info["Pid"] for info in state.actors().values()
+                      if info.get("ActorClassName") == "ShardWorker" and info.get("State") == "ALIVE")
+
 
 def start_herd_cluster(config: dict[str, Any], *, num_cpus: int = 4, api_key: str | None = None,
                        ready_timeout_s: float = 300) -> HerdCluster:
