@@ -4,11 +4,18 @@ The workload mixes prompt lengths 16–256 and output lengths 16–128 (48 reque
 of them in one continuously batched `Engine.generate` call; transformers runs static batches of 16, left
 padded, each batch generating until its longest requested output. Both count only the tokens each request
 asked for, and each side runs in its own process so the peak RSS figures are its own.
+
+`herd bench engine --structured` measures instead what grammar-constrained decoding costs: the time of a
+decode step with 32 sequences (--batch) all decoding, unconstrained and then each following a JSON
+schema, and the time the token masks themselves take in those steps (computing and applying them). The model
+is the same shape with Meta's Llama 3 tokenizer and its 128,256-token vocabulary (a grammar needs a real
+tokenizer, and the largest vocabulary is the costliest mask).
 """
 from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
 import random
 import resource
 import time
@@ -83,8 +90,91 @@ def _in_process(target, *args) -> dict:
     return result
 
 
+# An array of records that must hold at least 60 items: every sequence stays inside the grammar for the whole
+# measured run, through keys, strings, enums, integers and separators.
+STRUCTURED_SCHEMA = {"type": "array", "minItems": 60, "items": {
+    "type": "object", "additionalProperties": False, "required": ["id", "name", "kind"],
+    "properties": {"id": {"type": "integer"}, "name": {"type": "string", "maxLength": 12},
+                   "kind": {"enum": ["user", "admin", "guest"]}}}}
+
+
+def _run_structured(path: str, dtype: str, batch: int, steps: int, rounds: int, out: mp.Queue) -> None:
+    import torch
+
+    import workers.sampling as sampling
+    from workers import Engine, SamplingParams
+
+    mask_seconds = [0.0]
+    real_masks = sampling.apply_logit_masks
+
+    def timed_masks(logits, states):  # the mask's own share of a step: compute (llguidance) + apply
+        t = time.perf_counter()
+        try:
+            return real_masks(logits, states)
+        finally:
+            mask_seconds[0] += time.perf_counter() - t
+    sampling.apply_logit_masks = timed_masks
+
+    engine = Engine.from_pretrained(path, dtype=dtype, show_progress=False, max_num_seqs=batch,
+                                    max_num_batched_tokens=max(2048, batch * 40))
+    rng = random.Random(0)
+    prompts = [[rng.randrange(1000, 100000) for _ in range(32)] for _ in range(batch)]
+
+    def decode_steps(structured: bool) -> tuple[list[float], list[float]]:
+        spec = {"json_schema": STRUCTURED_SCHEMA} if structured else None
+        params = SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True, structured=spec)
+        for p in prompts:
+            engine.add_request(p, params)
+        step_times, mask_times = [], []
+        while engine.has_unfinished():
+            full = len(engine.scheduler.running) == batch and all(
+                s.num_computed == s.num_tokens - 1 for s in engine.scheduler.running)
+            mask_seconds[0] = 0.0
+            t = time.perf_counter()
+            deltas = engine.step()
+            dt = time.perf_counter() - t
+            if full and len(deltas) == batch and not any(d.finished for d in deltas):
+                step_times.append(dt)
+                mask_times.append(mask_seconds[0])
+        return step_times, mask_times
+
+    decode_steps(True)  # warm-up: the tokenizer's grammar view, the schema's compilation, first steps
+    plain, constrained, masks = [], [], []
+    for _ in range(rounds):  # alternating, so a change in the machine's load hits both sides alike
+        plain += decode_steps(False)[0]
+        step_times, mask_times = decode_steps(True)
+        constrained += step_times
+        masks += mask_times
+    engine.shutdown()
+
+    def median(xs):
+        return sorted(xs)[len(xs) // 2]
+    plain_ms, constrained_ms, mask_ms = median(plain) * 1e3, median(constrained) * 1e3, median(masks) * 1e3
+    out.put({"batch": batch, "vocab_size": engine.vocab_size, "decode_steps_measured": [len(plain), len(constrained)],
+             "plain_step_ms": plain_ms, "structured_step_ms": constrained_ms, "mask_ms_per_step": mask_ms,
+             "mask_share_of_step": mask_ms / constrained_ms,
+             "step_overhead": (constrained_ms - plain_ms) / plain_ms, "threads": torch.get_num_threads(),
+             # other work on the machine inflates both step times (and the masks' threads compete for cores)
+             "load_average_1m": os.getloadavg()[0], "cpus": os.cpu_count()})
+
+
+def run_structured(args) -> int:
+    from workers.demo import LLAMA3_VOCAB, hf_config, write_checkpoint
+    if args.model:
+        path = args.model
+    else:
+        path = str(scratch_dir() / "llama-58m-llama3-vocab")  # removed when the bench exits
+        shape = dict(BENCH_SHAPE, vocab_size=LLAMA3_VOCAB, bos_token_id=128000, eos_token_id=[128001, 128009])
+        write_checkpoint(path, hf_config(dtype=args.dtype, **shape), tokenizer="llama3")
+    result = _in_process(_run_structured, path, args.dtype, args.batch, args.steps, args.rounds)
+    write_json({"model": path, "dtype": args.dtype, "schema": STRUCTURED_SCHEMA, "structured": result}, None)
+    return 0
+
+
 def run(args) -> int:
     from workers.demo import hf_config, write_checkpoint
+    if getattr(args, "structured", False):
+        return run_structured(args)
     if args.model:
         path = args.model
     else:
@@ -110,4 +200,9 @@ def register_bench(bench_sub) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="compute dtype of both engines (and of the generated checkpoint)")
     p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument("--structured", action="store_true",
+                   help="instead: grammar mask overhead per decode step (JSON schema, Llama 3 vocabulary)")
+    p.add_argument("--batch", type=int, default=32, help="--structured: sequences decoding together")
+    p.add_argument("--steps", type=int, default=24, help="--structured: decode steps per run")
+    p.add_argument("--rounds", type=int, default=3, help="--structured: unconstrained/constrained run pairs")
     p.set_defaults(func=run)

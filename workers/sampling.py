@@ -237,24 +237,35 @@ def apply_penalties(logits: torch.Tensor, states: Sequence[SamplingState]) -> to
 
 
 def apply_logit_masks(logits: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
-    """In place on logits [N, V]: add each row's logit_bias, then set every token its grammar does not allow
-    next to -inf (a bias cannot bring back a token the grammar forbids). The grammar rows' masks come from
-    one batched call; rows without either are not touched."""
+    """logits [N, V] with each row's logit_bias added, then every token its grammar does not allow next set
+    to -inf (a bias cannot bring back a token the grammar forbids). Returns a new tensor; the grammar rows'
+    masks come from one batched call, and rows without a bias or a grammar keep their values.
+
+    Each pass over a [N, 128k] tensor costs milliseconds on a CPU, so there are as few as can be: one to
+    unpack the masks, one to select (torch.where writes the result without a separate copy)."""
     dev, vocab = logits.device, logits.shape[1]
-    for i, st in enumerate(states):
-        if st.params.logit_bias:
-            ids = torch.tensor(list(st.params.logit_bias), dtype=torch.long, device=dev)
-            logits[i].index_add_(0, ids, torch.tensor(list(st.params.logit_bias.values()), dtype=logits.dtype,
-                                                      device=dev))
+    biased = [i for i, st in enumerate(states) if st.params.logit_bias]
+    if biased:
+        logits = logits.clone()
+        for i in biased:
+            bias = states[i].params.logit_bias
+            ids = torch.tensor(list(bias), dtype=torch.long, device=dev)
+            logits[i].index_add_(0, ids, torch.tensor(list(bias.values()), dtype=logits.dtype, device=dev))
     rows = [i for i, st in enumerate(states) if st.grammar is not None]
-    if rows:
-        allowed = allowed_tokens([states[i].grammar for i in rows], vocab).to(dev)
-        empty = (~allowed.any(-1)).nonzero()[:, 0].tolist()
-        if empty:  # the matcher is in an error state: this row cannot go on (Engine._sample fails it alone)
-            bad = states[rows[empty[0]]].grammar
-            raise RuntimeError(f"grammar allows no next token ({bad.error or 'no continuation'})")
-        _on_rows(logits, rows, lambda r: r.masked_fill_(~allowed, float("-inf")))
-    return logits
+    if not rows:
+        return logits
+    allowed = allowed_tokens([states[i].grammar for i in rows], vocab).to(dev)
+    empty = (~allowed.any(-1)).nonzero()[:, 0].tolist()
+    if empty:  # the matcher is in an error state: this row cannot go on (Engine._sample fails it alone)
+        bad = states[rows[empty[0]]].grammar
+        raise RuntimeError(f"grammar allows no next token ({bad.error or 'no continuation'})")
+    neg_inf = torch.tensor(float("-inf"), dtype=logits.dtype, device=dev)
+    if len(rows) == len(states):
+        return torch.where(allowed, logits, neg_inf)
+    out = logits if biased else logits.clone()
+    idx = torch.tensor(rows, device=dev)
+    out[idx] = torch.where(allowed, logits[idx], neg_inf)
+    return out
 
 
 def filter_logits(logits: torch.Tensor, top_k: Sequence[int] | int, top_p: Sequence[float] | float,
@@ -340,11 +351,10 @@ class Sampler:
         lp_rows = [i for i, st in enumerate(states) if st.params.logprobs is not None]
         # Logprobs describe what the model said, so they come from the logits before anything below.
         raw_logprobs = torch.log_softmax(logits[torch.tensor(lp_rows, device=logits.device)], -1) if lp_rows else None
-        cloned = any(st.params.has_penalties for st in states)
-        if cloned:
+        if any(st.params.has_penalties for st in states):
             logits = apply_penalties(logits.clone(), states)  # clone: the caller's tensor stays untouched
         if any(st.params.logit_bias or st.grammar is not None for st in states):
-            logits = apply_logit_masks(logits if cloned else logits.clone(), states)
+            logits = apply_logit_masks(logits, states)        # a new tensor, too
         tokens = self._choose(logits, states)
         token_list = tokens.tolist()
 
