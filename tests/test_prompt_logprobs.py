@@ -103,3 +103,20 @@ def test_prompt_logprobs_come_once_on_the_first_delta(model):
     with_prompt = [d for d in deltas if d.prompt_logprobs is not None]
     assert len(with_prompt) == 1 and with_prompt[0] is deltas[0]
     check(with_prompt[0].prompt_logprobs, reference(hf, ids), ids, 1)
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3])
+def test_pipeline_microbatches_keep_every_prompt_row(parts):
+    """A pipeline-parallel step is split by sequence; a sequence that wants its prompt's logits has several
+    rows, and the concatenated micro-batch logits must still be the step's rows, in order."""
+    from workers.model_runner import StepInput
+    step = StepInput()
+    step.input_ids = list(range(1, 15))
+    step.positions = list(range(14))
+    step.slot_mapping = list(range(14))
+    step.num_decode = 2
+    step.decode_block_tables, step.decode_seq_lens = [[0], [1]], [3, 5]
+    step.prefills = [(2, 5, 5, [2, 3]), (7, 7, 7, [4, 5])]
+    step.sample_indices = [0, 1, 2, 3, 4, 5, 6, 13]  # the first prefill keeps all its rows
+    micro = step.split(parts)
+    assert [mb.input_ids[i] - 1 for mb in micro for i in mb.sample_indices] == step.sample_indices

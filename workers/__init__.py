@@ -12,11 +12,12 @@ from typing import Any
 _EXPORTS = {
     "AsyncEngine": "async_engine", "ModelConfig": "config",
     "Engine": "engine", "EngineConfig": "engine", "EngineStats": "engine", "RequestOutput": "engine",
-    "StreamDelta": "engine",
+    "StreamDelta": "engine", "CompletionOutput": "engine",
     "CheckpointError": "errors", "EngineUnavailableError": "errors", "HerdError": "errors",
     "InvalidRequestError": "errors", "PromptTooLongError": "errors", "QueueFullError": "errors",
     "TokenizerError": "errors",
     "SamplingParams": "sampling", "Tokenizer": "tokenizer",
+    "StructuredOutputs": "structured_output", "validate_structured": "structured_output",
 }
 __all__ = sorted(_EXPORTS)
 
