@@ -10,8 +10,8 @@ runs it), so every check the chart makes (GPU fit, secure defaults, ClusterConfi
 module keeps what a Kubernetes client library is for:
 
 `apply` sends every object with server-side apply (field manager "herd", forced), so it can be run again after
-editing the values; it records the objects it applied in an annotation of the RayService, which `delete` reads
-to remove them with it. `status` prints the RayService's conditions, the Serve application and each model
+editing the values; it records the objects it applied in an annotation of the RayService, so that the next
+`apply` prunes those the values no longer render and `delete` removes them with it. `status` prints the RayService's conditions, the Serve application and each model
 deployment (with live replica counts from the Ray dashboard through the API server's service proxy when it
 answers) and the worker groups. The kubeconfig is found as kubectl finds it (--kubeconfig, $KUBECONFIG,
 ~/.kube/config, else in-cluster), as are --context and the namespace (-n, else the context's). Failures print
@@ -185,13 +185,16 @@ def _ref(doc: dict[str, Any]) -> list[str]:
 
 
 def apply_objects(kube: Kube, docs: list[dict[str, Any]], out=None) -> None:
-    """Server-side apply every object, in the order given (helm's install order); the RayService also records
-    the other objects, so that `delete` removes what `apply` made."""
+    """Server-side apply every object, in the order given (helm's install order). The RayService also records
+    the other objects, so that `delete` removes what `apply` made, and objects an earlier apply recorded that
+    these manifests no longer have (a feature turned off in the values) are pruned, as `helm upgrade` does."""
     out = out or sys.stdout
     from kubernetes.client.exceptions import ApiException
 
     others = [_ref(d) for d in docs if d["kind"] != "RayService"]
     resources = [discover(kube, d["apiVersion"], d["kind"]) for d in docs]   # every kind served, before any change
+    services = [d for d in docs if d["kind"] == "RayService"]
+    before = _recorded(_existing_rayservice(kube, services[0])) if services else []
     for doc, res in zip(docs, resources):
         meta = doc.setdefault("metadata", {})
         name, kind = meta["name"], doc["kind"]
@@ -209,6 +212,48 @@ def apply_objects(kube: Kube, docs: list[dict[str, Any]], out=None) -> None:
             hint = f" (does namespace {ns} exist?)" if e.status == 404 else ""
             raise K8sError(f"apply {where} failed: {e.status} {_message(e)}{hint}") from None
         print(f"{kind.lower()}/{name} serverside-applied" + (f" (namespace {ns})" if ns else ""), file=out)
+    if services:
+        stale = [ref for ref in before if ref not in others]
+        _delete_recorded(kube, services[0]["metadata"]["namespace"], stale, "pruned", out)
+
+
+def _existing_rayservice(kube: Kube, doc: dict[str, Any]) -> dict[str, Any]:
+    """The RayService as the cluster has it now; {} when it does not exist yet."""
+    from kubernetes.client.exceptions import ApiException
+
+    ns = doc["metadata"].get("namespace") or kube.namespace
+    name = doc["metadata"]["name"]
+    try:
+        return call(kube, f"get RayService {ns}/{name}", kube.custom.get_namespaced_custom_object,
+                    GROUP, VERSION, ns, RAYSERVICES, name)
+    except ApiException as e:
+        if e.status == 404:
+            return {}
+        raise K8sError(f"get RayService {ns}/{name} failed: {e.status} {_message(e)}") from None
+
+
+def _recorded(rs: dict[str, Any]) -> list[list[str]]:
+    """The [apiVersion, kind, name] of each object `apply` recorded on this RayService."""
+    annotations = (rs.get("metadata") or {}).get("annotations") or {}
+    try:
+        return [list(ref) for ref in json.loads(annotations.get(INVENTORY_ANNOTATION) or "[]")]
+    except (TypeError, ValueError):
+        return []
+
+
+def _delete_recorded(kube: Kube, ns: str, refs: list[list[str]], verb: str, out) -> None:
+    """Delete recorded objects; one already gone is what was wanted."""
+    from kubernetes.client.exceptions import ApiException
+
+    for api_version, kind, name in refs:
+        res = discover(kube, api_version, kind)
+        try:
+            _raw(kube, f"delete {kind} {name}", "DELETE", res.path(ns, name))
+        except ApiException as e:
+            if e.status != 404:
+                raise K8sError(f"delete {kind} {ns}/{name} failed: {e.status} {_message(e)}") from None
+            continue
+        print(f"{kind.lower()}/{name} {verb}" + (f" (namespace {ns})" if res.namespaced else ""), file=out)
 
 
 def get_rayservice(kube: Kube, name: str) -> dict[str, Any]:
@@ -237,11 +282,6 @@ def delete_objects(kube: Kube, name: str, ignore_not_found: bool = False, out=No
         if e.code == 1 and ignore_not_found:
             return 0
         raise
-    annotations = (rs.get("metadata") or {}).get("annotations") or {}
-    try:
-        recorded = json.loads(annotations.get(INVENTORY_ANNOTATION) or "[]")
-    except ValueError:
-        recorded = []
     try:
         call(kube, f"delete RayService {ns}/{name}", kube.custom.delete_namespaced_custom_object,
              GROUP, VERSION, ns, RAYSERVICES, name)
@@ -249,15 +289,7 @@ def delete_objects(kube: Kube, name: str, ignore_not_found: bool = False, out=No
         if e.status != 404:
             raise K8sError(f"delete RayService {ns}/{name} failed: {e.status} {_message(e)}") from None
     print(f"rayservice/{name} deleted (namespace {ns})", file=out)
-    for api_version, kind, obj in recorded:
-        res = discover(kube, api_version, kind)
-        try:
-            _raw(kube, f"delete {kind} {obj}", "DELETE", res.path(ns, obj))
-        except ApiException as e:
-            if e.status != 404:                # already gone is what we wanted
-                raise K8sError(f"delete {kind} {ns}/{obj} failed: {e.status} {_message(e)}") from None
-            continue
-        print(f"{kind.lower()}/{obj} deleted" + (f" (namespace {ns})" if res.namespaced else ""), file=out)
+    _delete_recorded(kube, ns, _recorded(rs), "deleted", out)
     return 0
 
 

@@ -249,12 +249,30 @@ async def test_apply_a_rendered_manifest_in_another_context(kmock, kubeconfig_fo
     assert code == 2 and "is a rendered manifest: apply it alone" in err
 
 
-async def _apply(kmock, kubeconfig_for, values_file) -> Path:
+@pytest.mark.asyncio
+async def test_apply_prunes_what_the_values_no_longer_render(kmock, kubeconfig_for, values_file):
+    kc, out = await _apply(kmock, kubeconfig_for, values_file)
+    assert "networkpolicy/herd serverside-applied (namespace llm)" in out.splitlines()
+    assert not kmock.objects["networking.k8s.io/v1/networkpolicies", "llm", "herd"].deleted
+
+    code, out, err = await asyncio.to_thread(run_cli, ["k8s", "apply", "-f", str(values_file), "--set",
+                                                       "networkPolicy.enabled=false", "--kubeconfig", str(kc)])
+    assert code == 0, err
+    assert out.splitlines()[-1] == "networkpolicy/herd pruned (namespace llm)"
+    assert "networkpolicy/herd serverside-applied" not in out
+    assert kmock.objects["networking.k8s.io/v1/networkpolicies", "llm", "herd"].deleted
+    recorded = json.loads(kmock.objects[RS, "llm", "herd"]["metadata"]["annotations"][k8s.INVENTORY_ANNOTATION])
+    assert ["networking.k8s.io/v1", "NetworkPolicy", "herd"] not in recorded
+    assert ["v1", "Service", "herd-grpc"] in recorded
+
+
+async def _apply(kmock, kubeconfig_for, values_file) -> tuple[Path, str]:
+    """The chart applied to the emulator with KubeRay declared: (the kubeconfig, what apply printed)."""
     declare_kuberay(kmock)
     kc = kubeconfig_for(kmock)
-    code, _, err = await asyncio.to_thread(run_cli, ["k8s", "apply", "-f", str(values_file), "--kubeconfig", str(kc)])
+    code, out, err = await asyncio.to_thread(run_cli, ["k8s", "apply", "-f", str(values_file), "--kubeconfig", str(kc)])
     assert code == 0, err
-    return kc
+    return kc, out
 
 
 SERVE_DETAILS = {"applications": {"herd": {"status": "RUNNING", "deployments": {
@@ -297,7 +315,7 @@ def _seed_cluster(kmock, cluster: str) -> None:
 
 @pytest.mark.asyncio
 async def test_status_prints_conditions_models_and_worker_groups(kmock, kubeconfig_for, values_file):
-    kc = await _apply(kmock, kubeconfig_for, values_file)
+    kc, _ = await _apply(kmock, kubeconfig_for, values_file)
     cluster = "herd-raycluster-x7k2p"
     _seed_cluster(kmock, cluster)
     # The Ray dashboard, through the API server's service proxy.
@@ -322,7 +340,7 @@ async def test_status_prints_conditions_models_and_worker_groups(kmock, kubeconf
 
 @pytest.mark.asyncio
 async def test_status_without_dashboard_shows_configured_replicas(kmock, kubeconfig_for, values_file):
-    kc = await _apply(kmock, kubeconfig_for, values_file)
+    kc, _ = await _apply(kmock, kubeconfig_for, values_file)
     # Just created: KubeRay has not reported anything yet.
     code, out, err = await asyncio.to_thread(run_cli, ["k8s", "status", "herd", "--json", "--kubeconfig", str(kc)])
     assert code == 0, err
@@ -343,7 +361,7 @@ async def test_status_without_dashboard_shows_configured_replicas(kmock, kubecon
 
 @pytest.mark.asyncio
 async def test_delete_removes_what_apply_made(kmock, kubeconfig_for, values_file):
-    kc = await _apply(kmock, kubeconfig_for, values_file)
+    kc, _ = await _apply(kmock, kubeconfig_for, values_file)
     recorded = json.loads(kmock.objects[RS, "llm", "herd"]["metadata"]["annotations"][k8s.INVENTORY_ANNOTATION])
     assert ["v1", "Service", "herd-grpc"] in recorded
     # An object that apply did not make stays, even with the release's name in it.
