@@ -25,7 +25,9 @@ This module is imported by every Ray worker of the session (the setup hook): kee
 """
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import logging
 import os
 from typing import Iterable, NamedTuple, Optional
 
@@ -57,7 +59,6 @@ def start_local_ray(*, num_cpus: Optional[float] = None, include_dashboard: bool
     message size limit (Serve's default is 2 GiB). The dashboard, when included, is on 127.0.0.1:8265 (or the
     next free port)."""
     import ray
-    from ray._private import ray_constants
 
     env_vars = {_BIND_ENV: LOOPBACK, _GRPC_HOST_ENV: serve_grpc_host}
     if serve_grpc_port is not None:
@@ -66,19 +67,57 @@ def start_local_ray(*, num_cpus: Optional[float] = None, include_dashboard: bool
         env_vars["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] = str(int(grpc_max_message_bytes))
     # Ray replaces a loopback _node_ip_address by the external address when clusters are enabled (Linux);
     # with the node address really 127.0.0.1, every Ray process binds loopback.
-    had = hasattr(ray_constants, "ENABLE_RAY_CLUSTER")
-    saved = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
+    with _loopback_addresses_kept():
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=include_dashboard,
                  dashboard_host=LOOPBACK, _node_ip_address=LOOPBACK, namespace=namespace,
                  log_to_driver=log_to_driver,
                  runtime_env={"worker_process_setup_hook": _SETUP_HOOK, "env_vars": env_vars})
+
+
+@contextlib.contextmanager
+def _loopback_addresses_kept():
+    """While inside, Ray keeps 127.0.0.1 addresses as they are (ray_constants.ENABLE_RAY_CLUSTER off)."""
+    from ray._private import ray_constants
+
+    had = hasattr(ray_constants, "ENABLE_RAY_CLUSTER")
+    saved = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
     finally:
         if had:
             ray_constants.ENABLE_RAY_CLUSTER = saved
         else:
             del ray_constants.ENABLE_RAY_CLUSTER
+
+
+def connect_ray(address: Optional[str] = None, **init_kwargs) -> None:
+    """Join a running Ray cluster as a driver: `address` (HOST:PORT, ray://..., or None / "auto": $RAY_ADDRESS,
+    else the cluster this machine runs). A loopback address — a local `herd serve`'s private Ray, which
+    listens on 127.0.0.1 only — is used as it is: Ray would otherwise swap 127.0.0.1 for the machine's
+    external address, where nothing listens."""
+    import ray
+    from ray._private import services
+
+    resolved = services.get_ray_address_from_environment(address or "auto", None)
+    host = resolved.rpartition(":")[0] if "://" not in resolved else ""
+    if host == "localhost" or (host and is_loopback_ip(host)):
+        # A cluster on this machine: its token (~/.ray/auth_token) is used as Ray uses it for a cluster it
+        # finds with "auto" (Ray does not for an explicit address: set RAY_AUTH_MODE=token for a remote one).
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available)
+
+        quiet = logging.getLogger(maybe_enable_token_auth_if_token_available.__module__)
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)   # its "token authentication is enabled" warning: expected here
+        try:
+            maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+        finally:
+            quiet.setLevel(level)
+        with _loopback_addresses_kept():
+            ray.init(address=resolved, _node_ip_address=LOOPBACK, **init_kwargs)
+    else:
+        ray.init(address=resolved, **init_kwargs)
 
 
 def _bind_host(host: str) -> str:

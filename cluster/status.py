@@ -148,13 +148,13 @@ class ClusterStatus:
 def connect(address: Optional[str]) -> None:
     """Join the Ray cluster at `address` ("auto": the one this machine runs) as a quiet driver."""
     import logging
-    import os
 
     import ray
 
+    from cluster.local_ray import connect_ray
+
     if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=False,
-                 logging_level=logging.WARNING)
+        connect_ray(address, log_to_driver=False, logging_level=logging.WARNING)
 
 
 def dashboard_url() -> Optional[str]:
@@ -167,6 +167,11 @@ def dashboard_url() -> Optional[str]:
     if not url:
         return None
     return url if url.startswith("http") else f"http://{url}"
+
+
+def _name(value: Any) -> str:
+    """A Serve status enum (or string) as its plain name: ApplicationStatus.RUNNING -> "RUNNING"."""
+    return str(getattr(value, "value", value) or "?")
 
 
 def _serve_details() -> dict:
@@ -221,7 +226,7 @@ def collect_status(app_name: str = APP_NAME) -> ClusterStatus:
     for dep_name, dep in sorted((app.get("deployments") or {}).items()):
         if not dep_name.startswith(MODEL_PREFIX):
             continue
-        model = ModelStatus(dep_name[len(MODEL_PREFIX):], dep_name, str(dep.get("status", "?")))
+        model = ModelStatus(dep_name[len(MODEL_PREFIX):], dep_name, _name(dep.get("status")))
         try:
             info = serve.get_deployment_handle(dep_name, app_name=app_name).model_info.remote().result(timeout_s=10)
             model.tensor_parallel_size = int(info.get("tensor_parallel_size", 1))
@@ -230,7 +235,7 @@ def collect_status(app_name: str = APP_NAME) -> ClusterStatus:
             pass
         for rep in dep.get("replicas") or []:
             rid = rep.get("replica_id", "?")
-            r = ReplicaStatus(rid, str(rep.get("state", "?")), rep.get("node_ip") or "?", rep.get("pid"))
+            r = ReplicaStatus(rid, _name(rep.get("state")), rep.get("node_ip") or "?", rep.get("pid"))
             tags = {"model": model.name, "replica": rid}
             r.reported = present(samples, "ray_herd_kv_blocks_free", **tags)
             r.running = int(total(samples, "ray_herd_running_sequences", **tags))
@@ -246,7 +251,7 @@ def collect_status(app_name: str = APP_NAME) -> ClusterStatus:
                 r.shards = []
             model.replicas.append(r)
         models.append(model)
-    return ClusterStatus(str(app.get("status", "?")), app.get("message") or "", models, grpc_address, http_url,
+    return ClusterStatus(_name(app.get("status")), app.get("message") or "", models, grpc_address, http_url,
                          dashboard_url(), urls)
 
 
@@ -299,6 +304,9 @@ def format_status(st: ClusterStatus) -> str:
 
 
 def cmd_status(args) -> int:
+    import logging
+
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # a driver's handle set-up lines: not the screen
     try:
         connect(args.address)
     except ConnectionError as e:
