@@ -33,12 +33,13 @@ import sys
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Optional
-
-import numpy as np
+from typing import TYPE_CHECKING, Optional
 
 from benchmarks.bench_common import report_stream
 from workers.block_hash import CountingBlockFilter, filter_positions, filter_shape
+
+if TYPE_CHECKING:      # numpy is imported where the simulation runs: `herd --help` registers this without it
+    import numpy as np
 
 BLOCK_SIZE = 16
 
@@ -94,6 +95,8 @@ class SimCache:
     are used tail first, head last (as a finished sequence releases them), evictions take the least recent."""
 
     def __init__(self, capacity: int, rng: np.random.Generator, with_filter: bool, with_registered: bool = False):
+        import numpy as np
+
         self.capacity = capacity
         cold = rng.integers(0, 2**63, size=capacity, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
         self.lru: OrderedDict[int, None] = OrderedDict.fromkeys(cold.tolist())   # full of cold blocks
@@ -198,6 +201,8 @@ def _simulate(design: str, *, blocks: int, replicas: int = 8, routers: int = 4, 
              report_every: int = 100, request_interval_s: float = 0.01, seed: int = 0) -> dict:
     from ray.serve._private.common import DeploymentHandleSource
     from ray.serve._private.request_router.common import PendingRequest
+
+    import numpy as np
 
     from cluster.routing import PrefixCacheRouter
 
