@@ -3,10 +3,9 @@
 Serve applies a streaming method's context status only when the method raises. Two costs come with that, and
 both are avoided here:
 - Serve's proxy unpickles whatever the method raised. `StatusSet` lives in this module, which imports
-  nothing, so the proxy never imports herd (whose engine package pulls in torch, ~1.5 s) to read a refusal.
-- Serve's replica and proxy each log the raised exception with its formatted traceback, on their event loops,
-  ~40 ms a record here: a burst of refusals waited in line behind one another's tracebacks (RESOURCE_EXHAUSTED
-  after ~1.5 s). `StatusLogFilter` keeps the log line of a request that ended with StatusSet and drops its
+  nothing, so the proxy never imports herd (whose engine package pulls in torch) to read a refusal.
+- Serve's replica and proxy each log the raised exception with its formatted traceback, on their event loops:
+  a burst of refusals waited in line behind one another's tracebacks (figures: docs/benchmarks.md). `StatusLogFilter` keeps the log line of a request that ended with StatusSet and drops its
   traceback: such a request was answered with a precise status, it is not a failure of the server. The
   ingress installs it in its replica; a local `herd serve` installs it in every Ray worker, the proxy
   included (cluster.local_ray).

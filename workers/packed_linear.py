@@ -3,9 +3,9 @@
 Given a plain `[out, in]` weight, torch's CPU `F.linear` lets oneDNN re-lay it out into the blocked format its
 AVX-512 / AMX kernels read, on every call. For decode-sized batches that re-layout costs as much as the
 matmul itself. Packing each weight once after loading (`mkldnn._reorder_linear_weight`) and calling oneDNN's
-linear on the packed tensor measured here: [48 x 512] @ [512 x 32000] bf16 5.4 -> 2.4 ms, fp32 21.7 -> 10.9 ms;
-decoder-layer shapes 1.5-3x faster; large prefill batches about the same. Results are the same values (bf16
-bit-identical, fp32 within float rounding).
+linear on the packed tensor removes that cost: decode-sized matmuls get faster, large prefill batches stay
+about the same (figures: docs/benchmarks.md). Results are the same values (bf16 bit-identical, fp32 within
+float rounding).
 
 Only float32 / bfloat16 weights on CPU are packed, and only after a one-row self-check against `F.linear`
 passes (a CPU or build without the needed oneDNN kernels keeps the plain weight). GPUs never take this path.
