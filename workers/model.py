@@ -107,8 +107,9 @@ class DecoderLayer(nn.Module):
         k = ops.rotary(k.view(-1, self.n_kv, d), rotary.cos, rotary.sin, positions)
         v = v.view(-1, self.n_kv, d)
         attn = self.attention.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
-        x = x + self.group.all_reduce(linear(attn.reshape(-1, self.n_q * d), self.o))
-        h = ops.rms_norm(x, self.post_attn_norm, eps)
+        # The residual add and the norm after it are one op (one pass on GPU); x is the sum.
+        h, x = ops.add_rms_norm(x, self.group.all_reduce(linear(attn.reshape(-1, self.n_q * d), self.o)),
+                                self.post_attn_norm, eps)
         return x + self.group.all_reduce(linear(ops.silu_mul(linear(h, self.gate_up)), self.down))
 
 
