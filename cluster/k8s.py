@@ -36,6 +36,9 @@ RAYSERVICES, RAYCLUSTERS = "rayservices", "rayclusters"
 DASHBOARD_PORT = 8265
 FIELD_MANAGER = "herd"
 INVENTORY_ANNOTATION = "herd.dev/applied-objects"   # JSON [[apiVersion, kind, name], ...] beside the RayService
+# An object the chart marks so is created when missing and otherwise left as it is: the chart's generated API
+# key, which `helm install` keeps with `lookup` but a render without a cluster would make anew every time.
+APPLY_ANNOTATION, CREATE_ONLY = "herd.dev/apply", "create-only"
 TIMEOUT = (5, 30)                       # (connect, read) seconds for every API call
 KUBERAY_HINT = ("install the KubeRay operator first: helm repo add kuberay https://ray-project.github.io/kuberay-helm/ "
                 "&& helm install kuberay-operator kuberay/kuberay-operator")
@@ -204,6 +207,10 @@ def apply_objects(kube: Kube, docs: list[dict[str, Any]], out=None) -> None:
         if kind == "RayService":
             meta.setdefault("annotations", {})[INVENTORY_ANNOTATION] = json.dumps(others)
         where = f"{kind} {ns}/{name}" if ns else f"{kind} {name}"
+        if (meta.get("annotations") or {}).get(APPLY_ANNOTATION) == CREATE_ONLY and _exists(kube, res, ns, name):
+            print(f"{kind.lower()}/{name} unchanged (create-only: it exists)" + (f" (namespace {ns})" if ns else ""),
+                  file=out)
+            continue
         try:
             _raw(kube, f"apply {where}", "PATCH", res.path(ns, name), body=doc,
                  query_params=[("fieldManager", FIELD_MANAGER), ("force", "true")],
@@ -215,6 +222,18 @@ def apply_objects(kube: Kube, docs: list[dict[str, Any]], out=None) -> None:
     if services:
         stale = [ref for ref in before if ref not in others]
         _delete_recorded(kube, services[0]["metadata"]["namespace"], stale, "pruned", out)
+
+
+def _exists(kube: Kube, res: Resource, ns: str, name: str) -> bool:
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        _raw(kube, f"get {res.kind} {name}", "GET", res.path(ns, name))
+        return True
+    except ApiException as e:
+        if e.status == 404:
+            return False
+        raise K8sError(f"get {res.kind} {ns}/{name} failed: {e.status} {_message(e)}") from None
 
 
 def _existing_rayservice(kube: Kube, doc: dict[str, Any]) -> dict[str, Any]:

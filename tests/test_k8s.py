@@ -266,6 +266,23 @@ async def test_apply_prunes_what_the_values_no_longer_render(kmock, kubeconfig_f
     assert ["v1", "Service", "herd-grpc"] in recorded
 
 
+@pytest.mark.asyncio
+async def test_apply_keeps_the_generated_api_key(kmock, kubeconfig_for, tmp_path):
+    # Without apiKeys.existingSecret the chart generates a key; helm template makes a new one on every render,
+    # so apply creates that Secret once and leaves it as it is afterwards (create-only).
+    values = tmp_path / "generated-key.yaml"
+    values.write_text(yaml.safe_dump({k: v for k, v in VALUES.items() if k != "apiKeys"}))
+    kc, out = await _apply(kmock, kubeconfig_for, values)
+    assert "secret/herd-api-keys serverside-applied (namespace llm)" in out.splitlines()
+    key = kmock.objects["v1/secrets", "llm", "herd-api-keys"]["data"]["api-keys"]
+
+    code, out, err = await asyncio.to_thread(run_cli, ["k8s", "apply", "-f", str(values), "--kubeconfig", str(kc)])
+    assert code == 0, err
+    assert "secret/herd-api-keys unchanged (create-only: it exists) (namespace llm)" in out.splitlines()
+    assert kmock.objects["v1/secrets", "llm", "herd-api-keys"]["data"]["api-keys"] == key
+    assert not [r for r in list(kmock) if r.method == "PATCH" and r.url.path.endswith("/secrets/herd-api-keys")][1:]
+
+
 async def _apply(kmock, kubeconfig_for, values_file) -> tuple[Path, str]:
     """The chart applied to the emulator with KubeRay declared: (the kubeconfig, what apply printed)."""
     declare_kuberay(kmock)
