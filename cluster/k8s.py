@@ -11,9 +11,10 @@ module keeps what a Kubernetes client library is for:
 
 `apply` sends every object with server-side apply (field manager "herd", forced), so it can be run again after
 editing the values; it records the objects it applied in an annotation of the RayService, so that the next
-`apply` prunes those the values no longer render and `delete` removes them with it. `status` prints the RayService's conditions, the Serve application and each model
-deployment (with live replica counts from the Ray dashboard through the API server's service proxy when it
-answers) and the worker groups. The kubeconfig is found as kubectl finds it (--kubeconfig, $KUBECONFIG,
+`apply` prunes those the values no longer render and `delete` removes them with it (objects the chart marks
+create-only, its generated API key, are created once and then left alone). `status` prints the RayService's
+conditions, the Serve application and each model deployment (with live replica counts from the Ray dashboard
+through the API server's service proxy when it answers) and the worker groups. The kubeconfig is found as kubectl finds it (--kubeconfig, $KUBECONFIG,
 ~/.kube/config, else in-cluster), as are --context and the namespace (-n, else the context's). Failures print
 one line and exit 2 (1 when the RayService does not exist).
 """
