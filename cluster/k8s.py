@@ -14,9 +14,9 @@ editing the values; it records the objects it applied in an annotation of the Ra
 `apply` prunes those the values no longer render and `delete` removes them with it (objects the chart marks
 create-only, its generated API key, are created once and then left alone). `status` prints the RayService's
 conditions, the Serve application and each model deployment (with live replica counts from the Ray dashboard
-through the API server's service proxy when it answers) and the worker groups. The kubeconfig is found as kubectl finds it (--kubeconfig, $KUBECONFIG,
-~/.kube/config, else in-cluster), as are --context and the namespace (-n, else the context's). Failures print
-one line and exit 2 (1 when the RayService does not exist).
+through the API server's service proxy when it answers) and the worker groups. The kubeconfig is found as
+kubectl finds it (--kubeconfig, $KUBECONFIG, ~/.kube/config, else in-cluster), as are --context and the
+namespace (-n, else the context's). Failures print one line and exit 2 (1 when the RayService does not exist).
 """
 from __future__ import annotations
 
