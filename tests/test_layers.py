@@ -63,6 +63,13 @@ def test_commands_that_need_no_model_import_neither_torch_nor_ray(argv):
     assert result["heavy"] == [], f"herd {' '.join(argv)} imported {result['heavy']}"
 
 
+def test_a_client_call_imports_neither_torch_nor_ray():
+    # A real call (to a port nobody listens on: it fails fast), not only --help.
+    result = modules_loaded_by(["client", "models", "--address", "127.0.0.1:1", "--timeout", "5"])
+    assert result["rc"] == 1, result
+    assert result["heavy"] == []
+
+
 def test_a_model_command_does_load_the_engine():
     # The check above can fail: the same probe sees torch once a command that needs it has run.
     code = "import sys, workers; workers.Engine; print('torch' in sys.modules)"
