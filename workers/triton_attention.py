@@ -240,7 +240,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         mid_lse.stride(0), mid_lse.stride(1),
         out.stride(0), out.stride(1),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=DECODE_BLOCK_N,
-        NUM_SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits),
+        NUM_SPLITS=splits, SPLITS_P2=max(2, triton.next_power_of_2(splits)),
     )
     return out
 
@@ -278,7 +278,12 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
 class TritonPagedAttention:
     """`AttentionBackend` over the Triton kernels: writes the step's k/v into the cache (as the torch path
-    does, before any attention reads it), then one decode launch pair and one prefill launch."""
+    does, before any attention reads it), then one decode launch pair and one prefill launch.
+    `decode_num_splits` fixes the decode split count (a captured CUDA graph replays one); None picks it per
+    step from the batch and the block-table width."""
+
+    def __init__(self, decode_num_splits: int | None = None):
+        self.decode_num_splits = decode_num_splits
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         k_flat = k_cache.view(-1, k_cache.shape[2], k_cache.shape[3])
@@ -288,7 +293,8 @@ class TritonPagedAttention:
         out = torch.empty_like(q)
         if meta.num_decode:
             paged_decode_attention(q[:meta.num_decode], k_cache, v_cache, meta.decode_block_tables,
-                                   meta.decode_seq_lens, scale, out=out[:meta.num_decode])
+                                   meta.decode_seq_lens, scale, out=out[:meta.num_decode],
+                                   num_splits=self.decode_num_splits)
         if meta.prefills:
             chunks, slots, max_q_len = meta.prefill_index
             paged_prefill_attention(q, k_cache, v_cache, chunks, slots, max_q_len, scale, out)
