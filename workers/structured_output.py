@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-import torch
 
 from .errors import InvalidRequestError
 
@@ -317,8 +316,9 @@ def _mask_executor():
         return _executor
 
 
-def allowed_tokens(matchers: Sequence[GrammarMatcher], vocab_size: int) -> torch.Tensor:
-    """Bool [len(matchers), vocab_size]: the tokens each matcher allows next."""
+def allowed_tokens(matchers: Sequence[GrammarMatcher], vocab_size: int):
+    """Bool torch tensor [len(matchers), vocab_size]: the tokens each matcher allows next."""
+    import torch  # here, so the edge's validate_structured does not import torch
     words = (vocab_size + 31) // 32
     bitmask = np.zeros((len(matchers), words), dtype=np.int32)
     _mask_executor().unsafe_compute_mask_ptr([(m.raw, i) for i, m in enumerate(matchers)],
