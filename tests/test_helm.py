@@ -2,7 +2,8 @@
 
 - `helm lint --strict` is clean for the default values and every example in helm/examples/;
 - every rendered core object validates against the Kubernetes 1.30 schemas (kubernetes-validate, strict),
-  the RayService against KubeRay's CRD schema (../shared/crds, Draft 7), and its pod templates against
+  the RayService against KubeRay's CRD schema ($HERD_KUBERAY_CRDS, default ../shared/crds; Draft 7; skipped,
+  saying how to provide it, where absent), and its pod templates against
   Kubernetes' PodTemplate schema too;
 - the rendered serveConfigV2 is a valid Ray Serve config whose application args parse as a herd ClusterConfig;
 - the 70B example asks for exactly TP x PP GPUs per replica across its worker groups;
