@@ -51,13 +51,14 @@ class Listener(NamedTuple):
 def start_local_ray(*, num_cpus: Optional[float] = None, include_dashboard: bool = True,
                     grpc_max_message_bytes: Optional[int] = None, serve_grpc_host: str = LOOPBACK,
                     serve_grpc_port: Optional[int] = None, log_to_driver: bool = True,
-                    namespace: Optional[str] = None) -> None:
+                    namespace: Optional[str] = None, logging_level: int = logging.INFO) -> None:
     """Start a private single-node Ray (never joins a running cluster) with every port on 127.0.0.1.
 
     serve_grpc_host/port: where Serve's gRPC proxy is to listen (the cluster config's host and grpc_port);
     without a port every wildcard bind in a worker goes to loopback. grpc_max_message_bytes: the gRPC proxy's
     message size limit (Serve's default is 2 GiB). The dashboard, when included, is on 127.0.0.1:8265 (or the
-    next free port)."""
+    next free port). log_to_driver / logging_level: ray.init's (False / WARNING keep Ray's and its workers'
+    lines in the session's log files, off this process's terminal)."""
     import ray
 
     env_vars = {_BIND_ENV: LOOPBACK, _GRPC_HOST_ENV: serve_grpc_host}
@@ -67,11 +68,24 @@ def start_local_ray(*, num_cpus: Optional[float] = None, include_dashboard: bool
         env_vars["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] = str(int(grpc_max_message_bytes))
     # Ray replaces a loopback _node_ip_address by the external address when clusters are enabled (Linux);
     # with the node address really 127.0.0.1, every Ray process binds loopback.
-    with _loopback_addresses_kept():
+    with _loopback_addresses_kept(), _token_notice_quiet():
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=include_dashboard,
                  dashboard_host=LOOPBACK, _node_ip_address=LOOPBACK, namespace=namespace,
-                 log_to_driver=log_to_driver,
+                 log_to_driver=log_to_driver, logging_level=logging_level,
                  runtime_env={"worker_process_setup_hook": _SETUP_HOOK, "env_vars": env_vars})
+
+
+@contextlib.contextmanager
+def _token_notice_quiet():
+    """Ray's "token authentication is enabled ... set RAY_AUTH_MODE=disabled to opt out" notice is not shown:
+    herd keeps token authentication on deliberately (docs/security.md)."""
+    quiet = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        quiet.setLevel(level)
 
 
 @contextlib.contextmanager
@@ -107,13 +121,8 @@ def connect_ray(address: Optional[str] = None, **init_kwargs) -> None:
         from ray._private.authentication.authentication_token_setup import (
             maybe_enable_token_auth_if_token_available)
 
-        quiet = logging.getLogger(maybe_enable_token_auth_if_token_available.__module__)
-        level = quiet.level
-        quiet.setLevel(logging.ERROR)   # its "token authentication is enabled" warning: expected here
-        try:
+        with _token_notice_quiet():
             maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-        finally:
-            quiet.setLevel(level)
         with _loopback_addresses_kept():
             ray.init(address=resolved, _node_ip_address=LOOPBACK, **init_kwargs)
     else:

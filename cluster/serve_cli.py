@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +84,8 @@ def cmd_serve(args) -> int:
 
     from cluster.app import APP_NAME, build_app, serve_start_options
     from cluster.config import ClusterConfig
-    from cluster.local_ray import start_local_ray
+    from cluster.local_ray import connect_ray, start_local_ray
+    from cluster.startup import DeployProgress, summary_lines
 
     if args.config:
         cfg = ClusterConfig.from_yaml(args.config)
@@ -92,29 +94,62 @@ def cmd_serve(args) -> int:
         cfg = ClusterConfig.from_dict(demo_config())
     cfg = apply_overrides(cfg, args)
 
+    started = time.monotonic()
+    # Ray's and Serve's own INFO lines go to Ray's log files (the summary says where); -v streams them here.
+    verbose = bool(getattr(args, "verbose", False))
+    quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
+    if not verbose:
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
     if args.address:
-        ray.init(address=args.address)
+        print(f"herd: joining the Ray cluster at {args.address} ...", file=sys.stderr)
+        connect_ray(args.address, **quiet)
     else:  # a private single-node Ray: never join a cluster by accident; every port on loopback but the proxies
+        print("herd: starting a local Ray (every port on 127.0.0.1 but the gRPC / HTTP proxies) ...", file=sys.stderr)
         start_local_ray(grpc_max_message_bytes=cfg.limits.max_grpc_message_bytes, serve_grpc_host=cfg.host,
-                        serve_grpc_port=cfg.grpc_port)
+                        serve_grpc_port=cfg.grpc_port, **quiet)
     stop = threading.Event()
+    serving = threading.Event()
+
+    def on_signal(*_):  # while starting, stop at once (serve.run blocks until the models run); then, cleanly
+        if not serving.is_set():
+            raise KeyboardInterrupt
+        stop.set()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     try:
+        print(f"herd: starting Serve: gRPC proxy on {cfg.host}:{cfg.grpc_port}, HTTP proxy on "
+              f"{cfg.host}:{cfg.http_port} ...", file=sys.stderr)
         serve.start(**serve_start_options(cfg))
-        print(f"herd: loading {len(cfg.models)} model(s): {', '.join(m.name for m in cfg.models)} ...",
-              file=sys.stderr)
-        serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)
+        progress = DeployProgress(cfg, APP_NAME, _logs_dir()).start()
+        try:
+            serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)
+        finally:
+            progress.stop()
         _report_exposure(cfg, joined=bool(args.address))
-        print(f"herd: serving gRPC on {cfg.host}:{cfg.grpc_port} (herd.v1.Inference, grpc.health.v1.Health) and "
-              f"OpenAI-compatible HTTP on http://{cfg.host}:{cfg.http_port}/v1; Ctrl-C stops", file=sys.stderr)
-        print(f"herd: try `herd client models --address {cfg.host}:{cfg.grpc_port}`", file=sys.stderr)
+        from cluster.status import dashboard_url, metrics_urls
+
+        for line in summary_lines(cfg, elapsed_s=time.monotonic() - started, dashboard_url=dashboard_url(),
+                                  metrics_urls=metrics_urls(), logs_dir=_logs_dir(), joined=bool(args.address)):
+            print(line, file=sys.stderr)
+        sys.stderr.flush()
+        serving.set()
         stop.wait()
     finally:
         print("herd: shutting down", file=sys.stderr)
         serve.shutdown()
         ray.shutdown()
     return 0
+
+
+def _logs_dir() -> str | None:
+    """This machine's Ray session log folder (Serve's replica, proxy and controller logs are in serve/)."""
+    import ray
+
+    node = ray._private.worker._global_node
+    try:
+        return node.get_logs_dir_path() if node is not None else None
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def _report_exposure(cfg, *, joined: bool) -> None:

@@ -1,0 +1,94 @@
+"""`herd serve` as an operator starts it: a short progress, then one summary whose addresses work; Ray's own
+INFO lines stay in its log files."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from tests.serve_fixtures import free_port
+
+pytestmark = pytest.mark.slow
+
+
+def test_describe_model_and_summary_lines():
+    from cluster.config import ClusterConfig
+    from cluster.startup import describe_model, summary_lines
+
+    cfg = ClusterConfig.from_dict({"models": [
+        {"name": "big", "path": "/m/big", "tensor_parallel_size": 4, "pipeline_parallel_size": 2},
+        {"name": "small", "path": "/m/small", "autoscaling_config": {"min_replicas": 1, "max_replicas": 8}},
+        {"name": "two", "path": "/m/two", "num_replicas": 2}]})
+    assert [describe_model(m) for m in cfg.models] == [
+        "big (TP4xPP2 shard group, 1 replica of 8 shards)", "small (autoscaled, 1-8 replicas)", "two (2 replicas)"]
+    lines = summary_lines(cfg, elapsed_s=12.34, dashboard_url=None, metrics_urls=["http://h:1/metrics"],
+                          logs_dir="/tmp/ray/session_x/logs", joined=False)
+    assert lines[0] == "herd: ready in 12.3s"
+    assert "  gRPC       127.0.0.1:9000  (herd.v1.Inference, grpc.health.v1.Health)" in lines
+    assert "  dashboard  not running" in lines and lines[-1] == "  Ctrl-C stops"
+
+
+def test_herd_serve_start_up_and_summary(tmp_path):
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from workers.demo import write_demo_checkpoint
+
+    path = write_demo_checkpoint(tmp_path / "m", "llama32-1b-mini", dtype="float32")
+    config = tmp_path / "cluster.yaml"
+    config.write_text(f"models:\n  - name: tiny\n    path: {path}\n    max_model_len: 128\n"
+                      "    resources_per_shard: {CPU: 0.25}\n    kv_cache_memory: 4194304\n")
+    grpc_port, http_port = free_port(), free_port()
+    env = {**os.environ, "RAY_ENABLE_AUTO_CONNECT": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", str(config), "--grpc-port", str(grpc_port),
+                             "--http-port", str(http_port)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            if line.strip() == "Ctrl-C stops":
+                ready.set()
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert ready.wait(300), "no summary within 300 s:\n" + "\n".join(lines)
+        text = "\n".join(lines)
+        # Progress: what starts, the weights loading, the replica running; then the summary.
+        assert lines[0].startswith("herd: starting a local Ray")
+        assert "herd: deploying 1 model(s): tiny (1 replica)" in lines
+        assert any(re.match(r"herd:   tiny \[\w+\]: model tiny: loading ", ln) for ln in lines), text
+        assert any(re.match(r"herd:   tiny \[\w+\]: model tiny: loaded in ", ln) for ln in lines), text
+        assert "herd:   tiny: replicas 1/1 running" in lines
+        assert re.search(r"^herd: ready in \d+\.\ds$", text, re.M)
+        assert f"  gRPC       127.0.0.1:{grpc_port}  (herd.v1.Inference, grpc.health.v1.Health)" in lines
+        assert f"  HTTP       http://127.0.0.1:{http_port}/v1  (OpenAI-compatible)" in lines
+        # Nothing from Ray's or Serve's own loggers or workers: every line is herd's.
+        assert all(ln.startswith(("herd: ", "  ")) for ln in lines), text
+        summary = {ln.split()[0]: ln.split()[1] for ln in lines if re.match(r"^  (dashboard|metrics|logs) ", ln)}
+        # The addresses it names answer.
+        channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        assert urllib.request.urlopen(f"http://127.0.0.1:{http_port}/health", timeout=30).status == 200
+        assert re.match(r"^http://127\.0\.0\.1:\d+$", summary["dashboard"]), summary
+        assert urllib.request.urlopen(summary["metrics"], timeout=30).status == 200
+        assert os.path.isdir(os.path.join(summary["logs"], "serve"))
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        reader.join(timeout=10)
+    assert "herd: shutting down" in lines and proc.returncode == 0, "\n".join(lines[-20:])
