@@ -9,8 +9,10 @@ tokens and 1..`--max-tokens` new tokens; `--cancel-fraction` of them cancelled b
 `--deadline-fraction` with a deadline of 20..300 ms (DEADLINE_EXCEEDED expected, OK if it made it). The
 model replica's RSS (psutil on its pid, found in the GCS actor table) and the engine's free KV blocks
 (ModelServer.stats()) are sampled every `--sample-s` before, during and after the load; the report says
-whether free blocks came back to their starting count and RSS to within `--rss-tolerance-mib` of its value
-after warm-up, plus counts of each outcome and the unexpected ones.
+whether free blocks came back to their starting count, and whether RSS stayed flat after warm-up: the
+median of the last `--rss-window-s` of the load within `--rss-tolerance-mib` of the median of the first
+window after warm-up, with the slope between (the replica trims freed heap pages every few seconds, so RSS
+is a sawtooth; what first use allocates in warm-up stays), plus counts of each outcome and the unexpected ones.
 
 fault: a model with 2 replicas under `--streams` closed-loop streams for `--duration-s`; at `--kill-at-s` one
 replica actor is killed (ray.kill). Reported: failed requests by status, the window in which clients saw
@@ -185,8 +187,7 @@ def run_soak(args) -> int:
             time.sleep(args.sample_s)
             end = probe.sample()
     s = probe.samples
-    after_warmup = [r for t, r in zip(s["t"], s["rss_mib"]) if t >= t_load + warmup_s and r is not None]
-    rss_ref = after_warmup[0] if after_warmup else start["rss_mib"]
+    rss = rss_trend(s["t"], s["rss_mib"], t_load + warmup_s, t_end, args.rss_window_s)
     by_kind, unexpected = outcome_counts(results)
     report.update({
         "requests": len(results), "wall_s": round(wall, 2), "outcomes": by_kind, "unexpected": unexpected,
@@ -196,11 +197,11 @@ def run_soak(args) -> int:
         "kv_blocks": {"total": total_blocks, "free_start": start["kv_blocks_free"],
                       "free_min": min(s["kv_blocks_free"]), "free_end": end["kv_blocks_free"],
                       "returned": end["kv_blocks_free"] == start["kv_blocks_free"]},
-        "rss_mib": {"start": start["rss_mib"], "after_warmup": rss_ref,
+        "rss_mib": {"start": start["rss_mib"], **rss,
                     "peak": max((r for r in s["rss_mib"] if r is not None), default=None),
                     "end": end["rss_mib"], "tolerance": args.rss_tolerance_mib,
-                    "returned": (None if end["rss_mib"] is None or rss_ref is None
-                                 else end["rss_mib"] <= rss_ref + args.rss_tolerance_mib)},
+                    "returned": (None if rss["last_window"] is None or rss["after_warmup"] is None
+                                 else rss["last_window"] <= rss["after_warmup"] + args.rss_tolerance_mib)},
         "drained_s": drained_s, "phases": {"load": [t_load, t_end], "warmup_s": warmup_s},
         "samples": s,
     })
@@ -209,6 +210,28 @@ def run_soak(args) -> int:
         f"rss returned {report['rss_mib']['returned']}")
     write_report(report, args.out, "soak_bench.json")
     return 0
+
+
+def rss_trend(t: list[float], rss: list[Optional[float]], t_from: float, t_to: float,
+              window_s: float) -> dict[str, Optional[float]]:
+    """RSS after warm-up: the median of the first and of the last `window_s` of the load, and the least-squares
+    slope between them (MiB per minute). Medians over windows, not single samples: the replica hands freed
+    memory back every few seconds (cluster.host_memory), so its RSS is a sawtooth whose single points differ by
+    the tooth's height."""
+    points = [(x, y) for x, y in zip(t, rss) if y is not None and t_from <= x <= t_to]
+    first = [y for x, y in points if x <= t_from + window_s]
+    last = [y for x, y in points if x >= t_to - window_s]
+    slope = None
+    if len(points) >= 2:
+        mx = sum(x for x, _ in points) / len(points)
+        my = sum(y for _, y in points) / len(points)
+        var = sum((x - mx) ** 2 for x, _ in points)
+        slope = round(60 * sum((x - mx) * (y - my) for x, y in points) / var, 2) if var else None
+    return {"after_warmup": _median(first), "last_window": _median(last), "slope_mib_per_min": slope}
+
+
+def _median(values: list[float]) -> Optional[float]:
+    return round(sorted(values)[len(values) // 2], 1) if values else None
 
 
 def plot_soak(s: dict[str, list], t_load: float, t_end: float, warmup_s: float, path: Path) -> Path:
@@ -354,6 +377,8 @@ def register_bench(bench_sub) -> None:
     p.add_argument("--sample-s", type=float, default=1.0, help="RSS / KV sampling period")
     p.add_argument("--warmup-s", type=float, default=30.0, help="RSS reference is taken this long into the load")
     p.add_argument("--rss-tolerance-mib", type=float, default=64.0)
+    p.add_argument("--rss-window-s", type=float, default=60.0,
+                   help="RSS is compared as the median of the first and of the last this-many seconds after warm-up")
     p.add_argument("--drain-timeout-s", type=float, default=60.0)
     p.set_defaults(func=run_soak)
 

@@ -116,7 +116,9 @@ class ModelServer:
                  time.monotonic() - t0, self.engine.max_model_len, stats.kv_blocks_total, self.engine.block_size)
         self.metrics = ReplicaMetrics(self.name, self.replica_id, prefix_caching=bool(
             dict(spec.get("engine_args") or {}).get("enable_prefix_caching", True)))
-        self._metrics_task = asyncio.get_running_loop().create_task(self._push_engine_metrics())
+        loop = asyncio.get_running_loop()
+        self._background = [loop.create_task(self._push_engine_metrics()),
+                            loop.create_task(self._return_freed_host_memory())]
 
     # ---- requests ------------------------------------------------------------------------------------
     async def generate_stream(self, prompt_token_ids: list[int], sampling: dict[str, Any], request_id: str,
@@ -260,11 +262,24 @@ class ModelServer:
                 log.debug("engine metrics update failed", exc_info=True)
             await asyncio.sleep(ENGINE_METRICS_PERIOD_S)
 
+    async def _return_freed_host_memory(self) -> None:
+        """Every few seconds, hand the pages malloc keeps after frees back to the OS (cluster.host_memory): else
+        RSS climbs for many minutes under varying load, without a leak."""
+        from cluster.host_memory import TRIM_PERIOD_S, trim_host_memory
+
+        while True:
+            await asyncio.sleep(TRIM_PERIOD_S)
+            try:
+                if not await asyncio.to_thread(trim_host_memory):
+                    return  # not glibc: nothing to do
+            except Exception:  # noqa: BLE001 - must never take the replica down
+                log.debug("host memory trim failed", exc_info=True)
+
     def __del__(self):
         # Serve calls __del__ when it stops a replica (after graceful_shutdown_timeout_s for in-flight requests).
-        task = getattr(self, "_metrics_task", None)
-        if task is not None and not task.done():
-            task.get_loop().call_soon_threadsafe(task.cancel)  # __del__ may run off the replica's loop
+        for task in getattr(self, "_background", ()):
+            if not task.done():
+                task.get_loop().call_soon_threadsafe(task.cancel)  # __del__ may run off the replica's loop
         engine = getattr(self, "engine", None)
         if engine is not None:
             try:

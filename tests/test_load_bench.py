@@ -122,3 +122,15 @@ def test_soak_bench_end_to_end(tmp_path):
     assert kv["returned"] and kv["free_end"] == kv["free_start"] and kv["free_min"] <= kv["free_start"]
     assert report["rss_mib"]["start"] > 0 and len(report["samples"]["t"]) >= 5
     assert (tmp_path / "soak_bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rss_trend_compares_windows_not_single_samples():
+    t = [float(i) for i in range(0, 300)]
+    # a sawtooth (trimmed every 10 s) around a flat level after warm-up: not a leak
+    flat = [1500.0 if x < 30 else 2000.0 + (x % 10) * 10 for x in t]
+    trend = soak_bench.rss_trend(t, flat, 30.0, 299.0, 60.0)
+    assert abs(trend["after_warmup"] - trend["last_window"]) <= 10 and abs(trend["slope_mib_per_min"]) < 1
+    # a steady climb is one
+    leak = [2000.0 + x for x in t]
+    trend = soak_bench.rss_trend(t, leak, 30.0, 299.0, 60.0)
+    assert trend["last_window"] - trend["after_warmup"] > 200 and trend["slope_mib_per_min"] == pytest.approx(60.0)
