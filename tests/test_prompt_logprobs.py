@@ -120,3 +120,27 @@ def test_pipeline_microbatches_keep_every_prompt_row(parts):
     step.sample_indices = [0, 1, 2, 3, 4, 5, 6, 13]  # the first prefill keeps all its rows
     micro = step.split(parts)
     assert [mb.input_ids[i] - 1 for mb in micro for i in mb.sample_indices] == step.sample_indices
+
+
+def test_preemption_during_the_prompt_does_not_repeat_or_lose_positions(model):
+    """Growing sequences in a 12-block pool preempt the latest arrival, the prompt_logprobs request, while its
+    prompt is prefilled in small chunks: it is recomputed from the start, and each position is reported once."""
+    path, hf = model
+    ids = prompt(30, seed=6)
+    eng = engine_for(path, num_gpu_blocks_override=12, block_size=4, max_model_len=48, max_num_batched_tokens=8)
+    mid_prompt = []
+    preempt = eng.scheduler._preempt
+
+    def spy(seq):  # test-only wrap: was it preempted while its prompt's logits were still being collected?
+        mid_prompt.append(seq.wants_prompt_logits and 0 < seq.num_computed < seq.num_prompt_tokens)
+        preempt(seq)
+    eng.scheduler._preempt = spy
+    try:
+        others = [prompt(6, seed=10 + i) for i in range(3)]
+        grow = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+        outs = eng.generate(others + [ids], [grow] * 3 + [SamplingParams(max_tokens=4, temperature=0,
+                                                                         prompt_logprobs=2, ignore_eos=True)])
+    finally:
+        eng.shutdown()
+    assert any(mid_prompt)
+    check(outs[-1].prompt_logprobs, reference(hf, ids), ids, 2)

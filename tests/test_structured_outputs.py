@@ -303,3 +303,14 @@ def test_structured_crosses_hops_as_a_dict():
     assert d["structured"] == {"json_schema": SCHEMAS[0]} and d["logit_bias"] == {5: -100.0, 7: 2.5}
     again = SamplingParams.from_dict(json.loads(json.dumps(d)))  # JSON turns the bias keys into strings
     assert again == p and isinstance(again.structured, StructuredOutputs)
+
+
+def test_n_completions_each_follow_the_grammar(engine):
+    schema = SCHEMAS[3]
+    out = engine.generate(["Give three:"], SamplingParams(n=3, temperature=1.0, seed=21, max_tokens=200,
+                                                          structured={"json_schema": schema}))[0]
+    assert [c.index for c in out.completions] == [0, 1, 2]
+    for c in out.completions:  # each completion has its own matcher, from the same compiled grammar
+        assert c.finish_reason == "stop"
+        jsonschema.validate(json.loads(c.text), schema)
+    assert len({c.text for c in out.completions}) > 1
