@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tests.checkpoints import LLAMA2_MHA, LLAMA3_GQA_TIED, LLAMA3_ROPE_PARAMETERS, make_checkpoint
-from workers import Engine, RequestOutput, SamplingParams
+from workers import Engine, InvalidRequestError, RequestOutput, SamplingParams
 from workers.config import ModelConfig
 from workers.model_runner import ModelRunner, StepInput
 
@@ -167,3 +167,22 @@ def test_max_tokens_none_runs_until_the_context_ends(tmp_path):
         engine.shutdown()
     assert [len(o.token_ids) for o in outs] == [30, 7]  # max_model_len - prompt length
     assert all(o.finish_reason == "length" for o in outs)
+
+
+def test_logit_bias_through_the_engine(tmp_path):
+    path = make_checkpoint(tmp_path, "bias", LLAMA2_MHA)
+    engine = Engine.from_pretrained(path, dtype="float32", show_progress=False)
+    prompt = list(range(5, 25))
+    try:
+        plain = engine.generate([prompt], GREEDY)[0].token_ids
+        forced = engine.generate([prompt], SamplingParams(max_tokens=N_NEW, temperature=0.0, ignore_eos=True,
+                                                          logit_bias={"77": 100}))[0].token_ids
+        banned = engine.generate([prompt], SamplingParams(max_tokens=N_NEW, temperature=0.0, ignore_eos=True,
+                                                          logit_bias={t: -100 for t in set(plain)}))[0].token_ids
+        with pytest.raises(InvalidRequestError) as err:
+            engine.generate([prompt], SamplingParams(logit_bias={LLAMA2_MHA["vocab_size"]: 1}))
+    finally:
+        engine.shutdown()
+    assert forced == [77] * N_NEW
+    assert not set(banned) & set(plain) and len(banned) == N_NEW
+    assert err.value.field == "logit_bias" and "vocabulary" in err.value.message
