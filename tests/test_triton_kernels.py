@@ -10,6 +10,7 @@ lengths around block (16, 32), key-tile (32) and split boundaries, GQA ratios 1/
 fp32 and bf16, decodes and prefill chunks with cached prefixes in one batch."""
 from __future__ import annotations
 
+import inspect
 import multiprocessing
 import os
 import sys
@@ -17,7 +18,7 @@ import sys
 import pytest
 import torch
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
 from tests.checkpoints import LLAMA3_GQA_TIED, make_checkpoint  # noqa: E402
 from workers.attention import (  # noqa: E402
@@ -30,19 +31,24 @@ TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
 GQA = {1: (2, 2), 4: (4, 1), 8: (8, 1)}   # ratio -> (query heads, kv heads)
 
 
+def worker_pool(interpret: bool):
+    """A fresh process, with TRITON_INTERPRET=1 from its start or without it (a process reads its
+    environment when it starts)."""
+    previous = os.environ.pop("TRITON_INTERPRET", None)
+    if interpret:
+        os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        return multiprocessing.get_context("spawn").Pool(1)
+    finally:
+        os.environ.pop("TRITON_INTERPRET", None)
+        if previous is not None:
+            os.environ["TRITON_INTERPRET"] = previous
+
+
 @pytest.fixture(scope="module")
 def interpreter():
-    """run(check, *args, **kwargs): check(...) in a fresh process started with TRITON_INTERPRET=1 (its failures are
-    raised here)."""
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        pool = multiprocessing.get_context("spawn").Pool(1)    # a process reads its environment at start
-    finally:
-        if previous is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
+    """run(check, *args, **kwargs): check(...) in the interpreter's process (its failures are raised here)."""
+    pool = worker_pool(interpret=True)
     yield lambda check, *args, **kwargs: pool.apply(check, args, kwargs)
     pool.close()
     pool.join()
@@ -311,3 +317,55 @@ def test_engine_greedy_tokens_equal_the_portable_path(interpreter, tmp_path):
     prompts = [torch.randint(4, 640, (n,), generator=g).tolist() for n in (5, 30, 1)]
     portable, triton_path = interpreter(check_engine, str(path), prompts)
     assert triton_path == portable
+
+
+# ---- compiled for a GPU, without one ------------------------------------------------------------------
+
+def check_compiles_for_hopper() -> dict[str, int]:
+    """Each kernel through Triton's whole compiler (TTIR, TTGIR, LLVM, PTX, and the bundled ptxas to a cubin)
+    for sm_90, in the shapes Llama uses; none of it needs a GPU. Returns each kernel's shared memory."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from workers import triton_attention as ta, triton_layer_ops as lo
+    assert not ta.INTERPRETED
+
+    def compile_(kernel, types, constexprs):
+        names = list(inspect.signature(kernel.fn).parameters)
+        signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
+        source = ASTSource(kernel, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+        return triton.compile(source, target=GPUTarget("cuda", 90, 32)).metadata.shared
+
+    shared = {}
+    for dt, group, head_dim, block_size in (("bf16", 4, 128, 16), ("bf16", 8, 64, 32), ("fp32", 1, 64, 16)):
+        tensors = dict(Q=f"*{dt}", K=f"*{dt}", V=f"*{dt}", Out=f"*{dt}", BlockTables="*i64", SeqLens="*i64",
+                       MidO="*fp32", MidLse="*fp32", Chunks="*i64", Slots="*i64", qk_scale="fp32")
+        block_d, rows = triton.next_power_of_2(head_dim), max(ta.PREFILL_ROWS, triton.next_power_of_2(group))
+        key = f"{dt}-gqa{group}-d{head_dim}-bs{block_size}"
+        shared[f"decode {key}"] = compile_(ta._decode_split_kernel, tensors, dict(
+            GROUP=group, HEAD_BLOCKS=triton.cdiv(group, ta.DECODE_BLOCK_H), HEAD_DIM=head_dim, BLOCK_D=block_d,
+            BLOCK_H=ta.DECODE_BLOCK_H, BLOCK_N=ta.DECODE_BLOCK_N, BLOCK_SIZE=block_size, NUM_SPLITS=8, WIDEN=False))
+        shared[f"reduce {key}"] = compile_(ta._decode_reduce_kernel, tensors, dict(
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=ta.DECODE_BLOCK_N, NUM_SPLITS=8, SPLITS_P2=8))
+        shared[f"prefill {key}"] = compile_(ta._prefill_kernel, tensors, dict(
+            GROUP=group, TOKENS=rows // group, ROWS=rows, HEAD_DIM=head_dim, BLOCK_D=block_d,
+            BLOCK_N=ta.PREFILL_BLOCK_N, WIDEN=False))
+    tensors = {n: "*bf16" for n in ("X", "Delta", "W", "Out", "Sum", "Cos", "Sin", "GateUp")}
+    tensors.update(Positions="*i64", eps="fp32")
+    for add in (False, True):
+        shared[f"rms_norm add={add}"] = compile_(lo._rms_norm_kernel, tensors, dict(BLOCK=8192, ADD=add))
+    shared["rotary"] = compile_(lo._rotary_kernel, tensors, dict(HALF=64, BLOCK_H=32, BLOCK_HALF=64))
+    shared["silu_mul"] = compile_(lo._silu_mul_kernel, tensors, dict(BLOCK=lo.SILU_BLOCK))
+    return shared
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_a_gpu():
+    """What the interpreter cannot see: that the compiler accepts the kernels and they fit a Hopper SM."""
+    pool = worker_pool(interpret=False)
+    try:
+        shared = pool.apply(check_compiles_for_hopper)
+    finally:
+        pool.close()
+        pool.join()
+    assert len(shared) == 13
+    assert max(shared.values()) <= 227 * 1024, shared          # an H100 / H200 block's shared memory
