@@ -123,6 +123,7 @@ def build_app(args: Any) -> serve.Application:
     handles, specs = {}, {}
     for model in cfg.models:
         spec = model_spec(model)
+        spec["tracing"] = cfg.tracing.model_dump()   # cluster.tracing: each replica sets itself up
         handles[model.name] = ModelDeployment.options(**model_deployment_options(model)).bind(spec)
         specs[model.name] = {
             "name": model.name, "path": spec["path"], "deployment": deployment_name(model.name),
@@ -156,7 +157,7 @@ def ingress_deployment_options(cfg: ClusterConfig) -> dict[str, Any]:
 def ingress_settings(cfg: ClusterConfig) -> dict[str, Any]:
     """What the ingress needs of the config besides keys and models (plain data: pickled into each replica)."""
     return {"limits": cfg.limits.model_dump(), "prefix_cache_isolation": cfg.prefix_cache_isolation,
-            "enable_openapi_docs": cfg.enable_openapi_docs}
+            "enable_openapi_docs": cfg.enable_openapi_docs, "tracing": cfg.tracing.model_dump()}
 
 
 def serve_start_options(cfg: ClusterConfig) -> dict[str, Any]:

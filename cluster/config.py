@@ -87,6 +87,18 @@ class TLSConfig(_Strict):
     key_file: str
 
 
+class TracingConfig(_Strict):
+    """OpenTelemetry tracing of requests (cluster/tracing.py): off unless enabled; needs herd[tracing]."""
+    enabled: bool = False
+    # OTLP collector: http://HOST:4317 (protocol grpc) or http://HOST:4318/v1/traces (protocol http);
+    # unset: OpenTelemetry's OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT, else localhost.
+    otlp_endpoint: Optional[str] = None
+    protocol: Literal["grpc", "http"] = "grpc"
+    insecure: bool = True                 # gRPC export without TLS (a collector on the cluster's network)
+    service_name: str = "herd"
+    sample_ratio: float = Field(1.0, ge=0, le=1)   # of the traces herd starts; a client's sampled flag is kept
+
+
 class RouterConfig(_Strict):
     """Prefix-cache router options (cluster/routing.py); per-model `router` overrides these."""
     load_imbalance_margin: float = Field(8, ge=0)
@@ -249,6 +261,7 @@ class ClusterConfig(_Strict):
     prefix_cache_isolation: Literal["none", "per_key"] = "none"
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
+    tracing: TracingConfig = Field(default_factory=TracingConfig)
     models: list[ModelDeploymentConfig] = Field(min_length=1)
 
     @model_validator(mode="after")

@@ -77,7 +77,6 @@ E2E_BUCKETS_S = [0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 
 TAG_KEYS = ("model", "replica")
 VLLM_TAG_KEYS = ("model_name", "replica")
 ROUTER_TAG_KEYS = ("model",)
-DECISION_REASONS = ("affinity", "load", "fallback")
 
 
 # herd's series -> vLLM's series of the same quantity (a dashboard shows one of the two).

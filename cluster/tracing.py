@@ -103,11 +103,6 @@ def shutdown() -> None:
         _tracer, _provider = None, None
 
 
-def force_flush(timeout_ms: int = 5000) -> None:
-    if _provider is not None:
-        _provider.force_flush(timeout_ms)
-
-
 # ---- trace context across processes -----------------------------------------------------------------------
 def _carrier(headers: Any) -> dict[str, str]:
     """traceparent / tracestate from a dict, or from gRPC metadata / HTTP headers as (key, value) pairs."""
@@ -208,9 +203,15 @@ def grpc_error(code: Any) -> Optional[str]:
 
 
 # ---- engine timings ----------------------------------------------------------------------------------------------
-def wall_ns(monotonic_s: float) -> int:
-    """A time.monotonic() reading as epoch nanoseconds (span timestamps are wall-clock)."""
-    return time.time_ns() - int((time.monotonic() - monotonic_s) * 1e9)
+def wall_clock_offset_ns() -> int:
+    """Epoch nanoseconds minus time.monotonic() nanoseconds, now: add it to a monotonic reading to get the
+    wall-clock time span timestamps need (one offset for related readings keeps their order exact)."""
+    return time.time_ns() - int(time.monotonic() * 1e9)
+
+
+def wall_ns(monotonic_s: float, offset_ns: Optional[int] = None) -> int:
+    """A time.monotonic() reading as epoch nanoseconds."""
+    return (wall_clock_offset_ns() if offset_ns is None else offset_ns) + int(monotonic_s * 1e9)
 
 
 def add_engine_spans(parent: Any, *, submitted_s: float, first_token_s: Optional[float], finished_s: float,
@@ -221,10 +222,11 @@ def add_engine_spans(parent: Any, *, submitted_s: float, first_token_s: Optional
     if parent is None:
         return
     attrs = dict(attributes or {})
+    offset = wall_clock_offset_ns()
     prefill_end = first_token_s if first_token_s is not None else finished_s
     prefill = start_span("herd.engine.prefill", parent, {**attrs, "herd.engine.includes_queue_wait": True},
-                         start_ns=wall_ns(submitted_s))
-    end_span(prefill, end_ns=wall_ns(prefill_end))
+                         start_ns=wall_ns(submitted_s, offset))
+    end_span(prefill, end_ns=wall_ns(prefill_end, offset))
     if first_token_s is not None:
-        decode = start_span("herd.engine.decode", parent, attrs, start_ns=wall_ns(first_token_s))
-        end_span(decode, end_ns=wall_ns(finished_s))
+        decode = start_span("herd.engine.decode", parent, attrs, start_ns=wall_ns(first_token_s, offset))
+        end_span(decode, end_ns=wall_ns(finished_s, offset))
