@@ -476,11 +476,11 @@ class InferenceIngress(OpenAIRoutes):
         request's tools (after authentication: an unauthenticated client learns nothing about its input)."""
         span = tracing.start_request_span(type(request).__name__, grpc_context.invocation_metadata())
         client_request_id = grpc_request_id(request.request_id, grpc_context.invocation_metadata())
-        set_request_id(client_request_id)
         try:
             cache_salt = self.frontend.authenticate(grpc_context.invocation_metadata())
             if client_request_id:
                 self.frontend.limits.check_request_id(client_request_id)
+                set_request_id(client_request_id)   # (only a checked id reaches the logs)
             route = await self.frontend.model(request.model)
             tools = chat_tools()
             sampling = self.frontend.check_sampling(tools.constrain(sampling_from_proto(request.sampling)))
