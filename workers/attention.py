@@ -72,10 +72,18 @@ class AttentionMetadata:
                 offsets += c.ctx_len
             device = self.slot_mapping.device
             slots = torch.cat([c.slots for c in self.prefills]) if self.prefills else torch.zeros(0, dtype=torch.long)
-            self._prefill_index = (torch.tensor(rows, dtype=torch.long, device=device).view(-1, 4),
-                                   slots.to(device=device, dtype=torch.long),
+            self._prefill_index = (host_to_device(rows, device).view(-1, 4), slots.to(device=device, dtype=torch.long),
                                    max((c.q_len for c in self.prefills), default=0))
         return self._prefill_index
+
+
+def host_to_device(values: list, device: torch.device) -> torch.Tensor:
+    """Host ints as a long tensor on `device`. On CUDA through pinned memory without blocking: this runs in the
+    middle of a step, and a copy from pageable memory would wait for all the work already queued."""
+    t = torch.tensor(values, dtype=torch.long)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def context_slots(block_table: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
