@@ -3,11 +3,12 @@ torch path computes. No GPU here: they run on CPU tensors under Triton's interpr
 TRITON_INTERPRET=1 when it decorates a kernel, its own library functions included, at `import triton`; in a
 test run something else (torch._dynamo, via transformers) has usually imported triton already. So the
 kernel cases (`check_*`) run in one worker process that has the variable set from its start (`interpreter`
-fixture); the selection tests run here.
+fixture); the selection tests run here, and the compile test in a second worker without the interpreter.
 
 The interpreter runs every program of a launch in Python, so the cases use few heads and many lengths:
 lengths around block (16, 32), key-tile (32) and split boundaries, GQA ratios 1/4/8, head dims 64/128,
-fp32 and bf16, decodes and prefill chunks with cached prefixes in one batch."""
+fp32 and bf16, decodes and prefill chunks with cached prefixes in one batch. The interpreter does not run
+Triton's compiler; test_kernels_compile_for_a_gpu does (for sm_90, no GPU needed)."""
 from __future__ import annotations
 
 import inspect
