@@ -8,10 +8,15 @@ hits (`GenerateResponse.usage.cached_tokens`).
     herd bench serve                         # self-hosted: local Ray + Serve with a demo model, four phases
     herd bench serve --address HOST:PORT --model NAME [--ray-address auto]   # drive a running cluster
 
-Self-hosted phases (one local Ray; the model deployment runs `--replicas` replicas):
-  1. router comparison: the same workload with herd's PrefixCacheRouter and with Serve's default
-     PowerOfTwoChoices router. Reports TTFT p50/p99, generated tokens/s, the cached-token fraction of the
-     prompts, and failed requests.
+Self-hosted phases (one local Ray):
+  1. router comparison, for each of `--replicas R [R ...]` (e.g. 2 4): the same workload with herd's
+     PrefixCacheRouter, Serve's default PowerOfTwoChoices router and a round-robin baseline
+     (benchmarks/baseline_routers.py). Reports TTFT p50/p99, generated tokens/s, the cached-token fraction
+     of the prompts and failed requests; `hit_rate_vs_ideal`, the cached tokens as a fraction of those of an
+     ideal single replica (the same workload against one replica, which holds every conversation: the
+     most any router can reach; decoding is greedy, so every run holds the same conversations); and
+     `throughput_vs_default`. Plotted to routers.png.
+     Targets (issue 13, on a prefix-heavy workload): hit_rate_vs_ideal >= 0.9, throughput_vs_default >= 1.5.
   2. gRPC overhead: sequential single requests through the cluster (gRPC proxy -> ingress -> model replica)
      against the same requests through an in-process AsyncEngine on the same checkpoint.
   3. autoscale timeline: the deployment autoscaled (min 1 .. `--max-replicas`) under a load ramp (low, high,
@@ -42,6 +47,10 @@ from benchmarks.bench_common import (Timeline, TimelineSampler, figure_path, fre
 
 DEFAULT_ROUTER = "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter"
 PREFIX_ROUTER = "cluster.routing:PrefixCacheRouter"
+ROUND_ROBIN_ROUTER = "benchmarks.baseline_routers:RoundRobinRouter"
+# Phase 1's routers, compared at each replica count.
+ROUTERS = (("prefix_router", PREFIX_ROUTER), ("default_router", DEFAULT_ROUTER),
+           ("round_robin", ROUND_ROBIN_ROUTER))
 BENCH_MODEL = "bench"
 
 
@@ -360,25 +369,21 @@ def run_self_hosted(args) -> dict[str, Any]:
         if not (Path(model_path) / "config.json").is_file():
             write_demo_checkpoint(model_path, args.shape)
     grpc_port, http_port = free_port(), free_port()
-    base = bench_config(model_path, grpc_port, http_port, replicas=args.replicas)
+    base = bench_config(model_path, grpc_port, http_port, replicas=args.replicas[0])
     w = _workload(args)
     report: dict[str, Any] = {"mode": "self-hosted", "checkpoint": model_path, "workload": asdict(w),
-                              "replicas": args.replicas}
+                              "replicas": list(args.replicas)}
 
     with local_ray():
         serve.start(**serve_start_options(ClusterConfig.from_dict(base)))
         target = GrpcTarget(f"127.0.0.1:{grpc_port}", BENCH_MODEL)
 
-        # 1. router comparison
-        routers = {}
-        for label, router in (("prefix_router", PREFIX_ROUTER), ("default_router", DEFAULT_ROUTER)):
-            _deploy(base, router)
-            info = target.model_info()
-            results, wall = run_sessions(lambda p, m: target.generate(p, m), w, info.vocab_size)
-            routers[label] = summarize(results, wall)
-            log(json.dumps({label: routers[label]}))
-            _undeploy()
-        report["routers"] = routers
+        # 1. router comparison at each replica count, against an ideal single replica
+        report["routers"] = compare_routers(model_path, grpc_port, http_port, args.replicas, w, target,
+                                            args.out)
+        if args.routers_only:
+            target.close()
+            return report
 
         # 2. gRPC overhead (the cluster first, then the in-process engine with the cluster gone)
         rng = random.Random(args.seed + 7)
@@ -413,6 +418,66 @@ def run_self_hosted(args) -> dict[str, Any]:
                                "timeline": asdict(tl)}
         target.close()
     return report
+
+
+def _run_once(cfg: dict[str, Any], router: str, w: Workload, target: GrpcTarget) -> dict[str, Any]:
+    _deploy(cfg, router)
+    try:
+        info = target.model_info()
+        results, wall = run_sessions(lambda p, m: target.generate(p, m), w, info.vocab_size)
+    finally:
+        _undeploy()
+    summary = summarize(results, wall)
+    summary["cached_tokens"] = sum(r.cached_tokens for r in results if r.error is None)
+    return summary
+
+
+def compare_routers(model_path: str, grpc_port: int, http_port: int, replica_numbers: list[int], w: Workload,
+                    target: GrpcTarget, out: Optional[str]) -> dict[str, Any]:
+    """Phase 1: the ideal single replica, then every router at every replica count (module doc)."""
+    ideal = _run_once(bench_config(model_path, grpc_port, http_port, replicas=1), PREFIX_ROUTER, w, target)
+    log(json.dumps({"ideal_single_replica": ideal}))
+    by_r: dict[str, Any] = {}
+    for r in replica_numbers:
+        cfg = bench_config(model_path, grpc_port, http_port, replicas=r)
+        runs = {}
+        for label, router in ROUTERS:
+            runs[label] = _run_once(cfg, router, w, target)
+            runs[label]["hit_rate_vs_ideal"] = (round(runs[label]["cached_tokens"] / ideal["cached_tokens"], 4)
+                                                if ideal["cached_tokens"] else None)
+            log(json.dumps({f"R={r}": {label: runs[label]}}))
+        default_tps = runs["default_router"]["tokens_per_s"]
+        for summary in runs.values():
+            summary["throughput_vs_default"] = (round(summary["tokens_per_s"] / default_tps, 3)
+                                                if default_tps and summary["tokens_per_s"] else None)
+        by_r[f"R={r}"] = runs
+    png = plot_routers(by_r, figure_path(out, "routers.png"), w)
+    return {"ideal_single_replica": ideal, "by_replicas": by_r, "png": str(png),
+            "targets": {"hit_rate_vs_ideal": 0.9, "throughput_vs_default": 1.5}}
+
+
+def plot_routers(by_r: dict[str, Any], path: Path, w: Workload) -> Path:
+    """Cached tokens vs the ideal single replica, TTFT p50 / p99 and tokens/s, per router and replica count."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    labels = [label for label, _ in ROUTERS]
+    groups = list(by_r)
+    width = 0.8 / max(1, len(labels))
+    panels = (("hit_rate_vs_ideal", "cached tokens / ideal single replica", 1.0),
+              ("ttft_p99_ms", "TTFT p99 (ms)", None), ("tokens_per_s", "generated tokens / s", None))
+    for ax, (key, title, line) in zip(axes, panels):
+        for i, label in enumerate(labels):
+            values = [by_r[g][label].get(key) or 0 for g in groups]
+            ax.bar([x + i * width for x in range(len(groups))], values, width, label=label)
+        ax.set_xticks([x + width * (len(labels) - 1) / 2 for x in range(len(groups))])
+        ax.set_xticklabels(groups)
+        ax.set_title(title)
+        if line is not None:
+            ax.axhline(line, color="grey", linewidth=0.8, linestyle="--")
+    axes[0].legend(fontsize=8, loc="lower left")
+    fig.suptitle(f"herd bench serve: {w.sessions} sessions x {w.turns} turns, {w.system_tokens}-token shared "
+                 f"system prompt", fontsize=10)
+    return save_figure(fig, path)
 
 
 def run_against(args) -> dict[str, Any]:
@@ -464,7 +529,10 @@ def register_bench(bench_sub) -> None:
     p.add_argument("--ray-address", default=None, help="with --address: Ray cluster to read replica counts from")
     p.add_argument("--shape", default="llama32-1b-mini", help="self-hosted: demo checkpoint shape")
     p.add_argument("--checkpoint", default=None, help="self-hosted: checkpoint folder instead of a demo shape")
-    p.add_argument("--replicas", type=int, default=2, help="self-hosted: replicas for the router comparison")
+    p.add_argument("--replicas", type=int, nargs="+", default=[2],
+                   help="self-hosted: replica counts for the router comparison (e.g. --replicas 2 4)")
+    p.add_argument("--routers-only", action="store_true",
+                   help="self-hosted: only the router comparison (no gRPC-overhead or autoscale phases)")
     p.add_argument("--sessions", type=int, default=6)
     p.add_argument("--turns", type=int, default=4)
     p.add_argument("--system-tokens", type=int, default=256, help="system prompt shared by all sessions")

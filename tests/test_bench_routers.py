@@ -1,0 +1,45 @@
+"""`herd bench serve`'s router comparison: the round-robin baseline, and the figures derived from the runs
+(hit rate against the ideal single replica, throughput against Serve's default router), without a cluster."""
+from __future__ import annotations
+
+import asyncio
+
+import benchmarks.serve_bench as sb
+from benchmarks.baseline_routers import RoundRobinRouter
+from tests.test_routing import DEP, FakeReplica, request
+
+
+def test_round_robin_takes_replicas_in_turn():
+    from ray.serve._private.common import DeploymentHandleSource
+
+    async def main():
+        router = RoundRobinRouter(deployment_id=DEP, handle_source=DeploymentHandleSource.UNKNOWN)
+        router.initialize_state(block_size=16, load_imbalance_margin=8)   # the prefix router's kwargs
+        reps = [FakeReplica(n) for n in ("c", "a", "b")]
+        firsts = []
+        for _ in range(6):
+            ranks = await router.choose_replicas(reps, request(range(40)))
+            assert sorted(r.replica_id.unique_id for g in ranks for r in g) == ["a", "b", "c"]
+            firsts.append(ranks[0][0].replica_id.unique_id)
+        return firsts
+
+    assert asyncio.run(main()) == ["a", "b", "c", "a", "b", "c"]
+
+
+def test_compare_routers_figures(monkeypatch, tmp_path):
+    runs = {  # (replicas, router) -> (cached tokens, tokens/s)
+        (1, sb.PREFIX_ROUTER): (1000, 50.0),
+        (2, sb.PREFIX_ROUTER): (950, 90.0), (2, sb.DEFAULT_ROUTER): (400, 60.0), (2, sb.ROUND_ROBIN_ROUTER): (300, 55.0),
+    }
+
+    def fake_run(cfg, router, w, target):
+        cached, tps = runs[(cfg["models"][0]["num_replicas"], router)]
+        return {"cached_tokens": cached, "tokens_per_s": tps, "ttft_p99_ms": 10.0}
+
+    monkeypatch.setattr(sb, "_run_once", fake_run)
+    out = sb.compare_routers("/ckpt", 1, 2, [2], sb.Workload(), target=None, out=str(tmp_path))
+    r2 = out["by_replicas"]["R=2"]
+    assert out["ideal_single_replica"]["cached_tokens"] == 1000
+    assert (r2["prefix_router"]["hit_rate_vs_ideal"], r2["default_router"]["hit_rate_vs_ideal"]) == (0.95, 0.4)
+    assert (r2["prefix_router"]["throughput_vs_default"], r2["default_router"]["throughput_vs_default"]) == (1.5, 1.0)
+    assert (tmp_path / "routers.png").stat().st_size > 0 and out["png"].endswith("routers.png")
