@@ -217,6 +217,68 @@ def replica_actors(model: str) -> list[dict[str, Any]]:
     return out
 
 
+def serve_process_pids(model: str) -> dict[str, list[int]]:
+    """The pids of the served path's processes, by role: the model's replicas, the ingress replicas, Serve's
+    proxies and controller (from the GCS actor table), and this bench's own process (the clients)."""
+    import os
+
+    import ray._private.state as state
+
+    from cluster.app import APP_NAME, INGRESS_NAME, deployment_name
+
+    roles = {"model_replica": f"{APP_NAME}#{deployment_name(model)}#", "ingress": f"{APP_NAME}#{INGRESS_NAME}#",
+             "serve_proxy": "SERVE_PROXY_ACTOR", "serve_controller": "SERVE_CONTROLLER_ACTOR"}
+    pids: dict[str, list[int]] = {role: [] for role in roles}
+    for info in state.actors().values():
+        name = info.get("Name") or ""
+        if info.get("State") != "ALIVE" or not info.get("Pid"):
+            continue
+        for role, marker in roles.items():
+            if marker in name:
+                pids[role].append(int(info["Pid"]))
+    pids["bench_client"] = [os.getpid()]
+    return pids
+
+
+class ProcessCpu:
+    """CPU time used by groups of processes between two snapshots, in cores (CPU seconds per wall second):
+    where a machine's cores go while the served path streams. `other` is the rest of the machine (raylet, GCS,
+    other work)."""
+
+    def __init__(self, groups: dict[str, list[int]]):
+        import psutil
+
+        self._procs = {role: [psutil.Process(pid) for pid in pids] for role, pids in groups.items()}
+        self._start = self._snapshot()
+
+    def _snapshot(self) -> tuple[float, dict[str, float], float]:
+        import psutil
+
+        used = {}
+        for role, procs in self._procs.items():
+            total = 0.0
+            for p in procs:
+                try:
+                    t = p.cpu_times()
+                    total += t.user + t.system
+                except psutil.Error:  # a process that went away counts what it used before
+                    pass
+            used[role] = total
+        machine = psutil.cpu_times()
+        return time.monotonic(), used, machine.user + machine.system + getattr(machine, "nice", 0.0)
+
+    def cores(self) -> dict[str, float]:
+        """Cores used by each group since the snapshot before (and starts the next interval)."""
+        t1, used1, machine1 = self._snapshot()
+        t0, used0, machine0 = self._start
+        self._start = (t1, used1, machine1)
+        wall = max(t1 - t0, 1e-9)
+        out = {role: round((used1[role] - used0[role]) / wall, 2) for role in used1}
+        out["machine"] = round((machine1 - machine0) / wall, 2)
+        out["other"] = round(out["machine"] - sum(v for k, v in out.items() if k != "machine"), 2)
+        return out
+
+
 # ---- replica timeline ---------------------------------------------------------------------------------------
 @dataclass
 class Timeline:

@@ -13,7 +13,9 @@ loop; the loop's wake-up lag is reported so a saturated client is visible as suc
 
 The in-process baseline runs the same requests through `workers.Engine` (add_request/step, C in flight) in a
 separate process, with the engine settings the served replica gets from its ModelDeploymentConfig and the
-thread count its CPU reservation gives it.
+thread count its CPU reservation gives it. Self-hosted, each level also reports `cpu_cores`: the cores used
+by the model replica, the ingress, Serve's proxy and controller, the bench's clients and the rest of the
+machine while it ran (where the machine's CPU goes when the served path is slower than the engine alone).
 
 With `--overload` a second model with a small capacity (max_num_seqs 2, queues 2 + 2) is served beside it and
 `--overload-streams` streams are fired at it at once: the rejections' latency (call to RESOURCE_EXHAUSTED)
@@ -33,10 +35,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
-from benchmarks.bench_common import (BENCH_MODEL, AioTarget, LoopLag, StreamResult, TimelineSampler,
+from benchmarks.bench_common import (BENCH_MODEL, AioTarget, LoopLag, ProcessCpu, StreamResult, TimelineSampler,
                                      checkpoint_vocab, closed_loop, cluster_config, demo_checkpoint,
                                      figure_path, local_ray, log, p50_p99_ms, pyplot, random_prompts,
-                                     replica_counts, save_figure, start_herd, stream_summary, write_report)
+                                     replica_counts, save_figure, serve_process_pids, start_herd,
+                                     stream_summary, write_report)
 
 CAPPED_MODEL = "bench-capped"
 CAPPED_LIMITS = {"max_num_seqs": 2, "max_queued_requests": 2, "serve_max_queued_requests": 2}
@@ -155,17 +158,21 @@ async def warm_up(target: AioTarget, args, vocab: int) -> None:
     await closed_loop(lambda i: target.generate(warm[i], 2, timeout_s=args.timeout_s), len(warm), 2)
 
 
-async def served_sweep(target: AioTarget, levels: list[int], args, vocab: int,
-                       in_flight: list[int]) -> dict[int, dict[str, Any]]:
+async def served_sweep(target: AioTarget, levels: list[int], args, vocab: int, in_flight: list[int],
+                       cpu_groups: Optional[dict[str, list[int]]] = None) -> dict[int, dict[str, Any]]:
+    """Each level's stream figures; with `cpu_groups` (role -> pids) also the cores each role used meanwhile."""
     report = {}
     for level in levels:
         prompts = level_prompts(level, args, vocab)
         t0 = time.perf_counter()
+        cpu = ProcessCpu(cpu_groups) if cpu_groups else None
         with LoopLag() as lag:
             results, wall = await closed_loop(
                 lambda i: target.generate(prompts[i], args.max_tokens, timeout_s=args.timeout_s, t0=t0),
                 len(prompts), level, in_flight)
         report[level] = {**stream_summary(results, wall), **lag.summary()}
+        if cpu is not None:
+            report[level]["cpu_cores"] = cpu.cores()
         log(f"served c={level}: {report[level]['tokens_per_s']} tok/s, ttft p50 {report[level]['ttft_p50_ms']} ms, "
             f"errors {report[level]['errors']}")
     return report
@@ -295,9 +302,10 @@ def _run_self_hosted(args, levels: list[int], path: str, report: dict[str, Any])
             await warm_up(target, args, vocab)
             phases = []
             served = {}
+            cpu_groups = serve_process_pids(BENCH_MODEL)
             for level in levels:  # one level at a time, so the timeline can name its phases
                 start = sampler.now() if sampler else 0.0
-                served.update(await served_sweep(target, [level], args, vocab, in_flight))
+                served.update(await served_sweep(target, [level], args, vocab, in_flight, cpu_groups))
                 phases.append((f"c={level}", start, sampler.now() if sampler else 0.0))
             await target.close()
             if capped is not None:

@@ -471,7 +471,8 @@ class InferenceIngress(OpenAIRoutes):
         async for resp in self._stream(request, grpc_context, prepare, chat_tools):
             yield resp
 
-    async def _stream(self, request, grpc_context, prepare, chat_tools=ChatTools.none) -> AsyncIterator[pb.GenerateResponse]:
+    async def _stream(self, request, grpc_context, prepare,
+                      chat_tools=ChatTools.none) -> AsyncIterator[pb.GenerateResponse]:
         """Authenticate, validate, `prepare(route, tools)` the prompt ids, stream. `chat_tools()` gives the
         request's tools (after authentication: an unauthenticated client learns nothing about its input)."""
         span = tracing.start_request_span(type(request).__name__, grpc_context.invocation_metadata())

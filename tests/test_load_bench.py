@@ -98,6 +98,9 @@ def test_load_bench_end_to_end(tmp_path):
         _check_summary(row["in_process"])
         assert row["served"]["tokens"] == row["in_process"]["tokens"] == 6 * 6  # exactly max_tokens each
         assert row["served_fraction_of_in_process"] > 0
+        cores = row["served"]["cpu_cores"]  # where the machine's CPU went during the level
+        assert set(cores) >= {"model_replica", "ingress", "serve_proxy", "bench_client", "machine", "other"}
+        assert cores["model_replica"] > 0 and cores["machine"] >= cores["model_replica"]
         for side in ("served", "in_process"):  # a closed loop: never more than `concurrency` requests at once
             s = row[side]
             assert s["latency_p50_ms"] * row["requests"] / row["concurrency"] <= 1.5 * s["wall_s"] * 1000
