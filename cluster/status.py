@@ -264,7 +264,7 @@ def _resources(res: dict) -> str:
     return " ".join(f"{k} {v:g}" for k, v in sorted(res.items())) or "-"
 
 
-def _placement_lines(shards: list[ShardStatus], tp: int, pp: int) -> list[str]:
+def _placement_lines(shards: list[ShardStatus]) -> list[str]:
     by_node: dict[str, list[ShardStatus]] = {}
     for s in shards:
         by_node.setdefault(s.node_ip, []).append(s)
@@ -297,7 +297,7 @@ def format_status(st: ClusterStatus) -> str:
                          f"prefix hit {_pct(r.prefix_hit_rate)}")
             if r.shards:
                 lines.append(f"    shards ({layout}):")
-                lines += _placement_lines(r.shards, m.tensor_parallel_size, m.pipeline_parallel_size)
+                lines += _placement_lines(r.shards)
     if not st.models:
         lines.append("(no models)")
     return "\n".join(lines)
