@@ -97,7 +97,8 @@ def test_streams_the_same_tokens_as_the_sync_engine(engine, path):
     expected = [o.token_ids for o in sync.generate(prompts, GREEDY)]
     sync.shutdown()
     for deltas, exp in zip(streams, expected):
-        assert len(deltas) == len(exp)  # one delta per token
+        # One delta per step the caller kept up with; a caller that fell behind gets the missed tokens merged.
+        assert 1 <= len(deltas) <= len(exp) and all(d.token_ids for d in deltas)
         assert [t for d in deltas for t in d.token_ids] == exp
         assert [d.finish_reason for d in deltas][-1] == "length"
         assert all(d.finish_reason is None for d in deltas[:-1])
@@ -397,6 +398,9 @@ def test_deltas_that_pile_up_go_out_as_one(engine, path):
         deltas.append(await stream.__anext__())             # the first token, then the caller is busy
         while engine.stats().num_running:                   # ... until the engine has finished the request
             await asyncio.sleep(0.01)
+        # The engine thread posts a step's deltas (call_soon_threadsafe) before it publishes the stats that say
+        # the request is done, so they are all in this loop's ready queue now: one loop turn delivers them.
+        await asyncio.sleep(0)
         deltas += [d async for d in stream]
         return deltas
 
