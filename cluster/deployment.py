@@ -133,21 +133,23 @@ class ModelServer:
             "herd.model": self.name, "herd.replica": self.replica_id,
             "herd.request_id": request_id_from(context) or request_id}, kind="server")
         started, first_token_at, error, last = time.monotonic(), None, None, {}
+        last_at = None   # when the last chunk came from the engine (the caller may close us later)
         try:
             async with contextlib.aclosing(chunks):
                 async for chunk in chunks:
+                    last_at = time.monotonic()
                     if "error" in chunk:
                         error = chunk["error"]["code"]
                     else:
                         if first_token_at is None and chunk["token_ids"]:
-                            first_token_at = time.monotonic()
+                            first_token_at = last_at
                         last = chunk
                     yield chunk
         except asyncio.CancelledError:
-            error = "CANCELLED"
+            error, last_at = "CANCELLED", None
             raise
         finally:
-            finished = time.monotonic()
+            finished = last_at if last_at is not None else time.monotonic()
             # One line per request (as Serve's access log), with the figures an operator asks about first.
             log.info("model %s: request %s %s: %s prompt tokens (%s cached), %s generated, first token %s, "
                      "total %.0f ms", self.name, request_id, error or last.get("finish_reason") or "ended",
