@@ -42,6 +42,8 @@ class EngineConfig:
     kv_cache_memory: int | None = None      # bytes per shard on CPU
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks_override: int | None = None
+    # KV cache element type: "auto" (the model's dtype) or "fp8" (e4m3 with per-tensor scales, CUDA only)
+    kv_cache_dtype: str = "auto"
     show_progress: bool = True
     # Parallel-only settings (used by workers.parallel); accepted here so one config serves every layout.
     placement_strategy: str = "PACK"
