@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
+from workers.engine_config import EngineConfig, PlacementStrategy
 from workers.errors import HerdError
 
 _DNS_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
@@ -47,7 +48,7 @@ class AutoscalingConfig(_Strict):
     look_back_period_s: Optional[float] = Field(None, gt=0)
     upscaling_factor: Optional[float] = Field(None, gt=0)
     downscaling_factor: Optional[float] = Field(None, gt=0)
-    policy: Optional[dict[str, Any]] = None
+    policy: Optional[dict[str, Any]] = Field(None, description="Serve autoscaling policy (default: herd's LLM-aware policy)")
 
     @model_validator(mode="after")
     def _bounds(self) -> "AutoscalingConfig":
@@ -59,21 +60,21 @@ class AutoscalingConfig(_Strict):
 class LimitsConfig(_Strict):
     """Bounds on what one request may ask for; each violation is INVALID_ARGUMENT / 400 naming the field.
     They keep one client from costing the others more than its own tokens (docs/serving.md, "Limits")."""
-    max_prompt_chars: int = Field(2_000_000, ge=1)        # a text prompt / chat content, in characters
-    max_prompt_tokens: Optional[int] = Field(None, ge=1)  # None: what the model's max_model_len leaves
-    max_prompts_per_request: int = Field(64, ge=1)        # /v1/completions with a list of prompts
-    max_chat_messages: int = Field(512, ge=1)
-    max_tokenize_chars: int = Field(2_000_000, ge=1)      # Tokenize text
-    max_stop_strings: int = Field(16, ge=0)
-    max_stop_string_chars: int = Field(256, ge=1)
-    max_stop_token_ids: int = Field(64, ge=0)
-    max_logprobs: int = Field(20, ge=0, le=20)            # top-N log-probabilities per token
+    max_prompt_chars: int = Field(2_000_000, ge=1, description="characters of a text prompt / chat content")
+    max_prompt_tokens: Optional[int] = Field(None, ge=1, description="prompt tokens (null = what max_model_len leaves)")
+    max_prompts_per_request: int = Field(64, ge=1, description="prompts in one /v1/completions request")
+    max_chat_messages: int = Field(512, ge=1, description="messages in one chat request")
+    max_tokenize_chars: int = Field(2_000_000, ge=1, description="characters of a Tokenize request")
+    max_stop_strings: int = Field(16, ge=0, description="stop strings per request")
+    max_stop_string_chars: int = Field(256, ge=1, description="characters of one stop string")
+    max_stop_token_ids: int = Field(64, ge=0, description="stop token ids per request")
+    max_logprobs: int = Field(20, ge=0, le=20, description="top-N log-probabilities per token")
     min_repetition_penalty: float = Field(0.01, gt=0)
     max_repetition_penalty: float = Field(10.0, gt=0)
-    max_request_body_bytes: int = Field(8 << 20, ge=1024)   # HTTP: 413 over it, checked before parsing
-    max_grpc_message_bytes: int = Field(8 << 20, ge=1024)   # gRPC: receive limit of the proxy
-    max_request_id_chars: int = Field(128, ge=8)
-    max_health_watchers: int = Field(64, ge=0)            # concurrent Health.Watch streams per ingress replica
+    max_request_body_bytes: int = Field(8 << 20, ge=1024, description="HTTP request body (413 over it, checked before parsing)")
+    max_grpc_message_bytes: int = Field(8 << 20, ge=1024, description="gRPC message size of the proxies (RAY_SERVE_GRPC_MAX_MESSAGE_SIZE on every Ray container)")
+    max_request_id_chars: int = Field(128, ge=8, description="characters of a client request id")
+    max_health_watchers: int = Field(64, ge=0, description="concurrent Health.Watch streams per ingress replica")
 
     @model_validator(mode="after")
     def _ranges(self) -> "LimitsConfig":
@@ -89,33 +90,33 @@ class TLSConfig(_Strict):
 
 class TracingConfig(_Strict):
     """OpenTelemetry tracing of requests (cluster/tracing.py): off unless enabled; needs herd[tracing]."""
-    enabled: bool = False
-    # OTLP collector: http://HOST:4317 (protocol grpc) or http://HOST:4318/v1/traces (protocol http);
+    enabled: bool = Field(False, description="trace every request (ingress, router, replica, engine spans)")
     # unset: OpenTelemetry's OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT, else localhost.
-    otlp_endpoint: Optional[str] = None
-    protocol: Literal["grpc", "http"] = "grpc"
-    insecure: bool = True                 # gRPC export without TLS (a collector on the cluster's network)
-    service_name: str = "herd"
-    sample_ratio: float = Field(1.0, ge=0, le=1)   # of the traces herd starts; a client's sampled flag is kept
+    otlp_endpoint: Optional[str] = Field(None, description=(
+        "OTLP collector, e.g. http://otel-collector:4317 (grpc) or http://otel-collector:4318/v1/traces (http); "
+        "null: OTEL_EXPORTER_OTLP_ENDPOINT"))
+    protocol: Literal["grpc", "http"] = Field("grpc", description="OTLP transport")
+    insecure: bool = Field(True, description="gRPC export without TLS (a collector on the cluster's network)")
+    service_name: str = Field("herd", description="service.name of herd's spans")
+    sample_ratio: float = Field(1.0, ge=0, le=1, description=(
+        "fraction of the traces herd starts that are kept (a client's sampled flag is kept)"))
 
 
 class RouterConfig(_Strict):
     """Prefix-cache router options (cluster/routing.py); per-model `router` overrides these."""
-    load_imbalance_margin: float = Field(8, ge=0)
-    min_match_blocks: int = Field(1, ge=1)
-    max_hashes_per_replica: int = Field(16384, ge=1)
-    max_prefix_blocks: int = Field(2048, ge=1)
-    # a replica with sequences waiting and less than this fraction of its KV blocks free counts as saturated
-    kv_saturated_free_fraction: float = Field(0.05, ge=0, le=1)
-    max_filter_bytes: int = Field(4 << 20, ge=1024)   # largest Bloom-filter report a router accepts
-    routing_stats_period_s: float = Field(2.0, gt=0)
+    load_imbalance_margin: float = Field(8, ge=0, description=(
+        "queued requests a prefix-holding replica may lead the least loaded by"))
+    min_match_blocks: int = Field(1, ge=1, description="fewest matching KV blocks that count as a prefix hit")
+    max_hashes_per_replica: int = Field(16384, ge=1, description="block hashes the router remembers per replica")
+    max_prefix_blocks: int = Field(2048, ge=1, description="longest prefix (in blocks) the router hashes")
+    kv_saturated_free_fraction: float = Field(0.05, ge=0, le=1, description=(
+        "a replica with waiting sequences and less than this fraction of KV blocks free is saturated"))
+    max_filter_bytes: int = Field(4 << 20, ge=1024, description="largest Bloom-filter routing report a router accepts")
+    routing_stats_period_s: float = Field(2.0, gt=0, description="seconds between replica routing-stat reports")
 
 
-_ENGINE_KEYS = ("max_model_len", "max_num_batched_tokens", "block_size", "kv_cache_memory",
-                "gpu_memory_utilization", "enable_prefix_caching", "placement_strategy",
-                "resources_per_shard", "pp_layer_partition")
-# The engine's own default batch size (workers.EngineConfig.max_num_seqs); the serving defaults derive from it.
-DEFAULT_MAX_NUM_SEQS = 128
+# The engine's own default batch size; the serving defaults derive from it.
+DEFAULT_MAX_NUM_SEQS: int = EngineConfig.model_fields["max_num_seqs"].default
 # Ingress slots kept beyond the models' capacity, for unary calls (Tokenize, ListModels, Health.Check).
 INGRESS_UNARY_HEADROOM = 64
 # Model-replica slots beyond what its engine holds: calls such as model_info() and stats() also take a Serve
@@ -124,41 +125,63 @@ INGRESS_UNARY_HEADROOM = 64
 REPLICA_CONTROL_HEADROOM = 4
 
 
-class ModelDeploymentConfig(_Strict):
-    name: str
-    path: str
-    tensor_parallel_size: int = Field(1, ge=1)
-    pipeline_parallel_size: int = Field(1, ge=1)
-    pp_layer_partition: Optional[list[int]] = None
-    placement_strategy: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
-    resources_per_shard: dict[str, float] = Field(default_factory=default_resources_per_shard)
-    num_replicas: Optional[int] = Field(None, ge=1)
-    autoscaling_config: Optional[AutoscalingConfig] = None
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    max_num_seqs: Optional[int] = Field(None, ge=1)
-    max_model_len: Optional[int] = Field(None, ge=2)
-    max_num_batched_tokens: Optional[int] = Field(None, ge=1)
-    block_size: Optional[int] = Field(None, ge=1, le=1024)
-    kv_cache_memory: Optional[int] = Field(None, ge=1)
-    gpu_memory_utilization: Optional[float] = Field(None, gt=0, le=1)
-    enable_prefix_caching: Optional[bool] = None
+def _engine_settings() -> type[_Strict]:
+    """Every workers.EngineConfig field as an optional key of the same name, type, bounds and description;
+    unset (None) keeps the engine's default. ModelDeploymentConfig derives from it, so a new engine setting is
+    a cluster-YAML key, a chart-schema key and a `herd serve` flag without an edit here."""
+    fields: dict[str, Any] = {}
+    for name, f in EngineConfig.model_fields.items():
+        annotation: Any = Optional[f.annotation]
+        if f.metadata:
+            annotation = Annotated[(annotation, *f.metadata)]
+        fields[name] = (annotation, Field(None, description=f.description))
+    return create_model("EngineSettings", __base__=_Strict, **fields)
+
+
+EngineSettings = _engine_settings()
+
+
+class ModelDeploymentConfig(EngineSettings):
+    """One served model: its checkpoint and layout, Serve's knobs, and every engine setting (EngineSettings:
+    `max_num_seqs`, `max_model_len`, `block_size`, ... as workers.EngineConfig declares them)."""
+    name: str = Field(description="model name clients ask for (DNS-safe; the deployment is model-<name>)")
+    path: str = Field(description="checkpoint folder (Hugging Face layout)")
+    tensor_parallel_size: int = Field(1, ge=1, description="shards per pipeline stage (TP)")
+    pipeline_parallel_size: int = Field(1, ge=1, description="pipeline stages (PP)")
+    num_replicas: Optional[int] = Field(None, ge=1, description="fixed replica count (or use autoscaling_config)")
+    autoscaling_config: Optional[AutoscalingConfig] = Field(None, description=(
+        "Ray Serve autoscaling_config of the model (instead of num_replicas)"))
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description=(
+        "compute dtype (auto: the checkpoint's on GPU, float32 on CPU)"))
+    # Engine settings whose serving default differs from the engine's:
+    placement_strategy: PlacementStrategy = Field(EngineConfig.model_fields["placement_strategy"].default,
+                                                  description=EngineConfig.model_fields["placement_strategy"].description)
+    resources_per_shard: dict[str, float] = Field(default_factory=default_resources_per_shard, description=(
+        "Ray resources of one shard, e.g. {GPU: 1} or {CPU: 0.5} (default: {GPU: 1} where CUDA is, else {CPU: 1})"))
     # Capacity of one replica (docs/serving.md, "Capacity"): `max_num_seqs` run in the engine's batch,
     # `max_queued_requests` more wait in its scheduler; Serve sends a replica at most `max_ongoing_requests`
     # (default: the two together plus REPLICA_CONTROL_HEADROOM), and a caller holds at most
     # `serve_max_queued_requests` more while every replica is full (e.g. while autoscaling starts one); past
-    # that the client gets RESOURCE_EXHAUSTED at once.
-    max_queued_requests: Optional[int] = Field(None, ge=0)       # default: max_num_seqs
-    max_ongoing_requests: Optional[int] = Field(None, ge=1)      # default: max_num_seqs + max_queued_requests + 4
-    serve_max_queued_requests: Optional[int] = Field(None, ge=1)  # default: max_queued_requests (>= 1: Serve's minimum)
-    # Streaming under load (cluster/stream_pacing.py): a replica sends about this many messages per second in
-    # all, batching each stream's tokens (a message at most every stream_max_interval_s); 0 = every step's.
-    stream_max_messages_per_s: float = Field(400.0, ge=0)
-    stream_max_interval_s: float = Field(0.25, gt=0, le=5)
+    # that the client gets RESOURCE_EXHAUSTED at once. A served engine's queue is always finite.
+    max_queued_requests: Optional[int] = Field(None, ge=0, description=(
+        "requests waiting in the engine's scheduler (null = max_num_seqs)"))
+    max_ongoing_requests: Optional[int] = Field(None, ge=1, description=(
+        "requests Serve sends one replica (null = max_num_seqs + max_queued_requests + 4)"))
+    serve_max_queued_requests: Optional[int] = Field(None, ge=1, description=(
+        "requests a caller holds while every replica is full (null = max_queued_requests, at least 1: "
+        "Serve's minimum)"))
+    # Streaming under load (cluster/stream_pacing.py).
+    stream_max_messages_per_s: float = Field(400.0, ge=0, description=(
+        "messages per second a replica streams in all before it batches each stream's tokens (0 = every step's)"))
+    stream_max_interval_s: float = Field(0.25, gt=0, le=5, description="longest a stream's tokens wait for their batch")
     # Serve deployment knobs
-    graceful_shutdown_timeout_s: float = Field(60.0, ge=0)
-    health_check_period_s: float = Field(10.0, gt=0)
-    health_check_timeout_s: float = Field(30.0, gt=0)
-    router: Optional[RouterConfig] = None
+    graceful_shutdown_timeout_s: float = Field(60.0, ge=0, description=(
+        "seconds a replica being stopped has to finish its streams"))
+    health_check_period_s: float = Field(10.0, gt=0, description="seconds between Serve's replica health checks")
+    health_check_timeout_s: float = Field(30.0, gt=0, description=(
+        "seconds a health check may take before the replica counts as unhealthy"))
+    router: Optional[RouterConfig] = Field(None, description=(
+        "prefix-cache router options (default: the cluster's router section)"))
 
     @field_validator("name")
     @classmethod
@@ -220,12 +243,12 @@ class ModelDeploymentConfig(_Strict):
         return self.max_replicas * self.effective_max_ongoing_requests + self.effective_serve_max_queued_requests
 
     def engine_args(self) -> dict[str, Any]:
-        """Keyword arguments for workers.Engine.from_pretrained beyond path/TP/PP/dtype (only those set;
-        max_num_seqs and max_queued_requests always, so the engine's queue is finite when it serves)."""
-        args = {k: getattr(self, k) for k in _ENGINE_KEYS if getattr(self, k) is not None}
+        """Keyword arguments for workers.Engine.from_pretrained beyond path/TP/PP/dtype: every engine setting
+        that is set (max_num_seqs and max_queued_requests always, so the engine's queue is finite when it
+        serves)."""
+        args = {k: getattr(self, k) for k in EngineConfig.model_fields if getattr(self, k) is not None}
         args["max_num_seqs"] = self.effective_max_num_seqs
         args["max_queued_requests"] = self.effective_max_queued_requests
-        args["placement_strategy"] = self.placement_strategy
         args["resources_per_shard"] = dict(self.resources_per_shard)
         return args
 
@@ -239,29 +262,36 @@ class ModelDeploymentConfig(_Strict):
 
 
 class ClusterConfig(_Strict):
-    host: str = "127.0.0.1"
-    grpc_port: int = Field(9000, ge=1, le=65535)
-    http_port: int = Field(8000, ge=1, le=65535)
-    api_keys: list[str] = Field(default_factory=list, repr=False)
-    api_keys_file: Optional[str] = None
+    host: str = Field("127.0.0.1", description="gRPC / HTTP bind address (loopback unless set)")
+    grpc_port: int = Field(9000, ge=1, le=65535, description="Serve gRPC proxy port")
+    http_port: int = Field(8000, ge=1, le=65535, description="Serve HTTP proxy port")
+    api_keys: list[str] = Field(default_factory=list, repr=False, description="accepted API keys (empty = no auth)")
+    api_keys_file: Optional[str] = Field(None, description="file with one API key per line (a mounted Secret)")
     # Serving on a non-loopback host with no API keys is refused unless this says it is meant.
-    allow_unauthenticated: bool = False
+    allow_unauthenticated: bool = Field(False, description="serve without API keys on a non-loopback host")
     tls: Optional[TLSConfig] = None
-    # End-to-end limit of one request at the proxies (a stream included); finite so nothing waits forever.
-    request_timeout_s: float = Field(600.0, gt=0)
+    # Finite, so nothing waits forever.
+    request_timeout_s: float = Field(600.0, gt=0, description=(
+        "end-to-end limit of one request (a stream included) at the Serve proxies, seconds"))
     # Ingress (gRPC + HTTP front): fixed replicas or autoscaled; each replica takes every model's capacity
     # plus headroom unless `ingress_max_ongoing_requests` says otherwise (docs/serving.md, "Capacity").
-    ingress_replicas: int = Field(1, ge=1)
-    ingress_autoscaling: Optional[AutoscalingConfig] = None
-    ingress_max_ongoing_requests: Optional[int] = Field(None, ge=1)
-    ingress_max_queued_requests: int = Field(64, ge=1)
-    enable_reflection: bool = False      # gRPC server reflection (grpcurl without the .proto)
-    enable_openapi_docs: bool = False    # /docs, /redoc and /openapi.json on the HTTP port
-    # per_key: one API key's requests never reuse (or detect) blocks another key's requests cached.
-    prefix_cache_isolation: Literal["none", "per_key"] = "none"
-    limits: LimitsConfig = Field(default_factory=LimitsConfig)
-    router: RouterConfig = Field(default_factory=RouterConfig)
-    tracing: TracingConfig = Field(default_factory=TracingConfig)
+    ingress_replicas: int = Field(1, ge=1, description="ingress replicas (or ingress_autoscaling)")
+    ingress_autoscaling: Optional[AutoscalingConfig] = Field(None, description=(
+        "Serve autoscaling_config of the ingress deployment (instead of ingress_replicas)"))
+    ingress_max_ongoing_requests: Optional[int] = Field(None, ge=1, description=(
+        "max_ongoing_requests of an ingress replica (null = every model's capacity + health watchers + headroom)"))
+    ingress_max_queued_requests: int = Field(64, ge=1, description=(
+        "requests a proxy holds for the ingress while every ingress replica is full"))
+    enable_reflection: bool = Field(False, description="gRPC server reflection (grpcurl without the .proto)")
+    enable_openapi_docs: bool = Field(False, description="/docs, /redoc and /openapi.json on the HTTP port")
+    prefix_cache_isolation: Literal["none", "per_key"] = Field("none", description=(
+        "per_key: one API key's requests never reuse (or detect) blocks another key's requests cached"))
+    limits: LimitsConfig = Field(default_factory=LimitsConfig, description=(
+        "bounds on what one request may ask for (ClusterConfig limits)"))
+    router: RouterConfig = Field(default_factory=RouterConfig, description=(
+        "prefix-cache router options (ClusterConfig router)"))
+    tracing: TracingConfig = Field(default_factory=TracingConfig, description=(
+        "OpenTelemetry tracing of requests (off unless enabled; needs herd[tracing])"))
     models: list[ModelDeploymentConfig] = Field(min_length=1)
 
     @model_validator(mode="after")

@@ -18,7 +18,8 @@ import torch
 from .config import ModelConfig, parse_dtype
 from .errors import (CheckpointError, HerdError, InvalidRequestError, PromptTooLongError, QueueFullError,
                      RequestFailedError)
-from .executor import CacheBudget, Executor, LocalExecutor, default_device
+from .engine_config import EngineConfig
+from .executor import Executor, LocalExecutor, default_device
 from .kv_cache import KVCacheManager
 from .model_runner import StepInput
 from .sampling import SampleResult, Sampler, SamplingParams, SamplingState
@@ -31,52 +32,8 @@ from .tokenizer import IncrementalDetokenizer, Tokenizer
 log = logging.getLogger(f"herd.{__name__}")
 
 
-@dataclass
-class EngineConfig:
-    max_model_len: int | None = None       # default: the model's context, capped to what the KV pool holds
-    block_size: int = 16
-    max_num_seqs: int = 128
-    max_num_batched_tokens: int = 2048
-    enable_prefix_caching: bool = True
-    max_queued_requests: int | None = None  # None: unbounded waiting queue
-    kv_cache_memory: int | None = None      # bytes per shard on CPU
-    gpu_memory_utilization: float = 0.9
-    num_gpu_blocks_override: int | None = None
-    # KV cache element type: "auto" (the model's dtype) or "fp8" (e4m3 with per-tensor scales, CUDA only)
-    kv_cache_dtype: str = "auto"
-    show_progress: bool = True
-    # Parallel-only settings (used by workers.parallel); accepted here so one config serves every layout.
-    placement_strategy: str = "PACK"
-    resources_per_shard: dict | None = None
-    pp_layer_partition: list[int] | None = None
-    num_microbatches: int | None = None
-    use_compiled_graph: bool | None = None
-    collective_timeout_s: float = 60.0
-    # AsyncEngine.check_health reports the engine dead when one step runs longer than this (a hung shard or
-    # collective). Generous: a GPU's first step compiles kernels and can take minutes.
-    step_timeout_s: float = 300.0
-
-    def __post_init__(self) -> None:
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
-            if int(getattr(self, name)) < 1:
-                raise InvalidRequestError(name, "must be >= 1")
-        if self.max_model_len is not None and self.max_model_len < 2:
-            raise InvalidRequestError("max_model_len", "must be >= 2")
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise InvalidRequestError("gpu_memory_utilization", "must be in (0, 1]")
-        if not self.step_timeout_s > 0:
-            raise InvalidRequestError("step_timeout_s", "must be > 0")
-
-    @classmethod
-    def from_kwargs(cls, **kwargs) -> "EngineConfig":
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(kwargs) - known)
-        if unknown:
-            raise InvalidRequestError(unknown[0], f"unknown engine argument (known: {', '.join(sorted(known))})")
-        return cls(**kwargs)
-
-    def cache_budget(self) -> CacheBudget:
-        return CacheBudget(self.kv_cache_memory, self.gpu_memory_utilization, self.num_gpu_blocks_override)
+# EngineConfig lives in its own light module (pydantic only): the cluster config, the chart schema and the CLI
+# flags derive from its fields without importing torch.
 
 
 @dataclass
