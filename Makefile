@@ -27,3 +27,24 @@ proto: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# make gpu-check: the CUDA path measured on one GPU (benchmarks/gpu_check.py), run with that machine's own
+# python3 (its PyTorch and Triton): no venv, no Ray, no network. A package it lacks comes from .gpu-wheels/,
+# which `make gpu-wheels` fills here (pip download) and which travels with the tree.
+GPU_PYTHON ?= python3
+GPU_CHECK_OUT ?= bench-out/gpu-check
+GPU_WHEELS := .gpu-wheels
+GPU_WHEELS_PYTHON_VERSION ?= 3.12
+
+.PHONY: gpu-check gpu-wheels
+
+gpu-check:
+	PYTHONUNBUFFERED=1 $(GPU_PYTHON) -m benchmarks.gpu_check --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
+
+gpu-wheels: $(STAMP)
+	mkdir -p $(GPU_WHEELS)
+	$(PY) -m benchmarks.gpu_check --print-wheels > $(GPU_WHEELS)/requirements.txt
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --implementation cp \
+		--python-version $(GPU_WHEELS_PYTHON_VERSION) --platform manylinux_2_28_x86_64 \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d $(GPU_WHEELS) -r $(GPU_WHEELS)/requirements.txt
