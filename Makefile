@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test test-fast bench proto clean-venv
+.PHONY: serve test test-fast bench proto schema clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ test-fast: $(STAMP)
 
 proto: $(STAMP)
 	$(PY) -m proto.build
+
+# helm/herd/values.schema.json from the chart's own part and ClusterConfig (cluster/schema_gen.py)
+schema: $(STAMP)
+	$(PY) -m cluster.schema_gen
 
 clean-venv:
 	rm -rf $(VENV)

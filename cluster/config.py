@@ -144,7 +144,9 @@ EngineSettings = _engine_settings()
 class ModelDeploymentConfig(EngineSettings):
     """One served model: its checkpoint and layout, Serve's knobs, and every engine setting (EngineSettings:
     `max_num_seqs`, `max_model_len`, `block_size`, ... as workers.EngineConfig declares them)."""
-    name: str = Field(description="model name clients ask for (DNS-safe; the deployment is model-<name>)")
+    # The pattern is for the chart's schema; _dns_safe checks it here with a message that says what is allowed.
+    name: str = Field(json_schema_extra={"pattern": _DNS_NAME.pattern},
+                      description="model name clients ask for (DNS-safe; the deployment is model-<name>)")
     path: str = Field(description="checkpoint folder (Hugging Face layout)")
     tensor_parallel_size: int = Field(1, ge=1, description="shards per pipeline stage (TP)")
     pipeline_parallel_size: int = Field(1, ge=1, description="pipeline stages (PP)")
@@ -156,8 +158,9 @@ class ModelDeploymentConfig(EngineSettings):
     # Engine settings whose serving default differs from the engine's:
     placement_strategy: PlacementStrategy = Field(EngineConfig.model_fields["placement_strategy"].default,
                                                   description=EngineConfig.model_fields["placement_strategy"].description)
-    resources_per_shard: dict[str, float] = Field(default_factory=default_resources_per_shard, description=(
-        "Ray resources of one shard, e.g. {GPU: 1} or {CPU: 0.5} (default: {GPU: 1} where CUDA is, else {CPU: 1})"))
+    resources_per_shard: dict[str, Annotated[float, Field(ge=0)]] = Field(
+        default_factory=default_resources_per_shard, json_schema_extra={"minProperties": 1}, description=(
+            "Ray resources of one shard, e.g. {GPU: 1} or {CPU: 0.5} (default: {GPU: 1} where CUDA is, else {CPU: 1})"))
     # Capacity of one replica (docs/serving.md, "Capacity"): `max_num_seqs` run in the engine's batch,
     # `max_queued_requests` more wait in its scheduler; Serve sends a replica at most `max_ongoing_requests`
     # (default: the two together plus REPLICA_CONTROL_HEADROOM), and a caller holds at most
@@ -195,9 +198,6 @@ class ModelDeploymentConfig(EngineSettings):
     def _resources(cls, v: dict[str, float]) -> dict[str, float]:
         if not v:
             raise ValueError("must name at least one resource, e.g. {GPU: 1} or {CPU: 0.25}")
-        for k, amount in v.items():
-            if amount < 0:
-                raise ValueError(f"{k} must be >= 0")
         return v
 
     @model_validator(mode="after")
