@@ -18,6 +18,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .errors import InvalidRequestError
+from .gpu_sampling import draw as vectorized_draw, vectorized_draw_enabled
 from .structured_output import GrammarMatcher, StructuredOutputs, allowed_tokens
 
 MAX_LOGPROBS = 20
@@ -390,7 +391,10 @@ class Sampler:
             rows = filter_logits(rows, [p.top_k for p in params], [p.top_p for p in params],
                                  [p.min_p for p in params])
         probs = rows.softmax(-1)
-        tokens[idx] = _draw(probs, [states[i].generator for i in rand])
+        if vectorized_draw_enabled(probs.device):   # the whole batch in tensor ops (gpu_sampling.py)
+            tokens[idx] = vectorized_draw(probs, [states[i] for i in rand])
+        else:
+            tokens[idx] = _draw(probs, [states[i].generator for i in rand])
         return tokens
 
 
