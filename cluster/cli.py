@@ -14,7 +14,12 @@ import sys
 
 from cluster.client import add_sampling_args, sampling_from_args
 from cluster.logs import log_through_root
+from cluster.settings_flags import add_setting_flags, set_flags, setting_fields
+from workers.engine_config import EngineConfig
 from workers.errors import HerdError
+
+# Every engine setting is a flag of `herd generate` / `herd chat` (names, types, help from EngineConfig's fields).
+ENGINE_FLAGS = setting_fields(EngineConfig)
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -22,8 +27,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="auto (default), bfloat16, float16, float32")
     p.add_argument("--tensor-parallel-size", "--tp", type=int, default=1)
     p.add_argument("--pipeline-parallel-size", "--pp", type=int, default=1)
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes of KV cache per shard (CPU)")
+    add_setting_flags(p.add_argument_group("engine settings"), ENGINE_FLAGS)
 
 
 def _sampling_from_args(args):
@@ -34,8 +38,7 @@ def _sampling_from_args(args):
 def _load_engine(args, async_engine: bool = False):
     from workers import AsyncEngine, Engine
     cls = AsyncEngine if async_engine else Engine
-    extra = {k: v for k, v in {"max_model_len": args.max_model_len, "kv_cache_memory": args.kv_cache_memory}.items()
-             if v is not None}
+    extra = set_flags(args, ENGINE_FLAGS)
     print(f"loading {args.model} ...", file=sys.stderr)
     return cls.from_pretrained(args.model, tensor_parallel_size=args.tensor_parallel_size,
                                pipeline_parallel_size=args.pipeline_parallel_size, dtype=args.dtype, **extra)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.client import register_client
+from cluster.settings_flags import SettingField, add_setting_flags, set_flags, setting_fields
 
 log = logging.getLogger(f"herd.{__name__}")
 
@@ -59,17 +60,36 @@ def demo_config(cache_dir: Path | None = None, *, host: str = "127.0.0.1", grpc_
     return {"host": host, "grpc_port": grpc_port, "http_port": http_port, "models": models}
 
 
-# `herd serve` flags that override the config: cluster-wide keys, and capacity keys applied to every model.
+# `herd serve` flags that override the config: cluster-wide keys, and for every model each engine setting
+# (workers.EngineConfig's fields, as ModelDeploymentConfig takes them) and Serve's capacity keys. The flags'
+# types, help and defaults come from the fields (cluster.settings_flags).
 CLUSTER_FLAGS = ("host", "grpc_port", "http_port", "ingress_replicas", "request_timeout_s")
-MODEL_FLAGS = ("max_num_seqs", "max_queued_requests", "max_ongoing_requests", "serve_max_queued_requests")
+SERVE_CAPACITY_FLAGS = ("max_ongoing_requests", "serve_max_queued_requests")
+
+
+def cluster_flag_fields() -> list[SettingField]:
+    from cluster.config import ClusterConfig
+
+    return setting_fields(ClusterConfig, CLUSTER_FLAGS)
+
+
+def model_flag_fields() -> list[SettingField]:
+    """Every engine setting and the capacity keys, as ModelDeploymentConfig declares them; a key the model
+    config leaves unset (None) shows the engine's default."""
+    from cluster.config import ModelDeploymentConfig
+    from workers.engine_config import EngineConfig
+
+    engine_defaults = {f.name: f.default for f in setting_fields(EngineConfig)}
+    return [f._replace(default=engine_defaults.get(f.name)) if f.default is None else f
+            for f in setting_fields(ModelDeploymentConfig, (*EngineConfig.model_fields, *SERVE_CAPACITY_FLAGS))]
 
 
 def apply_overrides(cfg, args):
     """The config with the flags given on the command line (validated again, so errors name the key)."""
     from cluster.config import ClusterConfig
 
-    cluster = {k: getattr(args, k) for k in CLUSTER_FLAGS if getattr(args, k, None) is not None}
-    model = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k, None) is not None}
+    cluster = set_flags(args, cluster_flag_fields())
+    model = set_flags(args, model_flag_fields())
     if not cluster and not model:
         return cfg
     data = cfg.model_dump()
@@ -177,17 +197,10 @@ def register_cli(subparsers) -> None:
     p = subparsers.add_parser("serve", help="serve models on Ray Serve (gRPC + OpenAI HTTP); no config = demo")
     p.add_argument("config", nargs="?", default=None, help="cluster config YAML (default: the embedded demo)")
     p.add_argument("--address", default=None, help="Ray cluster to join (e.g. 'auto'); default: start a local one")
-    p.add_argument("--host", default=None, help="override the config's host")
-    p.add_argument("--grpc-port", type=int, default=None, help="override the config's grpc_port")
-    p.add_argument("--http-port", type=int, default=None, help="override the config's http_port")
-    p.add_argument("--ingress-replicas", type=int, default=None, help="override the config's ingress_replicas")
-    p.add_argument("--request-timeout-s", type=float, default=None,
-                   help="override the config's request_timeout_s (whole request, stream included)")
-    for key, what in (("max_num_seqs", "sequences in each engine's batch"),
-                      ("max_queued_requests", "requests waiting in each engine"),
-                      ("max_ongoing_requests", "requests Serve sends one replica"),
-                      ("serve_max_queued_requests", "requests a caller holds while every replica is full")):
-        p.add_argument(f"--{key.replace('_', '-')}", type=int, default=None,
-                       help=f"for every model: {what} (docs/serving.md, Capacity)")
+    overrides = p.add_argument_group("config overrides", "each replaces the config's key of the same name")
+    add_setting_flags(overrides, cluster_flag_fields(), show_default=False)
+    models = p.add_argument_group("model overrides", "each sets the key of the same name of every model "
+                                  "(engine settings, and capacity: docs/serving.md, Capacity)")
+    add_setting_flags(models, model_flag_fields())
     p.set_defaults(func=cmd_serve)
     register_client(subparsers)
