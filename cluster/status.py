@@ -103,6 +103,19 @@ class ReplicaStatus:
 
 
 @dataclass
+class RouterStatus:
+    """The model's routers (one per ingress replica), summed: cluster.metrics.RouterMetrics."""
+    decisions: dict[str, int]          # reason -> generations routed
+    prompt_blocks: int
+    matched_blocks: int
+    report_age_s: Optional[float]      # the stalest report any router holds of any replica
+
+    @property
+    def hit_rate(self) -> Optional[float]:
+        return self.matched_blocks / self.prompt_blocks if self.prompt_blocks else None
+
+
+@dataclass
 class ModelStatus:
     name: str
     deployment: str
@@ -110,6 +123,7 @@ class ModelStatus:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     replicas: list[ReplicaStatus] = field(default_factory=list)
+    router: Optional["RouterStatus"] = None
 
     def _sum(self, attr: str) -> int:
         return sum(getattr(r, attr) for r in self.replicas)
@@ -202,6 +216,19 @@ def _shards(replica_actor_name: Optional[str], tp: int, pp: int, node_ips: dict[
     return out
 
 
+def _router_status(samples: list[Sample], model: str) -> Optional[RouterStatus]:
+    decisions = {s.labels.get("reason", "?"): 0 for s in samples
+                 if s.name == "ray_herd_router_decisions_total" and s.labels.get("model") == model}
+    if not decisions:
+        return None   # no generation routed yet
+    for reason in decisions:
+        decisions[reason] = int(total(samples, "ray_herd_router_decisions_total", model=model, reason=reason))
+    ages = [s.value for s in samples if s.name == "ray_herd_router_report_age_seconds" and s.labels.get("model") == model]
+    return RouterStatus(decisions, int(total(samples, "ray_herd_router_prompt_blocks_total", model=model)),
+                        int(total(samples, "ray_herd_router_matched_blocks_total", model=model)),
+                        max(ages) if ages else None)
+
+
 def collect_status(app_name: str = APP_NAME) -> ClusterStatus:
     """Everything `herd status` shows, from the connected Ray cluster."""
     import ray
@@ -250,6 +277,7 @@ def collect_status(app_name: str = APP_NAME) -> ClusterStatus:
             except Exception:  # noqa: BLE001 - placement is a detail; the rest of the screen still matters
                 r.shards = []
             model.replicas.append(r)
+        model.router = _router_status(samples, model.name)
         models.append(model)
     return ClusterStatus(_name(app.get("status")), app.get("message") or "", models, grpc_address, http_url,
                          dashboard_url(), urls)
@@ -290,6 +318,11 @@ def format_status(st: ClusterStatus) -> str:
         layout = f"TP{m.tensor_parallel_size}xPP{m.pipeline_parallel_size}"
         lines.append(f"{m.name:<24} {m.status:<10} {layout:<8} {f'{up}/{len(m.replicas)}':>8} {m.running:>8} "
                      f"{m.waiting:>8} {_pct(m.kv_usage):>7} {_pct(m.prefix_hit_rate):>10}")
+        if m.router is not None:
+            routed = ", ".join(f"{m.router.decisions.get(k, 0)} {k}" for k in ("affinity", "load", "fallback"))
+            age = "-" if m.router.report_age_s is None else f"{m.router.report_age_s:.1f}s"
+            lines.append(f"  router: {routed}; prompt blocks found where sent {_pct(m.router.hit_rate)}; "
+                         f"oldest replica report {age}")
         for r in m.replicas:
             lines.append(f"  replica {r.replica_id:<10} {r.state:<9} node {r.node_ip:<15} pid {r.pid or '-':<7} "
                          f"running {r.running} waiting {r.waiting} KV {r.kv_blocks_used}/"

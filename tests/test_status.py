@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from cluster.status import ClusterStatus, ModelStatus, ReplicaStatus, ShardStatus, format_status
+from cluster.status import ClusterStatus, ModelStatus, ReplicaStatus, RouterStatus, ShardStatus, format_status
 
 pytestmark = pytest.mark.slow
 PROMPT = list(range(100, 148))   # 3 blocks of 16
@@ -21,7 +21,8 @@ def test_format_status_without_a_cluster():
               ShardStatus(2, 0, 1, "10.0.0.2", {"GPU": 1.0}), ShardStatus(3, 1, 1, "10.0.0.2", {"GPU": 1.0})]
     big = ModelStatus("llama-70b", "model-llama-70b", "HEALTHY", 2, 2, [ReplicaStatus(
         "r1", "RUNNING", "10.0.0.1", 11, running=3, waiting=1, kv_blocks_used=25, kv_blocks_free=75,
-        prompt_tokens=200, hit_tokens=50, reported=True, shards=shards)])
+        prompt_tokens=200, hit_tokens=50, reported=True, shards=shards)],
+        router=RouterStatus({"affinity": 7, "fallback": 3}, prompt_blocks=40, matched_blocks=30, report_age_s=1.25))
     small = ModelStatus("llama-1b", "model-llama-1b", "UPDATING", replicas=[
         ReplicaStatus("r2", "RUNNING", "10.0.0.3", 12, kv_blocks_used=10, kv_blocks_free=10, reported=True),
         ReplicaStatus("r3", "STARTING", "10.0.0.3", None)])
@@ -33,6 +34,9 @@ def test_format_status_without_a_cluster():
     row = next(ln for ln in text.splitlines() if ln.startswith("llama-1b"))
     assert row.split() == ["llama-1b", "UPDATING", "TP1xPP1", "1/2", "0", "0", "50.0%", "-"]
     assert "node 10.0.0.1: 2 shard(s) [pp0/tp0, pp0/tp1], each GPU 1" in text
+    assert ("  router: 7 affinity, 0 load, 3 fallback; prompt blocks found where sent 75.0%; "
+            "oldest replica report 1.2s") in text.splitlines()
+    assert text.count("  router:") == 1     # a model nothing was routed to yet has no router line
     assert "node 10.0.0.2: 2 shard(s) [pp1/tp0, pp1/tp1], each GPU 1" in text
 
 
@@ -64,7 +68,8 @@ def test_status_of_a_running_cluster(served):
     while True:   # the engine gauges reach the metrics endpoint every few seconds
         st = collect_status()
         big = next(m for m in st.models if m.name == "big")
-        if big.prefix_hit_rate is not None or time.monotonic() > deadline:
+        routed = sum(big.router.decisions.values()) if big.router is not None else 0
+        if (big.prefix_hit_rate is not None and routed == 2) or time.monotonic() > deadline:
             break
         time.sleep(1.0)
     assert st.app_status == "RUNNING" and st.grpc_address == served.grpc_address
@@ -80,7 +85,10 @@ def test_status_of_a_running_cluster(served):
     assert big.prefix_hit_rate == pytest.approx(cached[1] / (2 * len(PROMPT)))
     assert (big.running, big.waiting) == (0, 0)
     small = next(m for m in st.models if m.name == "small")
-    assert small.replicas[0].shards == [] and small.prefix_hit_rate is None
+    assert small.replicas[0].shards == [] and small.prefix_hit_rate is None and small.router is None
+    # One replica: the first request had nowhere cached (fallback), the second went where its blocks were.
+    assert big.router.decisions == {"fallback": 1, "affinity": 1} and big.router.prompt_blocks == 6
+    assert big.router.report_age_s is not None
 
     text = format_status(st)
     assert "big" in text and "TP2xPP1" in text and f"{100 * big.prefix_hit_rate:.1f}%" in text
