@@ -23,6 +23,7 @@ import grpc
 
 from cluster.pb import inference_pb2 as pb
 from cluster.pb import inference_pb2_grpc as pb_grpc
+from cluster.settings_flags import SettingField, add_setting_flags, dataclass_setting_fields
 
 DEFAULT_ADDRESS = "127.0.0.1:9000"
 # The proto's sampling fields (tests/test_proto.py holds them equal to workers.SamplingParams').
@@ -152,20 +153,23 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=None, help="deadline of the call in seconds")
 
 
+def sampling_flag_fields() -> list[SettingField]:
+    """workers.SamplingParams' fields that the command line takes (names, types, defaults and help from the
+    dataclass; the light module, so no engine is imported)."""
+    from dataclasses import fields
+
+    from workers.sampling_params import SamplingParams
+
+    names = [f.name for f in fields(SamplingParams) if f.metadata.get("cli", True)]
+    return dataclass_setting_fields(SamplingParams, names)
+
+
 def add_sampling_args(p: argparse.ArgumentParser, **defaults) -> None:
-    """Sampling flags (shared by `herd client` and the in-process `herd generate`/`chat`). Unset flags stay None,
-    meaning the engine's documented default, unless `defaults` names another default."""
-    p.add_argument("--max-tokens", type=int, default=None)
-    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (server default 1.0)")
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--min-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    p.add_argument("--ignore-eos", action="store_true", default=None)
-    p.add_argument("--repetition-penalty", type=float, default=None)
-    p.add_argument("--presence-penalty", type=float, default=None)
-    p.add_argument("--frequency-penalty", type=float, default=None)
+    """Sampling flags (shared by `herd client` and the in-process `herd generate`/`chat`), one per
+    SamplingParams field. Unset flags stay None, meaning the engine's default (shown in the help), unless
+    `defaults` names another default."""
+    flags = [f._replace(default=defaults.get(f.name, f.default)) for f in sampling_flag_fields()]
+    add_setting_flags(p.add_argument_group("sampling"), flags)
     p.set_defaults(**defaults)
 
 

@@ -12,165 +12,22 @@ tokens do not depend on what else shares the batch or where its row sits.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
-from typing import Any, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
-from .errors import InvalidRequestError
 from .gpu_sampling import draw as vectorized_draw, vectorized_draw_enabled
-from .structured_output import GrammarMatcher, StructuredOutputs, allowed_tokens
+# SamplingParams and its bounds live in the light workers/sampling_params.py (the client and the CLI read its
+# fields); re-exported here, beside the sampler that applies them.
+from .sampling_params import (GREEDY_TEMPERATURE, MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_N,  # noqa: F401
+                              MAX_SEED, SamplingParams)
+from .structured_output import GrammarMatcher, allowed_tokens
 
-MAX_LOGPROBS = 20
-MAX_N = 16                  # completions per prompt
-MAX_LOGIT_BIAS = 100.0      # OpenAI's range for logit_bias values: [-100, 100]
-MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range (and the proto's uint64)
-# Temperatures below this are greedy (vLLM's _SAMPLING_EPS): dividing logits by them overflows float32.
-GREEDY_TEMPERATURE = 1e-5
 # top-p compares float32 cumulative sums with the threshold; a mass that equals top_p up to rounding counts
 # as reaching it, so "top_p that exactly covers the top 2 tokens" keeps exactly those 2.
 _TOP_P_ROUNDING = 1e-6
 _TOP_P_SLICE = 1024  # tokens ranked per row before falling back to a full sort (see _outside_nucleus)
-
-
-@dataclass
-class SamplingParams:
-    max_tokens: int | None = 16          # None: until the context ends (max_model_len - prompt length)
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    min_p: float = 0.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] = field(default_factory=list)
-    ignore_eos: bool = False
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    logprobs: int | None = None
-    n: int = 1                                       # completions sampled from the prompt (1..MAX_N)
-    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
-    prompt_logprobs: int | None = None               # top-N log-probabilities of each prompt token
-    structured: StructuredOutputs | None = None      # a grammar the output must follow
-
-    def __post_init__(self) -> None:
-        # Normalise the list fields first (a single stop string, None, tuples) so validate() sees lists.
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        self.stop = _as_list(self.stop, "stop")
-        self.stop_token_ids = _as_list(self.stop_token_ids, "stop_token_ids")
-        self.logit_bias = _logit_bias(self.logit_bias)
-        if self.structured is not None and not isinstance(self.structured, StructuredOutputs):
-            self.structured = StructuredOutputs.from_dict(self.structured)  # the dict form (JSON, Ray hops)
-        self.validate()
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "SamplingParams":
-        if not isinstance(d, Mapping):
-            raise InvalidRequestError("sampling", f"must be a mapping of names to values, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        for key in d:
-            if key not in known:
-                raise InvalidRequestError(str(key), f"unknown sampling parameter (known: {', '.join(sorted(known))})")
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain values only (lists, dicts, numbers, strings), so it crosses Ray hops and JSON alike;
-        from_dict(to_dict()) gives an equal SamplingParams."""
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d["stop"], d["stop_token_ids"], d["logit_bias"] = list(self.stop), list(self.stop_token_ids), dict(self.logit_bias)
-        d["structured"] = self.structured.to_dict() if self.structured is not None else None
-        return d
-
-    @property
-    def is_greedy(self) -> bool:
-        return self.temperature < GREEDY_TEMPERATURE
-
-    @property
-    def has_penalties(self) -> bool:
-        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
-
-    @property
-    def needs_mask(self) -> bool:
-        """Does sampling restrict or shift the vocabulary (a grammar or a logit bias)?"""
-        return self.structured is not None or bool(self.logit_bias)
-
-    def validate(self) -> None:
-        if self.max_tokens is not None:
-            _int(self, "max_tokens", minimum=1)
-        _real(self, "temperature", lambda v: v >= 0, "must be >= 0 (0 = greedy)")
-        _real(self, "top_p", lambda v: 0 < v <= 1, "must be in (0, 1]")
-        _int(self, "top_k", minimum=-1)  # -1 and 0 both mean "off"
-        _real(self, "min_p", lambda v: 0 <= v <= 1, "must be in [0, 1]")
-        if self.seed is not None:
-            _int(self, "seed", minimum=0, maximum=MAX_SEED)
-        _real(self, "presence_penalty", lambda v: -2 <= v <= 2, "must be in [-2, 2]")
-        _real(self, "frequency_penalty", lambda v: -2 <= v <= 2, "must be in [-2, 2]")
-        _real(self, "repetition_penalty", lambda v: v > 0, "must be > 0 (1 = off)")
-        if self.logprobs is not None:
-            _int(self, "logprobs", minimum=0, maximum=MAX_LOGPROBS)
-        _int(self, "n", minimum=1, maximum=MAX_N)
-        if self.prompt_logprobs is not None:
-            _int(self, "prompt_logprobs", minimum=0, maximum=MAX_LOGPROBS)
-        if not isinstance(self.ignore_eos, bool):
-            raise InvalidRequestError("ignore_eos", f"must be a boolean, got {self.ignore_eos!r}")
-        for s in self.stop:
-            if not isinstance(s, str) or not s:
-                raise InvalidRequestError("stop", f"stop strings must be non-empty strings, got {s!r}")
-        for t in self.stop_token_ids:
-            if not isinstance(t, int) or isinstance(t, bool) or t < 0:
-                raise InvalidRequestError("stop_token_ids", f"{t!r} is not a token id")
-
-
-def _logit_bias(value: Any) -> dict[int, float]:
-    """{token id: bias} with int ids (JSON object keys arrive as strings) and finite values in
-    [-MAX_LOGIT_BIAS, MAX_LOGIT_BIAS]. Ids beyond the vocabulary are the engine's to refuse (it knows it)."""
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise InvalidRequestError("logit_bias", f"must be a mapping of token ids to numbers, got {type(value).__name__}")
-    out: dict[int, float] = {}
-    for key, bias in value.items():
-        token = key
-        if isinstance(key, str):
-            try:
-                token = int(key.strip())
-            except ValueError:
-                raise InvalidRequestError("logit_bias", f"{key!r} is not a token id") from None
-        if not isinstance(token, int) or isinstance(token, bool) or token < 0:
-            raise InvalidRequestError("logit_bias", f"{key!r} is not a token id")
-        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not math.isfinite(bias) \
-                or not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
-            raise InvalidRequestError("logit_bias", f"bias of token {token} must be a number in "
-                                                    f"[-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {bias!r}")
-        out[token] = float(bias)
-    return out
-
-
-def _as_list(value: Any, name: str) -> list:
-    if value is None:
-        return []
-    if isinstance(value, (list, tuple)):
-        return list(value)
-    raise InvalidRequestError(name, f"must be a list, got {type(value).__name__}")
-
-
-def _int(p: SamplingParams, name: str, minimum: int, maximum: int | None = None) -> None:
-    v = getattr(p, name)
-    if not isinstance(v, int) or isinstance(v, bool):
-        raise InvalidRequestError(name, f"must be an integer, got {v!r}")
-    if v < minimum or (maximum is not None and v > maximum):
-        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-        raise InvalidRequestError(name, f"must be {bound}, got {v}")
-
-
-def _real(p: SamplingParams, name: str, ok, message: str) -> None:
-    v = getattr(p, name)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise InvalidRequestError(name, f"must be a finite number, got {v!r}")
-    if not ok(v):
-        raise InvalidRequestError(name, f"{message}, got {v}")
-    setattr(p, name, float(v))
 
 
 # ---- the sampler ---------------------------------------------------------------------------------------
