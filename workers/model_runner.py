@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from .attention import AttentionMetadata, PrefillChunk, context_slots, select_attention_backend
 from .config import ModelConfig
+from .cuda_graphs import CudaGraphDecoder, decode_graphs_for, graphs_wanted
 from .layer_ops import select_layer_ops
 from .model import LlamaForCausalLM
 from .shard import ShardInfo, TPGroup, kv_block_bytes
@@ -82,11 +83,13 @@ class ModelRunner:
         self.cfg, self.shard, self.dtype = cfg, shard, dtype
         self.device = torch.device(device)
         self.block_size = block_size
+        self.max_model_len = max_model_len
         self.model = LlamaForCausalLM(cfg, shard=shard, group=group, dtype=dtype, device=self.device,
                                       max_positions=max_model_len, attention=select_attention_backend(self.device),
                                       layer_ops=select_layer_ops(self.device))
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.weight_bytes_read = 0
+        self.decode_graphs: CudaGraphDecoder | None = None   # CUDA only (cuda_graphs.py)
 
     def load_weights(self, path: str, show_progress: bool = True) -> None:
         layers = len(self.model.layers)
@@ -101,10 +104,12 @@ class ModelRunner:
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         k0, k1 = self.shard.kv_heads(self.cfg)
-        shape = (num_blocks, self.block_size, k1 - k0, self.cfg.head_dim)
+        graphs = graphs_wanted(self)   # CUDA graphs pad their batches into one scratch block beyond the pool
+        shape = (num_blocks + graphs, self.block_size, k1 - k0, self.cfg.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
                            torch.zeros(shape, dtype=self.dtype, device=self.device))
                           for _ in self.model.layers]
+        self.decode_graphs = decode_graphs_for(self, padding_block=num_blocks) if graphs else None
 
     def _metadata(self, step: StepInput) -> AttentionMetadata:
         dev, bs, long = self.device, self.block_size, torch.long
@@ -121,6 +126,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, step: StepInput, hidden: torch.Tensor | None = None) -> torch.Tensor:
         """Last stage: fp32 logits [len(sample_indices), vocab] (on CPU). Other stages: hidden states."""
+        if self.decode_graphs is not None and self.decode_graphs.can_run(step):
+            return self.decode_graphs.run(step)
         positions = torch.tensor(step.positions, dtype=torch.long, device=self.device)
         meta = self._metadata(step)
         input_ids = torch.tensor(step.input_ids, dtype=torch.long, device=self.device) if self.shard.is_first_stage else None
