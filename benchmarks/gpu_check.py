@@ -41,7 +41,12 @@ import torch
 
 WHEEL_DIR = Path(__file__).resolve().parent.parent / ".gpu-wheels"
 SCRATCH_SITE = Path(tempfile.gettempdir()) / "herd-gpu-site"
-PATH_SWITCHES = ("HERD_TRITON_ATTENTION", "HERD_TRITON_LAYER_OPS")
+# The paths compared, as the switches the runner reads when it picks its backends and captures its graphs.
+PATHS = {
+    "triton": {"HERD_TRITON_ATTENTION": "1", "HERD_TRITON_LAYER_OPS": "1", "HERD_CUDA_GRAPHS": "1"},
+    "triton-eager": {"HERD_TRITON_ATTENTION": "1", "HERD_TRITON_LAYER_OPS": "1", "HERD_CUDA_GRAPHS": "0"},
+    "portable": {"HERD_TRITON_ATTENTION": "0", "HERD_TRITON_LAYER_OPS": "0", "HERD_CUDA_GRAPHS": "0"},
+}
 
 # (name fragments, label, HBM bytes/s, dense bf16 FLOP/s): vendors' datasheet figures. The first row whose
 # fragments all appear in torch.cuda.get_device_name() applies, so the more specific rows come first.
@@ -230,13 +235,12 @@ def shapes(quick: bool) -> list[tuple[str, "ModelConfig"]]:  # noqa: F821 - impo
 
 
 @contextlib.contextmanager
-def path_switches(portable: bool):
-    """The HERD_TRITON_* switches set for the portable path (0) or the Triton path (1) while the backends are
-    picked (a runner reads them when it is built), then restored."""
-    saved = {k: os.environ.get(k) for k in PATH_SWITCHES}
+def path_switches(path: str):
+    """The switches of one of PATHS set while a runner picks its backends (when it is built) and captures its
+    decode graphs (when its KV cache is allocated), then restored."""
+    saved = {k: os.environ.get(k) for k in PATHS[path]}
     try:
-        for k in PATH_SWITCHES:
-            os.environ[k] = "0" if portable else "1"
+        os.environ.update(PATHS[path])
         yield
     finally:
         for k, v in saved.items():
@@ -247,13 +251,13 @@ def path_switches(portable: bool):
 
 
 def random_runner(cfg, *, dtype: torch.dtype, device: torch.device, max_model_len: int, block_size: int,
-                  portable: bool, seed: int = 0):
+                  path: str, seed: int = 0):
     """A ModelRunner with random weights (std 0.02 matrices, norms near 1), on the Triton path or the portable
     one. The weights are drawn in fp32 from `seed` on `device` and then cast, so two runners of the same seed
     and device hold the same model in their own dtypes."""
     from workers.model_runner import ModelRunner
 
-    with path_switches(portable):
+    with path_switches(path):
         runner = ModelRunner(cfg, dtype=dtype, device=device, max_model_len=max_model_len, block_size=block_size)
     g = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
@@ -264,9 +268,15 @@ def random_runner(cfg, *, dtype: torch.dtype, device: torch.device, max_model_le
     return runner
 
 
+def allocate_cache(runner, num_blocks: int, path: str) -> None:
+    with path_switches(path):
+        runner.allocate_kv_cache(num_blocks)
+
+
 def backend_names(runner) -> dict:
     layer = runner.model.layers[0]
-    return {"attention": type(layer.attention).__name__, "layer_ops": type(layer.ops).__name__}
+    return {"attention": type(layer.attention).__name__, "layer_ops": type(layer.ops).__name__,
+            "cuda_graphs": runner.decode_graphs is not None}
 
 
 # ---- steps and their bounds ---------------------------------------------------------------------------------
@@ -342,7 +352,7 @@ def build_engine(path: str, device: torch.device, portable: bool = False):
 
     cfg = ModelConfig.from_pretrained(path)
     config = EngineConfig(show_progress=False, num_gpu_blocks_override=256, max_num_batched_tokens=64)
-    with path_switches(portable):
+    with path_switches("portable" if portable else "triton"):
         executor = LocalExecutor(path, cfg, dtype=torch.float32, max_model_len=1024, block_size=config.block_size,
                                  budget=config.cache_budget(), device=device, show_progress=False)
     return Engine(cfg, executor, _find_tokenizer(path), config, 1024), backend_names(executor.runner)
@@ -409,12 +419,12 @@ def check_bf16_agreement(device: torch.device, quick: bool) -> dict:
     prompt_len, decode_steps, bs = (48, 4, 16) if quick else (512, 16, 16)
     max_len = prompt_len + decode_steps + 1
     ref = random_runner(cfg, dtype=torch.float32, device=device, max_model_len=max_len, block_size=bs,
-                        portable=True)
+                        path="portable")
     test = random_runner(cfg, dtype=torch.bfloat16, device=device, max_model_len=max_len, block_size=bs,
-                         portable=False)
+                         path="triton")
     blocks = blocks_for(max_len, bs)
-    ref.allocate_kv_cache(blocks)
-    test.allocate_kv_cache(blocks)
+    allocate_cache(ref, blocks, "portable")
+    allocate_cache(test, blocks, "triton")
     step = prefill_step(prompt_len, bs, cfg.vocab_size, seed=3, all_logits=True)
     ref_logits, test_logits = [ref.execute(step)], [test.execute(step)]
     # Decode steps, fed the fp32 model's greedy tokens (both models see the same history).
@@ -463,19 +473,19 @@ class Plan:
 
 
 def time_shape(name: str, cfg, device: torch.device, plan: Plan, ceilings: Ceilings, deadline: float,
-               quick: bool) -> dict:
-    """Decode and prefill timings of one shape on the Triton path and the portable path."""
+               quick: bool, paths: tuple[str, ...] = ("triton", "portable")) -> dict:
+    """Decode and prefill timings of one shape on each of `paths` (keys of PATHS)."""
     elem = 2                                                         # bf16
     bs = plan.block_size
     max_len = max(max(plan.contexts), plan.prefill_tokens) + 1
     wanted_blocks = max(max(plan.batches) * blocks_for(max(plan.contexts), bs), blocks_for(plan.prefill_tokens, bs))
     rows, prefill, skipped = [], [], []
-    for path in ("triton", "portable"):
+    for path in paths:
         if time.perf_counter() > deadline:
             skipped.append({"shape": name, "path": path, "why": "time budget spent"})
             continue
         runner = random_runner(cfg, dtype=torch.bfloat16, device=device, max_model_len=max_len, block_size=bs,
-                               portable=path == "portable")
+                               path=path)
         block_bytes = runner.block_bytes()
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
@@ -483,7 +493,7 @@ def time_shape(name: str, cfg, device: torch.device, plan: Plan, ceilings: Ceili
         else:
             fits = wanted_blocks
         num_blocks = max(1, min(wanted_blocks, fits))
-        runner.allocate_kv_cache(num_blocks)
+        allocate_cache(runner, num_blocks, path)
         backends = backend_names(runner)
         for context in plan.contexts:
             for batch in plan.batches:
@@ -518,12 +528,16 @@ def time_shape(name: str, cfg, device: torch.device, plan: Plan, ceilings: Ceili
 
 
 def _add_speedups(rows: list[dict], prefill: list[dict]) -> None:
-    """Each Triton-path row gets speedup_vs_portable where the portable path ran the same case."""
-    portable = {(r["shape"], r["batch"], r["context"]): r for r in rows if r["path"] == "portable"}
+    """Each Triton-path row gets speedup_vs_portable where the portable path ran the same case (and the
+    graph-replayed one speedup_vs_eager where the eager Triton path did)."""
+    by_path = {(r["path"], r["shape"], r["batch"], r["context"]): r for r in rows}
     for r in rows:
-        other = portable.get((r["shape"], r["batch"], r["context"]))
-        if r["path"] == "triton" and other:
-            r["speedup_vs_portable"] = other["step_ms"] / r["step_ms"]
+        case = (r["shape"], r["batch"], r["context"])
+        portable, eager = by_path.get(("portable", *case)), by_path.get(("triton-eager", *case))
+        if r["path"] != "portable" and portable:
+            r["speedup_vs_portable"] = portable["step_ms"] / r["step_ms"]
+        if r["path"] == "triton" and eager:
+            r["speedup_vs_eager"] = eager["step_ms"] / r["step_ms"]      # what the CUDA graphs save
     portable_prefill = {p["shape"]: p for p in prefill if p["path"] == "portable"}
     for p in prefill:
         other = portable_prefill.get(p["shape"])
@@ -562,12 +576,14 @@ def write_png(report: dict, path: Path) -> str | None:
     fig, axes = plt.subplots(1, len(shape_names) + 1, figsize=(5 * (len(shape_names) + 1), 4.2), squeeze=False)
     for ax, shape in zip(axes[0], shape_names):
         cases = list(dict.fromkeys((r["context"], r["batch"]) for r in decode if r["shape"] == shape))
-        for k, path_name in enumerate(("triton", "portable")):
+        path_names = list(dict.fromkeys(r["path"] for r in decode if r["shape"] == shape))
+        width = 0.8 / len(path_names)
+        for k, path_name in enumerate(path_names):
             by_case = {(r["context"], r["batch"]): r for r in decode if r["shape"] == shape and r["path"] == path_name}
-            xs = [i + 0.4 * k for i, c in enumerate(cases) if c in by_case]
+            xs = [i + width * k for i, c in enumerate(cases) if c in by_case]
             ys = [by_case[c]["fraction_of_bound"] for c in cases if c in by_case]
-            ax.bar(xs, ys, width=0.4, label=path_name)
-        ax.set_xticks([i + 0.2 for i in range(len(cases))], [f"{b}\n{c}" for c, b in cases], fontsize=7)
+            ax.bar(xs, ys, width=width, label=path_name)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))], [f"{b}\n{c}" for c, b in cases], fontsize=7)
         ax.axhline(TARGET_DECODE_BOUND_FRACTION, color="grey", lw=0.8, ls="--")
         ax.set_title(f"decode: {shape}", fontsize=9)
         ax.set_xlabel("batch / context tokens", fontsize=8)
@@ -630,7 +646,9 @@ def main(argv: list[str] | None = None) -> int:
     deadline = started + args.budget_s
     report["decode"], report["prefill"], report["skipped"] = [], [], []
     for name, cfg in shapes(args.quick):
-        timed = time_shape(name, cfg, device, plan, ceilings, deadline, args.quick)
+        # The first shape (the 8B) also runs the Triton path without CUDA graphs: what the graphs save.
+        paths = ("triton", "triton-eager", "portable") if name == shapes(args.quick)[0][0] else ("triton", "portable")
+        timed = time_shape(name, cfg, device, plan, ceilings, deadline, args.quick, paths)
         for key in ("decode", "prefill", "skipped"):
             report[key] += timed[key]
         for r in timed["decode"]:

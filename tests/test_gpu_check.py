@@ -34,13 +34,18 @@ def test_cpu_dry_run_writes_the_report(tmp_path):
         assert 0 <= agreement[part]["logprob_abs_err_mean"] < 0.05
     cases = {(r["shape"], r["path"], r["batch"], r["context"]) for r in report["decode"]}
     plan = report["plan"]
-    assert len(cases) == 2 * 2 * len(plan["batches"]) * len(plan["contexts"])  # 2 shapes x 2 paths
+    # the first shape on 3 paths (graphs, eager Triton, portable), the second on 2
+    assert len(cases) == (3 + 2) * len(plan["batches"]) * len(plan["contexts"])
+    assert {r["path"] for r in report["decode"] if r["shape"] == "tiny-gqa"} == {"triton", "triton-eager", "portable"}
     for r in report["decode"]:
         assert r["step_ms"] > 0 and r["bound_ms"] > 0
         assert r["fraction_of_bound"] == pytest.approx(r["bound_ms"] / r["step_ms"])
-    assert all("speedup_vs_portable" in r for r in report["decode"] if r["path"] == "triton")
-    assert {(p["shape"], p["path"]) for p in report["prefill"]} == {(s, p) for s in ("tiny-gqa", "tiny-mha")
-                                                                   for p in ("triton", "portable")}
+    assert all("speedup_vs_portable" in r for r in report["decode"] if r["path"] != "portable")
+    assert all("speedup_vs_eager" in r for r in report["decode"] if r["path"] == "triton" and r["shape"] == "tiny-gqa")
+    assert not any(r["backends"]["cuda_graphs"] for r in report["decode"])     # CPU: no graphs
+    assert {(p["shape"], p["path"]) for p in report["prefill"]} == {
+        ("tiny-gqa", "triton"), ("tiny-gqa", "triton-eager"), ("tiny-gqa", "portable"), ("tiny-mha", "triton"),
+        ("tiny-mha", "portable")}
     assert set(report["targets"]) >= {"decode_batch1_half_of_hbm_bound", "prefill_40pct_of_peak"}
     assert report["png"] == "gpu_check.png" and (tmp_path / "gpu_check.png").stat().st_size > 10_000
 
