@@ -22,8 +22,9 @@ PlacementStrategy = Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"]
 class EngineConfig(BaseModel):
     """Engine arguments (`Engine.from_pretrained(path, **engine_args)`). An invalid value raises
     InvalidRequestError naming the argument."""
-    # strict: a bool or a string is not taken for a number (a float field still takes an int)
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
+    # strict: a bool or a string is not taken for a number (a float field still takes an int). frozen: the
+    # engine, its executor and its shard workers hold the same settings for their whole life.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     max_model_len: Optional[int] = Field(
         None, ge=2, description="longest prompt + output in tokens (default: the model's context, capped to what "
