@@ -71,7 +71,11 @@ class LocalExecutor:
         self.runner = ModelRunner(cfg, dtype=dtype, device=self.device, max_model_len=max_model_len,
                                   block_size=block_size)
         self.runner.load_weights(path, show_progress=show_progress)
-        self.num_blocks = budget.num_blocks(self.device, self.runner.block_bytes())
+        if self.device.type == "cuda" and not budget.num_gpu_blocks_override:
+            from .gpu_memory import profiled_kv_blocks   # a profiling forward sizes the pool (gpu_memory.py)
+            self.num_blocks = profiled_kv_blocks(self.runner, budget.gpu_memory_utilization, self.runner.block_bytes())
+        else:
+            self.num_blocks = budget.num_blocks(self.device, self.runner.block_bytes())
         self.runner.allocate_kv_cache(self.num_blocks)
         log.info("model loaded: %.1f MiB of weights, %d KV blocks of %d tokens",
                  self.runner.model.weight_bytes() / 2**20, self.num_blocks, block_size)
