@@ -15,6 +15,7 @@ from tqdm import tqdm
 from .attention import AttentionMetadata, PrefillChunk, context_slots, select_attention_backend
 from .config import ModelConfig
 from .cuda_graphs import CudaGraphDecoder, decode_graphs_for, graphs_wanted
+from .gpu_memory import kv_cache_torch_dtype
 from .layer_ops import select_layer_ops
 from .model import LlamaForCausalLM
 from .shard import ShardInfo, TPGroup, kv_block_bytes
@@ -79,7 +80,7 @@ class StepInput:
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, *, shard: ShardInfo = ShardInfo(), group: TPGroup | None = None,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", max_model_len: int,
-                 block_size: int):
+                 block_size: int, kv_cache_dtype: str = "auto"):
         self.cfg, self.shard, self.dtype = cfg, shard, dtype
         self.device = torch.device(device)
         self.block_size = block_size
@@ -87,6 +88,7 @@ class ModelRunner:
         self.model = LlamaForCausalLM(cfg, shard=shard, group=group, dtype=dtype, device=self.device,
                                       max_positions=max_model_len, attention=select_attention_backend(self.device),
                                       layer_ops=select_layer_ops(self.device))
+        self.kv_dtype = kv_cache_torch_dtype(kv_cache_dtype, dtype, self.model)   # fp8: gpu_memory.py
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.weight_bytes_read = 0
         self.decode_graphs: CudaGraphDecoder | None = None   # CUDA only (cuda_graphs.py)
@@ -100,14 +102,15 @@ class ModelRunner:
         self.model.pack_weights_for_cpu()
 
     def block_bytes(self) -> int:
-        return kv_block_bytes(self.cfg, self.shard, self.block_size, self.dtype)
+        return kv_block_bytes(self.cfg, self.shard, self.block_size, self.dtype) * self.kv_dtype.itemsize \
+            // self.dtype.itemsize
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         k0, k1 = self.shard.kv_heads(self.cfg)
         graphs = graphs_wanted(self)   # CUDA graphs pad their batches into one scratch block beyond the pool
         shape = (num_blocks + graphs, self.block_size, k1 - k0, self.cfg.head_dim)
-        self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                           torch.zeros(shape, dtype=self.dtype, device=self.device))
+        self.kv_caches = [(torch.zeros(shape, dtype=self.kv_dtype, device=self.device),
+                           torch.zeros(shape, dtype=self.kv_dtype, device=self.device))
                           for _ in self.model.layers]
         self.decode_graphs = decode_graphs_for(self, padding_block=num_blocks) if graphs else None
 
