@@ -17,6 +17,11 @@ Scores and the softmax run in fp32 (exp2, with log2(e) folded into the scale); f
 IEEE precision (no TF32), so an fp32 model on GPU computes what the torch path computes. Under
 `TRITON_INTERPRET=1` the same kernels run on CPU tensors: tests/test_triton_kernels.py checks them against
 `TorchPagedAttention` on machines without a GPU.
+
+With kv_cache_dtype fp8 the cache holds e4m3 values of k / k_scale and v / v_scale (one scale per tensor):
+the step's k/v are quantized as they are written, and the kernels widen each loaded tile to the model's
+dtype (exact) and fold the scales into the scores (k) and the output (v), so the inner loops do no more
+arithmetic than with a bf16 cache and read half the bytes.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ import triton
 import triton.language as tl
 
 from .attention import AttentionMetadata
+from .gpu_memory import FP8_KV_DTYPE
 from .triton_layer_ops import to_dtype
 
 LOG2E = 1.4426950408889634
@@ -43,6 +49,8 @@ PREFILL_BLOCK_N = 32         # keys per tile in the prefill kernel
 # bf16 -> fp32 is exact and tensor cores form the same exact products, so the arithmetic is the GPU's.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+FP8_MAX = 448.0                      # the largest finite e4m3 value (FP8_KV_DTYPE: kv_cache_dtype "fp8")
+
 
 @triton.jit
 def _dot(a, b, WIDEN: tl.constexpr):
@@ -53,9 +61,18 @@ def _dot(a, b, WIDEN: tl.constexpr):
 
 
 @triton.jit
+def _dequantized(x, DTYPE: tl.constexpr, KV_FP8: tl.constexpr):
+    """A tile loaded from the cache in the model's dtype: fp8 (e4m3) widened through fp32, exactly (every e4m3
+    value is a bf16 / fp16 value); its scale is folded into the scores (k) and the output (v)."""
+    if KV_FP8:
+        x = x.to(tl.float32).to(DTYPE)
+    return x
+
+
+@triton.jit
 def _decode_split_kernel(
     Q, K, V, BlockTables, SeqLens, MidO, MidLse,
-    qk_scale,
+    qk_scale, v_scale,
     stride_qb, stride_qh,
     stride_kb, stride_kp, stride_kh,
     stride_vb, stride_vp, stride_vh,
@@ -64,7 +81,7 @@ def _decode_split_kernel(
     stride_lb, stride_lh,
     GROUP: tl.constexpr, HEAD_BLOCKS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    WIDEN: tl.constexpr,
+    WIDEN: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1) // HEAD_BLOCKS
@@ -93,18 +110,20 @@ def _decode_split_kernel(
             pos = n % BLOCK_SIZE
             k = tl.load(K + block[None, :] * stride_kb + pos[None, :] * stride_kp + kv_head * stride_kh + d[:, None],
                         mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-            s = _dot(q, k, WIDEN) * qk_scale      # [BLOCK_H, BLOCK_N], in log2 units
+            k = _dequantized(k, Q.dtype.element_ty, KV_FP8)
+            s = _dot(q, k, WIDEN) * qk_scale      # [BLOCK_H, BLOCK_N], in log2 units (k's scale folded in)
             s = tl.where(n_ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             v = tl.load(V + block[:, None] * stride_vb + pos[:, None] * stride_vp + kv_head * stride_vh + d[None, :],
                         mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            v = _dequantized(v, Q.dtype.element_ty, KV_FP8)
             acc = acc * alpha[:, None] + _dot(to_dtype(p, v.dtype), v, WIDEN)
             l_i = l_i * alpha + tl.sum(p, 1)
             m_i = m_new
         tl.store(MidO + seq * stride_ob + head[:, None] * stride_oh + split * stride_os + d[None, :],
-                 acc / l_i[:, None], mask=h_ok[:, None] & d_ok[None, :])
+                 acc * (v_scale / l_i[:, None]), mask=h_ok[:, None] & d_ok[None, :])
         tl.store(MidLse + seq * stride_lb + head * stride_lh + split, m_i + tl.log2(l_i), mask=h_ok)
 
 
@@ -136,13 +155,14 @@ def _decode_reduce_kernel(
 @triton.jit
 def _prefill_kernel(
     Q, K, V, Out, Chunks, Slots,
-    qk_scale,
+    qk_scale, v_scale,
     stride_qt, stride_qh,
     stride_ks, stride_kh,
     stride_vs, stride_vh,
     stride_outt, stride_outh,
     GROUP: tl.constexpr, TOKENS: tl.constexpr, ROWS: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, WIDEN: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     """Rows of a program are (token, query head) pairs: TOKENS consecutive tokens of one chunk times the GROUP
     query heads of one kv head, token-major. Chunks is int64 [num_chunks, 4]: q_start, q_len, ctx_len and
@@ -174,6 +194,7 @@ def _prefill_kernel(
             slot = tl.load(Slots + slot0 + n, mask=n_ok, other=0)
             k = tl.load(K + slot[None, :] * stride_ks + kv_head * stride_kh + d[:, None],
                         mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+            k = _dequantized(k, Q.dtype.element_ty, KV_FP8)
             s = _dot(q, k, WIDEN) * qk_scale
             # Key 0 is visible to every row, so each row's running max is finite after the first tile.
             s = tl.where(n_ok[None, :] & (n[None, :] <= q_pos[:, None]), s, float("-inf"))
@@ -182,12 +203,23 @@ def _prefill_kernel(
             p = tl.exp2(s - m_new[:, None])
             v = tl.load(V + slot[:, None] * stride_vs + kv_head * stride_vh + d[None, :],
                         mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            v = _dequantized(v, Q.dtype.element_ty, KV_FP8)
             acc = acc * alpha[:, None] + _dot(to_dtype(p, v.dtype), v, WIDEN)
             l_i = l_i * alpha + tl.sum(p, 1)
             m_i = m_new
-        out = acc / l_i[:, None]
+        out = acc * (v_scale / l_i[:, None])
         tl.store(Out + (q_start + tok)[:, None] * stride_outt + head[:, None] * stride_outh + d[None, :],
                  to_dtype(out, Out.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])
+
+
+def quantize_fp8(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """x / scale as e4m3 (round to nearest), saturated at +-FP8_MAX rather than overflowing to NaN."""
+    return (x.float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_KV_DTYPE)
+
+
+def write_fp8(cache_flat: torch.Tensor, slots: torch.Tensor, x: torch.Tensor, scale: float) -> None:
+    """cache_flat[slots] = quantize_fp8(x), through a byte view (index_put has no fp8 kernels everywhere)."""
+    cache_flat.view(torch.uint8)[slots] = quantize_fp8(x, scale).view(torch.uint8)
 
 
 def decode_splits(batch: int, num_kv_heads: int, max_context: int) -> int:
@@ -202,13 +234,15 @@ def decode_splits(batch: int, num_kv_heads: int, max_context: int) -> int:
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                           out: torch.Tensor | None = None, num_splits: int | None = None) -> torch.Tensor:
+                           out: torch.Tensor | None = None, num_splits: int | None = None,
+                           k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """Decode attention over the paged cache, one query token per sequence.
 
     q: [B, Hq, D] (heads and dims may be strided views; the last axis contiguous); k_cache / v_cache:
     [num_blocks, block_size, Hkv, D]; block_tables: [B, max_blocks] (int64 or int32, padded with any valid
     block); seq_lens: [B] keys visible to each sequence (>= 1). Writes into `out` ([B, Hq, D]) when given.
-    `num_splits` fixes the split count (a CUDA graph needs it fixed); by default `decode_splits` picks it."""
+    `num_splits` fixes the split count (a CUDA graph needs it fixed); by default `decode_splits` picks it.
+    An fp8 cache holds k / k_scale and v / v_scale (quantize_fp8)."""
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
@@ -223,7 +257,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     block_d = triton.next_power_of_2(head_dim)
     _decode_split_kernel[(batch, num_kv_heads * head_blocks, splits)](
         q, k_cache, v_cache, block_tables, seq_lens, mid_o, mid_lse,
-        scale * LOG2E,
+        scale * LOG2E * k_scale, v_scale,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -232,7 +266,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         mid_lse.stride(0), mid_lse.stride(1),
         GROUP=group, HEAD_BLOCKS=head_blocks, HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_H=DECODE_BLOCK_H, BLOCK_N=DECODE_BLOCK_N, BLOCK_SIZE=block_size, NUM_SPLITS=splits,
-        WIDEN=INTERPRETED,
+        WIDEN=INTERPRETED, KV_FP8=k_cache.dtype == FP8_KV_DTYPE,
     )
     _decode_reduce_kernel[(batch, num_heads)](
         mid_o, mid_lse, seq_lens, out,
@@ -247,7 +281,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             chunks: torch.Tensor, slots: torch.Tensor, max_q_len: int, scale: float,
-                            out: torch.Tensor) -> torch.Tensor:
+                            out: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """Prefill / extend attention for every chunk of a step in one launch; writes the chunks' rows of `out`.
 
     q, out: [T, Hq, D] (the whole step's tokens); chunks: int64 [C, 4] rows (q_start, q_len, ctx_len,
@@ -265,13 +299,14 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     v_flat = v_cache.view(-1, num_kv_heads, head_dim)
     _prefill_kernel[(chunks.shape[0], num_kv_heads, triton.cdiv(max_q_len, tokens))](
         q, k_flat, v_flat, out, chunks, slots,
-        scale * LOG2E,
+        scale * LOG2E * k_scale, v_scale,
         q.stride(0), q.stride(1),
         k_flat.stride(0), k_flat.stride(1),
         v_flat.stride(0), v_flat.stride(1),
         out.stride(0), out.stride(1),
         GROUP=group, TOKENS=tokens, ROWS=rows,
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_N=PREFILL_BLOCK_N, WIDEN=INTERPRETED,
+        KV_FP8=k_cache.dtype == FP8_KV_DTYPE,
     )
     return out
 
@@ -280,22 +315,30 @@ class TritonPagedAttention:
     """`AttentionBackend` over the Triton kernels: writes the step's k/v into the cache (as the torch path
     does, before any attention reads it), then one decode launch pair and one prefill launch.
     `decode_num_splits` fixes the decode split count (a captured CUDA graph replays one); None picks it per
-    step from the batch and the block-table width."""
+    step from the batch and the block-table width. An fp8 cache (FP8_KV_DTYPE) stores k / k_scale and
+    v / v_scale: one per-tensor scale each, 1.0 by default (vLLM's default too: Llama's keys and values sit
+    well inside e4m3's +-448)."""
 
-    def __init__(self, decode_num_splits: int | None = None):
+    def __init__(self, decode_num_splits: int | None = None, k_scale: float = 1.0, v_scale: float = 1.0):
         self.decode_num_splits = decode_num_splits
+        self.k_scale, self.v_scale = k_scale, v_scale
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         k_flat = k_cache.view(-1, k_cache.shape[2], k_cache.shape[3])
         v_flat = v_cache.view(-1, v_cache.shape[2], v_cache.shape[3])
-        k_flat[meta.slot_mapping] = k
-        v_flat[meta.slot_mapping] = v
+        if k_cache.dtype == FP8_KV_DTYPE:
+            write_fp8(k_flat, meta.slot_mapping, k, self.k_scale)
+            write_fp8(v_flat, meta.slot_mapping, v, self.v_scale)
+        else:
+            k_flat[meta.slot_mapping] = k
+            v_flat[meta.slot_mapping] = v
+        scales = {"k_scale": self.k_scale, "v_scale": self.v_scale}
         out = torch.empty_like(q)
         if meta.num_decode:
             paged_decode_attention(q[:meta.num_decode], k_cache, v_cache, meta.decode_block_tables,
                                    meta.decode_seq_lens, scale, out=out[:meta.num_decode],
-                                   num_splits=self.decode_num_splits)
+                                   num_splits=self.decode_num_splits, **scales)
         if meta.prefills:
             chunks, slots, max_q_len = meta.prefill_index
-            paged_prefill_attention(q, k_cache, v_cache, chunks, slots, max_q_len, scale, out)
+            paged_prefill_attention(q, k_cache, v_cache, chunks, slots, max_q_len, scale, out, **scales)
         return out
