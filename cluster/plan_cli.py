@@ -66,16 +66,18 @@ def cmd_plan(args) -> int:
         return 1
     print(header)
     print(f"{'layout':<10} {'GPUs':>4} {'replicas':>8} {'weights/GPU':>12} {'KV cache/GPU':>13} "
-          f"{'KV tokens':>10} {'seqs/replica':>12} {'seqs total':>10}")
+          f"{'KV tokens':>10} {'seqs/replica':>12} {'seqs total':>10} {'fp8 KV tokens':>13} {'fp8 seqs':>8}")
     for l in fitting:
         print(f"{l.name:<10} {l.gpus:>4} {l.replicas:>8} {_gib(l.weight_bytes_per_gpu):>12} "
-              f"{_gib(l.kv_bytes_per_gpu):>13} {l.kv_tokens:>10} {l.max_seqs:>12} {l.total_seqs:>10}")
+              f"{_gib(l.kv_bytes_per_gpu):>13} {l.kv_tokens:>10} {l.max_seqs:>12} {l.total_seqs:>10} "
+              f"{l.kv_tokens_fp8:>13} {l.max_seqs_fp8:>8}")
     rejected = [l for l in layouts if not l.fits]
     if rejected:
         print("does not fit: " + ", ".join(f"{l.name} ({l.reason})" for l in rejected))
     best = fitting[0]
     print(f"recommended: {best.name} × {best.replicas} replica(s): {best.total_seqs} concurrent sequences of "
-          f"{max_len} tokens (herd serve: tensor_parallel_size: {best.tp}, pipeline_parallel_size: {best.pp})")
+          f"{max_len} tokens (herd serve: tensor_parallel_size: {best.tp}, pipeline_parallel_size: {best.pp}); "
+          f"with an fp8 KV cache (kv_cache_dtype: fp8, CUDA): {best.max_seqs_fp8 * best.replicas}")
     return 0
 
 

@@ -80,3 +80,14 @@ def test_kv_cache_dtype_fp8_halves_a_block_and_needs_the_triton_attention(monkey
     assert fp8.block_bytes() * 2 == small_runner().block_bytes()
     fp8.allocate_kv_cache(3)
     assert fp8.kv_caches[0][0].dtype == torch.float8_e4m3fn and fp8.kv_caches[0][0].shape == (3, 16, 1, 16)
+
+
+def test_herd_plan_reports_the_capacity_both_ways():
+    """fp8 holds twice the tokens of a bf16 cache in the same budget (to a block), per replica and layout."""
+    from workers.parallel.plan import plan, shape_config
+    layouts = plan(shape_config("llama3-8b")[1], gpus_per_node=2, gpu_memory=80 * GiB, max_model_len=8192)
+    for layout in layouts:
+        assert layout.kv_tokens_fp8 // 16 in (2 * (layout.kv_tokens // 16), 2 * (layout.kv_tokens // 16) + 1)
+        assert layout.max_seqs_fp8 >= 2 * layout.max_seqs
+    tp1 = next(l for l in layouts if l.name == "TP1")
+    assert tp1.max_seqs_fp8 == tp1.kv_tokens_fp8 // 8192

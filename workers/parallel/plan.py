@@ -114,6 +114,9 @@ class Layout:
     max_seqs: int                 # concurrent sequences of max_model_len per replica
     fits: bool
     reason: str = ""
+    # The same with kv_cache_dtype fp8 (e4m3, one byte an element; CUDA with the Triton attention).
+    kv_tokens_fp8: int = 0
+    max_seqs_fp8: int = 0
 
     @property
     def name(self) -> str:
@@ -129,15 +132,17 @@ def evaluate(cfg: ModelConfig, tp: int, pp: int, *, gpu_memory: int, dtype: str 
              overhead: int = RUNTIME_OVERHEAD) -> Layout:
     check_tensor_parallel(cfg, tp)
     ranges = partition_layers(cfg.num_hidden_layers, pp)
-    weights, blocks = 0, None
+    weights, blocks, blocks_fp8 = 0, None, None
     for p, (start, end) in enumerate(ranges):
         for t in range(tp):
             shard = ShardInfo(tp_rank=t, tp_size=tp, pp_rank=p, pp_size=pp, layer_start=start, layer_end=end)
             w = shard_weight_bytes(cfg, shard, dtype)
             budget = int(gpu_memory * gpu_memory_utilization) - w - overhead
-            n = max(0, budget) // kv_block_bytes(cfg, shard, block_size, dtype)
+            block = kv_block_bytes(cfg, shard, block_size, dtype)
+            n, n8 = max(0, budget) // block, max(0, budget) // (block // dtype_bytes(dtype))
             weights = max(weights, w)
             blocks = n if blocks is None else min(blocks, n)
+            blocks_fp8 = n8 if blocks_fp8 is None else min(blocks_fp8, n8)
     kv_bytes = max(0, int(gpu_memory * gpu_memory_utilization) - weights - overhead)
     per_seq = -(-max_model_len // block_size)
     max_seqs = blocks // per_seq
@@ -147,7 +152,8 @@ def evaluate(cfg: ModelConfig, tp: int, pp: int, *, gpu_memory: int, dtype: str 
     elif max_seqs < 1:
         reason = f"KV cache holds {blocks * block_size} tokens, less than one sequence of {max_model_len}"
     return Layout(tp, pp, tp * pp, total_gpus // (tp * pp), weights, kv_bytes, blocks * block_size, max_seqs,
-                  fits=max_seqs >= 1, reason=reason)
+                  fits=max_seqs >= 1, reason=reason, kv_tokens_fp8=blocks_fp8 * block_size,
+                  max_seqs_fp8=blocks_fp8 // per_seq)
 
 
 def candidate_layouts(cfg: ModelConfig, gpus_per_node: int, total_gpus: int) -> list[tuple[int, int]]:
