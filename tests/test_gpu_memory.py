@@ -91,3 +91,22 @@ def test_herd_plan_reports_the_capacity_both_ways():
         assert layout.max_seqs_fp8 >= 2 * layout.max_seqs
     tp1 = next(l for l in layouts if l.name == "TP1")
     assert tp1.max_seqs_fp8 == tp1.kv_tokens_fp8 // 8192
+
+
+def test_engine_setting_reaches_the_cache(tmp_path):
+    """EngineConfig.kv_cache_dtype travels Engine.from_pretrained -> LocalExecutor -> ModelRunner: here, on the
+    CPU, fp8 is refused with the reason (and an unknown value by the settings' own check)."""
+    from checkpoints import LLAMA2_MHA, make_checkpoint
+    from workers import Engine
+    from workers.errors import InvalidRequestError
+    path = make_checkpoint(tmp_path, "m", LLAMA2_MHA)
+    with pytest.raises(CheckpointError, match="Triton attention"):
+        Engine.from_pretrained(path, kv_cache_dtype="fp8", show_progress=False)
+    with pytest.raises(InvalidRequestError) as e:
+        Engine.from_pretrained(path, kv_cache_dtype="int8", show_progress=False)
+    assert e.value.field == "kv_cache_dtype"
+    engine = Engine.from_pretrained(path, kv_cache_dtype="auto", show_progress=False, kv_cache_memory=1 << 20)
+    try:
+        assert engine.executor.runner.kv_caches[0][0].dtype == torch.float32
+    finally:
+        engine.shutdown()

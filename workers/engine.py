@@ -218,7 +218,7 @@ class Engine:
         else:
             executor = LocalExecutor(path, model_config, dtype=torch_dtype, max_model_len=wanted_len,
                                      block_size=config.block_size, budget=config.cache_budget(),
-                                     show_progress=config.show_progress)
+                                     show_progress=config.show_progress, kv_cache_dtype=config.kv_cache_dtype)
         capacity = executor.num_blocks * config.block_size
         if capacity < wanted_len:
             if config.max_model_len is not None:

@@ -66,10 +66,11 @@ class LocalExecutor:
     """The whole model in this process (one GPU, or the CPU)."""
 
     def __init__(self, path: str, cfg: ModelConfig, *, dtype: torch.dtype, max_model_len: int, block_size: int,
-                 budget: CacheBudget, device: torch.device | None = None, show_progress: bool = True):
+                 budget: CacheBudget, device: torch.device | None = None, show_progress: bool = True,
+                 kv_cache_dtype: str = "auto"):
         self.device = device or default_device()
         self.runner = ModelRunner(cfg, dtype=dtype, device=self.device, max_model_len=max_model_len,
-                                  block_size=block_size)
+                                  block_size=block_size, kv_cache_dtype=kv_cache_dtype)
         self.runner.load_weights(path, show_progress=show_progress)
         if self.device.type == "cuda" and not budget.num_gpu_blocks_override:
             from .gpu_memory import profiled_kv_blocks   # a profiling forward sizes the pool (gpu_memory.py)
