@@ -47,6 +47,8 @@ PATHS = {
     "triton-eager": {"HERD_TRITON_ATTENTION": "1", "HERD_TRITON_LAYER_OPS": "1", "HERD_CUDA_GRAPHS": "0"},
     "portable": {"HERD_TRITON_ATTENTION": "0", "HERD_TRITON_LAYER_OPS": "0", "HERD_CUDA_GRAPHS": "0"},
 }
+PATHS["triton-fp8"] = PATHS["triton"]               # with kv_cache_dtype fp8 (CUDA only)
+FP8_PATHS = {"triton-fp8"}
 
 # (name fragments, label, HBM bytes/s, dense bf16 FLOP/s): vendors' datasheet figures. The first row whose
 # fragments all appear in torch.cuda.get_device_name() applies, so the more specific rows come first.
@@ -258,7 +260,8 @@ def random_runner(cfg, *, dtype: torch.dtype, device: torch.device, max_model_le
     from workers.model_runner import ModelRunner
 
     with path_switches(path):
-        runner = ModelRunner(cfg, dtype=dtype, device=device, max_model_len=max_model_len, block_size=block_size)
+        runner = ModelRunner(cfg, dtype=dtype, device=device, max_model_len=max_model_len, block_size=block_size,
+                             kv_cache_dtype="fp8" if path in FP8_PATHS else "auto")
     g = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for p in runner.model.parameters():
@@ -328,11 +331,12 @@ def kv_bytes_per_token(cfg, elem_bytes: int) -> int:
     return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * elem_bytes
 
 
-def decode_bytes(cfg, batch: int, context: int, elem_bytes: int) -> int:
+def decode_bytes(cfg, batch: int, context: int, elem_bytes: int, kv_elem_bytes: int | None = None) -> int:
     """HBM bytes a decode step must read at least: every layer's weights, the final norm and the lm_head once,
-    the batch's embedding rows, and each sequence's keys and values."""
+    the batch's embedding rows, and each sequence's keys and values (kv_elem_bytes each: 1 for fp8)."""
     weights = cfg.num_hidden_layers * layer_params(cfg) + cfg.hidden_size * (cfg.vocab_size + 1 + batch)
-    return weights * elem_bytes + batch * context * kv_bytes_per_token(cfg, elem_bytes)
+    kv_elem = elem_bytes if kv_elem_bytes is None else kv_elem_bytes
+    return weights * elem_bytes + batch * context * kv_bytes_per_token(cfg, kv_elem)
 
 
 def prefill_flops(cfg, tokens: int) -> int:
@@ -425,8 +429,14 @@ def check_bf16_agreement(device: torch.device, quick: bool) -> dict:
     blocks = blocks_for(max_len, bs)
     allocate_cache(ref, blocks, "portable")
     allocate_cache(test, blocks, "triton")
+    tested = {"bf16": test}
+    if device.type == "cuda":        # the same bf16 model over an fp8 KV cache
+        tested["bf16_fp8_kv"] = random_runner(cfg, dtype=torch.bfloat16, device=device, max_model_len=max_len,
+                                              block_size=bs, path="triton-fp8")
+        allocate_cache(tested["bf16_fp8_kv"], blocks, "triton-fp8")
     step = prefill_step(prompt_len, bs, cfg.vocab_size, seed=3, all_logits=True)
-    ref_logits, test_logits = [ref.execute(step)], [test.execute(step)]
+    ref_logits = [ref.execute(step)]
+    test_logits = {k: [r.execute(step)] for k, r in tested.items()}
     # Decode steps, fed the fp32 model's greedy tokens (both models see the same history).
     token = int(ref_logits[0][-1].argmax())
     table = list(range(blocks))
@@ -436,19 +446,22 @@ def check_bf16_agreement(device: torch.device, quick: bool) -> dict:
         d = StepInput(input_ids=[token], positions=[pos], slot_mapping=[table[pos // bs] * bs + pos % bs],
                       num_decode=1, decode_block_tables=[table], decode_seq_lens=[pos + 1], sample_indices=[0])
         ref_logits.append(ref.execute(d))
-        test_logits.append(test.execute(d))
+        for k, r in tested.items():
+            test_logits[k].append(r.execute(d))
         token = int(ref_logits[-1][0].argmax())
     out = {"shape": "llama3.2-1b" if not quick else "tiny", "prompt_tokens": prompt_len, "decode_steps": decode_steps,
            "reference": f"fp32, {backend_names(ref)}", "tested": f"bf16, {backend_names(test)}"}
-    for part, r, t in (("prefill", ref_logits[0], test_logits[0]),
-                       ("decode", torch.cat(ref_logits[1:]), torch.cat(test_logits[1:]))):
-        top = r.argmax(-1)
-        ref_lp = torch.log_softmax(r.double(), -1).gather(1, top[:, None])[:, 0]
-        test_lp = torch.log_softmax(t.double(), -1).gather(1, top[:, None])[:, 0]
-        err = (ref_lp - test_lp).abs()
-        out[part] = {"top1_agreement": float((t.argmax(-1) == top).double().mean()),
-                     "logprob_abs_err_mean": float(err.mean()), "logprob_abs_err_max": float(err.max())}
-    del ref, test
+    for k, logits in test_logits.items():
+        for part, r, t in (("prefill", ref_logits[0], logits[0]),
+                           ("decode", torch.cat(ref_logits[1:]), torch.cat(logits[1:]))):
+            top = r.argmax(-1)
+            ref_lp = torch.log_softmax(r.double(), -1).gather(1, top[:, None])[:, 0]
+            test_lp = torch.log_softmax(t.double(), -1).gather(1, top[:, None])[:, 0]
+            err = (ref_lp - test_lp).abs()
+            name = part if k == "bf16" else f"{part}_{k}"       # prefill, decode, prefill_bf16_fp8_kv, ...
+            out[name] = {"top1_agreement": float((t.argmax(-1) == top).double().mean()),
+                         "logprob_abs_err_mean": float(err.mean()), "logprob_abs_err_max": float(err.max())}
+    del ref, test, tested
     _free(device)
     return out
 
@@ -484,6 +497,9 @@ def time_shape(name: str, cfg, device: torch.device, plan: Plan, ceilings: Ceili
         if time.perf_counter() > deadline:
             skipped.append({"shape": name, "path": path, "why": "time budget spent"})
             continue
+        if path in FP8_PATHS and device.type != "cuda":
+            skipped.append({"shape": name, "path": path, "why": "the fp8 KV cache needs CUDA"})
+            continue
         runner = random_runner(cfg, dtype=torch.bfloat16, device=device, max_model_len=max_len, block_size=bs,
                                path=path)
         block_bytes = runner.block_bytes()
@@ -507,7 +523,8 @@ def time_shape(name: str, cfg, device: torch.device, plan: Plan, ceilings: Ceili
                 step = decode_step(batch, context, bs, cfg.vocab_size)
                 seconds = _time(lambda: runner.execute(step), device, iters=5 if quick else 30,
                                 max_s=0.5 if quick else 2.0)
-                bound = decode_bytes(cfg, batch, context, elem) / ceilings.hbm_bytes_per_s
+                kv_elem = runner.kv_dtype.itemsize
+                bound = decode_bytes(cfg, batch, context, elem, kv_elem) / ceilings.hbm_bytes_per_s
                 rows.append(dict(entry, backends=backends, step_ms=seconds * 1e3, bound_ms=bound * 1e3,
                                  fraction_of_bound=bound / seconds, tokens_per_s=batch / seconds))
         if time.perf_counter() < deadline:
@@ -646,8 +663,10 @@ def main(argv: list[str] | None = None) -> int:
     deadline = started + args.budget_s
     report["decode"], report["prefill"], report["skipped"] = [], [], []
     for name, cfg in shapes(args.quick):
-        # The first shape (the 8B) also runs the Triton path without CUDA graphs: what the graphs save.
-        paths = ("triton", "triton-eager", "portable") if name == shapes(args.quick)[0][0] else ("triton", "portable")
+        # The first shape (the 8B) also runs the Triton path without CUDA graphs (what the graphs save) and
+        # with an fp8 KV cache (half the KV bytes; its bound counts one byte an element).
+        first = name == shapes(args.quick)[0][0]
+        paths = ("triton", "triton-eager", "triton-fp8", "portable") if first else ("triton", "portable")
         timed = time_shape(name, cfg, device, plan, ceilings, deadline, args.quick, paths)
         for key in ("decode", "prefill", "skipped"):
             report[key] += timed[key]

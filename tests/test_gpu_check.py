@@ -37,6 +37,7 @@ def test_cpu_dry_run_writes_the_report(tmp_path):
     # the first shape on 3 paths (graphs, eager Triton, portable), the second on 2
     assert len(cases) == (3 + 2) * len(plan["batches"]) * len(plan["contexts"])
     assert {r["path"] for r in report["decode"] if r["shape"] == "tiny-gqa"} == {"triton", "triton-eager", "portable"}
+    assert {s["why"] for s in report["skipped"] if s["path"] == "triton-fp8"} == {"the fp8 KV cache needs CUDA"}
     for r in report["decode"]:
         assert r["step_ms"] > 0 and r["bound_ms"] > 0
         assert r["fraction_of_bound"] == pytest.approx(r["bound_ms"] / r["step_ms"])
@@ -100,6 +101,8 @@ def test_bounds_arithmetic_matches_the_parameter_count():
     # 8B: 32 layers x 8 kv heads x 128 dims x K and V x 2 bytes = 128 KiB of KV a token.
     assert gc.kv_bytes_per_token(cfg, 2) == 128 * 1024
     assert gc.decode_bytes(cfg, 16, 4096, 2) - gc.decode_bytes(cfg, 16, 0, 2) == 16 * 4096 * 128 * 1024 + 0
+    fp8 = gc.decode_bytes(cfg, 16, 4096, 2, kv_elem_bytes=1) - gc.decode_bytes(cfg, 16, 0, 2, kv_elem_bytes=1)
+    assert fp8 * 2 == 16 * 4096 * 128 * 1024                     # an fp8 cache: half the KV bytes
     flops = gc.prefill_flops(cfg, 2048)
     dense = 2 * 2048 * cfg.num_hidden_layers * gc.layer_params(cfg)
     assert dense < flops < dense * 1.2           # causal attention adds a few percent at 2k tokens
