@@ -28,8 +28,9 @@ from typing import Any
 from ray import serve
 
 from cluster.config import ClusterConfig
-from cluster.deployment import ModelDeployment
+from cluster.deployment import ModelDeployment, ModelSpec, ServedModel
 from cluster.ingress import IngressDeployment
+from workers.engine_config import EngineConfig
 
 APP_NAME = "herd"
 INGRESS_NAME = "Ingress"
@@ -72,18 +73,22 @@ def _actor_resources(resources: dict[str, float]) -> dict[str, Any]:
     return opts
 
 
-def model_spec(model) -> dict[str, Any]:
+def model_spec(model, tracing: dict[str, Any] | None = None) -> ModelSpec:
     """What a model replica needs to build its engine (plain data: it is pickled into every replica)."""
-    return {
-        "name": model.name,
-        "path": str(model.path),
-        "tensor_parallel_size": model.tensor_parallel_size,
-        "pipeline_parallel_size": model.pipeline_parallel_size,
-        "dtype": model.dtype,
-        "engine_args": model.engine_args(),
-        "stream_pacing": {"max_messages_per_s": model.stream_max_messages_per_s,
-                          "max_interval_s": model.stream_max_interval_s},
-    }
+    return ModelSpec(name=model.name, path=str(model.path), tensor_parallel_size=model.tensor_parallel_size,
+                     pipeline_parallel_size=model.pipeline_parallel_size, dtype=model.dtype,
+                     engine_args=model.engine_args(),
+                     stream_pacing={"max_messages_per_s": model.stream_max_messages_per_s,
+                                    "max_interval_s": model.stream_max_interval_s},
+                     tracing=tracing)
+
+
+def served_model(model) -> ServedModel:
+    """What the ingress knows of a model before its replica answers model_info()."""
+    return ServedModel(name=model.name, path=str(model.path), deployment=deployment_name(model.name),
+                       tensor_parallel_size=model.tensor_parallel_size,
+                       pipeline_parallel_size=model.pipeline_parallel_size,
+                       autoscaling=model.autoscaling_config is not None)
 
 
 def model_deployment_options(model) -> dict[str, Any]:
@@ -98,7 +103,8 @@ def model_deployment_options(model) -> dict[str, Any]:
         "health_check_timeout_s": model.health_check_timeout_s,
         "request_router_config": {
             "request_router_class": ROUTER_CLASS,
-            "request_router_kwargs": {"block_size": model.engine_args().get("block_size", 16),
+            "request_router_kwargs": {"block_size": model.engine_args().get(
+                                          "block_size", EngineConfig.model_fields["block_size"].default),
                                       **dict(model.router_kwargs or {})},
             "request_routing_stats_period_s": model.routing_stats_period_s,
         },
@@ -122,15 +128,9 @@ def build_app(args: Any) -> serve.Application:
     cfg = load_config(args)
     handles, specs = {}, {}
     for model in cfg.models:
-        spec = model_spec(model)
-        spec["tracing"] = cfg.tracing.model_dump()   # cluster.tracing: each replica sets itself up
+        spec = model_spec(model, tracing=cfg.tracing.model_dump())   # cluster.tracing: each replica sets itself up
         handles[model.name] = ModelDeployment.options(**model_deployment_options(model)).bind(spec)
-        specs[model.name] = {
-            "name": model.name, "path": spec["path"], "deployment": deployment_name(model.name),
-            "tensor_parallel_size": spec["tensor_parallel_size"],
-            "pipeline_parallel_size": spec["pipeline_parallel_size"],
-            "autoscaling": model.autoscaling_config is not None,
-        }
+        specs[model.name] = served_model(model)
     ingress = IngressDeployment.options(**ingress_deployment_options(cfg))
     # A key file is read by the ingress itself (where the Secret is mounted, and re-read when it changes), so
     # the keys are not copied into the application's stored arguments.

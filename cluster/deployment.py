@@ -35,10 +35,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import sys
 import time
-from typing import Any, AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Optional, TypedDict
 
 from ray import serve
 
@@ -47,7 +49,7 @@ from cluster.autoscaling import autoscaling_stats
 from cluster.errors import ApiError, error_to_dict
 from cluster.metrics import ReplicaMetrics
 from cluster.request_context import install_request_id_logging, request_id_from, set_request_id
-from cluster.routing import routing_stats
+from cluster.routing import RoutingReport, routing_stats
 
 log = logging.getLogger(f"herd.{__name__}")
 
@@ -55,6 +57,57 @@ log = logging.getLogger(f"herd.{__name__}")
 ENGINE_GIL_SWITCH_INTERVAL_S = 0.0005
 # How often engine gauges (KV blocks, queue depth) are pushed to the metrics.
 ENGINE_METRICS_PERIOD_S = 2.0
+
+
+# ---- what crosses the Ray hops to and from a model replica (plain data: pickled, or JSON on the way out) ----
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a model replica needs to build its engine: cluster.app builds it from the model's config and Serve
+    pickles it into every replica."""
+    name: str
+    path: str
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    dtype: str = "auto"
+    engine_args: dict[str, Any] = field(default_factory=dict)       # Engine.from_pretrained(**engine_args)
+    stream_pacing: dict[str, float] = field(default_factory=dict)   # workers.stream_pacing.StreamPacing(**)
+    tracing: Optional[dict[str, Any]] = None                        # cluster.config.TracingConfig, dumped
+
+
+class ServedModel(TypedDict):
+    """What the ingress knows of a model before its replica answers model_info() (cluster.app builds it)."""
+    name: str
+    path: str
+    deployment: str
+    tensor_parallel_size: int
+    pipeline_parallel_size: int
+    autoscaling: bool
+
+
+class ModelInfo(TypedDict):
+    """ModelServer.model_info(): the loaded model, for ListModels, Tokenize and `herd status`."""
+    name: str
+    max_model_len: int
+    vocab_size: int
+    block_size: int
+    tensor_parallel_size: int
+    pipeline_parallel_size: int
+    replica_id: str
+
+
+class ReplicaStats(TypedDict):
+    """ModelServer.stats(): workers.EngineStats' counters (tests/test_serve_unit.py holds the keys equal) and
+    which replica they are from."""
+    num_running: int
+    num_waiting: int
+    kv_blocks_total: int
+    kv_blocks_free: int
+    prefix_cache_hit_tokens: int
+    prompt_tokens: int
+    generation_tokens: int
+    num_preemptions: int
+    prompt_tokens_computed: int
+    replica_id: str
 
 
 def _replica_id() -> str:
@@ -86,10 +139,9 @@ def prompt_logprobs_to_wire(prompt_token_ids: list[int], logprobs: list[dict[int
 
 
 class ModelServer:
-    """A Serve replica serving one model with herd's engine. `spec` is a plain dict (see cluster.app):
-    name, path, tensor_parallel_size, pipeline_parallel_size, dtype, engine_args."""
+    """A Serve replica serving one model with herd's engine, as `spec` says (built by cluster.app)."""
 
-    async def __init__(self, spec: dict[str, Any]):
+    async def __init__(self, spec: ModelSpec):
         from workers import AsyncEngine
         from workers.stream_pacing import StreamPacing
 
@@ -98,24 +150,22 @@ class ModelServer:
         # can wait that long to get it back. A shorter interval hands it back sooner.
         sys.setswitchinterval(ENGINE_GIL_SWITCH_INTERVAL_S)
         self.spec = spec
-        self.name = spec["name"]
+        self.name = spec.name
         self.replica_id = _replica_id()
         install_request_id_logging()  # a request's log lines name its id (cluster.request_context)
-        tracing.configure(spec.get("tracing"), f"model-{self.name}")
-        tp, pp = int(spec.get("tensor_parallel_size", 1)), int(spec.get("pipeline_parallel_size", 1))
-        log.info("model %s: loading %s (TP%d x PP%d, dtype %s) ...", self.name, spec["path"], tp, pp,
-                 spec.get("dtype") or "auto")
+        tracing.configure(spec.tracing, f"model-{self.name}")
+        tp, pp = spec.tensor_parallel_size, spec.pipeline_parallel_size
+        log.info("model %s: loading %s (TP%d x PP%d, dtype %s) ...", self.name, spec.path, tp, pp, spec.dtype)
         t0 = time.monotonic()
         # Blocking load in a thread: the replica's event loop stays responsive while weights load.
         self.engine = await asyncio.to_thread(
-            AsyncEngine.from_pretrained, spec["path"], tensor_parallel_size=tp, pipeline_parallel_size=pp,
-            dtype=spec.get("dtype"), pacing=StreamPacing(**dict(spec.get("stream_pacing") or {})),
-            **dict(spec.get("engine_args") or {}))
+            AsyncEngine.from_pretrained, spec.path, tensor_parallel_size=tp, pipeline_parallel_size=pp,
+            dtype=spec.dtype, pacing=StreamPacing(**spec.stream_pacing), **spec.engine_args)
         stats = self.engine.stats()
         log.info("model %s: loaded in %.1fs; max_model_len %d, %d KV blocks of %d tokens", self.name,
                  time.monotonic() - t0, self.engine.max_model_len, stats.kv_blocks_total, self.engine.block_size)
-        self.metrics = ReplicaMetrics(self.name, self.replica_id, prefix_caching=bool(
-            dict(spec.get("engine_args") or {}).get("enable_prefix_caching", True)))
+        self.metrics = ReplicaMetrics(self.name, self.replica_id,
+                                      prefix_caching=bool(spec.engine_args.get("enable_prefix_caching", True)))
         loop = asyncio.get_running_loop()
         self._background = [loop.create_task(self._push_engine_metrics()),
                             loop.create_task(self._return_freed_host_memory())]
@@ -228,27 +278,21 @@ class ModelServer:
         self.engine.abort(request_id)
 
     # ---- introspection ------------------------------------------------------------------------------
-    def model_info(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "max_model_len": int(self.engine.max_model_len),
-            "vocab_size": int(self.engine.vocab_size),
-            "block_size": int(self.engine.block_size),
-            "tensor_parallel_size": int(self.spec.get("tensor_parallel_size", 1)),
-            "pipeline_parallel_size": int(self.spec.get("pipeline_parallel_size", 1)),
-            "replica_id": self.replica_id,
-        }
+    def model_info(self) -> ModelInfo:
+        return ModelInfo(name=self.name, max_model_len=int(self.engine.max_model_len),
+                         vocab_size=int(self.engine.vocab_size), block_size=int(self.engine.block_size),
+                         tensor_parallel_size=self.spec.tensor_parallel_size,
+                         pipeline_parallel_size=self.spec.pipeline_parallel_size, replica_id=self.replica_id)
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> ReplicaStats:
         """The engine's counters and KV pool, for operators and tests (free blocks back to start after aborts)."""
-        s = self.engine.stats()
-        return {**{k: getattr(s, k) for k in s.__dataclass_fields__}, "replica_id": self.replica_id}
+        return ReplicaStats(**dataclasses.asdict(self.engine.stats()), replica_id=self.replica_id)
 
     # ---- Serve hooks ---------------------------------------------------------------------------------
     def check_health(self) -> None:
         self.engine.check_health()  # raises EngineUnavailableError: Serve marks the replica unhealthy
 
-    def record_routing_stats(self) -> dict[str, Any]:
+    def record_routing_stats(self) -> RoutingReport:
         """What the PrefixCacheRouter knows this replica by: its prefix cache's block hashes and its load."""
         return routing_stats(self.engine)
 

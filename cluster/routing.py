@@ -52,7 +52,7 @@ import random
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, NotRequired, Optional, Sequence, TypedDict
 
 import numpy as np
 from ray.serve.request_router import (
@@ -81,7 +81,23 @@ DEFAULT_REPORT_MAX_HASHES = 0      # exact hashes sent beside the filter (0: the
 DEFAULT_MAX_FILTER_BYTES = 4 << 20
 
 
-def routing_stats(engine: Any, max_hashes: int = DEFAULT_REPORT_MAX_HASHES) -> dict:
+class RoutingReport(TypedDict):
+    """A replica's routing report (format 2): what `record_routing_stats()` returns and the router reads as
+    `RunningReplica.routing_stats`. A dict, as Serve requires; a router also reads format 1 (`hashes` only)."""
+    v: int                        # ROUTING_STATS_VERSION
+    block_size: int
+    num_cached_blocks: int
+    num_running: int
+    num_waiting: int
+    kv_blocks_total: int
+    kv_blocks_free: int
+    at: float                     # when it was built (wall clock): the router's report-age metric
+    filter: NotRequired[bytes]    # Bloom filter of every cached block (absent when nothing is cached)
+    filter_k: NotRequired[int]    # its hash functions
+    hashes: NotRequired[list[int]]  # the most recently used block hashes, newest first (max_hashes > 0)
+
+
+def routing_stats(engine: Any, max_hashes: int = DEFAULT_REPORT_MAX_HASHES) -> RoutingReport:
     """The replica's routing report: what `record_routing_stats()` of a model deployment returns.
 
     `engine` is an AsyncEngine: `stats()`, `block_size`, `cached_block_filter()` (the engine thread's snapshot
@@ -98,16 +114,11 @@ def routing_stats(engine: Any, max_hashes: int = DEFAULT_REPORT_MAX_HASHES) -> d
         if hashes:  # nothing cached (or prefix caching off): no filter, the router knows nothing is held
             num_bits, k = filter_shape(max(len(hashes), int(stats.kv_blocks_total or 0)))
             block_filter = {"bits": filter_from_hashes(hashes, num_bits, k), "k": k, "n": len(hashes)}
-    report = {
-        "v": ROUTING_STATS_VERSION,
-        "block_size": int(engine.block_size),
-        "num_cached_blocks": int(block_filter["n"]) if block_filter else 0,
-        "num_running": int(stats.num_running),
-        "num_waiting": int(stats.num_waiting),
-        "kv_blocks_total": int(stats.kv_blocks_total),
-        "kv_blocks_free": int(stats.kv_blocks_free),
-        "at": time.time(),              # when it was built (wall clock): the router's report-age metric
-    }
+    report = RoutingReport(v=ROUTING_STATS_VERSION, block_size=int(engine.block_size),
+                           num_cached_blocks=int(block_filter["n"]) if block_filter else 0,
+                           num_running=int(stats.num_running), num_waiting=int(stats.num_waiting),
+                           kv_blocks_total=int(stats.kv_blocks_total), kv_blocks_free=int(stats.kv_blocks_free),
+                           at=time.time())
     if block_filter is not None:
         report["filter"] = bytes(block_filter["bits"])
         report["filter_k"] = int(block_filter["k"])

@@ -60,3 +60,47 @@ def test_yaml_errors_name_the_file(tmp_path):
     bad.write_text("models: [\n")
     with pytest.raises(ConfigError, match="bad.yaml: invalid YAML"):
         ClusterConfig.from_yaml(bad)
+
+
+# ---- the typed contracts that cross a Ray hop ---------------------------------------------------------------
+def test_model_spec_is_plain_typed_data_with_every_engine_setting():
+    import pickle
+
+    from cluster.app import model_spec, served_model
+    from cluster.deployment import ModelSpec, ServedModel
+
+    cfg = ClusterConfig.from_dict({"models": [{"name": "m", "path": "/models/m", "resources_per_shard": {"CPU": 1},
+                                               "tensor_parallel_size": 2, "collective_timeout_s": 9.0,
+                                               "autoscaling_config": {"max_replicas": 2}}]})
+    model = cfg.models[0]
+    spec = model_spec(model, tracing=cfg.tracing.model_dump())
+    assert isinstance(spec, ModelSpec) and pickle.loads(pickle.dumps(spec)) == spec
+    assert spec.engine_args == model.engine_args() and spec.engine_args["collective_timeout_s"] == 9.0
+    assert spec.tensor_parallel_size == 2 and spec.tracing == cfg.tracing.model_dump()
+    served = served_model(model)
+    assert set(served) == set(ServedModel.__annotations__)
+    assert served["deployment"] == "model-m" and served["autoscaling"] is True
+
+
+def test_replica_stats_and_routing_report_keys_are_declared():
+    from dataclasses import fields
+
+    from cluster.deployment import ReplicaStats
+    from cluster.routing import RoutingReport, routing_stats
+    from workers.engine import EngineStats
+
+    assert set(ReplicaStats.__annotations__) == {f.name for f in fields(EngineStats)} | {"replica_id"}
+
+    class Engine:   # what routing_stats reads of an AsyncEngine
+        block_size = 16
+
+        def stats(self):
+            return EngineStats(1, 2, 100, 40, 0, 0, 0, 0)
+
+        def cached_block_hashes(self):
+            return [11, 12, 13]
+
+    report = routing_stats(Engine(), max_hashes=2)
+    assert set(report) <= set(RoutingReport.__annotations__)
+    assert RoutingReport.__required_keys__ <= set(report)
+    assert report["hashes"] == [11, 12] and report["num_cached_blocks"] == 3 and report["kv_blocks_free"] == 40
