@@ -716,6 +716,21 @@ def test_bad_values_fail_lint(helm, tmp_path):
 
 
 # ---- the chart stays in step with the code ----------------------------------------------------------------
+def test_every_engine_setting_passes_through_the_chart(helm, tmp_path):
+    """An engine setting set in values.yaml's models[] (any EngineConfig field: the schema is generated from
+    it) reaches the model's engine arguments in the rendered serveConfigV2."""
+    from workers.engine_config import EngineConfig
+
+    engine_keys = {"num_microbatches": 2, "use_compiled_graph": False, "collective_timeout_s": 15.0,
+                   "step_timeout_s": 120.0, "max_num_batched_tokens": 4096}
+    assert set(engine_keys) <= set(EngineConfig.model_fields)
+    values = {"models": [{"name": "m", "source": {"huggingface": "a/b"}, "resources_per_shard": {"GPU": 1},
+                          "pipeline_parallel_size": 1, **engine_keys}]}
+    [model] = ClusterConfig.from_dict(serve_config(render(helm, tmp_path, values))["applications"][0]["args"]).models
+    engine_args = model.engine_args()
+    assert {k: engine_args[k] for k in engine_keys} == engine_keys
+
+
 def test_values_schema_mirrors_cluster_config():
     schema = json.loads((CHART / "values.schema.json").read_text())
     props = schema["properties"]
