@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import importlib
 import importlib.metadata
 import json
@@ -472,6 +473,9 @@ def _shape(name: str):
 
 
 def _free(device: torch.device) -> None:
+    """Give a dropped runner's memory back: its decode graphs refer to it (a cycle only gc breaks), and the
+    next runner needs the device's memory for its own cache."""
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 

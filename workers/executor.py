@@ -89,6 +89,7 @@ class LocalExecutor:
 
     def shutdown(self) -> None:
         self.runner.kv_caches = []
+        self.runner.decode_graphs = None   # their memory pool (and their reference to the runner) goes too
 
     def shard_stats(self) -> list[dict]:
         return [{"rank": 0, "weight_bytes": self.runner.model.weight_bytes(),
