@@ -60,6 +60,23 @@ def _flags_of(command: list[str]) -> set[str]:
     return {opt for action in p._actions for opt in action.option_strings}
 
 
+def test_kv_cache_dtype_declared_once_is_everywhere():
+    """kv_cache_dtype was added as one EngineConfig field (plus its use in the engine) and `make schema`: its
+    choices are a cluster key's, the chart's enum and the flags' choices, with no other edit."""
+    choices = ["auto", "fp8"]
+    cfg = ClusterConfig.from_dict({"models": [_model(kv_cache_dtype="fp8")]})
+    assert cfg.models[0].engine_args()["kv_cache_dtype"] == "fp8"
+    with pytest.raises(ConfigError, match=r"models\[0\]\.kv_cache_dtype"):
+        ClusterConfig.from_dict({"models": [_model(kv_cache_dtype="int4")]})
+    chart = json.loads(schema_gen.VALUES_SCHEMA.read_text())["properties"]["models"]["items"]["properties"]
+    assert chart["kv_cache_dtype"]["enum"] == choices + [None]
+    for command in (["serve"], ["generate", "--model", "/m", "--prompt", "p"]):
+        args = build_parser().parse_args([*command, "--kv-cache-dtype", "fp8"])
+        assert args.kv_cache_dtype == "fp8"
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([*command, "--kv-cache-dtype", "int4"])
+
+
 def test_engine_settings_in_a_cluster_yaml_reach_the_engine():
     set_by_yaml = {"num_microbatches": 2, "use_compiled_graph": False, "collective_timeout_s": 5.0,
                    "step_timeout_s": 30.0, "num_gpu_blocks_override": 64, "show_progress": False,
