@@ -52,6 +52,21 @@ def test_chat_command_streams_a_reply(demo):
     assert "assistant> " in proc.stdout
 
 
+def test_generate_takes_engine_settings_as_flags(demo, capsys):
+    # Every EngineConfig field is a flag; these change how the engine batches, not what greedy decoding gives.
+    base = ["generate", "--model", str(demo / "llama32-1b-mini"), "--prompt", "Hello world", "--max-tokens", "5",
+            "--ignore-eos"]
+    assert main([*base, "--max-num-batched-tokens", "3", "--no-enable-prefix-caching", "--block-size", "8",
+                 "--max-model-len", "64", "--no-show-progress"]) == 0
+    out = capsys.readouterr()
+    assert "finish_reason=length tokens=5" in out.err
+    assert main(base) == 0               # the engine's defaults give the same greedy text
+    assert capsys.readouterr().out == out.out
+    # a bad value is refused by EngineConfig, naming the setting
+    assert main(["generate", "--model", str(demo / "llama32-1b-mini"), "--prompt", "x", "--block-size", "0"]) == 2
+    assert "block_size: " in capsys.readouterr().err
+
+
 def test_bad_checkpoint_is_a_clear_error(tmp_path, capsys):
     rc = main(["generate", "--model", str(tmp_path), "--prompt", "x"])
     assert rc == 2
