@@ -525,7 +525,8 @@ def time_shape(name: str, cfg, device: torch.device, plan: Plan, ceilings: Ceili
                     skipped.append(dict(entry, why="time budget spent"))
                     continue
                 step = decode_step(batch, context, bs, cfg.vocab_size)
-                seconds = _time(lambda: runner.execute(step), device, iters=5 if quick else 30,
+                # A step as the engine runs it greedily: the forward, the argmax, the ids on the host.
+                seconds = _time(lambda: runner.execute(step).argmax(-1).tolist(), device, iters=5 if quick else 30,
                                 max_s=0.5 if quick else 2.0)
                 kv_elem = runner.kv_dtype.itemsize
                 bound = decode_bytes(cfg, batch, context, elem, kv_elem) / ceilings.hbm_bytes_per_s

@@ -174,4 +174,4 @@ def test_selection_follows_the_switch(monkeypatch):
     assert gs.vectorized_draw_enabled(torch.device("cpu"))
     monkeypatch.delenv("HERD_VECTORIZED_SAMPLING")
     assert gs.vectorized_draw_enabled(torch.device("cuda"))
-    assert not gs.vectorized_draw_enabled(torch.device("cpu"))
+    assert gs.vectorized_draw_enabled(torch.device("cpu")) == torch.cuda.is_available()   # per machine, not step

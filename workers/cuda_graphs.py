@@ -14,7 +14,8 @@ How a step runs (as vLLM's CUDAGraphRunner and SGLang's cuda_graph_runner do it)
   the batch and the table's width (`decode_splits`), so it is fixed per bucket, as a replay needs.
 - Inputs go up through pinned host buffers with non-blocking copies; the host waits for the previous
   step's copies to have left those buffers (a CUDA event) before it overwrites them, never for the GPU's
-  compute.
+  compute. The logits stay on the GPU: the engine's sampler draws there (gpu_sampling.py) and only the
+  sampled ids come back to the host.
 
 On by default on CUDA with the Triton attention and a single shard (TP would need its all-reduce inside the
 graph); HERD_CUDA_GRAPHS=0 turns it off, HERD_CUDA_GRAPH_MAX_BATCH (default 256) bounds the buckets. The
@@ -196,11 +197,12 @@ class CudaGraphDecoder:
         return is_pure_decode(step) and bucket_for(step.num_decode, self.buckets) is not None
 
     def run(self, step: "StepInput") -> torch.Tensor:
-        """fp32 logits [num_decode, vocab] on the host, from the bucket's graph."""
+        """fp32 logits [num_decode, vocab] from the bucket's graph, left on the GPU: the sampler draws there and
+        only the sampled ids come back. A copy, since the next replay overwrites the graph's output."""
         bucket = bucket_for(step.num_decode, self.buckets)
         self.inputs.load(step, bucket)
         self.graphs[bucket].replay()
-        return self.outputs[bucket][:step.num_decode].cpu()
+        return self.outputs[bucket][:step.num_decode].clone()
 
 
 def decode_graphs_for(runner: "ModelRunner", padding_block: int) -> CudaGraphDecoder:

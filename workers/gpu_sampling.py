@@ -34,16 +34,17 @@ _M1, _M2 = 0x85EBCA6B, 0xC2B2AE35   # murmur3 fmix32 multipliers
 
 def vectorized_draw_enabled(device: torch.device) -> bool:
     """Whether the sampler draws with `draw` rather than per-request generators: HERD_VECTORIZED_SAMPLING=1/0
-    decides; by default for probabilities on CUDA. On the CPU the generator draw stays the default: the hash
-    costs some 30 integer passes over [rows, vocabulary], nothing to a GPU but tens of milliseconds a step to
-    a CPU at a 128k vocabulary (the engine's logits still reach the sampler on the host). Set it to 1 to
-    reproduce the vectorized draw's tokens on a CPU."""
+    decides; by default on a machine with CUDA, for every step alike. The choice must not depend on the step:
+    a graph-replayed decode leaves its logits on the GPU while a prefill or mixed step hands them to the host,
+    and a seeded request would otherwise draw by one scheme or the other depending on what shared its batch.
+    (`draw` moves host probabilities to the GPU for the hash, which costs tens of milliseconds a step on a CPU
+    at a 128k vocabulary; a CPU-only machine keeps the generator draw unless told otherwise.)"""
     value = os.environ.get("HERD_VECTORIZED_SAMPLING", "").strip().lower()
     if value in ("1", "true", "yes", "on"):
         return True
     if value in ("0", "false", "no", "off"):
         return False
-    return device.type == "cuda"
+    return device.type == "cuda" or torch.cuda.is_available()
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
@@ -100,9 +101,10 @@ def draw(probs: torch.Tensor, states: Sequence) -> torch.Tensor:
         halves[j] = pair
     counters = [len(st.output_token_ids) if st.generator is not None else 0 for st in states]
     host = torch.tensor([h + [c] for h, c in zip(halves, counters)], dtype=torch.int64).view(n, 3)
-    if probs.device.type == "cuda":   # up through pinned memory, without waiting for the queued work
-        host = host.pin_memory().to(probs.device, non_blocking=True)
-    else:
-        host = host.to(probs.device)
+    work = probs
+    if probs.device.type == "cpu" and torch.cuda.is_available():
+        work = probs.to("cuda")          # the same tokens either way; the hash is cheap only on a GPU
+    if work.device.type == "cuda":       # up through pinned memory, without waiting for the queued work
+        host = host.pin_memory().to(work.device, non_blocking=True)
     keys = row_keys(host[:, 0], host[:, 1], host[:, 2])
-    return exponential_race(probs, keys)
+    return exponential_race(work, keys).to(probs.device)

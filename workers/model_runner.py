@@ -128,7 +128,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, step: StepInput, hidden: torch.Tensor | None = None) -> torch.Tensor:
-        """Last stage: fp32 logits [len(sample_indices), vocab] (on CPU). Other stages: hidden states."""
+        """Last stage: fp32 logits [len(sample_indices), vocab] (on CPU; a replayed decode graph's stay on the
+        GPU, where the sampler takes them). Other stages: hidden states."""
         if self.decode_graphs is not None and self.decode_graphs.can_run(step):
             return self.decode_graphs.run(step)
         positions = torch.tensor(step.positions, dtype=torch.long, device=self.device)
