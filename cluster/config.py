@@ -48,7 +48,8 @@ class AutoscalingConfig(_Strict):
     look_back_period_s: Optional[float] = Field(None, gt=0)
     upscaling_factor: Optional[float] = Field(None, gt=0)
     downscaling_factor: Optional[float] = Field(None, gt=0)
-    policy: Optional[dict[str, Any]] = Field(None, description="Serve autoscaling policy (default: herd's LLM-aware policy)")
+    policy: Optional[dict[str, Any]] = Field(None, description=(
+        "Serve autoscaling policy (default: herd's LLM-aware policy)"))
 
     @model_validator(mode="after")
     def _bounds(self) -> "AutoscalingConfig":
@@ -71,8 +72,10 @@ class LimitsConfig(_Strict):
     max_logprobs: int = Field(20, ge=0, le=20, description="top-N log-probabilities per token")
     min_repetition_penalty: float = Field(0.01, gt=0)
     max_repetition_penalty: float = Field(10.0, gt=0)
-    max_request_body_bytes: int = Field(8 << 20, ge=1024, description="HTTP request body (413 over it, checked before parsing)")
-    max_grpc_message_bytes: int = Field(8 << 20, ge=1024, description="gRPC message size of the proxies (RAY_SERVE_GRPC_MAX_MESSAGE_SIZE on every Ray container)")
+    max_request_body_bytes: int = Field(8 << 20, ge=1024, description=(
+        "HTTP request body (413 over it, checked before parsing)"))
+    max_grpc_message_bytes: int = Field(8 << 20, ge=1024, description=(
+        "gRPC message size of the proxies (RAY_SERVE_GRPC_MAX_MESSAGE_SIZE on every Ray container)"))
     max_request_id_chars: int = Field(128, ge=8, description="characters of a client request id")
     max_health_watchers: int = Field(64, ge=0, description="concurrent Health.Watch streams per ingress replica")
 
@@ -156,8 +159,9 @@ class ModelDeploymentConfig(EngineSettings):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description=(
         "compute dtype (auto: the checkpoint's on GPU, float32 on CPU)"))
     # Engine settings whose serving default differs from the engine's:
-    placement_strategy: PlacementStrategy = Field(EngineConfig.model_fields["placement_strategy"].default,
-                                                  description=EngineConfig.model_fields["placement_strategy"].description)
+    placement_strategy: PlacementStrategy = Field(
+        EngineConfig.model_fields["placement_strategy"].default,
+        description=EngineConfig.model_fields["placement_strategy"].description)
     resources_per_shard: dict[str, Annotated[float, Field(ge=0)]] = Field(
         default_factory=default_resources_per_shard, json_schema_extra={"minProperties": 1}, description=(
             "Ray resources of one shard, e.g. {GPU: 1} or {CPU: 0.5} (default: {GPU: 1} where CUDA is, else {CPU: 1})"))
