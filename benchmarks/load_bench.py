@@ -73,7 +73,7 @@ def engine_kwargs(entry: dict[str, Any]) -> dict[str, Any]:
     from cluster.config import ModelDeploymentConfig
 
     spec = model_spec(ModelDeploymentConfig(**entry))
-    return {"dtype": spec["dtype"], **spec["engine_args"], "show_progress": False}
+    return {"dtype": spec.dtype, **spec.engine_args, "show_progress": False}
 
 
 def parse_levels(text: str) -> list[int]:
