@@ -111,11 +111,15 @@ ENGINE_MODULES = ("workers.engine", "workers.model_runner", "workers.demo", "wor
 def wheel_requirements() -> list[str]:
     """`name==version` of every installed distribution the check's imports pull in, beyond the standard
     library, PyTorch and what PyTorch itself requires (a GPU machine has those): what `make gpu-wheels`
-    downloads. Read from this environment, so the versions are the ones herd is tested with."""
-    before = set(sys.modules)
-    for name in ENGINE_MODULES:
-        importlib.import_module(name)
-    top_level = {m.split(".")[0] for m in set(sys.modules) - before} | {"safetensors", "tqdm"}
+    downloads. Read from this environment, so the versions are the ones herd is tested with; the imports
+    are made in a fresh interpreter, so what this process imported already does not hide any."""
+    code = ("import importlib, sys\n"
+            f"for m in {ENGINE_MODULES!r}:\n"
+            "    importlib.import_module(m)\n"
+            "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parent.parent)
+    top_level = set(proc.stdout.split())
     dists = importlib.metadata.packages_distributions()
     provided_by_torch = {"torch", "triton"} | _requirement_closure("torch")
     wanted = set()
