@@ -295,20 +295,23 @@ def blocks_for(tokens: int, block_size: int) -> int:
 def decode_step(batch: int, context: int, block_size: int, vocab: int, seed: int = 0):
     """A decode step of `batch` sequences, each with `context` keys (its new token's included) in its own
     blocks: sequence i holds blocks [i * n, (i + 1) * n)."""
+    return ragged_decode_step([context] * batch, block_size, vocab, blocks_for(context, block_size), seed)
+
+
+def ragged_decode_step(lengths: list[int], block_size: int, vocab: int, stride: int, seed: int = 0):
+    """A decode step of sequences with these context lengths; sequence i's blocks start at block i * stride."""
     from workers.model_runner import StepInput
 
-    n = blocks_for(context, block_size)
     g = torch.Generator().manual_seed(seed)
-    step = StepInput(input_ids=torch.randint(0, vocab, (batch,), generator=g).tolist())
-    pos = context - 1
-    for i in range(batch):
-        table = list(range(i * n, (i + 1) * n))
-        step.positions.append(pos)
-        step.slot_mapping.append(table[pos // block_size] * block_size + pos % block_size)
+    step = StepInput(input_ids=torch.randint(0, vocab, (len(lengths),), generator=g).tolist())
+    for i, n in enumerate(lengths):
+        table = list(range(i * stride, i * stride + blocks_for(n, block_size)))
+        step.positions.append(n - 1)
+        step.slot_mapping.append(table[(n - 1) // block_size] * block_size + (n - 1) % block_size)
         step.decode_block_tables.append(table)
-        step.decode_seq_lens.append(context)
-    step.num_decode = batch
-    step.sample_indices = list(range(batch))
+        step.decode_seq_lens.append(n)
+    step.num_decode = len(lengths)
+    step.sample_indices = list(range(len(lengths)))
     return step
 
 
@@ -467,6 +470,41 @@ def check_bf16_agreement(device: torch.device, quick: bool) -> dict:
             out[name] = {"top1_agreement": float((t.argmax(-1) == top).double().mean()),
                          "logprob_abs_err_mean": float(err.mean()), "logprob_abs_err_max": float(err.max())}
     del ref, test, tested
+    _free(device)
+    return out
+
+
+def check_graphs_match_eager(device: torch.device, quick: bool) -> dict:
+    """Decode steps replayed from the CUDA graphs (batches padded into buckets, block tables padded to
+    max_model_len) against the same steps run eagerly, on a random bf16 model over a random cache: the largest
+    logit difference and the argmax agreement per batch size."""
+    if device.type != "cuda":
+        return {"skipped": "CUDA graphs need CUDA"}
+    cfg = shapes(quick)[0][1] if quick else _shape("llama3-1b")
+    bs, max_len = 16, 2048
+    runner = random_runner(cfg, dtype=torch.bfloat16, device=device, max_model_len=max_len, block_size=bs,
+                           path="triton")
+    batches = (1, 3, 5, 17, 40)
+    allocate_cache(runner, max(batches) * blocks_for(max_len, bs), "triton")
+    if runner.decode_graphs is None:
+        return {"skipped": "no graphs were captured (the Triton attention is off or missing)"}
+    g = torch.Generator(device=device).manual_seed(7)
+    for k, v in runner.kv_caches:
+        k.normal_(generator=g)
+        v.normal_(generator=g)
+    lengths = torch.randint(1, max_len, (max(batches),), generator=torch.Generator().manual_seed(8)).tolist()
+    out = {}
+    for batch in batches:
+        step = ragged_decode_step(lengths[:batch], bs, cfg.vocab_size, blocks_for(max_len, bs), seed=batch)
+        replayed = runner.execute(step).float()
+        graphs, runner.decode_graphs = runner.decode_graphs, None
+        try:
+            eager = runner.execute(step).to(device).float()      # the same k/v rewritten to the same slots
+        finally:
+            runner.decode_graphs = graphs
+        out[f"batch{batch}"] = {"max_abs_diff": float((replayed - eager).abs().max()),
+                                "argmax_agreement": float((replayed.argmax(-1) == eager.argmax(-1)).float().mean())}
+    del runner
     _free(device)
     return out
 
@@ -669,6 +707,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"greedy tokens equal: {report['greedy_vs_reference']['all_equal']}", flush=True)
     report["bf16_agreement"] = check_bf16_agreement(device, args.quick)
     print(f"bf16 agreement: {json.dumps(report['bf16_agreement'])}", flush=True)
+    report["graphs_vs_eager"] = check_graphs_match_eager(device, args.quick)
+    print(f"graphs vs eager: {json.dumps(report['graphs_vs_eager'])}", flush=True)
     deadline = started + args.budget_s
     report["decode"], report["prefill"], report["skipped"] = [], [], []
     for name, cfg in shapes(args.quick):

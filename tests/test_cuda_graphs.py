@@ -133,3 +133,34 @@ def test_graphs_are_not_wanted_off_cuda_or_when_switched_off(runner, monkeypatch
     assert cg.graphs_wanted(runner)
     monkeypatch.setattr(runner, "shard", ShardInfo(tp_size=2))   # TP: its all-reduce is not in the graph
     assert not cg.graphs_wanted(runner)
+
+
+class EagerReplay(cg.CudaGraphDecoder):
+    """CudaGraphDecoder with its one CUDA-only step (replaying a graph) replaced by running the captured forward
+    eagerly: everything else of `run` (bucket, padding, static buffers, the runner's dispatch) is the real code."""
+
+    def replay(self, bucket):
+        return cg.static_forward(self.runner, self.inputs, bucket)
+
+
+def test_the_runner_sends_pure_decodes_to_its_graphs(runner, monkeypatch):
+    step = decode([[0, 1, 2], [5, 6], [9]], [11, 7, 3], ids=[17, 42, 99])
+    fill_cache(runner)
+    expected = runner.execute(step)
+    decoder = EagerReplay(runner, max_batch=8, padding_block=40)
+    assert decoder.buckets == (1, 2, 4, 8)
+    calls = []
+    monkeypatch.setattr(decoder, "replay", lambda bucket: calls.append(bucket) or EagerReplay.replay(decoder, bucket))
+    monkeypatch.setattr(runner, "decode_graphs", decoder)
+    fill_cache(runner)
+    torch.testing.assert_close(runner.execute(step), expected, rtol=1e-5, atol=1e-5)
+    assert calls == [4]                                     # 3 sequences: the bucket of 4
+    mixed = decode([[0, 1, 2]], [11])
+    mixed.input_ids, mixed.positions, mixed.slot_mapping = [5, 6], [0, 1], [80, 81]
+    mixed.num_decode, mixed.decode_block_tables, mixed.decode_seq_lens = 0, [], []
+    mixed.prefills, mixed.sample_indices = [(0, 2, 2, [20])], [1]
+    runner.execute(mixed)
+    assert calls == [4]                                     # a prefill runs eagerly
+    nine = decode([[i] for i in range(9)], [1] * 9)
+    runner.execute(nine)
+    assert calls == [4]                                     # beyond the largest bucket: eagerly

@@ -201,8 +201,12 @@ class CudaGraphDecoder:
         only the sampled ids come back. A copy, since the next replay overwrites the graph's output."""
         bucket = bucket_for(step.num_decode, self.buckets)
         self.inputs.load(step, bucket)
+        return self.replay(bucket)[:step.num_decode].clone()
+
+    def replay(self, bucket: int) -> torch.Tensor:
+        """The bucket's logits over the loaded inputs (the one CUDA-only step of `run`)."""
         self.graphs[bucket].replay()
-        return self.outputs[bucket][:step.num_decode].clone()
+        return self.outputs[bucket]
 
 
 def decode_graphs_for(runner: "ModelRunner", padding_block: int) -> CudaGraphDecoder:
