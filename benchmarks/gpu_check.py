@@ -509,6 +509,37 @@ def check_graphs_match_eager(device: torch.device, quick: bool) -> dict:
     return out
 
 
+def check_memory_sizing(device: torch.device, quick: bool, utilization: float = 0.9) -> dict:
+    """The KV pool sized by gpu_memory.profiled_kv_blocks for a random Llama-3.2-1B-shaped bf16 runner, then
+    allocated, its decode graphs captured and its largest steps run: what the device reports afterwards, and
+    whether the replica stayed inside its share."""
+    if device.type != "cuda":
+        return {"skipped": "sizing from the device's memory needs CUDA"}
+    from workers.gpu_memory import PROFILE_DECODE_BATCH, PROFILE_TOKENS, kv_blocks, measure
+
+    cfg = shapes(quick)[0][1] if quick else _shape("llama3-1b")
+    bs = 16
+    _free(device)
+    runner = random_runner(cfg, dtype=torch.bfloat16, device=device, max_model_len=8192, block_size=bs,
+                           path="triton")
+    reading = measure(runner, graphs=runner.device.type == "cuda")     # what LocalExecutor does on CUDA
+    blocks = kv_blocks(reading, utilization, runner.block_bytes())
+    torch.cuda.reset_peak_memory_stats(device)
+    allocate_cache(runner, blocks, "triton")
+    runner.execute(prefill_step(PROFILE_TOKENS, bs, cfg.vocab_size))
+    runner.execute(decode_step(PROFILE_DECODE_BATCH, 1, bs, cfg.vocab_size)).argmax(-1).tolist()
+    torch.cuda.synchronize(device)
+    free, total = torch.cuda.mem_get_info(device)
+    out = {"utilization": utilization, "total_bytes": total, "reading": dataclasses.asdict(reading),
+           "kv_blocks": blocks, "kv_bytes": blocks * runner.block_bytes(),
+           "graph_pool_bytes": runner.decode_graphs.memory_bytes if runner.decode_graphs else 0,
+           "torch_peak_bytes": torch.cuda.max_memory_allocated(device), "device_used_bytes": total - free,
+           "within_share": total - free <= int(total * utilization) + (reading.total - reading.free - reading.allocated)}
+    del runner
+    _free(device)
+    return out
+
+
 def _shape(name: str):
     from workers.parallel.plan import shape_config
     return shape_config(name)[1]
@@ -709,6 +740,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bf16 agreement: {json.dumps(report['bf16_agreement'])}", flush=True)
     report["graphs_vs_eager"] = check_graphs_match_eager(device, args.quick)
     print(f"graphs vs eager: {json.dumps(report['graphs_vs_eager'])}", flush=True)
+    report["memory_sizing"] = check_memory_sizing(device, args.quick)
+    print(f"memory sizing: {json.dumps(report['memory_sizing'])}", flush=True)
     deadline = started + args.budget_s
     report["decode"], report["prefill"], report["skipped"] = [], [], []
     for name, cfg in shapes(args.quick):

@@ -33,6 +33,7 @@ def test_cpu_dry_run_writes_the_report(tmp_path):
         assert agreement[part]["top1_agreement"] >= 0.9
         assert 0 <= agreement[part]["logprob_abs_err_mean"] < 0.05
     assert report["graphs_vs_eager"] == {"skipped": "CUDA graphs need CUDA"}
+    assert report["memory_sizing"] == {"skipped": "sizing from the device's memory needs CUDA"}
     cases = {(r["shape"], r["path"], r["batch"], r["context"]) for r in report["decode"]}
     plan = report["plan"]
     # the first shape on 3 paths (graphs, eager Triton, portable), the second on 2
