@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -667,7 +668,9 @@ def write_png(report: dict, path: Path) -> str | None:
     except ImportError:
         return "matplotlib is not installed here"
     decode = report["decode"]
-    shape_names = list(dict.fromkeys(r["shape"] for r in decode)) or ["(none)"]
+    if not decode:
+        return "no decode step was timed"
+    shape_names = list(dict.fromkeys(r["shape"] for r in decode))
     fig, axes = plt.subplots(1, len(shape_names) + 1, figsize=(5 * (len(shape_names) + 1), 4.2), squeeze=False)
     for ax, shape in zip(axes[0], shape_names):
         cases = list(dict.fromkeys((r["context"], r["batch"]) for r in decode if r["shape"] == shape))
@@ -732,16 +735,25 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"gpu-check on {ceilings.device_name} (bound from {ceilings.source}: "
           f"{ceilings.hbm_bytes_per_s / 1e12:.2f} TB/s, {ceilings.bf16_flops_per_s / 1e12:.0f} TFLOP/s bf16)", flush=True)
-    report["measured_ceilings"] = measured_ceilings(device, args.quick)
+    json_path = out / "gpu_check.json"
+
+    def section(key: str, fn) -> None:
+        """One part of the check; its failure is recorded and the others still run, and the JSON is written
+        after each part (a device session is short: a late failure or a timeout keeps what came before)."""
+        try:
+            report[key] = fn()
+        except Exception as e:  # noqa: BLE001 - one failing part must not cost the others
+            report[key] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-4000:]}
+            _free(device)
+        print(f"{key}: {json.dumps(report[key])[:2000]}", flush=True)
+        json_path.write_text(json.dumps(report, indent=2))
+
+    section("measured_ceilings", lambda: measured_ceilings(device, args.quick))
     with tempfile.TemporaryDirectory() as tmp:
-        report["greedy_vs_reference"] = check_greedy(device, Path(tmp), args.quick)
-    print(f"greedy tokens equal: {report['greedy_vs_reference']['all_equal']}", flush=True)
-    report["bf16_agreement"] = check_bf16_agreement(device, args.quick)
-    print(f"bf16 agreement: {json.dumps(report['bf16_agreement'])}", flush=True)
-    report["graphs_vs_eager"] = check_graphs_match_eager(device, args.quick)
-    print(f"graphs vs eager: {json.dumps(report['graphs_vs_eager'])}", flush=True)
-    report["memory_sizing"] = check_memory_sizing(device, args.quick)
-    print(f"memory sizing: {json.dumps(report['memory_sizing'])}", flush=True)
+        section("greedy_vs_reference", lambda: check_greedy(device, Path(tmp), args.quick))
+    section("bf16_agreement", lambda: check_bf16_agreement(device, args.quick))
+    section("graphs_vs_eager", lambda: check_graphs_match_eager(device, args.quick))
+    section("memory_sizing", lambda: check_memory_sizing(device, args.quick))
     deadline = started + args.budget_s
     report["decode"], report["prefill"], report["skipped"] = [], [], []
     for name, cfg in shapes(args.quick):
@@ -749,14 +761,18 @@ def main(argv: list[str] | None = None) -> int:
         # with an fp8 KV cache (half the KV bytes; its bound counts one byte an element).
         first = name == shapes(args.quick)[0][0]
         paths = ("triton", "triton-eager", "triton-fp8", "portable") if first else ("triton", "portable")
-        timed = time_shape(name, cfg, device, plan, ceilings, deadline, args.quick, paths)
+        section(f"timing_{name}", lambda: time_shape(name, cfg, device, plan, ceilings, deadline, args.quick, paths))
+        timed = report.pop(f"timing_{name}")
+        if "error" in timed:
+            report.setdefault("errors", {})[f"timing {name}"] = timed
+            continue
         for key in ("decode", "prefill", "skipped"):
             report[key] += timed[key]
         for r in timed["decode"]:
-            print(f"  decode {r['shape']:>22} {r['path']:>8} batch {r['batch']:>3} ctx {r['context']:>5}: "
+            print(f"  decode {r['shape']:>22} {r['path']:>12} batch {r['batch']:>3} ctx {r['context']:>5}: "
                   f"{r['step_ms']:8.2f} ms (bound {r['bound_ms']:.2f} ms, {r['fraction_of_bound']:.0%})", flush=True)
         for p in timed["prefill"]:
-            print(f"  prefill {p['shape']:>21} {p['path']:>8} {p['tokens']} tokens: {p['tokens_per_s']:,.0f} tok/s "
+            print(f"  prefill {p['shape']:>21} {p['path']:>12} {p['tokens']} tokens: {p['tokens_per_s']:,.0f} tok/s "
                   f"({p['fraction_of_peak']:.0%} of peak)", flush=True)
     target_shape = shapes(args.quick)[0][0]
     report["targets"] = {"shape": target_shape, **judge_targets(report["decode"], report["prefill"], target_shape)}
@@ -766,9 +782,9 @@ def main(argv: list[str] | None = None) -> int:
     if png_problem:
         report["png_skipped"] = png_problem
         print(f"no PNG: {png_problem}")
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=2))
+    json_path.write_text(json.dumps(report, indent=2))
     print(f"targets: {json.dumps(report['targets'])}")
-    print(f"wrote {out / 'gpu_check.json'} in {report['elapsed_s']:.0f} s")
+    print(f"wrote {json_path} in {report['elapsed_s']:.0f} s")
     return 0
 
 
