@@ -28,6 +28,7 @@ by its Content-Length or, for a chunked body, as it arrives). A 429 carries `Ret
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -311,9 +312,12 @@ class EdgeGuard:
         scope.setdefault("state", {})["cache_salt"] = salt
         # X-Request-Id: the client's, or the one Serve's proxy made; Serve echoes it on the response.
         request_id = http_request_id(headers)
+        held = contextlib.nullcontext()
         if request_id:
             try:
                 frontend.limits.check_request_id(request_id, field="X-Request-Id")
+                # one live request per id on this ingress replica, as for gRPC (409 ALREADY_EXISTS)
+                held = frontend.live_request_ids.hold(request_id)
             except ApiError as e:
                 return await error_response(e)(scope, receive, send)
         received = 0
@@ -337,7 +341,7 @@ class EdgeGuard:
             await send(message)
 
         try:
-            with request_scope(request_id):
+            with held, request_scope(request_id):
                 return await self.app(scope, bounded_receive, send_status if span is not None else send)
         finally:
             code = status.get("code", 500)

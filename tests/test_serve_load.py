@@ -186,6 +186,21 @@ def test_text_limits_and_request_ids(cluster, client):
         live.cancel()
         wait_for(lambda: outcome(gen("dup-1")) == "length", timeout_s=30)  # free once the first ended
 
+    # HTTP: the same rule for X-Request-Id (409 while a request with that id is live; "narrow" makes the first
+    # one long enough to still be running)
+    key = {"authorization": f"Bearer {KEY_A}", "x-request-id": "http-dup-1"}
+    body = {"model": "narrow", "prompt": prompt(3), "max_tokens": LONG // 2, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    with httpx.Client(base_url=cluster.http_url, timeout=120) as http:
+        with http.stream("POST", "/v1/completions", headers=key, json=body) as live_http:
+            assert live_http.status_code == 200 and live_http.headers["x-request-id"] == "http-dup-1"
+            lines = live_http.iter_lines()
+            assert all(next(lines) is not None for _ in range(8))  # a few tokens in: decoding
+            dup = http.post("/v1/completions", headers=key, json={**body, "stream": False, "max_tokens": 2})
+            assert dup.status_code == 409 and dup.json()["error"]["param"] == "request_id", dup.text
+        wait_for(lambda: http.post("/v1/completions", headers=key,
+                                   json={**body, "stream": False, "max_tokens": 2}).status_code == 200, timeout_s=60)
+
 
 def test_max_tokens_is_capped_by_the_context_and_says_length(client):
     p = prompt(5, 200)
