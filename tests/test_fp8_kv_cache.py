@@ -10,7 +10,7 @@ import inspect
 import pytest
 import torch
 
-from test_triton_kernels import GQA, Batch, assert_close, interpreted_kernels, worker_pool
+from test_triton_kernels import GQA, Batch, assert_close, interpreted_kernels, run_with_the_compiler, worker_pool
 from workers.attention import TorchPagedAttention
 from workers.triton_attention import FP8_KV_DTYPE, FP8_MAX, quantize_fp8, write_fp8
 
@@ -107,11 +107,6 @@ def check_fp8_kernels_compile_for_hopper() -> dict[str, int]:
 @pytest.mark.slow
 def test_fp8_kernels_compile_for_a_gpu():
     """What the interpreter cannot tell: that the compiler takes the e4m3 loads and widening for Hopper."""
-    pool = worker_pool(interpret=False)
-    try:
-        shared = pool.apply(check_fp8_kernels_compile_for_hopper)
-    finally:
-        pool.close()
-        pool.join()
+    shared = run_with_the_compiler(check_fp8_kernels_compile_for_hopper)
     assert set(shared) == {"decode", "prefill"}
     assert max(shared.values()) <= HOPPER_SHARED_MEMORY, shared

@@ -85,11 +85,12 @@ def test_http_edge_refuses_a_bad_request_id():
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse
 
-    from cluster.limits import InputLimits
+    from cluster.limits import InputLimits, LiveRequestIds
     from cluster.openai_http import EdgeGuard
 
     class Frontend:
         limits = InputLimits()
+        live_request_ids = LiveRequestIds()
 
         def authenticate(self, headers):
             return 0

@@ -46,6 +46,16 @@ def worker_pool(interpret: bool):
             os.environ["TRITON_INTERPRET"] = previous
 
 
+def run_with_the_compiler(check):
+    """check() in a fresh process where Triton compiles for real (no interpreter); its result."""
+    pool = worker_pool(interpret=False)
+    try:
+        return pool.apply(check)
+    finally:
+        pool.close()
+        pool.join()
+
+
 @pytest.fixture(scope="module")
 def interpreter():
     """run(check, *args, **kwargs): check(...) in the interpreter's process (its failures are raised here)."""
@@ -362,11 +372,6 @@ def check_compiles_for_hopper() -> dict[str, int]:
 @pytest.mark.slow
 def test_kernels_compile_for_a_gpu():
     """What the interpreter cannot see: that the compiler accepts the kernels and they fit a Hopper SM."""
-    pool = worker_pool(interpret=False)
-    try:
-        shared = pool.apply(check_compiles_for_hopper)
-    finally:
-        pool.close()
-        pool.join()
+    shared = run_with_the_compiler(check_compiles_for_hopper)
     assert len(shared) == 13
     assert max(shared.values()) <= 227 * 1024, shared          # an H100 / H200 block's shared memory
