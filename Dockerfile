@@ -41,7 +41,7 @@ COPY --chown=ray:users workers ./workers
 COPY --chown=ray:users cluster ./cluster
 COPY --chown=ray:users proto ./proto
 COPY --chown=ray:users benchmarks ./benchmarks
-RUN pip install --no-cache-dir . && herd --help > /dev/null
+RUN pip install --no-cache-dir ".[tracing]" && herd --help > /dev/null
 
 # Serve's proxies (HTTP 8000, gRPC 9000), Ray's metrics (8080); the head also uses 6379, 8265, 10001.
 EXPOSE 8000 9000 8080

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import time
 import uuid
@@ -62,10 +63,11 @@ STRUCTURED_OUTPUTS_KEYS = {"json": "json_schema", "regex": "regex", "choice": "c
                            "json_object": "json_object"}
 
 
+@functools.cache
 def _sampling_field_names() -> frozenset[str]:
     from dataclasses import fields
 
-    from workers.sampling import SamplingParams
+    from workers.sampling_params import SamplingParams  # the light module (no torch)
 
     return frozenset(f.name for f in fields(SamplingParams))
 

@@ -11,7 +11,7 @@ from typing import Any
 
 _EXPORTS = {
     "AsyncEngine": "async_engine", "ModelConfig": "config",
-    "Engine": "engine", "EngineConfig": "engine", "EngineStats": "engine", "RequestOutput": "engine",
+    "Engine": "engine", "EngineConfig": "engine_config", "EngineStats": "engine", "RequestOutput": "engine",
     "StreamDelta": "engine", "CompletionOutput": "engine",
     "CheckpointError": "errors", "EngineUnavailableError": "errors", "HerdError": "errors",
     "InvalidRequestError": "errors", "PromptTooLongError": "errors", "QueueFullError": "errors",
