@@ -138,6 +138,10 @@ def prompt_logprobs_to_wire(prompt_token_ids: list[int], logprobs: list[dict[int
             for tok, entry in zip(prompt_token_ids, logprobs)]
 
 
+# A chunk key that never leaves the replica: the engine's first-scheduled time, for the trace's queue span.
+_SCHEDULED_AT = "_scheduled_at"
+
+
 class ModelServer:
     """A Serve replica serving one model with herd's engine, as `spec` says (built by cluster.app)."""
 
@@ -183,11 +187,15 @@ class ModelServer:
             "herd.model": self.name, "herd.replica": self.replica_id,
             "herd.request_id": request_id_from(context) or request_id}, kind="server")
         started, first_token_at, error, last = time.monotonic(), None, None, {}
+        scheduled_at = None  # when the engine first scheduled it (its queue wait ended)
         last_at = None   # when the last chunk came from the engine (the caller may close us later)
         try:
             async with contextlib.aclosing(chunks):
                 async for chunk in chunks:
                     last_at = time.monotonic()
+                    scheduled = chunk.pop(_SCHEDULED_AT, None)
+                    if scheduled_at is None:
+                        scheduled_at = scheduled
                     if "error" in chunk:
                         error = chunk["error"]["code"]
                     else:
@@ -209,7 +217,7 @@ class ModelServer:
                      1000 * (finished - started))
             if span is not None:
                 tracing.add_engine_spans(span, submitted_s=started, first_token_s=first_token_at,
-                                         finished_s=finished, attributes={
+                                         finished_s=finished, scheduled_s=scheduled_at, attributes={
                                              "herd.prompt_tokens": last.get("prompt_tokens"),
                                              "herd.cached_tokens": last.get("cached_tokens"),
                                              "herd.completion_tokens": last.get("completion_tokens")})
@@ -255,6 +263,8 @@ class ModelServer:
                     if d.prompt_logprobs is not None:
                         chunk["prompt_logprobs"] = prompt_logprobs_to_wire(
                             prompt_token_ids, d.prompt_logprobs, params.prompt_logprobs or 0)
+                    if d.scheduled_at is not None:  # this process's clock: generate_stream takes it out
+                        chunk[_SCHEDULED_AT] = d.scheduled_at
                     yield chunk
                     if d.finished:
                         unfinished -= 1

@@ -18,9 +18,10 @@ Spans (kind, where):
   replica taking the request; herd.route.reason (affinity / load / fallback), herd.route.prompt_blocks,
   herd.route.matched_blocks, herd.replica.
 - `herd.replica.generate` (SERVER, model replica), with child spans from the timestamps the replica sees
-  of its engine stream: `herd.engine.prefill` (submitted to the engine -> first token; the engine does not
-  report when it first scheduled the sequence, so time spent in the engine's waiting queue is inside this
-  span, and the span says so: herd.engine.includes_queue_wait) and `herd.engine.decode` (first token -> last).
+  of its engine stream: `herd.engine.queue` (submitted to the engine -> the engine first scheduled it, as the
+  engine reports on its first delta), `herd.engine.prefill` (-> first token) and `herd.engine.decode` (first
+  token -> last). A request that never left the queue has a prefill span from submission that says so
+  (herd.engine.includes_queue_wait).
 - The trace context crosses processes as W3C `traceparent` / `tracestate` strings inside the request's
   context dict (cluster.request_context.outgoing_context), the `context` keyword of the model call.
 
@@ -215,17 +216,23 @@ def wall_ns(monotonic_s: float, offset_ns: Optional[int] = None) -> int:
 
 
 def add_engine_spans(parent: Any, *, submitted_s: float, first_token_s: Optional[float], finished_s: float,
-                     attributes: Optional[Mapping[str, Any]] = None) -> None:
+                     scheduled_s: Optional[float] = None, attributes: Optional[Mapping[str, Any]] = None) -> None:
     """Child spans of the replica span from the engine stream's timestamps (time.monotonic()):
-    herd.engine.prefill (submitted -> first token, engine queue wait included) and herd.engine.decode
-    (first token -> finished)."""
+    herd.engine.queue (submitted -> first scheduled), herd.engine.prefill (first scheduled -> first token) and
+    herd.engine.decode (first token -> finished). Without `scheduled_s` (a request that never left the
+    queue) the prefill span starts at submission and says it holds the queue wait."""
     if parent is None:
         return
     attrs = dict(attributes or {})
     offset = wall_clock_offset_ns()
     prefill_end = first_token_s if first_token_s is not None else finished_s
-    prefill = start_span("herd.engine.prefill", parent, {**attrs, "herd.engine.includes_queue_wait": True},
-                         start_ns=wall_ns(submitted_s, offset))
+    prefill_attrs = attrs
+    if scheduled_s is not None:
+        queue = start_span("herd.engine.queue", parent, attrs, start_ns=wall_ns(submitted_s, offset))
+        end_span(queue, end_ns=wall_ns(scheduled_s, offset))
+    else:
+        scheduled_s, prefill_attrs = submitted_s, {**attrs, "herd.engine.includes_queue_wait": True}
+    prefill = start_span("herd.engine.prefill", parent, prefill_attrs, start_ns=wall_ns(scheduled_s, offset))
     end_span(prefill, end_ns=wall_ns(prefill_end, offset))
     if first_token_s is not None:
         decode = start_span("herd.engine.decode", parent, attrs, start_ns=wall_ns(first_token_s, offset))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -413,3 +414,17 @@ def test_deltas_that_pile_up_go_out_as_one(engine, path):
     assert len(deltas) == 2 and deltas[-1].finish_reason == "length"
     assert sum((d.token_ids for d in deltas), []) == ref.token_ids
     assert sum((d.logprobs for d in deltas), []) == ref.logprobs
+
+
+def test_the_first_delta_says_when_the_engine_first_scheduled_the_request(engine):
+    """StreamDelta.scheduled_at (the end of the queue wait, for the trace's queue span): once, on the first
+    delta, between submission and the first token."""
+    async def main():
+        submitted = time.monotonic()
+        deltas = await collect(engine, list(range(5, 30)))
+        return submitted, deltas
+
+    submitted, deltas = asyncio.run(main())
+    marks = [d.scheduled_at for d in deltas if d.scheduled_at is not None]
+    assert len(marks) == 1 and deltas[0].scheduled_at == marks[0]
+    assert submitted <= marks[0] <= time.monotonic()

@@ -82,13 +82,13 @@ def test_one_request_one_trace_in_process(memory_spans):
     t0 = time.monotonic()
     span = tracing.start_span("herd.replica.generate", context, {"herd.request_id": "rid-9"}, kind="server")
     tracing.add_engine_spans(span, submitted_s=t0, first_token_s=t0 + 0.01, finished_s=t0 + 0.02,
-                             attributes={"herd.prompt_tokens": 12, "herd.cached_tokens": None})
+                             scheduled_s=t0 + 0.004, attributes={"herd.prompt_tokens": 12, "herd.cached_tokens": None})
     tracing.end_span(span)
     tracing.end_span(ingress, error=tracing.grpc_error(None))
 
     spans = {s.name: s for s in memory_spans.get_finished_spans()}
     assert set(spans) == {"herd.ingress GenerateRequest", "herd.router", "herd.replica.generate",
-                          "herd.engine.prefill", "herd.engine.decode"}
+                          "herd.engine.queue", "herd.engine.prefill", "herd.engine.decode"}
     assert {format(s.context.trace_id, "032x") for s in spans.values()} == {TRACE_ID}
     parent = {name: format(s.parent.span_id, "016x") for name, s in spans.items()}
     span_id = {name: format(s.context.span_id, "016x") for name, s in spans.items()}
@@ -99,7 +99,10 @@ def test_one_request_one_trace_in_process(memory_spans):
     assert spans["herd.router"].attributes["herd.route.reason"] == "fallback"
     assert spans["herd.router"].attributes["herd.route.prompt_blocks"] == 3
     assert spans["herd.router"].attributes["herd.replica"] == "r1"
-    assert spans["herd.engine.prefill"].attributes["herd.engine.includes_queue_wait"] is True
+    assert parent["herd.engine.queue"] == span_id["herd.replica.generate"]
+    # queue wait, then prefill, then decode, back to back
+    assert spans["herd.engine.queue"].end_time == spans["herd.engine.prefill"].start_time
+    assert "herd.engine.includes_queue_wait" not in spans["herd.engine.prefill"].attributes
     assert "herd.cached_tokens" not in spans["herd.engine.prefill"].attributes   # None is left out
     assert spans["herd.engine.decode"].start_time == spans["herd.engine.prefill"].end_time
     assert all(spans[n].attributes["herd.request_id"] == "rid-9"
@@ -167,7 +170,7 @@ def _wait_trace(collector: Collector, trace_id: str, names: set, timeout_s: floa
     raise AssertionError(f"spans of trace {trace_id}: {sorted(collector.trace(trace_id))}, want {sorted(names)}")
 
 
-WANT = {"herd.router", "herd.replica.generate", "herd.engine.prefill", "herd.engine.decode"}
+WANT = {"herd.router", "herd.replica.generate", "herd.engine.queue", "herd.engine.prefill", "herd.engine.decode"}
 
 
 @pytest.mark.slow
@@ -196,6 +199,8 @@ def test_grpc_request_is_one_trace_across_processes(served, collector):
     assert attrs["herd.engine.decode"]["herd.completion_tokens"].int_value == 3
     assert ingress[1].start_time_unix_nano <= router[1].start_time_unix_nano <= replica[1].start_time_unix_nano
     assert prefill[1].end_time_unix_nano <= decode[1].end_time_unix_nano <= ingress[1].end_time_unix_nano
+    queue = spans["herd.engine.queue"]   # the engine's own first-scheduled time ends the queue wait
+    assert replica[1].start_time_unix_nano <= queue[1].end_time_unix_nano == prefill[1].start_time_unix_nano
 
 
 @pytest.mark.slow
@@ -213,3 +218,13 @@ def test_http_request_continues_the_traceparent_header(served, collector):
     assert spans["herd.router"][1].parent_span_id == ingress.span_id
     status = {a.key: a.value.int_value for a in ingress.attributes}["http.response.status_code"]
     assert status == 200
+
+
+def test_a_request_that_never_left_the_queue_has_no_queue_span(memory_spans):
+    t0 = time.monotonic()
+    span = tracing.start_span("herd.replica.generate", None, {}, kind="server")
+    tracing.add_engine_spans(span, submitted_s=t0, first_token_s=None, finished_s=t0 + 0.01)
+    tracing.end_span(span)
+    spans = {s.name: s for s in memory_spans.get_finished_spans()}
+    assert "herd.engine.queue" not in spans and "herd.engine.decode" not in spans
+    assert spans["herd.engine.prefill"].attributes["herd.engine.includes_queue_wait"] is True

@@ -52,6 +52,8 @@ class StreamDelta:
     # Per prompt token (the first has None): {token: logprob} of the actual token and the top-N. Only on the
     # request's first delta, and only when SamplingParams.prompt_logprobs asked for it.
     prompt_logprobs: list[dict[int, float] | None] | None = None
+    # time.monotonic() when the engine first scheduled this completion (queue wait ends): on its first delta.
+    scheduled_at: float | None = None
 
     @property
     def finished(self) -> bool:
@@ -67,9 +69,10 @@ class StreamDelta:
         if self.logprobs is not None or later.logprobs is not None:
             logprobs = (self.logprobs or []) + (later.logprobs or [])
         prompt_logprobs = self.prompt_logprobs if self.prompt_logprobs is not None else later.prompt_logprobs
+        scheduled_at = self.scheduled_at if self.scheduled_at is not None else later.scheduled_at
         return StreamDelta(self.request_id, self.token_ids + later.token_ids, self.text + later.text, logprobs,
                            later.finish_reason, later.num_prompt_tokens, later.num_cached_tokens,
-                           index=self.index, prompt_logprobs=prompt_logprobs)
+                           index=self.index, prompt_logprobs=prompt_logprobs, scheduled_at=scheduled_at)
 
 
 @dataclass
@@ -151,6 +154,7 @@ class _Completion:
         self.streamed_chars = 0
         self.streamed_tokens = 0
         self.pending_logprobs: list[dict[int, float]] = []
+        self.scheduled_at_sent = False  # the first-scheduled time goes out once, on the first delta after it
 
 
 class _Request:
@@ -556,9 +560,12 @@ class Engine:
         prompt_logprobs = None
         if req.prompt_logprobs is not None and not req.prompt_logprobs_sent:
             prompt_logprobs, req.prompt_logprobs_sent = req.prompt_logprobs, True
+        scheduled_at = None
+        if not comp.scheduled_at_sent:
+            scheduled_at, comp.scheduled_at_sent = seq.first_scheduled_at, seq.first_scheduled_at is not None
         return StreamDelta(seq.request_id, new_tokens, text, logprobs, seq.finish_reason if final else None,
                            seq.num_prompt_tokens, max(seq.num_cached_tokens, 0), index=seq.index,
-                           prompt_logprobs=prompt_logprobs)
+                           prompt_logprobs=prompt_logprobs, scheduled_at=scheduled_at)
 
     # ---- offline batch API ---------------------------------------------------------------------------
     def generate(self, prompts: Seq[str] | Seq[Seq[int]],

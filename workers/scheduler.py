@@ -9,6 +9,8 @@ recomputed from the start of prompt + output when it next runs.
 """
 from __future__ import annotations
 
+import time
+
 from collections import deque
 from dataclasses import dataclass
 
@@ -95,6 +97,8 @@ class Scheduler:
             seq.num_computed = num_computed
             if seq.num_cached_tokens < 0:
                 seq.num_cached_tokens = min(num_computed, seq.num_prompt_tokens)
+            if seq.first_scheduled_at is None:
+                seq.first_scheduled_at = time.monotonic()
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             scheduled.append(ScheduledSeq(seq, num_new))

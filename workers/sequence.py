@@ -28,6 +28,7 @@ class Sequence:
     index: int = 0               # which of the request's n completions this is
     # Every prompt position's logits are wanted (prompt_logprobs): computed, not taken from the prefix cache.
     wants_prompt_logits: bool = False
+    first_scheduled_at: float | None = None  # time.monotonic() when it first left the waiting queue
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)  # prompt + output, the sequence as the model sees it
