@@ -5,25 +5,17 @@ process of tests/test_triton_kernels.py, against the portable attention over the
 keys and values the kernels see, in the model's dtype."""
 from __future__ import annotations
 
-import inspect
 
 import pytest
 import torch
 
-from test_triton_kernels import GQA, Batch, assert_close, interpreted_kernels, run_with_the_compiler, worker_pool
+from test_triton_kernels import (GQA, Batch, assert_close, compile_for_hopper, interpreted_kernels,  # noqa: F401
+                                 interpreter, run_with_the_compiler)  # interpreter: the fixture, shared
 from workers.attention import TorchPagedAttention
 from workers.triton_attention import FP8_KV_DTYPE, FP8_MAX, quantize_fp8, write_fp8
 
 K_SCALE, V_SCALE = 0.5, 2.0
 HOPPER_SHARED_MEMORY = 227 * 1024
-
-
-@pytest.fixture(scope="module")
-def interpreter():
-    pool = worker_pool(interpret=True)
-    yield lambda check, *args, **kwargs: pool.apply(check, args, kwargs)
-    pool.close()
-    pool.join()
 
 
 def dequantize(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
@@ -79,26 +71,19 @@ def check_fp8_kernels_compile_for_hopper() -> dict[str, int]:
     """The attention kernels over an e4m3 cache through Triton's whole compiler for sm_90 (no GPU needed), at
     Llama 3 8B's attention shape; returns each kernel's shared memory."""
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+
     from workers import triton_attention as ta
     assert not ta.INTERPRETED
-
-    def compile_(kernel, types, constexprs):
-        names = list(inspect.signature(kernel.fn).parameters)
-        signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
-        source = ASTSource(kernel, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
-        return triton.compile(source, target=GPUTarget("cuda", 90, 32)).metadata.shared
 
     group, head_dim, block_size = 4, 128, 16
     types = dict(Q="*bf16", K="*fp8e4nv", V="*fp8e4nv", Out="*bf16", BlockTables="*i64", SeqLens="*i64",
                  MidO="*fp32", MidLse="*fp32", Chunks="*i64", Slots="*i64", qk_scale="fp32", v_scale="fp32")
     rows = max(ta.PREFILL_ROWS, triton.next_power_of_2(group))
     return {
-        "decode": compile_(ta._decode_split_kernel, types, dict(
+        "decode": compile_for_hopper(ta._decode_split_kernel, types, dict(
             GROUP=group, HEAD_BLOCKS=1, HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_H=ta.DECODE_BLOCK_H,
             BLOCK_N=ta.DECODE_BLOCK_N, BLOCK_SIZE=block_size, NUM_SPLITS=8, WIDEN=False, KV_FP8=True)),
-        "prefill": compile_(ta._prefill_kernel, types, dict(
+        "prefill": compile_for_hopper(ta._prefill_kernel, types, dict(
             GROUP=group, TOKENS=rows // group, ROWS=rows, HEAD_DIM=head_dim, BLOCK_D=head_dim,
             BLOCK_N=ta.PREFILL_BLOCK_N, WIDEN=False, KV_FP8=True)),
     }

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from workers import gpu_sampling as gs
+from test_sampling import run_steps
 from workers.sampling import Sampler, SamplingParams, SamplingState, apply_penalties, filter_logits
 
 
@@ -82,16 +83,6 @@ def test_the_race_draws_each_token_with_its_probability():
     expected = probs.double()
     chi2 = float((((freq - expected) ** 2 / expected.clamp_min(1e-12))[:5]).sum() * n)
     assert chi2 < 23.5      # chi-square, 4 degrees of freedom: p = 1e-4
-
-
-def run_steps(sampler, logits, sts, n, row=0):
-    out = []
-    for _ in range(n):
-        res = sampler(logits, sts)
-        for st, r in zip(sts, res):
-            st.output_token_ids.append(r.token_id)
-        out.append(res[row].token_id)
-    return out
 
 
 def states(params_list, prompt=(1, 2, 3)):

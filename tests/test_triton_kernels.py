@@ -46,6 +46,19 @@ def worker_pool(interpret: bool):
             os.environ["TRITON_INTERPRET"] = previous
 
 
+def compile_for_hopper(kernel, types: dict, constexprs: dict) -> int:
+    """Compile one kernel for sm_90 with Triton's real compiler (arguments not in `types` are i32, those in
+    `constexprs` constants); its shared memory in bytes."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = list(inspect.signature(kernel.fn).parameters)
+    signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
+    source = ASTSource(kernel, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32)).metadata.shared
+
+
 def run_with_the_compiler(check):
     """check() in a fresh process where Triton compiles for real (no interpreter); its result."""
     pool = worker_pool(interpret=False)
@@ -335,16 +348,8 @@ def test_engine_greedy_tokens_equal_the_portable_path(interpreter, tmp_path):
 def check_compiles_for_hopper() -> dict[str, int]:
     """Each kernel through Triton's whole compiler (TTIR, TTGIR, LLVM, PTX, and the bundled ptxas to a cubin)
     for sm_90, in the shapes Llama uses; none of it needs a GPU. Returns each kernel's shared memory."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
     from workers import triton_attention as ta, triton_layer_ops as lo
     assert not ta.INTERPRETED
-
-    def compile_(kernel, types, constexprs):
-        names = list(inspect.signature(kernel.fn).parameters)
-        signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
-        source = ASTSource(kernel, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
-        return triton.compile(source, target=GPUTarget("cuda", 90, 32)).metadata.shared
 
     shared = {}
     for dt, group, head_dim, block_size in (("bf16", 4, 128, 16), ("bf16", 8, 64, 32), ("fp32", 1, 64, 16)):
@@ -352,20 +357,20 @@ def check_compiles_for_hopper() -> dict[str, int]:
                        MidO="*fp32", MidLse="*fp32", Chunks="*i64", Slots="*i64", qk_scale="fp32")
         block_d, rows = triton.next_power_of_2(head_dim), max(ta.PREFILL_ROWS, triton.next_power_of_2(group))
         key = f"{dt}-gqa{group}-d{head_dim}-bs{block_size}"
-        shared[f"decode {key}"] = compile_(ta._decode_split_kernel, tensors, dict(
+        shared[f"decode {key}"] = compile_for_hopper(ta._decode_split_kernel, tensors, dict(
             GROUP=group, HEAD_BLOCKS=triton.cdiv(group, ta.DECODE_BLOCK_H), HEAD_DIM=head_dim, BLOCK_D=block_d,
             BLOCK_H=ta.DECODE_BLOCK_H, BLOCK_N=ta.DECODE_BLOCK_N, BLOCK_SIZE=block_size, NUM_SPLITS=8, WIDEN=False))
-        shared[f"reduce {key}"] = compile_(ta._decode_reduce_kernel, tensors, dict(
+        shared[f"reduce {key}"] = compile_for_hopper(ta._decode_reduce_kernel, tensors, dict(
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=ta.DECODE_BLOCK_N, NUM_SPLITS=8, SPLITS_P2=8))
-        shared[f"prefill {key}"] = compile_(ta._prefill_kernel, tensors, dict(
+        shared[f"prefill {key}"] = compile_for_hopper(ta._prefill_kernel, tensors, dict(
             GROUP=group, TOKENS=rows // group, ROWS=rows, HEAD_DIM=head_dim, BLOCK_D=block_d,
             BLOCK_N=ta.PREFILL_BLOCK_N, WIDEN=False))
     tensors = {n: "*bf16" for n in ("X", "Delta", "W", "Out", "Sum", "Cos", "Sin", "GateUp")}
     tensors.update(Positions="*i64", eps="fp32")
     for add in (False, True):
-        shared[f"rms_norm add={add}"] = compile_(lo._rms_norm_kernel, tensors, dict(BLOCK=8192, ADD=add))
-    shared["rotary"] = compile_(lo._rotary_kernel, tensors, dict(HALF=64, BLOCK_H=32, BLOCK_HALF=64))
-    shared["silu_mul"] = compile_(lo._silu_mul_kernel, tensors, dict(BLOCK=lo.SILU_BLOCK))
+        shared[f"rms_norm add={add}"] = compile_for_hopper(lo._rms_norm_kernel, tensors, dict(BLOCK=8192, ADD=add))
+    shared["rotary"] = compile_for_hopper(lo._rotary_kernel, tensors, dict(HALF=64, BLOCK_H=32, BLOCK_HALF=64))
+    shared["silu_mul"] = compile_for_hopper(lo._silu_mul_kernel, tensors, dict(BLOCK=lo.SILU_BLOCK))
     return shared
 
 
