@@ -329,6 +329,12 @@ class TestOnLocalRay:
             Engine.from_pretrained(checkpoints["wide"], pipeline_parallel_size=2, pp_layer_partition=[5, 2],
                                    resources_per_shard=SHARD)
 
+    def test_kv_cache_dtype_reaches_every_shard(self, checkpoints):
+        """An fp8 KV cache on these CPU shards is refused by each shard's runner (it needs CUDA's Triton
+        attention), which shows the setting reached them rather than being dropped on the way."""
+        with pytest.raises(Exception, match="kv_cache_dtype fp8 needs the Triton attention"):
+            self.build(checkpoints["wide"], tp=2, kv_cache_dtype="fp8")
+
 
 # ---- two (simulated) nodes ----------------------------------------------------------------------------------
 

@@ -129,7 +129,8 @@ class RayExecutor:
                     shard = ShardInfo(tp_rank=t, tp_size=tp, pp_rank=p, pp_size=pp, layer_start=start, layer_end=end)
                     self.workers.append(_actor_class(self.worker_class).options(
                         scheduling_strategy=self.placement.scheduling(rank), **self.placement.actor_options(rank),
-                    ).remote(cfg, shard, dtype, max_model_len, engine_config.block_size))
+                    ).remote(cfg, shard, dtype, max_model_len, engine_config.block_size,
+                             engine_config.kv_cache_dtype))
             # A file when the group shares one node, else rank 0's node at a port free there (distributed.py).
             init_method = rendezvous(self._get([w.node_address.remote() for w in self.workers], "shard start",
                                                STARTUP_TIMEOUT_S))

@@ -26,10 +26,11 @@ from .distributed import PipeLink, ShardComm, free_port, global_rank, init_shard
 class ShardWorker:
     """Runs as a Ray actor (RayExecutor makes it one: `ray.remote(**ACTOR_OPTIONS)(worker_class)`)."""
 
-    def __init__(self, cfg: ModelConfig, shard: ShardInfo, dtype: torch.dtype, max_model_len: int, block_size: int):
+    def __init__(self, cfg: ModelConfig, shard: ShardInfo, dtype: torch.dtype, max_model_len: int, block_size: int,
+                 kv_cache_dtype: str = "auto"):
         torch.set_grad_enabled(False)
         self.cfg, self.shard, self.dtype = cfg, shard, dtype
-        self.max_model_len, self.block_size = max_model_len, block_size
+        self.max_model_len, self.block_size, self.kv_cache_dtype = max_model_len, block_size, kv_cache_dtype
         self.device = default_device()
         if self.device.type == "cuda":  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU(s)
             torch.cuda.set_device(0)
@@ -56,7 +57,8 @@ class ShardWorker:
                                          tp_size=self.shard.tp_size, pp_size=self.shard.pp_size,
                                          device=self.device, timeout_s=timeout_s)
         self.runner = ModelRunner(self.cfg, shard=self.shard, group=self.comm.tp_group, dtype=self.dtype,
-                                  device=self.device, max_model_len=self.max_model_len, block_size=self.block_size)
+                                  device=self.device, max_model_len=self.max_model_len, block_size=self.block_size,
+                                  kv_cache_dtype=self.kv_cache_dtype)
         return self.device.type, self.comm.backend
 
     def load_weights(self, path: str) -> int:
