@@ -47,9 +47,27 @@ class HerdCluster:
                       if info.get("ActorClassName") == "ShardWorker" and info.get("State") == "ALIVE")
 
 
+# Tries at starting a cluster when a proxy's port was taken before it bound (see start_herd_cluster).
+START_ATTEMPTS = 3
+
+
 def start_herd_cluster(config: dict[str, Any], *, num_cpus: int = 4, api_key: str | None = None,
                        ready_timeout_s: float = 300) -> HerdCluster:
-    """Start Ray + Serve + the herd app from `config` (host/ports are filled in). Blocks until the app runs."""
+    """Start Ray + Serve + the herd app from `config` (host/ports are filled in). Blocks until the app runs.
+
+    The proxies' ports are free when chosen (free_port) but may be taken before Serve binds them (by one of the
+    many ports Ray's own processes open meanwhile): a start that fails to bind is retried on new ports."""
+    for attempt in range(1, START_ATTEMPTS + 1):
+        try:
+            return _start_herd_cluster(config, num_cpus, api_key, ready_timeout_s)
+        except Exception as e:  # noqa: BLE001 - only the port race is retried
+            if attempt == START_ATTEMPTS or "Failed to bind" not in str(e):
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start_herd_cluster(config: dict[str, Any], num_cpus: int, api_key: str | None,
+                        ready_timeout_s: float) -> HerdCluster:
     os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
     from ray import serve
 
