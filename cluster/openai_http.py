@@ -162,9 +162,10 @@ class _SamplingFields(BaseModel):
         return {"structured": self.structured_field_name()}
 
     def structured_field_name(self) -> str:
-        if self.response_format is not None and (self.response_format or {}).get("type") == "json_schema":
-            return "response_format.json_schema.schema"
+        """The body field the structured-output constraint came from (the one `structured()` reads first)."""
         if self.response_format is not None:
+            if self.response_format.get("type") == "json_schema":
+                return "response_format.json_schema.schema"
             return "response_format"
         for name in ("structured_outputs", *GUIDED_FIELDS):
             if getattr(self, name):
