@@ -6,8 +6,9 @@ executor (workers/parallel/) gives every shard worker its own `ShardInfo` and a 
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, Sequence
+from typing import TYPE_CHECKING, ContextManager, Protocol, Sequence
 
 from .config import ModelConfig, dtype_bytes
 from .errors import CheckpointError
@@ -17,21 +18,40 @@ if TYPE_CHECKING:                     # annotations only: herd plan does this ar
 
 
 class TPGroup(Protocol):
-    """Collectives over the ranks of one tensor-parallel group."""
+    """Collectives over the ranks of one tensor-parallel group.
+
+    A CUDA graph records the collectives of the forward it captures (workers/cuda_graphs.py): `capture_safe`
+    says whether this group has collectives a capture may record, `graph_mode()` routes the collectives issued
+    inside it to them, and `check_same(value)` raises on every rank unless all passed the same value (it is
+    also a rendezvous: no rank returns before every rank has called it)."""
+
+    capture_safe: bool
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor: ...
 
     def all_gather(self, t: torch.Tensor, dim: int) -> torch.Tensor: ...
 
+    def graph_mode(self) -> ContextManager[None]: ...
+
+    def check_same(self, value: int, what: str) -> None: ...
+
 
 class LocalGroup:
-    """A tensor-parallel group of one: collectives are identities."""
+    """A tensor-parallel group of one: collectives are identities (and trivially capture-safe)."""
+
+    capture_safe = True
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         return t
 
     def all_gather(self, t: torch.Tensor, dim: int) -> torch.Tensor:
         return t
+
+    def graph_mode(self) -> ContextManager[None]:
+        return contextlib.nullcontext()
+
+    def check_same(self, value: int, what: str) -> None:
+        pass
 
 
 @dataclass(frozen=True)
