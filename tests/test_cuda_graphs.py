@@ -9,7 +9,7 @@ import torch
 from workers import cuda_graphs as cg
 from workers.config import ModelConfig
 from workers.model_runner import ModelRunner, StepInput
-from workers.shard import ShardInfo
+from workers.shard import LocalGroup, ShardInfo
 
 
 def test_buckets_and_the_bucket_of_a_batch():
@@ -130,17 +130,48 @@ def test_graphs_are_not_wanted_off_cuda_or_when_switched_off(runner, monkeypatch
     from workers.triton_attention import TritonPagedAttention
     for layer in runner.model.layers:
         monkeypatch.setattr(layer, "attention", TritonPagedAttention())
-    assert cg.graphs_wanted(runner)
-    monkeypatch.setattr(runner, "shard", ShardInfo(tp_size=2))   # TP: its all-reduce is not in the graph
+    assert cg.graphs_wanted(runner) and cg.graph_max_batch(runner) == 256
+    monkeypatch.setenv("HERD_CUDA_GRAPH_MAX_BATCH", "40")
+    assert cg.requested_max_batch(runner) == cg.graph_max_batch(runner) == 40
+    monkeypatch.setenv("HERD_CUDA_GRAPH_MAX_BATCH", "0")
     assert not cg.graphs_wanted(runner)
+
+
+class FakeTPGroup:
+    """What graph_max_batch asks of a TP shard's group: whether its collectives can be captured."""
+    capture_safe = False
+
+
+def test_a_tp_or_pp_shard_captures_what_its_group_agreed(runner, monkeypatch):
+    """A shard of a TP x PP group never decides alone: until its group agreed on a largest batch (ShardWorker.init
+    sets runner.agreed_graph_batch) it decodes eagerly; with TP, also until its group has capture-safe collectives."""
+    from workers.triton_attention import TritonPagedAttention
+    monkeypatch.setattr(runner, "device", torch.device("cuda"))
+    for layer in runner.model.layers:
+        monkeypatch.setattr(layer, "attention", TritonPagedAttention())
+    monkeypatch.setattr(runner, "shard", ShardInfo(tp_size=2))
+    monkeypatch.setattr(runner.model, "group", FakeTPGroup())
+    assert cg.requested_max_batch(runner) == 256 and not cg.graphs_wanted(runner)     # not agreed yet
+    monkeypatch.setattr(runner, "agreed_graph_batch", 64)
+    assert not cg.graphs_wanted(runner)                                                # no capture-safe group
+    monkeypatch.setattr(runner.model.group, "capture_safe", True, raising=False)
+    assert cg.graph_max_batch(runner) == 64                                            # the group's, not 256
+    monkeypatch.setattr(runner, "agreed_graph_batch", 0)                                  # a rank said no
+    assert not cg.graphs_wanted(runner)
+    monkeypatch.setattr(runner, "shard", ShardInfo(pp_rank=1, pp_size=2))                # PP only: no collectives
+    monkeypatch.setattr(runner.model, "group", LocalGroup())
+    monkeypatch.setattr(runner, "agreed_graph_batch", 8)
+    assert cg.graph_max_batch(runner) == 8
 
 
 class EagerReplay(cg.CudaGraphDecoder):
     """CudaGraphDecoder with its one CUDA-only step (replaying a graph) replaced by running the captured forward
-    eagerly: everything else of `run` (bucket, padding, static buffers, the runner's dispatch) is the real code."""
+    eagerly, with the collectives a capture records (a TP group's capture-safe ones): everything else of `run`
+    (bucket, padding, static buffers, the runner's dispatch) is the real code."""
 
     def replay(self, bucket):
-        return cg.static_forward(self.runner, self.inputs, bucket)
+        with self.runner.model.group.graph_mode():
+            return cg.static_forward(self.runner, self.inputs, bucket)
 
 
 def test_the_runner_sends_pure_decodes_to_its_graphs(runner, monkeypatch):

@@ -92,6 +92,9 @@ class ModelRunner:
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.weight_bytes_read = 0
         self.decode_graphs: CudaGraphDecoder | None = None   # CUDA only (cuda_graphs.py)
+        # A shard of a TP x PP group: the largest decode-graph batch its group agreed on (ShardWorker.init;
+        # None: eager). A single shard decides alone (cuda_graphs.graph_max_batch).
+        self.agreed_graph_batch: int | None = None
 
     def load_weights(self, path: str, show_progress: bool = True) -> None:
         layers = len(self.model.layers)
@@ -129,9 +132,9 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, step: StepInput, hidden: torch.Tensor | None = None) -> torch.Tensor:
         """Last stage: fp32 logits [len(sample_indices), vocab] (on CPU; a replayed decode graph's stay on the
-        GPU, where the sampler takes them). Other stages: hidden states."""
+        GPU, where the sampler takes them). Other stages: hidden states. `hidden`: a later stage's input."""
         if self.decode_graphs is not None and self.decode_graphs.can_run(step):
-            return self.decode_graphs.run(step)
+            return self.decode_graphs.run(step, hidden)
         positions = torch.tensor(step.positions, dtype=torch.long, device=self.device)
         meta = self._metadata(step)
         input_ids = torch.tensor(step.input_ids, dtype=torch.long, device=self.device) if self.shard.is_first_stage else None

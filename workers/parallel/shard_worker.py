@@ -17,6 +17,7 @@ import ray
 import torch
 
 from ..config import ModelConfig
+from ..cuda_graphs import requested_max_batch
 from ..executor import CacheBudget, default_device
 from ..model_runner import ModelRunner, StepInput
 from ..shard import ShardInfo
@@ -59,6 +60,10 @@ class ShardWorker:
         self.runner = ModelRunner(self.cfg, shard=self.shard, group=self.comm.tp_group, dtype=self.dtype,
                                   device=self.device, max_model_len=self.max_model_len, block_size=self.block_size,
                                   kv_cache_dtype=self.kv_cache_dtype)
+        if self.shard.tp_size * self.shard.pp_size > 1:
+            # Decode graphs: the group's ranks agree on their buckets now, before the KV cache is sized (with TP
+            # this also sets up the capture-safe collectives: distributed.py); capture follows the cache.
+            self.runner.agreed_graph_batch = self.comm.agree_on_graphs(requested_max_batch(self.runner))
         return self.device.type, self.comm.backend
 
     def load_weights(self, path: str) -> int:
@@ -74,7 +79,8 @@ class ShardWorker:
     # ---- the step --------------------------------------------------------------------------------
     def execute(self, step: StepInput) -> np.ndarray | None:
         """Run this shard's part of one (micro-)batch. Last stage, TP rank 0: fp32 logits as a numpy array
-        (Ray moves numpy arrays without pickling their data; what that saves per step: docs/parallel.md)."""
+        (Ray moves numpy arrays without pickling their data; what that saves per step: docs/parallel.md),
+        copied to the host where a replayed decode graph left them on the GPU."""
         hidden = None
         if not self.shard.is_first_stage:
             hidden = self.comm.pipe.recv(step.num_tokens, self.cfg.hidden_size, self.dtype, self.device)
@@ -84,7 +90,7 @@ class ShardWorker:
         if not self.shard.is_last_stage:
             self.comm.pipe.send(out)
             return None
-        return out.numpy() if self.shard.tp_rank == 0 else None
+        return out.cpu().numpy() if self.shard.tp_rank == 0 else None
 
     # ---- operations ------------------------------------------------------------------------------
     def ping(self) -> int:
