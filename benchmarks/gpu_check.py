@@ -30,8 +30,10 @@ import gc
 import importlib
 import importlib.metadata
 import json
+import multiprocessing
 import os
 import platform
+import queue
 import subprocess
 import sys
 import tempfile
@@ -106,7 +108,7 @@ def _is_installed(dist: str) -> bool:
 
 # What the check imports from the tree (the engine path, the Triton kernels, the shapes, the tiny checkpoints).
 ENGINE_MODULES = ("workers.engine", "workers.model_runner", "workers.demo", "workers.parallel.plan",
-                  "workers.triton_attention", "workers.triton_layer_ops")
+                  "workers.parallel.distributed", "workers.triton_attention", "workers.triton_layer_ops")
 
 
 def wheel_requirements() -> list[str]:
@@ -510,6 +512,115 @@ def check_graphs_match_eager(device: torch.device, quick: bool) -> dict:
     return out
 
 
+def check_tp2_graphs(device: torch.device, quick: bool) -> dict:
+    """TP 2 over two GPUs (two processes, NCCL, set up as a shard group's workers are): greedy tokens of a
+    batch of prompts with the shards' decode graphs (their all-reduces and the logits' all-gather captured
+    through the capture-safe group) against the same shards decoding eagerly. Skipped, and said so, on a
+    machine with fewer than two GPUs."""
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    if gpus < 2:
+        return {"skipped": f"TP 2 with CUDA graphs needs 2 GPUs; this machine has {gpus}"}
+    from tests.checkpoints import LLAMA3_GQA_TIED, make_checkpoint
+
+    n_new = 6 if quick else 24
+    ctx = multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = make_checkpoint(Path(tmp), "tp2", dict(LLAMA3_GQA_TIED, dtype="float32"))
+        results = ctx.Queue()
+        procs = [ctx.Process(target=_tp2_rank, args=(r, f"file://{tmp}/rendezvous", str(path), n_new, results),
+                             daemon=True) for r in (0, 1)]
+        for proc in procs:
+            proc.start()
+        try:
+            outs = sorted((results.get(timeout=300) for _ in procs), key=lambda o: o["rank"])
+        except queue.Empty:
+            return {"error": "a TP rank neither finished nor failed within 300 s (a hang in a collective?)"}
+        finally:
+            for proc in procs:
+                proc.join(timeout=30)
+                if proc.is_alive():
+                    proc.kill()
+    errors = [o["error"] for o in outs if "error" in o]
+    if errors:
+        return {"error": errors[0][-4000:]}
+    r0, r1 = outs
+    return {"graphs_captured": r0["buckets"], "replays": r0["replays"], "tokens_each": n_new,
+            "prompts": len(r0["with_graphs"]), "ranks_agree": r0["with_graphs"] == r1["with_graphs"],
+            "equal": r0["with_graphs"] == r0["eager"] and bool(r0["buckets"]) and r0["replays"] > 0,
+            "mismatched_prompts": [i for i, (a, b) in enumerate(zip(r0["with_graphs"], r0["eager"])) if a != b]}
+
+
+def _tp2_rank(rank: int, init_method: str, path: str, n_new: int, results) -> None:
+    """One rank of check_tp2_graphs, on GPU `rank`: its greedy tokens with and without its decode graphs."""
+    try:
+        import torch.distributed as dist
+
+        from workers import cuda_graphs
+        from workers.config import ModelConfig
+        from workers.model_runner import ModelRunner
+        from workers.parallel.distributed import init_shard_group
+        from workers.shard import ShardInfo
+
+        torch.cuda.set_device(rank)
+        device = torch.device("cuda", rank)
+        torch.backends.cuda.matmul.allow_tf32 = False       # fp32 means fp32: graphs and eager alike
+        comm = init_shard_group(init_method=init_method, tp_rank=rank, pp_rank=0, tp_size=2, pp_size=1,
+                                device=device, timeout_s=120)
+        bs = 16
+        with path_switches("triton"):
+            runner = ModelRunner(ModelConfig.from_pretrained(path), shard=ShardInfo(tp_rank=rank, tp_size=2),
+                                 group=comm.tp_group, dtype=torch.float32, device=device, max_model_len=1024,
+                                 block_size=bs)
+            runner.load_weights(path, show_progress=False)
+            # As ShardWorker.init: the group agrees on its graphs (and gets its capture-safe TP group) first.
+            runner.agreed_graph_batch = comm.agree_on_graphs(cuda_graphs.requested_max_batch(runner))
+            runner.allocate_kv_cache(256)
+        graphs, replays = runner.decode_graphs, []
+        if graphs is not None:
+            replay = graphs.replay
+            graphs.replay = lambda bucket: replays.append(bucket) or replay(bucket)
+        g = torch.Generator().manual_seed(3)
+        prompts = [torch.randint(4, runner.cfg.vocab_size, (n,), generator=g).tolist() for n in (5, 37, 16, 1, 64)]
+        with_graphs = greedy_tokens(runner, prompts, n_new, bs)
+        runner.decode_graphs = None
+        eager = greedy_tokens(runner, prompts, n_new, bs)
+        results.put({"rank": rank, "with_graphs": with_graphs, "eager": eager, "replays": len(replays),
+                     "buckets": list(graphs.buckets) if graphs is not None else []})
+        dist.destroy_process_group()
+    except BaseException:  # noqa: BLE001 - the parent reports it
+        results.put({"rank": rank, "error": traceback.format_exc()})
+
+
+def greedy_tokens(runner, prompts: list[list[int]], n_new: int, block_size: int) -> list[list[int]]:
+    """Greedy tokens of the prompts decoded together on one runner: one prefill step, then pure decode steps
+    (what the graphs replay). On a TP shard every rank gets the full logits, so every rank picks the same
+    tokens and the ranks stay in step without talking."""
+    from workers.model_runner import StepInput
+
+    bs = block_size
+    stride = blocks_for(max(map(len, prompts)) + n_new, bs)
+    tables = [list(range(i * stride, (i + 1) * stride)) for i in range(len(prompts))]
+    step = StepInput()
+    for prompt, table in zip(prompts, tables):
+        start, n = len(step.input_ids), len(prompt)
+        step.input_ids += prompt
+        step.positions += list(range(n))
+        step.slot_mapping += [table[q // bs] * bs + q % bs for q in range(n)]
+        step.prefills.append((start, n, n, table[:blocks_for(n, bs)]))
+        step.sample_indices.append(start + n - 1)
+    tokens = [[t] for t in runner.execute(step).argmax(-1).tolist()]
+    for _ in range(n_new - 1):
+        lens = [len(p) + len(t) for p, t in zip(prompts, tokens)]            # keys, the new token's included
+        step = StepInput(input_ids=[t[-1] for t in tokens], positions=[n - 1 for n in lens],
+                         slot_mapping=[tb[(n - 1) // bs] * bs + (n - 1) % bs for tb, n in zip(tables, lens)],
+                         num_decode=len(prompts), decode_block_tables=[tb[:blocks_for(n, bs)] for tb, n in
+                                                                       zip(tables, lens)],
+                         decode_seq_lens=lens, sample_indices=list(range(len(prompts))))
+        for seq, t in zip(tokens, runner.execute(step).argmax(-1).tolist()):
+            seq.append(t)
+    return tokens
+
+
 def check_memory_sizing(device: torch.device, quick: bool, utilization: float = 0.9) -> dict:
     """The KV pool sized by gpu_memory.profiled_kv_blocks for a random Llama-3.2-1B-shaped bf16 runner, then
     allocated, its decode graphs captured and its largest steps run: what the device reports afterwards, and
@@ -753,6 +864,7 @@ def main(argv: list[str] | None = None) -> int:
         section("greedy_vs_reference", lambda: check_greedy(device, Path(tmp), args.quick))
     section("bf16_agreement", lambda: check_bf16_agreement(device, args.quick))
     section("graphs_vs_eager", lambda: check_graphs_match_eager(device, args.quick))
+    section("tp2_graphs_vs_eager", lambda: check_tp2_graphs(device, args.quick))
     section("memory_sizing", lambda: check_memory_sizing(device, args.quick))
     deadline = started + args.budget_s
     report["decode"], report["prefill"], report["skipped"] = [], [], []
