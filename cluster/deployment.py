@@ -1,4 +1,5 @@
-"""The model deployment: one Serve replica = one AsyncEngine (a whole model, or the driver of a TP×PP group).
+"""The model deployment: one Serve replica = one engine: a whole model (by default in a process of its own,
+workers.engine_process), or the driver of a TP×PP group (an AsyncEngine in the replica).
 
 Contract with the ingress (and with the router, which reads the token ids from the first positional arg):
 
@@ -70,6 +71,7 @@ class ModelSpec:
     pipeline_parallel_size: int = 1
     dtype: str = "auto"
     engine_args: dict[str, Any] = field(default_factory=dict)       # Engine.from_pretrained(**engine_args)
+    engine_process: bool = False    # the engine in a process of its own (workers.engine_process); TP*PP = 1 only
     stream_pacing: dict[str, float] = field(default_factory=dict)   # workers.stream_pacing.StreamPacing(**)
     tracing: Optional[dict[str, Any]] = None                        # cluster.config.TracingConfig, dumped
 
@@ -147,11 +149,13 @@ class ModelServer:
 
     async def __init__(self, spec: ModelSpec):
         from workers import AsyncEngine
+        from workers.engine_process import EngineProcessClient
         from workers.stream_pacing import StreamPacing
 
-        # The engine thread shares this process's GIL with Serve's and Ray's Python threads (streaming each
+        # An engine thread in this process shares its GIL with Serve's and Ray's Python threads (streaming each
         # message out); it releases the GIL in every torch op and, at Python's default 5 ms switch interval,
-        # can wait that long to get it back. A shorter interval hands it back sooner.
+        # can wait that long to get it back. A shorter interval hands it back sooner. (An engine process has a
+        # GIL of its own.)
         sys.setswitchinterval(ENGINE_GIL_SWITCH_INTERVAL_S)
         self.spec = spec
         self.name = spec.name
@@ -159,11 +163,13 @@ class ModelServer:
         install_request_id_logging()  # a request's log lines name its id (cluster.request_context)
         tracing.configure(spec.tracing, f"model-{self.name}")
         tp, pp = spec.tensor_parallel_size, spec.pipeline_parallel_size
-        log.info("model %s: loading %s (TP%d x PP%d, dtype %s) ...", self.name, spec.path, tp, pp, spec.dtype)
+        front = EngineProcessClient if spec.engine_process and tp * pp == 1 else AsyncEngine
+        log.info("model %s: loading %s (TP%d x PP%d, dtype %s%s) ...", self.name, spec.path, tp, pp, spec.dtype,
+                 ", engine in its own process" if front is EngineProcessClient else "")
         t0 = time.monotonic()
         # Blocking load in a thread: the replica's event loop stays responsive while weights load.
         self.engine = await asyncio.to_thread(
-            AsyncEngine.from_pretrained, spec.path, tensor_parallel_size=tp, pipeline_parallel_size=pp,
+            front.from_pretrained, spec.path, tensor_parallel_size=tp, pipeline_parallel_size=pp,
             dtype=spec.dtype, pacing=StreamPacing(**spec.stream_pacing), **spec.engine_args)
         stats = self.engine.stats()
         log.info("model %s: loaded in %.1fs; max_model_len %d, %d KV blocks of %d tokens", self.name,
@@ -319,9 +325,9 @@ class ModelServer:
             await asyncio.sleep(ENGINE_METRICS_PERIOD_S)
 
     async def _return_freed_host_memory(self) -> None:
-        """Every few seconds, hand the pages malloc keeps after frees back to the OS (cluster.host_memory): else
+        """Every few seconds, hand the pages malloc keeps after frees back to the OS (workers.host_memory): else
         RSS climbs for many minutes under varying load, without a leak."""
-        from cluster.host_memory import TRIM_PERIOD_S, trim_host_memory
+        from workers.host_memory import TRIM_PERIOD_S, trim_host_memory
 
         while True:
             await asyncio.sleep(TRIM_PERIOD_S)

@@ -6,7 +6,7 @@ import platform
 import psutil
 import pytest
 
-from cluster.host_memory import trim_host_memory
+from workers.host_memory import trim_host_memory
 
 glibc_only = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
 

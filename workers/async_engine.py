@@ -45,13 +45,12 @@ HASH_SNAPSHOT_LIMIT = 4096
 
 
 class _Stream:
-    """One caller's stream: the request id it asked for, and the caller's loop and queue that its deltas (or
-    an exception that ends it) go to. A request with n completions has one stream, paced per completion."""
+    """One request's stream as the engine thread sees it: the request id, each completion's held tokens
+    (pacing), and how many completions have finished. `post` hands an item (a StreamDelta, or an exception that
+    ends the stream) to whoever reads the stream. A request with n completions has one stream."""
 
-    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, pacing: StreamPacing, n: int = 1):
+    def __init__(self, request_id: str, pacing: StreamPacing, n: int = 1):
         self.request_id = request_id
-        self.loop = loop
-        self.queue: asyncio.Queue = asyncio.Queue()
         self.n = n
         # Touched by the engine thread only: each completion's held tokens, and how many have finished.
         self.paced = {i: PacedDeltas(pacing) for i in range(n)}
@@ -64,6 +63,18 @@ class _Stream:
                 self.post(paced.take(now))
 
     def post(self, item: StreamDelta | BaseException) -> None:
+        raise NotImplementedError
+
+
+class _CallerStream(_Stream):
+    """A stream read by a caller's event loop (`EngineFront.generate`): items go to its queue."""
+
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, pacing: StreamPacing, n: int = 1):
+        super().__init__(request_id, pacing, n)
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def post(self, item: StreamDelta | BaseException) -> None:
         """Hand `item` to the caller (from any thread)."""
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
@@ -71,41 +82,20 @@ class _Stream:
             pass
 
 
-class AsyncEngine:
-    def __init__(self, engine: Engine, pacing: StreamPacing | None = None):
-        self.engine = engine
+class EngineFront:
+    """The caller's side of an engine that runs elsewhere (a thread: AsyncEngine; a process:
+    workers.engine_process.EngineProcessClient): `generate` streams, open-stream bookkeeping, and the engine's
+    death, which ends every open stream at once. Subclasses submit and withdraw a stream (`_submit`,
+    `_withdraw`) and say whether the engine still runs (`check_health`)."""
+
+    def __init__(self, pacing: StreamPacing | None):
         # No pacing unless asked (every step's tokens at once); the serving layer passes its configured one.
         self.pacing = pacing or StreamPacing(max_messages_per_s=0)
-        self.tokenizer = engine.tokenizer
-        self.model_config = engine.model_config
-        self.max_model_len = engine.max_model_len
-        self.block_size = engine.block_size
-        self.vocab_size = engine.vocab_size
-        self.step_timeout_s = engine.config.step_timeout_s
-        self._commands: queue.SimpleQueue[Callable[[], None] | object] = queue.SimpleQueue()
-        self._wake = threading.Event()
-        # Admitted requests by id; touched by the engine thread only (it routes deltas and applies aborts).
-        self._streams: dict[str, _Stream] = {}
         # Every caller's open stream, from the moment generate() starts; guarded by _lock, because a caller
-        # (check_health, shutdown) must be able to end them all while the engine thread is stuck in a step.
+        # (check_health, shutdown) must be able to end them all while the engine is stuck in a step.
         self._lock = threading.Lock()
-        self._open: set[_Stream] = set()
+        self._open: set[_CallerStream] = set()
         self._dead: str | None = None          # why the engine is unavailable; set once, under _lock
-        self._busy_since: float | None = None  # when the engine thread's current iteration began; None: idle
-        self._stats = engine.stats()
-        self._hashes: list[int] = []
-        self._block_filter: dict | None = None
-        self._hashes_at = 0.0
-        self._thread = threading.Thread(target=self._run, name="herd-engine", daemon=True)
-        self._thread.start()
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, *, pacing: StreamPacing | None = None, **kwargs) -> "AsyncEngine":
-        return cls(Engine.from_pretrained(path, **kwargs), pacing)
-
-    # ---- caller side -----------------------------------------------------------------------------
-    def validate(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
-        self.engine.validate(prompt_token_ids, params)
 
     async def generate(self, prompt: str | Sequence[int], params: SamplingParams,
                        request_id: str | None = None, *, cache_salt: int = 0) -> AsyncIterator[StreamDelta]:
@@ -115,11 +105,11 @@ class AsyncEngine:
         alone failed, EngineUnavailableError when the engine is down. Closing or cancelling the iteration at
         any point aborts the request (all its completions)."""
         n = params.n if isinstance(params, SamplingParams) else 1
-        stream = _Stream(request_id or f"req-{uuid.uuid4().hex}", asyncio.get_running_loop(), self.pacing, n)
+        stream = _CallerStream(request_id or f"req-{uuid.uuid4().hex}", asyncio.get_running_loop(), self.pacing, n)
         self._open_stream(stream)
         finished = False
         try:
-            self._send(functools.partial(self._admit, stream, prompt, params, cache_salt))
+            self._submit(stream, prompt, params, cache_salt)
             held = None
             num_finished = 0
             while True:
@@ -146,8 +136,89 @@ class AsyncEngine:
                         return
         finally:
             self._close_stream(stream)
-            if not finished:  # queued behind the submission, so it finds the request wherever it is
-                self._send(functools.partial(self._abort_stream, stream))
+            self._withdraw(stream, finished)
+
+    def _submit(self, stream: _CallerStream, prompt, params: SamplingParams, cache_salt: int) -> None:
+        """Hand the request to the engine; its deltas (or the error refusing it) come to stream.post."""
+        raise NotImplementedError
+
+    def _withdraw(self, stream: _CallerStream, finished: bool) -> None:
+        """The caller is done with the stream; unless `finished`, the engine aborts the request wherever it is
+        (queued behind the submission, so it finds it)."""
+        raise NotImplementedError
+
+    def _open_stream(self, stream: _CallerStream) -> None:
+        with self._lock:
+            if self._dead is None:
+                self._open.add(stream)
+                return
+        self._raise_if_dead()
+
+    def _close_stream(self, stream: _CallerStream) -> None:
+        with self._lock:
+            self._open.discard(stream)
+
+    def _raise_if_dead(self) -> None:
+        if self._dead is not None:
+            raise EngineUnavailableError(f"engine is down: {self._dead}")
+
+    def _declare_dead(self, reason: str, *, expected: bool = False) -> None:
+        """Mark the engine unavailable (the first reason sticks) and end every open stream. Callable from
+        any thread; the engine frees the requests' blocks when (if) it gets back to its loop. `expected`: a
+        shutdown, not a failure (logged as such)."""
+        with self._lock:
+            if self._dead is None:
+                log.log(logging.INFO if expected else logging.ERROR, "engine unavailable: %s", reason)
+                self._dead = reason
+            streams, self._open = list(self._open), set()
+        for stream in streams:
+            stream.post(EngineUnavailableError(f"engine is down: {self._dead}"))
+
+    def _check_step_time(self, busy_since: float | None, step_timeout_s: float) -> None:
+        """Declare the engine dead (and raise) if its current step began more than step_timeout_s ago."""
+        if busy_since is not None and (elapsed := time.monotonic() - busy_since) > step_timeout_s:
+            self._declare_dead(f"an engine step has run for {elapsed:.1f}s (step_timeout_s={step_timeout_s})")
+            self._raise_if_dead()
+
+
+class AsyncEngine(EngineFront):
+    """The engine core driven by a thread of this process (module doc)."""
+
+    def __init__(self, engine: Engine, pacing: StreamPacing | None = None):
+        super().__init__(pacing)
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.model_config = engine.model_config
+        self.max_model_len = engine.max_model_len
+        self.block_size = engine.block_size
+        self.vocab_size = engine.vocab_size
+        self.step_timeout_s = engine.config.step_timeout_s
+        self._commands: queue.SimpleQueue[Callable[[], None] | object] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        # Admitted requests by id; touched by the engine thread only (it routes deltas and applies aborts).
+        self._streams: dict[str, _Stream] = {}
+        self._busy_since: float | None = None  # when the engine thread's current iteration began; None: idle
+        self._stats = engine.stats()
+        self._hashes: list[int] = []
+        self._block_filter: dict | None = None
+        self._hashes_at = 0.0
+        self._thread = threading.Thread(target=self._run, name="herd-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, pacing: StreamPacing | None = None, **kwargs) -> "AsyncEngine":
+        return cls(Engine.from_pretrained(path, **kwargs), pacing)
+
+    # ---- caller side -----------------------------------------------------------------------------
+    def validate(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
+        self.engine.validate(prompt_token_ids, params)
+
+    def _submit(self, stream: _CallerStream, prompt, params: SamplingParams, cache_salt: int) -> None:
+        self._send(functools.partial(self._admit, stream, prompt, params, cache_salt))
+
+    def _withdraw(self, stream: _CallerStream, finished: bool) -> None:
+        if not finished:
+            self._send(functools.partial(self._abort_stream, stream))
 
     def abort(self, request_id: str) -> None:
         """Abort a request by id; its stream (if one is iterating) ends with a final "abort" delta."""
@@ -180,17 +251,14 @@ class AsyncEngine:
         if not self._thread.is_alive():
             self._declare_dead("the engine thread has exited")
             self._raise_if_dead()
-        since = self._busy_since
-        if since is not None and (elapsed := time.monotonic() - since) > self.step_timeout_s:
-            self._declare_dead(f"an engine step has run for {elapsed:.1f}s (step_timeout_s={self.step_timeout_s})")
-            self._raise_if_dead()
+        self._check_step_time(self._busy_since, self.step_timeout_s)
         try:
             self.engine.check_health()
         except HerdError as e:
             raise EngineUnavailableError(str(e)) from e
 
     def shutdown(self) -> None:
-        self._declare_dead("engine shut down")  # open streams end now; later generate() calls fail fast
+        self._declare_dead("engine shut down", expected=True)  # open streams end now; later calls fail fast
         if self._thread.is_alive():
             self._commands.put(_STOP)
             self._wake.set()
@@ -200,32 +268,6 @@ class AsyncEngine:
     def _send(self, command: Callable[[], None]) -> None:
         self._commands.put(command)
         self._wake.set()
-
-    def _open_stream(self, stream: _Stream) -> None:
-        with self._lock:
-            if self._dead is None:
-                self._open.add(stream)
-                return
-        self._raise_if_dead()
-
-    def _close_stream(self, stream: _Stream) -> None:
-        with self._lock:
-            self._open.discard(stream)
-
-    def _raise_if_dead(self) -> None:
-        if self._dead is not None:
-            raise EngineUnavailableError(f"engine is down: {self._dead}")
-
-    def _declare_dead(self, reason: str) -> None:
-        """Mark the engine unavailable (the first reason sticks) and end every open stream. Callable from
-        any thread; the engine thread frees the requests' blocks when (if) it gets back to its loop."""
-        with self._lock:
-            if self._dead is None:
-                log.error("engine unavailable: %s", reason)
-                self._dead = reason
-            streams, self._open = list(self._open), set()
-        for stream in streams:
-            stream.post(EngineUnavailableError(f"engine is down: {self._dead}"))
 
     # ---- engine thread ---------------------------------------------------------------------------
     def _run(self) -> None:

@@ -36,6 +36,30 @@ log = logging.getLogger(f"herd.{__name__}")
 # flags derive from its fields without importing torch.
 
 
+def validate_request(prompt_token_ids: Seq[int], params: SamplingParams, *, vocab_size: int, max_model_len: int,
+                     has_tokenizer: bool) -> None:
+    """Raise the InvalidRequestError a request would get from this engine, without the engine: what a caller
+    in another process than the engine (workers.engine_process) checks before sending it."""
+    if not isinstance(params, SamplingParams):
+        raise InvalidRequestError("sampling_params", "must be a SamplingParams")
+    if len(prompt_token_ids) == 0:
+        raise InvalidRequestError("prompt", "must not be empty")
+    vocab = vocab_size
+    for t in prompt_token_ids:
+        if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
+            raise InvalidRequestError("prompt_token_ids", f"token id {t!r} is outside the vocabulary [0, {vocab})")
+    if len(prompt_token_ids) >= max_model_len:
+        raise PromptTooLongError(len(prompt_token_ids), max_model_len)
+    for t in params.stop_token_ids:  # SamplingParams checked the type and sign; only we know the vocabulary
+        if t >= vocab:
+            raise InvalidRequestError("stop_token_ids", f"token id {t} is outside the vocabulary [0, {vocab})")
+    for t in params.logit_bias:
+        if t >= vocab:
+            raise InvalidRequestError("logit_bias", f"token id {t} is outside the vocabulary [0, {vocab})")
+    if params.structured is not None and not has_tokenizer:
+        raise InvalidRequestError("structured", "this model has no tokenizer, which a grammar needs")
+
+
 @dataclass
 class StreamDelta:
     """What one request gained in one step (the unit AsyncEngine streams)."""
@@ -249,24 +273,8 @@ class Engine:
         return list(prompt)
 
     def validate(self, prompt_token_ids: Seq[int], params: SamplingParams) -> None:
-        if not isinstance(params, SamplingParams):
-            raise InvalidRequestError("sampling_params", "must be a SamplingParams")
-        if len(prompt_token_ids) == 0:
-            raise InvalidRequestError("prompt", "must not be empty")
-        vocab = self.vocab_size
-        for t in prompt_token_ids:
-            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
-                raise InvalidRequestError("prompt_token_ids", f"token id {t!r} is outside the vocabulary [0, {vocab})")
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise PromptTooLongError(len(prompt_token_ids), self.max_model_len)
-        for t in params.stop_token_ids:  # SamplingParams checked the type and sign; only we know the vocabulary
-            if t >= vocab:
-                raise InvalidRequestError("stop_token_ids", f"token id {t} is outside the vocabulary [0, {vocab})")
-        for t in params.logit_bias:
-            if t >= vocab:
-                raise InvalidRequestError("logit_bias", f"token id {t} is outside the vocabulary [0, {vocab})")
-        if params.structured is not None and self.tokenizer is None:
-            raise InvalidRequestError("structured", "this model has no tokenizer, which a grammar needs")
+        validate_request(prompt_token_ids, params, vocab_size=self.vocab_size, max_model_len=self.max_model_len,
+                         has_tokenizer=self.tokenizer is not None)
 
     def add_request(self, prompt: str | Seq[int], params: SamplingParams, request_id: str | None = None, *,
                     cache_salt: int = 0) -> str:

@@ -18,6 +18,11 @@ class InvalidRequestError(HerdError, ValueError):
         self.message = message
         super().__init__(f"{field}: {message}")
 
+    def __reduce__(self):
+        # Pickled whole (the engine process sends its errors to the replica): the default would call
+        # __init__ with the one formatted message.
+        return (InvalidRequestError, (self.field, self.message))
+
 
 class PromptTooLongError(InvalidRequestError):
     """The prompt (plus at least one generated token) does not fit in max_model_len."""
@@ -30,6 +35,9 @@ class PromptTooLongError(InvalidRequestError):
             f"prompt has {prompt_len} tokens but max_model_len is {max_model_len} "
             "(the prompt must leave room for at least one generated token)",
         )
+
+    def __reduce__(self):
+        return (PromptTooLongError, (self.prompt_len, self.max_model_len))
 
 
 class QueueFullError(HerdError):
