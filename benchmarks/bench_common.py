@@ -218,10 +218,12 @@ def replica_actors(model: str) -> list[dict[str, Any]]:
 
 
 def serve_process_pids(model: str) -> dict[str, list[int]]:
-    """The pids of the served path's processes, by role: the model's replicas, the ingress replicas, Serve's
-    proxies and controller (from the GCS actor table), and this bench's own process (the clients)."""
+    """The pids of the served path's processes, by role: the model's replicas, their engine processes
+    (workers.engine_process), the ingress replicas, Serve's proxies and controller (from the GCS actor table),
+    and this bench's own process (the clients)."""
     import os
 
+    import psutil
     import ray._private.state as state
 
     from cluster.app import APP_NAME, INGRESS_NAME, deployment_name
@@ -236,6 +238,13 @@ def serve_process_pids(model: str) -> dict[str, list[int]]:
         for role, marker in roles.items():
             if marker in name:
                 pids[role].append(int(info["Pid"]))
+    pids["engine_process"] = []
+    for pid in pids["model_replica"]:
+        try:
+            pids["engine_process"] += [c.pid for c in psutil.Process(pid).children()
+                                       if "workers.engine_process" in " ".join(c.cmdline())]
+        except psutil.Error:  # the replica went away meanwhile
+            pass
     pids["bench_client"] = [os.getpid()]
     return pids
 

@@ -27,6 +27,7 @@ have random weights: the figures measure the serving path, not a real model's sp
 """
 from __future__ import annotations
 
+import argparse
 import asyncio
 import multiprocessing as mp
 import subprocess
@@ -57,6 +58,8 @@ def model_entry(path: str, args, name: str = BENCH_MODEL, **overrides) -> dict[s
     }
     if getattr(args, "stream_max_messages_per_s", None) is not None:
         entry["stream_max_messages_per_s"] = args.stream_max_messages_per_s
+    if getattr(args, "engine_process", None) is not None:
+        entry["engine_process"] = args.engine_process
     if getattr(args, "autoscale", False) and name == BENCH_MODEL:
         entry["autoscaling_config"] = {
             "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": args.target_ongoing_requests,
@@ -374,6 +377,8 @@ def register_bench(bench_sub) -> None:
     p.add_argument("--max-num-seqs", type=int, default=None, help="engine batch size (default: the largest level)")
     p.add_argument("--stream-max-messages-per-s", type=float, default=None,
                    help="the served model's stream pacing (default: herd's; 0 = a message per token)")
+    p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
+                   help="the served engine in a process of its own (default: the config's, on)")
     p.add_argument("--timeout-s", type=float, default=120.0, help="deadline of each request")
     p.add_argument("--autoscale", action="store_true", help="autoscale the model (min 1, max 2); plot replicas")
     p.add_argument("--target-ongoing-requests", type=float, default=16.0, help="with --autoscale")

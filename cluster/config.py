@@ -181,6 +181,10 @@ class ModelDeploymentConfig(EngineSettings):
     stream_max_messages_per_s: float = Field(400.0, ge=0, description=(
         "messages per second a replica streams in all before it batches each stream's tokens (0 = every step's)"))
     stream_max_interval_s: float = Field(0.25, gt=0, le=5, description="longest a stream's tokens wait for their batch")
+    # The step loop in a process of its own (workers/engine_process.py): the replica's serving threads then
+    # do not share its GIL. Whole-model replicas only; a TP x PP group's driver stays in the replica.
+    engine_process: bool = Field(True, description=(
+        "run a whole-model replica's engine in a process of its own (TP x PP groups: always in the replica)"))
     # Serve deployment knobs
     graceful_shutdown_timeout_s: float = Field(60.0, ge=0, description=(
         "seconds a replica being stopped has to finish its streams"))

@@ -61,10 +61,10 @@ def demo_config(cache_dir: Path | None = None, *, host: str = "127.0.0.1", grpc_
 
 
 # `herd serve` flags that override the config: cluster-wide keys, and for every model each engine setting
-# (workers.EngineConfig's fields, as ModelDeploymentConfig takes them) and Serve's capacity keys. The flags'
-# types, help and defaults come from the fields (cluster.settings_flags).
+# (workers.EngineConfig's fields, as ModelDeploymentConfig takes them), Serve's capacity keys and where the
+# engine runs. The flags' types, help and defaults come from the fields (cluster.settings_flags).
 CLUSTER_FLAGS = ("host", "grpc_port", "http_port", "ingress_replicas", "request_timeout_s")
-SERVE_CAPACITY_FLAGS = ("max_ongoing_requests", "serve_max_queued_requests")
+SERVE_MODEL_FLAGS = ("max_ongoing_requests", "serve_max_queued_requests", "engine_process")
 
 
 def cluster_flag_fields() -> list[SettingField]:
@@ -74,14 +74,14 @@ def cluster_flag_fields() -> list[SettingField]:
 
 
 def model_flag_fields() -> list[SettingField]:
-    """Every engine setting and the capacity keys, as ModelDeploymentConfig declares them; a key the model
+    """Every engine setting and SERVE_MODEL_FLAGS, as ModelDeploymentConfig declares them; a key the model
     config leaves unset (None) shows the engine's default."""
     from cluster.config import ModelDeploymentConfig
     from workers.engine_config import EngineConfig
 
     engine_defaults = {f.name: f.default for f in setting_fields(EngineConfig)}
     return [f._replace(default=engine_defaults.get(f.name)) if f.default is None else f
-            for f in setting_fields(ModelDeploymentConfig, (*EngineConfig.model_fields, *SERVE_CAPACITY_FLAGS))]
+            for f in setting_fields(ModelDeploymentConfig, (*EngineConfig.model_fields, *SERVE_MODEL_FLAGS))]
 
 
 def apply_overrides(cfg, args):

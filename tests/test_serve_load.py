@@ -323,6 +323,26 @@ def _replica_actor_names(deployment: str) -> list[str]:
                   if a["name"].startswith(f"SERVE_REPLICA::herd#{deployment}#"))
 
 
+def _engine_process_pids(actor_name: str) -> list[int]:
+    """The engine processes (workers.engine_process) of the named replica actor."""
+    import psutil
+    import ray._private.state as state
+
+    pids = [int(a["Pid"]) for a in state.actors().values()
+            if a.get("Name") in (actor_name, actor_name.split("::", 1)[-1]) and a.get("State") == "ALIVE"]
+    return [c.pid for pid in pids for c in psutil.Process(pid).children()
+            if "workers.engine_process" in " ".join(c.cmdline())]
+
+
+def _running(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def sse_outcome(cluster, i: int) -> str:
     """'length' when an SSE completion stream finished, 'error' when it carried an error event; both end
     with [DONE]."""
@@ -348,6 +368,8 @@ def test_killed_replica_ends_its_streams_unavailable_and_traffic_recovers(cluste
 
     names = _replica_actor_names(deployment_name("pair"))
     assert len(names) == 2
+    engine_pids = _engine_process_pids(names[0])
+    assert len(engine_pids) == 1, engine_pids  # a whole-model replica runs its engine in a process of its own
     streaming = threading.Semaphore(0)
 
     def one(i: int) -> str:
@@ -379,6 +401,7 @@ def test_killed_replica_ends_its_streams_unavailable_and_traffic_recovers(cluste
         http_results = [f.result(timeout=300) for f in http_futures]
         after_results = [f.result(timeout=300) for f in after]
     assert set(results) <= {"length", "UNAVAILABLE"}, results       # no hang (DEADLINE_EXCEEDED), no INTERNAL
+    assert not _running(engine_pids[0]), "the killed replica's engine process is still running"
     assert "UNAVAILABLE" in results                                 # the dead replica's streams were told
     assert set(http_results) <= {"length", "error"}, http_results   # SSE: finished, or an error event + [DONE]
     # A request that hit the dead replica before its first token was sent again. The router can pick the dead
