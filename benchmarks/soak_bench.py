@@ -60,12 +60,14 @@ def outcome_counts(results: list[StreamResult]) -> tuple[dict[str, dict[str, int
 
 # ---- soak -----------------------------------------------------------------------------------------------------
 class ReplicaProbe:
-    """Samples the replica's RSS and the engine's KV / queue counters every `period_s`, in a thread."""
+    """Samples the replica's RSS (with its engine process's, workers.engine_process: what the pod's memory
+    limit counts) and the engine's KV / queue counters every `period_s`, in a thread."""
 
     def __init__(self, pid: Optional[int], period_s: float):
         import psutil
 
         self.proc = psutil.Process(pid) if pid else None
+        self.procs = [self.proc, *self.proc.children()] if self.proc else []
         self.period_s = period_s
         self.t0 = time.monotonic()
         self.samples: dict[str, list] = {"t": [], "rss_mib": [], "kv_blocks_free": [], "num_running": [],
@@ -76,7 +78,7 @@ class ReplicaProbe:
     def sample(self) -> dict[str, Any]:
         s = model_stats(BENCH_MODEL)
         row = {"t": round(time.monotonic() - self.t0, 3),
-               "rss_mib": round(self.proc.memory_info().rss / 2**20, 1) if self.proc else None,
+               "rss_mib": round(sum(p.memory_info().rss for p in self.procs) / 2**20, 1) if self.procs else None,
                "kv_blocks_free": s["kv_blocks_free"], "num_running": s["num_running"],
                "num_waiting": s["num_waiting"]}
         for k, v in row.items():

@@ -304,19 +304,28 @@ class EngineProcessClient(EngineFront):
         self._check_step_time(self._busy_since, self.step_timeout_s)
 
     def shutdown(self) -> None:
-        """Stop the engine process (it aborts whatever still runs); kill it if it does not stop in time."""
+        """Stop the engine process (it aborts whatever still runs); kill it if it does not stop in time. An
+        engine already down is not asked (a frozen one would never read the request): it is terminated."""
+        was_down = self._dead is not None
         self._declare_dead("engine shut down", expected=True)
         self._stopping = True
-        self._send("stop")
+        if not was_down:
+            self._send("stop")
+        else:
+            self._proc.terminate()
         try:
-            self._proc.wait(timeout=STOP_TIMEOUT_S)
+            self._proc.wait(timeout=STOP_TIMEOUT_S if not was_down else 5)
         except subprocess.TimeoutExpired:
-            log.warning("the engine process did not stop in %.0fs; killing it", STOP_TIMEOUT_S)
+            log.warning("the engine process did not stop in time; killing it")
             self._proc.kill()
             self._proc.wait()
         self._commands.close()
 
     def _send(self, *message: Any) -> None:
+        # Nothing more for an engine that is down (but the stop): a frozen one no longer reads, and a full
+        # pipe would block the caller's event loop.
+        if self._dead is not None and not (self._stopping and message[0] == "stop"):
+            return
         try:
             with self._send_lock:
                 self._commands.send(message)
