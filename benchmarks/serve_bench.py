@@ -1,9 +1,12 @@
 """`herd bench serve`: the serving cluster under concurrent multi-turn chat sessions, over gRPC.
 
-Each session opens with a system prompt shared by all sessions, then asks `--turns` questions. A turn's prompt
-is the whole conversation so far (the previous prompts, the model's replies, and the new question). A router
-that sends a session back to the replica holding its conversation turns most of each prompt into prefix-cache
-hits (`GenerateResponse.usage.cached_tokens`).
+Each session opens with a system prompt shared by all sessions, then (with `--session-tokens N`) its own
+N-token document, as in document QA, RAG or an agent's long context, then asks `--turns` questions. A turn's
+prompt is the whole conversation so far (the system prompt, the document, the previous questions, the model's
+replies, and the new question). A router that sends a session back to the replica holding its conversation
+turns most of each prompt into prefix-cache hits (`GenerateResponse.usage.cached_tokens`); with long
+per-session documents a router blind to the cache re-prefills a session's document on every replica the
+session visits, while a shared system prompt alone is soon cached on every replica whatever the router.
 
     herd bench serve                         # self-hosted: local Ray + Serve with a demo model, four phases
     herd bench serve --address HOST:PORT --model NAME [--ray-address auto]   # drive a running cluster
@@ -11,11 +14,13 @@ hits (`GenerateResponse.usage.cached_tokens`).
 Self-hosted phases (one local Ray):
   1. router comparison, for each of `--replicas R [R ...]` (e.g. 2 4): the same workload with herd's
      PrefixCacheRouter, Serve's default PowerOfTwoChoices router and a round-robin baseline
-     (benchmarks/baseline_routers.py). Reports TTFT p50/p99, generated tokens/s, the cached-token fraction
-     of the prompts and failed requests; `hit_rate_vs_ideal`, the cached tokens as a fraction of those of an
-     ideal single replica (the same workload against one replica, which holds every conversation: the
-     most any router can reach; decoding is greedy, so every run holds the same conversations); and
-     `throughput_vs_default`. Plotted to routers.png.
+     (benchmarks/baseline_routers.py). Reports TTFT p50/p99, generated tokens/s, requests (turns)/s, the
+     cached-token fraction of the prompts and failed requests; `hit_rate_vs_ideal`, the cached tokens as a
+     fraction of those of an ideal single replica (the same workload against one replica, which holds every
+     conversation: the most any router can reach; decoding is greedy, so every run holds the same
+     conversations); and
+     `throughput_vs_default` (generated tokens/s over the default router's; `requests_vs_default` likewise for
+     turns/s). Plotted to routers.png.
      Targets (issue 13, on a prefix-heavy workload): hit_rate_vs_ideal >= 0.9, throughput_vs_default >= 1.5.
   2. gRPC overhead: sequential single requests through the cluster (gRPC proxy -> ingress -> model replica)
      against the same requests through an in-process AsyncEngine on the same checkpoint.
@@ -60,10 +65,16 @@ class Workload:
     sessions: int = 6
     turns: int = 4
     system_tokens: int = 256
+    session_tokens: int = 0   # each session's own document after the system prompt (0: none, the old workload)
     user_tokens: int = 128
     max_tokens: int = 16
     seed: int = 0
     think_s: float = 0.05   # each turn waits uniform(0, think_s) first: users pause, sessions do not march in step
+
+    def longest_request(self) -> int:
+        """Tokens of the last turn's prompt plus its output: what max_model_len must hold."""
+        return (self.system_tokens + self.session_tokens + self.turns * self.user_tokens
+                + self.turns * self.max_tokens)
 
 
 @dataclass
@@ -101,6 +112,8 @@ def summarize(results: list[TurnResult], wall_s: float) -> dict[str, Any]:
         "latency_p50_ms": ms(percentile([r.latency_s for r in ok if r.latency_s is not None], 50)),
         "generated_tokens": sum(r.completion_tokens for r in ok),
         "tokens_per_s": round(sum(r.completion_tokens for r in ok) / wall_s, 2) if wall_s > 0 else None,
+        "requests_per_s": round(len(ok) / wall_s, 3) if wall_s > 0 else None,
+        "prompt_tokens": prompt,
         "cached_fraction": round(sum(r.cached_tokens for r in ok) / prompt, 4) if prompt else None,
         "cached_fraction_followups": (round(sum(r.cached_tokens for r in followups) / f_prompt, 4)
                                       if f_prompt else None),
@@ -163,7 +176,10 @@ class GrpcTarget:
 def run_sessions(generate: Callable[[list[int], int], tuple[TurnResult, list[int]]], w: Workload, vocab: int,
                  in_flight: Optional[list[int]] = None, stop: Optional[threading.Event] = None,
                  loop: bool = False) -> tuple[list[TurnResult], float]:
-    """`w.sessions` concurrent sessions of `w.turns` turns (repeated while `loop` until `stop`)."""
+    """`w.sessions` concurrent sessions of `w.turns` turns (repeated while `loop` until `stop`). A session's first
+    prompt is the shared system prompt, its own `w.session_tokens`-token document and a question; each later
+    prompt is the previous one + the reply + a new question. Session s draws from Random(seed * 1000 + s),
+    the document first, so `session_tokens=0` gives the same prompts as before the option existed."""
     rng = random.Random(w.seed)
     low = 3 if vocab > 16 else 0
     system = [rng.randrange(low, vocab) for _ in range(w.system_tokens)]
@@ -173,7 +189,8 @@ def run_sessions(generate: Callable[[list[int], int], tuple[TurnResult, list[int
     def session(s: int) -> None:
         r = random.Random(w.seed * 1000 + s)
         while True:
-            history = system + [r.randrange(low, vocab) for _ in range(w.user_tokens)]
+            document = [r.randrange(low, vocab) for _ in range(w.session_tokens)]
+            history = system + document + [r.randrange(low, vocab) for _ in range(w.user_tokens)]
             for turn in range(w.turns):
                 if stop is not None and stop.is_set():
                     return
@@ -435,21 +452,24 @@ def _run_once(cfg: dict[str, Any], router: str, w: Workload, target: GrpcTarget)
 def compare_routers(model_path: str, grpc_port: int, http_port: int, replica_numbers: list[int], w: Workload,
                     target: GrpcTarget, out: Optional[str]) -> dict[str, Any]:
     """Phase 1: the ideal single replica, then every router at every replica count (module doc)."""
-    ideal = _run_once(bench_config(model_path, grpc_port, http_port, replicas=1), PREFIX_ROUTER, w, target)
+    max_model_len = max(2048, w.longest_request())   # a long document needs more (the demo shape must allow it)
+    ideal = _run_once(bench_config(model_path, grpc_port, http_port, replicas=1, max_model_len=max_model_len),
+                      PREFIX_ROUTER, w, target)
     log(json.dumps({"ideal_single_replica": ideal}))
     by_r: dict[str, Any] = {}
     for r in replica_numbers:
-        cfg = bench_config(model_path, grpc_port, http_port, replicas=r)
+        cfg = bench_config(model_path, grpc_port, http_port, replicas=r, max_model_len=max_model_len)
         runs = {}
         for label, router in ROUTERS:
             runs[label] = _run_once(cfg, router, w, target)
             runs[label]["hit_rate_vs_ideal"] = (round(runs[label]["cached_tokens"] / ideal["cached_tokens"], 4)
                                                 if ideal["cached_tokens"] else None)
             log(json.dumps({f"R={r}": {label: runs[label]}}))
-        default_tps = runs["default_router"]["tokens_per_s"]
+        default = runs["default_router"]
         for summary in runs.values():
-            summary["throughput_vs_default"] = (round(summary["tokens_per_s"] / default_tps, 3)
-                                                if default_tps and summary["tokens_per_s"] else None)
+            for key, ratio in (("tokens_per_s", "throughput_vs_default"), ("requests_per_s", "requests_vs_default")):
+                mine, theirs = summary.get(key), default.get(key)
+                summary[ratio] = round(mine / theirs, 3) if mine and theirs else None
         by_r[f"R={r}"] = runs
     png = plot_routers(by_r, figure_path(out, "routers.png"), w)
     return {"ideal_single_replica": ideal, "by_replicas": by_r, "png": str(png),
@@ -475,8 +495,9 @@ def plot_routers(by_r: dict[str, Any], path: Path, w: Workload) -> Path:
         if line is not None:
             ax.axhline(line, color="grey", linewidth=0.8, linestyle="--")
     axes[0].legend(fontsize=8, loc="lower left")
+    document = f", {w.session_tokens}-token document per session" if w.session_tokens else ""
     fig.suptitle(f"herd bench serve: {w.sessions} sessions x {w.turns} turns, {w.system_tokens}-token shared "
-                 f"system prompt", fontsize=10)
+                 f"system prompt{document}", fontsize=10)
     return save_figure(fig, path)
 
 
@@ -511,7 +532,8 @@ def run_against(args) -> dict[str, Any]:
 
 def _workload(args) -> Workload:
     return Workload(sessions=args.sessions, turns=args.turns, system_tokens=args.system_tokens,
-                    user_tokens=args.user_tokens, max_tokens=args.max_tokens, seed=args.seed, think_s=args.think_s)
+                    session_tokens=args.session_tokens, user_tokens=args.user_tokens, max_tokens=args.max_tokens,
+                    seed=args.seed, think_s=args.think_s)
 
 
 def run(args) -> int:
@@ -536,6 +558,8 @@ def register_bench(bench_sub) -> None:
     p.add_argument("--sessions", type=int, default=6)
     p.add_argument("--turns", type=int, default=4)
     p.add_argument("--system-tokens", type=int, default=256, help="system prompt shared by all sessions")
+    p.add_argument("--session-tokens", type=int, default=0,
+                   help="each session's own document after the system prompt (document QA / RAG); 0: none")
     p.add_argument("--user-tokens", type=int, default=128, help="new tokens per turn")
     p.add_argument("--max-tokens", type=int, default=16, help="generated tokens per turn")
     p.add_argument("--think-s", type=float, default=0.05, help="max pause before each turn")

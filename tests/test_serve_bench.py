@@ -3,6 +3,7 @@ CLI wiring. (The bench itself runs against a real cluster; see benchmarks/serve_
 from __future__ import annotations
 
 import argparse
+import random
 import threading
 import time
 
@@ -68,6 +69,79 @@ def test_sessions_grow_their_conversation_and_figures_add_up():
     assert s["ttft_p50_ms"] <= s["ttft_p99_ms"]
 
 
+def expected_prompts(w, vocab):
+    """Every session's prompts as the workload defines them: the shared system prompt, the session's own
+    document (drawn first from the session's generator), then each turn's question; FakeTarget replies 7s."""
+    rng = random.Random(w.seed)
+    system = [rng.randrange(3, vocab) for _ in range(w.system_tokens)]
+    out = {}
+    for s in range(w.sessions):
+        r = random.Random(w.seed * 1000 + s)
+        document = [r.randrange(3, vocab) for _ in range(w.session_tokens)]
+        prompt = system + document + [r.randrange(3, vocab) for _ in range(w.user_tokens)]
+        out[s] = [prompt]
+        for _ in range(w.turns - 1):
+            prompt = prompt + [7] * w.max_tokens + [r.randrange(3, vocab) for _ in range(w.user_tokens)]
+            out[s].append(prompt)
+    return out
+
+
+def test_session_documents_are_unique_and_every_turn_starts_with_its_own():
+    w = sb.Workload(sessions=4, turns=3, system_tokens=12, session_tokens=60, user_tokens=5, max_tokens=2,
+                    think_s=0.0)
+    target = FakeTarget()
+    results, _ = sb.run_sessions(target.generate, w, vocab=500)
+    assert len(results) == 12 and len(target.seen) == 12
+    system = target.seen[0][:12]
+    assert all(p[:12] == system for p in target.seen)            # the system prompt is shared
+    by_document = {}
+    for p in target.seen:
+        by_document.setdefault(tuple(p[12:72]), []).append(p)
+    assert len(by_document) == 4                                  # one document per session ...
+    assert all(len(prompts) == 3 for prompts in by_document.values())   # ... in every turn of that session
+    firsts = [min(prompts, key=len) for prompts in by_document.values()]
+    assert all(len(p) == 12 + 60 + 5 for p in firsts)
+    # Documents differ from the first token on: two sessions share only the system prompt.
+    assert max(FakeTarget._common(a, b) for a in firsts for b in firsts if a is not b) == 12
+    # Each turn's prompt is the previous one + the reply + a new question (the document stays a prefix).
+    for prompts in by_document.values():
+        prompts.sort(key=len)
+        assert all(b[:len(a)] == a and len(b) == len(a) + 2 + 5 for a, b in zip(prompts, prompts[1:]))
+    # Exactly the prompts the workload defines, and the longest one fits what max_model_len is sized from.
+    expected = expected_prompts(w, 500)
+    assert sorted(map(tuple, target.seen)) == sorted(tuple(p) for ps in expected.values() for p in ps)
+    assert max(len(p) for p in target.seen) + w.max_tokens == w.longest_request()
+    # The fake replica caches what it saw: follow-ups hit the document, first turns only the system prompt.
+    assert {r.cached_tokens for r in results if r.turn == 0} <= {0, 12}
+    assert all(r.cached_tokens >= 12 + 60 for r in results if r.turn > 0)
+
+
+def test_no_session_tokens_gives_the_old_prompts():
+    """session_tokens=0 (the default) draws no document: the prompts of the workload before the option."""
+    w = sb.Workload(sessions=3, turns=3, system_tokens=20, user_tokens=6, max_tokens=3, seed=5, think_s=0.0)
+    assert w.session_tokens == 0
+    target = FakeTarget()
+    sb.run_sessions(target.generate, w, vocab=500)
+    # The old construction, written out: system prompt from Random(seed), questions from Random(seed*1000+s).
+    rng = random.Random(5)
+    system = [rng.randrange(3, 500) for _ in range(20)]
+    old = []
+    for s in range(3):
+        r = random.Random(5000 + s)
+        prompt = system + [r.randrange(3, 500) for _ in range(6)]
+        old.append(prompt)
+        for _ in range(2):
+            prompt = prompt + [7] * 3 + [r.randrange(3, 500) for _ in range(6)]
+            old.append(prompt)
+    assert sorted(map(tuple, target.seen)) == sorted(map(tuple, old))
+    # With a document the same seed gives other prompts (the document comes first from the session's draws).
+    target2 = FakeTarget()
+    sb.run_sessions(target2.generate, sb.Workload(sessions=3, turns=3, system_tokens=20, session_tokens=30,
+                                                 user_tokens=6, max_tokens=3, seed=5, think_s=0.0), vocab=500)
+    assert all(len(p) == len(q) + 30 for p, q in zip(sorted(target2.seen, key=len), sorted(old, key=len)))
+    assert not set(map(tuple, target2.seen)) & set(map(tuple, old))
+
+
 def test_timeline_samples_and_plots(tmp_path):
     target = FakeTarget()
     replicas = iter(range(1000))
@@ -94,3 +168,8 @@ def test_register_bench_adds_the_serve_scenario():
     sb.register_bench(sub)
     args = parser.parse_args(["serve", "--sessions", "2", "--address", "127.0.0.1:9000"])
     assert args.func is sb.run and args.sessions == 2 and args.address == "127.0.0.1:9000"
+    assert args.session_tokens == 0 and sb._workload(args).session_tokens == 0
+    args = parser.parse_args(["serve", "--session-tokens", "3072", "--system-tokens", "64", "--turns", "6"])
+    w = sb._workload(args)
+    assert (w.session_tokens, w.system_tokens, w.turns) == (3072, 64, 6)
+    assert w.longest_request() == 64 + 3072 + 6 * args.user_tokens + 6 * args.max_tokens
