@@ -15,17 +15,11 @@ import time
 import psutil
 import pytest
 
-from tests.checkpoints import LLAMA2_MHA, make_checkpoint
-from tests.test_async_engine import GREEDY, LONG, collect, idle_and_free, run, until
+from tests.test_async_engine import GREEDY, LONG, collect, idle_and_free, path, run, until  # noqa: F401 - path
 from workers import Engine, EngineUnavailableError, InvalidRequestError, SamplingParams
 from workers import engine_process
 from workers.engine_process import EngineProcessClient
 from workers.errors import CheckpointError, PromptTooLongError
-
-
-@pytest.fixture(scope="module")
-def path(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("ckpt"), "llama2", LLAMA2_MHA)
 
 
 @pytest.fixture

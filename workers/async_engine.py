@@ -138,6 +138,20 @@ class EngineFront:
             self._close_stream(stream)
             self._withdraw(stream, finished)
 
+    # The engine's latest snapshots (subclasses keep _stats, _hashes and _block_filter current): reading them
+    # never waits for a step.
+    def stats(self) -> EngineStats:
+        """The engine's counters after its latest step."""
+        return self._stats
+
+    def cached_block_hashes(self) -> list[int]:
+        """The most recently used cached block hashes, most recent first (at most HASH_SNAPSHOT_LIMIT)."""
+        return list(self._hashes)
+
+    def cached_block_filter(self) -> dict | None:
+        """Bloom filter of every cached block hash (KVCacheManager.block_filter), as of the last snapshot."""
+        return self._block_filter
+
     def _submit(self, stream: _CallerStream, prompt, params: SamplingParams, cache_salt: int) -> None:
         """Hand the request to the engine; its deltas (or the error refusing it) come to stream.post."""
         raise NotImplementedError
@@ -230,18 +244,6 @@ class AsyncEngine(EngineFront):
                     stream.paced[final.index].add(final)  # with any tokens still held for it
                 stream.post_held(time.monotonic())
         self._send(do_abort)
-
-    def stats(self) -> EngineStats:
-        """A snapshot taken by the engine thread after its latest step (never blocks on a step)."""
-        return self._stats
-
-    def cached_block_hashes(self) -> list[int]:
-        """The most recently used cached block hashes, most recent first (at most HASH_SNAPSHOT_LIMIT)."""
-        return list(self._hashes)
-
-    def cached_block_filter(self) -> dict | None:
-        """Bloom filter of every cached block hash (KVCacheManager.block_filter), as of the last snapshot."""
-        return self._block_filter
 
     def check_health(self) -> None:
         """Raise EngineUnavailableError if the engine cannot serve: it failed, its thread is gone, or its

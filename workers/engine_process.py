@@ -279,18 +279,6 @@ class EngineProcessClient(EngineFront):
         """Abort a request by id; its stream (if one is iterating) ends with a final "abort" delta."""
         self._send("abort", request_id)
 
-    def stats(self) -> EngineStats:
-        """The engine's counters after its latest step (as the engine process last sent them)."""
-        return self._stats
-
-    def cached_block_hashes(self) -> list[int]:
-        """The most recently used cached block hashes, most recent first (the engine process's snapshot)."""
-        return list(self._hashes)
-
-    def cached_block_filter(self) -> dict | None:
-        """Bloom filter of every cached block hash, as of the engine process's last snapshot."""
-        return self._block_filter
-
     def check_health(self) -> None:
         """Raise EngineUnavailableError if the engine cannot serve: its process has exited or stopped
         answering, it failed, or its current step has run past step_timeout_s (every open stream then ends
