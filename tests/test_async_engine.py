@@ -397,7 +397,9 @@ def test_deltas_that_pile_up_go_out_as_one(engine, path):
         deltas = []
         stream = engine.generate([5, 6, 7, 8], params)
         deltas.append(await stream.__anext__())             # the first token, then the caller is busy
-        while engine.stats().num_running:                   # ... until the engine has finished the request
+        # ... until the engine has finished the request. Not "num_running == 0": the first delta can arrive
+        # before the engine publishes the stats of the step that made it, and the ones before say 0 too.
+        while engine.stats().generation_tokens < params.max_tokens or engine.stats().num_running:
             await asyncio.sleep(0.01)
         # The engine thread posts a step's deltas (call_soon_threadsafe) before it publishes the stats that say
         # the request is done, so they are all in this loop's ready queue now: one loop turn delivers them.
