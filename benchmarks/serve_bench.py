@@ -95,6 +95,11 @@ def summarize(results: list[TurnResult], wall_s: float) -> dict[str, Any]:
     prompt = sum(r.prompt_tokens for r in ok)
     followups = [r for r in ok if r.turn > 0]
     f_prompt = sum(r.prompt_tokens for r in followups)
+    # A follow-up with under half its prompt cached went to a replica without its conversation.
+    cold = [r for r in followups if r.cached_tokens * 2 < r.prompt_tokens]
+    cold_by_turn: dict[str, int] = {}
+    for r in cold:
+        cold_by_turn[str(r.turn)] = cold_by_turn.get(str(r.turn), 0) + 1
     errors: dict[str, int] = {}
     for r in results:
         if r.error is not None:
@@ -117,6 +122,8 @@ def summarize(results: list[TurnResult], wall_s: float) -> dict[str, Any]:
         "cached_fraction": round(sum(r.cached_tokens for r in ok) / prompt, 4) if prompt else None,
         "cached_fraction_followups": (round(sum(r.cached_tokens for r in followups) / f_prompt, 4)
                                       if f_prompt else None),
+        "followups_cold": len(cold),
+        "followups_cold_by_turn": dict(sorted(cold_by_turn.items(), key=lambda kv: int(kv[0]))),
         "wall_s": round(wall_s, 3),
     }
 
@@ -446,6 +453,10 @@ def _run_once(cfg: dict[str, Any], router: str, w: Workload, target: GrpcTarget)
         _undeploy()
     summary = summarize(results, wall)
     summary["cached_tokens"] = sum(r.cached_tokens for r in results if r.error is None)
+    # Every turn, for finding out why a router missed: [session, turn, TTFT ms, prompt tokens, cached tokens].
+    summary["per_turn"] = [[r.session, r.turn, None if r.ttft_s is None else round(r.ttft_s * 1000, 1),
+                            r.prompt_tokens, r.cached_tokens]
+                           for r in sorted(results, key=lambda r: (r.session, r.turn)) if r.error is None]
     return summary
 
 

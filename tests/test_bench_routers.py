@@ -61,3 +61,23 @@ def test_compare_routers_sizes_max_model_len_for_long_documents(monkeypatch, tmp
     w = sb.Workload(system_tokens=64, session_tokens=3072, user_tokens=32, max_tokens=8, turns=6)
     sb.compare_routers("/ckpt", 1, 2, [2], w, target=None, out=str(tmp_path))
     assert lens == [64 + 3072 + 6 * 32 + 6 * 8] * 4
+
+
+def test_run_once_keeps_every_turn_and_undeploys(monkeypatch):
+    from tests.test_serve_bench import FakeTarget
+
+    deployed = []
+    monkeypatch.setattr(sb, "_deploy", lambda cfg, router: deployed.append(router))
+    monkeypatch.setattr(sb, "_undeploy", lambda: deployed.append("gone"))
+
+    class Target(FakeTarget):
+        def model_info(self):
+            return type("Info", (), {"vocab_size": 500})()
+
+    w = sb.Workload(sessions=2, turns=3, system_tokens=8, session_tokens=32, user_tokens=4, max_tokens=2,
+                    think_s=0.0)
+    out = sb._run_once({}, sb.PREFIX_ROUTER, w, Target())
+    assert deployed == [sb.PREFIX_ROUTER, "gone"]
+    assert [row[:2] for row in out["per_turn"]] == [[s, t] for s in range(2) for t in range(3)]
+    assert [row[3] for row in out["per_turn"]] == [8 + 32 + 4, 8 + 32 + 10, 8 + 32 + 16] * 2
+    assert out["cached_tokens"] == sum(row[4] for row in out["per_turn"]) and out["followups_cold"] == 0

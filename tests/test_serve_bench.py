@@ -67,6 +67,18 @@ def test_sessions_grow_their_conversation_and_figures_add_up():
     assert s["generated_tokens"] == 4 * (12 - s["failed"])
     assert 0 < s["cached_fraction"] < s["cached_fraction_followups"] <= 1
     assert s["ttft_p50_ms"] <= s["ttft_p99_ms"]
+    assert s["followups_cold"] == 0 and s["followups_cold_by_turn"] == {}   # one fake replica holds everything
+    assert s["requests_per_s"] == round((12 - s["failed"]) / wall, 3)
+
+
+def test_cold_followups_are_counted_by_turn():
+    def turn(t, prompt, cached):
+        return sb.TurnResult(session=0, turn=t, ttft_s=0.01, prompt_tokens=prompt, cached_tokens=cached)
+
+    results = [turn(0, 100, 0), turn(1, 120, 100), turn(2, 140, 60), turn(3, 160, 79), turn(3, 160, 80),
+               sb.TurnResult(session=1, turn=2, error="UNAVAILABLE")]
+    s = sb.summarize(results, 1.0)
+    assert s["followups_cold"] == 2 and s["followups_cold_by_turn"] == {"2": 1, "3": 1}
 
 
 def expected_prompts(w, vocab):
