@@ -192,9 +192,11 @@ def _refusals(results: list[StreamResult], wall_s: float) -> dict[str, Any]:
 
 async def overload(target: AioTarget, args, vocab: int, capacity: int) -> dict[str, Any]:
     """Past a small model's capacity, two ways:
-    - sustained: the model kept full (`capacity` clients re-sending as soon as theirs ends) while new requests
-      arrive at `--overload-rate` per second for `--overload-s` seconds, an open loop: each arrival's refusal
-      latency is what a client of an overloaded server waits to learn it (the issue's "past capacity" target);
+    - sustained: the model kept full (as many clients as its engine holds, running and queued, each sending
+      again as soon as its request ends, or 0.5 s after a refusal, as a client honouring retry-after would)
+      while new requests arrive at `--overload-rate` per second for `--overload-s` seconds, an open loop: each
+      arrival's refusal latency is what a client of an overloaded server waits to learn it (the "past
+      capacity" target);
     - burst: `--overload-streams` streams at the idle model in the same instant, the worst case of a thundering
       herd, every refusal queued behind the others in Serve's proxy and the ingress."""
     prompts = random_prompts(args.overload_streams, args.prompt_tokens, vocab, seed=args.seed + 99)
@@ -204,13 +206,14 @@ async def overload(target: AioTarget, args, vocab: int, capacity: int) -> dict[s
     await asyncio.sleep(1.0)
 
     stop = asyncio.Event()
-    holder_prompts = random_prompts(capacity, args.prompt_tokens, vocab, seed=args.seed + 98)
+    engine_holds = CAPPED_LIMITS["max_num_seqs"] + CAPPED_LIMITS["max_queued_requests"]
+    holder_prompts = random_prompts(engine_holds, args.prompt_tokens, vocab, seed=args.seed + 98)
 
-    async def hold(prompt: list[int]) -> None:  # one of `capacity` clients keeping the model full
+    async def hold(prompt: list[int]) -> None:  # one of the clients keeping the model full
         while not stop.is_set():
             r = await target.generate(prompt, args.max_tokens, timeout_s=args.timeout_s)
             if r.code != "OK":
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.5)
 
     holders = [asyncio.create_task(hold(p)) for p in holder_prompts]
     await asyncio.sleep(1.0)  # the holders are in

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from tests.checkpoints import LLAMA2_MHA, make_checkpoint
-from workers import AsyncEngine, Engine, EngineUnavailableError, InvalidRequestError, SamplingParams
+from workers import AsyncEngine, Engine, EngineUnavailableError, InvalidRequestError, QueueFullError, SamplingParams
 from workers.errors import RequestFailedError
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
@@ -430,3 +430,31 @@ def test_the_first_delta_says_when_the_engine_first_scheduled_the_request(engine
     marks = [d.scheduled_at for d in deltas if d.scheduled_at is not None]
     assert len(marks) == 1 and deltas[0].scheduled_at == marks[0]
     assert submitted <= marks[0] <= time.monotonic()
+
+
+def test_a_full_engine_refuses_at_once_without_waiting_for_its_step(make_engine):
+    """max_num_seqs + max_queued_requests requests open: the next one gets QueueFullError from the caller's
+    side, even while the engine thread is held inside a step; once one ends, a new one is taken again."""
+    engine = make_engine(max_num_seqs=1, max_queued_requests=1)
+
+    async def main():
+        running = asyncio.create_task(collect(engine, list(range(5, 30)), LONG))
+        queued = asyncio.create_task(collect(engine, list(range(40, 60)), GREEDY))
+        await until(lambda: engine.stats().num_running == 1 and engine.stats().num_waiting == 1)
+        gate = Gate(engine)
+        await gate.wait_entered()            # the engine thread is stuck in a step now
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(QueueFullError):
+                await collect(engine, [5, 6, 7])
+            refused_in = time.monotonic() - t0
+        finally:
+            gate.release.set()
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        await queued                         # it gets the seat, and finishes
+        deltas = await collect(engine, [5, 6, 7])  # and then there is room again
+        return refused_in, deltas
+
+    refused_in, deltas = run(main())
+    assert refused_in < 1.0 and deltas[-1].finished

@@ -19,7 +19,7 @@ from tests.test_async_engine import GREEDY, LONG, collect, idle_and_free, path, 
 from workers import Engine, EngineUnavailableError, InvalidRequestError, SamplingParams
 from workers import engine_process
 from workers.engine_process import EngineProcessClient
-from workers.errors import CheckpointError, PromptTooLongError
+from workers.errors import CheckpointError, PromptTooLongError, QueueFullError
 
 
 @pytest.fixture
@@ -129,6 +129,22 @@ def test_a_cancel_frees_every_block(make_client, stage):
     run(main())
     s = client.stats()
     assert s.kv_blocks_free == total and s.generation_tokens < LONG.max_tokens
+
+
+def test_a_full_engine_process_is_refused_on_the_replica_side(make_client):
+    client = make_client(max_num_seqs=1, max_queued_requests=1)
+
+    async def main():
+        held = [asyncio.create_task(collect(client, list(range(5 + i, 30 + i)), LONG)) for i in range(2)]
+        await until(lambda: client.stats().num_running == 1 and client.stats().num_waiting == 1)
+        with pytest.raises(QueueFullError, match="max_queued_requests = 2"):
+            await collect(client, [5, 6, 7])
+        for task in held:
+            task.cancel()
+        await asyncio.gather(*held, return_exceptions=True)
+        return await collect(client, [5, 6, 7])
+
+    assert run(main())[-1].finished
 
 
 def test_a_duplicate_live_id_is_refused_and_abort_by_id_ends_the_live_one(shared):

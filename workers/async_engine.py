@@ -31,7 +31,7 @@ from typing import AsyncIterator, Callable, Sequence
 import torch
 
 from .engine import Engine, EngineStats, StreamDelta
-from .errors import EngineUnavailableError, HerdError
+from .errors import EngineUnavailableError, HerdError, QueueFullError
 from .sampling import SamplingParams
 from .stream_pacing import PacedDeltas, StreamPacing
 
@@ -42,6 +42,14 @@ _STOP = object()
 # cached block (one copy of its bytes) and the most recently used hashes (a bounded list).
 HASH_SNAPSHOT_PERIOD_S = 0.5
 HASH_SNAPSHOT_LIMIT = 4096
+
+
+def max_held(config) -> int | None:
+    """Requests an engine with this EngineConfig holds at most: max_num_seqs running + max_queued_requests
+    waiting (None when its queue is unbounded)."""
+    if config.max_queued_requests is None:
+        return None
+    return config.max_num_seqs + config.max_queued_requests
 
 
 class _Stream:
@@ -96,6 +104,9 @@ class EngineFront:
         self._lock = threading.Lock()
         self._open: set[_CallerStream] = set()
         self._dead: str | None = None          # why the engine is unavailable; set once, under _lock
+        # Requests the engine holds at most (max_num_seqs running + max_queued_requests waiting; None: no bound),
+        # set by the subclass: a caller past it is refused here, without a round trip to the engine (below).
+        self._max_held: int | None = None
 
     async def generate(self, prompt: str | Sequence[int], params: SamplingParams,
                        request_id: str | None = None, *, cache_salt: int = 0) -> AsyncIterator[StreamDelta]:
@@ -162,8 +173,16 @@ class EngineFront:
         raise NotImplementedError
 
     def _open_stream(self, stream: _CallerStream) -> None:
+        """Count the stream in, or refuse it: the engine is down, or as many requests as it can hold (running
+        and queued) are already open here. That refusal is the engine's own QueueFullError, given at once: the
+        engine would refuse it too (every open request is in it or queued before it), only after its current
+        step. A request that finished in the engine but whose caller has not closed yet still counts: a
+        refusal a few milliseconds early, at the edge of capacity, is the price of not waiting a step."""
         with self._lock:
             if self._dead is None:
+                if self._max_held is not None and len(self._open) >= self._max_held:
+                    raise QueueFullError(f"{len(self._open)} requests already in this engine (max_num_seqs + "
+                                         f"max_queued_requests = {self._max_held})")
                 self._open.add(stream)
                 return
         self._raise_if_dead()
@@ -207,6 +226,7 @@ class AsyncEngine(EngineFront):
         self.block_size = engine.block_size
         self.vocab_size = engine.vocab_size
         self.step_timeout_s = engine.config.step_timeout_s
+        self._max_held = max_held(engine.config)
         self._commands: queue.SimpleQueue[Callable[[], None] | object] = queue.SimpleQueue()
         self._wake = threading.Event()
         # Admitted requests by id; touched by the engine thread only (it routes deltas and applies aborts).

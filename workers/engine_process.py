@@ -43,7 +43,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Sequence
 
-from .async_engine import AsyncEngine, EngineFront, _CallerStream, _Stream
+from .async_engine import AsyncEngine, EngineFront, _CallerStream, _Stream, max_held
 from .engine import EngineStats, StreamDelta, validate_request
 from .errors import EngineUnavailableError, HerdError
 from .sampling import SamplingParams
@@ -127,6 +127,7 @@ def _engine_info(core: _EngineCore) -> dict[str, Any]:
     return {"max_model_len": engine.max_model_len, "block_size": engine.block_size,
             "vocab_size": engine.vocab_size, "step_timeout_s": engine.config.step_timeout_s,
             "has_tokenizer": engine.tokenizer is not None, "model_config": engine.model_config,
+            "max_held": max_held(engine.config),
             "stats": core.stats(), "pid": os.getpid()}
 
 
@@ -232,6 +233,7 @@ class EngineProcessClient(EngineFront):
         self.step_timeout_s: float = info["step_timeout_s"]
         self.model_config = info["model_config"]
         self._has_tokenizer: bool = info["has_tokenizer"]
+        self._max_held = info["max_held"]
         self._stats: EngineStats = info["stats"]
         self._hashes: list[int] = []
         self._block_filter: dict | None = None
