@@ -110,6 +110,8 @@ class RouterConfig(_Strict):
     load_imbalance_margin: float = Field(8, ge=0, description=(
         "queued requests a prefix-holding replica may lead the least loaded by"))
     min_match_blocks: int = Field(1, ge=1, description="fewest matching KV blocks that count as a prefix hit")
+    min_match_fraction: float = Field(0.5, ge=0, le=1, description=(
+        "least fraction of a prompt its best match must cover for affinity; below it, placed by load"))
     max_hashes_per_replica: int = Field(16384, ge=1, description="block hashes the router remembers per replica")
     max_prefix_blocks: int = Field(2048, ge=1, description="longest prefix (in blocks) the router hashes")
     kv_saturated_free_fraction: float = Field(0.05, ge=0, le=1, description=(

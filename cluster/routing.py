@@ -27,8 +27,12 @@ The decision, per request (token ids = the request's first positional argument)
   blocks) whatever the cache size: the leading run of blocks its filter holds (a false positive can only
   lengthen a run now and then), or, from exact knowledge (routed history, list reports), the deepest block
   it holds, since a block's chain hash stands for its whole prefix.
-- No replica holds at least `min_match_blocks` blocks: power of two choices, as Serve's default router does
-  (two random candidates; Serve takes the one with the shorter queue).
+- No replica holds at least `min_match_blocks` blocks, or the best match covers less than `min_match_fraction`
+  of the prompt (SGLang's cache-aware router's `cache_threshold`): power of two choices, as Serve's default
+  router does (two random candidates; Serve takes the one with the shorter queue). A new session whose prompt
+  shares only a system prompt with earlier traffic (its own document behind it) is then placed by load, not
+  piled onto whichever replica first cached the system prompt — where its later turns would find that
+  replica's queue past the margin and go elsewhere cold.
 - Otherwise the best-matching replica (ties: shorter queue, then more free KV blocks) — unless its queue is
   longer than the least loaded candidate's by more than `load_imbalance_margin` requests, in which case the
   least loaded one(s) get it: a hot prefix must not pile every request onto one replica. Likewise when its
@@ -183,6 +187,7 @@ class PrefixCacheRouter(RequestRouter):
         block_size: int = 16,
         load_imbalance_margin: float = 8,
         min_match_blocks: int = 1,
+        min_match_fraction: float = 0.5,
         max_hashes_per_replica: int = 16384,
         max_prefix_blocks: int = 2048,
         optimistic_grace_s: float = 5.0,
@@ -196,6 +201,8 @@ class PrefixCacheRouter(RequestRouter):
         load_imbalance_margin: how many more queued/running requests the best-matching replica may have than
             the least loaded candidate before the request goes to the least loaded one instead.
         min_match_blocks: a replica must hold at least this many leading blocks to count as a match.
+        min_match_fraction: ... and they must cover at least this fraction of the prompt (of its hashed part);
+            below it the request is placed by load (0 turns the rule off).
         max_hashes_per_replica: bound on the reported set and on the optimistic set of each replica.
         max_prefix_blocks: at most this many leading blocks of a prompt are hashed and compared.
         optimistic_grace_s: a report supersedes routed-but-unreported hashes only if it arrived this long
@@ -212,6 +219,9 @@ class PrefixCacheRouter(RequestRouter):
             raise ValueError("load_imbalance_margin and optimistic_grace_s must be >= 0, optimistic_ttl_s > 0")
         if not 0 <= kv_saturated_free_fraction < 1 or max_filter_bytes < 8:
             raise ValueError("kv_saturated_free_fraction must be in [0, 1), max_filter_bytes >= 8")
+        if not 0 <= min_match_fraction <= 1:
+            raise ValueError("min_match_fraction must be in [0, 1]")
+        self._min_match_fraction = float(min_match_fraction)
         self._kv_saturated = float(kv_saturated_free_fraction)
         self._max_filter_bytes = int(max_filter_bytes)
         self._default_block_size = int(block_size)
@@ -441,7 +451,10 @@ class PrefixCacheRouter(RequestRouter):
             matches[r.replica_id] = self.match_blocks(r, hashes, positions)
 
         best = max(matches.values())
-        if best < self._min_match_blocks:
+        best_replica = next(r for r in candidates if matches[r.replica_id] == best)
+        block_size = self._block_size_for(best_replica.replica_id)
+        hashed_tokens = min(len(token_ids), self._max_prefix_blocks * block_size)
+        if best < self._min_match_blocks or best * block_size < self._min_match_fraction * hashed_tokens:
             self._note_decision(pending_request, "fallback", matches)
             return self._power_of_two(candidates)
 

@@ -329,6 +329,8 @@ def test_removed_or_dead_replicas_are_forgotten():
 def test_invalid_kwargs_are_rejected():
     with pytest.raises(ValueError):
         make_router(block_size=0)
+    with pytest.raises(ValueError):
+        make_router(min_match_fraction=1.5)
     with pytest.raises(TypeError):
         make_router(imbalance=3)   # a typo in request_router_kwargs fails loudly
 
@@ -696,3 +698,30 @@ def test_misses_and_ties_spread_over_the_replicas():
             print(sorted(counts.values()))
             assert len(counts) == 8 and max(counts.values()) < 2 * min(counts.values())
     run(go())
+
+
+def test_a_match_covering_little_of_the_prompt_is_placed_by_load():
+    """A new session's first prompt (the shared system prompt, then its own document) is not pulled to the
+    replica that holds just the system prompt: below min_match_fraction it goes by load (power of two), so a
+    burst of new sessions spreads; its follow-ups, mostly cached, keep their affinity."""
+    document = list(range(5000, 5000 + 12 * BS))         # 12 blocks of the session's own
+    first_turn = SYSTEM + document                        # 4 of 16 blocks held by a: 25%
+    follow_up = first_turn + list(range(7000, 7000 + BS))
+
+    async def go(**kwargs):
+        router = make_router(**kwargs)
+        a, b = FakeReplica("a"), FakeReplica("b")
+        a.report(blocks(SYSTEM))
+        router.update_replicas([a, b])
+        first = names(await router.choose_replicas([a, b], request(first_turn)))
+        b.report(blocks(first_turn))                      # the session's first turn ran on b
+        router.update_replicas([a, b])
+        return first, names(await router.choose_replicas([a, b], request(follow_up)))
+
+    first, follow = run(go())
+    assert sorted(first[0]) == ["a", "b"]                 # both candidates: the shorter queue takes it
+    assert follow[0] == ["b"]                             # 16 of 17 blocks: affinity
+    first, _ = run(go(min_match_fraction=0.0))            # the rule off: the system prompt's holder wins
+    assert first[0] == ["a"]
+    first, _ = run(go(min_match_fraction=0.25))           # exactly the fraction covered: a match
+    assert first[0] == ["a"]
