@@ -206,7 +206,8 @@ class PrefixCacheRouter(RequestRouter):
         max_hashes_per_replica: bound on the reported set and on the optimistic set of each replica.
         max_prefix_blocks: at most this many leading blocks of a prompt are hashed and compared.
         optimistic_grace_s: a report supersedes routed-but-unreported hashes only if it arrived this long
-            after they were routed (the prefill may not have run when the replica built its report).
+            after they were routed (the prefill may not have run when the replica built its report), and
+            only a report without waiting sequences (one with a queue may not have reached them).
         optimistic_ttl_s: routed-but-unreported hashes are forgotten after this long in any case.
         kv_saturated_free_fraction: a replica whose last report shows waiting sequences and less than this
             fraction of its KV blocks free is saturated: it loses its affinity to the least loaded replica
@@ -285,8 +286,12 @@ class PrefixCacheRouter(RequestRouter):
             value = report.get(key)
             setattr(v, key, int(value) if value is not None else None)
         # Routed blocks old enough to have been prefilled before the replica built this report are now the
-        # report's business: it either lists them or they were evicted.
-        self._expire_optimistic(v, self._now() - self._grace_s)
+        # report's business: it either lists them or they were evicted. Not while the report shows sequences
+        # waiting: a request routed there may still be in that queue, its prefill not run (a burst of long
+        # prompts queues for seconds), and dropping its blocks now would send its follow-up elsewhere, cold.
+        # Then only optimistic_ttl_s bounds them.
+        if not v.num_waiting:
+            self._expire_optimistic(v, self._now() - self._grace_s)
 
     def _expire_optimistic(self, v: ReplicaView, before: float) -> None:
         opt = v.optimistic
