@@ -348,11 +348,14 @@ def _router_class(router: str):
 
 
 def bench_config(model_path: str, grpc_port: int, http_port: int, *, replicas: int,
-                 autoscaling: Optional[dict] = None, max_model_len: int = 2048) -> dict[str, Any]:
+                 autoscaling: Optional[dict] = None, max_model_len: int = 2048,
+                 kv_blocks: Optional[int] = None) -> dict[str, Any]:
     model: dict[str, Any] = {
         "name": BENCH_MODEL, "path": model_path, "resources_per_shard": {"CPU": 0.25},
         "max_model_len": max_model_len, "router": {"routing_stats_period_s": 1.0},
     }
+    if kv_blocks is not None:  # each replica's KV cache, in blocks (num_gpu_blocks_override)
+        model["num_gpu_blocks_override"] = kv_blocks
     if autoscaling:
         model["autoscaling_config"] = autoscaling
     else:
@@ -396,7 +399,7 @@ def run_self_hosted(args) -> dict[str, Any]:
     base = bench_config(model_path, grpc_port, http_port, replicas=args.replicas[0])
     w = _workload(args)
     report: dict[str, Any] = {"mode": "self-hosted", "checkpoint": model_path, "workload": asdict(w),
-                              "replicas": list(args.replicas)}
+                              "replicas": list(args.replicas), "kv_blocks_per_replica": args.kv_blocks}
 
     with local_ray():
         serve.start(**serve_start_options(ClusterConfig.from_dict(base)))
@@ -404,7 +407,7 @@ def run_self_hosted(args) -> dict[str, Any]:
 
         # 1. router comparison at each replica count, against an ideal single replica
         report["routers"] = compare_routers(model_path, grpc_port, http_port, args.replicas, w, target,
-                                            args.out)
+                                            args.out, kv_blocks=args.kv_blocks)
         if args.routers_only:
             target.close()
             return report
@@ -461,15 +464,19 @@ def _run_once(cfg: dict[str, Any], router: str, w: Workload, target: GrpcTarget)
 
 
 def compare_routers(model_path: str, grpc_port: int, http_port: int, replica_numbers: list[int], w: Workload,
-                    target: GrpcTarget, out: Optional[str]) -> dict[str, Any]:
-    """Phase 1: the ideal single replica, then every router at every replica count (module doc)."""
+                    target: GrpcTarget, out: Optional[str], kv_blocks: Optional[int] = None) -> dict[str, Any]:
+    """Phase 1: the ideal single replica, then every router at every replica count (module doc). With
+    `kv_blocks` each compared replica's KV cache holds that many blocks (a cache smaller than the sessions'
+    working set, as GPU caches are under many sessions); the ideal stays unbounded: it holds every
+    conversation."""
     max_model_len = max(2048, w.longest_request())   # a long document needs more (the demo shape must allow it)
     ideal = _run_once(bench_config(model_path, grpc_port, http_port, replicas=1, max_model_len=max_model_len),
                       PREFIX_ROUTER, w, target)
     log(json.dumps({"ideal_single_replica": ideal}))
     by_r: dict[str, Any] = {}
     for r in replica_numbers:
-        cfg = bench_config(model_path, grpc_port, http_port, replicas=r, max_model_len=max_model_len)
+        cfg = bench_config(model_path, grpc_port, http_port, replicas=r, max_model_len=max_model_len,
+                           kv_blocks=kv_blocks)
         runs = {}
         for label, router in ROUTERS:
             runs[label] = _run_once(cfg, router, w, target)
@@ -572,6 +579,9 @@ def register_bench(bench_sub) -> None:
     p.add_argument("--session-tokens", type=int, default=0,
                    help="each session's own document after the system prompt (document QA / RAG); 0: none")
     p.add_argument("--user-tokens", type=int, default=128, help="new tokens per turn")
+    p.add_argument("--kv-blocks", type=int, default=None,
+                   help="router comparison: each replica's KV cache in blocks (default: what memory gives); "
+                        "the ideal single replica stays unbounded")
     p.add_argument("--max-tokens", type=int, default=16, help="generated tokens per turn")
     p.add_argument("--think-s", type=float, default=0.05, help="max pause before each turn")
     p.add_argument("--seed", type=int, default=0)

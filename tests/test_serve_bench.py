@@ -185,3 +185,16 @@ def test_register_bench_adds_the_serve_scenario():
     w = sb._workload(args)
     assert (w.session_tokens, w.system_tokens, w.turns) == (3072, 64, 6)
     assert w.longest_request() == 64 + 3072 + 6 * args.user_tokens + 6 * args.max_tokens
+
+
+def test_kv_blocks_bound_the_compared_replicas_cache_only():
+    parser = argparse.ArgumentParser()
+    sb.register_bench(parser.add_subparsers(dest="scenario", required=True))
+    assert parser.parse_args(["serve"]).kv_blocks is None
+    assert parser.parse_args(["serve", "--kv-blocks", "2500"]).kv_blocks == 2500
+    capped = sb.bench_config("/ckpt", 1, 2, replicas=2, kv_blocks=2500)["models"][0]
+    assert capped["num_gpu_blocks_override"] == 2500 and capped["num_replicas"] == 2
+    assert "num_gpu_blocks_override" not in sb.bench_config("/ckpt", 1, 2, replicas=1)["models"][0]
+    from cluster.config import ClusterConfig  # the key is one the served config takes
+    assert ClusterConfig.from_dict(sb.bench_config("/ckpt", 1, 2, replicas=2, kv_blocks=2500)).models[0] \
+        .num_gpu_blocks_override == 2500
