@@ -45,6 +45,9 @@ from benchmarks.bench_common import (BENCH_MODEL, AioTarget, LoopLag, ProcessCpu
 
 CAPPED_MODEL = "bench-capped"
 CAPPED_LIMITS = {"max_num_seqs": 2, "max_queued_requests": 2, "serve_max_queued_requests": 2}
+# Tokens each of the clients keeping the capped model full asks for: long streams (seconds), so that the
+# model has no free seat between one of them ending and the next starting for most of the sustained phase.
+HOLDER_TOKENS = 1024
 TARGET_CONCURRENCY, TARGET_FRACTION, TARGET_REJECTION_P99_MS = 64, 0.85, 100.0
 
 
@@ -192,8 +195,9 @@ def _refusals(results: list[StreamResult], wall_s: float) -> dict[str, Any]:
 
 async def overload(target: AioTarget, args, vocab: int, capacity: int) -> dict[str, Any]:
     """Past a small model's capacity, two ways:
-    - sustained: the model kept full (as many clients as its engine holds, running and queued, each sending
-      again as soon as its request ends, or 0.5 s after a refusal, as a client honouring retry-after would)
+    - sustained: the model kept full (as many clients as its engine holds, running and queued, with long
+      streams of HOLDER_TOKENS, each sending again as soon as its request ends, or 0.5 s after a refusal, as
+      a client honouring retry-after would)
       while new requests arrive at `--overload-rate` per second for `--overload-s` seconds, an open loop: each
       arrival's refusal latency is what a client of an overloaded server waits to learn it (the "past
       capacity" target);
@@ -211,7 +215,7 @@ async def overload(target: AioTarget, args, vocab: int, capacity: int) -> dict[s
 
     async def hold(prompt: list[int]) -> None:  # one of the clients keeping the model full
         while not stop.is_set():
-            r = await target.generate(prompt, args.max_tokens, timeout_s=args.timeout_s)
+            r = await target.generate(prompt, HOLDER_TOKENS, timeout_s=args.timeout_s)
             if r.code != "OK":
                 await asyncio.sleep(0.5)
 
@@ -227,7 +231,9 @@ async def overload(target: AioTarget, args, vocab: int, capacity: int) -> dict[s
     sustained_results = await asyncio.gather(*arrivals)
     sustained = _refusals(list(sustained_results), time.perf_counter() - t0)
     stop.set()
-    await asyncio.gather(*holders)
+    for holder in holders:  # their long streams are cancelled, not waited for
+        holder.cancel()
+    await asyncio.gather(*holders, return_exceptions=True)
     met = bool(sustained["rejected"]) and sustained["rejection_p99_ms"] < TARGET_REJECTION_P99_MS
     return {"model": CAPPED_MODEL, "limits": CAPPED_LIMITS, "capacity": capacity,
             "sustained": {"rate_per_s": args.overload_rate, "seconds": args.overload_s, **sustained},
@@ -325,7 +331,8 @@ def _run_self_hosted(args, levels: list[int], path: str, report: dict[str, Any])
     models = [entry]
     capped = None
     if args.overload:
-        capped = model_entry(path, args, name=CAPPED_MODEL, num_replicas=1, **CAPPED_LIMITS)
+        capped = model_entry(path, args, name=CAPPED_MODEL, num_replicas=1, **CAPPED_LIMITS,
+                             max_model_len=args.prompt_tokens + HOLDER_TOKENS + 16)
         models.append(capped)
     extra: dict[str, Any] = {}
     n_replicas = 2 if args.autoscale else 1
