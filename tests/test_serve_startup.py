@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from tests.serve_fixtures import free_port
+from tests.serve_fixtures import START_ATTEMPTS, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -45,23 +45,8 @@ def test_herd_serve_start_up_and_summary(tmp_path):
     config = tmp_path / "cluster.yaml"
     config.write_text(f"models:\n  - name: tiny\n    path: {path}\n    max_model_len: 128\n"
                       "    resources_per_shard: {CPU: 0.25}\n    kv_cache_memory: 4194304\n")
-    grpc_port, http_port = free_port(), free_port()
-    env = {**os.environ, "RAY_ENABLE_AUTO_CONNECT": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", str(config), "--grpc-port", str(grpc_port),
-                             "--http-port", str(http_port)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def read():
-        for line in proc.stdout:
-            lines.append(line.rstrip("\n"))
-            if line.strip() == "Ctrl-C stops":
-                ready.set()
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
+    proc, lines, reader, grpc_port, http_port = _start_herd_serve(config)
     try:
-        assert ready.wait(300), "no summary within 300 s:\n" + "\n".join(lines)
         text = "\n".join(lines)
         # Progress: what starts, the weights loading, the replica running; then the summary.
         assert lines[0].startswith("herd: starting a local Ray")
@@ -84,11 +69,47 @@ def test_herd_serve_start_up_and_summary(tmp_path):
         assert urllib.request.urlopen(summary["metrics"], timeout=30).status == 200
         assert os.path.isdir(os.path.join(summary["logs"], "serve"))
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        reader.join(timeout=10)
+        _stop(proc, reader)
     assert "herd: shutting down" in lines and proc.returncode == 0, "\n".join(lines[-20:])
+
+
+def _start_herd_serve(config):
+    """`herd serve CONFIG` on free ports until its summary is printed: (process, its output lines so far and
+    to come, the reader thread, gRPC port, HTTP port). A start whose proxy port was taken between
+    free_port() and Serve's bind (one of the many ports Ray's own processes open meanwhile) is retried on new
+    ports, as tests/serve_fixtures.py does; a process that ends without its summary fails at once."""
+    env = {**os.environ, "RAY_ENABLE_AUTO_CONNECT": "0"}
+    for attempt in range(1, START_ATTEMPTS + 1):
+        grpc_port, http_port = free_port(), free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", str(config), "--grpc-port",
+                                 str(grpc_port), "--http-port", str(http_port)], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        lines: list[str] = []
+        summary, done = threading.Event(), threading.Event()
+
+        def read(proc=proc, lines=lines, summary=summary, done=done):
+            for line in proc.stdout:
+                lines.append(line.rstrip("\n"))
+                if line.strip() == "Ctrl-C stops":
+                    summary.set()
+                    done.set()
+            done.set()  # the output ended: the process is gone
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        done.wait(300)
+        if summary.is_set():
+            return proc, lines, reader, grpc_port, http_port
+        _stop(proc, reader)
+        if attempt == START_ATTEMPTS or not any("Failed to bind" in ln for ln in lines):
+            raise AssertionError("no summary within 300 s:\n" + "\n".join(lines))
+    raise AssertionError("unreachable")
+
+
+def _stop(proc, reader) -> None:
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    reader.join(timeout=10)
