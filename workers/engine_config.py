@@ -44,7 +44,7 @@ class EngineConfig(BaseModel):
         None, ge=1, description="KV blocks per shard, instead of what the memory budget gives")
     kv_cache_dtype: Literal["auto", "fp8"] = Field(
         "auto", description="KV cache element type: auto (the model's dtype) or fp8 (e4m3 with per-tensor "
-                            "scales: twice the tokens; CUDA with the Triton attention, one shard)")
+                            "scales: twice the tokens; CUDA with the Triton attention, every shard)")
     show_progress: bool = Field(True, description="show a progress bar while the weights load")
     # Parallel-only settings (used by workers.parallel); accepted here so one config serves every layout.
     placement_strategy: PlacementStrategy = Field(
