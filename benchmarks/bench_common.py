@@ -223,7 +223,6 @@ def serve_process_pids(model: str) -> dict[str, list[int]]:
     and this bench's own process (the clients)."""
     import os
 
-    import psutil
     import ray._private.state as state
 
     from cluster.app import APP_NAME, INGRESS_NAME, deployment_name
@@ -238,15 +237,23 @@ def serve_process_pids(model: str) -> dict[str, list[int]]:
         for role, marker in roles.items():
             if marker in name:
                 pids[role].append(int(info["Pid"]))
-    pids["engine_process"] = []
-    for pid in pids["model_replica"]:
-        try:
-            pids["engine_process"] += [c.pid for c in psutil.Process(pid).children()
-                                       if "workers.engine_process" in " ".join(c.cmdline())]
-        except psutil.Error:  # the replica went away meanwhile
-            pass
+    pids["engine_process"] = engine_process_pids(pids["model_replica"])
     pids["bench_client"] = [os.getpid()]
     return pids
+
+
+def engine_process_pids(replica_pids: list[int]) -> list[int]:
+    """The engine processes (workers.engine_process) that these model replicas started."""
+    import psutil
+
+    found = []
+    for pid in replica_pids:
+        try:
+            found += [c.pid for c in psutil.Process(pid).children()
+                      if "workers.engine_process" in " ".join(c.cmdline())]
+        except psutil.Error:  # the replica went away meanwhile
+            pass
+    return found
 
 
 class ProcessCpu:

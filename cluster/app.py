@@ -78,7 +78,7 @@ def model_spec(model, tracing: dict[str, Any] | None = None) -> ModelSpec:
     return ModelSpec(name=model.name, path=str(model.path), tensor_parallel_size=model.tensor_parallel_size,
                      pipeline_parallel_size=model.pipeline_parallel_size, dtype=model.dtype,
                      engine_args=model.engine_args(),
-                     engine_process=model.engine_process and model.num_shards == 1,
+                     engine_process=model.engine_process,
                      stream_pacing={"max_messages_per_s": model.stream_max_messages_per_s,
                                     "max_interval_s": model.stream_max_interval_s},
                      tracing=tracing)

@@ -71,7 +71,7 @@ class ModelSpec:
     pipeline_parallel_size: int = 1
     dtype: str = "auto"
     engine_args: dict[str, Any] = field(default_factory=dict)       # Engine.from_pretrained(**engine_args)
-    engine_process: bool = False    # the engine in a process of its own (workers.engine_process); TP*PP = 1 only
+    engine_process: bool = False    # the engine in a process of its own (workers.engine_process), if TP*PP = 1
     stream_pacing: dict[str, float] = field(default_factory=dict)   # workers.stream_pacing.StreamPacing(**)
     tracing: Optional[dict[str, Any]] = None                        # cluster.config.TracingConfig, dumped
 

@@ -128,3 +128,13 @@ def stop_herd_cluster() -> None:
             serve.shutdown()
     finally:
         ray.shutdown()
+
+
+def process_running(pid: int) -> bool:
+    """The process is running (a zombie nobody has reaped yet has exited)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

@@ -12,9 +12,9 @@ import subprocess
 import sys
 import time
 
-import psutil
 import pytest
 
+from tests.serve_fixtures import process_running
 from tests.test_async_engine import GREEDY, LONG, collect, idle_and_free, path, run, until  # noqa: F401 - path
 from workers import Engine, EngineUnavailableError, InvalidRequestError, SamplingParams
 from workers import engine_process
@@ -41,14 +41,6 @@ def shared(path):
     client = EngineProcessClient(path, dtype="float32", show_progress=False)
     yield client
     client.shutdown()
-
-
-def alive(pid: int) -> bool:
-    """Running (a zombie nobody has reaped yet has exited)."""
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def test_streams_the_same_tokens_as_the_engine_at_concurrency(shared, path):
@@ -216,6 +208,6 @@ def test_the_engine_process_goes_with_its_replica(path, tmp_path):
     subprocess.run([sys.executable, "-c", script], cwd=root, check=True, timeout=120)
     pid = int(pid_file.read_text())
     deadline = time.monotonic() + 10
-    while alive(pid) and time.monotonic() < deadline:
+    while process_running(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not alive(pid), "the engine process outlived its replica"
+    assert not process_running(pid), "the engine process outlived its replica"

@@ -19,7 +19,7 @@ import pytest
 from cluster.client import HerdClient, collect
 from cluster.pb import inference_pb2 as pb
 from cluster.pb import inference_pb2_grpc as pb_grpc
-from tests.serve_fixtures import running_herd_cluster, wait_for
+from tests.serve_fixtures import process_running, running_herd_cluster, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -325,22 +325,13 @@ def _replica_actor_names(deployment: str) -> list[str]:
 
 def _engine_process_pids(actor_name: str) -> list[int]:
     """The engine processes (workers.engine_process) of the named replica actor."""
-    import psutil
     import ray._private.state as state
 
-    pids = [int(a["Pid"]) for a in state.actors().values()
-            if a.get("Name") in (actor_name, actor_name.split("::", 1)[-1]) and a.get("State") == "ALIVE"]
-    return [c.pid for pid in pids for c in psutil.Process(pid).children()
-            if "workers.engine_process" in " ".join(c.cmdline())]
+    from benchmarks.bench_common import engine_process_pids
 
-
-def _running(pid: int) -> bool:
-    import psutil
-
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+    return engine_process_pids([int(a["Pid"]) for a in state.actors().values()
+                                if a.get("Name") in (actor_name, actor_name.split("::", 1)[-1])
+                                and a.get("State") == "ALIVE"])
 
 
 def sse_outcome(cluster, i: int) -> str:
@@ -401,7 +392,7 @@ def test_killed_replica_ends_its_streams_unavailable_and_traffic_recovers(cluste
         http_results = [f.result(timeout=300) for f in http_futures]
         after_results = [f.result(timeout=300) for f in after]
     assert set(results) <= {"length", "UNAVAILABLE"}, results       # no hang (DEADLINE_EXCEEDED), no INTERNAL
-    assert not _running(engine_pids[0]), "the killed replica's engine process is still running"
+    assert not process_running(engine_pids[0]), "the killed replica's engine process is still running"
     assert "UNAVAILABLE" in results                                 # the dead replica's streams were told
     assert set(http_results) <= {"length", "error"}, http_results   # SSE: finished, or an error event + [DONE]
     # A request that hit the dead replica before its first token was sent again. The router can pick the dead

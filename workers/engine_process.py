@@ -152,8 +152,7 @@ def _serve(commands: Connection, core: _EngineCore, outbox: _Outbox) -> bool:
             return False
         kind = message[0]
         if kind == "add":
-            _, token, request_id, prompt, params, cache_salt = message
-            n = params.n if isinstance(params, SamplingParams) else 1
+            _, token, request_id, prompt, params, cache_salt, n = message
             streams[token] = stream = _OutboxStream(token, request_id, core.pacing, n, outbox)
             core._submit(stream, prompt, params, cache_salt)
         elif kind == "close":
@@ -270,7 +269,7 @@ class EngineProcessClient(EngineFront):
     def _submit(self, stream: _CallerStream, prompt, params: SamplingParams, cache_salt: int) -> None:
         stream.token = token = next(self._tokens)
         self._by_token[token] = stream
-        self._send("add", token, stream.request_id, prompt, params, cache_salt)
+        self._send("add", token, stream.request_id, prompt, params, cache_salt, stream.n)
 
     def _withdraw(self, stream: _CallerStream, finished: bool) -> None:
         token = getattr(stream, "token", None)
