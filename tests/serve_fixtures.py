@@ -13,6 +13,8 @@ from typing import Any, Iterator
 
 import grpc
 
+from tests.ray_start import start_with_retry
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -79,9 +81,10 @@ def _start_herd_cluster(config: dict[str, Any], num_cpus: int, api_key: str | No
     cfg = ClusterConfig.from_dict(config)
     # A private Ray (never a cluster named in /tmp/ray/ray_current_cluster), every port on loopback, the gRPC
     # proxy bound to the config's host and holding its message limit: what `herd serve` starts.
-    start_local_ray(num_cpus=num_cpus, include_dashboard=False, namespace="herd-tests",
-                    grpc_max_message_bytes=cfg.limits.max_grpc_message_bytes, serve_grpc_host=cfg.host,
-                    serve_grpc_port=cfg.grpc_port, log_to_driver=os.environ.get("HERD_TEST_RAY_LOGS") == "1")
+    start_with_retry(lambda: start_local_ray(
+        num_cpus=num_cpus, include_dashboard=False, namespace="herd-tests",
+        grpc_max_message_bytes=cfg.limits.max_grpc_message_bytes, serve_grpc_host=cfg.host,
+        serve_grpc_port=cfg.grpc_port, log_to_driver=os.environ.get("HERD_TEST_RAY_LOGS") == "1"))
     try:
         serve.start(**serve_start_options(cfg))
         serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)

@@ -22,6 +22,7 @@ from cluster.autoscaling import (
     llm_autoscaling_policy,
     signals_from_context,
 )
+from tests.ray_start import init_local_ray
 
 DEP = DeploymentID(name="llm", app_name="herd")
 
@@ -181,7 +182,8 @@ def test_replica_reported_kv_usage_scales_a_real_deployment():
     import ray
     from ray import serve
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    init_local_ray(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+                   log_to_driver=False)
     try:
         serve.start(proxy_location="Disabled")
 

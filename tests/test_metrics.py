@@ -12,6 +12,7 @@ import pytest
 import cluster.metrics as cm
 from cluster.metrics import ReplicaMetrics
 from tests.fakes import engine_stats
+from tests.ray_start import start_with_retry
 
 
 class Recorder:
@@ -135,9 +136,15 @@ def test_metrics_are_exported_with_model_and_replica_tags():
     import ray
 
     os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
-    port = _free_port()
-    ray.init(address="local", num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1", _metrics_export_port=port,
-             log_to_driver=False)
+    ports = []
+
+    def start():  # a new metrics port each try: a port taken meanwhile keeps the node from starting
+        ports.append(_free_port())
+        ray.init(address="local", num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 _metrics_export_port=ports[-1], log_to_driver=False)
+
+    start_with_retry(start)
+    port = ports[-1]
     try:
         @ray.remote(num_cpus=0)
         class Replica:

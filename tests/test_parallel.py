@@ -16,6 +16,7 @@ from ray.util.placement_group import placement_group, placement_group_table, rem
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from tests.checkpoints import make_checkpoint
+from tests.ray_start import init_local_ray
 from workers import AsyncEngine, Engine, EngineUnavailableError, SamplingParams
 from workers.config import ModelConfig
 from workers.demo import hf_config
@@ -181,8 +182,8 @@ class TestOnLocalRay:
     @classmethod
     def ray_local(cls):
         os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
-        ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 log_to_driver=False)
+        init_local_ray(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
+                       log_to_driver=False)
         yield
         ray.shutdown()
 

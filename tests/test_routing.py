@@ -15,6 +15,7 @@ from ray.serve._private.request_router.common import PendingRequest
 
 from cluster.routing import ROUTING_STATS_VERSION, PrefixCacheRouter, routing_stats
 from tests.fakes import engine_stats
+from tests.ray_start import init_local_ray
 from workers.block_hash import hash_token_blocks
 
 DEP = DeploymentID(name="llm", app_name="herd")
@@ -414,7 +415,8 @@ def test_sessions_stick_to_the_replica_holding_their_prefix():
     from ray import serve
     from ray.serve.config import RequestRouterConfig
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    init_local_ray(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+                   log_to_driver=False)
     try:
         serve.start(proxy_location="Disabled")
         toy = _toy_llm()

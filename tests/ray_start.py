@@ -1,0 +1,64 @@
+"""Starting a test's private local Ray with one more try when its node does not come up.
+
+Ray's `ray.init` waits a fixed 30 s for the new raylet to register with the GCS ("The current node timed out
+during startup"). On a loaded 2-core CI machine that once failed a full run (test_metrics, CI of stop 17)
+although nothing was wrong with the test. A start that fails that way is retried once; the processes the
+failed start left behind (GCS, raylet, reaper: children of this process that ray.shutdown cannot reach,
+because ray.init raised before it recorded its node) are ended first. Only this process's own new children
+are ended, never a process found by name."""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+ATTEMPTS = 2
+_STARTUP_FAILURES = ("timed out during startup",)
+
+
+def is_startup_failure(error: BaseException) -> bool:
+    """`error` is Ray's node-start timeout (worth a second start), not a mistake in the caller's options."""
+    return any(text in str(error) for text in _STARTUP_FAILURES)
+
+
+def start_with_retry(start: Callable[[], None], attempts: int = ATTEMPTS) -> None:
+    """Call `start()` (a ray.init, or start_local_ray); after a node-start timeout, end what it left and call
+    it again (at most `attempts` calls). `start` is called anew each time, so it may choose new ports."""
+    for attempt in range(1, attempts + 1):
+        try:
+            with _new_children_ended_on_failure():
+                start()
+            return
+        except Exception as e:  # noqa: BLE001 - only a node-start timeout is retried
+            if attempt == attempts or not is_startup_failure(e):
+                raise
+
+
+def init_local_ray(**init_kwargs) -> None:
+    """ray.init(**init_kwargs), retried once after a node-start timeout."""
+    import ray
+
+    start_with_retry(lambda: ray.init(**init_kwargs))
+
+
+@contextlib.contextmanager
+def _new_children_ended_on_failure() -> Iterator[None]:
+    import psutil
+    import ray
+
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):
+            ray.shutdown()
+        left = [p for p in me.children(recursive=True) if p.pid not in before]
+        for process in left:
+            with contextlib.suppress(psutil.Error):
+                process.terminate()
+        _, alive = psutil.wait_procs(left, timeout=10)
+        for process in alive:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        psutil.wait_procs(alive, timeout=5)
+        raise

@@ -1,0 +1,53 @@
+"""tests/ray_start.py: a node-start timeout is retried once, after the failed start's processes are ended."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.ray_start import start_with_retry
+from tests.serve_fixtures import process_running
+
+TIMEOUT = "The current node timed out during startup. This could happen because some of the raylet failed"
+
+
+def test_a_start_that_times_out_is_retried_and_its_processes_are_ended():
+    started: list[subprocess.Popen] = []
+
+    def start():
+        # stands in for the GCS / raylet a failed ray.init leaves running
+        started.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"]))
+        if len(started) == 1:
+            raise Exception(TIMEOUT)
+
+    start_with_retry(start)
+    try:
+        assert len(started) == 2
+        started[0].wait(timeout=15)              # reaped here: the helper ended it
+        assert not process_running(started[0].pid)
+        assert started[1].poll() is None         # the successful start's processes are kept
+    finally:
+        for p in started:
+            p.kill()
+            p.wait()
+
+
+def test_other_errors_and_a_second_timeout_are_raised():
+    calls = []
+
+    def bad_options():
+        calls.append(1)
+        raise ValueError("System config parameters can only be set on the head node.")
+
+    with pytest.raises(ValueError):
+        start_with_retry(bad_options)
+    assert len(calls) == 1
+
+    def always_times_out():
+        calls.append(1)
+        raise Exception(TIMEOUT)
+
+    with pytest.raises(Exception, match="timed out during startup"):
+        start_with_retry(always_times_out)
+    assert len(calls) == 3
