@@ -34,9 +34,11 @@ from workers.engine_config import EngineConfig
 
 APP_NAME = "herd"
 INGRESS_NAME = "Ingress"
+# herd.v1.Inference and grpc.health.v1.Health, registered so that a client's cancel of a stream always reaches
+# the replica (Serve's proxy loses some: cluster.proxy_streams).
 GRPC_SERVICER_FUNCTIONS = [
-    "cluster.pb.inference_pb2_grpc.add_InferenceServicer_to_server",
-    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+    "cluster.proxy_streams.add_inference_servicer",
+    "cluster.proxy_streams.add_health_servicer",
 ]
 # Added (last) when `enable_reflection` is on: reflection v1 beside Serve's v1alpha (see cluster.reflection).
 REFLECTION_SERVICER_FUNCTIONS = ["cluster.reflection.add_reflection_v1_to_server"]

@@ -301,6 +301,22 @@ def test_cancel_while_queued_prefilling_and_decoding_returns_every_block(cluster
         wait_for(lambda: cluster.model_stats("narrow")["kv_blocks_free"] == start)
 
 
+def test_a_cancel_right_after_the_first_token_always_stops_the_sequence(cluster, client):
+    """Serve's gRPC proxy lost a cancel that landed while it wrote a message to the client: the sequence ran on
+    to max_tokens (cluster/proxy_streams.py). Every cancel must stop it: one right after the first token, and
+    one from a client that stopped reading, whose messages filled the HTTP/2 window so that the proxy waits
+    in the write (where Serve's proxy always lost it)."""
+    for i, unread_s in enumerate([0.0, 2.5, 0.0, 2.5, 0.0]):
+        before = cluster.model_stats("narrow")["generation_tokens"]
+        stream = client.generate("narrow", prompt(60 + i), max_tokens=LONG - 100, timeout=300, **GREEDY)
+        next(iter(stream))
+        time.sleep(unread_s)
+        stream.cancel()
+        wait_for(lambda: cluster.model_stats("narrow")["num_running"] == 0)
+        generated = cluster.model_stats("narrow")["generation_tokens"] - before
+        assert generated < (LONG - 100) // 2, f"try {i}: the cancelled sequence went on ({generated} tokens)"
+
+
 def test_http_stream_disconnect_aborts_the_sequence(cluster):
     start = cluster.model_stats("narrow")["kv_blocks_free"]
     with httpx.Client(base_url=cluster.http_url, timeout=60) as http:
