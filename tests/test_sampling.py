@@ -8,7 +8,8 @@ import torch
 
 from workers import SamplingParams as PublicSamplingParams
 from workers.errors import InvalidRequestError
-from workers.sampling import Sampler, SamplingParams, SamplingState, apply_penalties, filter_logits
+from workers.sampling import (ARGMAX_BLOCK, Sampler, SamplingParams, SamplingState, apply_penalties, filter_logits,
+                              greedy_tokens)
 
 
 # ---- SamplingParams ------------------------------------------------------------------------------------
@@ -366,3 +367,18 @@ def test_n_completions_draw_from_their_own_seed_streams():
     assert streams == again and len({tuple(s) for s in streams}) == 3
     # completion i draws what a request seeded with seed + i draws
     assert streams[2] == run_steps(Sampler(), logits, states([SamplingParams(temperature=1.0, seed=13)]), 20)
+
+
+@pytest.mark.parametrize("vocab", [50, 8 * ARGMAX_BLOCK, 32000, 128256, 128256 + 17])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_tokens_equal_torch_argmax(vocab, dtype):
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(9, vocab, generator=g).to(dtype)
+    logits[1] = 0.0                                     # all equal: the first index
+    logits[2, [3, vocab // 2, vocab - 1]] = 50.0        # ties: the first of them
+    logits[3, vocab - 1] = 50.0                         # the maximum in the last (perhaps shorter) block
+    logits[4, [vocab // 3, vocab - 2]] = float("nan")   # a NaN counts as the maximum, the first one wins
+    logits[5, ARGMAX_BLOCK - 1 if vocab > ARGMAX_BLOCK else 0] = 60.0   # at a block's end
+    logits[6] = float("-inf")
+    logits[6, vocab - 1] = -1e30
+    assert torch.equal(greedy_tokens(logits), logits.argmax(dim=-1))
