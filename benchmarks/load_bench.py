@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing as mp
+import os
 import subprocess
 import time
 from dataclasses import asdict
@@ -64,6 +65,8 @@ def model_entry(path: str, args, name: str = BENCH_MODEL, **overrides) -> dict[s
         entry["stream_max_messages_per_s"] = args.stream_max_messages_per_s
     if getattr(args, "engine_process", None) is not None:
         entry["engine_process"] = args.engine_process
+    if getattr(args, "engine_cpu_cores", None) is not None:
+        entry["engine_cpu_cores"] = args.engine_cpu_cores
     if getattr(args, "autoscale", False) and name == BENCH_MODEL:
         entry["autoscaling_config"] = {
             "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": args.target_ongoing_requests,
@@ -338,6 +341,12 @@ def _run_self_hosted(args, levels: list[int], path: str, report: dict[str, Any])
     n_replicas = 2 if args.autoscale else 1
     cpus = int(args.replica_cpus * (n_replicas + len(models) - 1)) + 2
     vocab = checkpoint_vocab(path)
+    if args.serving_cpu_cores:
+        # This process, the local Ray it starts and everything in it (Serve's proxy, the ingress, the replicas)
+        # on these CPUs; an engine process moves to its engine_cpu_cores itself.
+        from workers.cpu_affinity import parse_cpu_list
+        os.sched_setaffinity(0, parse_cpu_list(args.serving_cpu_cores))
+        report["serving_cpu_cores"] = args.serving_cpu_cores
     with local_ray(num_cpus=max(cpus, 4)):
         log("starting the herd app ...")
         address = start_herd(cluster_config(models))
@@ -408,8 +417,6 @@ def _run_external(args, levels: list[int]) -> tuple[list, dict]:
 
 
 def register_bench(bench_sub) -> None:
-    import os
-
     p = bench_sub.add_parser("load", help="concurrency sweep: served tok/s, TTFT, inter-token latency vs the same "
                                           "requests in-process; past-capacity rejections (JSON + PNG)")
     p.add_argument("--concurrency", default="1,8,32,64,128,256", help="comma-separated stream counts")
@@ -429,6 +436,12 @@ def register_bench(bench_sub) -> None:
                    help="the served model's stream pacing (default: herd's; 0 = a message per token)")
     p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
                    help="the served engine in a process of its own (default: the config's, on)")
+    p.add_argument("--engine-cpu-cores", default=None,
+                   help="self-hosted: CPUs of the served engine process, a cpu list (e.g. 1 or 2-7; model key "
+                        "engine_cpu_cores)")
+    p.add_argument("--serving-cpu-cores", default=None,
+                   help="self-hosted: CPUs of everything else served (this bench, Ray, Serve's proxy, the "
+                        "ingress, the replica), a cpu list (e.g. 0); as `taskset -c 0 herd serve`")
     p.add_argument("--timeout-s", type=float, default=120.0, help="deadline of each request")
     p.add_argument("--autoscale", action="store_true", help="autoscale the model (min 1, max 2); plot replicas")
     p.add_argument("--target-ongoing-requests", type=float, default=16.0, help="with --autoscale")

@@ -81,6 +81,7 @@ def model_spec(model, tracing: dict[str, Any] | None = None) -> ModelSpec:
                      pipeline_parallel_size=model.pipeline_parallel_size, dtype=model.dtype,
                      engine_args=model.engine_args(),
                      engine_process=model.engine_process,
+                     engine_cpu_cores=model.engine_cpu_cores,
                      stream_pacing={"max_messages_per_s": model.stream_max_messages_per_s,
                                     "max_interval_s": model.stream_max_interval_s},
                      tracing=tracing)

@@ -187,6 +187,11 @@ class ModelDeploymentConfig(EngineSettings):
     # do not share its GIL. Whole-model replicas only; a TP x PP group's driver stays in the replica.
     engine_process: bool = Field(True, description=(
         "run a whole-model replica's engine in a process of its own (TP x PP groups: always in the replica)"))
+    # Dedicated cores for that process on a CPU host (workers/cpu_affinity.py): the serving path's bursts then
+    # stop taking the engine's core (docs/serving.md, "Dedicated engine cores").
+    engine_cpu_cores: Optional[str] = Field(None, description=(
+        "CPUs the engine process runs on, as a cpu list (\"1\", \"2-7\", \"0,4-5\"); null = wherever the OS "
+        "puts it. Whole-model replicas with engine_process only"))
     # Serve deployment knobs
     graceful_shutdown_timeout_s: float = Field(60.0, ge=0, description=(
         "seconds a replica being stopped has to finish its streams"))
@@ -210,10 +215,21 @@ class ModelDeploymentConfig(EngineSettings):
             raise ValueError("must name at least one resource, e.g. {GPU: 1} or {CPU: 0.25}")
         return v
 
+    @field_validator("engine_cpu_cores")
+    @classmethod
+    def _cpu_list(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None:
+            from workers.cpu_affinity import parse_cpu_list
+            parse_cpu_list(v)  # ValueError names the malformed part
+        return v
+
     @model_validator(mode="after")
     def _replicas(self) -> "ModelDeploymentConfig":
         if self.num_replicas is not None and self.autoscaling_config is not None:
             raise ValueError("set num_replicas or autoscaling_config, not both")
+        if self.engine_cpu_cores is not None and (self.num_shards > 1 or not self.engine_process):
+            raise ValueError("engine_cpu_cores pins the engine process of a whole-model replica: it needs "
+                             "engine_process true and tensor_parallel_size x pipeline_parallel_size = 1")
         if self.pp_layer_partition is not None and len(self.pp_layer_partition) != self.pipeline_parallel_size:
             raise ValueError("pp_layer_partition needs one entry per pipeline stage")
         return self

@@ -72,6 +72,7 @@ class ModelSpec:
     dtype: str = "auto"
     engine_args: dict[str, Any] = field(default_factory=dict)       # Engine.from_pretrained(**engine_args)
     engine_process: bool = False    # the engine in a process of its own (workers.engine_process), if TP*PP = 1
+    engine_cpu_cores: Optional[str] = None  # that process's CPUs (workers.cpu_affinity), e.g. "2-7"
     stream_pacing: dict[str, float] = field(default_factory=dict)   # workers.stream_pacing.StreamPacing(**)
     tracing: Optional[dict[str, Any]] = None                        # cluster.config.TracingConfig, dumped
 
@@ -168,9 +169,10 @@ class ModelServer:
                  ", engine in its own process" if front is EngineProcessClient else "")
         t0 = time.monotonic()
         # Blocking load in a thread: the replica's event loop stays responsive while weights load.
+        where = {"cpu_cores": spec.engine_cpu_cores} if front is EngineProcessClient else {}
         self.engine = await asyncio.to_thread(
             front.from_pretrained, spec.path, tensor_parallel_size=tp, pipeline_parallel_size=pp,
-            dtype=spec.dtype, pacing=StreamPacing(**spec.stream_pacing), **spec.engine_args)
+            dtype=spec.dtype, pacing=StreamPacing(**spec.stream_pacing), **where, **spec.engine_args)
         stats = self.engine.stats()
         log.info("model %s: loaded in %.1fs; max_model_len %d, %d KV blocks of %d tokens", self.name,
                  time.monotonic() - t0, self.engine.max_model_len, stats.kv_blocks_total, self.engine.block_size)

@@ -19,7 +19,7 @@ from tests.test_async_engine import GREEDY, LONG, collect, idle_and_free, path, 
 from workers import Engine, EngineUnavailableError, InvalidRequestError, SamplingParams
 from workers import engine_process
 from workers.engine_process import EngineProcessClient
-from workers.errors import CheckpointError, PromptTooLongError, QueueFullError
+from workers.errors import CheckpointError, PromptTooLongError, QueueFullError, SettingError
 
 
 @pytest.fixture
@@ -211,3 +211,19 @@ def test_the_engine_process_goes_with_its_replica(path, tmp_path):
     while process_running(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not process_running(pid), "the engine process outlived its replica"
+
+
+def test_the_engine_process_runs_on_its_cpu_cores(make_client):
+    last = max(os.sched_getaffinity(0))
+    client = make_client(cpu_cores=str(last))
+    threads = os.listdir(f"/proc/{client.pid}/task")
+    assert len(threads) > 1  # torch's and the engine's threads, all moved
+    assert all(os.sched_getaffinity(int(tid)) == {last} for tid in threads)
+    assert os.sched_getaffinity(0) != {last} or len(os.sched_getaffinity(0)) == 1  # this process stays put
+    out = run(collect(client, [5, 6, 7], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)))
+    assert sum(len(d.token_ids) for d in out) == 4
+
+
+def test_cpu_cores_the_node_lacks_fail_the_client_with_a_setting_error(path):
+    with pytest.raises(SettingError, match="engine_cpu_cores '4096' names CPUs 4096"):
+        EngineProcessClient(path, dtype="float32", show_progress=False, cpu_cores="4096")

@@ -176,10 +176,13 @@ def main(argv: Sequence[str]) -> int:
     commands = Connection(int(argv[0]), writable=False)
     outbox = _Outbox(Connection(int(argv[1]), readable=False))
     try:
-        _, path, pacing, engine_kwargs = commands.recv()
+        _, path, pacing, cpu_cores, engine_kwargs = commands.recv()
     except (EOFError, OSError):
         return 1
     try:
+        if cpu_cores is not None:  # before torch starts its threads: they inherit the affinity
+            from .cpu_affinity import pin_this_process
+            log.info("engine process: on CPUs %s", sorted(pin_this_process(cpu_cores)))
         from .engine import Engine
         engine = Engine.from_pretrained(path, **engine_kwargs)
     except BaseException as e:  # noqa: BLE001 - whatever it was, the replica says it; it also lands in the log
@@ -199,9 +202,11 @@ def main(argv: Sequence[str]) -> int:
 class EngineProcessClient(EngineFront):
     """AsyncEngine's interface (generate, abort, stats, the cache snapshot, check_health, shutdown) over an
     engine in a process of its own (module doc). Construction starts the process and blocks until the model
-    has loaded there; a load that fails raises its error here."""
+    has loaded there; a load that fails raises its error here. `cpu_cores` (a cpu list, "2-7"): the CPUs the
+    engine process moves onto before it loads (workers.cpu_affinity)."""
 
-    def __init__(self, path: str | Path, *, pacing: StreamPacing | None = None, **engine_kwargs: Any):
+    def __init__(self, path: str | Path, *, pacing: StreamPacing | None = None, cpu_cores: str | None = None,
+                 **engine_kwargs: Any):
         super().__init__(pacing)
         commands_r, commands_w = os.pipe()
         events_r, events_w = os.pipe()
@@ -223,7 +228,7 @@ class EngineProcessClient(EngineFront):
         self._by_token: dict[int, _CallerStream] = {}
         self._tokens = itertools.count()
         self._stopping = False
-        self._send("load", str(path), self.pacing, engine_kwargs)
+        self._send("load", str(path), self.pacing, cpu_cores, engine_kwargs)
         info = self._wait_ready(path)
         self.pid: int = info["pid"]
         self.max_model_len: int = info["max_model_len"]

@@ -57,5 +57,9 @@ class CheckpointError(HerdError):
     """A checkpoint folder is missing files or has a config/weights herd cannot use."""
 
 
+class SettingError(HerdError, ValueError):
+    """A deployment setting this node cannot honour (e.g. engine_cpu_cores naming a CPU it does not have)."""
+
+
 class TokenizerError(HerdError):
     """A tokenizer file could not be recognised or loaded."""
