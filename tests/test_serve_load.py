@@ -138,13 +138,18 @@ def test_health_watch_streams_are_capped(cluster):
             health_pb2.HealthCheckResponse.SERVING
         for w in watches:
             w.cancel()
-        # seats come back once the watchers leave
-        def watch_again():
+
+        # every seat comes back once its watcher leaves (a cancel Serve's proxy lost would hold one for good)
+        def all_seats_again() -> bool:
+            again = [stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=10) for _ in range(3)]
             try:
-                return next(stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=10)).status
+                return all(next(w).status == health_pb2.HealthCheckResponse.SERVING for w in again)
             except grpc.RpcError:
-                return None
-        assert wait_for(watch_again, timeout_s=30) == health_pb2.HealthCheckResponse.SERVING
+                return False
+            finally:
+                for w in again:
+                    w.cancel()
+        assert wait_for(all_seats_again, timeout_s=30, interval_s=0.5)
 
 
 # ---- bounded inputs ---------------------------------------------------------------------------------------
