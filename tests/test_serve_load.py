@@ -308,18 +308,21 @@ def test_cancel_while_queued_prefilling_and_decoding_returns_every_block(cluster
 
 def test_a_cancel_right_after_the_first_token_always_stops_the_sequence(cluster, client):
     """Serve's gRPC proxy lost a cancel that landed while it wrote a message to the client: the sequence ran on
-    to max_tokens (cluster/proxy_streams.py). Every cancel must stop it: one right after the first token, and
-    one from a client that stopped reading, whose messages filled the HTTP/2 window so that the proxy waits
-    in the write (where Serve's proxy always lost it)."""
-    for i, unread_s in enumerate([0.0, 2.5, 0.0, 2.5, 0.0]):
+    to max_tokens (cluster/proxy_streams.py). Every cancel must stop it: twelve right after the first token
+    (a race: with Serve's own registration about one run of this test in two lost one of them) and one from a
+    client that has not read for 2.5 s."""
+    for i, unread_s in enumerate([0.0] * 12 + [2.5]):
         before = cluster.model_stats("narrow")["generation_tokens"]
         stream = client.generate("narrow", prompt(60 + i), max_tokens=LONG - 100, timeout=300, **GREEDY)
         next(iter(stream))
-        time.sleep(unread_s)
+        time.sleep(unread_s)   # the engine goes on meanwhile (~900 tokens here): the client only stopped reading
+        at_cancel = cluster.model_stats("narrow")["generation_tokens"] - before
         stream.cancel()
         wait_for(lambda: cluster.model_stats("narrow")["num_running"] == 0)
         generated = cluster.model_stats("narrow")["generation_tokens"] - before
-        assert generated < (LONG - 100) // 2, f"try {i}: the cancelled sequence went on ({generated} tokens)"
+        # A lost cancel runs the sequence to its max_tokens; a delivered one stops it within a few steps.
+        assert generated < LONG - 100 and generated - at_cancel < 500, \
+            f"try {i}: the cancelled sequence went on ({at_cancel} tokens at the cancel, {generated} in all)"
 
 
 def test_http_stream_disconnect_aborts_the_sequence(cluster):
