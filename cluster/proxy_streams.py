@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 from typing import Any, AsyncIterator, Callable
 
+
 def add_inference_servicer(servicer, server) -> None:
     """herd.v1.Inference, its streaming methods cancel-safe (module doc)."""
     from cluster.pb.inference_pb2_grpc import add_InferenceServicer_to_server

@@ -43,7 +43,7 @@ def pin_this_process(cpu_list: str) -> frozenset[int]:
     existing = frozenset(range(os.cpu_count() or 1))
     if not cpus <= existing:
         raise SettingError(f"engine_cpu_cores {cpu_list!r} names CPUs {_format(cpus - existing)} that this "
-                                  f"node does not have (it has {_format(existing)})")
+                           f"node does not have (it has {_format(existing)})")
     # sched_setaffinity(0) moves the calling thread only; threads already running (a library's pool) move one
     # by one, and threads started later inherit the affinity of the thread that starts them.
     for tid in _thread_ids():
