@@ -150,16 +150,17 @@ def demo_checkpoint(shape: str, model: Optional[str] = None) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def local_ray(num_cpus: Optional[int] = None) -> Iterator[None]:
+def local_ray(num_cpus: Optional[int] = None, serve_transport: str = "grpc") -> Iterator[None]:
     """A private Ray with every port on 127.0.0.1, as `herd serve` starts it (cluster.local_ray; never joins
-    another); Serve and Ray are shut down on the way out."""
+    another); Serve and Ray are shut down on the way out. serve_transport: the cluster config's, for the
+    config that will be served in it (cluster_config)."""
     import ray
     from ray import serve
 
     from cluster.local_ray import start_local_ray
 
     start_local_ray(num_cpus=num_cpus or max(2, os.cpu_count() or 2), include_dashboard=False,
-                    log_to_driver=os.environ.get("HERD_BENCH_RAY_LOGS") == "1")
+                    log_to_driver=os.environ.get("HERD_BENCH_RAY_LOGS") == "1", serve_transport=serve_transport)
     try:
         yield
     finally:

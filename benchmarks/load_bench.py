@@ -347,9 +347,10 @@ def _run_self_hosted(args, levels: list[int], path: str, report: dict[str, Any])
         from workers.cpu_affinity import parse_cpu_list
         os.sched_setaffinity(0, parse_cpu_list(args.serving_cpu_cores))
         report["serving_cpu_cores"] = args.serving_cpu_cores
-    with local_ray(num_cpus=max(cpus, 4)):
+    report["serve_transport"] = args.serve_transport
+    with local_ray(num_cpus=max(cpus, 4), serve_transport=args.serve_transport):
         log("starting the herd app ...")
-        address = start_herd(cluster_config(models))
+        address = start_herd(cluster_config(models, serve_transport=args.serve_transport))
         in_flight = [0]
         sampler = None
         if args.autoscale:
@@ -442,6 +443,8 @@ def register_bench(bench_sub) -> None:
     p.add_argument("--serving-cpu-cores", default=None,
                    help="self-hosted: CPUs of everything else served (this bench, Ray, Serve's proxy, the "
                         "ingress, the replica), a cpu list (e.g. 0); as `taskset -c 0 herd serve`")
+    p.add_argument("--serve-transport", choices=("grpc", "ray"), default="grpc",
+                   help="self-hosted: the cluster config's serve_transport (Serve's hops between herd's processes)")
     p.add_argument("--timeout-s", type=float, default=120.0, help="deadline of each request")
     p.add_argument("--autoscale", action="store_true", help="autoscale the model (min 1, max 2); plot replicas")
     p.add_argument("--target-ongoing-requests", type=float, default=16.0, help="with --autoscale")

@@ -161,7 +161,8 @@ def ingress_deployment_options(cfg: ClusterConfig) -> dict[str, Any]:
 def ingress_settings(cfg: ClusterConfig) -> dict[str, Any]:
     """What the ingress needs of the config besides keys and models (plain data: pickled into each replica)."""
     return {"limits": cfg.limits.model_dump(), "prefix_cache_isolation": cfg.prefix_cache_isolation,
-            "enable_openapi_docs": cfg.enable_openapi_docs, "tracing": cfg.tracing.model_dump()}
+            "enable_openapi_docs": cfg.enable_openapi_docs, "tracing": cfg.tracing.model_dump(),
+            "serve_transport": cfg.serve_transport}
 
 
 def serve_start_options(cfg: ClusterConfig) -> dict[str, Any]:

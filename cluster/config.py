@@ -308,6 +308,12 @@ class ClusterConfig(_Strict):
         "max_ongoing_requests of an ingress replica (null = every model's capacity + health watchers + headroom)"))
     ingress_max_queued_requests: int = Field(64, ge=1, description=(
         "requests a proxy holds for the ingress while every ingress replica is full"))
+    # How Serve carries a request and its streamed chunks between herd's processes (docs/serving.md, "Serve
+    # transport"): Serve's direct gRPC between its proxy and replicas costs the serving path less CPU per
+    # message than Ray actor calls through the object store (Serve's default).
+    serve_transport: Literal["grpc", "ray"] = Field("grpc", description=(
+        "proxy -> ingress -> model replica hops: grpc (Serve's inter-deployment gRPC, RAY_SERVE_PROXY_USE_GRPC) "
+        "or ray (Ray actor calls, Serve's default)"))
     enable_reflection: bool = Field(False, description="gRPC server reflection (grpcurl without the .proto)")
     enable_openapi_docs: bool = Field(False, description="/docs, /redoc and /openapi.json on the HTTP port")
     prefix_cache_isolation: Literal["none", "per_key"] = Field("none", description=(

@@ -193,6 +193,8 @@ class Frontend:
         self.limits = InputLimits(settings.get("limits"))
         self.isolate_prefix_cache = settings.get("prefix_cache_isolation", "none") == "per_key"
         self.openapi_docs = bool(settings.get("enable_openapi_docs", False))
+        # Serve's gRPC between replicas ("grpc") or Ray actor calls ("ray") for the hop to the model replicas.
+        self.by_reference = settings.get("serve_transport", "grpc") != "grpc"
         self.live_request_ids = LiveRequestIds()
         self.health_watchers = 0
         self.started_at = int(time.time())
@@ -345,12 +347,12 @@ class Frontend:
         """One try: the replica's chunks until each of the request's `n` completions has finished."""
         engine_request_id = uuid.uuid4().hex
         unfinished = int(sampling.get("n", 1))
-        kwargs = {"cache_salt": cache_salt} if cache_salt else {}
-        context = outgoing_context()  # the request id and trace context travel with the call
-        if context:
-            kwargs["context"] = context
-        gen = as_own_serve_request(lambda: route.handle.options(stream=True).generate_stream.remote(
-            ids, sampling, engine_request_id, **kwargs))
+        context = outgoing_context() or None  # the request id and trace context travel with the call
+        # Every argument positional: Serve's gRPC transport (Ray 2.60) fails a streaming call that has keyword
+        # arguments (the caller waits on a rejection handshake that never comes).
+        handle = route.handle.options(stream=True, _by_reference=self.by_reference)
+        gen = as_own_serve_request(lambda: handle.generate_stream.remote(
+            ids, sampling, engine_request_id, cache_salt, context))
         done = False
         try:
             async for chunk in gen:

@@ -18,8 +18,9 @@ What binds where in Ray 2.60 and what keeps it on 127.0.0.1 (observed with psuti
   runtime_env) rebinds wildcard addresses: the Serve gRPC port to `serve_grpc_host`, anything else to
   127.0.0.1. `exposure_warnings` checks the result after start, so a Ray upgrade that bypasses the hook is
   reported, not silently assumed.
-- The proxy's gRPC receive (and send) limit is RAY_SERVE_GRPC_MAX_MESSAGE_SIZE, read in the proxy process; it
-  travels in the job's runtime_env env_vars (the driver's own environment is left alone).
+- The proxy's gRPC receive (and send) limit is RAY_SERVE_GRPC_MAX_MESSAGE_SIZE, and whether it calls the ingress
+  over Serve's gRPC transport is RAY_SERVE_PROXY_USE_GRPC (cluster config `serve_transport`), both read in the
+  proxy process; they travel in the job's runtime_env env_vars (the driver's own environment is left alone).
 
 This module is imported by every Ray worker of the session (the setup hook): keep its imports light.
 """
@@ -38,6 +39,8 @@ _GRPC_HOST_ENV = "HERD_SERVE_GRPC_HOST"        # ... except the Serve gRPC proxy
 _GRPC_PORT_ENV = "HERD_SERVE_GRPC_PORT"
 _SETUP_HOOK = "cluster.local_ray._worker_setup_hook"
 _WILDCARDS = ("0.0.0.0", "::", "[::]", "")
+# Serve (2.60) reads it in its proxy process: "1" = the proxy calls the ingress over Serve's gRPC transport.
+PROXY_USE_GRPC_ENV = "RAY_SERVE_PROXY_USE_GRPC"
 
 
 class Listener(NamedTuple):
@@ -51,17 +54,20 @@ class Listener(NamedTuple):
 def start_local_ray(*, num_cpus: Optional[float] = None, include_dashboard: bool = True,
                     grpc_max_message_bytes: Optional[int] = None, serve_grpc_host: str = LOOPBACK,
                     serve_grpc_port: Optional[int] = None, log_to_driver: bool = True,
-                    namespace: Optional[str] = None, logging_level: int = logging.INFO) -> None:
+                    namespace: Optional[str] = None, logging_level: int = logging.INFO,
+                    serve_transport: str = "grpc") -> None:
     """Start a private single-node Ray (never joins a running cluster) with every port on 127.0.0.1.
 
     serve_grpc_host/port: where Serve's gRPC proxy is to listen (the cluster config's host and grpc_port);
     without a port every wildcard bind in a worker goes to loopback. grpc_max_message_bytes: the gRPC proxy's
     message size limit (Serve's default is 2 GiB). The dashboard, when included, is on 127.0.0.1:8265 (or the
     next free port). log_to_driver / logging_level: ray.init's (False / WARNING keep Ray's and its workers'
-    lines in the session's log files, off this process's terminal)."""
+    lines in the session's log files, off this process's terminal). serve_transport: the cluster config's
+    (`grpc`: Serve's proxies call the ingress over gRPC)."""
     import ray
 
-    env_vars = {_BIND_ENV: LOOPBACK, _GRPC_HOST_ENV: serve_grpc_host}
+    env_vars = {_BIND_ENV: LOOPBACK, _GRPC_HOST_ENV: serve_grpc_host,
+                PROXY_USE_GRPC_ENV: "1" if serve_transport == "grpc" else "0"}
     if serve_grpc_port is not None:
         env_vars[_GRPC_PORT_ENV] = str(serve_grpc_port)
     if grpc_max_message_bytes is not None:

@@ -142,12 +142,28 @@ def request_token_ids(pending_request: Optional[PendingRequest]) -> Optional[Seq
     return None
 
 
+# Where generate_stream(prompt_token_ids, sampling, request_id, cache_salt, context) (cluster.deployment) takes
+# the arguments the router reads besides the token ids.
+_CACHE_SALT_ARG = (3, "cache_salt")
+_CONTEXT_ARG = (4, "context")
+
+
+def request_argument(pending_request: PendingRequest, where: tuple[int, str], default: Any = None) -> Any:
+    """A generate_stream argument by position or keyword: the ingress passes them all positionally (Serve's
+    gRPC transport fails streaming calls with keywords), other callers may name them."""
+    position, name = where
+    args = pending_request.args or ()
+    if len(args) > position:
+        return args[position]
+    return (pending_request.kwargs or {}).get(name, default)
+
+
 def request_cache_salt(pending_request: Optional[PendingRequest]) -> int:
-    """The request's prefix-cache salt (keyword `cache_salt`; 0 = the shared cache): the router hashes the
-    prompt exactly as the engine will, so a tenant's request only ever matches its own tenant's blocks."""
+    """The request's prefix-cache salt (`cache_salt`; 0 = the shared cache): the router hashes the prompt
+    exactly as the engine will, so a tenant's request only ever matches its own tenant's blocks."""
     if pending_request is None:
         return 0
-    salt = (pending_request.kwargs or {}).get("cache_salt", 0)
+    salt = request_argument(pending_request, _CACHE_SALT_ARG, 0)
     return int(salt) if isinstance(salt, int) else 0
 
 
@@ -523,11 +539,11 @@ class PrefixCacheRouter(RequestRouter):
     @staticmethod
     def _start_trace(pending_request: Optional[PendingRequest]) -> None:
         """With tracing on: the request's router span, from its first routing attempt until a replica takes it
-        (on_request_routed). The request's context (the `context` keyword, cluster.request_context) then
+        (on_request_routed). The request's context (the `context` argument, cluster.request_context) then
         carries this span, so the replica's span is its child."""
         if not tracing.enabled() or pending_request is None or hasattr(pending_request, "_herd_span"):
             return
-        context = (pending_request.kwargs or {}).get("context")
+        context = request_argument(pending_request, _CONTEXT_ARG)
         if not isinstance(context, dict):
             return
         span = tracing.start_span("herd.router", context, {"herd.request_id": context.get("request_id")})

@@ -63,7 +63,7 @@ def demo_config(cache_dir: Path | None = None, *, host: str = "127.0.0.1", grpc_
 # `herd serve` flags that override the config: cluster-wide keys, and for every model each engine setting
 # (workers.EngineConfig's fields, as ModelDeploymentConfig takes them), Serve's capacity keys and where the
 # engine runs. The flags' types, help and defaults come from the fields (cluster.settings_flags).
-CLUSTER_FLAGS = ("host", "grpc_port", "http_port", "ingress_replicas", "request_timeout_s")
+CLUSTER_FLAGS = ("host", "grpc_port", "http_port", "ingress_replicas", "request_timeout_s", "serve_transport")
 SERVE_MODEL_FLAGS = ("max_ongoing_requests", "serve_max_queued_requests", "engine_process", "engine_cpu_cores")
 
 
@@ -126,7 +126,7 @@ def cmd_serve(args) -> int:
     else:  # a private single-node Ray: never join a cluster by accident; every port on loopback but the proxies
         print("herd: starting a local Ray (every port on 127.0.0.1 but the gRPC / HTTP proxies) ...", file=sys.stderr)
         start_local_ray(grpc_max_message_bytes=cfg.limits.max_grpc_message_bytes, serve_grpc_host=cfg.host,
-                        serve_grpc_port=cfg.grpc_port, **quiet)
+                        serve_grpc_port=cfg.grpc_port, serve_transport=cfg.serve_transport, **quiet)
     stop = threading.Event()
     serving = threading.Event()
 

@@ -84,7 +84,8 @@ def _start_herd_cluster(config: dict[str, Any], num_cpus: int, api_key: str | No
     start_with_retry(lambda: start_local_ray(
         num_cpus=num_cpus, include_dashboard=False, namespace="herd-tests",
         grpc_max_message_bytes=cfg.limits.max_grpc_message_bytes, serve_grpc_host=cfg.host,
-        serve_grpc_port=cfg.grpc_port, log_to_driver=os.environ.get("HERD_TEST_RAY_LOGS") == "1"))
+        serve_grpc_port=cfg.grpc_port, serve_transport=cfg.serve_transport,
+        log_to_driver=os.environ.get("HERD_TEST_RAY_LOGS") == "1"))
     try:
         serve.start(**serve_start_options(cfg))
         serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)

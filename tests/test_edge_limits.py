@@ -216,8 +216,10 @@ class _Handle:
 
     def __init__(self, scripts):
         self.scripts, self.calls = list(scripts), 0
+        self.options_seen, self.args_seen = [], []
 
-    def options(self, **_):
+    def options(self, **options):
+        self.options_seen.append(options)
         return self
 
     @property
@@ -226,6 +228,7 @@ class _Handle:
 
     def remote(self, *args, **kwargs):
         self.calls += 1
+        self.args_seen.append((args, kwargs))
         return self.scripts.pop(0)
 
 
@@ -247,6 +250,36 @@ def test_replica_death_before_the_first_token_is_retried_once():
     fe = Frontend({"m": handle}, {"m": {"name": "m"}})
     chunks = _run(fe.generate(fe.routes["m"], [1, 2], {}))
     assert [c["finish_reason"] for c in chunks] == [None, "length"] and handle.calls == 2
+
+
+def test_a_replica_lost_over_serves_grpc_transport_is_retried_too():
+    """Serve's gRPC transport reports a dead replica as ActorUnavailableError (gRPC UNAVAILABLE)."""
+    from ray.exceptions import ActorUnavailableError
+
+    handle = _Handle([_Stream([], ActorUnavailableError("replica gone", None)), _Stream([_chunk("length")])])
+    fe = Frontend({"m": handle}, {"m": {"name": "m"}})
+    assert [c["finish_reason"] for c in _run(fe.generate(fe.routes["m"], [1], {}))] == ["length"]
+    assert handle.calls == 2
+
+
+@pytest.mark.parametrize("transport, by_reference", [(None, False), ("grpc", False), ("ray", True)])
+def test_the_model_call_follows_serve_transport_with_positional_arguments(transport, by_reference):
+    """serve_transport picks the handle's transport (grpc by default); every argument goes positionally, as
+    Serve's gRPC transport needs, in generate_stream's order (prompt, sampling, request id, salt, context)."""
+    from cluster.request_context import set_request_id
+
+    handle = _Handle([_Stream([_chunk("length")])])
+    settings = {"serve_transport": transport} if transport else {}
+    fe = Frontend({"m": handle}, {"m": {"name": "m"}}, settings=settings)
+
+    async def go():  # the id is set in this task's context only
+        set_request_id("client-9")
+        return [c async for c in fe.generate(fe.routes["m"], [5, 6], {"max_tokens": 1}, cache_salt=42)]
+    asyncio.run(go())
+    assert handle.options_seen == [{"stream": True, "_by_reference": by_reference}]
+    (args, kwargs), = handle.args_seen
+    assert kwargs == {} and args[0] == [5, 6] and args[1] == {"max_tokens": 1} and args[3] == 42
+    assert isinstance(args[2], str) and args[4]["request_id"] == "client-9"
 
 
 def test_no_retry_after_a_token_was_streamed_or_for_client_errors():

@@ -53,6 +53,7 @@ ALL_FEATURES = {
                "ingress_autoscaling": {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 32},
                "ingress_max_ongoing_requests": 2048, "ingress_max_queued_requests": 16,
                "enable_reflection": True, "enable_openapi_docs": True, "prefix_cache_isolation": "per_key",
+               "serve_transport": "ray",
                "limits": {"max_prompt_tokens": 4096, "max_logprobs": 5, "max_grpc_message_bytes": 16777216,
                           "min_repetition_penalty": 0.5, "max_repetition_penalty": 2}},
     "models": [
@@ -339,6 +340,7 @@ def test_all_features_objects(helm, tmp_path):
         assert spec["terminationGracePeriodSeconds"] == 400
         assert spec["containers"][0]["lifecycle"]["preStop"]["exec"]["command"][-1] == "sleep 5; ray stop --grace-period 300"
         assert {"name": "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", "value": "16777216"} in spec["containers"][0]["env"]
+        assert {"name": "RAY_SERVE_PROXY_USE_GRPC", "value": "0"} in spec["containers"][0]["env"]  # transport ray
     h100 = cluster["workerGroupSpecs"][0]
     assert h100["rayStartParams"] == {"num-cpus": "64", "object-store-memory": "10000000000", "block": "true"}
     pod = h100["template"]["spec"]
@@ -454,6 +456,8 @@ def test_secure_defaults(helm, tmp_path):
     for spec in _pod_specs(rs):
         env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
         assert env["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] == str(cfg.limits.max_grpc_message_bytes) == "8388608"
+        # The proxy calls the ingress over Serve's gRPC transport, as cluster.local_ray sets it for herd serve.
+        assert cfg.serve_transport == "grpc" and env["RAY_SERVE_PROXY_USE_GRPC"] == "1"
         # Drain: the grace period covers the preStop delay and the longest graceful shutdown, with a margin.
         longest = max(m.graceful_shutdown_timeout_s for m in cfg.models)
         assert spec["terminationGracePeriodSeconds"] == 10 + math.ceil(longest) + 15

@@ -67,6 +67,18 @@ def test_every_session_socket_is_on_loopback(local_serve):
 
 
 @pytest.mark.slow
+def test_serve_proxy_calls_replicas_over_grpc_by_default(local_serve):
+    """serve_transport grpc (the default): Serve's proxy reads RAY_SERVE_PROXY_USE_GRPC=1 in its own process."""
+    import psutil
+
+    from cluster.local_ray import PROXY_USE_GRPC_ENV
+
+    proxies = [p for p in map(psutil.Process, ray_session_pids()) if "ray::ProxyActor" in " ".join(p.cmdline())]
+    assert proxies and all(p.environ().get(PROXY_USE_GRPC_ENV) == "1" for p in proxies)
+    assert local_serve.serve_transport == "grpc"
+
+
+@pytest.mark.slow
 def test_grpc_proxy_takes_the_message_size_limit(local_serve):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 

@@ -522,6 +522,9 @@ def test_a_salted_request_only_matches_blocks_hashed_with_its_salt():
         router.update_replicas([a, b])
         salted = PendingRequest(args=[list(CONV_A) + [1]], kwargs={"cache_salt": 77}, metadata=None)
         assert names(await router.choose_replicas([a, b], salted))[0] == ["b"]
+        # As the ingress sends it: every argument positional (prompt, sampling, request id, salt, context).
+        positional = PendingRequest(args=[list(CONV_A) + [1], {}, "r1", 77, None], kwargs={}, metadata=None)
+        assert names(await router.choose_replicas([a, b], positional))[0] == ["b"]
         other = PendingRequest(args=[list(CONV_A) + [1]], kwargs={"cache_salt": 78}, metadata=None)
         hashes = router._request_hashes(other, list(CONV_A), BS)
         assert router.match_blocks(a, hashes) == router.match_blocks(b, hashes) == 0
