@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from workers.engine_config import EngineConfig, PlacementStrategy
 from workers.errors import HerdError
+from workers.stream_pacing import StreamPacing
 
 _DNS_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
 
@@ -179,10 +180,11 @@ class ModelDeploymentConfig(EngineSettings):
     serve_max_queued_requests: Optional[int] = Field(None, ge=1, description=(
         "requests a caller holds while every replica is full (null = max_queued_requests, at least 1: "
         "Serve's minimum)"))
-    # Streaming under load (cluster/stream_pacing.py).
-    stream_max_messages_per_s: float = Field(400.0, ge=0, description=(
+    # Streaming under load (workers/stream_pacing.py, whose defaults these are).
+    stream_max_messages_per_s: float = Field(StreamPacing.max_messages_per_s, ge=0, description=(
         "messages per second a replica streams in all before it batches each stream's tokens (0 = every step's)"))
-    stream_max_interval_s: float = Field(0.25, gt=0, le=5, description="longest a stream's tokens wait for their batch")
+    stream_max_interval_s: float = Field(StreamPacing.max_interval_s, gt=0, le=5, description=(
+        "longest a stream's tokens wait for their batch"))
     # The step loop in a process of its own (workers/engine_process.py): the replica's serving threads then
     # do not share its GIL. Whole-model replicas only; a TP x PP group's driver stays in the replica.
     engine_process: bool = Field(True, description=(

@@ -71,7 +71,7 @@ def test_target_check_and_cli():
     assert load_bench.target_check([])["measured"] is False
     args = _parse(load_bench, ["load", "--concurrency", "1,4", "--overload"])
     assert load_bench.parse_levels(args.concurrency) == [1, 4] and args.overload
-    assert load_bench.requests_for(4, args) == 64
+    assert load_bench.requests_for(4, args) == 64 and load_bench.requests_for(64, args) == 256  # steady state
     assert _parse(soak_bench, ["soak", "--minutes", "0.5"]).func is soak_bench.run_soak
     assert _parse(soak_bench, ["fault"]).func is soak_bench.run_fault
 
