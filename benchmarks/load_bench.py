@@ -423,6 +423,17 @@ def _run_external(args, levels: list[int]) -> tuple[list, dict]:
     return merge_levels(levels, served, local, args), {}
 
 
+def cpu_list_arg(text: str) -> str:
+    """A cpu list flag, checked when the command line is parsed (a usage error, not a traceback at start)."""
+    from workers.cpu_affinity import parse_cpu_list
+
+    try:
+        parse_cpu_list(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def register_bench(bench_sub) -> None:
     p = bench_sub.add_parser("load", help="concurrency sweep: served tok/s, TTFT, inter-token latency vs the same "
                                           "requests in-process; past-capacity rejections (JSON + PNG)")
@@ -443,10 +454,10 @@ def register_bench(bench_sub) -> None:
                    help="the served model's stream pacing (default: herd's; 0 = a message per token)")
     p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
                    help="the served engine in a process of its own (default: the config's, on)")
-    p.add_argument("--engine-cpu-cores", default=None,
+    p.add_argument("--engine-cpu-cores", default=None, type=cpu_list_arg,
                    help="self-hosted: CPUs of the served engine process, a cpu list (e.g. 1 or 2-7; model key "
                         "engine_cpu_cores)")
-    p.add_argument("--serving-cpu-cores", default=None,
+    p.add_argument("--serving-cpu-cores", default=None, type=cpu_list_arg,
                    help="self-hosted: CPUs of everything else served (this bench, Ray, Serve's proxy, the "
                         "ingress, the replica), a cpu list (e.g. 0); as `taskset -c 0 herd serve`")
     p.add_argument("--serve-transport", choices=("grpc", "ray"), default="grpc",

@@ -72,6 +72,11 @@ def test_target_check_and_cli():
     args = _parse(load_bench, ["load", "--concurrency", "1,4", "--overload"])
     assert load_bench.parse_levels(args.concurrency) == [1, 4] and args.overload
     assert load_bench.requests_for(4, args) == 64 and load_bench.requests_for(64, args) == 256  # steady state
+    assert _parse(load_bench, ["load", "--serving-cpu-cores", "0", "--engine-cpu-cores", "1-3"]).engine_cpu_cores \
+        == "1-3"
+    for bad in (["--serving-cpu-cores", "0-x"], ["--engine-cpu-cores", "3-1"]):
+        with pytest.raises(SystemExit):        # argparse's usage error, naming the part at fault
+            _parse(load_bench, ["load", *bad])
     assert _parse(soak_bench, ["soak", "--minutes", "0.5"]).func is soak_bench.run_soak
     assert _parse(soak_bench, ["fault"]).func is soak_bench.run_fault
 
