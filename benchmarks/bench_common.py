@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterator, Optional, TextIO
 
+from cluster.local_ray import DEFAULT_SERVE_TRANSPORT
+
 BENCH_MODEL = "bench"
 
 
@@ -150,7 +152,7 @@ def demo_checkpoint(shape: str, model: Optional[str] = None) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def local_ray(num_cpus: Optional[int] = None, serve_transport: str = "grpc") -> Iterator[None]:
+def local_ray(num_cpus: Optional[int] = None, serve_transport: str = DEFAULT_SERVE_TRANSPORT) -> Iterator[None]:
     """A private Ray with every port on 127.0.0.1, as `herd serve` starts it (cluster.local_ray; never joins
     another); Serve and Ray are shut down on the way out. serve_transport: the cluster config's, for the
     config that will be served in it (cluster_config)."""

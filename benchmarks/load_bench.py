@@ -45,6 +45,7 @@ from benchmarks.bench_common import (BENCH_MODEL, AioTarget, LoopLag, ProcessCpu
                                      figure_path, local_ray, log, p50_p99_ms, pyplot, random_prompts,
                                      replica_counts, save_figure, serve_process_pids, start_herd,
                                      stream_summary, write_report)
+from cluster.local_ray import DEFAULT_SERVE_TRANSPORT, SERVE_TRANSPORTS
 
 CAPPED_MODEL = "bench-capped"
 CAPPED_LIMITS = {"max_num_seqs": 2, "max_queued_requests": 2, "serve_max_queued_requests": 2}
@@ -460,7 +461,7 @@ def register_bench(bench_sub) -> None:
     p.add_argument("--serving-cpu-cores", default=None, type=cpu_list_arg,
                    help="self-hosted: CPUs of everything else served (this bench, Ray, Serve's proxy, the "
                         "ingress, the replica), a cpu list (e.g. 0); as `taskset -c 0 herd serve`")
-    p.add_argument("--serve-transport", choices=("grpc", "ray"), default="grpc",
+    p.add_argument("--serve-transport", choices=SERVE_TRANSPORTS, default=DEFAULT_SERVE_TRANSPORT,
                    help="self-hosted: the cluster config's serve_transport (Serve's hops between herd's processes)")
     p.add_argument("--timeout-s", type=float, default=120.0, help="deadline of each request")
     p.add_argument("--autoscale", action="store_true", help="autoscale the model (min 1, max 2); plot replicas")

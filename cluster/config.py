@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
+from cluster.local_ray import DEFAULT_SERVE_TRANSPORT
 from workers.engine_config import EngineConfig, PlacementStrategy
 from workers.errors import HerdError
 from workers.stream_pacing import StreamPacing
@@ -313,7 +314,7 @@ class ClusterConfig(_Strict):
     # How Serve carries a request and its streamed chunks between herd's processes (docs/serving.md, "Serve
     # transport"): Serve's direct gRPC between its proxy and replicas costs the serving path less CPU per
     # message than Ray actor calls through the object store (Serve's default).
-    serve_transport: Literal["grpc", "ray"] = Field("grpc", description=(
+    serve_transport: Literal["grpc", "ray"] = Field(DEFAULT_SERVE_TRANSPORT, description=(
         "proxy -> ingress -> model replica hops: grpc (Serve's inter-deployment gRPC, RAY_SERVE_PROXY_USE_GRPC) "
         "or ray (Ray actor calls, Serve's default)"))
     enable_reflection: bool = Field(False, description="gRPC server reflection (grpcurl without the .proto)")

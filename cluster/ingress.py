@@ -35,6 +35,7 @@ from cluster.chat_tools import ChatTools
 from cluster.errors import ApiError, to_api_error
 from cluster.grpc_status import StatusSet, install_status_log_filter
 from cluster.limits import InputLimits, LiveRequestIds
+from cluster.local_ray import DEFAULT_SERVE_TRANSPORT
 from cluster import tracing
 from cluster.request_context import (REQUEST_ID_HEADER, current_request_id, grpc_request_id,
                                      install_request_id_logging, outgoing_context, set_request_id)
@@ -194,7 +195,7 @@ class Frontend:
         self.isolate_prefix_cache = settings.get("prefix_cache_isolation", "none") == "per_key"
         self.openapi_docs = bool(settings.get("enable_openapi_docs", False))
         # Serve's gRPC between replicas ("grpc") or Ray actor calls ("ray") for the hop to the model replicas.
-        self.by_reference = settings.get("serve_transport", "grpc") != "grpc"
+        self.by_reference = settings.get("serve_transport", DEFAULT_SERVE_TRANSPORT) != "grpc"
         self.live_request_ids = LiveRequestIds()
         self.health_watchers = 0
         self.started_at = int(time.time())
@@ -347,7 +348,7 @@ class Frontend:
         """One try: the replica's chunks until each of the request's `n` completions has finished."""
         engine_request_id = uuid.uuid4().hex
         unfinished = int(sampling.get("n", 1))
-        context = outgoing_context() or None  # the request id and trace context travel with the call
+        context = outgoing_context()  # the request id and trace context travel with the call (or None)
         # Every argument positional: Serve's gRPC transport (Ray 2.60) fails a streaming call that has keyword
         # arguments (the caller waits on a rejection handshake that never comes).
         handle = route.handle.options(stream=True, _by_reference=self.by_reference)

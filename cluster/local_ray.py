@@ -41,6 +41,9 @@ _SETUP_HOOK = "cluster.local_ray._worker_setup_hook"
 _WILDCARDS = ("0.0.0.0", "::", "[::]", "")
 # Serve (2.60) reads it in its proxy process: "1" = the proxy calls the ingress over Serve's gRPC transport.
 PROXY_USE_GRPC_ENV = "RAY_SERVE_PROXY_USE_GRPC"
+# The cluster config's `serve_transport` values and its default (here, where every user can import it lightly).
+SERVE_TRANSPORTS = ("grpc", "ray")
+DEFAULT_SERVE_TRANSPORT = "grpc"
 
 
 class Listener(NamedTuple):
@@ -55,7 +58,7 @@ def start_local_ray(*, num_cpus: Optional[float] = None, include_dashboard: bool
                     grpc_max_message_bytes: Optional[int] = None, serve_grpc_host: str = LOOPBACK,
                     serve_grpc_port: Optional[int] = None, log_to_driver: bool = True,
                     namespace: Optional[str] = None, logging_level: int = logging.INFO,
-                    serve_transport: str = "grpc") -> None:
+                    serve_transport: str = DEFAULT_SERVE_TRANSPORT) -> None:
     """Start a private single-node Ray (never joins a running cluster) with every port on 127.0.0.1.
 
     serve_grpc_host/port: where Serve's gRPC proxy is to listen (the cluster config's host and grpc_port);

@@ -104,3 +104,15 @@ def test_replica_stats_and_routing_report_keys_are_declared():
     assert set(report) <= set(RoutingReport.__annotations__)
     assert RoutingReport.__required_keys__ <= set(report)
     assert report["hashes"] == [11, 12] and report["num_cached_blocks"] == 3 and report["kv_blocks_free"] == 40
+
+
+def test_serve_transport_values_are_the_ones_local_ray_and_the_bench_offer():
+    """The config's Literal, cluster.local_ray's SERVE_TRANSPORTS (the bench's choices) and the default agree."""
+    import typing
+
+    from cluster.local_ray import DEFAULT_SERVE_TRANSPORT, SERVE_TRANSPORTS
+
+    field = ClusterConfig.model_fields["serve_transport"]
+    assert typing.get_args(field.annotation) == SERVE_TRANSPORTS and field.default == DEFAULT_SERVE_TRANSPORT
+    with pytest.raises(ConfigError):
+        ClusterConfig.from_dict({**GOOD, "serve_transport": "carrier-pigeon"})

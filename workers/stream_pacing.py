@@ -20,7 +20,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class StreamPacing:
     # For the whole engine; 0 = every step's tokens at once. 200 rather than 400: at 64 streams on 2 vCPUs the
-    # served tok/s rose 15% (2,088 -> 2,398-2,532) and TTFT p99 fell (docs/serving.md, "Streaming under load").
+    # served tok/s rose 15% (2,088 -> 2,398-2,532) and TTFT p50 fell (docs/serving.md, "Streaming under load").
     max_messages_per_s: float = 200.0
     max_interval_s: float = 0.25
 
