@@ -370,11 +370,13 @@ class StreamResult:
     tokens: int = 0
     gaps_s: list[float] = field(default_factory=list)  # inter-token latency samples (one per token after the first)
     kind: str = "normal"                    # workload class (soak): normal / cancel / invalid / deadline
+    chunks: list[tuple[float, int]] = field(default_factory=list)  # (arrival, relative to t0 as `start`; tokens)
 
     def on_chunk(self, now: float, n_tokens: int, last_chunk_at: Optional[float]) -> None:
         """Record a chunk of `n_tokens` arriving at `now` (seconds since this call began)."""
         if n_tokens <= 0:
             return
+        self.chunks.append((self.start + now, n_tokens))
         if self.ttft_s is None:
             self.ttft_s = now
             self.gaps_s.extend([0.0] * (n_tokens - 1))
@@ -383,8 +385,24 @@ class StreamResult:
         self.tokens += n_tokens
 
 
+def steady_tokens_per_s(results: list[StreamResult]) -> Optional[float]:
+    """Tokens per second of a closed-loop run while all its streams were busy: from the first request's end (the
+    first wave is in; each end now starts the next request) to the last request's start (after it the streams
+    drain one by one). None when there is no such window (a single wave). The whole run's tok/s also counts the
+    first wave's ramp-up, which is a burst figure rather than a rate (a server under steady load is past it)."""
+    ends = [r.start + r.latency_s for r in results if r.latency_s is not None]
+    if not ends:
+        return None
+    begin, end = min(ends), max(r.start for r in results)
+    if end - begin <= 0:
+        return None
+    tokens = sum(n for r in results for at, n in r.chunks if begin <= at < end)
+    return round(tokens / (end - begin), 2)
+
+
 def stream_summary(results: list[StreamResult], wall_s: float) -> dict[str, Any]:
-    """tok/s, TTFT and inter-token p50/p99 of the OK streams; outcome counts by status code."""
+    """tok/s (the whole run's, and while all streams were busy), TTFT and inter-token p50/p99 of the OK streams;
+    outcome counts by status code."""
     ok = [r for r in results if r.code == "OK"]
     codes: dict[str, int] = {}
     for r in results:
@@ -393,6 +411,7 @@ def stream_summary(results: list[StreamResult], wall_s: float) -> dict[str, Any]
     return {
         "requests": len(results), "ok": len(ok), "errors": {k: v for k, v in codes.items() if k != "OK"},
         "tokens": tokens, "tokens_per_s": round(tokens / wall_s, 2) if wall_s > 0 else None,
+        "steady_tokens_per_s": steady_tokens_per_s(results),
         **p50_p99_ms([r.ttft_s for r in ok if r.ttft_s is not None], "ttft"),
         **p50_p99_ms([g for r in ok for g in r.gaps_s], "itl"),
         **p50_p99_ms([r.latency_s for r in ok if r.latency_s is not None], "latency"),

@@ -9,13 +9,19 @@
 At every concurrency level C, C streams stay in flight (closed loop) until `--requests-per-level` requests
 finished (default max(4·C, 64): each stream runs about four requests back to back, so a level measures the
 steady state rather than one wave's ramp-up and tail, which alone swung 64-stream runs between 0.54 and 0.77
-of in-process on the same commit). Every request has its own random prompt of `--prompt-tokens` tokens (no prefix-cache help) and
+of in-process on the same commit). Each level reports the whole level's tok/s and `steady_tokens_per_s`, the rate
+while all its streams were busy (bench_common.steady_tokens_per_s: from the first request's end to the last one's
+start, without the first wave's ramp-up and the last one's drain), on both sides; the target compares the steady
+rates. Every request has its own random prompt of `--prompt-tokens` tokens (no prefix-cache help) and
 generates exactly `--max-tokens` tokens (greedy, ignore_eos). The clients are grpc.aio streams in one event
 loop; the loop's wake-up lag is reported so a saturated client is visible as such.
 
 The in-process baseline runs the same requests through `workers.Engine` (add_request/step, C in flight) in a
 separate process, with the engine settings the served replica gets from its ModelDeploymentConfig and the
-thread count its CPU reservation gives it. Self-hosted, each level also reports `cpu_cores`: the cores used
+thread count its CPU reservation gives it. Self-hosted, the processes are placed as a local `herd serve` places
+them (`--cpu-binding`, cluster.cpu_binding: on a CPU host the served engine process on a core of its own, this
+bench, its Ray and the serving path on the others; the in-process side runs before that, on any CPU, alone).
+Self-hosted, each level also reports `cpu_cores`: the cores used
 by the model replica, the ingress, Serve's proxy and controller, the bench's clients and the rest of the
 machine while it ran (where the machine's CPU goes when the served path is slower than the engine alone).
 
@@ -32,19 +38,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import multiprocessing as mp
 import os
 import subprocess
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from benchmarks.bench_common import (BENCH_MODEL, AioTarget, LoopLag, ProcessCpu, StreamResult, TimelineSampler,
                                      checkpoint_vocab, closed_loop, cluster_config, demo_checkpoint,
                                      figure_path, local_ray, log, p50_p99_ms, pyplot, random_prompts,
                                      replica_counts, save_figure, serve_process_pids, start_herd,
                                      stream_summary, write_report)
+from cluster.cpu_binding import CPU_BINDING_MODES, DEFAULT_CPU_BINDING, DEFAULT_SERVING_CPUS
 from cluster.local_ray import DEFAULT_SERVE_TRANSPORT, SERVE_TRANSPORTS
 
 CAPPED_MODEL = "bench-capped"
@@ -257,21 +265,26 @@ def merge_levels(levels: list[int], served: dict, local: Optional[dict], args) -
         row: dict[str, Any] = {"concurrency": level, "requests": requests_for(level, args), "served": served[level]}
         if local is not None:
             row["in_process"] = local[level]
-            s, l = served[level]["tokens_per_s"], local[level]["tokens_per_s"]
-            row["served_fraction_of_in_process"] = round(s / l, 3) if s and l else None
+            for key, figure in (("served_fraction_of_in_process", "tokens_per_s"),
+                                ("served_steady_fraction_of_in_process", "steady_tokens_per_s")):
+                s, l = served[level].get(figure), local[level].get(figure)
+                row[key] = round(s / l, 3) if s and l else None
         rows.append(row)
     return rows
 
 
 def target_check(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The goal: at 64 streams, served tok/s >= 85% of in-process with 0 errors (if 64 was measured)."""
+    """The goal: at 64 streams, served tok/s >= 85% of in-process with 0 errors (if 64 was measured). The rate
+    compared is the steady one, while all 64 streams are busy on both sides (bench_common.steady_tokens_per_s);
+    the whole level's ratio, which also counts how fast the first 64 requests got through at once, is beside it."""
     row = next((r for r in rows if r["concurrency"] == TARGET_CONCURRENCY), None)
-    out: dict[str, Any] = {"goal": f"at {TARGET_CONCURRENCY} streams >= {TARGET_FRACTION:.0%} of in-process tok/s, "
-                                   "0 errors", "measured": row is not None}
+    out: dict[str, Any] = {"goal": f"at {TARGET_CONCURRENCY} streams >= {TARGET_FRACTION:.0%} of in-process tok/s "
+                                   "(steady state), 0 errors", "measured": row is not None}
     if row is not None:
-        frac = row.get("served_fraction_of_in_process")
+        frac = row.get("served_steady_fraction_of_in_process")
         errors = sum(row["served"]["errors"].values())
-        out.update(fraction=frac, errors=errors, met=frac is not None and frac >= TARGET_FRACTION and errors == 0)
+        out.update(fraction=frac, whole_level_fraction=row.get("served_fraction_of_in_process"), errors=errors,
+                   met=frac is not None and frac >= TARGET_FRACTION and errors == 0)
     return out
 
 
@@ -318,7 +331,8 @@ def run(args) -> int:
         else:
             report.update(mode="self-hosted", checkpoint=args.model or f"demo:{args.shape}",
                           replica_cpus=args.replica_cpus)
-            rows, extra = _run_self_hosted(args, levels, path, report)
+            with own_cpus_kept():
+                rows, extra = _run_self_hosted(args, levels, path, report)
     report["levels"] = rows
     report["target"] = target_check(rows)
     report.update(extra)
@@ -326,6 +340,17 @@ def run(args) -> int:
     report["png"] = str(plot_sweep(rows, figure_path(args.out, "load_bench.png"), title))
     write_report(report, args.out, "load_bench.json")
     return 0
+
+
+@contextlib.contextmanager
+def own_cpus_kept() -> Iterator[None]:
+    """This process's CPUs as they were, after a self-hosted run moved it onto the serving CPUs (a caller, a test
+    in one process, goes on where it was)."""
+    cpus = os.sched_getaffinity(0)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, cpus)
 
 
 def _run_self_hosted(args, levels: list[int], path: str, report: dict[str, Any]) -> tuple[list, dict]:
@@ -354,6 +379,8 @@ def _run_self_hosted(args, levels: list[int], path: str, report: dict[str, Any])
         from workers.cpu_affinity import parse_cpu_list
         os.sched_setaffinity(0, parse_cpu_list(args.serving_cpu_cores))
         report["serving_cpu_cores"] = args.serving_cpu_cores
+    elif args.engine_cpu_cores is None:
+        report["cpu_binding"] = bind_cpus(models, args.cpu_binding, args.cpu_binding_serving_cpus)
     report["serve_transport"] = args.serve_transport
     with local_ray(num_cpus=max(cpus, 4), serve_transport=args.serve_transport):
         log("starting the herd app ...")
@@ -397,6 +424,28 @@ def _run_self_hosted(args, levels: list[int], path: str, report: dict[str, Any])
     return merge_levels(levels, served, local, args), extra
 
 
+def bind_cpus(models: list[dict[str, Any]], mode: str, serving_cpus: int) -> dict[str, Any]:
+    """The cluster config's cpu_binding, applied as `herd serve` applies it (cluster.cpu_binding): this process
+    (and so the local Ray it starts) on the serving CPUs, each bound model entry with its engine_cpu_cores."""
+    from cluster import cpu_binding
+    from cluster.config import ModelDeploymentConfig
+
+    binding = cpu_binding.plan([ModelDeploymentConfig(**m) for m in models], cpu_binding.allowed_cpus(), mode,
+                               serving_cpus)
+    if binding is None:
+        return {"mode": mode, "applied": False}
+    for line in binding.lines():
+        log(f"CPU binding: {line}")
+    if binding.active:
+        os.sched_setaffinity(0, binding.serving)
+        cores = {**binding.floating, **binding.engines}
+        for m in models:
+            if m["name"] in cores:
+                m["engine_cpu_cores"] = cores[m["name"]]
+    return {"mode": mode, "serving_cpus_min": serving_cpus, "applied": binding.active,
+            "serving": cpu_binding.format_cpus(binding.serving), "engines": binding.engines, "floating": binding.floating, "unbound": binding.unbound}
+
+
 def _autoscale_report(tl, args) -> dict[str, Any]:
     from benchmarks.serve_bench import plot_timeline
 
@@ -422,6 +471,16 @@ def _run_external(args, levels: list[int]) -> tuple[list, dict]:
         entry = model_entry(args.model, args)
         local = in_process_sweep(args.model, entry, levels, args)
     return merge_levels(levels, served, local, args), {}
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
 
 
 def cpu_list_arg(text: str) -> str:
@@ -461,6 +520,11 @@ def register_bench(bench_sub) -> None:
     p.add_argument("--serving-cpu-cores", default=None, type=cpu_list_arg,
                    help="self-hosted: CPUs of everything else served (this bench, Ray, Serve's proxy, the "
                         "ingress, the replica), a cpu list (e.g. 0); as `taskset -c 0 herd serve`")
+    p.add_argument("--cpu-binding", choices=CPU_BINDING_MODES, default=DEFAULT_CPU_BINDING,
+                   help="self-hosted: the cluster config's cpu_binding, as herd serve applies it (unless "
+                        "--engine-cpu-cores / --serving-cpu-cores place the processes)")
+    p.add_argument("--cpu-binding-serving-cpus", type=positive_int, default=DEFAULT_SERVING_CPUS,
+                   help="self-hosted: the cluster config's cpu_binding_serving_cpus (CPUs the serving path keeps)")
     p.add_argument("--serve-transport", choices=SERVE_TRANSPORTS, default=DEFAULT_SERVE_TRANSPORT,
                    help="self-hosted: the cluster config's serve_transport (Serve's hops between herd's processes)")
     p.add_argument("--timeout-s", type=float, default=120.0, help="deadline of each request")

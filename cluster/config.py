@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from cluster.local_ray import DEFAULT_SERVE_TRANSPORT
+from cluster.cpu_binding import DEFAULT_CPU_BINDING, DEFAULT_SERVING_CPUS
 from workers.engine_config import EngineConfig, PlacementStrategy
 from workers.errors import HerdError
 from workers.stream_pacing import StreamPacing
@@ -317,6 +318,13 @@ class ClusterConfig(_Strict):
     serve_transport: Literal["grpc", "ray"] = Field(DEFAULT_SERVE_TRANSPORT, description=(
         "proxy -> ingress -> model replica hops: grpc (Serve's inter-deployment gRPC, RAY_SERVE_PROXY_USE_GRPC) "
         "or ray (Ray actor calls, Serve's default)"))
+    # Engine processes on cores of their own on a CPU host, when herd starts its own Ray (cluster/cpu_binding.py).
+    cpu_binding: Literal["auto", "off"] = Field(DEFAULT_CPU_BINDING, description=(
+        "local herd serve on a CPU host: auto gives each single-replica CPU engine process cores of its own and "
+        "the serving path the rest (keeping cpu_binding_serving_cpus); off leaves them to the OS (joined "
+        "clusters: not applied)"))
+    cpu_binding_serving_cpus: int = Field(DEFAULT_SERVING_CPUS, ge=1, description=(
+        "CPUs cpu_binding leaves to the serving path (Ray, Serve's proxy, the ingress, the replicas) at the least"))
     enable_reflection: bool = Field(False, description="gRPC server reflection (grpcurl without the .proto)")
     enable_openapi_docs: bool = Field(False, description="/docs, /redoc and /openapi.json on the HTTP port")
     prefix_cache_isolation: Literal["none", "per_key"] = Field("none", description=(

@@ -63,7 +63,8 @@ def demo_config(cache_dir: Path | None = None, *, host: str = "127.0.0.1", grpc_
 # `herd serve` flags that override the config: cluster-wide keys, and for every model each engine setting
 # (workers.EngineConfig's fields, as ModelDeploymentConfig takes them), Serve's capacity keys and where the
 # engine runs. The flags' types, help and defaults come from the fields (cluster.settings_flags).
-CLUSTER_FLAGS = ("host", "grpc_port", "http_port", "ingress_replicas", "request_timeout_s", "serve_transport")
+CLUSTER_FLAGS = ("host", "grpc_port", "http_port", "ingress_replicas", "request_timeout_s", "serve_transport",
+                 "cpu_binding", "cpu_binding_serving_cpus")
 SERVE_MODEL_FLAGS = ("max_ongoing_requests", "serve_max_queued_requests", "engine_process", "engine_cpu_cores")
 
 
@@ -124,6 +125,7 @@ def cmd_serve(args) -> int:
         print(f"herd: joining the Ray cluster at {args.address} ...", file=sys.stderr)
         connect_ray(args.address, **quiet)
     else:  # a private single-node Ray: never join a cluster by accident; every port on loopback but the proxies
+        cfg = bind_cpus(cfg)
         print("herd: starting a local Ray (every port on 127.0.0.1 but the gRPC / HTTP proxies) ...", file=sys.stderr)
         start_local_ray(grpc_max_message_bytes=cfg.limits.max_grpc_message_bytes, serve_grpc_host=cfg.host,
                         serve_grpc_port=cfg.grpc_port, serve_transport=cfg.serve_transport, **quiet)
@@ -159,6 +161,18 @@ def cmd_serve(args) -> int:
         serve.shutdown()
         ray.shutdown()
     return 0
+
+
+def bind_cpus(cfg):
+    """Apply the config's cpu_binding (cluster.cpu_binding) before the local Ray starts; the config to serve."""
+    from cluster import cpu_binding
+
+    binding = cpu_binding.plan(cfg.models, cpu_binding.allowed_cpus(), cfg.cpu_binding, cfg.cpu_binding_serving_cpus)
+    if binding is None or not binding.active and not binding.unbound:  # off, or nothing worth a line
+        return cfg
+    for line in binding.lines():
+        print(f"herd: CPU binding: {line}", file=sys.stderr)
+    return cpu_binding.apply(binding, cfg) if binding.active else cfg
 
 
 def _logs_dir() -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 
 import pytest
 
@@ -66,19 +67,40 @@ def test_soak_outcomes_and_fault_summary():
 
 
 def test_target_check_and_cli():
-    rows = [{"concurrency": 64, "served": {"errors": {}}, "served_fraction_of_in_process": 0.9}]
-    assert load_bench.target_check(rows)["met"] is True
+    rows = [{"concurrency": 64, "served": {"errors": {}}, "served_fraction_of_in_process": 0.8,
+             "served_steady_fraction_of_in_process": 0.9}]
+    assert load_bench.target_check(rows)["met"] is True  # the steady rate is the one compared
+    rows[0].update(served_fraction_of_in_process=0.9, served_steady_fraction_of_in_process=0.8)
+    assert load_bench.target_check(rows)["met"] is False and load_bench.target_check(rows)["whole_level_fraction"] == 0.9
     assert load_bench.target_check([])["measured"] is False
     args = _parse(load_bench, ["load", "--concurrency", "1,4", "--overload"])
     assert load_bench.parse_levels(args.concurrency) == [1, 4] and args.overload
     assert load_bench.requests_for(4, args) == 64 and load_bench.requests_for(64, args) == 256  # steady state
     assert _parse(load_bench, ["load", "--serving-cpu-cores", "0", "--engine-cpu-cores", "1-3"]).engine_cpu_cores \
         == "1-3"
-    for bad in (["--serving-cpu-cores", "0-x"], ["--engine-cpu-cores", "3-1"]):
+    for bad in (["--serving-cpu-cores", "0-x"], ["--engine-cpu-cores", "3-1"], ["--cpu-binding-serving-cpus", "0"]):
         with pytest.raises(SystemExit):        # argparse's usage error, naming the part at fault
             _parse(load_bench, ["load", *bad])
     assert _parse(soak_bench, ["soak", "--minutes", "0.5"]).func is soak_bench.run_soak
     assert _parse(soak_bench, ["fault"]).func is soak_bench.run_fault
+
+
+def test_steady_rate_counts_tokens_while_every_stream_is_busy():
+    def stream(start, tokens_at, latency):
+        r = bc.StreamResult(start=start, latency_s=latency)
+        last = None
+        for t in tokens_at:
+            r.on_chunk(t, 1, last)
+            last = t
+        return r
+    # Two streams, closed loop: the first requests end at 2.0 and 3.0, the last starts at 3.0. Tokens counted in
+    # [2.0, 3.0): the first request's at 2.0, the second's at 2.2 (not its 3.0), the refill's at 2.0 and 2.5.
+    results = [stream(0.0, [1.0, 1.5, 2.0], 2.0), stream(0.0, [0.5, 2.2, 3.0], 3.0),
+               stream(2.0, [0.0, 0.5, 1.5], 1.5), stream(3.0, [0.5], 0.5)]
+    assert bc.steady_tokens_per_s(results) == 4.0
+    assert bc.stream_summary(results, 4.0)["steady_tokens_per_s"] == 4.0
+    assert bc.steady_tokens_per_s(results[:2]) is None       # one wave: no request started after the first ended
+    assert bc.steady_tokens_per_s([bc.StreamResult()]) is None
 
 
 def _check_summary(s):
@@ -93,8 +115,9 @@ def _check_summary(s):
 def test_load_bench_end_to_end(tmp_path):
     args = _parse(load_bench, ["load", "--concurrency", "1,4", "--requests-per-level", "6", "--prompt-tokens", "16",
                                "--max-tokens", "6", "--overload", "--overload-streams", "12",
-                               "--overload-rate", "10", "--overload-s", "1",
+                               "--overload-rate", "10", "--overload-s", "1", "--cpu-binding-serving-cpus", "1",
                                "--out", str(tmp_path)])
+    cpus_before = os.sched_getaffinity(0)
     assert args.func(args) == 0
     report = json.loads((tmp_path / "load_bench.json").read_text())
     assert [r["concurrency"] for r in report["levels"]] == [1, 4]
@@ -104,6 +127,7 @@ def test_load_bench_end_to_end(tmp_path):
         _check_summary(row["in_process"])
         assert row["served"]["tokens"] == row["in_process"]["tokens"] == 6 * 6  # exactly max_tokens each
         assert row["served_fraction_of_in_process"] > 0
+        assert row["served_steady_fraction_of_in_process"] is None or row["served_steady_fraction_of_in_process"] > 0
         cores = row["served"]["cpu_cores"]  # where the machine's CPU went during the level
         assert set(cores) >= {"model_replica", "ingress", "serve_proxy", "bench_client", "machine", "other"}
         assert cores["model_replica"] > 0 and cores["machine"] >= cores["model_replica"]
@@ -111,6 +135,13 @@ def test_load_bench_end_to_end(tmp_path):
         for side in ("served", "in_process"):  # a closed loop: never more than `concurrency` requests at once
             s = row[side]
             assert s["latency_p50_ms"] * row["requests"] / row["concurrency"] <= 1.5 * s["wall_s"] * 1000
+    # As herd serve does (the serving path keeping one CPU here): the bench model (one replica) on the top CPU, the
+    # capped model left to the OS.
+    binding = report["cpu_binding"]
+    if len(cpus_before) >= 2:
+        assert binding["applied"] and binding["engines"]["bench"] == str(max(cpus_before))
+        assert "bench-capped" in binding["unbound"] or len(binding["engines"]) == 2
+    assert os.sched_getaffinity(0) == cpus_before  # the bench put this process back where it was
     o = report["overload"]
     assert o["burst"]["streams"] == 12 and o["sustained"]["streams"] == 10
     for phase in (o["burst"], o["sustained"]):

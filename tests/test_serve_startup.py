@@ -13,7 +13,10 @@ import urllib.request
 
 import pytest
 
+from cluster import cpu_binding
+from cluster.config import ClusterConfig
 from tests.serve_fixtures import START_ATTEMPTS, free_port
+from workers.cpu_affinity import parse_cpu_list
 
 pytestmark = pytest.mark.slow
 
@@ -44,12 +47,20 @@ def test_herd_serve_start_up_and_summary(tmp_path):
     path = write_demo_checkpoint(tmp_path / "m", "llama32-1b-mini", dtype="float32")
     config = tmp_path / "cluster.yaml"
     config.write_text(f"models:\n  - name: tiny\n    path: {path}\n    max_model_len: 128\n"
-                      "    resources_per_shard: {CPU: 0.25}\n    kv_cache_memory: 4194304\n")
+                      "    resources_per_shard: {CPU: 0.25}\n    kv_cache_memory: 4194304\n"
+                      "cpu_binding_serving_cpus: 1\n")
+    # One single-replica CPU model: cpu_binding (auto) gives its engine process the top CPU and the rest of the
+    # local Ray the others (one at the least, as configured), wherever there are two CPUs or more (CI has two).
+    binding = cpu_binding.plan(ClusterConfig.from_yaml(config).models, os.sched_getaffinity(0), serving_cpus=1)
     proc, lines, reader, grpc_port, http_port = _start_herd_serve(config)
     try:
         text = "\n".join(lines)
-        # Progress: what starts, the weights loading, the replica running; then the summary.
-        assert lines[0].startswith("herd: starting a local Ray")
+        # Progress: where the processes run, what starts, the weights loading, the replica running; the summary.
+        said = [f"herd: CPU binding: {line}" for line in binding.lines()]
+        assert lines[:len(said)] == said, text
+        assert lines[len(said)].startswith("herd: starting a local Ray")
+        if binding.active:
+            _check_affinities(proc.pid, binding)
         assert "herd: deploying 1 model(s): tiny (1 replica)" in lines
         assert any(re.match(r"herd:   tiny \[\w+\]: model tiny: loading ", ln) for ln in lines), text
         assert any(re.match(r"herd:   tiny \[\w+\]: model tiny: loaded in ", ln) for ln in lines), text
@@ -71,6 +82,22 @@ def test_herd_serve_start_up_and_summary(tmp_path):
     finally:
         _stop(proc, reader)
     assert "herd: shutting down" in lines and proc.returncode == 0, "\n".join(lines[-20:])
+
+
+def _check_affinities(pid: int, binding) -> None:
+    """The engine process runs on its cores; herd serve and every other process of its Ray on the serving CPUs."""
+    import psutil
+
+    processes = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    engines = [p for p in processes if "workers.engine_process" in " ".join(p.cmdline())]
+    assert len(engines) == 1
+    assert set(engines[0].cpu_affinity()) == parse_cpu_list(binding.engines["tiny"])
+    for p in processes:
+        if p not in engines:
+            try:
+                assert set(p.cpu_affinity()) == binding.serving, p.cmdline()
+            except psutil.NoSuchProcess:  # a short-lived helper that ended meanwhile
+                pass
 
 
 def _start_herd_serve(config):
