@@ -18,9 +18,10 @@ loop; the loop's wake-up lag is reported so a saturated client is visible as suc
 
 The in-process baseline runs the same requests through `workers.Engine` (add_request/step, C in flight) in a
 separate process, with the engine settings the served replica gets from its ModelDeploymentConfig and the
-thread count its CPU reservation gives it. Self-hosted, the processes are placed as a local `herd serve` places
-them (`--cpu-binding`, cluster.cpu_binding: on a CPU host the served engine process on a core of its own, this
-bench, its Ray and the serving path on the others; the in-process side runs before that, on any CPU, alone).
+thread count its CPU reservation gives it; it loads once, and runs each level right before the served side
+runs it (the served cluster idle meanwhile), so that both see the machine of the same minute. Self-hosted, the
+processes are placed as a local `herd serve` places them (`--cpu-binding`, cluster.cpu_binding); the baseline's
+process is started before that, and runs on any CPU.
 Self-hosted, each level also reports `cpu_cores`: the cores used
 by the model replica, the ingress, Serve's proxy and controller, the bench's clients and the rest of the
 machine while it ran (where the machine's CPU goes when the served path is slower than the engine alone).
@@ -41,6 +42,7 @@ import asyncio
 import contextlib
 import multiprocessing as mp
 import os
+import queue
 import subprocess
 import time
 from dataclasses import asdict
@@ -117,8 +119,9 @@ def level_prompts(level: int, args, vocab: int) -> list[list[int]]:
 
 
 # ---- in-process baseline (its own process) ------------------------------------------------------------------
-def _in_process_sweep(path: str, kwargs: dict[str, Any], threads: int, levels: list[int], args_d: dict[str, Any],
-                      out: mp.Queue) -> None:
+def _in_process_levels(path: str, kwargs: dict[str, Any], threads: int, args_d: dict[str, Any],
+                       commands: mp.Queue, out: mp.Queue) -> None:
+    """The baseline's process: load the engine once, then run each level `commands` names (None: stop)."""
     import torch
 
     from workers import Engine, SamplingParams
@@ -129,34 +132,37 @@ def _in_process_sweep(path: str, kwargs: dict[str, Any], threads: int, levels: l
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
     vocab = engine.vocab_size
     engine.generate(random_prompts(2, args.prompt_tokens, vocab, seed=-1), params)  # warm-up
-    report = {}
-    for level in levels:
-        prompts = level_prompts(level, args, vocab)
-        results = [StreamResult() for _ in prompts]
-        active: dict[str, tuple[int, float, Optional[float]]] = {}
-        pending = iter(range(len(prompts)))
-        t0 = time.perf_counter()
-
-        def admit() -> None:  # top up to `level` requests in flight
-            while len(active) < level and (i := next(pending, None)) is not None:
-                results[i].start = time.perf_counter() - t0
-                active[engine.add_request(prompts[i], params)] = (i, time.perf_counter(), None)
-
-        admit()
-        while active:
-            deltas = engine.step()
-            now = time.perf_counter()
-            for d in deltas:
-                i, start, last = active[d.request_id]
-                results[i].on_chunk(now - start, len(d.token_ids), last)
-                active[d.request_id] = (i, start, now - start if d.token_ids else last)
-                if d.finished:
-                    results[i].latency_s = now - start
-                    del active[d.request_id]
-            admit()
-        report[level] = stream_summary(results, time.perf_counter() - t0)
+    out.put("ready")
+    while (level := commands.get()) is not None:
+        out.put(_in_process_level(engine, params, level, level_prompts(level, args, vocab)))
     engine.shutdown()
-    out.put(report)
+
+
+def _in_process_level(engine, params, level: int, prompts: list[list[int]]) -> dict[str, Any]:
+    """One level through Engine.add_request / step, `level` requests in flight (closed loop)."""
+    results = [StreamResult() for _ in prompts]
+    active: dict[str, tuple[int, float, Optional[float]]] = {}
+    pending = iter(range(len(prompts)))
+    t0 = time.perf_counter()
+
+    def admit() -> None:  # top up to `level` requests in flight
+        while len(active) < level and (i := next(pending, None)) is not None:
+            results[i].start = time.perf_counter() - t0
+            active[engine.add_request(prompts[i], params)] = (i, time.perf_counter(), None)
+
+    admit()
+    while active:
+        deltas = engine.step()
+        now = time.perf_counter()
+        for d in deltas:
+            i, start, last = active[d.request_id]
+            results[i].on_chunk(now - start, len(d.token_ids), last)
+            active[d.request_id] = (i, start, now - start if d.token_ids else last)
+            if d.finished:
+                results[i].latency_s = now - start
+                del active[d.request_id]
+        admit()
+    return stream_summary(results, time.perf_counter() - t0)
 
 
 class _Args:
@@ -170,11 +176,58 @@ def _workload_fields(args) -> dict[str, Any]:
     return {k: getattr(args, k) for k in ("prompt_tokens", "max_tokens", "requests_per_level", "seed")}
 
 
-def in_process_sweep(path: str, entry: dict[str, Any], levels: list[int], args) -> dict[int, dict[str, Any]]:
-    from benchmarks.engine_bench import _in_process
+class InProcessBaseline:
+    """The same requests through `workers.Engine` in a process of its own, started before anything is placed on
+    CPUs (it runs wherever the OS puts it, alone) and asked for one level at a time: each level's baseline
+    runs right before its served counterpart, so both see the machine of the same minute (run back to back,
+    the baseline alone swung 2,488-3,810 tok/s at 64 streams between sweeps)."""
 
-    threads = max(1, int(round(entry["resources_per_shard"].get("CPU", 1))))
-    return _in_process(_in_process_sweep, path, engine_kwargs(entry), threads, levels, _workload_fields(args))
+    def __init__(self, path: str, entry: dict[str, Any], args):
+        ctx = mp.get_context("spawn")
+        threads = max(1, int(round(entry["resources_per_shard"].get("CPU", 1))))
+        self._commands, self._out = ctx.Queue(), ctx.Queue()
+        self._process = ctx.Process(target=_in_process_levels, daemon=True, args=(
+            path, engine_kwargs(entry), threads, _workload_fields(args), self._commands, self._out))
+        self._process.start()
+        self._wait()
+
+    def __enter__(self) -> "InProcessBaseline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def run_level(self, level: int) -> dict[str, Any]:
+        self._commands.put(level)
+        return self._wait()
+
+    async def level(self, level: int) -> dict[str, Any]:
+        """run_level from an event loop (the wait is in a thread)."""
+        report = await asyncio.to_thread(self.run_level, level)
+        log(f"in-process c={level}: {report['tokens_per_s']} tok/s, ttft p50 {report['ttft_p50_ms']} ms")
+        return report
+
+    def close(self) -> None:
+        self._commands.put(None)
+        self._process.join(timeout=60)
+        if self._process.is_alive():
+            self._process.kill()
+
+    @classmethod
+    def unless_skipped(cls, path: str, entry: dict[str, Any], args):
+        """The baseline as a context, or a context of None with --skip-in-process."""
+        if args.skip_in_process:
+            return contextlib.nullcontext(None)
+        log("starting the in-process baseline ...")
+        return cls(path, entry, args)
+
+    def _wait(self) -> Any:
+        while True:
+            try:
+                return self._out.get(timeout=5)
+            except queue.Empty:
+                if not self._process.is_alive():
+                    raise RuntimeError(f"the in-process baseline exited ({self._process.exitcode})") from None
 
 
 # ---- served ---------------------------------------------------------------------------------------------------
@@ -354,15 +407,19 @@ def own_cpus_kept() -> Iterator[None]:
 
 
 def _run_self_hosted(args, levels: list[int], path: str, report: dict[str, Any]) -> tuple[list, dict]:
+    entry = model_entry(path, args)
+    report["engine"] = {k: v for k, v in engine_kwargs(entry).items() if k != "show_progress"}
+    # Before anything below places this process (and so its children) on CPUs.
+    with InProcessBaseline.unless_skipped(path, entry, args) as baseline:
+        return _serve_and_sweep(args, levels, path, report, entry, baseline)
+
+
+def _serve_and_sweep(args, levels: list[int], path: str, report: dict[str, Any], entry: dict[str, Any],
+                     baseline: Optional[InProcessBaseline]) -> tuple[list, dict]:
     from cluster.app import APP_NAME, deployment_name
     from cluster.config import ModelDeploymentConfig
 
-    entry = model_entry(path, args)
-    report["engine"] = {k: v for k, v in engine_kwargs(entry).items() if k != "show_progress"}
-    local = None
-    if not args.skip_in_process:
-        log(f"in-process sweep {levels} ...")
-        local = in_process_sweep(path, entry, levels, args)
+    local: Optional[dict[int, dict[str, Any]]] = {} if baseline is not None else None
     models = [entry]
     capped = None
     if args.overload:
@@ -399,6 +456,8 @@ def _run_self_hosted(args, levels: list[int], path: str, report: dict[str, Any])
             served = {}
             cpu_groups = serve_process_pids(BENCH_MODEL)
             for level in levels:  # one level at a time, so the timeline can name its phases
+                if baseline is not None:  # its baseline right before it: the machine of the same minute
+                    local[level] = await baseline.level(level)
                 start = sampler.now() if sampler else 0.0
                 served.update(await served_sweep(target, [level], args, vocab, in_flight, cpu_groups))
                 phases.append((f"c={level}", start, sampler.now() if sampler else 0.0))
@@ -457,19 +516,22 @@ def _autoscale_report(tl, args) -> dict[str, Any]:
 
 
 def _run_external(args, levels: list[int]) -> tuple[list, dict]:
-    async def drive():
+    async def drive(baseline: Optional[InProcessBaseline]):
         target = AioTarget(args.address, args.served_model, api_key=args.api_key)
         info = await target.wait_ready()
         await warm_up(target, args, info.vocab_size)
-        served = await served_sweep(target, levels, args, info.vocab_size, [0])
+        served, local = {}, ({} if baseline is not None else None)
+        for level in levels:
+            if baseline is not None:
+                local[level] = await baseline.level(level)
+            served.update(await served_sweep(target, [level], args, info.vocab_size, [0]))
         await target.close()
-        return served
+        return served, local
 
-    served = asyncio.run(drive())
-    local = None
-    if args.model and not args.skip_in_process:
-        entry = model_entry(args.model, args)
-        local = in_process_sweep(args.model, entry, levels, args)
+    baseline = (InProcessBaseline.unless_skipped(args.model, model_entry(args.model, args), args) if args.model
+                else contextlib.nullcontext(None))
+    with baseline as b:
+        served, local = asyncio.run(drive(b))
     return merge_levels(levels, served, local, args), {}
 
 
