@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import typing
 
 import pytest
 
@@ -100,9 +101,13 @@ def test_cpu_lists_are_written_as_linux_reads_them(cpus, text):
         assert parse_cpu_list(text) == cpus
 
 
-def test_the_config_key():
+def test_the_config_keys():
     cfg = ClusterConfig.from_dict({"models": [{"name": "a", "path": "/x"}]})
     assert cfg.cpu_binding == cpu_binding.DEFAULT_CPU_BINDING == "auto"
+    assert typing.get_args(ClusterConfig.model_fields["cpu_binding"].annotation) == cpu_binding.CPU_BINDING_MODES
+    assert cfg.cpu_binding_serving_cpus == cpu_binding.DEFAULT_SERVING_CPUS == 2
+    with pytest.raises(ConfigError, match="cpu_binding_serving_cpus"):
+        ClusterConfig.from_dict({"cpu_binding_serving_cpus": 0, "models": [{"name": "a", "path": "/x"}]})
     assert ClusterConfig.from_dict({"cpu_binding": "off", "models": [{"name": "a", "path": "/x"}]}).cpu_binding == "off"
     with pytest.raises(ConfigError, match="cpu_binding"):
         ClusterConfig.from_dict({"cpu_binding": "on", "models": [{"name": "a", "path": "/x"}]})
