@@ -21,10 +21,9 @@ separate process, with the engine settings the served replica gets from its Mode
 thread count its CPU reservation gives it; it loads once, and runs each level right before the served side
 runs it (the served cluster idle meanwhile), so that both see the machine of the same minute. Self-hosted, the
 processes are placed as a local `herd serve` places them (`--cpu-binding`, cluster.cpu_binding); the baseline's
-process is started before that, and runs on any CPU.
-Self-hosted, each level also reports `cpu_cores`: the cores used
-by the model replica, the ingress, Serve's proxy and controller, the bench's clients and the rest of the
-machine while it ran (where the machine's CPU goes when the served path is slower than the engine alone).
+process is started before that, and runs on any CPU. Self-hosted, each level also reports `cpu_cores`: the
+cores used by the model replica, the ingress, Serve's proxy and controller, the bench's clients and the rest of
+the machine while it ran (where the machine's CPU goes when the served path is slower than the engine alone).
 
 With `--overload` a second model with a small capacity (max_num_seqs 2, queues 2 + 2) is served beside it, and
 the rejections' latency (call to RESOURCE_EXHAUSTED) is measured two ways (`overload()`): sustained, new
