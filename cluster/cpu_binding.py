@@ -122,7 +122,9 @@ def plan(models: Iterable, allowed: Iterable[int], mode: str = DEFAULT_CPU_BINDI
             continue
         cores, free = free[:need], free[need:]
         engines[model.name] = format_cpus(cores)
-    if not free or not (engines or taken & allowed):  # nothing to bind, or nothing left to serve on
+    # Nothing to bind; or models' own lists leave the serving path fewer CPUs than it keeps (then it stays on
+    # every CPU, as without binding).
+    if len(free) < serving_cpus or not (engines or taken & allowed):
         return CpuBinding(serving=allowed, unbound=unbound, active=False)
     return CpuBinding(serving=frozenset(free), engines=engines, floating=floating, unbound=unbound)
 

@@ -90,6 +90,11 @@ def test_nothing_to_bind():
     assert cpu_binding.plan(_models({"name": "a"}), {0, 1, 2}).engines == {"a": "2"}
     assert not cpu_binding.plan(_models({"name": "a", "num_replicas": 2}), {0, 1}).active
     assert not cpu_binding.plan(_models({"name": "own", "engine_cpu_cores": "0-1"}), {0, 1}).active  # all taken
+    # A model's own list that leaves the serving path fewer CPUs than it keeps moves nothing...
+    assert not cpu_binding.plan(_models({"name": "own", "engine_cpu_cores": "1"}), {0, 1}).active
+    # ... unless the serving path is to keep fewer.
+    own = cpu_binding.plan(_models({"name": "own", "engine_cpu_cores": "1"}), {0, 1}, serving_cpus=1)
+    assert own.active and own.serving == {0} and own.engines == {}
     with pytest.raises(ValueError, match="cpu_binding must be one of"):
         cpu_binding.plan(_models({"name": "a"}), {0, 1}, "always")
 
