@@ -488,20 +488,17 @@ def bind_cpus(models: list[dict[str, Any]], mode: str, serving_cpus: int) -> dic
     from cluster import cpu_binding
     from cluster.config import ModelDeploymentConfig
 
-    binding = cpu_binding.plan([ModelDeploymentConfig(**m) for m in models], cpu_binding.allowed_cpus(), mode,
-                               serving_cpus)
+    binding = cpu_binding.bind_this_process([ModelDeploymentConfig(**m) for m in models], mode, serving_cpus,
+                                            say=lambda line: log(f"CPU binding: {line}"))
     if binding is None:
         return {"mode": mode, "applied": False}
-    for line in binding.lines():
-        log(f"CPU binding: {line}")
-    if binding.active:
-        os.sched_setaffinity(0, binding.serving)
-        cores = {**binding.floating, **binding.engines}
-        for m in models:
-            if m["name"] in cores:
-                m["engine_cpu_cores"] = cores[m["name"]]
+    cores = binding.engine_cpu_cores
+    for m in models:
+        if m["name"] in cores:
+            m["engine_cpu_cores"] = cores[m["name"]]
     return {"mode": mode, "serving_cpus_min": serving_cpus, "applied": binding.active,
-            "serving": cpu_binding.format_cpus(binding.serving), "engines": binding.engines, "floating": binding.floating, "unbound": binding.unbound}
+            "serving": cpu_binding.format_cpus(binding.serving), "engines": binding.engines,
+            "floating": binding.floating, "unbound": binding.unbound}
 
 
 def _autoscale_report(tl, args) -> dict[str, Any]:

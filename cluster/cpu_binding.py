@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 CPU_BINDING_MODES = ("auto", "off")
 DEFAULT_CPU_BINDING = "auto"
@@ -51,6 +51,12 @@ class CpuBinding:
     unbound: dict[str, str] = field(default_factory=dict)      # model name -> why it was not bound
     active: bool = True        # False: nothing moves, every process stays where the OS puts it
 
+    @property
+    def engine_cpu_cores(self) -> dict[str, str]:
+        """The engine_cpu_cores of each model the binding places: a bound one's cores, an unbound one's every CPU
+        (its engine process would otherwise inherit the serving CPUs)."""
+        return {**self.floating, **self.engines} if self.active else {}
+
     def lines(self) -> list[str]:
         """What the plan does, for the start-up output."""
         if not self.active:
@@ -68,10 +74,14 @@ def engine_threads(resources_per_shard: dict[str, float]) -> int:
     return max(1, int(resources_per_shard.get("CPU", 1)))
 
 
+def _on_gpu(model) -> bool:
+    return model.resources_per_shard.get("GPU", 0) > 0
+
+
 def _computes_in_ray_workers(model) -> Optional[str]:
     """Why a CPU model's arithmetic runs in Ray's own worker processes (which would share the serving CPUs), or
     None when it runs in an engine process or on a GPU."""
-    if model.resources_per_shard.get("GPU", 0) > 0:
+    if _on_gpu(model):
         return None
     if model.num_shards > 1:
         return "a tensor x pipeline parallel group computes in Ray actors, which would share the serving CPUs"
@@ -110,7 +120,7 @@ def plan(models: Iterable, allowed: Iterable[int], mode: str = DEFAULT_CPU_BINDI
     floating: dict[str, str] = {}
     unbound: dict[str, str] = {}
     for model in models:
-        if model.engine_cpu_cores or model.resources_per_shard.get("GPU", 0) > 0:  # placed already / GPU work
+        if model.engine_cpu_cores or _on_gpu(model):  # placed already / GPU work
             continue
         why = _why_not_bound(model)
         need = engine_threads(model.resources_per_shard)
@@ -129,11 +139,26 @@ def plan(models: Iterable, allowed: Iterable[int], mode: str = DEFAULT_CPU_BINDI
     return CpuBinding(serving=frozenset(free), engines=engines, floating=floating, unbound=unbound)
 
 
-def apply(binding: CpuBinding, cfg):
-    """Move this process (and so the Ray it is about to start) onto the serving CPUs; the config with each bound
-    or floating model's engine_cpu_cores set. Call before the local Ray starts."""
-    os.sched_setaffinity(0, binding.serving)
-    cores = {**binding.floating, **binding.engines}
+def bind_this_process(models: Iterable, mode: str, serving_cpus: int,
+                      say: Callable[[str], None]) -> Optional[CpuBinding]:
+    """plan() on the CPUs this process may use; `say` each of its lines (unless it is off, or does nothing a line
+    is worth); when it is active, move this process, and so the Ray it is about to start, onto the serving CPUs.
+    The caller then gives each model its CpuBinding.engine_cpu_cores."""
+    binding = plan(models, allowed_cpus(), mode, serving_cpus)
+    if binding is None or not binding.active and not binding.unbound:
+        return binding
+    for line in binding.lines():
+        say(line)
+    if binding.active:
+        os.sched_setaffinity(0, binding.serving)
+    return binding
+
+
+def with_engine_cpu_cores(cfg, binding: Optional[CpuBinding]):
+    """The ClusterConfig with each model the binding places given its engine_cpu_cores (a copy; `cfg` is kept)."""
+    cores = binding.engine_cpu_cores if binding is not None else {}
+    if not cores:
+        return cfg
     models = [m.model_copy(update={"engine_cpu_cores": cores[m.name]}) if m.name in cores else m
               for m in cfg.models]
     return cfg.model_copy(update={"models": models})

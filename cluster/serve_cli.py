@@ -167,12 +167,9 @@ def bind_cpus(cfg):
     """Apply the config's cpu_binding (cluster.cpu_binding) before the local Ray starts; the config to serve."""
     from cluster import cpu_binding
 
-    binding = cpu_binding.plan(cfg.models, cpu_binding.allowed_cpus(), cfg.cpu_binding, cfg.cpu_binding_serving_cpus)
-    if binding is None or not binding.active and not binding.unbound:  # off, or nothing worth a line
-        return cfg
-    for line in binding.lines():
-        print(f"herd: CPU binding: {line}", file=sys.stderr)
-    return cpu_binding.apply(binding, cfg) if binding.active else cfg
+    binding = cpu_binding.bind_this_process(cfg.models, cfg.cpu_binding, cfg.cpu_binding_serving_cpus,
+                                            say=lambda line: print(f"herd: CPU binding: {line}", file=sys.stderr))
+    return cpu_binding.with_engine_cpu_cores(cfg, binding)
 
 
 def _logs_dir() -> str | None:

@@ -118,21 +118,33 @@ def test_the_config_keys():
         ClusterConfig.from_dict({"cpu_binding": "on", "models": [{"name": "a", "path": "/x"}]})
 
 
-def test_apply_moves_this_process_and_sets_the_models_cores():
-    """In a child process (moving the test process would slow the rest of the suite)."""
+def test_each_placed_model_gets_its_cores_in_a_copy_of_the_config():
+    cfg = ClusterConfig.from_dict({"models": [{"name": "a", "path": "/x", "num_replicas": 1},
+                                              {"name": "b", "path": "/y", "num_replicas": 2},
+                                              {"name": "c", "path": "/z", "resources_per_shard": {"GPU": 1}}]})
+    binding = cpu_binding.CpuBinding(serving=frozenset({0}), engines={"a": "5"}, floating={"b": "0-5"})
+    out = cpu_binding.with_engine_cpu_cores(cfg, binding)
+    assert [m.engine_cpu_cores for m in out.models] == ["5", "0-5", None]
+    assert [m.engine_cpu_cores for m in cfg.models] == [None, None, None]  # the given config is not changed
+    inactive = cpu_binding.CpuBinding(serving=frozenset({0}), unbound={"a": "why"}, active=False)
+    assert cpu_binding.with_engine_cpu_cores(cfg, inactive) is cfg and cpu_binding.with_engine_cpu_cores(cfg, None) is cfg
+
+
+def test_bind_this_process_moves_it_onto_the_serving_cpus():
+    """In a child process (moving the test process would slow the rest of the suite). Its CPUs are this one's
+    lowest plus a made-up one above it, which the plan gives the engine: the child ends up on the lowest."""
     code = """
 import os
 from cluster import cpu_binding
 from cluster.config import ClusterConfig
-cfg = ClusterConfig.from_dict({"models": [{"name": "a", "path": "/x", "num_replicas": 1},
-                                          {"name": "b", "path": "/y", "num_replicas": 2}]})
-serving = min(os.sched_getaffinity(0))
-binding = cpu_binding.CpuBinding(serving=frozenset({serving}), engines={"a": "5"}, floating={"b": "0-5"})
-out = cpu_binding.apply(binding, cfg)
-print(sorted(os.sched_getaffinity(0)) == [serving], out.models[0].engine_cpu_cores, out.models[1].engine_cpu_cores,
-      cfg.models[0].engine_cpu_cores)
+low = min(os.sched_getaffinity(0))
+cpu_binding.allowed_cpus = lambda: frozenset({low, low + 1000})
+cfg = ClusterConfig.from_dict({"models": [{"name": "a", "path": "/x", "num_replicas": 1}]})
+said = []
+binding = cpu_binding.bind_this_process(cfg.models, "auto", 1, said.append)
+print(sorted(os.sched_getaffinity(0)) == [low], binding.engine_cpu_cores == {"a": str(low + 1000)}, len(said))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["True", "5", "0-5", "None"]  # the given config is not changed
+    assert out.stdout.split() == ["True", "True", "2"]  # the engine's line and the serving path's
