@@ -95,6 +95,12 @@ def served_model(model) -> ServedModel:
                        autoscaling=model.autoscaling_config is not None)
 
 
+# How often a stopping replica looks whether its streams have ended. Serve sleeps this long before it first
+# looks (2 s by default), so an idle replica being scaled down or redeployed held its CPUs/GPUs (and the
+# engine's memory) 2 s for nothing; counting a Python int every 0.25 s costs nothing.
+GRACEFUL_SHUTDOWN_WAIT_LOOP_S = 0.25
+
+
 def model_deployment_options(model) -> dict[str, Any]:
     tp, pp = model.tensor_parallel_size, model.pipeline_parallel_size
     shard = dict(model.resources_per_shard)
@@ -103,6 +109,7 @@ def model_deployment_options(model) -> dict[str, Any]:
         "max_ongoing_requests": model.effective_max_ongoing_requests,
         "max_queued_requests": model.effective_serve_max_queued_requests,
         "graceful_shutdown_timeout_s": model.graceful_shutdown_timeout_s,
+        "graceful_shutdown_wait_loop_s": GRACEFUL_SHUTDOWN_WAIT_LOOP_S,
         "health_check_period_s": model.health_check_period_s,
         "health_check_timeout_s": model.health_check_timeout_s,
         "request_router_config": {
@@ -149,6 +156,7 @@ def ingress_deployment_options(cfg: ClusterConfig) -> dict[str, Any]:
         "max_ongoing_requests": cfg.effective_ingress_max_ongoing_requests,
         "max_queued_requests": cfg.ingress_max_queued_requests,
         "graceful_shutdown_timeout_s": max(m.graceful_shutdown_timeout_s for m in cfg.models),
+        "graceful_shutdown_wait_loop_s": GRACEFUL_SHUTDOWN_WAIT_LOOP_S,
     }
     if cfg.ingress_autoscaling is not None:
         autoscaling = cfg.ingress_autoscaling.model_dump(exclude_none=True)

@@ -317,6 +317,21 @@ def test_whole_model_replica_reserves_its_shard_and_autoscales_with_the_llm_poli
     assert opts["graceful_shutdown_timeout_s"] > 0
 
 
+def test_stopping_replicas_look_for_the_end_of_their_streams_sooner_than_serves_2s():
+    """Serve sleeps graceful_shutdown_wait_loop_s before a stopping replica first counts its requests: an idle
+    model or ingress replica being scaled down must not hold its resources for Serve's default 2 s."""
+    from ray.serve._private.config import DeploymentConfig
+
+    from cluster.app import GRACEFUL_SHUTDOWN_WAIT_LOOP_S, ingress_deployment_options, model_deployment_options
+
+    cfg = _cfg()
+    serve_default = DeploymentConfig().graceful_shutdown_wait_loop_s
+    assert GRACEFUL_SHUTDOWN_WAIT_LOOP_S < serve_default
+    for opts in [ingress_deployment_options(cfg)] + [model_deployment_options(m) for m in cfg.models]:
+        assert opts["graceful_shutdown_wait_loop_s"] == GRACEFUL_SHUTDOWN_WAIT_LOOP_S
+        assert opts["graceful_shutdown_timeout_s"] > opts["graceful_shutdown_wait_loop_s"]
+
+
 def test_serve_start_options():
     from cluster.app import GRPC_SERVICER_FUNCTIONS, serve_start_options
 
