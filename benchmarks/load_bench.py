@@ -5,6 +5,7 @@
     herd bench load --overload                        # + the past-capacity figure (rejection latency)
     herd bench load --autoscale                       # the model autoscaled 1..2, replica count over time
     herd bench load --address HOST:PORT [--model PATH] # drive a running cluster (in-process only with --model)
+    herd bench load --engine-hop-only                 # the replica's engine client alone: no Serve, no gRPC
 
 At every concurrency level C, C streams stay in flight (closed loop) until `--requests-per-level` requests
 finished (default max(4·C, 64): each stream runs about four requests back to back, so a level measures the
@@ -25,6 +26,11 @@ process is started before that, and runs on any CPU. Self-hosted, each level als
 cores used by the model replica, the ingress, Serve's proxy and controller, the bench's clients and the rest of
 the machine while it ran (where the machine's CPU goes when the served path is slower than the engine alone).
 
+With `--engine-hop-only` the served side is only the hop a model replica itself makes: the engine client its
+replica streams from (cluster.deployment.load_engine: the engine process, its two pipes, the stream pacing),
+driven from this process's event loop, with no Ray, Serve, ingress or gRPC in front. Beside a full run it
+splits the gap to in-process between the engine hop and the serving path in front of it.
+
 With `--overload` a second model with a small capacity (max_num_seqs 2, queues 2 + 2) is served beside it, and
 the rejections' latency (call to RESOURCE_EXHAUSTED) is measured two ways (`overload()`): sustained, new
 requests arriving at `--overload-rate`/s while the model is kept full (the "past capacity" figure), and a burst
@@ -43,6 +49,7 @@ import multiprocessing as mp
 import os
 import queue
 import subprocess
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -175,6 +182,11 @@ def _workload_fields(args) -> dict[str, Any]:
     return {k: getattr(args, k) for k in ("prompt_tokens", "max_tokens", "requests_per_level", "seed")}
 
 
+def replica_threads(entry: dict[str, Any]) -> int:
+    """Torch threads a replica of this model entry computes with: Ray sets OMP_NUM_THREADS to its CPU reservation."""
+    return max(1, int(round(entry["resources_per_shard"].get("CPU", 1))))
+
+
 class InProcessBaseline:
     """The same requests through `workers.Engine` in a process of its own, started before anything is placed on
     CPUs (it runs wherever the OS puts it, alone) and asked for one level at a time: each level's baseline
@@ -183,7 +195,7 @@ class InProcessBaseline:
 
     def __init__(self, path: str, entry: dict[str, Any], args):
         ctx = mp.get_context("spawn")
-        threads = max(1, int(round(entry["resources_per_shard"].get("CPU", 1))))
+        threads = replica_threads(entry)
         self._commands, self._out = ctx.Queue(), ctx.Queue()
         self._process = ctx.Process(target=_in_process_levels, daemon=True, args=(
             path, engine_kwargs(entry), threads, _workload_fields(args), self._commands, self._out))
@@ -340,11 +352,11 @@ def target_check(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def plot_sweep(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
+def plot_sweep(rows: list[dict[str, Any]], path: Path, title: str, served_label: str = "served (gRPC)") -> Path:
     plt = pyplot()
     c = [r["concurrency"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.3), dpi=110)
-    ax1.plot(c, [r["served"]["tokens_per_s"] for r in rows], "o-", color="#1f5fa8", label="served (gRPC)")
+    ax1.plot(c, [r["served"]["tokens_per_s"] for r in rows], "o-", color="#1f5fa8", label=served_label)
     if all("in_process" in r for r in rows):
         ax1.plot(c, [r["in_process"]["tokens_per_s"] for r in rows], "s--", color="#555", label="in-process Engine")
     ax1.set(xlabel="concurrent streams", ylabel="generated tokens / s", title="throughput")
@@ -371,25 +383,117 @@ def git_commit() -> Optional[str]:
         return None
 
 
+@contextlib.contextmanager
+def env_set(name: str, value: str) -> Iterator[None]:
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
+# ---- the engine hop alone (--engine-hop-only) ------------------------------------------------------------------
+class EngineHopTarget:
+    """A model replica's own engine client (what ModelServer streams from), called from this event loop: the
+    served path without Ray, Serve, the ingress or gRPC. Its errors are the engine's typed ones, named here by
+    the gRPC status the ingress would give them."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    async def generate(self, prompt: list[int], max_tokens: int, *, timeout_s: float = 120.0,
+                       t0: float = 0.0) -> StreamResult:
+        from cluster.errors import to_api_error
+        from workers import SamplingParams
+
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        start = time.perf_counter()
+        res = StreamResult(start=start - t0)
+
+        async def consume() -> None:
+            last = None
+            async for d in self.engine.generate(prompt, params):
+                now = time.perf_counter() - start
+                res.on_chunk(now, len(d.token_ids), last)
+                last = now if d.token_ids else last
+
+        try:
+            await asyncio.wait_for(consume(), timeout_s)
+        except asyncio.TimeoutError:
+            res.code = "DEADLINE_EXCEEDED"
+        except Exception as e:  # noqa: BLE001 - the engine's typed errors, as a client would see them
+            res.code = to_api_error(e).code
+        res.latency_s = time.perf_counter() - start
+        return res
+
+
+def _run_engine_hop(args, levels: list[int], path: str, report: dict[str, Any]) -> tuple[list, dict]:
+    """The served side as one replica's engine client alone (module doc), placed as cpu_binding places a
+    replica's engine; this process, the event loop its streams are read in, stands for the serving path."""
+    from cluster.app import model_spec
+    from cluster.config import ModelDeploymentConfig
+    from cluster.deployment import load_engine
+
+    entry = model_entry(path, args)
+    report["engine"] = {k: v for k, v in engine_kwargs(entry).items() if k != "show_progress"}
+    with InProcessBaseline.unless_skipped(path, entry, args) as baseline:
+        if args.engine_cpu_cores is None:
+            report["cpu_binding"] = bind_cpus([entry], args.cpu_binding, args.cpu_binding_serving_cpus)
+        spec = model_spec(ModelDeploymentConfig(**entry))
+        log("loading the replica's engine client ...")
+        # The thread count a replica's engine gets from Ray's OMP_NUM_THREADS (an engine process inherits it).
+        with env_set("OMP_NUM_THREADS", str(replica_threads(entry))):
+            engine = load_engine(spec)
+        report["engine_process"] = hasattr(engine, "pid")
+        cpu_groups = {"bench_client": [os.getpid()]}
+        if hasattr(engine, "pid"):
+            cpu_groups["engine_process"] = [engine.pid]
+        try:
+            served, local = asyncio.run(levels_beside_baseline(
+                EngineHopTarget(engine), levels, args, engine.vocab_size, baseline, cpu_groups))
+        finally:
+            engine.shutdown()
+    return merge_levels(levels, served, local, args), {}
+
+
 # ---- the run --------------------------------------------------------------------------------------------------
 def run(args) -> int:
     levels = parse_levels(args.concurrency)
+    if args.engine_hop_only:
+        clash = [flag for flag, given in (("--address", args.address), ("--autoscale", args.autoscale),
+                                          ("--overload", args.overload),
+                                          ("--serving-cpu-cores", args.serving_cpu_cores)) if given]
+        if clash:
+            print(f"herd bench load: --engine-hop-only runs no cluster; it does not go with {', '.join(clash)}",
+                  file=sys.stderr)
+            return 2
     report: dict[str, Any] = {"bench": "load", "commit": git_commit(), "concurrency": levels,
                               "workload": {**_workload_fields(args), "timeout_s": args.timeout_s}}
     with demo_checkpoint(args.shape, None if args.address else args.model) as path:
         if args.address:
             report.update(mode="external", address=args.address, model=args.served_model)
             rows, extra = _run_external(args, levels)
+        elif args.engine_hop_only:
+            report.update(mode="engine-hop", checkpoint=args.model or f"demo:{args.shape}",
+                          replica_cpus=args.replica_cpus)
+            with own_cpus_kept():
+                rows, extra = _run_engine_hop(args, levels, path, report)
         else:
             report.update(mode="self-hosted", checkpoint=args.model or f"demo:{args.shape}",
                           replica_cpus=args.replica_cpus)
             with own_cpus_kept():
                 rows, extra = _run_self_hosted(args, levels, path, report)
     report["levels"] = rows
-    report["target"] = target_check(rows)
+    report["target"] = target_check(rows) if not args.engine_hop_only else {
+        "measured": False, "why": "--engine-hop-only: the target is the served path's, which this run leaves out"}
     report.update(extra)
     title = f"herd bench load: {report.get('checkpoint') or args.served_model}"
-    report["png"] = str(plot_sweep(rows, figure_path(args.out, "load_bench.png"), title))
+    served_label = "engine hop (no Serve, no gRPC)" if args.engine_hop_only else "served (gRPC)"
+    report["png"] = str(plot_sweep(rows, figure_path(args.out, "load_bench.png"), title, served_label))
     write_report(report, args.out, "load_bench.json")
     return 0
 
@@ -511,18 +615,27 @@ def _autoscale_report(tl, args) -> dict[str, Any]:
             "timeline": asdict(tl)}
 
 
+async def levels_beside_baseline(target, levels: list[int], args, vocab: int,
+                                 baseline: Optional[InProcessBaseline],
+                                 cpu_groups: Optional[dict[str, list[int]]] = None) -> tuple[dict, Optional[dict]]:
+    """Warm up, then each level served, each right after its in-process baseline (when there is one)."""
+    await warm_up(target, args, vocab)
+    served, local = {}, ({} if baseline is not None else None)
+    for level in levels:
+        if baseline is not None:
+            local[level] = await baseline.level(level)
+        served.update(await served_sweep(target, [level], args, vocab, [0], cpu_groups))
+    return served, local
+
+
 def _run_external(args, levels: list[int]) -> tuple[list, dict]:
     async def drive(baseline: Optional[InProcessBaseline]):
         target = AioTarget(args.address, args.served_model, api_key=args.api_key)
         info = await target.wait_ready()
-        await warm_up(target, args, info.vocab_size)
-        served, local = {}, ({} if baseline is not None else None)
-        for level in levels:
-            if baseline is not None:
-                local[level] = await baseline.level(level)
-            served.update(await served_sweep(target, [level], args, info.vocab_size, [0]))
-        await target.close()
-        return served, local
+        try:
+            return await levels_beside_baseline(target, levels, args, info.vocab_size, baseline)
+        finally:
+            await target.close()
 
     baseline = (InProcessBaseline.unless_skipped(args.model, model_entry(args.model, args), args) if args.model
                 else contextlib.nullcontext(None))
@@ -595,6 +708,9 @@ def register_bench(bench_sub) -> None:
                    help="--overload: arrivals per second while the capped model is kept full")
     p.add_argument("--overload-s", type=float, default=10.0, help="--overload: seconds of sustained arrivals")
     p.add_argument("--skip-in-process", action="store_true", help="no in-process baseline")
+    p.add_argument("--engine-hop-only", action="store_true",
+                   help="the served side is the replica's engine client alone, driven from this process (no Ray, "
+                        "Serve or gRPC): how much of the gap is the engine hop")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="folder for load_bench.json and the PNGs (default: JSON to stdout, "
                                                "PNGs to the current folder)")

@@ -145,14 +145,33 @@ def prompt_logprobs_to_wire(prompt_token_ids: list[int], logprobs: list[dict[int
 _SCHEDULED_AT = "_scheduled_at"
 
 
+def runs_engine_process(spec: ModelSpec) -> bool:
+    """A replica of `spec` runs its engine in a process of its own (workers.engine_process): a whole model with
+    engine_process on. A TP x PP group's driver stays in the replica, whose Ray context its shard actors need."""
+    return spec.engine_process and spec.tensor_parallel_size * spec.pipeline_parallel_size == 1
+
+
+def load_engine(spec: ModelSpec):
+    """The engine a replica of `spec` streams from (blocks while the model loads): an EngineProcessClient or an
+    AsyncEngine (runs_engine_process), with the spec's stream pacing. `herd bench load --engine-hop-only`
+    drives the very same object."""
+    from workers import AsyncEngine
+    from workers.engine_process import EngineProcessClient
+    from workers.stream_pacing import StreamPacing
+
+    if runs_engine_process(spec):
+        front, where = EngineProcessClient, {"cpu_cores": spec.engine_cpu_cores}
+    else:
+        front, where = AsyncEngine, {}
+    return front.from_pretrained(
+        spec.path, tensor_parallel_size=spec.tensor_parallel_size, pipeline_parallel_size=spec.pipeline_parallel_size,
+        dtype=spec.dtype, pacing=StreamPacing(**spec.stream_pacing), **where, **spec.engine_args)
+
+
 class ModelServer:
     """A Serve replica serving one model with herd's engine, as `spec` says (built by cluster.app)."""
 
     async def __init__(self, spec: ModelSpec):
-        from workers import AsyncEngine
-        from workers.engine_process import EngineProcessClient
-        from workers.stream_pacing import StreamPacing
-
         # An engine thread in this process shares its GIL with Serve's and Ray's Python threads (streaming each
         # message out); it releases the GIL in every torch op and, at Python's default 5 ms switch interval,
         # can wait that long to get it back. A shorter interval hands it back sooner. (An engine process has a
@@ -164,15 +183,11 @@ class ModelServer:
         install_request_id_logging()  # a request's log lines name its id (cluster.request_context)
         tracing.configure(spec.tracing, f"model-{self.name}")
         tp, pp = spec.tensor_parallel_size, spec.pipeline_parallel_size
-        front = EngineProcessClient if spec.engine_process and tp * pp == 1 else AsyncEngine
         log.info("model %s: loading %s (TP%d x PP%d, dtype %s%s) ...", self.name, spec.path, tp, pp, spec.dtype,
-                 ", engine in its own process" if front is EngineProcessClient else "")
+                 ", engine in its own process" if runs_engine_process(spec) else "")
         t0 = time.monotonic()
         # Blocking load in a thread: the replica's event loop stays responsive while weights load.
-        where = {"cpu_cores": spec.engine_cpu_cores} if front is EngineProcessClient else {}
-        self.engine = await asyncio.to_thread(
-            front.from_pretrained, spec.path, tensor_parallel_size=tp, pipeline_parallel_size=pp,
-            dtype=spec.dtype, pacing=StreamPacing(**spec.stream_pacing), **where, **spec.engine_args)
+        self.engine = await asyncio.to_thread(load_engine, spec)
         stats = self.engine.stats()
         log.info("model %s: loaded in %.1fs; max_model_len %d, %d KV blocks of %d tokens", self.name,
                  time.monotonic() - t0, self.engine.max_model_len, stats.kv_blocks_total, self.engine.block_size)

@@ -153,6 +153,36 @@ def test_load_bench_end_to_end(tmp_path):
     assert (tmp_path / "load_bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.timeout(240)
+def test_engine_hop_only_drives_the_replicas_engine_client_beside_the_baseline(tmp_path):
+    """--engine-hop-only: the served side is cluster.deployment.load_engine's client (an engine process here),
+    streamed from this process with no cluster; every level beside its in-process baseline, and no claim on
+    the served-path target."""
+    args = _parse(load_bench, ["load", "--engine-hop-only", "--concurrency", "1,4", "--requests-per-level", "6",
+                               "--prompt-tokens", "16", "--max-tokens", "6", "--out", str(tmp_path)])
+    cpus_before = os.sched_getaffinity(0)
+    assert args.func(args) == 0
+    report = json.loads((tmp_path / "load_bench.json").read_text())
+    assert report["mode"] == "engine-hop" and report["engine_process"] is True
+    assert report["target"]["measured"] is False
+    for row in report["levels"]:
+        _check_summary(row["served"])
+        _check_summary(row["in_process"])
+        assert row["served"]["tokens"] == row["in_process"]["tokens"] == 6 * 6
+        cores = row["served"]["cpu_cores"]
+        assert cores["engine_process"] > 0 and cores["machine"] >= cores["engine_process"]
+    assert os.sched_getaffinity(0) == cpus_before
+    assert (tmp_path / "load_bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("flag", [["--overload"], ["--autoscale"], ["--address", "127.0.0.1:1"],
+                                  ["--serving-cpu-cores", "0"]])
+def test_engine_hop_only_refuses_cluster_flags(flag, capsys):
+    args = _parse(load_bench, ["load", "--engine-hop-only", *flag])
+    assert args.func(args) == 2
+    assert flag[0] in capsys.readouterr().err
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_soak_bench_end_to_end(tmp_path):

@@ -317,6 +317,16 @@ def test_whole_model_replica_reserves_its_shard_and_autoscales_with_the_llm_poli
     assert opts["graceful_shutdown_timeout_s"] > 0
 
 
+def test_only_a_whole_model_replica_runs_its_engine_in_a_process():
+    from cluster.app import model_spec
+    from cluster.deployment import runs_engine_process
+
+    big, small = _cfg().models
+    assert runs_engine_process(model_spec(small))
+    assert not runs_engine_process(model_spec(big))  # a TP x PP driver needs the replica's Ray context
+    assert not runs_engine_process(model_spec(small.model_copy(update={"engine_process": False})))
+
+
 def test_stopping_replicas_look_for_the_end_of_their_streams_sooner_than_serves_2s():
     """Serve sleeps graceful_shutdown_wait_loop_s before a stopping replica first counts its requests: an idle
     model or ingress replica being scaled down must not hold its resources for Serve's default 2 s."""
