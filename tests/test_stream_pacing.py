@@ -71,4 +71,6 @@ def test_async_engine_paces_many_streams_with_the_same_tokens(tmp_path):
         assert sum((d.token_ids for d in p), []) == sum((d.token_ids for d in q), [])
         assert len(p[0].token_ids) == 1 and p[-1].finish_reason == "length"
     assert sum(len(p) for p in paced) < sum(len(q) for q in plain)
-    assert all(len(q) == 40 for q in plain)  # unpaced: a delta per token (nothing piled up at this size)
+    # Unpaced, the engine hands over every step's token; the caller merges only deltas that piled up while its
+    # loop was busy, which a loaded machine (tests running side by side) does make happen.
+    assert all(len(q) <= 40 for q in plain)
