@@ -436,7 +436,7 @@ def _run_engine_hop(args, levels: list[int], path: str, report: dict[str, Any]) 
     replica's engine; this process, the event loop its streams are read in, stands for the serving path."""
     from cluster.app import model_spec
     from cluster.config import ModelDeploymentConfig
-    from cluster.deployment import load_engine
+    from cluster.deployment import load_engine, runs_engine_process
 
     entry = model_entry(path, args)
     report["engine"] = {k: v for k, v in engine_kwargs(entry).items() if k != "show_progress"}
@@ -445,8 +445,13 @@ def _run_engine_hop(args, levels: list[int], path: str, report: dict[str, Any]) 
             report["cpu_binding"] = bind_cpus([entry], args.cpu_binding, args.cpu_binding_serving_cpus)
         spec = model_spec(ModelDeploymentConfig(**entry))
         log("loading the replica's engine client ...")
-        # The thread count a replica's engine gets from Ray's OMP_NUM_THREADS (an engine process inherits it).
-        with env_set("OMP_NUM_THREADS", str(replica_threads(entry))):
+        # The thread count a replica's engine gets from Ray's OMP_NUM_THREADS: an engine process inherits it; an
+        # engine thread (--no-engine-process) computes in this process.
+        threads = replica_threads(entry)
+        with env_set("OMP_NUM_THREADS", str(threads)):
+            if not runs_engine_process(spec):
+                import torch
+                torch.set_num_threads(threads)
             engine = load_engine(spec)
         report["engine_process"] = hasattr(engine, "pid")
         cpu_groups = {"bench_client": [os.getpid()]}

@@ -175,6 +175,26 @@ def test_engine_hop_only_drives_the_replicas_engine_client_beside_the_baseline(t
     assert (tmp_path / "load_bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.timeout(240)
+def test_engine_hop_only_with_the_engine_as_a_thread(tmp_path):
+    """--no-engine-process: the replica's AsyncEngine in the bench's own process (no engine process to count)."""
+    import torch
+
+    threads_before = torch.get_num_threads()
+    args = _parse(load_bench, ["load", "--engine-hop-only", "--no-engine-process", "--concurrency", "2",
+                               "--requests-per-level", "4", "--prompt-tokens", "16", "--max-tokens", "4",
+                               "--skip-in-process", "--out", str(tmp_path)])
+    try:
+        assert args.func(args) == 0
+        assert torch.get_num_threads() == 1   # the replica's {CPU: 1}
+    finally:
+        torch.set_num_threads(threads_before)
+    report = json.loads((tmp_path / "load_bench.json").read_text())
+    assert report["engine_process"] is False
+    [row] = report["levels"]
+    assert row["served"]["tokens"] == 4 * 4 and "engine_process" not in row["served"]["cpu_cores"]
+
+
 @pytest.mark.parametrize("flag", [["--overload"], ["--autoscale"], ["--address", "127.0.0.1:1"],
                                   ["--serving-cpu-cores", "0"]])
 def test_engine_hop_only_refuses_cluster_flags(flag, capsys):
