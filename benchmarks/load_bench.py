@@ -60,7 +60,7 @@ from benchmarks.bench_common import (BENCH_MODEL, AioTarget, LoopLag, ProcessCpu
                                      figure_path, local_ray, log, p50_p99_ms, pyplot, random_prompts,
                                      replica_counts, save_figure, serve_process_pids, start_herd,
                                      stream_summary, write_report)
-from cluster.cpu_binding import CPU_BINDING_MODES, DEFAULT_CPU_BINDING, DEFAULT_SERVING_CPUS
+from cluster.cpu_binding import CPU_BINDING_MODES, DEFAULT_CPU_BINDING, DEFAULT_SERVING_CPUS, engine_threads
 from cluster.local_ray import DEFAULT_SERVE_TRANSPORT, SERVE_TRANSPORTS
 
 CAPPED_MODEL = "bench-capped"
@@ -182,11 +182,6 @@ def _workload_fields(args) -> dict[str, Any]:
     return {k: getattr(args, k) for k in ("prompt_tokens", "max_tokens", "requests_per_level", "seed")}
 
 
-def replica_threads(entry: dict[str, Any]) -> int:
-    """Torch threads a replica of this model entry computes with: Ray sets OMP_NUM_THREADS to its CPU reservation."""
-    return max(1, int(round(entry["resources_per_shard"].get("CPU", 1))))
-
-
 class InProcessBaseline:
     """The same requests through `workers.Engine` in a process of its own, started before anything is placed on
     CPUs (it runs wherever the OS puts it, alone) and asked for one level at a time: each level's baseline
@@ -195,7 +190,7 @@ class InProcessBaseline:
 
     def __init__(self, path: str, entry: dict[str, Any], args):
         ctx = mp.get_context("spawn")
-        threads = replica_threads(entry)
+        threads = engine_threads(entry["resources_per_shard"])
         self._commands, self._out = ctx.Queue(), ctx.Queue()
         self._process = ctx.Process(target=_in_process_levels, daemon=True, args=(
             path, engine_kwargs(entry), threads, _workload_fields(args), self._commands, self._out))
@@ -447,15 +442,15 @@ def _run_engine_hop(args, levels: list[int], path: str, report: dict[str, Any]) 
         log("loading the replica's engine client ...")
         # The thread count a replica's engine gets from Ray's OMP_NUM_THREADS: an engine process inherits it; an
         # engine thread (--no-engine-process) computes in this process.
-        threads = replica_threads(entry)
+        threads, in_own_process = engine_threads(entry["resources_per_shard"]), runs_engine_process(spec)
         with env_set("OMP_NUM_THREADS", str(threads)):
-            if not runs_engine_process(spec):
+            if not in_own_process:
                 import torch
                 torch.set_num_threads(threads)
             engine = load_engine(spec)
-        report["engine_process"] = hasattr(engine, "pid")
+        report["engine_process"] = in_own_process
         cpu_groups = {"bench_client": [os.getpid()]}
-        if hasattr(engine, "pid"):
+        if in_own_process:
             cpu_groups["engine_process"] = [engine.pid]
         try:
             served, local = asyncio.run(levels_beside_baseline(
