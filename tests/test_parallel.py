@@ -354,11 +354,15 @@ class TestPlacementAcrossNodes:
         # Cluster records its address for address-less ray.init() calls; forget it so that no other test
         # process on this machine joins this cluster by accident.
         ray._common.utils.reset_ray_address()
-        cluster.add_node(num_cpus=1, resources={"fake_gpu": 4})
-        ray.init(address=cluster.address, log_to_driver=False)
-        yield cluster
-        ray.shutdown()
-        cluster.shutdown()
+        try:   # the cluster is ended even when a node fails to come up or the driver's shutdown fails
+            cluster.add_node(num_cpus=1, resources={"fake_gpu": 4})
+            ray.init(address=cluster.address, log_to_driver=False)
+            yield cluster
+        finally:
+            try:
+                ray.shutdown()
+            finally:
+                cluster.shutdown()
 
     @pytest.mark.parametrize("strategy", ["STRICT_PACK", "SPREAD"])
     def test_tp_group_packs_and_stages_spread(self, checkpoints, reference, strategy):
