@@ -291,6 +291,8 @@ def fault_summary(results: list[StreamResult], t_kill: float, deadline_s: float)
     longest = max((r.latency_s or 0 for r in results), default=0)
     return {
         "requests": len(results), "failed": len(errors), "errors": by_code,
+        # herd retries a request whose replica fails before its first token, so those should not fail at all
+        "failed_before_first_token": sum(1 for r in errors if r.ttft_s is None),
         "first_error_after_kill_s": round(ends[0] - t_kill, 3) if ends else None,
         "last_error_after_kill_s": round(ends[-1] - t_kill, 3) if ends else None,
         "error_window_s": round(ends[-1] - ends[0], 3) if ends else 0.0,
@@ -349,7 +351,8 @@ def run_fault(args) -> int:
                    "timeline": {"t": tl.t, "replicas": tl.replicas, "wanted": tl.wanted, "in_flight": tl.in_flight}})
     report["png"] = str(plot_timeline(tl, figure_path(args.out, "fault_bench.png"),
                                       "herd bench fault: one of 2 replicas killed under load"))
-    log(f"fault: {report['failed']} failed {report['errors']}, error window {report['error_window_s']} s, "
+    log(f"fault: {report['failed']} failed {report['errors']} ({report['failed_before_first_token']} before "
+        f"their first token), error window {report['error_window_s']} s, "
         f"replacement RUNNING after {report['replacement_running_after_s']} s")
     write_report(report, args.out, "fault_bench.json")
     return 0

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
+from cluster import unavailable_replicas
 from cluster.local_ray import DEFAULT_SERVE_TRANSPORT
 from cluster.cpu_binding import DEFAULT_CPU_BINDING, DEFAULT_SERVING_CPUS
 from workers.engine_config import EngineConfig, PlacementStrategy
@@ -121,6 +122,10 @@ class RouterConfig(_Strict):
         "a replica with waiting sequences and less than this fraction of KV blocks free is saturated"))
     max_filter_bytes: int = Field(4 << 20, ge=1024, description="largest Bloom-filter routing report a router accepts")
     routing_stats_period_s: float = Field(2.0, gt=0, description="seconds between replica routing-stat reports")
+    unavailable_ttl_s: float = Field(unavailable_replicas.DEFAULT_TTL_S, ge=0, le=unavailable_replicas.MAX_TTL_S,
+                                     description=(
+        "seconds a replica found unavailable (its stream broke, its engine is down) is left out of routing "
+        "while others remain, so a retry goes elsewhere (0: off)"))
 
 
 # The engine's own default batch size; the serving defaults derive from it.

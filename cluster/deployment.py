@@ -17,7 +17,9 @@ every one of them has had its chunk with a finish_reason.
 
 or, once and last, `{"error": {"code": "<gRPC code name>", "message": ..., "field": ...}}` when the request
 fails (cluster.errors). Errors travel as data, not exceptions: the engine's exceptions do not survive pickling
-into a RayTaskError with their fields, and the client must see the field name.
+into a RayTaskError with their fields, and the client must see the field name. An UNAVAILABLE error (the
+engine is down) also carries `"actor_id"`, this replica's Ray actor id, so the ingress's retry before the
+first token avoids this replica (cluster.unavailable_replicas): it fails fast and looks idle to the router.
 
 Each logprobs entry is `{"logprob": float, "top": [[token_id, logprob], ...]}` (the `sampling["logprobs"]`
 most likely tokens, most likely first) for the token at the same position in token_ids.
@@ -120,6 +122,16 @@ def _replica_id() -> str:
         return "local"
 
 
+def _actor_id() -> str | None:
+    """This replica's Ray actor id (hex), as Ray's actor errors name it; None outside an actor."""
+    import ray
+
+    try:
+        return ray.get_runtime_context().get_actor_id()
+    except Exception:  # noqa: BLE001 - Ray not initialised (unit tests)
+        return None
+
+
 def logprobs_to_wire(token_ids: list[int], logprobs: list[dict[int, float]] | None,
                      num_top: int) -> list[dict] | None:
     """Engine logprobs -> the stream's JSON-friendly form. The engine gives, per new token, {token_id: logprob}
@@ -180,6 +192,7 @@ class ModelServer:
         self.spec = spec
         self.name = spec.name
         self.replica_id = _replica_id()
+        self.actor_id = _actor_id()
         install_request_id_logging()  # a request's log lines name its id (cluster.request_context)
         tracing.configure(spec.tracing, f"model-{self.name}")
         tp, pp = spec.tensor_parallel_size, spec.pipeline_parallel_size
@@ -221,6 +234,8 @@ class ModelServer:
                         scheduled_at = scheduled
                     if "error" in chunk:
                         error = chunk["error"]["code"]
+                        if error == "UNAVAILABLE":
+                            chunk["error"]["actor_id"] = self.actor_id
                     else:
                         if first_token_at is None and chunk["token_ids"]:
                             first_token_at = last_at
@@ -269,6 +284,9 @@ class ModelServer:
                     if d.token_ids:
                         if last_token_at is None:
                             self.metrics.on_first_token(now - t_start)
+                            # Tokens that came merged with the first (the loop fell behind the engine) are gaps
+                            # of 0 s: every token after the first is one inter-token gap, as vLLM counts them.
+                            self.metrics.on_token(0.0, len(d.token_ids) - 1)
                         else:
                             self.metrics.on_token(now - last_token_at, len(d.token_ids))
                         last_token_at = now

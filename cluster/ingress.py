@@ -37,6 +37,7 @@ from cluster.grpc_status import StatusSet, install_status_log_filter
 from cluster.limits import InputLimits, LiveRequestIds
 from cluster.local_ray import DEFAULT_SERVE_TRANSPORT
 from cluster import tracing
+from cluster.unavailable_replicas import note_actor_unavailable, note_unavailable
 from cluster.request_context import (REQUEST_ID_HEADER, current_request_id, grpc_request_id,
                                      install_request_id_logging, outgoing_context, set_request_id)
 from cluster.openai_http import OpenAIRoutes, openai_app
@@ -328,8 +329,9 @@ class Frontend:
         (and so aborts the sequence and frees its KV blocks).
 
         A request whose replica turns out to be unavailable (it died, its engine is down) before any token
-        was streamed is sent once more, to whichever replica the router picks then: nothing reached the
-        client yet, so a replica restart under load costs clients nothing before their first token."""
+        was streamed is sent once more: nothing reached the client yet, so a replica restart under load costs
+        clients nothing before their first token. The router leaves the replica that failed out of that
+        second choice when another one is there (cluster.unavailable_replicas)."""
         for attempt in range(1 + RETRIES_BEFORE_FIRST_TOKEN):
             streamed = False
             try:
@@ -359,6 +361,8 @@ class Frontend:
             async for chunk in gen:
                 if "error" in chunk:
                     done = True
+                    if chunk["error"]["code"] == "UNAVAILABLE":  # its engine is down: the retry goes elsewhere
+                        note_actor_unavailable(chunk["error"].get("actor_id"))
                     raise ApiError.from_dict(chunk["error"])
                 yield chunk
                 if chunk["finish_reason"] is not None:
@@ -372,6 +376,7 @@ class Frontend:
             raise
         except Exception as e:  # noqa: BLE001 - Serve/Ray errors: back pressure, replica died, ...
             done = True
+            note_unavailable(e)  # a retry's routing leaves that replica out (cluster.unavailable_replicas)
             raise to_api_error(e) from None
         finally:
             if not done:

@@ -23,6 +23,8 @@ State per replica is bounded: the filter by `max_filter_bytes`, hash lists by `m
 
 The decision, per request (token ids = the request's first positional argument)
 -------------------------------------------------------------------------------
+- Replicas the ingress just found unavailable (a broken stream, or an answer that the engine is down) are
+  left out, unless that leaves none (`cluster.unavailable_replicas`: Serve's router learns of neither in time).
 - Score each candidate by the number of leading full blocks of the prompt it is known to hold, O(prompt
   blocks) whatever the cache size: the leading run of blocks its filter holds (a false positive can only
   lengthen a run now and then), or, from exact knowledge (routed history, list reports), the deepest block
@@ -69,6 +71,9 @@ from ray.serve.request_router import (
 
 from cluster import tracing
 from cluster.metrics import RouterMetrics
+from cluster.unavailable_replicas import DEFAULT_TTL_S as DEFAULT_UNAVAILABLE_TTL_S
+from cluster.unavailable_replicas import MAX_TTL_S as MAX_UNAVAILABLE_TTL_S
+from cluster.unavailable_replicas import without_unavailable
 from workers.block_hash import (filter_from_hashes, filter_hits, filter_positions, filter_probe, filter_shape,
                                 hash_token_blocks)
 
@@ -167,6 +172,12 @@ def request_cache_salt(pending_request: Optional[PendingRequest]) -> int:
     return int(salt) if isinstance(salt, int) else 0
 
 
+def replica_actor_id(replica: RunningReplica) -> Optional[str]:
+    """The replica's actor id in hex, as Ray's actor errors name it."""
+    actor_id = getattr(replica, "actor_id", None)
+    return actor_id.hex() if actor_id is not None else None
+
+
 @dataclass
 class ReplicaView:
     """What the router knows about one replica's prefix cache and load."""
@@ -210,6 +221,7 @@ class PrefixCacheRouter(RequestRouter):
         optimistic_ttl_s: float = 120.0,
         kv_saturated_free_fraction: float = 0.05,
         max_filter_bytes: int = DEFAULT_MAX_FILTER_BYTES,
+        unavailable_ttl_s: float = DEFAULT_UNAVAILABLE_TTL_S,
     ):
         """Called by Serve with `request_router_kwargs`.
 
@@ -229,6 +241,8 @@ class PrefixCacheRouter(RequestRouter):
             fraction of its KV blocks free is saturated: it loses its affinity to the least loaded replica
             that is not (0 turns the rule off).
         max_filter_bytes: a report's Bloom filter larger than this is ignored (bounds the state per replica).
+        unavailable_ttl_s: a replica the ingress just found unavailable is left out for this long while others
+            remain (cluster.unavailable_replicas; 0 turns the rule off).
         """
         if block_size < 1 or max_hashes_per_replica < 1 or max_prefix_blocks < 1 or min_match_blocks < 1:
             raise ValueError("block_size, max_hashes_per_replica, max_prefix_blocks, min_match_blocks must be >= 1")
@@ -238,6 +252,9 @@ class PrefixCacheRouter(RequestRouter):
             raise ValueError("kv_saturated_free_fraction must be in [0, 1), max_filter_bytes >= 8")
         if not 0 <= min_match_fraction <= 1:
             raise ValueError("min_match_fraction must be in [0, 1]")
+        if not 0 <= unavailable_ttl_s <= MAX_UNAVAILABLE_TTL_S:
+            raise ValueError(f"unavailable_ttl_s must be in [0, {MAX_UNAVAILABLE_TTL_S:g}]")
+        self._unavailable_ttl_s = float(unavailable_ttl_s)
         self._min_match_fraction = float(min_match_fraction)
         self._kv_saturated = float(kv_saturated_free_fraction)
         self._max_filter_bytes = int(max_filter_bytes)
@@ -447,7 +464,9 @@ class PrefixCacheRouter(RequestRouter):
         candidate_replicas: list[RunningReplica],
         pending_request: Optional[PendingRequest] = None,
     ) -> list[list[RunningReplica]]:
-        candidates = list(candidate_replicas)
+        # A replica just found unavailable (broken stream, engine down) is left out while others remain:
+        # Serve's router does not learn of it in time (cluster.unavailable_replicas).
+        candidates = without_unavailable(candidate_replicas, replica_actor_id, self._unavailable_ttl_s)
         if not candidates:
             return []
         for r in candidates:  # cheap when nothing changed (identity check)

@@ -380,3 +380,52 @@ def test_load_config_from_args(tmp_path):
     assert load_config({"models": [{"name": "m", "path": "/m"}]}).models[0].name == "m"
     with pytest.raises(ValueError):
         load_config({"config": str(path), "models": []})
+
+
+def test_tokens_merged_with_the_first_count_as_inter_token_gaps():
+    """Every token after a request's first is one inter-token gap (vLLM's count), also when the replica's loop
+    fell behind and the first chunk carries several tokens: those are gaps of 0 s."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from cluster.deployment import ModelServer
+
+    class Recorder:
+        def __init__(self):
+            self.first, self.gaps = 0, []
+
+        def on_request(self):
+            pass
+
+        def on_first_token(self, seconds):
+            self.first += 1
+
+        def on_token(self, seconds, num_tokens=1):
+            self.gaps += [seconds / max(num_tokens, 1)] * max(num_tokens, 0)
+
+        def on_finish(self, *args, **kwargs):
+            pass
+
+    def delta(ids, finished=False):
+        return SimpleNamespace(index=0, token_ids=ids, text="", logprobs=None, finish_reason="length" if finished
+                               else None, num_prompt_tokens=3, num_cached_tokens=0, prompt_logprobs=None,
+                               scheduled_at=None, finished=finished)
+
+    class Engine:
+        def validate(self, prompt, params):
+            pass
+
+        async def generate(self, prompt, params, request_id):
+            yield delta([5, 6, 7])               # the first three tokens, merged
+            yield delta([8], finished=True)
+
+    server = object.__new__(ModelServer)
+    server.name, server.engine, server.metrics = "m", Engine(), Recorder()
+
+    async def run():
+        return [c async for c in server._chunks([1, 2, 3], {"max_tokens": 4}, "r1")]
+
+    chunks = asyncio.run(run())
+    assert [c["completion_tokens"] for c in chunks] == [3, 4]
+    assert server.metrics.first == 1 and len(server.metrics.gaps) == 3      # 4 tokens: 3 gaps
+    assert server.metrics.gaps[:2] == [0.0, 0.0]
