@@ -33,11 +33,14 @@ from typing import Callable, Iterable, Optional
 CPU_BINDING_MODES = ("auto", "off")
 DEFAULT_CPU_BINDING = "auto"
 # CPUs the serving path (this process, Ray, Serve's proxy, the ingress, the replicas) keeps at the least
-# (`cpu_binding_serving_cpus`). Two by default: on a 2-vCPU host, binding the engine of 64 streams to one core and
-# the serving path to the other raised served tok/s ~10% but tripled the p99 of refusals under overload
-# (61 -> 165 ms sustained, 155 -> 524 ms for a burst of 32: `herd bench load --overload`), the serving path's
-# bursts having a single core; with two or more it keeps room for them.
-DEFAULT_SERVING_CPUS = 2
+# (`cpu_binding_serving_cpus`). One: on a 2-vCPU host the engine of 64 streams then has a core of its own (0.98
+# of it, against 0.84 left to the OS) and 64 streams reached 0.67-0.93 of in-process tok/s in five runs
+# (0.60 unbound in the same hour), with sustained refusals under overload at p99 29-93 ms on the serving core
+# (`herd bench load --overload`, docs/serving.md "Measured"). The serving path of one busy model used ~0.6 of that
+# core; with several busy CPU models, keep it more. (It was two while Ray's dashboard agent, at a higher
+# priority than every serving process, tripled the refusals' p99 on a single serving core:
+# cluster/background_priority.py.)
+DEFAULT_SERVING_CPUS = 1
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,8 @@ def start_local_ray(*, num_cpus: Optional[float] = None, include_dashboard: bool
     message size limit (Serve's default is 2 GiB). The dashboard, when included, is on 127.0.0.1:8265 (or the
     next free port). log_to_driver / logging_level: ray.init's (False / WARNING keep Ray's and its workers'
     lines in the session's log files, off this process's terminal). serve_transport: the cluster config's
-    (`grpc`: Serve's proxies call the ingress over gRPC)."""
+    (`grpc`: Serve's proxies call the ingress over gRPC). Ray's background processes (dashboard, agents,
+    monitors) then run at the lowest priority (cluster.background_priority)."""
     import ray
 
     env_vars = {_BIND_ENV: LOOPBACK, _GRPC_HOST_ENV: serve_grpc_host,
@@ -82,6 +83,10 @@ def start_local_ray(*, num_cpus: Optional[float] = None, include_dashboard: bool
                  dashboard_host=LOOPBACK, _node_ip_address=LOOPBACK, namespace=namespace,
                  log_to_driver=log_to_driver, logging_level=logging_level,
                  runtime_env={"worker_process_setup_hook": _SETUP_HOOK, "env_vars": env_vars})
+    # Its dashboard, agents and monitors below the serving processes (cluster/background_priority.py).
+    from cluster.background_priority import lower_background_priority
+
+    lower_background_priority()
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ def test_one_engine_gets_the_top_core_and_the_serving_path_the_rest():
 def test_cores_follow_the_cpu_reservation_and_keep_one_for_serving():
     models = _models({"name": "big", "resources_per_shard": {"CPU": 3}}, {"name": "small"},
                      {"name": "late", "resources_per_shard": {"CPU": 2}})
-    b = cpu_binding.plan(models, range(6))  # 6 CPUs: 3 + 1 bound, 2 left for serving: late's 2 would leave none
+    b = cpu_binding.plan(models, range(6), serving_cpus=2)  # 6 CPUs: 3 + 1 bound, 2 left for serving: late's 2 would leave none
     assert b.engines == {"big": "3-5", "small": "2"} and b.serving == {0, 1} and b.active
     assert b.unbound == {"late": "its 2 engine thread(s) need 2 core(s); 0 free beside the serving path's 2"}
     assert b.floating == {"late": "0-5"}  # left to the OS: every CPU, not only the serving ones
@@ -84,16 +84,18 @@ def test_nothing_to_bind():
     assert cpu_binding.plan(_models({"name": "a"}), {0, 1}, "off") is None
     single = cpu_binding.plan(_models({"name": "a"}), {0}, serving_cpus=1)  # no core to spare for serving
     assert not single.active and "0 free beside the serving path's 1" in single.unbound["a"]
-    # By default the serving path keeps two CPUs: a 2-CPU host binds nothing (module doc), a 3-CPU one binds.
-    two = cpu_binding.plan(_models({"name": "a"}), {0, 1})
+    # By default the serving path keeps one CPU: a 2-CPU host binds the engine to one (module doc); keeping two,
+    # it binds nothing, and a 3-CPU one binds.
+    assert cpu_binding.plan(_models({"name": "a"}), {0, 1}).engines == {"a": "1"}
+    two = cpu_binding.plan(_models({"name": "a"}), {0, 1}, serving_cpus=2)
     assert not two.active and "0 free beside the serving path's 2" in two.unbound["a"]
-    assert cpu_binding.plan(_models({"name": "a"}), {0, 1, 2}).engines == {"a": "2"}
+    assert cpu_binding.plan(_models({"name": "a"}), {0, 1, 2}, serving_cpus=2).engines == {"a": "2"}
     assert not cpu_binding.plan(_models({"name": "a", "num_replicas": 2}), {0, 1}).active
     assert not cpu_binding.plan(_models({"name": "own", "engine_cpu_cores": "0-1"}), {0, 1}).active  # all taken
     # A model's own list that leaves the serving path fewer CPUs than it keeps moves nothing...
-    assert not cpu_binding.plan(_models({"name": "own", "engine_cpu_cores": "1"}), {0, 1}).active
+    assert not cpu_binding.plan(_models({"name": "own", "engine_cpu_cores": "1"}), {0, 1}, serving_cpus=2).active
     # ... unless the serving path is to keep fewer.
-    own = cpu_binding.plan(_models({"name": "own", "engine_cpu_cores": "1"}), {0, 1}, serving_cpus=1)
+    own = cpu_binding.plan(_models({"name": "own", "engine_cpu_cores": "1"}), {0, 1})
     assert own.active and own.serving == {0} and own.engines == {}
     with pytest.raises(ValueError, match="cpu_binding must be one of"):
         cpu_binding.plan(_models({"name": "a"}), {0, 1}, "always")
@@ -110,7 +112,7 @@ def test_the_config_keys():
     cfg = ClusterConfig.from_dict({"models": [{"name": "a", "path": "/x"}]})
     assert cfg.cpu_binding == cpu_binding.DEFAULT_CPU_BINDING == "auto"
     assert typing.get_args(ClusterConfig.model_fields["cpu_binding"].annotation) == cpu_binding.CPU_BINDING_MODES
-    assert cfg.cpu_binding_serving_cpus == cpu_binding.DEFAULT_SERVING_CPUS == 2
+    assert cfg.cpu_binding_serving_cpus == cpu_binding.DEFAULT_SERVING_CPUS == 1
     with pytest.raises(ConfigError, match="cpu_binding_serving_cpus"):
         ClusterConfig.from_dict({"cpu_binding_serving_cpus": 0, "models": [{"name": "a", "path": "/x"}]})
     assert ClusterConfig.from_dict({"cpu_binding": "off", "models": [{"name": "a", "path": "/x"}]}).cpu_binding == "off"

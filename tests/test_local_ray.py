@@ -128,3 +128,29 @@ def test_loopback_and_rebind_rules(monkeypatch):
     assert _rebind("[::]:0") == "127.0.0.1:0"          # Serve replicas' inter-deployment server
     assert _rebind("0.0.0.0:1234") == "127.0.0.1:1234"
     assert _rebind("10.1.2.3:9000") == "10.1.2.3:9000"  # an explicit address is left alone
+
+
+def _thread_niceness(pid: int) -> set[int]:
+    return {os.getpriority(os.PRIO_PROCESS, int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}
+
+
+@pytest.mark.slow
+def test_rays_background_processes_run_below_the_serving_ones(local_serve):
+    """The dashboard (and what it forks), the agents and the monitors at niceness 19 in every thread; the GCS
+    and the raylet keep theirs, and Serve's workers Ray's 15 (cluster/background_priority.py)."""
+    import psutil
+
+    from cluster.background_priority import BACKGROUND_NICENESS, background_pids
+
+    background = background_pids()
+    names = {" ".join(psutil.Process(p).cmdline()) for p in background}
+    for expected in ("ray::DashboardAgent", "ray::RuntimeEnvAgent", "dashboard/dashboard.py", "log_monitor",
+                     "monitor.py"):
+        assert any(expected in n for n in names), (expected, sorted(names))
+    for pid in background:
+        assert _thread_niceness(pid) == {BACKGROUND_NICENESS}, (pid, psutil.Process(pid).cmdline())
+    session = {p: " ".join(psutil.Process(p).cmdline()) for p in ray_session_pids() if p != os.getpid()}
+    core = [p for p, cmd in session.items() if "gcs_server" in cmd or "raylet/raylet" in cmd]
+    assert len(core) == 2 and all(_thread_niceness(p) == {0} for p in core)
+    proxies = [p for p, cmd in session.items() if "ray::ProxyActor" in cmd]
+    assert proxies and all(psutil.Process(p).nice() == 15 for p in proxies)
