@@ -76,7 +76,7 @@ def model_entry(path: str, args, name: str = BENCH_MODEL, **overrides) -> dict[s
     levels = parse_levels(args.concurrency)
     entry: dict[str, Any] = {
         "name": name, "path": path, "resources_per_shard": {"CPU": args.replica_cpus},
-        "max_model_len": args.prompt_tokens + args.max_tokens + 16,
+        "max_model_len": args.prompt_tokens + longest_max_tokens(args) + 16,
         "max_num_seqs": args.max_num_seqs or max(levels),
         "router": {"routing_stats_period_s": 1.0},
     }
@@ -124,6 +124,26 @@ def level_prompts(level: int, args, vocab: int) -> list[list[int]]:
     return random_prompts(requests_for(level, args), args.prompt_tokens, vocab, seed=args.seed * 1000 + level)
 
 
+def level_max_tokens(level: int, args) -> list[int]:
+    """Each request's max_tokens at a level, the same on both sides: all --max-tokens, or with
+    --max-tokens-range-ratio R uniform in [max_tokens·(1-R), max_tokens·(1+R)] (vLLM's benchmark's
+    --random-range-ratio). Equal lengths started together finish together, so a closed loop's clients come back
+    in waves; mixed lengths spread them as real traffic does."""
+    import random
+
+    ratio = args.max_tokens_range_ratio
+    n = requests_for(level, args)
+    if ratio <= 0:
+        return [args.max_tokens] * n
+    rng = random.Random(args.seed * 1000 + level + 1)
+    low = max(1, round(args.max_tokens * (1 - ratio)))
+    return [rng.randint(low, longest_max_tokens(args)) for _ in range(n)]
+
+
+def longest_max_tokens(args) -> int:
+    return round(args.max_tokens * (1 + args.max_tokens_range_ratio))
+
+
 # ---- in-process baseline (its own process) ------------------------------------------------------------------
 def _in_process_levels(path: str, kwargs: dict[str, Any], threads: int, args_d: dict[str, Any],
                        commands: mp.Queue, out: mp.Queue) -> None:
@@ -135,17 +155,20 @@ def _in_process_levels(path: str, kwargs: dict[str, Any], threads: int, args_d: 
     torch.set_num_threads(threads)  # what the replica's CPU reservation gives it (Ray sets OMP_NUM_THREADS)
     engine = Engine.from_pretrained(path, **kwargs)
     args = _Args(args_d)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
     vocab = engine.vocab_size
-    engine.generate(random_prompts(2, args.prompt_tokens, vocab, seed=-1), params)  # warm-up
+    warm = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
+    engine.generate(random_prompts(2, args.prompt_tokens, vocab, seed=-1), warm)  # warm-up
     out.put("ready")
     while (level := commands.get()) is not None:
+        params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True)
+                  for m in level_max_tokens(level, args)]
         out.put(_in_process_level(engine, params, level, level_prompts(level, args, vocab)))
     engine.shutdown()
 
 
-def _in_process_level(engine, params, level: int, prompts: list[list[int]]) -> dict[str, Any]:
-    """One level through Engine.add_request / step, `level` requests in flight (closed loop)."""
+def _in_process_level(engine, params: list, level: int, prompts: list[list[int]]) -> dict[str, Any]:
+    """One level through Engine.add_request / step, `level` requests in flight (closed loop); request i with
+    params[i]."""
     results = [StreamResult() for _ in prompts]
     active: dict[str, tuple[int, float, Optional[float]]] = {}
     pending = iter(range(len(prompts)))
@@ -154,7 +177,7 @@ def _in_process_level(engine, params, level: int, prompts: list[list[int]]) -> d
     def admit() -> None:  # top up to `level` requests in flight
         while len(active) < level and (i := next(pending, None)) is not None:
             results[i].start = time.perf_counter() - t0
-            active[engine.add_request(prompts[i], params)] = (i, time.perf_counter(), None)
+            active[engine.add_request(prompts[i], params[i])] = (i, time.perf_counter(), None)
 
     admit()
     while active:
@@ -179,7 +202,8 @@ class _Args:
 
 
 def _workload_fields(args) -> dict[str, Any]:
-    return {k: getattr(args, k) for k in ("prompt_tokens", "max_tokens", "requests_per_level", "seed")}
+    return {k: getattr(args, k) for k in ("prompt_tokens", "max_tokens", "max_tokens_range_ratio",
+                                          "requests_per_level", "seed")}
 
 
 class InProcessBaseline:
@@ -247,12 +271,12 @@ async def served_sweep(target: AioTarget, levels: list[int], args, vocab: int, i
     """Each level's stream figures; with `cpu_groups` (role -> pids) also the cores each role used meanwhile."""
     report = {}
     for level in levels:
-        prompts = level_prompts(level, args, vocab)
+        prompts, max_tokens = level_prompts(level, args, vocab), level_max_tokens(level, args)
         t0 = time.perf_counter()
         cpu = ProcessCpu(cpu_groups) if cpu_groups else None
         with LoopLag() as lag:
             results, wall = await closed_loop(
-                lambda i: target.generate(prompts[i], args.max_tokens, timeout_s=args.timeout_s, t0=t0),
+                lambda i: target.generate(prompts[i], max_tokens[i], timeout_s=args.timeout_s, t0=t0),
                 len(prompts), level, in_flight)
         report[level] = {**stream_summary(results, wall), **lag.summary()}
         if cpu is not None:
@@ -654,6 +678,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def range_ratio(text: str) -> float:
+    """--max-tokens-range-ratio, checked when parsed."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value:g}")
+    return value
+
+
 def cpu_list_arg(text: str) -> str:
     """A cpu list flag, checked when the command line is parsed (a usage error, not a traceback at start)."""
     from workers.cpu_affinity import parse_cpu_list
@@ -672,6 +707,9 @@ def register_bench(bench_sub) -> None:
     p.add_argument("--requests-per-level", type=int, default=None, help="default: max(4 x level, 64)")
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=64, help="generated tokens per request (ignore_eos)")
+    p.add_argument("--max-tokens-range-ratio", type=range_ratio, default=0.0,
+                   help="R in [0, 1): each request's max_tokens uniform in [max_tokens*(1-R), max_tokens*(1+R)], "
+                        "the same requests on both sides (default 0: all equal)")
     p.add_argument("--model", default=None, help="checkpoint folder instead of the demo (self-hosted), or the "
                                                  "in-process baseline's checkpoint with --address")
     p.add_argument("--shape", default="llama32-1b-mini", help="demo checkpoint shape (written to a temp folder)")

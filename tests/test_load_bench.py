@@ -60,9 +60,10 @@ def test_soak_outcomes_and_fault_summary():
     by_kind, unexpected = soak_bench.outcome_counts(rs)
     assert by_kind["normal"] == {"OK": 1, "INTERNAL": 1} and unexpected == {"normal:INTERNAL": 1}
     f = soak_bench.fault_summary([bc.StreamResult(start=1.0, latency_s=0.5),
-                                  bc.StreamResult(start=5.0, code="UNAVAILABLE", latency_s=0.5),
+                                  bc.StreamResult(start=5.0, code="UNAVAILABLE", latency_s=0.5, ttft_s=0.1),
                                   bc.StreamResult(start=5.2, code="UNAVAILABLE", latency_s=1.0)], 5.0, 30.0)
     assert f["failed"] == 2 and f["first_error_after_kill_s"] == 0.5 and f["error_window_s"] == 0.7
+    assert f["failed_before_first_token"] == 1
     assert f["hung"] is False and f["reached_deadline"] == 0
 
 
@@ -83,6 +84,21 @@ def test_target_check_and_cli():
             _parse(load_bench, ["load", *bad])
     assert _parse(soak_bench, ["soak", "--minutes", "0.5"]).func is soak_bench.run_soak
     assert _parse(soak_bench, ["fault"]).func is soak_bench.run_fault
+
+
+def test_mixed_lengths_are_seeded_bounded_and_off_by_default():
+    equal = _parse(load_bench, ["load", "--max-tokens", "64"])
+    assert load_bench.level_max_tokens(64, equal) == [64] * 256
+    mixed = _parse(load_bench, ["load", "--max-tokens", "64", "--max-tokens-range-ratio", "0.5"])
+    lengths = load_bench.level_max_tokens(64, mixed)
+    assert len(lengths) == 256 and min(lengths) >= 32 and max(lengths) <= 96 == load_bench.longest_max_tokens(mixed)
+    assert len(set(lengths)) > 20 and 56 <= sum(lengths) / len(lengths) <= 72       # spread, mean near 64
+    reseeded = _parse(load_bench, ["load", "--max-tokens", "64", "--max-tokens-range-ratio", "0.5", "--seed", "1"])
+    assert lengths == load_bench.level_max_tokens(64, mixed) != load_bench.level_max_tokens(64, reseeded)
+    assert load_bench.model_entry("/m", mixed)["max_model_len"] == 64 + 96 + 16   # room for the longest
+    for bad in ("1", "-0.1", "x"):
+        with pytest.raises(SystemExit):
+            _parse(load_bench, ["load", "--max-tokens-range-ratio", bad])
 
 
 def test_steady_rate_counts_tokens_while_every_stream_is_busy():
@@ -159,16 +175,20 @@ def test_engine_hop_only_drives_the_replicas_engine_client_beside_the_baseline(t
     streamed from this process with no cluster; every level beside its in-process baseline, and no claim on
     the served-path target."""
     args = _parse(load_bench, ["load", "--engine-hop-only", "--concurrency", "1,4", "--requests-per-level", "6",
-                               "--prompt-tokens", "16", "--max-tokens", "6", "--out", str(tmp_path)])
+                               "--prompt-tokens", "16", "--max-tokens", "6", "--max-tokens-range-ratio", "0.5",
+                               "--out", str(tmp_path)])
     cpus_before = os.sched_getaffinity(0)
     assert args.func(args) == 0
     report = json.loads((tmp_path / "load_bench.json").read_text())
     assert report["mode"] == "engine-hop" and report["engine_process"] is True
     assert report["target"]["measured"] is False
+    assert report["workload"]["max_tokens_range_ratio"] == 0.5
     for row in report["levels"]:
         _check_summary(row["served"])
         _check_summary(row["in_process"])
-        assert row["served"]["tokens"] == row["in_process"]["tokens"] == 6 * 6
+        # mixed lengths, the same requests on both sides
+        assert row["served"]["tokens"] == row["in_process"]["tokens"] == \
+            sum(load_bench.level_max_tokens(row["concurrency"], args))
         cores = row["served"]["cpu_cores"]
         assert cores["engine_process"] > 0 and cores["machine"] >= cores["engine_process"]
     assert os.sched_getaffinity(0) == cpus_before
