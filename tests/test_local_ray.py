@@ -149,8 +149,11 @@ def test_rays_background_processes_run_below_the_serving_ones(local_serve):
         assert any(expected in n for n in names), (expected, sorted(names))
     for pid in background:
         assert _thread_niceness(pid) == {BACKGROUND_NICENESS}, (pid, psutil.Process(pid).cmdline())
+    # Niceness relative to this process's: a CI runner may start the suite at another base than 0.
+    base = os.getpriority(os.PRIO_PROCESS, 0)
     session = {p: " ".join(psutil.Process(p).cmdline()) for p in ray_session_pids() if p != os.getpid()}
     core = [p for p, cmd in session.items() if "gcs_server" in cmd or "raylet/raylet" in cmd]
-    assert len(core) == 2 and all(_thread_niceness(p) == {0} for p in core)
+    assert len(core) == 2 and all(_thread_niceness(p) == {base} for p in core)
     proxies = [p for p, cmd in session.items() if "ray::ProxyActor" in cmd]
-    assert proxies and all(psutil.Process(p).nice() == 15 for p in proxies)
+    ray_worker_niceness = 15  # the raylet's nice(15) for every worker it starts
+    assert proxies and all(psutil.Process(p).nice() == min(base + ray_worker_niceness, 19) for p in proxies)
