@@ -33,14 +33,16 @@ from typing import Callable, Iterable, Optional
 CPU_BINDING_MODES = ("auto", "off")
 DEFAULT_CPU_BINDING = "auto"
 # CPUs the serving path (this process, Ray, Serve's proxy, the ingress, the replicas) keeps at the least
-# (`cpu_binding_serving_cpus`). One: on a 2-vCPU host the engine of 64 streams then has a core of its own (0.98
-# of it, against 0.84 left to the OS) and 64 streams reached 0.67-0.93 of in-process tok/s in five runs
-# (0.60 unbound in the same hour), with sustained refusals under overload at p99 29-93 ms on the serving core
-# (`herd bench load --overload`, docs/serving.md "Measured"). The serving path of one busy model used ~0.6 of that
-# core; with several busy CPU models, keep it more. (It was two while Ray's dashboard agent, at a higher
-# priority than every serving process, tripled the refusals' p99 on a single serving core:
-# cluster/background_priority.py.)
-DEFAULT_SERVING_CPUS = 1
+# (`cpu_binding_serving_cpus`). Two, so that a 2-vCPU host binds nothing and binding starts at three CPUs. With
+# one, a 2-vCPU host puts the engine on a core of its own and the whole serving path on the other. That raised
+# 64 streams' tok/s (0.69-0.93 of in-process against 0.58-0.68 unbound on two machines), but a busy serving path
+# then queues its refusals behind everything else on its core. Under overload, sustained refusals took p99
+# 291, 956 and 701 ms bound, against 68 and 39 ms unbound, on a machine whose serving path needs ~2x the CPU of
+# the one where one CPU was chosen (there: p99 29-93 ms bound, 30 unbound; `herd bench load --concurrency 1
+# --skip-in-process --overload [--cpu-binding off]`, docs/serving.md "Dedicated engine cores"). Refusing at once
+# is the promise of back-pressure, so the default keeps it on every machine; `cpu_binding_serving_cpus: 1`
+# trades it for throughput where the serving path is known to fit one core.
+DEFAULT_SERVING_CPUS = 2
 
 
 @dataclass(frozen=True)

@@ -84,18 +84,18 @@ def test_nothing_to_bind():
     assert cpu_binding.plan(_models({"name": "a"}), {0, 1}, "off") is None
     single = cpu_binding.plan(_models({"name": "a"}), {0}, serving_cpus=1)  # no core to spare for serving
     assert not single.active and "0 free beside the serving path's 1" in single.unbound["a"]
-    # By default the serving path keeps one CPU: a 2-CPU host binds the engine to one (module doc); keeping two,
-    # it binds nothing, and a 3-CPU one binds.
-    assert cpu_binding.plan(_models({"name": "a"}), {0, 1}).engines == {"a": "1"}
-    two = cpu_binding.plan(_models({"name": "a"}), {0, 1}, serving_cpus=2)
+    # By default the serving path keeps two CPUs: a 2-CPU host binds nothing (module doc), a 3-CPU one binds;
+    # keeping one, a 2-CPU host binds the engine to one.
+    two = cpu_binding.plan(_models({"name": "a"}), {0, 1})
     assert not two.active and "0 free beside the serving path's 2" in two.unbound["a"]
-    assert cpu_binding.plan(_models({"name": "a"}), {0, 1, 2}, serving_cpus=2).engines == {"a": "2"}
+    assert cpu_binding.plan(_models({"name": "a"}), {0, 1, 2}).engines == {"a": "2"}
+    assert cpu_binding.plan(_models({"name": "a"}), {0, 1}, serving_cpus=1).engines == {"a": "1"}
     assert not cpu_binding.plan(_models({"name": "a", "num_replicas": 2}), {0, 1}).active
     assert not cpu_binding.plan(_models({"name": "own", "engine_cpu_cores": "0-1"}), {0, 1}).active  # all taken
     # A model's own list that leaves the serving path fewer CPUs than it keeps moves nothing...
     assert not cpu_binding.plan(_models({"name": "own", "engine_cpu_cores": "1"}), {0, 1}, serving_cpus=2).active
     # ... unless the serving path is to keep fewer.
-    own = cpu_binding.plan(_models({"name": "own", "engine_cpu_cores": "1"}), {0, 1})
+    own = cpu_binding.plan(_models({"name": "own", "engine_cpu_cores": "1"}), {0, 1}, serving_cpus=1)
     assert own.active and own.serving == {0} and own.engines == {}
     with pytest.raises(ValueError, match="cpu_binding must be one of"):
         cpu_binding.plan(_models({"name": "a"}), {0, 1}, "always")
@@ -112,7 +112,7 @@ def test_the_config_keys():
     cfg = ClusterConfig.from_dict({"models": [{"name": "a", "path": "/x"}]})
     assert cfg.cpu_binding == cpu_binding.DEFAULT_CPU_BINDING == "auto"
     assert typing.get_args(ClusterConfig.model_fields["cpu_binding"].annotation) == cpu_binding.CPU_BINDING_MODES
-    assert cfg.cpu_binding_serving_cpus == cpu_binding.DEFAULT_SERVING_CPUS == 1
+    assert cfg.cpu_binding_serving_cpus == cpu_binding.DEFAULT_SERVING_CPUS == 2
     with pytest.raises(ConfigError, match="cpu_binding_serving_cpus"):
         ClusterConfig.from_dict({"cpu_binding_serving_cpus": 0, "models": [{"name": "a", "path": "/x"}]})
     assert ClusterConfig.from_dict({"cpu_binding": "off", "models": [{"name": "a", "path": "/x"}]}).cpu_binding == "off"
