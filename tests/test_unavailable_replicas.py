@@ -66,14 +66,21 @@ def test_noted_replicas_are_left_out_unless_none_would_remain():
     assert ur.without_unavailable([a, b], lambda r: r.actor, ttl_s=0.0, now=1.0) == [a, b]
 
 
+def dead_and_live(router) -> tuple[FakeReplica, FakeReplica]:
+    """Two replicas with actor ids, given to `router`; the dead one holds the prompt's whole prefix, so affinity
+    would pick it."""
+    dead, live = FakeReplica("dead"), FakeReplica("live")
+    for r in (dead, live):
+        r.actor_id = ActorID.from_random()
+    dead.report(blocks(CONV_A))
+    router.update_replicas([dead, live])
+    return dead, live
+
+
 def test_the_router_never_offers_a_noted_replica_while_another_remains():
     async def go():
         router = make_router()
-        dead, live = FakeReplica("dead"), FakeReplica("live")
-        for r in (dead, live):
-            r.actor_id = ActorID.from_random()
-        dead.report(blocks(CONV_A))  # the dead replica holds the prompt's whole prefix, so affinity would pick it
-        router.update_replicas([dead, live])
+        dead, live = dead_and_live(router)
         assert names(await router.choose_replicas([dead, live], request(CONV_A)))[0] == ["dead"]
         ur.note_unavailable(ActorUnavailableError("gone", dead.actor_id.binary()))
         for _ in range(20):
@@ -86,11 +93,7 @@ def test_the_router_never_offers_a_noted_replica_while_another_remains():
 def test_the_routers_unavailable_ttl_comes_from_its_config():
     async def go(ttl_s):
         router = make_router(unavailable_ttl_s=ttl_s)
-        dead, live = FakeReplica("dead"), FakeReplica("live")
-        for r in (dead, live):
-            r.actor_id = ActorID.from_random()
-        dead.report(blocks(CONV_A))
-        router.update_replicas([dead, live])
+        dead, live = dead_and_live(router)
         ur.note_unavailable(ActorUnavailableError("gone", dead.actor_id.binary()))
         return names(await router.choose_replicas([dead, live], request(CONV_A)))[0]
 
