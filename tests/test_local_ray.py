@@ -137,7 +137,7 @@ def _thread_niceness(pid: int) -> set[int]:
 @pytest.mark.slow
 def test_rays_background_processes_run_below_the_serving_ones(local_serve):
     """The dashboard (and what it forks), the agents and the monitors at niceness 19 in every thread; the GCS
-    and the raylet keep theirs, and Serve's workers Ray's 15 (cluster/background_priority.py)."""
+    and the raylet keep theirs, and Serve's workers Ray's 15 steps below them (cluster/background_priority.py)."""
     import psutil
 
     from cluster.background_priority import BACKGROUND_NICENESS, background_pids
