@@ -5,9 +5,13 @@
   and reads it again in SDPA, the kernel reads each cache block once (~5x faster per layer here).
 - layer_ops_cpu.cpp: RMSNorm, rotary embedding and SiLU-mul as single passes (each replaces 4-8 torch ops).
 
-They are compiled with torch's cpp_extension (gcc + ninja) into ~/.cache/torch_extensions once per machine
-(~30-60 s); if that is not possible the engine logs why and keeps the portable torch paths, which compute the
-same thing. HERD_CPU_KERNELS=0 turns them off.
+They are compiled with torch's cpp_extension (gcc + ninja) once per machine and source version (~25 s on 2
+vCPUs) into `<torch's extension root>/herd_cpu_kernels-<digest>` (`~/.cache/torch_extensions` unless
+TORCH_EXTENSIONS_DIR says otherwise), from a copy of the sources kept there. Built from the checkout's own
+paths, every checkout of the same sources (a CI clone, a second worktree) rebuilt the module for ~90 s and
+made the next one rebuild again, as ninja compares the sources' paths. If compiling is not possible the
+engine logs why and keeps the portable torch paths, which compute the same thing. HERD_CPU_KERNELS=0 turns
+them off.
 """
 from __future__ import annotations
 
@@ -15,28 +19,58 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
+import tempfile
 import threading
 from pathlib import Path
 
 log = logging.getLogger(f"herd.{__name__}")
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = [_CSRC / name for name in ("bindings.cpp", "paged_attention_cpu.cpp", "layer_ops_cpu.cpp")]
+_SOURCES = ("bindings.cpp", "paged_attention_cpu.cpp", "layer_ops_cpu.cpp")
 
 
 def _build_digest() -> str:
-    """torch rebuilds an extension when its sources or flags change, but looks neither at included headers
-    nor at the CPU: a build cached by a machine with other instruction sets (-march=native) must not be
-    loaded here. Both go into the flags through this digest."""
+    """What the compiled module depends on besides torch's headers (which ninja tracks itself): every file of
+    workers/csrc, the Python and torch versions, and the CPU. A build cached by a machine with other
+    instruction sets (-march=native) must not be loaded here."""
+    import sys
+
+    import torch
+
     h = hashlib.sha256()
-    for header in sorted(_CSRC.glob("*.h")):
-        h.update(header.read_bytes())
-    h.update(platform.machine().encode())
+    for path in sorted(_CSRC.iterdir()):
+        if path.is_file():
+            h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    h.update(f"{sys.version_info[:2]} {torch.__version__} {platform.machine()}".encode())
     try:
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
         h.update(flags.encode())
     except (OSError, StopIteration):
         pass
     return h.hexdigest()[:16]
+
+
+def _build_directory(digest: str) -> Path:
+    """`<extension root>/herd_cpu_kernels-<digest>`, holding a copy of workers/csrc in `src/`: the build reads
+    the copy, so it does not depend on where this checkout is. The copy appears whole or not at all (written
+    beside it, then renamed), so processes that start side by side (test workers, a group's shards) never
+    build from half of it."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()  # as torch's own builds
+    directory = Path(root) / f"herd_cpu_kernels-{digest}"
+    src = directory / "src"
+    if not src.is_dir():
+        directory.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix="src-", dir=directory))
+        for path in _CSRC.iterdir():
+            if path.is_file():
+                shutil.copyfile(path, staging / path.name)
+        try:
+            os.rename(staging, src)
+        except OSError:  # another process put its copy there first: the same files
+            shutil.rmtree(staging, ignore_errors=True)
+    return directory
 
 
 _lock = threading.Lock()
@@ -59,11 +93,11 @@ def cpu_kernel_module():
             import ninja  # the pip package carries the binary; torch looks for it on PATH
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
             from torch.utils.cpp_extension import load
-            log.info("loading herd's CPU kernels (compiled on first use, once per machine)...")
-            flags = ["-O3", "-march=native", "-ffast-math", "-fno-strict-aliasing",
-                     f"-DHERD_BUILD_DIGEST={_build_digest()}"]
-            _module = load(name="herd_cpu_kernels", sources=[str(s) for s in _SOURCES], extra_cflags=flags,
-                           verbose=False)
+            log.info("loading herd's CPU kernels (compiled on first use, once per machine and source version)...")
+            directory = _build_directory(_build_digest())
+            flags = ["-O3", "-march=native", "-ffast-math", "-fno-strict-aliasing"]
+            _module = load(name="herd_cpu_kernels", sources=[str(directory / "src" / name) for name in _SOURCES],
+                           extra_cflags=flags, build_directory=str(directory), verbose=False)
         except Exception as e:  # noqa: BLE001 - any build problem means: use the portable path
             _failed = f"{type(e).__name__}: {e}"
             log.warning("herd's CPU kernels are unavailable (%s); using the portable torch paths", _failed)

@@ -2,7 +2,7 @@
 // the compiler vectorizes them (c10::BFloat16's own conversions do not vectorize). Build with
 // -fno-strict-aliasing: the bf16 paths write fp32 bit patterns through uint32_t pointers.
 #pragma once
-#include <torch/extension.h>
+#include <c10/util/BFloat16.h>
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -12,7 +12,7 @@ namespace herd {
 
 inline void widen(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
 
-inline void widen(const at::BFloat16* src, float* dst, int64_t n) {
+inline void widen(const c10::BFloat16* src, float* dst, int64_t n) {
   const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
   uint32_t* d = reinterpret_cast<uint32_t*>(dst);
   for (int64_t i = 0; i < n; ++i) d[i] = static_cast<uint32_t>(s[i]) << 16;
@@ -26,7 +26,7 @@ inline void widen(const T* src, float* dst, int64_t n) {
 inline void narrow(const float* src, float* dst, int64_t n) { std::memmove(dst, src, n * sizeof(float)); }
 
 // Round to nearest even, as c10::BFloat16 does (NaN stays a quiet NaN).
-inline void narrow(const float* src, at::BFloat16* dst, int64_t n) {
+inline void narrow(const float* src, c10::BFloat16* dst, int64_t n) {
   const uint32_t* s = reinterpret_cast<const uint32_t*>(src);
   uint16_t* d = reinterpret_cast<uint16_t*>(dst);
   for (int64_t i = 0; i < n; ++i) {

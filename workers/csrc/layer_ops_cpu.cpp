@@ -3,8 +3,7 @@
 // per-op dispatch). They round where Hugging Face's eager code rounds, so bf16 results match it: RMSNorm
 // normalises in fp32, casts to the model dtype, then multiplies by the weight; RoPE and SiLU-mul round each
 // product to the model dtype before adding / multiplying, as the eager tensor expressions do.
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
+#include "aten.h"
 #include <cmath>
 #include <vector>
 
@@ -89,21 +88,21 @@ void silu_mul_kernel(const T* gate_up, T* out, int64_t tokens, int64_t I) {
   });
 }
 
-void check_rows(const torch::Tensor& t, const char* name) {
+void check_rows(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
   TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
 }
 
 }  // namespace
 
-torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
+at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps) {
   x = x.contiguous();
   check_rows(x, "x");
   check_rows(weight, "weight");
   TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "x and weight must have one dtype");
   const int64_t H = x.size(-1);
   TORCH_CHECK(weight.numel() == H, "weight must have x's last dimension");
-  auto out = torch::empty_like(x);
+  auto out = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm", [&] {
     rms_norm_kernel<scalar_t>(x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                               x.numel() / H, H, static_cast<float>(eps));
@@ -111,7 +110,7 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
   return out;
 }
 
-void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, torch::Tensor positions) {
+void rotary_(at::Tensor x, at::Tensor cos, at::Tensor sin, at::Tensor positions) {
   TORCH_CHECK(x.device().is_cpu(), "x must be on the CPU");
   TORCH_CHECK(x.dim() == 3 && cos.dim() == 2 && cos.size(1) * 2 == x.size(2), "x [T,H,D], cos/sin [P,D/2]");
   TORCH_CHECK(x.stride(2) == 1 && x.stride(1) == x.size(2), "x's heads must be contiguous within a token");
@@ -129,12 +128,12 @@ void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, torch::Tenso
   });
 }
 
-torch::Tensor silu_mul(torch::Tensor gate_up) {
+at::Tensor silu_mul(at::Tensor gate_up) {
   gate_up = gate_up.contiguous();
   check_rows(gate_up, "gate_up");
   TORCH_CHECK(gate_up.dim() == 2 && gate_up.size(1) % 2 == 0, "gate_up [T, 2I]");
   const int64_t I = gate_up.size(1) / 2;
-  auto out = torch::empty({gate_up.size(0), I}, gate_up.options());
+  auto out = at::empty({gate_up.size(0), I}, gate_up.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gate_up.scalar_type(), "silu_mul", [&] {
     silu_mul_kernel<scalar_t>(gate_up.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), gate_up.size(0), I);
   });

@@ -9,8 +9,7 @@
 // (bf16 widened by a 16-bit shift); otherwise they are widened to fp32 buffers that plain, vectorizable
 // loops read (the conversion through c10::BFloat16's operator float does not vectorize and made the first
 // version of this kernel ~4x slower; see convert.h).
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
+#include "aten.h"
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -177,8 +176,8 @@ void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int64_t
 
 }  // namespace
 
-torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                                     torch::Tensor block_tables, torch::Tensor seq_lens, double scale) {
+at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
+                                  at::Tensor block_tables, at::Tensor seq_lens, double scale) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4, "q [B,Hq,D], cache [blocks,block_size,Hkv,D]");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "the KV cache must be contiguous");
   TORCH_CHECK(q.scalar_type() == k_cache.scalar_type(), "q and the cache must have one dtype");
@@ -188,7 +187,7 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
   q = q.contiguous();
   block_tables = block_tables.contiguous();
   seq_lens = seq_lens.contiguous();
-  auto out = torch::empty_like(q);
+  auto out = at::empty_like(q);
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
   const int64_t BS = k_cache.size(1), Hkv = k_cache.size(2), max_blocks = block_tables.size(1);
   TORCH_CHECK(seq_lens.numel() == B && block_tables.size(0) == B, "one block table and length per sequence");
