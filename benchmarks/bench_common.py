@@ -298,6 +298,23 @@ class ProcessCpu:
         return out
 
 
+# The processes a request crosses in front of the engine: Serve's proxy, the ingress, the model replica.
+SERVING_PATH_ROLES = ("serve_proxy", "ingress", "model_replica")
+
+
+def cpu_ms_per_request(cores: dict[str, float], wall_s: float, requests: int) -> dict[str, float]:
+    """CPU milliseconds each group of ProcessCpu.cores() spent per request over `wall_s` (the machine's and
+    `other` left out), and `serving_path`, the sum over SERVING_PATH_ROLES where they were measured: what one
+    request costs in front of the engine, the figure that sizes the serving path's CPUs (docs/serving.md)."""
+    if requests <= 0:
+        return {}
+    out = {role: round(c * wall_s / requests * 1000, 2) for role, c in cores.items()
+           if role not in ("machine", "other")}
+    if any(role in out for role in SERVING_PATH_ROLES):
+        out["serving_path"] = round(sum(out.get(role, 0.0) for role in SERVING_PATH_ROLES), 2)
+    return out
+
+
 # ---- replica timeline ---------------------------------------------------------------------------------------
 @dataclass
 class Timeline:

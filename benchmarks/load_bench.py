@@ -24,7 +24,9 @@ runs it (the served cluster idle meanwhile), so that both see the machine of the
 processes are placed as a local `herd serve` places them (`--cpu-binding`, cluster.cpu_binding); the baseline's
 process is started before that, and runs on any CPU. Self-hosted, each level also reports `cpu_cores`: the
 cores used by the model replica, the ingress, Serve's proxy and controller, the bench's clients and the rest of
-the machine while it ran (where the machine's CPU goes when the served path is slower than the engine alone).
+the machine while it ran (where the machine's CPU goes when the served path is slower than the engine alone),
+and `cpu_ms_per_request`: each of them per request, and `serving_path` (proxy + ingress + replica), what a
+request costs in front of the engine.
 
 With `--engine-hop-only` the served side is only the hop a model replica itself makes: the engine client its
 replica streams from (cluster.deployment.load_engine: the engine process, its two pipes, the stream pacing),
@@ -56,7 +58,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from benchmarks.bench_common import (BENCH_MODEL, AioTarget, LoopLag, ProcessCpu, StreamResult, TimelineSampler,
-                                     checkpoint_vocab, closed_loop, cluster_config, demo_checkpoint,
+                                     checkpoint_vocab, closed_loop, cluster_config, cpu_ms_per_request, demo_checkpoint,
                                      figure_path, local_ray, log, p50_p99_ms, pyplot, random_prompts,
                                      replica_counts, save_figure, serve_process_pids, start_herd,
                                      stream_summary, write_report)
@@ -279,10 +281,14 @@ async def served_sweep(target: AioTarget, levels: list[int], args, vocab: int, i
                 lambda i: target.generate(prompts[i], max_tokens[i], timeout_s=args.timeout_s, t0=t0),
                 len(prompts), level, in_flight)
         report[level] = {**stream_summary(results, wall), **lag.summary()}
+        per_request = ""
         if cpu is not None:
-            report[level]["cpu_cores"] = cpu.cores()
+            cores = report[level]["cpu_cores"] = cpu.cores()
+            cpu_ms = report[level]["cpu_ms_per_request"] = cpu_ms_per_request(cores, wall, len(results))
+            if "serving_path" in cpu_ms:
+                per_request = f", serving path {cpu_ms['serving_path']} ms of CPU a request"
         log(f"served c={level}: {report[level]['tokens_per_s']} tok/s, ttft p50 {report[level]['ttft_p50_ms']} ms, "
-            f"errors {report[level]['errors']}")
+            f"errors {report[level]['errors']}{per_request}")
     return report
 
 

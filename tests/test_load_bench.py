@@ -38,6 +38,18 @@ def test_stream_summary_counts_codes_and_orders_percentiles():
     assert s["ttft_p50_ms"] == 50.0 and s["ttft_p99_ms"] == 100.0 and s["itl_p50_ms"] <= s["itl_p99_ms"]
 
 
+def test_cpu_per_request_of_each_role_and_of_the_serving_path():
+    cores = {"serve_proxy": 0.42, "ingress": 0.53, "model_replica": 0.30, "engine_process": 0.36,
+             "bench_client": 0.12, "machine": 1.91, "other": 0.18}
+    ms = bc.cpu_ms_per_request(cores, wall_s=10.0, requests=1000)  # 10 s at 100 requests/s
+    assert ms["ingress"] == 5.3 and ms["serve_proxy"] == 4.2 and ms["engine_process"] == 3.6
+    assert ms["serving_path"] == pytest.approx(4.2 + 5.3 + 3.0)  # proxy + ingress + replica, not the engine
+    assert "machine" not in ms and "other" not in ms
+    # the engine hop alone (no Serve in front): no serving path to sum; no request: nothing to divide
+    assert "serving_path" not in bc.cpu_ms_per_request({"engine_process": 1.0, "bench_client": 0.1}, 1.0, 10)
+    assert bc.cpu_ms_per_request(cores, 1.0, 0) == {}
+
+
 def test_closed_loop_keeps_the_concurrency_and_stops_on_time():
     peak, now = [0], [0]
 
@@ -148,6 +160,9 @@ def test_load_bench_end_to_end(tmp_path):
         assert set(cores) >= {"model_replica", "ingress", "serve_proxy", "bench_client", "machine", "other"}
         assert cores["model_replica"] > 0 and cores["machine"] >= cores["model_replica"]
         assert cores["engine_process"] > 0  # the engine runs in its own process by default
+        per_request = row["served"]["cpu_ms_per_request"]
+        assert per_request["serving_path"] > 0 and per_request["serving_path"] == pytest.approx(
+            per_request["serve_proxy"] + per_request["ingress"] + per_request["model_replica"], abs=0.02)
         for side in ("served", "in_process"):  # a closed loop: never more than `concurrency` requests at once
             s = row[side]
             assert s["latency_p50_ms"] * row["requests"] / row["concurrency"] <= 1.5 * s["wall_s"] * 1000
