@@ -33,6 +33,8 @@ def test_the_documented_example_loads_and_round_trips(tmp_path):
     (lambda c: c["models"][1].update(name="Llama_1B"), "models[1].name"),
     (lambda c: c["models"][0].update(autoscaling_config={"max_replicas": 2}), "models[0]: set num_replicas or"),
     (lambda c: c["models"][1]["autoscaling_config"].update(min_replicas=9), "max_replicas (8) must be >= min_replicas"),
+    (lambda c: c["models"][1]["autoscaling_config"].update(metrics_interval_s=10),
+     "look_back_period_s (10.0) must be greater than metrics_interval_s (10.0)"),
     (lambda c: c.update(api_keys_file="/k"), "set api_keys or api_keys_file"),
     (lambda c: c["models"].append(dict(c["models"][1])), "model names must be unique"),
     (lambda c: c["models"][0].update(dtype="int4"), "models[0].dtype"),

@@ -315,6 +315,11 @@ def test_whole_model_replica_reserves_its_shard_and_autoscales_with_the_llm_poli
     assert "placement_group_bundles" not in opts and "num_replicas" not in opts
     assert opts["autoscaling_config"]["policy"] == {"policy_function": "cluster.autoscaling:llm_autoscaling_policy"}
     assert opts["graceful_shutdown_timeout_s"] > 0
+    # herd's report interval and window, not Serve's 10 s / 30 s, which saw a burst up to 10 s late
+    assert opts["autoscaling_config"]["metrics_interval_s"] == 2.0
+    assert opts["autoscaling_config"]["look_back_period_s"] == 10.0
+    from ray.serve.config import AutoscalingConfig as ServeAutoscalingConfig
+    ServeAutoscalingConfig(**{k: v for k, v in opts["autoscaling_config"].items() if k != "policy"})  # Serve takes it
 
 
 def test_only_a_whole_model_replica_runs_its_engine_in_a_process():
