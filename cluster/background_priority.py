@@ -2,9 +2,10 @@
 
 Ray runs its workers (Serve's proxy, the ingress, the model replicas and their engine processes) 15 niceness
 steps below its own processes, which keep the niceness Ray was started with (0 usually), so that the raylet and
-the GCS, which schedule and supervise everything, always get the CPU. That also holds for the processes that take no part in serving a request: the dashboard (and the
-modules it forks), the dashboard agent (which collects every process's stats and exports the metrics), the
-runtime-env agent, the log monitor and the autoscaler's monitor. Their periodic bursts then preempt every
+the GCS, which schedule and supervise everything, always get the CPU. That also holds for the processes that
+take no part in serving a request: the dashboard (and the modules it forks), the dashboard agent (which
+collects every process's stats and exports the metrics), the runtime-env agent, the log monitor and the
+autoscaler's monitor. Their periodic bursts then preempt every
 serving process: on 2 vCPUs with the serving path on one core (`cpu_binding_serving_cpus: 1`), the dashboard
 agent took ~240 ms of CPU in one burst during an overload run, every refusal behind it waited, and the
 sustained refusals' p99 was 250-365 ms in four runs; with the agent at niceness 19, 29-38 ms in three

@@ -19,41 +19,43 @@ def csrc_copy(tmp_path, monkeypatch):
 
 
 def test_the_digest_does_not_depend_on_where_the_checkout_is(csrc_copy, monkeypatch):
-    here = cpu_kernels._build_digest()
+    here = cpu_kernels._build_digest(cpu_kernels._csrc_files())
     monkeypatch.setattr(cpu_kernels, "_CSRC", cpu_kernels.Path(__file__).parents[1] / "workers" / "csrc")
-    assert cpu_kernels._build_digest() == here
+    assert cpu_kernels._build_digest(cpu_kernels._csrc_files()) == here
 
 
 @pytest.mark.parametrize("change", ["edit a kernel", "edit a header", "add a file"])
 def test_the_digest_changes_with_any_source_file(csrc_copy, change):
-    before = cpu_kernels._build_digest()
+    before = cpu_kernels._build_digest(cpu_kernels._csrc_files())
     if change == "edit a kernel":
         (csrc_copy / "layer_ops_cpu.cpp").write_text((csrc_copy / "layer_ops_cpu.cpp").read_text() + "\n// x\n")
     elif change == "edit a header":
         (csrc_copy / "convert.h").write_text((csrc_copy / "convert.h").read_text() + "\n// x\n")
     else:
         (csrc_copy / "extra.h").write_text("#pragma once\n")
-    assert cpu_kernels._build_digest() != before
+    assert cpu_kernels._build_digest(cpu_kernels._csrc_files()) != before
 
 
 def test_the_build_directory_holds_a_whole_copy_of_the_sources(csrc_copy, tmp_path):
-    directory = cpu_kernels._build_directory("d1")
+    files = cpu_kernels._csrc_files()
+    directory = cpu_kernels._build_directory("d1", files)
     assert directory == tmp_path / "extensions" / "herd_cpu_kernels-d1"
     copied = sorted(p.name for p in (directory / "src").iterdir())
     assert copied == sorted(p.name for p in csrc_copy.iterdir())
     for name in copied:
         assert (directory / "src" / name).read_bytes() == (csrc_copy / name).read_bytes()
-    assert cpu_kernels._build_directory("d1") == directory          # a second call keeps the copy
+    assert cpu_kernels._build_directory("d1", files) == directory    # a second call keeps the copy
     assert [p.name for p in directory.iterdir()] == ["src"]          # and leaves no staging directory
 
 
 def test_processes_that_start_together_leave_one_copy(csrc_copy, tmp_path):
     barrier, results, errors = threading.Barrier(8), [], []
+    files = cpu_kernels._csrc_files()
 
     def one():
         try:
             barrier.wait()
-            results.append(cpu_kernels._build_directory("d2"))
+            results.append(cpu_kernels._build_directory("d2", files))
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append(e)
 

@@ -29,7 +29,12 @@ _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = ("bindings.cpp", "paged_attention_cpu.cpp", "layer_ops_cpu.cpp")
 
 
-def _build_digest() -> str:
+def _csrc_files() -> dict[str, bytes]:
+    """Every file of workers/csrc by name, read once: the digest and the build's copy come from the same bytes."""
+    return {path.name: path.read_bytes() for path in sorted(_CSRC.iterdir()) if path.is_file()}
+
+
+def _build_digest(files: dict[str, bytes]) -> str:
     """What the compiled module depends on besides torch's headers (which ninja tracks itself): every file of
     workers/csrc, the Python and torch versions, and the CPU. A build cached by a machine with other
     instruction sets (-march=native) must not be loaded here."""
@@ -38,9 +43,8 @@ def _build_digest() -> str:
     import torch
 
     h = hashlib.sha256()
-    for path in sorted(_CSRC.iterdir()):
-        if path.is_file():
-            h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    for name, data in sorted(files.items()):
+        h.update(name.encode() + b"\0" + data + b"\0")
     h.update(f"{sys.version_info[:2]} {torch.__version__} {platform.machine()}".encode())
     try:
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
@@ -50,11 +54,11 @@ def _build_digest() -> str:
     return h.hexdigest()[:16]
 
 
-def _build_directory(digest: str) -> Path:
-    """`<extension root>/herd_cpu_kernels-<digest>`, holding a copy of workers/csrc in `src/`: the build reads
-    the copy, so it does not depend on where this checkout is. The copy appears whole or not at all (written
-    beside it, then renamed), so processes that start side by side (test workers, a group's shards) never
-    build from half of it."""
+def _build_directory(digest: str, files: dict[str, bytes]) -> Path:
+    """`<extension root>/herd_cpu_kernels-<digest>`, holding `files` (those the digest was taken of) in `src/`:
+    the build reads that copy, so it does not depend on where this checkout is. The copy appears whole or not
+    at all (written beside it, then renamed), so processes that start side by side (test workers, a group's
+    shards) never build from half of it."""
     from torch.utils.cpp_extension import get_default_build_root
 
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()  # as torch's own builds
@@ -63,9 +67,8 @@ def _build_directory(digest: str) -> Path:
     if not src.is_dir():
         directory.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix="src-", dir=directory))
-        for path in _CSRC.iterdir():
-            if path.is_file():
-                shutil.copyfile(path, staging / path.name)
+        for name, data in files.items():
+            (staging / name).write_bytes(data)
         try:
             os.rename(staging, src)
         except OSError:  # another process put its copy there first: the same files
@@ -94,7 +97,8 @@ def cpu_kernel_module():
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
             from torch.utils.cpp_extension import load
             log.info("loading herd's CPU kernels (compiled on first use, once per machine and source version)...")
-            directory = _build_directory(_build_digest())
+            files = _csrc_files()
+            directory = _build_directory(_build_digest(files), files)
             flags = ["-O3", "-march=native", "-ffast-math", "-fno-strict-aliasing"]
             _module = load(name="herd_cpu_kernels", sources=[str(directory / "src" / name) for name in _SOURCES],
                            extra_cflags=flags, build_directory=str(directory), verbose=False)
