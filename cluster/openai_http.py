@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import functools
 import json
+from http import HTTPStatus
 import time
 import uuid
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.chat_tools import ChatTools
 from cluster.errors import ApiError, to_api_error
@@ -290,6 +292,21 @@ async def _body_too_large_handler(request: Request, exc: BodyTooLarge) -> JSONRe
     return exc.response()
 
 
+# Starlette's own HTTP errors (an unknown route 404, a wrong method 405, a body FastAPI could not parse 400) in
+# the same OpenAI error body as herd's, so a client reads `error.message` whatever refused the request.
+@openai_app.exception_handler(StarletteHTTPException)
+async def _http_exception_handler(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    status = HTTPStatus(exc.status_code)
+    if status == HTTPStatus.NOT_FOUND:
+        return error_response(ApiError("NOT_FOUND", f"no route {request.method} {request.url.path}"))
+    if status == HTTPStatus.BAD_REQUEST:   # FastAPI's "There was an error parsing the body"
+        return error_response(ApiError.invalid("body", "the request body could not be parsed as JSON (it must be "
+                                                       "UTF-8, and not nested too deeply)"))
+    body = {"error": {"message": f"{request.method} {request.url.path}: {status.phrase}",
+                      "type": "invalid_request_error", "param": None, "code": status.name.lower()}}
+    return JSONResponse(body, status_code=status.value, headers=exc.headers)
+
+
 class EdgeGuard:
     """ASGI middleware run before a route reads its body: API key (401), body size (413). The request's
     prefix-cache salt (per-key isolation) goes to `request.state.cache_salt` for the route. `frontend` is a
@@ -501,11 +518,19 @@ class OpenAIRoutes:
 
     @openai_app.get("/v1/models")
     async def list_models(self) -> JSONResponse:
-        data = []
-        for info in await self.frontend.list_models():
-            data.append({"id": info["name"], "object": "model", "created": self.frontend.started_at,
-                         "owned_by": "herd", "max_model_len": info.get("max_model_len")})
+        data = [self._model_card(info) for info in await self.frontend.list_models()]
         return JSONResponse({"object": "list", "data": data})
+
+    @openai_app.get("/v1/models/{model_id:path}")
+    async def retrieve_model(self, model_id: str) -> JSONResponse:
+        """OpenAI's GET /v1/models/{model} (`client.models.retrieve`); a name may hold '/'."""
+        await self.frontend.model(model_id)  # NOT_FOUND naming the served models
+        info = next(i for i in await self.frontend.list_models() if i["name"] == model_id)
+        return JSONResponse(self._model_card(info))
+
+    def _model_card(self, info: dict[str, Any]) -> dict[str, Any]:
+        return {"id": info["name"], "object": "model", "created": self.frontend.started_at, "owned_by": "herd",
+                "max_model_len": info.get("max_model_len")}
 
     @openai_app.post("/v1/completions")
     async def completions(self, body: CompletionRequest, request: Request):

@@ -193,6 +193,34 @@ def test_guard_limits_the_body(guarded_app):
     assert reads == [2048]
 
 
+def test_starlettes_own_errors_get_openai_bodies():
+    """A 404 / 405 / unparsable body refused by FastAPI itself, before any herd route runs."""
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    from cluster.openai_http import _http_exception_handler, openai_app
+
+    assert openai_app.exception_handlers[StarletteHTTPException] is _http_exception_handler
+    app = FastAPI()
+    app.add_exception_handler(StarletteHTTPException, _http_exception_handler)
+
+    @app.post("/v1/json")
+    async def parsed(payload: dict):
+        return {"keys": len(payload)}
+
+    client = TestClient(app)
+    missing = client.post("/v1/nope", json={})
+    assert missing.status_code == 404
+    assert missing.json()["error"] == {"message": "no route POST /v1/nope", "type": "not_found_error", "param": None,
+                                       "code": "not_found"}
+    wrong = client.get("/v1/json")
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
+    assert wrong.json()["error"]["code"] == "method_not_allowed" and "GET /v1/json" in wrong.json()["error"]["message"]
+    for body in (b'{"a": "\xff"}', b'{"a":' * 100_000):   # not UTF-8; nested past the JSON parser's depth
+        bad = client.post("/v1/json", content=body, headers={"content-type": "application/json"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "body", bad.text
+        assert "could not be parsed" in bad.json()["error"]["message"]
+
+
 # ---- retry before the first token --------------------------------------------------------------------------
 class _Stream:
     def __init__(self, chunks, fail_with=None):

@@ -314,7 +314,27 @@ def oai(cluster):
 
 
 def test_openai_models(oai):
+    import openai
+
     assert {m.id for m in oai.models.list()} == {"big", "mid", "small"}
+    assert oai.models.retrieve("mid").id == "mid"
+    with pytest.raises(openai.NotFoundError) as e:
+        oai.models.retrieve("nope")
+    assert e.value.body["code"] == "model_not_found" and "big, mid, small" in e.value.body["message"]
+
+
+def test_http_errors_of_any_origin_have_openai_bodies(cluster):
+    import httpx
+
+    key = {"authorization": f"Bearer {API_KEY}"}
+    with httpx.Client(base_url=cluster.http_url, headers=key, timeout=60) as http:
+        no_route = http.post("/v2/completions", json={})
+        wrong_method = http.get("/v1/completions")
+        not_utf8 = http.post("/v1/completions", content=b'{"model": "small", "prompt": "\xff\xfe"}',
+                             headers={"content-type": "application/json"})
+    assert no_route.status_code == 404 and no_route.json()["error"]["message"] == "no route POST /v2/completions"
+    assert wrong_method.status_code == 405 and wrong_method.json()["error"]["code"] == "method_not_allowed"
+    assert not_utf8.status_code == 400 and not_utf8.json()["error"]["param"] == "body"
 
 
 def test_openai_completions(oai, engines):
