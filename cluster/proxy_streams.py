@@ -17,6 +17,9 @@ Serve's generator (its messages go to an unbounded queue, which never blocks), a
 arrives where Serve forwards it. The queue holds what the client has not read yet, which Ray's object
 stream on the proxy held before; a stream's messages are bounded by its request's `max_tokens`.
 
+A request whose bytes do not parse as its method's message is answered INVALID_ARGUMENT by the proxy itself
+(`MalformedRequest`), where grpc.aio would answer UNKNOWN with protobuf's exception class in the details.
+
 These functions run in Serve's proxy process, with Serve's own gRPC server (the server whose
 `service_handler_factory` turns every method into a call to the ingress): keep imports light.
 """
@@ -42,29 +45,82 @@ def add_health_servicer(servicer, server) -> None:
 
 
 def _register_cancel_safe(add_servicer: Callable, servicer, server) -> None:
-    """add_servicer(servicer, server) while the server's handler factory (Serve's) makes cancel-safe streams.
-    A server without one (a plain grpc server) gets the servicer as generated."""
+    """add_servicer(servicer, server) while the server's handler factory (Serve's) makes cancel-safe streams and
+    its method handlers parse requests without raising. A server without them (a plain grpc server) gets the
+    servicer as generated."""
     factory = getattr(server, "service_handler_factory", None)
-    if factory is None:
+    override = getattr(server, "_override_method_handler", None)
+    if factory is None or override is None:
         add_servicer(servicer, server)
         return
     server.service_handler_factory = _cancel_safe_factory(factory)
+    server._override_method_handler = _parsing_without_raising(override)
     try:
         add_servicer(servicer, server)
     finally:
         server.service_handler_factory = factory
+        del server._override_method_handler          # Serve's class method again
+
+
+class MalformedRequest:
+    """A request whose bytes are not its method's message. grpc.aio answers a request deserializer that raises
+    with UNKNOWN ("Unexpected <class 'DecodeError'>"); herd's handlers get this instead and answer
+    INVALID_ARGUMENT, in the proxy, before anything reaches the ingress."""
+
+    def __init__(self, service_method: str, error: Exception):
+        self.details = f"{service_method}: the request is not a valid message of this method ({error})"
+
+
+def _parsing_without_raising(override: Callable) -> Callable:
+    """Serve's `_override_method_handler`, its handlers' request parsing turning bad bytes into a
+    MalformedRequest."""
+    def wrapped(service_method: str, method_handler):
+        handler = override(service_method, method_handler)
+        parse = handler.request_deserializer
+        if parse is None:
+            return handler
+
+        def parse_or_mark(data: bytes):
+            try:
+                return parse(data)
+            except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and its kin
+                return MalformedRequest(service_method, e)
+        return handler._replace(request_deserializer=parse_or_mark)
+    return wrapped
 
 
 def _cancel_safe_factory(factory: Callable) -> Callable:
     def make(service_method: str, streaming_type) -> Callable:
         handler = factory(service_method=service_method, streaming_type=streaming_type)
-        return cancel_safe_stream(handler) if streaming_type.name == "UNARY_STREAM" else handler
+        if streaming_type.name == "UNARY_STREAM":
+            return cancel_safe_stream(handler)
+        if streaming_type.name == "UNARY_UNARY":
+            return refusing_malformed(handler)
+        return handler
     return make
 
 
+def refusing_malformed(handler: Callable) -> Callable:
+    """A unary handler that answers a MalformedRequest with INVALID_ARGUMENT."""
+    async def unary_unary(request, context):
+        if isinstance(request, MalformedRequest):
+            await _refuse(request, context)
+        return await handler(request, context)
+    return unary_unary
+
+
+async def _refuse(request: MalformedRequest, context) -> None:
+    import grpc
+
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
+
+
 def cancel_safe_stream(handler: Callable[[Any, Any], AsyncIterator]) -> Callable[[Any, Any], AsyncIterator]:
-    """A server-streaming handler whose own iteration runs in a task that the call's end cancels."""
+    """A server-streaming handler whose own iteration runs in a task that the call's end cancels (a
+    MalformedRequest is refused at once)."""
     async def unary_stream(request, context) -> AsyncIterator:
+        if isinstance(request, MalformedRequest):
+            await _refuse(request, context)
         messages: asyncio.Queue = asyncio.Queue()
 
         async def pump(call: _CallContext) -> None:

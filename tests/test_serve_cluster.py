@@ -240,6 +240,10 @@ def test_missing_prompt_and_bad_chat_role(cluster):
         bad = pb.ChatRequest(model="small", messages=[pb.ChatMessage(role="wizard", content="hi")])
         err = rpc_error(lambda: stub.Chat(bad, metadata=md, timeout=30))
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "messages[0].role" in err.details()
+        # Bytes that are no GenerateRequest: refused by the proxy, not grpc's UNKNOWN.
+        raw = ch.unary_stream("/herd.v1.Inference/Generate", request_serializer=bytes, response_deserializer=bytes)
+        err = rpc_error(lambda: raw(b"\xff\xff\xff", metadata=md, timeout=30))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "not a valid message" in err.details()
 
 
 @pytest.mark.parametrize("metadata", [[], [("authorization", "Bearer wrong-key")], [("x-api-key", "nope")]])
