@@ -124,6 +124,7 @@ class ModelStatus:
     pipeline_parallel_size: int = 1
     replicas: list[ReplicaStatus] = field(default_factory=list)
     router: Optional["RouterStatus"] = None
+    message: str = ""          # Serve's word on the deployment (why a replica is not up yet, ...)
 
     def _sum(self, attr: str) -> int:
         return sum(getattr(r, attr) for r in self.replicas)
@@ -253,7 +254,8 @@ def collect_status(app_name: str = APP_NAME) -> ClusterStatus:
     for dep_name, dep in sorted((app.get("deployments") or {}).items()):
         if not dep_name.startswith(MODEL_PREFIX):
             continue
-        model = ModelStatus(dep_name[len(MODEL_PREFIX):], dep_name, _name(dep.get("status")))
+        model = ModelStatus(dep_name[len(MODEL_PREFIX):], dep_name, _name(dep.get("status")),
+                            message=dep.get("message") or "")
         try:
             info = serve.get_deployment_handle(dep_name, app_name=app_name).model_info.remote().result(timeout_s=10)
             model.tensor_parallel_size = int(info.get("tensor_parallel_size", 1))
@@ -318,6 +320,8 @@ def format_status(st: ClusterStatus) -> str:
         layout = f"TP{m.tensor_parallel_size}xPP{m.pipeline_parallel_size}"
         lines.append(f"{m.name:<24} {m.status:<10} {layout:<8} {f'{up}/{len(m.replicas)}':>8} {m.running:>8} "
                      f"{m.waiting:>8} {_pct(m.kv_usage):>7} {_pct(m.prefix_hit_rate):>10}")
+        if m.message and m.status != "HEALTHY":   # e.g. a replica Ray cannot place: the resources it waits for
+            lines.append(f"  serve: {m.message}")
         if m.router is not None:
             routed = ", ".join(f"{m.router.decisions.get(k, 0)} {k}" for k in ("affinity", "load", "fallback"))
             age = "-" if m.router.report_age_s is None else f"{m.router.report_age_s:.1f}s"
@@ -338,6 +342,8 @@ def format_status(st: ClusterStatus) -> str:
 
 def cmd_status(args) -> int:
     import logging
+
+    import ray.serve  # noqa: F401 - importing it sets "ray.serve" to INFO (Serve's default logger set-up)
 
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # a driver's handle set-up lines: not the screen
     try:

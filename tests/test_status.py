@@ -25,7 +25,9 @@ def test_format_status_without_a_cluster():
         router=RouterStatus({"affinity": 7, "fallback": 3}, prompt_blocks=40, matched_blocks=30, report_age_s=1.25))
     small = ModelStatus("llama-1b", "model-llama-1b", "UPDATING", replicas=[
         ReplicaStatus("r2", "RUNNING", "10.0.0.3", 12, kv_blocks_used=10, kv_blocks_free=10, reported=True),
-        ReplicaStatus("r3", "STARTING", "10.0.0.3", None)])
+        ReplicaStatus("r3", "STARTING", "10.0.0.3", None)],
+        message="1 replicas that have taken more than 30s to be scheduled. Resources required for each replica: "
+                '{"CPU": 1}, total resources available: {"CPU": 0.05}.')
     text = format_status(ClusterStatus("RUNNING", "", [big, small], "10.0.0.1:9000", "http://10.0.0.1:8000/v1",
                                        None, ["http://10.0.0.1:8080/metrics"]))
     assert "dashboard  not running" in text and "metrics    http://10.0.0.1:8080/metrics" in text
@@ -38,6 +40,10 @@ def test_format_status_without_a_cluster():
             "oldest replica report 1.2s") in text.splitlines()
     assert text.count("  router:") == 1     # a model nothing was routed to yet has no router line
     assert "node 10.0.0.2: 2 shard(s) [pp1/tp0, pp1/tp1], each GPU 1" in text
+    # Serve's message on a model that is not HEALTHY, right under its row (a healthy one's is left out).
+    lines = text.splitlines()
+    assert lines[lines.index(row) + 1] == f"  serve: {small.message}"
+    assert text.count("  serve:") == 1
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +114,7 @@ def test_herd_status_command_from_another_process(served):
     out = subprocess.run([sys.executable, "-m", "cluster.cli", "status", "--address", address], env=env,
                          capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-3000:]
+    assert " INFO " not in out.stderr, out.stderr[-3000:]   # Serve's handle set-up lines stay off the screen
     lines = out.stdout.splitlines()
     assert lines[0] == "herd: application herd RUNNING"
     assert f"  gRPC       {served.grpc_address}" in lines
