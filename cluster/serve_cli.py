@@ -106,7 +106,7 @@ def cmd_serve(args) -> int:
     from cluster.app import APP_NAME, build_app, serve_start_options
     from cluster.config import ClusterConfig
     from cluster.local_ray import connect_ray, start_local_ray
-    from cluster.startup import DeployProgress, summary_lines
+    from cluster.startup import DeployProgress, deploy_failures, summary_lines
 
     if args.config:
         cfg = ClusterConfig.from_yaml(args.config)
@@ -114,6 +114,14 @@ def cmd_serve(args) -> int:
         print("herd: no config given; serving the embedded demo", file=sys.stderr)
         cfg = ClusterConfig.from_dict(demo_config())
     cfg = apply_overrides(cfg, args)
+    if not args.address:   # a joined cluster's paths are on its nodes (cluster/preflight.py)
+        from cluster.preflight import checkpoint_problems
+
+        problems = checkpoint_problems(cfg.models)
+        for line in problems:
+            print(f"herd: error: {line}", file=sys.stderr)
+        if problems:
+            return 2
 
     started = time.monotonic()
     # Ray's and Serve's own INFO lines go to Ray's log files (the summary says where); -v streams them here.
@@ -145,6 +153,15 @@ def cmd_serve(args) -> int:
         progress = DeployProgress(cfg, APP_NAME, _logs_dir()).start()
         try:
             serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)
+        except RuntimeError:   # Serve's "Deploying application herd failed": say why, without its traceback
+            failures = deploy_failures(APP_NAME)
+            if not failures:
+                raise
+            for line in failures:
+                print(f"herd: error: {line}", file=sys.stderr)
+            print(f"herd: the replicas' logs: {os.path.join(_logs_dir() or '<ray session>/logs', 'serve')}",
+                  file=sys.stderr)
+            return 1
         finally:
             progress.stop()
         _report_exposure(cfg, joined=bool(args.address))

@@ -14,7 +14,8 @@ Ray and Serve write hundreds of INFO lines while a cluster starts; `herd serve` 
 
 `DeployProgress` watches the deployment from a thread while `serve.run` blocks: each model deployment's
 replica counts (Serve's status), and the weight-loading lines each model replica writes to its Serve log file
-(cluster.deployment, workers.parallel). `summary_lines` is the block printed once everything runs.
+(cluster.deployment, workers.parallel). `summary_lines` is the block printed once everything runs;
+`deploy_failures` says why a deployment failed (each deployment's own error, not Serve's traceback).
 """
 from __future__ import annotations
 
@@ -145,3 +146,31 @@ def summary_lines(cfg: Any, *, elapsed_s: float, dashboard_url: Optional[str], m
                  f"try: herd client models --address {host}:{cfg.grpc_port}")
     lines.append("  Ctrl-C stops")
     return lines
+
+
+def deploy_failures(app_name: str) -> list[str]:
+    """Why `app_name` failed to deploy, one line per failed deployment ("model a: <its error>"), from Serve's
+    status; [] when it did not fail. Serve's message for a replica whose constructor raised ends with that
+    exception's traceback: its last line (the exception itself) is what the operator needs; the traceback
+    stays in the replica's log file."""
+    from ray import serve
+
+    app = serve.status().applications.get(app_name)
+    if app is None or _state(app.status) != "DEPLOY_FAILED":
+        return []
+    lines = []
+    for name, dep in sorted(app.deployments.items()):
+        if _state(dep.status) in ("DEPLOY_FAILED", "UNHEALTHY"):
+            label = f"model {name[len(MODEL_PREFIX):]}" if name.startswith(MODEL_PREFIX) else name
+            lines.append(f"{label}: {failure_reason(dep.message)}")
+    return lines or [app.message]
+
+
+def failure_reason(message: str) -> str:
+    """The exception line at the end of a Serve deployment message (the whole message when it has none)."""
+    last = next((ln.strip() for ln in reversed((message or "").splitlines()) if ln.strip()), "")
+    return last or "no reason given (see the replicas' logs)"
+
+
+def _state(status: Any) -> str:
+    return str(getattr(status, "value", status))

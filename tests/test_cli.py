@@ -88,3 +88,33 @@ def test_herd_serve_flags_override_capacity_and_cluster_keys():
     assert apply_overrides(cfg, build_parser().parse_args(["serve"])) is cfg
     with pytest.raises(ConfigError, match="max_num_seqs"):
         apply_overrides(cfg, build_parser().parse_args(["serve", "--max-num-seqs", "0"]))
+
+
+@pytest.mark.parametrize("model, says", [
+    ({"path": "/no/such/folder"}, "models[0] (m): path /no/such/folder: no such folder"),
+    ({"path": "{tmp}"}, "no config.json"),
+    ({"path": "{demo}/llama32-1b-mini", "tensor_parallel_size": 3}, "tensor_parallel_size 3 must divide"),
+    ({"path": "{demo}/llama32-1b-mini", "pipeline_parallel_size": 9}, "pipeline_parallel_size 9 exceeds"),
+    ({"path": "{weightless}"}, "no model.safetensors or model.safetensors.index.json"),
+    ({"path": "{pickled}"}, "(found pytorch_model.bin: pickle checkpoints are never loaded; convert to safetensors)"),
+])
+def test_herd_serve_checks_each_checkpoint_before_starting_ray(demo, tmp_path, capsys, model, says):
+    """A wrong path or a layout the model cannot take: one line naming the model, exit 2, and no Ray started
+    (it used to surface a minute later as Serve's RuntimeError with a traceback)."""
+    import shutil
+
+    import ray
+
+    weightless = tmp_path / "weightless"
+    shutil.copytree(demo / "llama32-1b-mini", weightless, ignore=shutil.ignore_patterns("*.safetensors"))
+    pickled = tmp_path / "pickled"
+    shutil.copytree(weightless, pickled)
+    (pickled / "pytorch_model.bin").write_bytes(b"not loaded")
+    model = {k: v.format(tmp=tmp_path, demo=demo, weightless=weightless, pickled=pickled) if isinstance(v, str) else v
+             for k, v in model.items()}
+    config = tmp_path / "cluster.yaml"
+    config.write_text(json.dumps({"models": [{"name": "m", **model}]}))
+    assert main(["serve", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "herd: error: models[0] (m): " in err and says in err, err
+    assert not ray.is_initialized()

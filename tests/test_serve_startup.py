@@ -38,6 +38,54 @@ def test_describe_model_and_summary_lines():
     assert "  dashboard  not running" in lines and lines[-1] == "  Ctrl-C stops"
 
 
+def test_a_deploy_failure_is_one_line_per_model_and_no_traceback(monkeypatch):
+    from types import SimpleNamespace
+
+    from ray import serve
+
+    from cluster.startup import deploy_failures, failure_reason
+
+    message = ("The deployment failed to start 3 times in a row. This may be due to a problem with its constructor "
+               "or initial health check failing. See controller logs for details. Error:\nTraceback (most recent "
+               "call last):\n  File \"/work/cluster/deployment.py\", line 203, in __init__\n    self.engine = "
+               "load_engine(spec)\nsafetensors_rust.SafetensorError: Error while deserializing header\n")
+    assert failure_reason(message) == "safetensors_rust.SafetensorError: Error while deserializing header"
+    assert failure_reason("") == "no reason given (see the replicas' logs)"
+    deployments = {"model-a": SimpleNamespace(status="DEPLOY_FAILED", message=message),
+                   "model-b": SimpleNamespace(status="HEALTHY", message=""),
+                   "Ingress": SimpleNamespace(status="UNHEALTHY", message="boom\nValueError: bad")}
+    app = SimpleNamespace(status="DEPLOY_FAILED", message="Failed to update the deployments", deployments=deployments)
+    monkeypatch.setattr(serve, "status", lambda: SimpleNamespace(applications={"herd": app}))
+    assert deploy_failures("herd") == ["Ingress: ValueError: bad",
+                                       "model a: safetensors_rust.SafetensorError: Error while deserializing header"]
+    assert deploy_failures("other") == []
+    app.status = "RUNNING"
+    assert deploy_failures("herd") == []
+
+
+def test_herd_serve_says_why_a_model_failed_to_deploy(tmp_path):
+    """A checkpoint that passes the checks before Ray starts but cannot be loaded (weights cut in half): the
+    model's own error in one line, exit 1, no traceback, the cluster shut down."""
+    import shutil
+
+    from workers.demo import write_demo_checkpoint
+
+    path = write_demo_checkpoint(tmp_path / "cut", "llama32-1b-mini", dtype="float32")
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    config = tmp_path / "cluster.yaml"
+    config.write_text(f"models: [{{name: cut, path: {path}, kv_cache_memory: 4194304}}]\n")
+    # One constructor try instead of Serve's three (the controller reads this in its own process): ~20 s saved.
+    env = {**os.environ, "RAY_ENABLE_AUTO_CONNECT": "0", "RAY_SERVE_MAX_PER_REPLICA_RETRY_COUNT": "1"}
+    out = subprocess.run([sys.executable, "-m", "cluster.cli", "serve", str(config), "--grpc-port", str(free_port()),
+                          "--http-port", str(free_port())], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "herd: error: model cut: " in out.stderr and "SafetensorError" in out.stderr, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert "herd: the replicas' logs: " in out.stderr and "herd: shutting down" in out.stderr
+    shutil.rmtree(tmp_path / "cut")
+
+
 def test_herd_serve_start_up_and_summary(tmp_path):
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc

@@ -106,13 +106,18 @@ class Tokenizer:
         """The tokenizer of a checkpoint folder: the first of TOKENIZER_FILES that exists (Hugging Face Llama 2
         folders ship tokenizer.model beside a tokenizer.json; the SentencePiece model is the reference)."""
         root = Path(path)
+        tok = Tokenizer.from_file(Tokenizer.file_in(root))
+        tok._configure_from_folder(root)
+        return tok
+
+    @staticmethod
+    def file_in(root: Path) -> Path:
+        """The tokenizer file from_pretrained_dir loads from checkpoint folder `root` (found by name, not read)."""
         if not root.is_dir():
             raise TokenizerError(f"{root}: not a checkpoint folder")
         for name in Tokenizer.TOKENIZER_FILES:
             if (root / name).is_file():
-                tok = Tokenizer.from_file(root / name)
-                tok._configure_from_folder(root)
-                return tok
+                return root / name
         raise TokenizerError(f"{root}: no tokenizer found (looked for {', '.join(Tokenizer.TOKENIZER_FILES)})")
 
     # ---- what the rest of herd reads -------------------------------------------------------------------------

@@ -14,10 +14,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from .checkpoint_files import INDEX_FILE, weights_source
 from .errors import CheckpointError
-
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 
 
 class WeightSource:
@@ -32,24 +30,14 @@ class WeightSource:
 
     @staticmethod
     def _index(path: Path) -> dict[str, Path]:
-        index = path / INDEX_FILE
-        if index.is_file():
-            weight_map = json.loads(index.read_text()).get("weight_map")
+        source = weights_source(path)
+        if source.name == INDEX_FILE:
+            weight_map = json.loads(source.read_text()).get("weight_map")
             if not weight_map:
-                raise CheckpointError(f"{index}: no weight_map")
+                raise CheckpointError(f"{source}: no weight_map")
             return {name: path / fname for name, fname in weight_map.items()}
-        single = path / SINGLE_FILE
-        if single.is_file():
-            with safe_open(single, framework="pt") as f:
-                return {name: single for name in f.keys()}
-        candidates = sorted(p.name for p in path.glob("*.safetensors"))
-        if len(candidates) == 1:
-            only = path / candidates[0]
-            with safe_open(only, framework="pt") as f:
-                return {name: only for name in f.keys()}
-        pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
-        hint = f" (found {', '.join(pickles)}: pickle checkpoints are never loaded; convert to safetensors)" if pickles else ""
-        raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
+        with safe_open(source, framework="pt") as f:
+            return {name: source for name in f.keys()}
 
     def _handle(self, name: str):
         try:
