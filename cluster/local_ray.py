@@ -129,6 +129,8 @@ def connect_ray(address: Optional[str] = None, **init_kwargs) -> None:
 
     resolved = services.get_ray_address_from_environment(address or "auto", None)
     host = resolved.rpartition(":")[0] if "://" not in resolved else ""
+    if host:
+        _check_reachable(resolved)
     if host == "localhost" or (host and is_loopback_ip(host)):
         # A cluster on this machine: its token (~/.ray/auth_token) is used as Ray uses it for a cluster it
         # finds with "auto" (Ray does not for an explicit address: set RAY_AUTH_MODE=token for a remote one).
@@ -141,6 +143,23 @@ def connect_ray(address: Optional[str] = None, **init_kwargs) -> None:
             ray.init(address=resolved, _node_ip_address=LOOPBACK, **init_kwargs)
     else:
         ray.init(address=resolved, **init_kwargs)
+
+
+# How long a driver waits for a Ray cluster's GCS port to accept a connection before saying there is none.
+GCS_CONNECT_TIMEOUT_S = 5.0
+
+
+def _check_reachable(address: str) -> None:
+    """ConnectionError at once when nothing accepts connections at `address` (HOST:PORT): ray.init would retry
+    an unreachable GCS for minutes, printing its own warnings, before it gave up."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=GCS_CONNECT_TIMEOUT_S):
+            pass
+    except (OSError, ValueError) as e:
+        raise ConnectionError(f"no Ray cluster at {address} ({e})") from None
 
 
 def _bind_host(host: str) -> str:

@@ -131,7 +131,11 @@ def cmd_serve(args) -> int:
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
     if args.address:
         print(f"herd: joining the Ray cluster at {args.address} ...", file=sys.stderr)
-        connect_ray(args.address, **quiet)
+        try:
+            connect_ray(args.address, **quiet)
+        except ConnectionError as e:
+            print(f"herd: error: cannot join a Ray cluster: {e}", file=sys.stderr)
+            return 1
     else:  # a private single-node Ray: never join a cluster by accident; every port on loopback but the proxies
         cfg = bind_cpus(cfg)
         print("herd: starting a local Ray (every port on 127.0.0.1 but the gRPC / HTTP proxies) ...", file=sys.stderr)

@@ -130,6 +130,23 @@ def test_loopback_and_rebind_rules(monkeypatch):
     assert _rebind("10.1.2.3:9000") == "10.1.2.3:9000"  # an explicit address is left alone
 
 
+def test_joining_an_address_where_nothing_listens_fails_at_once():
+    """`herd status --address` / `herd serve --address` at a wrong address: ConnectionError naming it within the
+    probe's time-out (ray.init retried for minutes, printing its own warnings), and no Ray driver started."""
+    import time
+
+    import ray
+
+    from cluster.local_ray import GCS_CONNECT_TIMEOUT_S, connect_ray
+
+    port = free_port()   # bound and released: nothing listens there now
+    started = time.monotonic()
+    with pytest.raises(ConnectionError, match=f"no Ray cluster at 127.0.0.1:{port} "):
+        connect_ray(f"127.0.0.1:{port}")
+    assert time.monotonic() - started < GCS_CONNECT_TIMEOUT_S + 5   # a guard against the old minutes-long wait
+    assert not ray.is_initialized()
+
+
 def _thread_niceness(pid: int) -> set[int]:
     return {os.getpriority(os.PRIO_PROCESS, int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}
 
