@@ -163,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     except HerdError as e:
         print(f"herd: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:   # a file or folder the command cannot read or write: its errno and path say it all
+        logging.getLogger("herd.cli").debug("the command failed", exc_info=True)   # -v: where
+        print(f"herd: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -118,3 +118,11 @@ def test_herd_serve_checks_each_checkpoint_before_starting_ray(demo, tmp_path, c
     err = capsys.readouterr().err
     assert "herd: error: models[0] (m): " in err and says in err, err
     assert not ray.is_initialized()
+
+
+def test_a_file_the_command_cannot_write_is_one_line_not_a_traceback(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["demo-checkpoint", str(blocker / "ckpt"), "--shape", "llama32-1b-mini"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("herd: error: [Errno ") and str(blocker) in err and "Traceback" not in err
