@@ -20,6 +20,7 @@ import random
 import resource
 import time
 
+from benchmarks.bench_args import positive_int
 from benchmarks.bench_common import log, scratch_dir, write_json
 
 # ~58M parameters with a Llama 2 sized vocabulary: big enough that matmuls, not Python, dominate.
@@ -194,15 +195,15 @@ def run(args) -> int:
 def register_bench(bench_sub) -> None:
     p = bench_sub.add_parser("engine", help="herd Engine vs transformers batched generate (JSON)")
     p.add_argument("--model", default=None, help="checkpoint folder (default: a generated ~58M-parameter model)")
-    p.add_argument("--requests", type=int, default=48)
-    p.add_argument("--max-num-seqs", type=int, default=48)
-    p.add_argument("--hf-batch-size", type=int, default=16)
+    p.add_argument("--requests", type=positive_int, default=48)
+    p.add_argument("--max-num-seqs", type=positive_int, default=48)
+    p.add_argument("--hf-batch-size", type=positive_int, default=16)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="compute dtype of both engines (and of the generated checkpoint)")
     p.add_argument("--skip-transformers", action="store_true")
     p.add_argument("--structured", action="store_true",
                    help="instead: grammar mask overhead per decode step (JSON schema, Llama 3 vocabulary)")
-    p.add_argument("--batch", type=int, default=32, help="--structured: sequences decoding together")
-    p.add_argument("--steps", type=int, default=24, help="--structured: decode steps per run")
-    p.add_argument("--rounds", type=int, default=3, help="--structured: unconstrained/constrained run pairs")
+    p.add_argument("--batch", type=positive_int, default=32, help="--structured: sequences decoding together")
+    p.add_argument("--steps", type=positive_int, default=24, help="--structured: decode steps per run")
+    p.add_argument("--rounds", type=positive_int, default=3, help="--structured: unconstrained/constrained run pairs")
     p.set_defaults(func=run)

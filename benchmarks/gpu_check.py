@@ -43,6 +43,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.bench_args import non_negative_float, positive_float
+
 WHEEL_DIR = Path(__file__).resolve().parent.parent / ".gpu-wheels"
 SCRATCH_SITE = Path(tempfile.gettempdir()) / "herd-gpu-site"
 # The paths compared, as the switches the runner reads when it picks its backends and captures its graphs.
@@ -817,9 +819,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="bench-out/gpu-check", help="folder for gpu_check.json and gpu_check.png")
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu (a dry run of the script itself)")
     ap.add_argument("--quick", action="store_true", help="tiny shapes and few iterations")
-    ap.add_argument("--hbm-tb-s", type=float, default=None, help="HBM bandwidth in TB/s (default: the device table)")
-    ap.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 TFLOP/s (default: the device table)")
-    ap.add_argument("--budget-s", type=float, default=420.0, help="stop starting timings after this many seconds")
+    ap.add_argument("--hbm-tb-s", type=positive_float, default=None,
+                    help="HBM bandwidth in TB/s (default: the device table)")
+    ap.add_argument("--peak-tflops", type=positive_float, default=None,
+                    help="dense bf16 TFLOP/s (default: the device table)")
+    ap.add_argument("--budget-s", type=non_negative_float, default=420.0,
+                    help="stop starting timings after this many seconds")
     ap.add_argument("--print-wheels", action="store_true",
                     help="print the name==version lines `make gpu-wheels` downloads, and exit")
     args = ap.parse_args(argv)

@@ -57,6 +57,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from benchmarks.bench_args import (concurrency_levels, cpu_list_arg, non_negative_float, non_negative_int,
+                                   positive_float, positive_int, range_ratio)
 from benchmarks.bench_common import (BENCH_MODEL, AioTarget, LoopLag, ProcessCpu, StreamResult, TimelineSampler,
                                      checkpoint_vocab, closed_loop, cluster_config, cpu_ms_per_request, demo_checkpoint,
                                      figure_path, local_ray, log, p50_p99_ms, pyplot, random_prompts,
@@ -107,11 +109,10 @@ def engine_kwargs(entry: dict[str, Any]) -> dict[str, Any]:
     return {"dtype": spec.dtype, **spec.engine_args, "show_progress": False}
 
 
-def parse_levels(text: str) -> list[int]:
-    levels = [int(x) for x in str(text).split(",") if x.strip()]
-    if not levels or min(levels) < 1:
-        raise ValueError(f"--concurrency needs positive integers, got {text!r}")
-    return levels
+def parse_levels(levels: str | list[int]) -> list[int]:
+    """--concurrency's stream counts: a list once argparse has parsed them (bench_args.concurrency_levels); text
+    (as args built by hand may hold) is checked the same way."""
+    return concurrency_levels(levels) if isinstance(levels, str) else list(levels)
 
 
 # Requests per stream at a level, by default (module doc).
@@ -674,45 +675,14 @@ def _run_external(args, levels: list[int]) -> tuple[list, dict]:
     return merge_levels(levels, served, local, args), {}
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
-    return value
-
-
-def range_ratio(text: str) -> float:
-    """--max-tokens-range-ratio, checked when parsed."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value:g}")
-    return value
-
-
-def cpu_list_arg(text: str) -> str:
-    """A cpu list flag, checked when the command line is parsed (a usage error, not a traceback at start)."""
-    from workers.cpu_affinity import parse_cpu_list
-
-    try:
-        parse_cpu_list(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
-
-
 def register_bench(bench_sub) -> None:
     p = bench_sub.add_parser("load", help="concurrency sweep: served tok/s, TTFT, inter-token latency vs the same "
                                           "requests in-process; past-capacity rejections (JSON + PNG)")
-    p.add_argument("--concurrency", default="1,8,32,64,128,256", help="comma-separated stream counts")
-    p.add_argument("--requests-per-level", type=int, default=None, help="default: max(4 x level, 64)")
-    p.add_argument("--prompt-tokens", type=int, default=64)
-    p.add_argument("--max-tokens", type=int, default=64, help="generated tokens per request (ignore_eos)")
+    p.add_argument("--concurrency", type=concurrency_levels, default="1,8,32,64,128,256",
+                   help="comma-separated stream counts")
+    p.add_argument("--requests-per-level", type=positive_int, default=None, help="default: max(4 x level, 64)")
+    p.add_argument("--prompt-tokens", type=positive_int, default=64)
+    p.add_argument("--max-tokens", type=positive_int, default=64, help="generated tokens per request (ignore_eos)")
     p.add_argument("--max-tokens-range-ratio", type=range_ratio, default=0.0,
                    help="R in [0, 1): each request's max_tokens uniform in [max_tokens*(1-R), max_tokens*(1+R)], "
                         "the same requests on both sides (default 0: all equal)")
@@ -722,10 +692,11 @@ def register_bench(bench_sub) -> None:
     p.add_argument("--address", default=None, help="HOST:PORT of a running cluster (default: self-hosted)")
     p.add_argument("--served-model", default=BENCH_MODEL, help="model name to request, with --address")
     p.add_argument("--api-key", default=os.environ.get("HERD_API_KEY"), help="with --address")
-    p.add_argument("--replica-cpus", type=float, default=1.0,
+    p.add_argument("--replica-cpus", type=positive_float, default=1.0,
                    help="self-hosted: CPU reservation (= torch threads) of the replica and the in-process engine")
-    p.add_argument("--max-num-seqs", type=int, default=None, help="engine batch size (default: the largest level)")
-    p.add_argument("--stream-max-messages-per-s", type=float, default=None,
+    p.add_argument("--max-num-seqs", type=positive_int, default=None,
+                   help="engine batch size (default: the largest level)")
+    p.add_argument("--stream-max-messages-per-s", type=non_negative_float, default=None,
                    help="the served model's stream pacing (default: herd's; 0 = a message per token)")
     p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
                    help="the served engine in a process of its own (default: the config's, on)")
@@ -742,20 +713,21 @@ def register_bench(bench_sub) -> None:
                    help="self-hosted: the cluster config's cpu_binding_serving_cpus (CPUs the serving path keeps)")
     p.add_argument("--serve-transport", choices=SERVE_TRANSPORTS, default=DEFAULT_SERVE_TRANSPORT,
                    help="self-hosted: the cluster config's serve_transport (Serve's hops between herd's processes)")
-    p.add_argument("--timeout-s", type=float, default=120.0, help="deadline of each request")
+    p.add_argument("--timeout-s", type=positive_float, default=120.0, help="deadline of each request")
     p.add_argument("--autoscale", action="store_true", help="autoscale the model (min 1, max 2); plot replicas")
-    p.add_argument("--target-ongoing-requests", type=float, default=16.0, help="with --autoscale")
-    p.add_argument("--cooldown-s", type=float, default=8.0, help="with --autoscale: idle sampling after the sweep")
+    p.add_argument("--target-ongoing-requests", type=positive_float, default=16.0, help="with --autoscale")
+    p.add_argument("--cooldown-s", type=non_negative_float, default=8.0,
+                   help="with --autoscale: idle sampling after the sweep")
     p.add_argument("--overload", action="store_true", help="also measure rejections past a small model's capacity")
-    p.add_argument("--overload-streams", type=int, default=32, help="--overload: the burst's streams")
-    p.add_argument("--overload-rate", type=float, default=20.0,
+    p.add_argument("--overload-streams", type=positive_int, default=32, help="--overload: the burst's streams")
+    p.add_argument("--overload-rate", type=positive_float, default=20.0,
                    help="--overload: arrivals per second while the capped model is kept full")
-    p.add_argument("--overload-s", type=float, default=10.0, help="--overload: seconds of sustained arrivals")
+    p.add_argument("--overload-s", type=positive_float, default=10.0, help="--overload: seconds of sustained arrivals")
     p.add_argument("--skip-in-process", action="store_true", help="no in-process baseline")
     p.add_argument("--engine-hop-only", action="store_true",
                    help="the served side is the replica's engine client alone, driven from this process (no Ray, "
                         "Serve or gRPC): how much of the gap is the engine hop")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--out", default=None, help="folder for load_bench.json and the PNGs (default: JSON to stdout, "
                                                "PNGs to the current folder)")
     p.set_defaults(func=run)

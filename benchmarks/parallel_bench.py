@@ -25,6 +25,7 @@ from pathlib import Path
 
 import psutil
 
+from benchmarks.bench_args import positive_int
 from benchmarks.bench_common import log, write_json
 
 # ~100M parameters: matmuls dominate a decode step, yet four shards fit in a small CI machine's memory.
@@ -295,11 +296,11 @@ def register_bench(bench_sub) -> None:
     p = bench_sub.add_parser("parallel", help="TP/PP shard groups on the CPU: step latency, driver hop, "
                                               "activation transport, shard RSS (JSON)")
     p.add_argument("--model", default=None, help="checkpoint folder (default: a generated ~100M-parameter model)")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--iters", type=int, default=200, help="calls per driver-hop measurement")
-    p.add_argument("--hidden", type=int, default=4096, help="hidden size of the activation-transport test")
+    p.add_argument("--batch", type=positive_int, default=16)
+    p.add_argument("--prompt-len", type=positive_int, default=64)
+    p.add_argument("--new-tokens", type=positive_int, default=32)
+    p.add_argument("--iters", type=positive_int, default=200, help="calls per driver-hop measurement")
+    p.add_argument("--hidden", type=positive_int, default=4096, help="hidden size of the activation-transport test")
     p.add_argument("--out", default=None, help="write the JSON to this file (default: stdout)")
     p.add_argument("--verbose-rows", action="store_true", help="log each layout's row (stderr) as it finishes")
     p.set_defaults(func=run)

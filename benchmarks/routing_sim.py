@@ -35,6 +35,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
+from benchmarks.bench_args import non_negative_int, positive_int
 from benchmarks.bench_common import report_stream
 from workers.block_hash import CountingBlockFilter, filter_positions, filter_shape
 
@@ -324,15 +325,16 @@ def _main(args) -> int:
 
 
 def _add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--blocks", type=int, nargs="+", default=[100_000, 1_000_000], help="cached blocks per replica")
-    p.add_argument("--replicas", type=int, default=8)
-    p.add_argument("--routers", type=int, default=4, help="routers (ingress replicas) sharing the reports")
-    p.add_argument("--requests", type=int, default=4000)
-    p.add_argument("--report-every", type=int, default=100,
+    p.add_argument("--blocks", type=positive_int, nargs="+", default=[100_000, 1_000_000],
+                   help="cached blocks per replica")
+    p.add_argument("--replicas", type=positive_int, default=8)
+    p.add_argument("--routers", type=positive_int, default=4, help="routers (ingress replicas) sharing the reports")
+    p.add_argument("--requests", type=positive_int, default=4000)
+    p.add_argument("--report-every", type=positive_int, default=100,
                    help="requests between reports (a request every 10 ms of simulated time: 100 = a 1 s period)")
     p.add_argument("--designs", nargs="+",
                    default=["oracle", "filter", "recent-4096", "registered-4096", "exact-report"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
 
 
 def register_bench(bench_sub) -> None:

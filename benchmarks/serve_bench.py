@@ -46,6 +46,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from benchmarks.bench_args import non_negative_float, non_negative_int, positive_float, positive_int
 from benchmarks.bench_common import (Timeline, TimelineSampler, figure_path, free_port,  # noqa: F401
                                      local_ray, log, percentile, pyplot, replica_counts, save_figure,
                                      scratch_dir, write_report)
@@ -569,27 +570,28 @@ def register_bench(bench_sub) -> None:
     p.add_argument("--ray-address", default=None, help="with --address: Ray cluster to read replica counts from")
     p.add_argument("--shape", default="llama32-1b-mini", help="self-hosted: demo checkpoint shape")
     p.add_argument("--checkpoint", default=None, help="self-hosted: checkpoint folder instead of a demo shape")
-    p.add_argument("--replicas", type=int, nargs="+", default=[2],
+    p.add_argument("--replicas", type=positive_int, nargs="+", default=[2],
                    help="self-hosted: replica counts for the router comparison (e.g. --replicas 2 4)")
     p.add_argument("--routers-only", action="store_true",
                    help="self-hosted: only the router comparison (no gRPC-overhead or autoscale phases)")
-    p.add_argument("--sessions", type=int, default=6)
-    p.add_argument("--turns", type=int, default=4)
-    p.add_argument("--system-tokens", type=int, default=256, help="system prompt shared by all sessions")
-    p.add_argument("--session-tokens", type=int, default=0,
+    p.add_argument("--sessions", type=positive_int, default=6)
+    p.add_argument("--turns", type=positive_int, default=4)
+    p.add_argument("--system-tokens", type=non_negative_int, default=256, help="system prompt shared by all sessions")
+    p.add_argument("--session-tokens", type=non_negative_int, default=0,
                    help="each session's own document after the system prompt (document QA / RAG); 0: none")
-    p.add_argument("--user-tokens", type=int, default=128, help="new tokens per turn")
-    p.add_argument("--kv-blocks", type=int, default=None,
+    p.add_argument("--user-tokens", type=positive_int, default=128, help="new tokens per turn")
+    p.add_argument("--kv-blocks", type=positive_int, default=None,
                    help="router comparison: each replica's KV cache in blocks (default: what memory gives); "
                         "the ideal single replica stays unbounded")
-    p.add_argument("--max-tokens", type=int, default=16, help="generated tokens per turn")
-    p.add_argument("--think-s", type=float, default=0.05, help="max pause before each turn")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overhead-requests", type=int, default=20)
-    p.add_argument("--max-replicas", type=int, default=3, help="autoscale timeline: max replicas")
-    p.add_argument("--high-sessions", type=int, default=8, help="autoscale timeline: sessions in the high phase")
-    p.add_argument("--phase-s", type=float, default=10.0, help="autoscale timeline: length of the low phase")
-    p.add_argument("--downscale-delay-s", type=float, default=5.0)
+    p.add_argument("--max-tokens", type=positive_int, default=16, help="generated tokens per turn")
+    p.add_argument("--think-s", type=non_negative_float, default=0.05, help="max pause before each turn")
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--overhead-requests", type=positive_int, default=20)
+    p.add_argument("--max-replicas", type=positive_int, default=3, help="autoscale timeline: max replicas")
+    p.add_argument("--high-sessions", type=positive_int, default=8,
+                   help="autoscale timeline: sessions in the high phase")
+    p.add_argument("--phase-s", type=positive_float, default=10.0, help="autoscale timeline: length of the low phase")
+    p.add_argument("--downscale-delay-s", type=non_negative_float, default=5.0)
     p.add_argument("--out", default=None, help="folder for serve_bench.json and the PNG (default: JSON to stdout, "
                                                "PNG in the current folder)")
     p.set_defaults(func=run)

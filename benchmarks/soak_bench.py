@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from benchmarks.bench_args import (fraction, int_at_least, non_negative_float, non_negative_int, positive_float,
+                                   positive_int, usage_error)
 from benchmarks.bench_common import (BENCH_MODEL, AioTarget, StreamResult, TimelineSampler, checkpoint_vocab,
                                      closed_loop, cluster_config, demo_checkpoint, figure_path, local_ray, log,
                                      model_stats, p50_p99_ms, pyplot, replica_actors, replica_counts,
@@ -149,6 +151,10 @@ def _drain(probe: ReplicaProbe, start_free: int, timeout_s: float) -> float:
 
 
 def run_soak(args) -> int:
+    shares = args.cancel_fraction + args.invalid_fraction + args.deadline_fraction
+    if shares > 1 + 1e-9:   # each request is one kind, its share cut from one roll in [0, 1)
+        return usage_error("soak", f"--cancel-fraction + --invalid-fraction + --deadline-fraction must be <= 1, "
+                                   f"got {shares:g}")
     from benchmarks.load_bench import git_commit
 
     duration_s = args.minutes * 60
@@ -303,6 +309,9 @@ def fault_summary(results: list[StreamResult], t_kill: float, deadline_s: float)
 
 
 def run_fault(args) -> int:
+    if args.kill_at_s >= args.duration_s:
+        return usage_error("fault", f"--kill-at-s must be below --duration-s ({args.duration_s:g}), "
+                                    f"got {args.kill_at_s:g}")
     from benchmarks.load_bench import git_commit
     from benchmarks.serve_bench import plot_timeline
     from cluster.app import APP_NAME, deployment_name
@@ -361,11 +370,11 @@ def run_fault(args) -> int:
 def _common(p) -> None:
     p.add_argument("--model", default=None, help="checkpoint folder instead of the demo")
     p.add_argument("--shape", default="llama32-1b-mini", help="demo checkpoint shape (written to a temp folder)")
-    p.add_argument("--streams", type=int, default=16, help="concurrent streams")
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--max-num-seqs", type=int, default=32)
-    p.add_argument("--replica-cpus", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--streams", type=positive_int, default=16, help="concurrent streams")
+    p.add_argument("--max-tokens", type=positive_int, default=64)
+    p.add_argument("--max-num-seqs", type=positive_int, default=32)
+    p.add_argument("--replica-cpus", type=positive_float, default=1.0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--out", default=None, help="folder for the JSON and PNG (default: JSON to stdout)")
 
 
@@ -373,26 +382,27 @@ def register_bench(bench_sub) -> None:
     p = bench_sub.add_parser("soak", help="steady mixed load (cancels, invalid input, deadlines): replica RSS and "
                                           "free KV blocks before, during and after (JSON + PNG)")
     _common(p)
-    p.add_argument("--minutes", type=float, default=10.0)
-    p.add_argument("--max-prompt", type=int, default=256, help="prompts are 8..this many tokens")
-    p.add_argument("--cancel-fraction", type=float, default=0.15)
-    p.add_argument("--invalid-fraction", type=float, default=0.1)
-    p.add_argument("--deadline-fraction", type=float, default=0.1)
-    p.add_argument("--timeout-s", type=float, default=120.0, help="deadline of the other requests")
-    p.add_argument("--sample-s", type=float, default=1.0, help="RSS / KV sampling period")
-    p.add_argument("--warmup-s", type=float, default=30.0, help="RSS reference is taken this long into the load")
-    p.add_argument("--rss-tolerance-mib", type=float, default=64.0)
-    p.add_argument("--rss-window-s", type=float, default=60.0,
+    p.add_argument("--minutes", type=positive_float, default=10.0)
+    p.add_argument("--max-prompt", type=int_at_least(8), default=256, help="prompts are 8..this many tokens")
+    p.add_argument("--cancel-fraction", type=fraction, default=0.15)
+    p.add_argument("--invalid-fraction", type=fraction, default=0.1)
+    p.add_argument("--deadline-fraction", type=fraction, default=0.1)
+    p.add_argument("--timeout-s", type=positive_float, default=120.0, help="deadline of the other requests")
+    p.add_argument("--sample-s", type=positive_float, default=1.0, help="RSS / KV sampling period")
+    p.add_argument("--warmup-s", type=non_negative_float, default=30.0,
+                   help="RSS reference is taken this long into the load")
+    p.add_argument("--rss-tolerance-mib", type=non_negative_float, default=64.0)
+    p.add_argument("--rss-window-s", type=positive_float, default=60.0,
                    help="RSS is compared as the median of the first and of the last this-many seconds after warm-up")
-    p.add_argument("--drain-timeout-s", type=float, default=60.0)
+    p.add_argument("--drain-timeout-s", type=positive_float, default=60.0)
     p.set_defaults(func=run_soak)
 
     p = bench_sub.add_parser("fault", help="2 replicas under load, one killed: failed requests, error window, "
                                            "hangs, time to a RUNNING replacement (JSON + PNG)")
     _common(p)
-    p.add_argument("--prompt-tokens", type=int, default=64)
-    p.add_argument("--duration-s", type=float, default=30.0)
-    p.add_argument("--kill-at-s", type=float, default=8.0)
-    p.add_argument("--deadline-s", type=float, default=30.0, help="each request's deadline")
-    p.add_argument("--recovery-timeout-s", type=float, default=120.0)
+    p.add_argument("--prompt-tokens", type=positive_int, default=64)
+    p.add_argument("--duration-s", type=positive_float, default=30.0)
+    p.add_argument("--kill-at-s", type=non_negative_float, default=8.0)
+    p.add_argument("--deadline-s", type=positive_float, default=30.0, help="each request's deadline")
+    p.add_argument("--recovery-timeout-s", type=positive_float, default=120.0)
     p.set_defaults(func=run_fault)
