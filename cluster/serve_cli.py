@@ -114,10 +114,11 @@ def cmd_serve(args) -> int:
         print("herd: no config given; serving the embedded demo", file=sys.stderr)
         cfg = ClusterConfig.from_dict(demo_config())
     cfg = apply_overrides(cfg, args)
-    if not args.address:   # a joined cluster's paths are on its nodes (cluster/preflight.py)
-        from cluster.preflight import checkpoint_problems
+    if not args.address:   # a joined cluster's paths and proxies are on its nodes (cluster/preflight.py)
+        from cluster.preflight import checkpoint_problems, port_problems
 
-        problems = checkpoint_problems(cfg.models)
+        problems = checkpoint_problems(cfg.models) + port_problems(
+            cfg.host, {"grpc_port": cfg.grpc_port, "http_port": cfg.http_port})
         for line in problems:
             print(f"herd: error: {line}", file=sys.stderr)
         if problems:

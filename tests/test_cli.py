@@ -126,3 +126,29 @@ def test_a_file_the_command_cannot_write_is_one_line_not_a_traceback(tmp_path, c
     assert main(["demo-checkpoint", str(blocker / "ckpt"), "--shape", "llama32-1b-mini"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("herd: error: [Errno ") and str(blocker) in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("reuse_port", [False, True])
+def test_herd_serve_refuses_a_port_another_server_holds_before_starting_ray(demo, tmp_path, capsys, reuse_port):
+    """A listener already on the gRPC port (with SO_REUSEPORT, as grpc's own servers bind, a second gRPC proxy
+    would bind beside it and share its connections): one line naming the key and address, exit 2, no Ray."""
+    import socket
+
+    import ray
+
+    from cluster.preflight import port_problems
+
+    config = tmp_path / "cluster.yaml"
+    config.write_text(json.dumps({"models": [{"name": "m", "path": str(demo / "llama32-1b-mini")}]}))
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        port = holder.getsockname()[1]
+        assert main(["serve", str(config), "--grpc-port", str(port)]) == 2
+        err = capsys.readouterr().err
+        assert f"herd: error: grpc_port: cannot listen on 127.0.0.1:{port}: in use" in err, err
+        assert not ray.is_initialized()
+    assert port_problems("127.0.0.1", {"grpc_port": port}) == []   # free again once the holder closed
