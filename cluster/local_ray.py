@@ -70,8 +70,14 @@ def start_local_ray(*, num_cpus: Optional[float] = None, include_dashboard: bool
     monitors) then run at the lowest priority (cluster.background_priority)."""
     import ray
 
+    # SERVE_SOCKET_REUSE_PORT_ENABLED=0: Serve's proxies bind with SO_REUSEPORT by default, so a second server
+    # on the same port (another herd serve) would bind beside them and take a share of the connections,
+    # silently. One proxy per port here: a second one fails to bind instead. That holds for the HTTP proxy;
+    # Ray 2.60 hands the gRPC proxy grpc.so_reuseport as the string "0", which grpc does not take as false, so
+    # there herd serve's port check before start-up (cluster/preflight.py) is what refuses a second server.
     env_vars = {_BIND_ENV: LOOPBACK, _GRPC_HOST_ENV: serve_grpc_host,
-                PROXY_USE_GRPC_ENV: "1" if serve_transport == "grpc" else "0"}
+                PROXY_USE_GRPC_ENV: "1" if serve_transport == "grpc" else "0",
+                "SERVE_SOCKET_REUSE_PORT_ENABLED": "0"}
     if serve_grpc_port is not None:
         env_vars[_GRPC_PORT_ENV] = str(serve_grpc_port)
     if grpc_max_message_bytes is not None:

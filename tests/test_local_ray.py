@@ -67,6 +67,23 @@ def test_every_session_socket_is_on_loopback(local_serve):
 
 
 @pytest.mark.slow
+def test_no_second_server_can_share_the_proxies_ports(local_serve):
+    """Serve binds its HTTP proxy with SO_REUSEPORT unless SERVE_SOCKET_REUSE_PORT_ENABLED=0, and then a second
+    server on the same port (another herd serve) binds beside it and takes a share of its connections. A local
+    herd serve turns it off: a second listener, even with SO_REUSEPORT, is refused. (Serve's gRPC proxy keeps
+    SO_REUSEPORT whatever the variable says: Ray 2.60 passes grpc.so_reuseport as the string "0", which grpc
+    does not read as false. herd serve's port check before start-up covers it.)"""
+    import errno
+
+    with socket.socket() as second:
+        second.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        second.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        with pytest.raises(OSError) as bind:
+            second.bind(("127.0.0.1", local_serve.http_port))
+        assert bind.value.errno == errno.EADDRINUSE
+
+
+@pytest.mark.slow
 def test_serve_proxy_calls_replicas_over_grpc_by_default(local_serve):
     """serve_transport grpc (the default): Serve's proxy reads RAY_SERVE_PROXY_USE_GRPC=1 in its own process."""
     import psutil
@@ -132,10 +149,8 @@ def test_loopback_and_rebind_rules(monkeypatch):
 
 def test_joining_an_address_where_nothing_listens_fails_at_once():
     """`herd status --address` / `herd serve --address` at a wrong address: ConnectionError naming it within the
-    probe's time-out (ray.init retried for minutes, printing its own warnings), and no Ray driver started."""
+    probe's time-out (ray.init retried for minutes, printing its own warnings)."""
     import time
-
-    import ray
 
     from cluster.local_ray import GCS_CONNECT_TIMEOUT_S, connect_ray
 
@@ -144,7 +159,6 @@ def test_joining_an_address_where_nothing_listens_fails_at_once():
     with pytest.raises(ConnectionError, match=f"no Ray cluster at 127.0.0.1:{port} "):
         connect_ray(f"127.0.0.1:{port}")
     assert time.monotonic() - started < GCS_CONNECT_TIMEOUT_S + 5   # a guard against the old minutes-long wait
-    assert not ray.is_initialized()
 
 
 def _thread_niceness(pid: int) -> set[int]:
