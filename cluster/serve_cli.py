@@ -114,15 +114,8 @@ def cmd_serve(args) -> int:
         print("herd: no config given; serving the embedded demo", file=sys.stderr)
         cfg = ClusterConfig.from_dict(demo_config())
     cfg = apply_overrides(cfg, args)
-    if not args.address:   # a joined cluster's paths and proxies are on its nodes (cluster/preflight.py)
-        from cluster.preflight import checkpoint_problems, port_problems
-
-        problems = checkpoint_problems(cfg.models) + port_problems(
-            cfg.host, {"grpc_port": cfg.grpc_port, "http_port": cfg.http_port})
-        for line in problems:
-            print(f"herd: error: {line}", file=sys.stderr)
-        if problems:
-            return 2
+    if not args.address and _say_problems(_local_start_problems(cfg)):
+        return 2
 
     started = time.monotonic()
     # Ray's and Serve's own INFO lines go to Ray's log files (the summary says where); -v streams them here.
@@ -159,11 +152,8 @@ def cmd_serve(args) -> int:
         try:
             serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)
         except RuntimeError:   # Serve's "Deploying application herd failed": say why, without its traceback
-            failures = deploy_failures(APP_NAME)
-            if not failures:
+            if not _say_problems(deploy_failures(APP_NAME)):
                 raise
-            for line in failures:
-                print(f"herd: error: {line}", file=sys.stderr)
             print(f"herd: the replicas' logs: {os.path.join(_logs_dir() or '<ray session>/logs', 'serve')}",
                   file=sys.stderr)
             return 1
@@ -183,6 +173,22 @@ def cmd_serve(args) -> int:
         serve.shutdown()
         ray.shutdown()
     return 0
+
+
+def _local_start_problems(cfg) -> list[str]:
+    """What would keep a local herd serve from starting, found before Ray starts (cluster/preflight.py); a
+    joined cluster's paths and proxies are on its nodes, and are not checked."""
+    from cluster.preflight import checkpoint_problems, port_problems
+
+    return checkpoint_problems(cfg.models) + port_problems(
+        cfg.host, {"grpc_port": cfg.grpc_port, "http_port": cfg.http_port})
+
+
+def _say_problems(problems: list[str]) -> bool:
+    """Print each as a `herd: error:` line; whether there were any."""
+    for line in problems:
+        print(f"herd: error: {line}", file=sys.stderr)
+    return bool(problems)
 
 
 def bind_cpus(cfg):
