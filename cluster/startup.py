@@ -28,7 +28,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional, TextIO
 
-MODEL_PREFIX = "model-"   # cluster.app.deployment_name
+from cluster.status import MODEL_PREFIX, status_name
+
 # Messages of a model replica's log that tell how its start-up goes (the Serve log line's text after " -- ").
 _PROGRESS = re.compile(r"^(model \S+: loading|loading .* on \d+ shards|shard group ready|model \S+: loaded in)")
 
@@ -100,7 +101,7 @@ class DeployProgress:
             d = deployments.get(MODEL_PREFIX + model.name)
             if d is None:
                 continue
-            states = {str(getattr(k, "value", k)): v for k, v in d.replica_states.items()}
+            states = {status_name(k): v for k, v in d.replica_states.items()}
             counts = (states.get("RUNNING", 0), states.get("STARTING", 0), states.get("UNHEALTHY", 0))
             if counts != seen.counts and sum(counts):
                 seen.counts = counts
@@ -156,11 +157,11 @@ def deploy_failures(app_name: str) -> list[str]:
     from ray import serve
 
     app = serve.status().applications.get(app_name)
-    if app is None or _state(app.status) != "DEPLOY_FAILED":
+    if app is None or status_name(app.status) != "DEPLOY_FAILED":
         return []
     lines = []
     for name, dep in sorted(app.deployments.items()):
-        if _state(dep.status) in ("DEPLOY_FAILED", "UNHEALTHY"):
+        if status_name(dep.status) in ("DEPLOY_FAILED", "UNHEALTHY"):
             label = f"model {name[len(MODEL_PREFIX):]}" if name.startswith(MODEL_PREFIX) else name
             lines.append(f"{label}: {failure_reason(dep.message)}")
     return lines or [app.message]
@@ -170,7 +171,3 @@ def failure_reason(message: str) -> str:
     """The exception line at the end of a Serve deployment message (the whole message when it has none)."""
     last = next((ln.strip() for ln in reversed((message or "").splitlines()) if ln.strip()), "")
     return last or "no reason given (see the replicas' logs)"
-
-
-def _state(status: Any) -> str:
-    return str(getattr(status, "value", status))

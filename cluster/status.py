@@ -184,7 +184,7 @@ def dashboard_url() -> Optional[str]:
     return url if url.startswith("http") else f"http://{url}"
 
 
-def _name(value: Any) -> str:
+def status_name(value: Any) -> str:
     """A Serve status enum (or string) as its plain name: ApplicationStatus.RUNNING -> "RUNNING"."""
     return str(getattr(value, "value", value) or "?")
 
@@ -254,7 +254,7 @@ def collect_status(app_name: str = APP_NAME) -> ClusterStatus:
     for dep_name, dep in sorted((app.get("deployments") or {}).items()):
         if not dep_name.startswith(MODEL_PREFIX):
             continue
-        model = ModelStatus(dep_name[len(MODEL_PREFIX):], dep_name, _name(dep.get("status")),
+        model = ModelStatus(dep_name[len(MODEL_PREFIX):], dep_name, status_name(dep.get("status")),
                             message=dep.get("message") or "")
         try:
             info = serve.get_deployment_handle(dep_name, app_name=app_name).model_info.remote().result(timeout_s=10)
@@ -264,7 +264,7 @@ def collect_status(app_name: str = APP_NAME) -> ClusterStatus:
             pass
         for rep in dep.get("replicas") or []:
             rid = rep.get("replica_id", "?")
-            r = ReplicaStatus(rid, _name(rep.get("state")), rep.get("node_ip") or "?", rep.get("pid"))
+            r = ReplicaStatus(rid, status_name(rep.get("state")), rep.get("node_ip") or "?", rep.get("pid"))
             tags = {"model": model.name, "replica": rid}
             r.reported = present(samples, "ray_herd_kv_blocks_free", **tags)
             r.running = int(total(samples, "ray_herd_running_sequences", **tags))
@@ -281,7 +281,7 @@ def collect_status(app_name: str = APP_NAME) -> ClusterStatus:
             model.replicas.append(r)
         model.router = _router_status(samples, model.name)
         models.append(model)
-    return ClusterStatus(_name(app.get("status")), app.get("message") or "", models, grpc_address, http_url,
+    return ClusterStatus(status_name(app.get("status")), app.get("message") or "", models, grpc_address, http_url,
                          dashboard_url(), urls)
 
 
