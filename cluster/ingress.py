@@ -418,18 +418,20 @@ class Frontend:
         return ready.get(service)
 
     async def list_models(self) -> list[dict[str, Any]]:
-        out = []
-        for name, route in self.routes.items():
-            info = dict(route.spec)
-            if route.info is None:
-                try:  # a model still loading is listed from its config alone
-                    await asyncio.wait_for(self.info(route), timeout=2.0)
-                except Exception:  # noqa: BLE001
-                    pass
-            info.update(route.info or {})
-            info["name"] = name
-            out.append(info)
-        return out
+        return [await self.model_entry(name) for name in self.routes]
+
+    async def model_entry(self, name: str) -> dict[str, Any]:
+        """What ListModels / GET /v1/models say of model `name` (NOT_FOUND when it is not served)."""
+        route = await self.model(name)
+        info = dict(route.spec)
+        if route.info is None:
+            try:  # a model still loading is listed from its config alone
+                await asyncio.wait_for(self.info(route), timeout=2.0)
+            except Exception:  # noqa: BLE001
+                pass
+        info.update(route.info or {})
+        info["name"] = name
+        return info
 
 
 # ---- gRPC <-> Frontend ---------------------------------------------------------------------------------

@@ -524,9 +524,7 @@ class OpenAIRoutes:
     @openai_app.get("/v1/models/{model_id:path}")
     async def retrieve_model(self, model_id: str) -> JSONResponse:
         """OpenAI's GET /v1/models/{model} (`client.models.retrieve`); a name may hold '/'."""
-        await self.frontend.model(model_id)  # NOT_FOUND naming the served models
-        info = next(i for i in await self.frontend.list_models() if i["name"] == model_id)
-        return JSONResponse(self._model_card(info))
+        return JSONResponse(self._model_card(await self.frontend.model_entry(model_id)))
 
     def _model_card(self, info: dict[str, Any]) -> dict[str, Any]:
         return {"id": info["name"], "object": "model", "created": self.frontend.started_at, "owned_by": "herd",
