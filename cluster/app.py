@@ -18,8 +18,9 @@ Deployments per model (names: `model-<name>`; the ingress is `Ingress`):
 - The PrefixCacheRouter (cluster.routing) routes every model's requests.
 
 TLS: Serve's HTTP proxy terminates TLS when `http_options` has ssl_keyfile/ssl_certfile; Serve's gRPC proxy
-(Ray 2.60) only listens in plaintext (`add_insecure_port`), so terminate gRPC TLS at the gateway / ingress
-controller in front of it (Envoy, an Ingress with backend-protocol GRPC, a service mesh).
+(Ray 2.60) only listens in plaintext (`add_insecure_port`). A local `herd serve` makes it TLS through its
+worker set-up hook (cluster.grpc_tls); elsewhere terminate gRPC TLS at the gateway / ingress controller in
+front of it (Envoy, an Ingress with backend-protocol GRPC, a service mesh).
 """
 from __future__ import annotations
 
@@ -183,6 +184,6 @@ def serve_start_options(cfg: ClusterConfig) -> dict[str, Any]:
                                  "enable_reflection": cfg.enable_reflection,
                                  "request_timeout_s": cfg.request_timeout_s}
     http["request_timeout_s"] = cfg.request_timeout_s
-    if cfg.tls is not None:  # HTTPS on the HTTP proxy; Serve's gRPC proxy has no TLS (see the module doc)
+    if cfg.tls is not None:  # HTTPS on the HTTP proxy; the gRPC proxy's TLS is cluster.grpc_tls' (module doc)
         http["ssl_certfile"], http["ssl_keyfile"] = cfg.tls.cert_file, cfg.tls.key_file
     return {"http_options": HTTPOptions(**http), "grpc_options": gRPCOptions(**grpc_opts)}

@@ -7,7 +7,9 @@
     herd client health [--service llama-1b]
 
 Options for every command: --address HOST:PORT (default $HERD_ADDRESS or 127.0.0.1:9000), --api-key KEY
-(default $HERD_API_KEY; sent as `authorization: Bearer KEY`), --timeout SECONDS (the call's deadline).
+(default $HERD_API_KEY; sent as `authorization: Bearer KEY`), --timeout SECONDS (the call's deadline),
+--tls (TLS, trusting the system's roots) or --tls-ca FILE (TLS, trusting FILE's PEM certificates, e.g. a
+self-signed server's own; default $HERD_TLS_CA).
 Text streams to stdout as it arrives; finish reason and token usage go to stderr. A failed call prints its
 gRPC status code and message and exits 1.
 """
@@ -81,7 +83,12 @@ class HerdClient:
     """Thin wrapper over the generated stub: metadata for the API key, deadlines, typed requests."""
 
     def __init__(self, address: str = DEFAULT_ADDRESS, api_key: str | None = None,
-                 channel: grpc.Channel | None = None):
+                 channel: grpc.Channel | None = None, *, tls: bool = False, tls_ca_file: str | None = None):
+        """tls / tls_ca_file: a TLS channel trusting the system's roots / the PEM certificates in tls_ca_file."""
+        if channel is None and (tls or tls_ca_file):
+            from cluster.grpc_tls import channel_credentials
+
+            channel = grpc.secure_channel(address, channel_credentials(tls_ca_file))
         self.channel = channel or grpc.insecure_channel(address)
         self.stub = pb_grpc.InferenceStub(self.channel)
         self.metadata = [("authorization", f"Bearer {api_key}")] if api_key else []
@@ -151,6 +158,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="gRPC address HOST:PORT (default $HERD_ADDRESS or %(default)s)")
     p.add_argument("--api-key", default=os.environ.get("HERD_API_KEY"), help="API key (default $HERD_API_KEY)")
     p.add_argument("--timeout", type=float, default=None, help="deadline of the call in seconds")
+    p.add_argument("--tls", action="store_true", help="connect over TLS, trusting the system's root certificates")
+    p.add_argument("--tls-ca", default=os.environ.get("HERD_TLS_CA") or None, metavar="FILE",
+                   help="connect over TLS, trusting the PEM certificates in FILE (default $HERD_TLS_CA)")
 
 
 def sampling_flag_fields() -> list[SettingField]:
@@ -178,7 +188,7 @@ def sampling_from_args(args) -> dict:
 
 
 def _client(args) -> HerdClient:
-    return HerdClient(args.address, api_key=args.api_key)
+    return HerdClient(args.address, api_key=args.api_key, tls=args.tls, tls_ca_file=args.tls_ca)
 
 
 def _stream_out(stream, show_ids: bool) -> int:

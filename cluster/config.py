@@ -101,8 +101,9 @@ class LimitsConfig(_Strict):
 
 
 class TLSConfig(_Strict):
-    cert_file: str
-    key_file: str
+    """TLS on the proxies: Serve's HTTP proxy everywhere; the gRPC proxy on a local `herd serve` (cluster.grpc_tls)."""
+    cert_file: str = Field(description="PEM certificate (chain) the proxies present")
+    key_file: str = Field(description="PEM private key of cert_file")
 
 
 class TracingConfig(_Strict):

@@ -17,7 +17,8 @@ What binds where in Ray 2.60 and what keeps it on 127.0.0.1 (observed with psuti
   every worker of this job, the detached Serve controller and proxy included: they inherit the job's
   runtime_env) rebinds wildcard addresses: the Serve gRPC port to `serve_grpc_host`, anything else to
   127.0.0.1. `exposure_warnings` checks the result after start, so a Ray upgrade that bypasses the hook is
-  reported, not silently assumed.
+  reported, not silently assumed. With `serve_grpc_tls` the hook also makes the Serve gRPC port TLS
+  (cluster.grpc_tls); herd serve checks the handshake after start.
 - The proxy's gRPC receive (and send) limit is RAY_SERVE_GRPC_MAX_MESSAGE_SIZE, and whether it calls the ingress
   over Serve's gRPC transport is RAY_SERVE_PROXY_USE_GRPC (cluster config `serve_transport`), both read in the
   proxy process; they travel in the job's runtime_env env_vars (the driver's own environment is left alone).
@@ -30,7 +31,7 @@ import contextlib
 import ipaddress
 import logging
 import os
-from typing import Iterable, NamedTuple, Optional
+from typing import Any, Iterable, NamedTuple, Optional
 
 LOOPBACK = "127.0.0.1"
 # Read by the worker setup hook (set through the job's runtime_env env_vars).
@@ -58,7 +59,7 @@ def start_local_ray(*, num_cpus: Optional[float] = None, include_dashboard: bool
                     grpc_max_message_bytes: Optional[int] = None, serve_grpc_host: str = LOOPBACK,
                     serve_grpc_port: Optional[int] = None, log_to_driver: bool = True,
                     namespace: Optional[str] = None, logging_level: int = logging.INFO,
-                    serve_transport: str = DEFAULT_SERVE_TRANSPORT) -> None:
+                    serve_transport: str = DEFAULT_SERVE_TRANSPORT, serve_grpc_tls: Any = None) -> None:
     """Start a private single-node Ray (never joins a running cluster) with every port on 127.0.0.1.
 
     serve_grpc_host/port: where Serve's gRPC proxy is to listen (the cluster config's host and grpc_port);
@@ -66,9 +67,16 @@ def start_local_ray(*, num_cpus: Optional[float] = None, include_dashboard: bool
     message size limit (Serve's default is 2 GiB). The dashboard, when included, is on 127.0.0.1:8265 (or the
     next free port). log_to_driver / logging_level: ray.init's (False / WARNING keep Ray's and its workers'
     lines in the session's log files, off this process's terminal). serve_transport: the cluster config's
-    (`grpc`: Serve's proxies call the ingress over gRPC). Ray's background processes (dashboard, agents,
-    monitors) then run at the lowest priority (cluster.background_priority)."""
+    (`grpc`: Serve's proxies call the ingress over gRPC). serve_grpc_tls: the config's `tls` (a TLSConfig or
+    None): the gRPC proxy's port serves TLS with its certificate and key (needs serve_grpc_port). Ray's
+    background processes (dashboard, agents, monitors) then run at the lowest priority
+    (cluster.background_priority)."""
     import ray
+
+    from cluster.grpc_tls import tls_env
+
+    if serve_grpc_tls is not None and serve_grpc_port is None:
+        raise ValueError("serve_grpc_tls needs serve_grpc_port: the hook finds the proxy's port by its number")
 
     # SERVE_SOCKET_REUSE_PORT_ENABLED=0: Serve's proxies bind with SO_REUSEPORT by default, so a second server
     # on the same port (another herd serve) would bind beside them and take a share of the connections,
@@ -77,7 +85,7 @@ def start_local_ray(*, num_cpus: Optional[float] = None, include_dashboard: bool
     # there herd serve's port check before start-up (cluster/preflight.py) is what refuses a second server.
     env_vars = {_BIND_ENV: LOOPBACK, _GRPC_HOST_ENV: serve_grpc_host,
                 PROXY_USE_GRPC_ENV: "1" if serve_transport == "grpc" else "0",
-                "SERVE_SOCKET_REUSE_PORT_ENABLED": "0"}
+                "SERVE_SOCKET_REUSE_PORT_ENABLED": "0", **tls_env(serve_grpc_tls)}
     if serve_grpc_port is not None:
         env_vars[_GRPC_PORT_ENV] = str(serve_grpc_port)
     if grpc_max_message_bytes is not None:
@@ -187,8 +195,9 @@ def _rebind(address: str) -> str:
 
 def _worker_setup_hook() -> None:
     """Runs in every worker process of a start_local_ray session (Serve controller, proxy, replicas, actors):
-    rebinds wildcard gRPC listening addresses (Serve's gRPC proxy and replica servers use "[::]"), and keeps
-    the proxy's log of each refused call to one line (cluster.grpc_status)."""
+    rebinds wildcard gRPC listening addresses (Serve's gRPC proxy and replica servers use "[::]"), makes the
+    Serve gRPC port TLS when the session has a certificate (cluster.grpc_tls), and keeps the proxy's log of each
+    refused call to one line (cluster.grpc_status)."""
     if not os.environ.get(_BIND_ENV):
         return
     from cluster.grpc_status import install_status_log_filter  # imports only logging
@@ -201,17 +210,31 @@ def _worker_setup_hook() -> None:
         if getattr(server_cls, "_herd_rebind", False):
             return
         insecure, secure = server_cls.add_insecure_port, server_cls.add_secure_port
-
-        def add_insecure_port(self, address):
-            return insecure(self, _rebind(address))
-
-        def add_secure_port(self, address, server_credentials):
-            return secure(self, _rebind(address), server_credentials)
-
-        server_cls.add_insecure_port, server_cls.add_secure_port = add_insecure_port, add_secure_port
-        server_cls._herd_rebind = True
     except Exception:  # never fail a worker's start; exposure_warnings reports what actually listens
-        pass
+        return
+
+    def add_insecure_port(self, address):
+        # Reading the certificate may raise: then the proxy does not start (herd serve says so), never plaintext.
+        credentials = _serve_grpc_tls_credentials(address)
+        if credentials is not None:
+            return secure(self, _rebind(address), credentials)
+        return insecure(self, _rebind(address))
+
+    def add_secure_port(self, address, server_credentials):
+        return secure(self, _rebind(address), server_credentials)
+
+    server_cls.add_insecure_port, server_cls.add_secure_port = add_insecure_port, add_secure_port
+    server_cls._herd_rebind = True
+
+
+def _serve_grpc_tls_credentials(address: str):
+    """The session's TLS credentials when `address` is the Serve gRPC proxy's port, else None."""
+    port = address.rpartition(":")[2]
+    if not port or port != os.environ.get(_GRPC_PORT_ENV):
+        return None
+    from cluster.grpc_tls import server_credentials_from_env
+
+    return server_credentials_from_env()
 
 
 def is_loopback_ip(ip: str) -> bool:

@@ -134,7 +134,8 @@ def cmd_serve(args) -> int:
         cfg = bind_cpus(cfg)
         print("herd: starting a local Ray (every port on 127.0.0.1 but the gRPC / HTTP proxies) ...", file=sys.stderr)
         start_local_ray(grpc_max_message_bytes=cfg.limits.max_grpc_message_bytes, serve_grpc_host=cfg.host,
-                        serve_grpc_port=cfg.grpc_port, serve_transport=cfg.serve_transport, **quiet)
+                        serve_grpc_port=cfg.grpc_port, serve_transport=cfg.serve_transport,
+                        serve_grpc_tls=cfg.tls, **quiet)
     stop = threading.Event()
     serving = threading.Event()
 
@@ -159,6 +160,8 @@ def cmd_serve(args) -> int:
             return 1
         finally:
             progress.stop()
+        if not args.address and _say_problems(_grpc_tls_problems(cfg)):
+            return 1
         _report_exposure(cfg, joined=bool(args.address))
         from cluster.status import dashboard_url, metrics_urls
 
@@ -178,10 +181,23 @@ def cmd_serve(args) -> int:
 def _local_start_problems(cfg) -> list[str]:
     """What would keep a local herd serve from starting, found before Ray starts (cluster/preflight.py); a
     joined cluster's paths and proxies are on its nodes, and are not checked."""
+    from cluster.grpc_tls import tls_file_problems
     from cluster.preflight import checkpoint_problems, port_problems
 
-    return checkpoint_problems(cfg.models) + port_problems(
+    return checkpoint_problems(cfg.models) + tls_file_problems(cfg.tls) + port_problems(
         cfg.host, {"grpc_port": cfg.grpc_port, "http_port": cfg.http_port})
+
+
+def _grpc_tls_problems(cfg) -> list[str]:
+    """With `tls` configured, what a local herd serve's gRPC port answers if not TLS: the set-up hook that
+    makes it TLS (cluster.grpc_tls) works on Serve's internals, so its result is checked, never assumed."""
+    from cluster.grpc_tls import tls_problem
+
+    if cfg.tls is None:
+        return []
+    problem = tls_problem(cfg.host, cfg.grpc_port)
+    return [] if problem is None else [f"tls is configured, but the gRPC proxy's {problem}; stopping rather "
+                                       "than serve gRPC in plaintext"]
 
 
 def _say_problems(problems: list[str]) -> bool:
@@ -216,6 +232,13 @@ def _report_exposure(cfg, *, joined: bool) -> None:
     from cluster.config import is_loopback
     from cluster.local_ray import exposure_warnings
 
+    if joined and cfg.tls is not None:
+        print(f"herd: WARNING: on a joined Ray cluster, Serve's gRPC proxy (port {cfg.grpc_port}) serves plaintext: "
+              "`tls` covers the HTTP proxy only there; terminate gRPC TLS in a gateway in front of it "
+              "(docs/security.md)", file=sys.stderr)
+    if cfg.tls is None and not is_loopback(cfg.host) and (cfg.api_keys or cfg.api_keys_file):
+        print(f"herd: WARNING: no `tls`: API keys cross the network to {cfg.host} in plaintext; set tls (cert_file, "
+              "key_file) or serve behind a gateway that terminates TLS (docs/security.md)", file=sys.stderr)
     if joined:  # the proxies run on the cluster's nodes, with the cluster's settings: nothing to check here
         if is_loopback(cfg.host):
             print(f"herd: WARNING: on a joined Ray cluster, Serve's gRPC proxy (port {cfg.grpc_port}) listens on "

@@ -135,16 +135,20 @@ def summary_lines(cfg: Any, *, elapsed_s: float, dashboard_url: Optional[str], m
                   logs_dir: Optional[str], joined: bool) -> list[str]:
     """The block `herd serve` prints once every model runs (docs: README, Serving a cluster)."""
     host = cfg.host
+    # TLS on the gRPC proxy is herd's own doing, on a local Ray only (cluster.grpc_tls); Serve's HTTPS is anywhere.
+    grpc_tls = "TLS; " if cfg.tls is not None and not joined else ""
+    scheme = "https" if cfg.tls is not None else "http"
     lines = [f"herd: ready in {elapsed_s:.1f}s",
-             f"  gRPC       {host}:{cfg.grpc_port}  (herd.v1.Inference, grpc.health.v1.Health)",
-             f"  HTTP       http://{host}:{cfg.http_port}/v1  (OpenAI-compatible)",
+             f"  gRPC       {host}:{cfg.grpc_port}  ({grpc_tls}herd.v1.Inference, grpc.health.v1.Health)",
+             f"  HTTP       {scheme}://{host}:{cfg.http_port}/v1  (OpenAI-compatible)",
              f"  dashboard  {dashboard_url or 'not running'}",
              f"  metrics    {', '.join(metrics_urls) or '-'}  (Prometheus; vLLM names as ray_vllm_*)"]
     if logs_dir:
         where = "this machine's " if joined else ""
         lines.append(f"  logs       {logs_dir}  ({where}Ray session logs; serve/ holds each replica's)")
     lines.append(f"  status     herd status{'' if not joined else ' --address auto'};  "
-                 f"try: herd client models --address {host}:{cfg.grpc_port}")
+                 f"try: herd client models --address {host}:{cfg.grpc_port}"
+                 f"{' --tls (or --tls-ca CA.pem)' if grpc_tls else ''}")
     lines.append("  Ctrl-C stops")
     return lines
 

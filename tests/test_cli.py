@@ -120,6 +120,26 @@ def test_herd_serve_checks_each_checkpoint_before_starting_ray(demo, tmp_path, c
     assert not ray.is_initialized()
 
 
+def test_herd_serve_checks_the_tls_files_before_starting_ray(demo, tmp_path, capsys):
+    """A certificate whose key is missing or belongs to another certificate: what the proxies would fail on
+    after Ray had started, said first (exit 2, no Ray)."""
+    import ray
+
+    from tests.tls_certs import write_self_signed
+
+    cert, _ = write_self_signed(tmp_path)
+    _, other_key = write_self_signed(tmp_path, "other")
+    config = tmp_path / "cluster.yaml"
+    for key, says in ((tmp_path / "missing.key", f"herd: error: tls.key_file {tmp_path / 'missing.key'}: No such file"),
+                      (other_key, "are not a PEM certificate and its private key")):
+        config.write_text(json.dumps({"models": [{"name": "m", "path": str(demo / "llama32-1b-mini")}],
+                                      "tls": {"cert_file": str(cert), "key_file": str(key)}}))
+        assert main(["serve", str(config)]) == 2
+        err = capsys.readouterr().err
+        assert says in err, err
+        assert not ray.is_initialized()
+
+
 def test_a_file_the_command_cannot_write_is_one_line_not_a_traceback(tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("")

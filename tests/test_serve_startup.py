@@ -36,6 +36,13 @@ def test_describe_model_and_summary_lines():
     assert lines[0] == "herd: ready in 12.3s"
     assert "  gRPC       127.0.0.1:9000  (herd.v1.Inference, grpc.health.v1.Health)" in lines
     assert "  dashboard  not running" in lines and lines[-1] == "  Ctrl-C stops"
+    tls = ClusterConfig.from_dict({**cfg.to_dict(), "tls": {"cert_file": "/c.pem", "key_file": "/k.pem"}})
+    local = summary_lines(tls, elapsed_s=1, dashboard_url=None, metrics_urls=[], logs_dir=None, joined=False)
+    assert "  gRPC       127.0.0.1:9000  (TLS; herd.v1.Inference, grpc.health.v1.Health)" in local
+    assert "  HTTP       https://127.0.0.1:8000/v1  (OpenAI-compatible)" in local
+    # A joined cluster's gRPC proxy is started by the cluster, without herd's TLS hook: not claimed.
+    joined = summary_lines(tls, elapsed_s=1, dashboard_url=None, metrics_urls=[], logs_dir=None, joined=True)
+    assert "  gRPC       127.0.0.1:9000  (herd.v1.Inference, grpc.health.v1.Health)" in joined
 
 
 def test_a_deploy_failure_is_one_line_per_model_and_no_traceback(monkeypatch):
@@ -87,16 +94,23 @@ def test_herd_serve_says_why_a_model_failed_to_deploy(tmp_path):
 
 
 def test_herd_serve_start_up_and_summary(tmp_path):
+    """A real `herd serve` with TLS configured: its progress and summary, and every address it names answers;
+    the gRPC port only over TLS (cluster.grpc_tls), the HTTP port as HTTPS."""
+    import ssl
+
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from cluster.cli import main as herd_main
+    from tests.tls_certs import write_self_signed
     from workers.demo import write_demo_checkpoint
 
     path = write_demo_checkpoint(tmp_path / "m", "llama32-1b-mini", dtype="float32")
+    cert, key = write_self_signed(tmp_path)
     config = tmp_path / "cluster.yaml"
     config.write_text(f"models:\n  - name: tiny\n    path: {path}\n    max_model_len: 128\n"
                       "    resources_per_shard: {CPU: 0.25}\n    kv_cache_memory: 4194304\n"
-                      "cpu_binding_serving_cpus: 1\n")
+                      f"cpu_binding_serving_cpus: 1\ntls: {{cert_file: {cert}, key_file: {key}}}\n")
     # One single-replica CPU model: cpu_binding (auto) gives its engine process the top CPU and the rest of the
     # local Ray the others (one at the least, as configured), wherever there are two CPUs or more (CI has two).
     binding = cpu_binding.plan(ClusterConfig.from_yaml(config).models, os.sched_getaffinity(0), serving_cpus=1)
@@ -114,16 +128,23 @@ def test_herd_serve_start_up_and_summary(tmp_path):
         assert any(re.match(r"herd:   tiny \[\w+\]: model tiny: loaded in ", ln) for ln in lines), text
         assert "herd:   tiny: replicas 1/1 running" in lines
         assert re.search(r"^herd: ready in \d+\.\ds$", text, re.M)
-        assert f"  gRPC       127.0.0.1:{grpc_port}  (herd.v1.Inference, grpc.health.v1.Health)" in lines
-        assert f"  HTTP       http://127.0.0.1:{http_port}/v1  (OpenAI-compatible)" in lines
+        assert f"  gRPC       127.0.0.1:{grpc_port}  (TLS; herd.v1.Inference, grpc.health.v1.Health)" in lines
+        assert f"  HTTP       https://127.0.0.1:{http_port}/v1  (OpenAI-compatible)" in lines
         # Nothing from Ray's or Serve's own loggers or workers: every line is herd's.
         assert all(ln.startswith(("herd: ", "  ")) for ln in lines), text
         summary = {ln.split()[0]: ln.split()[1] for ln in lines if re.match(r"^  (dashboard|metrics|logs) ", ln)}
-        # The addresses it names answer.
-        channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
-        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
+        # The addresses it names answer: gRPC over TLS trusting the certificate, and only so.
+        credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+        with grpc.secure_channel(f"127.0.0.1:{grpc_port}", credentials) as channel:
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
         assert health.status == health_pb2.HealthCheckResponse.SERVING
-        assert urllib.request.urlopen(f"http://127.0.0.1:{http_port}/health", timeout=30).status == 200
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel, pytest.raises(grpc.RpcError) as plain:
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
+        assert plain.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert herd_main(["client", "generate", "--address", f"127.0.0.1:{grpc_port}", "--tls-ca", str(cert),
+                          "--model", "tiny", "--prompt", "Hello", "--max-tokens", "4", "--timeout", "60"]) == 0
+        https = ssl.create_default_context(cafile=str(cert))
+        assert urllib.request.urlopen(f"https://127.0.0.1:{http_port}/health", timeout=30, context=https).status == 200
         assert re.match(r"^http://127\.0\.0\.1:\d+$", summary["dashboard"]), summary
         assert urllib.request.urlopen(summary["metrics"], timeout=30).status == 200
         assert os.path.isdir(os.path.join(summary["logs"], "serve"))
