@@ -61,11 +61,11 @@ def tls_file_problems(tls: Any) -> list[str]:
                if (why := _unreadable(path))]
     if missing:
         return missing
-    try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(tls.cert_file, tls.key_file)
+    try:  # no password: OpenSSL would otherwise ask for one on the terminal; grpc cannot use encrypted keys
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(tls.cert_file, tls.key_file, password=b"")
     except ssl.SSLError as e:
-        return [f"tls: {tls.cert_file} and {tls.key_file} are not a PEM certificate and its private key "
-                f"({e.reason or e})"]
+        return [f"tls: {tls.cert_file} and {tls.key_file} are not a PEM certificate and its unencrypted private "
+                f"key ({e.reason or e})"]
     return []
 
 

@@ -131,7 +131,7 @@ def test_herd_serve_checks_the_tls_files_before_starting_ray(demo, tmp_path, cap
     _, other_key = write_self_signed(tmp_path, "other")
     config = tmp_path / "cluster.yaml"
     for key, says in ((tmp_path / "missing.key", f"herd: error: tls.key_file {tmp_path / 'missing.key'}: No such file"),
-                      (other_key, "are not a PEM certificate and its private key")):
+                      (other_key, "are not a PEM certificate and its unencrypted private")):
         config.write_text(json.dumps({"models": [{"name": "m", "path": str(demo / "llama32-1b-mini")}],
                                       "tls": {"cert_file": str(cert), "key_file": str(key)}}))
         assert main(["serve", str(config)]) == 2

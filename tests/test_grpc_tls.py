@@ -39,9 +39,18 @@ def test_certificate_and_key_are_checked_before_start_up(certs):
     assert all("No such file" in p for p in missing), missing
     (certs.folder / "junk.pem").write_text("not a certificate\n")
     [junk] = tls_file_problems(_tls(certs.folder / "junk.pem", certs.key))
-    assert junk.startswith("tls: ") and "not a PEM certificate and its private key" in junk
+    assert junk.startswith("tls: ") and "not a PEM certificate and its unencrypted private" in junk
     [mismatch] = tls_file_problems(_tls(certs.cert, certs.other_key))   # a key of another certificate
     assert "KEY_VALUES_MISMATCH" in mismatch or "mismatch" in mismatch.lower(), mismatch
+    # An encrypted key (grpc cannot use one) is a problem, not a password prompt on the terminal.
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key(certs.key.read_bytes(), password=None)
+    encrypted = certs.folder / "encrypted.key"
+    encrypted.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                            serialization.BestAvailableEncryption(b"secret")))
+    [locked] = tls_file_problems(_tls(certs.cert, encrypted))
+    assert "unencrypted private key" in locked, locked
 
 
 def _health_server(port: int, credentials=None) -> grpc.Server:
