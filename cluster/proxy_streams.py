@@ -20,6 +20,10 @@ stream on the proxy held before; a stream's messages are bounded by its request'
 A request whose bytes do not parse as its method's message is answered INVALID_ARGUMENT by the proxy itself
 (`MalformedRequest`), where grpc.aio would answer UNKNOWN with protobuf's exception class in the details.
 
+A request that reaches the proxy while no herd application is deployed behind it (herd serve starting up, or
+draining on its way down) gets UNAVAILABLE, which clients and load balancers retry elsewhere, instead of
+Serve's NOT_FOUND "Application metadata not set", which they take as final (`_CallContext.set_details`).
+
 These functions run in Serve's proxy process, with Serve's own gRPC server (the server whose
 `service_handler_factory` turns every method into a call to the ingress): keep imports light.
 """
@@ -101,11 +105,12 @@ def _cancel_safe_factory(factory: Callable) -> Callable:
 
 
 def refusing_malformed(handler: Callable) -> Callable:
-    """A unary handler that answers a MalformedRequest with INVALID_ARGUMENT."""
+    """A unary handler that answers a MalformedRequest with INVALID_ARGUMENT (and a call with no application
+    behind the proxy with UNAVAILABLE, as _CallContext does)."""
     async def unary_unary(request, context):
         if isinstance(request, MalformedRequest):
             await _refuse(request, context)
-        return await handler(request, context)
+        return await handler(request, _CallContext(context))
     return unary_unary
 
 
@@ -160,6 +165,7 @@ class _CallContext:
         self._context = context
         self._peer = context.peer()
         self._metadata = context.invocation_metadata()
+        self._code = None
         self.ended = False
 
     def peer(self):
@@ -170,6 +176,22 @@ class _CallContext:
 
     def code(self):
         return None if self.ended else self._context.code()
+
+    def set_code(self, code) -> None:
+        if not self.ended:
+            self._code = code
+            self._context.set_code(code)
+
+    def set_details(self, details) -> None:
+        """Serve's NOT_FOUND for a proxy with no application behind it becomes UNAVAILABLE (module doc)."""
+        if self.ended:
+            return
+        if _no_application(self._code, details):
+            import grpc
+
+            self._context.set_code(grpc.StatusCode.UNAVAILABLE)
+            details = NO_APPLICATION_DETAILS
+        self._context.set_details(details)
 
     def details(self):
         return None if self.ended else self._context.details()
@@ -182,6 +204,18 @@ class _CallContext:
 
 def _ignore(*_args, **_kwargs) -> None:
     return None
+
+
+NO_APPLICATION_DETAILS = "herd is not serving behind this proxy now (starting up or shutting down); retry"
+# How Serve's gRPC proxy (Ray 2.60, proxy.py not_found_response) words a call that no application takes.
+_SERVE_NO_APPLICATION = ("Application metadata not set.", "Application '")
+
+
+def _no_application(code, details) -> bool:
+    import grpc
+
+    return code == grpc.StatusCode.NOT_FOUND and isinstance(details, str) and details.startswith(
+        _SERVE_NO_APPLICATION) and "ListApplications" in details
 
 
 class _End:

@@ -20,14 +20,14 @@ def _identity(data: bytes) -> bytes:
     return data
 
 
-async def _serve_and_call(calls):
+async def _serve_and_call(calls, factory=None):
     from ray.serve._private.grpc_util import gRPCGenericServer
 
     from cluster.proxy_streams import add_inference_servicer
 
     reached = []
 
-    def factory(service_method, streaming_type):
+    def reaching(service_method, streaming_type):
         if streaming_type.name == "UNARY_STREAM":
             async def stream(request, context):
                 reached.append((service_method, request))
@@ -39,7 +39,7 @@ async def _serve_and_call(calls):
             return b""
         return unary
 
-    server = gRPCGenericServer(factory)
+    server = gRPCGenericServer(factory or reaching)
     add_inference_servicer(_AnyServicer(), server)
     assert "_override_method_handler" not in vars(server)   # Serve's own method again after registering
     port = server.add_insecure_port("127.0.0.1:0")
@@ -87,3 +87,41 @@ def test_a_plain_grpc_server_gets_the_generated_servicer():
         add_inference_servicer(_AnyServicer(), server)   # must not raise, nor set anything on the server
         return vars(server)
     assert "service_handler_factory" not in asyncio.run(register())
+
+
+def test_a_call_with_no_application_behind_the_proxy_is_unavailable():
+    """Serve's answer when no application is deployed (herd serve starting, or draining on its way down) is
+    NOT_FOUND, which clients take as final; herd's proxy services make it UNAVAILABLE, which they retry. Any
+    other status, NOT_FOUND of an unknown model included, passes as the handler set it."""
+    from ray.serve._private.grpc_util import set_grpc_code_and_details
+    from ray.serve._private.proxy_request_response import ResponseStatus
+
+    from cluster.proxy_streams import NO_APPLICATION_DETAILS
+
+    no_app = ResponseStatus(code=grpc.StatusCode.NOT_FOUND, is_error=True, message=(
+        "Application metadata not set. Ping /ray.serve.RayServeAPIService/ListApplications for available "
+        "applications."))
+    unknown_model = ResponseStatus(code=grpc.StatusCode.NOT_FOUND, is_error=True, message="model 'x' is not served")
+
+    def factory(service_method, streaming_type):
+        status = unknown_model if service_method.endswith("ListModels") else no_app
+        if streaming_type.name == "UNARY_STREAM":
+            async def stream(request, context):
+                set_grpc_code_and_details(context, status)
+                return
+                yield
+            return stream
+
+        async def unary(request, context):
+            set_grpc_code_and_details(context, status)
+            return b""
+        return unary
+
+    generate = pb.GenerateRequest(model="m", text="hi").SerializeToString()
+    results, _ = asyncio.run(_serve_and_call([
+        ("/herd.v1.Inference/Generate", "unary_stream", generate),
+        ("/herd.v1.Inference/Tokenize", "unary_unary", pb.TokenizeRequest(model="m", text="hi").SerializeToString()),
+        ("/herd.v1.Inference/ListModels", "unary_unary", b""),
+    ], factory=factory))
+    assert results[0] == results[1] == ("UNAVAILABLE", NO_APPLICATION_DETAILS)
+    assert results[2] == ("NOT_FOUND", "model 'x' is not served")
