@@ -139,8 +139,8 @@ def cmd_serve(args) -> int:
     stop = threading.Event()
     serving = threading.Event()
 
-    def on_signal(*_):  # while starting, stop at once (serve.run blocks until the models run); then, cleanly
-        if not serving.is_set():
+    def on_signal(*_):  # while starting, or a second one while draining: stop at once; the first one drains
+        if not serving.is_set() or stop.is_set():
             raise KeyboardInterrupt
         stop.set()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -173,9 +173,36 @@ def cmd_serve(args) -> int:
         stop.wait()
     finally:
         print("herd: shutting down", file=sys.stderr)
-        serve.shutdown()
-        ray.shutdown()
+        if serving.is_set():
+            _drain(cfg)
+        if args.address:   # Serve on a joined cluster outlives this process unless shut down
+            serve.shutdown()
+        ray.shutdown()     # a local Ray ends with everything in it (Serve's controller and proxies too)
     return 0
+
+
+def _drain(cfg) -> None:
+    """Let every in-flight request finish before anything stops: deleting the application stops its replicas
+    the way a scale-down does (no new work; each waits up to its graceful_shutdown_timeout_s for its streams).
+    A second Ctrl-C (or SIGTERM) stops at once. serve.shutdown() alone killed the proxies first, which ended
+    every open stream UNAVAILABLE."""
+    from ray import serve
+
+    from cluster.app import APP_NAME
+
+    wait_s = max(m.graceful_shutdown_timeout_s for m in cfg.models)
+    print(f"herd: finishing in-flight requests (up to {wait_s:g} s; Ctrl-C again stops at once) ...",
+          file=sys.stderr)
+    started = time.monotonic()
+    try:
+        serve.delete(APP_NAME)
+    except KeyboardInterrupt:
+        print("herd: stopping without waiting", file=sys.stderr)
+        return
+    except Exception as e:  # noqa: BLE001 - stopping goes on; say why the requests were not waited for
+        print(f"herd: WARNING: could not wait for in-flight requests ({e!r})", file=sys.stderr)
+        return
+    print(f"herd: in-flight requests finished in {time.monotonic() - started:.1f} s", file=sys.stderr)
 
 
 def _local_start_problems(cfg) -> list[str]:

@@ -108,8 +108,8 @@ def test_herd_serve_start_up_and_summary(tmp_path):
     path = write_demo_checkpoint(tmp_path / "m", "llama32-1b-mini", dtype="float32")
     cert, key = write_self_signed(tmp_path)
     config = tmp_path / "cluster.yaml"
-    config.write_text(f"models:\n  - name: tiny\n    path: {path}\n    max_model_len: 128\n"
-                      "    resources_per_shard: {CPU: 0.25}\n    kv_cache_memory: 4194304\n"
+    config.write_text(f"models:\n  - name: tiny\n    path: {path}\n    max_model_len: {DRAIN_TOKENS + 32}\n"
+                      "    resources_per_shard: {CPU: 0.25}\n    kv_cache_memory: 33554432\n"
                       f"cpu_binding_serving_cpus: 1\ntls: {{cert_file: {cert}, key_file: {key}}}\n")
     # One single-replica CPU model: cpu_binding (auto) gives its engine process the top CPU and the rest of the
     # local Ray the others (one at the least, as configured), wherever there are two CPUs or more (CI has two).
@@ -148,9 +148,51 @@ def test_herd_serve_start_up_and_summary(tmp_path):
         assert re.match(r"^http://127\.0\.0\.1:\d+$", summary["dashboard"]), summary
         assert urllib.request.urlopen(summary["metrics"], timeout=30).status == 200
         assert os.path.isdir(os.path.join(summary["logs"], "serve"))
+        _ctrl_c_finishes_open_streams(proc, reader, lines, f"127.0.0.1:{grpc_port}", str(cert))
     finally:
         _stop(proc, reader)
     assert "herd: shutting down" in lines and proc.returncode == 0, "\n".join(lines[-20:])
+
+
+DRAIN_TOKENS = 500
+DRAIN_STREAMS = 4
+
+
+def _ctrl_c_finishes_open_streams(proc, reader, lines: list[str], address: str, ca_file: str) -> None:
+    """Ctrl-C while streams are open: each runs to its end (serve.shutdown() used to kill the proxies first and
+    end them UNAVAILABLE), a request that arrives meanwhile gets UNAVAILABLE (retryable; Serve says NOT_FOUND),
+    and herd serve exits 0 saying so, without Ray's "(raylet) Task ServeController.graceful_shutdown failed"."""
+    import grpc
+
+    from cluster.client import HerdClient
+    from cluster.proxy_streams import NO_APPLICATION_DETAILS
+
+    client = HerdClient(address, tls_ca_file=ca_file)
+    streams = [client.generate("tiny", [7 + i, 8, 9], max_tokens=DRAIN_TOKENS, ignore_eos=True, timeout=300)
+               for i in range(DRAIN_STREAMS)]
+    firsts = [next(stream) for stream in streams]        # every stream has begun
+    proc.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + 60
+    while not any(ln.startswith("herd: finishing in-flight requests") for ln in lines):
+        assert time.monotonic() < deadline and proc.poll() is None, "\n".join(lines[-20:])
+        time.sleep(0.05)
+    while True:   # the proxy drops the application's route a moment after the line
+        try:
+            list(client.generate("tiny", [5, 6], max_tokens=1, timeout=30))
+        except grpc.RpcError as e:
+            assert (e.code(), e.details()) == (grpc.StatusCode.UNAVAILABLE, NO_APPLICATION_DETAILS)
+            break
+        assert time.monotonic() < deadline, "a new request was still served 60 s after Ctrl-C"
+    for first, stream in zip(firsts, streams):
+        rest = list(stream)
+        assert len(first.token_ids) + sum(len(r.token_ids) for r in rest) == DRAIN_TOKENS
+        assert rest[-1].finish_reason == "length"
+    client.close()
+    assert proc.wait(timeout=120) == 0
+    reader.join(timeout=10)   # the output's last lines
+    tail = lines[lines.index("herd: shutting down"):]
+    assert any(re.match(r"herd: in-flight requests finished in \d+\.\d s", ln) for ln in tail), tail
+    assert not any("graceful_shutdown failed" in ln for ln in tail), tail
 
 
 def _check_affinities(pid: int, binding) -> None:
