@@ -154,10 +154,10 @@ def demo_checkpoint(shape: str, model: Optional[str] = None) -> Iterator[str]:
 @contextlib.contextmanager
 def local_ray(num_cpus: Optional[int] = None, serve_transport: str = DEFAULT_SERVE_TRANSPORT) -> Iterator[None]:
     """A private Ray with every port on 127.0.0.1, as `herd serve` starts it (cluster.local_ray; never joins
-    another); Serve and Ray are shut down on the way out. serve_transport: the cluster config's, for the
-    config that will be served in it (cluster_config)."""
+    another); it ends on the way out, Serve in it (no serve.shutdown() needed: the controller and proxies go with
+    their Ray). serve_transport: the cluster config's, for the config that will be served in it
+    (cluster_config)."""
     import ray
-    from ray import serve
 
     from cluster.local_ray import start_local_ray
 
@@ -166,10 +166,7 @@ def local_ray(num_cpus: Optional[int] = None, serve_transport: str = DEFAULT_SER
     try:
         yield
     finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
+        ray.shutdown()
 
 
 def cluster_config(models: list[dict[str, Any]], **extra) -> dict[str, Any]:

@@ -124,14 +124,11 @@ def wait_for(predicate, timeout_s: float = 60.0, interval_s: float = 0.05):
 
 
 def stop_herd_cluster() -> None:
+    """End the tests' private Ray, Serve in it. serve.shutdown() first is not needed (the controller and the
+    proxies end with their Ray) and cost ~1.8 s more per cluster, printing Ray's graceful_shutdown failure."""
     import ray
-    from ray import serve
 
-    try:
-        if ray.is_initialized():
-            serve.shutdown()
-    finally:
-        ray.shutdown()
+    ray.shutdown()
 
 
 def process_running(pid: int) -> bool:

@@ -23,6 +23,7 @@ from cluster.autoscaling import (
     signals_from_context,
 )
 from tests.ray_start import init_local_ray
+from tests.serve_fixtures import stop_herd_cluster
 
 DEP = DeploymentID(name="llm", app_name="herd")
 
@@ -179,7 +180,6 @@ def test_replica_reported_kv_usage_scales_a_real_deployment():
     """Serve 2.60's path end to end: replicas' record_autoscaling_stats() -> controller -> ctx.aggregated_metrics
     -> llm_autoscaling_policy. No request is ever sent (Serve's request-based policy would stay at 1); a full
     KV cache alone must bring the deployment to max_replicas."""
-    import ray
     from ray import serve
 
     init_local_ray(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
@@ -213,7 +213,4 @@ def test_replica_reported_kv_usage_scales_a_real_deployment():
             time.sleep(0.5)
         assert running == 2, f"did not scale to 2 replicas on KV usage: {states}"
     finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
+        stop_herd_cluster()

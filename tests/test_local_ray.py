@@ -12,7 +12,7 @@ import pytest
 
 from cluster.local_ray import (_covered, _rebind, exposure_warnings, is_loopback_ip, listening_sockets,
                                listening_sockets_outside_loopback, ray_session_pids, start_local_ray)
-from tests.serve_fixtures import free_port
+from tests.serve_fixtures import free_port, stop_herd_cluster
 
 MAX_GRPC_MESSAGE = 1 << 20
 
@@ -20,7 +20,6 @@ MAX_GRPC_MESSAGE = 1 << 20
 @pytest.fixture(scope="module")
 def local_serve():
     os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
-    import ray
     from ray import serve
 
     from cluster.app import serve_start_options
@@ -43,8 +42,7 @@ def local_serve():
         serve.run(Probe.bind(), name="probe", route_prefix="/probe")
         yield cfg
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        stop_herd_cluster()
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ from ray.serve._private.request_router.common import PendingRequest
 from cluster.routing import ROUTING_STATS_VERSION, PrefixCacheRouter, routing_stats
 from tests.fakes import engine_stats
 from tests.ray_start import init_local_ray
+from tests.serve_fixtures import stop_herd_cluster
 from workers.block_hash import hash_token_blocks
 
 DEP = DeploymentID(name="llm", app_name="herd")
@@ -452,10 +453,7 @@ def test_sessions_stick_to_the_replica_holding_their_prefix():
         fresh = ray.get(next_turns.remote(history))
         assert fresh == home
     finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
+        stop_herd_cluster()
 
 
 @pytest.mark.slow
