@@ -172,3 +172,37 @@ def test_herd_serve_refuses_a_port_another_server_holds_before_starting_ray(demo
         assert f"herd: error: grpc_port: cannot listen on 127.0.0.1:{port}: in use" in err, err
         assert not ray.is_initialized()
     assert port_problems("127.0.0.1", {"grpc_port": port}) == []   # free again once the holder closed
+
+
+def _raising(error: BaseException):
+    def delete(name: str) -> None:
+        raise error
+    return delete
+
+
+@pytest.mark.parametrize("delete, says", [
+    (lambda name: None, r"herd: in-flight requests finished in \d+\.\d s"),
+    (_raising(KeyboardInterrupt()), r"herd: stopping without waiting"),   # a second Ctrl-C during the drain
+    (_raising(RuntimeError("gcs gone")), r"herd: WARNING: could not wait for in-flight requests "
+                                         r"\(RuntimeError\('gcs gone'\)\)"),
+])
+def test_the_drain_at_shutdown_says_how_it_ended(monkeypatch, capsys, delete, says):
+    """herd serve's drain deletes the application (its replicas finish their streams); a second Ctrl-C during
+    it stops at once, and a failure to wait is said, never raised (the stop goes on). The drain itself is
+    tested on a real herd serve in tests/test_serve_startup.py."""
+    import re
+
+    from ray import serve
+
+    from cluster.config import ClusterConfig
+    from cluster.serve_cli import _drain
+
+    deleted = []
+    monkeypatch.setattr(serve, "delete", lambda name: (deleted.append(name), delete(name)))
+    cfg = ClusterConfig.from_dict({"models": [{"name": "a", "path": "/m", "graceful_shutdown_timeout_s": 5},
+                                              {"name": "b", "path": "/m", "graceful_shutdown_timeout_s": 90}]})
+    _drain(cfg)
+    lines = capsys.readouterr().err.splitlines()
+    assert deleted == ["herd"]
+    assert lines[0] == "herd: finishing in-flight requests (up to 90 s; Ctrl-C again stops at once) ..."
+    assert re.fullmatch(says, lines[1]), lines
