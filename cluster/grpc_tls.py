@@ -8,7 +8,8 @@ proxy process from the paths in the job's environment (tls_env). No other port c
 inter-deployment servers stay as Serve made them, on loopback.
 
     tls_env(cfg.tls)                    # {HERD_SERVE_GRPC_TLS_CERT: path, HERD_SERVE_GRPC_TLS_KEY: path}
-    server_credentials_from_env()       # in the proxy: grpc.ServerCredentials, or None without TLS
+    server_credentials_from_env()       # in the proxy: grpc.ServerCredentials (renewed files are picked up
+                                        # at the next connection), or None without TLS
     tls_file_problems(cfg.tls)          # before start-up: both files readable, the key the certificate's
     tls_problem(host, port)             # after start-up: None if the port completes a TLS handshake
     channel_credentials(ca_file)        # for clients: the CA to trust (None: the system's roots)
@@ -20,6 +21,7 @@ Imported by every Ray worker of a local session (through the set-up hook): keep 
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import ssl
@@ -42,14 +44,55 @@ def tls_env(tls: Any) -> dict[str, str]:
 def server_credentials_from_env():
     """grpc.ServerCredentials from the files the environment names, or None when it names none. A file that
     cannot be read raises: the proxy then fails to start, which herd serve reports, rather than listen in
-    plaintext with TLS configured."""
+    plaintext with TLS configured. A renewed certificate is picked up without a restart (CertificateFiles)."""
     cert_file, key_file = os.environ.get(CERT_ENV), os.environ.get(KEY_ENV)
     if not cert_file or not key_file:
         return None
     import grpc
 
-    with open(cert_file, "rb") as cert, open(key_file, "rb") as key:
-        return grpc.ssl_server_credentials([(key.read(), cert.read())])
+    files = CertificateFiles(cert_file, key_file)
+    return grpc.dynamic_ssl_server_credentials(files.configuration(), files.renewed)
+
+
+class CertificateFiles:
+    """The certificate and key files, re-read when either changes (cert-manager renewing a Secret, an operator
+    replacing the files), so that connections made after the change get the new certificate. grpc asks
+    `renewed` before each new connection's handshake: a stat of two files when nothing changed. A changed pair
+    that does not load (a key written before its certificate, say) keeps the current one until it does."""
+
+    def __init__(self, cert_file: str, key_file: str):
+        self.cert_file, self.key_file = cert_file, key_file
+        self._stamp = self._stat()
+        self._failed_stamp: Optional[tuple] = None
+
+    def configuration(self):
+        import grpc
+
+        with open(self.cert_file, "rb") as cert, open(self.key_file, "rb") as key:
+            return grpc.ssl_server_certificate_configuration([(key.read(), cert.read())])
+
+    def renewed(self):
+        """A new grpc certificate configuration when the files changed and load as a pair, else None."""
+        try:
+            stamp = self._stat()
+        except OSError:   # a file being replaced: the next connection looks again
+            return None
+        if stamp in (self._stamp, self._failed_stamp):
+            return None
+        try:
+            check_pair(self.cert_file, self.key_file)
+            configuration = self.configuration()
+        except (OSError, ssl.SSLError) as e:
+            self._failed_stamp = stamp    # said once per change, not at every connection
+            logging.getLogger("herd.grpc_tls").warning("TLS: keeping the current certificate: %s and %s do "
+                                                       "not load as a pair (%s)", self.cert_file, self.key_file, e)
+            return None
+        self._stamp = stamp
+        logging.getLogger("herd.grpc_tls").info("TLS: serving the renewed certificate %s", self.cert_file)
+        return configuration
+
+    def _stat(self) -> tuple:
+        return tuple((st.st_ino, st.st_size, st.st_mtime_ns) for st in map(os.stat, (self.cert_file, self.key_file)))
 
 
 def tls_file_problems(tls: Any) -> list[str]:
@@ -61,12 +104,18 @@ def tls_file_problems(tls: Any) -> list[str]:
                if (why := _unreadable(path))]
     if missing:
         return missing
-    try:  # no password: OpenSSL would otherwise ask for one on the terminal; grpc cannot use encrypted keys
-        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(tls.cert_file, tls.key_file, password=b"")
+    try:
+        check_pair(tls.cert_file, tls.key_file)
     except ssl.SSLError as e:
         return [f"tls: {tls.cert_file} and {tls.key_file} are not a PEM certificate and its unencrypted private "
                 f"key ({e.reason or e})"]
     return []
+
+
+def check_pair(cert_file: str, key_file: str) -> None:
+    """Raise ssl.SSLError unless the files are a PEM certificate (chain) and its unencrypted private key. No
+    password is given: OpenSSL would otherwise ask for one on the terminal (grpc cannot use encrypted keys)."""
+    ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert_file, key_file, password=b"")
 
 
 def _unreadable(path: str) -> Optional[str]:

@@ -180,3 +180,46 @@ def test_herd_serve_stops_when_the_grpc_port_answers_in_plaintext(certs):
         assert _grpc_tls_problems(cfg.model_copy(update={"tls": None})) == []
     finally:
         server.stop(None)
+
+
+def test_a_renewed_certificate_is_served_to_new_connections_without_a_restart(certs, tmp_path, monkeypatch, caplog):
+    """cert-manager renews a Secret's files in place: the proxy serves the new certificate from the next
+    connection on. A half-written change (a certificate whose key has not arrived) keeps the old one."""
+    import logging
+    import shutil
+
+    from cluster.grpc_tls import server_credentials_from_env
+
+    renewed_cert, renewed_key = write_self_signed(tmp_path, "renewed")
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    shutil.copy(certs.cert, cert)
+    shutil.copy(certs.key, key)
+
+    def replace(path, source):   # as Kubernetes and cert-manager do: a new file moved into place
+        shutil.copy(source, f"{path}.new")
+        os.replace(f"{path}.new", path)
+
+    def health(ca) -> str:
+        with HerdClient(f"127.0.0.1:{port}", tls_ca_file=str(ca)) as client:
+            try:
+                return client.health(timeout=10)
+            except grpc.RpcError as e:
+                return e.code().name
+
+    monkeypatch.setenv(CERT_ENV, str(cert))
+    monkeypatch.setenv(KEY_ENV, str(key))
+    port = free_port()
+    server = _health_server(port, server_credentials_from_env())
+    try:
+        assert health(certs.cert) == "SERVING"
+        replace(cert, renewed_cert)                      # the certificate first, its key not yet
+        with caplog.at_level(logging.WARNING, logger="herd.grpc_tls"):
+            assert health(certs.cert) == "SERVING"       # still the old pair
+            assert health(certs.cert) == "SERVING"
+        assert [r.getMessage() for r in caplog.records].count(caplog.records[0].getMessage()) == 1   # said once
+        assert "do not load as a pair" in caplog.records[0].getMessage()
+        replace(key, renewed_key)
+        assert health(renewed_cert) == "SERVING"         # the renewed pair, no restart
+        assert health(certs.cert) == "UNAVAILABLE"       # the old certificate is no longer what it presents
+    finally:
+        server.stop(None)
