@@ -25,6 +25,9 @@ from workers.errors import (
     TokenizerError,
 )
 
+# Seconds an HTTP client told 429 (a full model) or 503 (no application behind the proxy) waits before it
+# retries: a replica frees seats as streams finish; a starting or draining server changes within seconds.
+RETRY_AFTER_S = 1
 # gRPC status code name -> (HTTP status, OpenAI error type)
 _HTTP: dict[str, tuple[int, str]] = {
     "INVALID_ARGUMENT": (400, "invalid_request_error"),

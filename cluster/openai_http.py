@@ -45,14 +45,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.chat_tools import ChatTools
-from cluster.errors import ApiError, to_api_error
+from cluster.errors import RETRY_AFTER_S, ApiError, to_api_error
 from cluster import tracing
 from cluster.request_context import http_request_id, request_scope
 
 # No built-in docs routes: /openapi.json and /docs exist only when the config enables them (see below).
 openai_app = FastAPI(title="herd OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
-# Seconds a client told "429" should wait before trying again (a replica frees seats as streams finish).
-RETRY_AFTER_S = 1
 # Paths that need no API key (probes cannot send one).
 OPEN_PATHS = ("/health",)
 # OpenAI request fields herd does not implement (yet): refused by name, never silently dropped.

@@ -1,6 +1,7 @@
 """herd's gRPC services as Serve's proxy registers them, with every client cancel passed on to the replica.
 
-    grpc_servicer_functions: [cluster.proxy_streams.add_inference_servicer, cluster.proxy_streams.add_health_servicer]
+    grpc_servicer_functions: [cluster.proxy_streams.add_inference_servicer, cluster.proxy_streams.add_health_servicer,
+                              ...]
 
 Serve's gRPC proxy (Ray 2.60, serve/_private/proxy.py) forwards a client's cancel of a streaming call only
 when the cancel lands while the proxy awaits the replica's next message (ProxyResponseGenerator.__anext__
@@ -22,7 +23,8 @@ A request whose bytes do not parse as its method's message is answered INVALID_A
 
 A request that reaches the proxy while no herd application is deployed behind it (herd serve starting up, or
 draining on its way down) gets UNAVAILABLE, which clients and load balancers retry elsewhere, instead of
-Serve's NOT_FOUND "Application metadata not set", which they take as final (`_CallContext.set_details`).
+Serve's NOT_FOUND "Application metadata not set", which they take as final (`_CallContext.set_details`;
+cluster/proxy_not_serving.py, which does the same for HTTP).
 
 These functions run in Serve's proxy process, with Serve's own gRPC server (the server whose
 `service_handler_factory` turns every method into a call to the ingress): keep imports light.
@@ -32,6 +34,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from typing import Any, AsyncIterator, Callable
+
+from cluster.proxy_not_serving import NO_APPLICATION_DETAILS, is_no_application
 
 
 def add_inference_servicer(servicer, server) -> None:
@@ -186,7 +190,7 @@ class _CallContext:
         """Serve's NOT_FOUND for a proxy with no application behind it becomes UNAVAILABLE (module doc)."""
         if self.ended:
             return
-        if _no_application(self._code, details):
+        if is_no_application(self._code, details):
             import grpc
 
             self._context.set_code(grpc.StatusCode.UNAVAILABLE)
@@ -204,18 +208,6 @@ class _CallContext:
 
 def _ignore(*_args, **_kwargs) -> None:
     return None
-
-
-NO_APPLICATION_DETAILS = "herd is not serving behind this proxy now (starting up or shutting down); retry"
-# How Serve's gRPC proxy (Ray 2.60, proxy.py not_found_response) words a call that no application takes.
-_SERVE_NO_APPLICATION = ("Application metadata not set.", "Application '")
-
-
-def _no_application(code, details) -> bool:
-    import grpc
-
-    return code == grpc.StatusCode.NOT_FOUND and isinstance(details, str) and details.startswith(
-        _SERVE_NO_APPLICATION) and "ListApplications" in details
 
 
 class _End:

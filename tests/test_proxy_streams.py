@@ -96,7 +96,7 @@ def test_a_call_with_no_application_behind_the_proxy_is_unavailable():
     from ray.serve._private.grpc_util import set_grpc_code_and_details
     from ray.serve._private.proxy_request_response import ResponseStatus
 
-    from cluster.proxy_streams import NO_APPLICATION_DETAILS
+    from cluster.proxy_not_serving import NO_APPLICATION_DETAILS
 
     no_app = ResponseStatus(code=grpc.StatusCode.NOT_FOUND, is_error=True, message=(
         "Application metadata not set. Ping /ray.serve.RayServeAPIService/ListApplications for available "
@@ -125,3 +125,37 @@ def test_a_call_with_no_application_behind_the_proxy_is_unavailable():
     ], factory=factory))
     assert results[0] == results[1] == ("UNAVAILABLE", NO_APPLICATION_DETAILS)
     assert results[2] == ("NOT_FOUND", "model 'x' is not served")
+
+
+def test_the_http_proxy_answers_503_while_no_application_is_deployed(monkeypatch):
+    """install_http_not_serving (a gRPC servicer function, so Serve runs it in every proxy process) replaces
+    Serve's HTTP 404 with a 503 in OpenAI's error body while no route is deployed; with routes, Serve's 404."""
+    import json
+    from types import SimpleNamespace
+
+    from ray.serve._private import proxy
+    from ray.serve._private.proxy_request_response import ResponseStatus
+
+    from cluster.proxy_not_serving import NO_APPLICATION_DETAILS, install_http_not_serving
+
+    monkeypatch.setattr(proxy.HTTPProxy, "not_found_response", proxy.HTTPProxy.not_found_response)  # restored
+    install_http_not_serving(_AnyServicer(), None)
+    installed = proxy.HTTPProxy.not_found_response
+    install_http_not_serving(_AnyServicer(), None)   # a second proxy start in the process: wrapped once
+    assert proxy.HTTPProxy.not_found_response is installed
+
+    async def answer(route_info):
+        this = SimpleNamespace(proxy_router=SimpleNamespace(route_info=route_info))
+        request = SimpleNamespace(path="/v1/completions")
+        return [m async for m in proxy.HTTPProxy.not_found_response(this, request)]
+
+    start, body, status = asyncio.run(answer({}))
+    headers = dict(start["headers"])
+    assert start["status"] == 503 and headers[b"retry-after"] == b"1"
+    assert headers[b"content-type"] == b"application/json"
+    assert int(headers[b"content-length"]) == len(body["body"])
+    assert json.loads(body["body"]) == {"error": {"message": NO_APPLICATION_DETAILS, "code": "unavailable",
+                                                  "type": "service_unavailable_error", "param": None}}
+    assert isinstance(status, ResponseStatus) and status.code == 503 and status.is_error
+    served = asyncio.run(answer({"/": "herd"}))      # herd's application deployed: Serve's own answer
+    assert served[0]["status"] == 404 and served[-1].code == 404

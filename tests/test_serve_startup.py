@@ -2,13 +2,16 @@
 INFO lines stay in its log files."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -96,8 +99,6 @@ def test_herd_serve_says_why_a_model_failed_to_deploy(tmp_path):
 def test_herd_serve_start_up_and_summary(tmp_path):
     """A real `herd serve` with TLS configured: its progress and summary, and every address it names answers;
     the gRPC port only over TLS (cluster.grpc_tls), the HTTP port as HTTPS."""
-    import ssl
-
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -148,7 +149,8 @@ def test_herd_serve_start_up_and_summary(tmp_path):
         assert re.match(r"^http://127\.0\.0\.1:\d+$", summary["dashboard"]), summary
         assert urllib.request.urlopen(summary["metrics"], timeout=30).status == 200
         assert os.path.isdir(os.path.join(summary["logs"], "serve"))
-        _ctrl_c_finishes_open_streams(proc, reader, lines, f"127.0.0.1:{grpc_port}", str(cert))
+        _ctrl_c_finishes_open_streams(proc, reader, lines, f"127.0.0.1:{grpc_port}", f"127.0.0.1:{http_port}",
+                                      str(cert))
     finally:
         _stop(proc, reader)
     assert "herd: shutting down" in lines and proc.returncode == 0, "\n".join(lines[-20:])
@@ -158,14 +160,16 @@ DRAIN_TOKENS = 500
 DRAIN_STREAMS = 4
 
 
-def _ctrl_c_finishes_open_streams(proc, reader, lines: list[str], address: str, ca_file: str) -> None:
+def _ctrl_c_finishes_open_streams(proc, reader, lines: list[str], address: str, http_address: str,
+                                  ca_file: str) -> None:
     """Ctrl-C while streams are open: each runs to its end (serve.shutdown() used to kill the proxies first and
-    end them UNAVAILABLE), a request that arrives meanwhile gets UNAVAILABLE (retryable; Serve says NOT_FOUND),
+    end them UNAVAILABLE), a request that arrives meanwhile gets UNAVAILABLE / 503 (retryable; Serve's own
+    answers are NOT_FOUND / 404),
     and herd serve exits 0 saying so, without Ray's "(raylet) Task ServeController.graceful_shutdown failed"."""
     import grpc
 
     from cluster.client import HerdClient
-    from cluster.proxy_streams import NO_APPLICATION_DETAILS
+    from cluster.proxy_not_serving import NO_APPLICATION_DETAILS
 
     client = HerdClient(address, tls_ca_file=ca_file)
     streams = [client.generate("tiny", [7 + i, 8, 9], max_tokens=DRAIN_TOKENS, ignore_eos=True, timeout=300)
@@ -183,6 +187,14 @@ def _ctrl_c_finishes_open_streams(proc, reader, lines: list[str], address: str, 
             assert (e.code(), e.details()) == (grpc.StatusCode.UNAVAILABLE, NO_APPLICATION_DETAILS)
             break
         assert time.monotonic() < deadline, "a new request was still served 60 s after Ctrl-C"
+    https = ssl.create_default_context(cafile=ca_file)
+    request = urllib.request.Request(f"https://{http_address}/v1/completions", method="POST",
+                                     data=b'{"model": "tiny", "prompt": "hi"}',
+                                     headers={"content-type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as http_late:
+        urllib.request.urlopen(request, timeout=30, context=https)
+    assert (http_late.value.code, http_late.value.headers["retry-after"]) == (503, "1")
+    assert json.loads(http_late.value.read())["error"]["message"] == NO_APPLICATION_DETAILS
     for first, stream in zip(firsts, streams):
         rest = list(stream)
         assert len(first.token_ids) + sum(len(r.token_ids) for r in rest) == DRAIN_TOKENS
