@@ -156,13 +156,13 @@ def test_herd_serve_start_up_and_summary(tmp_path):
     assert "herd: shutting down" in lines and proc.returncode == 0, "\n".join(lines[-20:])
 
 
-DRAIN_TOKENS = 500
-DRAIN_STREAMS = 4
+DRAIN_TOKENS = 200
+DRAIN_STREAMS = 32
 
 
 def _ctrl_c_finishes_open_streams(proc, reader, lines: list[str], address: str, http_address: str,
                                   ca_file: str) -> None:
-    """Ctrl-C while streams are open: each runs to its end (serve.shutdown() used to kill the proxies first and
+    """Ctrl-C while 32 streams are open: each runs to its end (serve.shutdown() used to kill the proxies first and
     end them UNAVAILABLE), a request that arrives meanwhile gets UNAVAILABLE / 503 (retryable; Serve's own
     answers are NOT_FOUND / 404),
     and herd serve exits 0 saying so, without Ray's "(raylet) Task ServeController.graceful_shutdown failed"."""
