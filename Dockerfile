@@ -45,5 +45,7 @@ RUN pip install --no-cache-dir ".[tracing]" && herd --help > /dev/null
 
 # Serve's proxies (HTTP 8000, gRPC 9000), Ray's metrics (8080); the head also uses 6379, 8265, 10001.
 EXPOSE 8000 9000 8080
-# KubeRay supplies the `ray start` command; run alone, the image serves the embedded demo.
+# KubeRay supplies the `ray start` command; run alone, the image serves the embedded demo. On SIGTERM herd serve
+# lets open streams finish (up to the longest graceful_shutdown_timeout_s, 60 s by default): give `docker stop`
+# that long (`docker stop -t 70`, compose `stop_grace_period: 70s`); Docker's default kills it after 10 s.
 CMD ["herd", "serve", "--host", "0.0.0.0"]
