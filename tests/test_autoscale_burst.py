@@ -1,5 +1,8 @@
-"""A burst of gRPC requests scales an autoscaled model up, and it scales back down once the burst is over,
-with every request answered (real Ray + Serve + gRPC on 127.0.0.1). The model keeps herd's defaults (its
+"""Replicas come and go under load and no request is lost (real Ray + Serve + gRPC on 127.0.0.1): a burst of
+gRPC requests scales an autoscaled model up, and it scales back down once the burst is over; a redeploy with
+a changed config replaces the replicas while streams are open.
+
+The burst: The model keeps herd's defaults (its
 target of ongoing requests, every hop's capacity, how often load is reported) but a short downscale delay, so
 the test does not wait a minute for the scale-down: the burst must reach the replicas for the autoscaler to see it.
 
@@ -8,17 +11,20 @@ the autoscaler has acted on any machine. A burst of single long requests did not
 run and 85 s on another of the same machine, and in the first they had all ended before the replica came."""
 from __future__ import annotations
 
+import collections
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import pytest
 
 from tests.checkpoints import LLAMA2_MHA, make_checkpoint
-from tests.serve_fixtures import running_herd_cluster
+from tests.serve_fixtures import running_herd_cluster, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 MODEL = "tiny"
+KV_CACHE_MEMORY = 128 << 20
 BURST = 48
 REQUEST_TOKENS = 300       # one request of a burst client: seconds on 2 vCPUs, beside 47 others
 SCALE_UP_DEADLINE_S = 120  # a guard against a hang, not a timing
@@ -29,7 +35,7 @@ def cluster(tmp_path_factory):
     path = make_checkpoint(tmp_path_factory.mktemp("burst"), "tiny", LLAMA2_MHA)
     config = {"models": [{
         "name": MODEL, "path": str(path), "dtype": "float32", "resources_per_shard": {"CPU": 0.25},
-        "max_model_len": 2048, "kv_cache_memory": 128 << 20, "graceful_shutdown_timeout_s": 60,
+        "max_model_len": 2048, "kv_cache_memory": KV_CACHE_MEMORY, "graceful_shutdown_timeout_s": 60,
         "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "downscale_delay_s": 4}}]}
     with running_herd_cluster(config, num_cpus=4) as c:
         yield c
@@ -91,3 +97,53 @@ def test_burst_scales_up_and_back_down_without_failures(cluster):
     finally:
         stop.set()
         watcher.join(timeout=5)
+
+
+def test_a_redeploy_under_load_finishes_every_open_stream_and_drops_no_request(cluster):
+    """The config changes while 32 streams are open (the model's KV pool, so Serve starts new replicas of it
+    and of the ingress, whose arguments hold the config): the old replicas take no new work and finish their
+    streams; requests sent meanwhile are served, by old replicas or new ones."""
+    from ray import serve
+
+    from cluster.app import APP_NAME, build_app
+    from cluster.client import HerdClient, collect
+    from cluster.config import ClusterConfig
+
+    client = HerdClient(cluster.grpc_address)
+    before = cluster.model_stats(MODEL)
+
+    def stream(i: int) -> str:
+        try:
+            return collect(client.generate(MODEL, [7 + i, 8, 9, 10], max_tokens=200, temperature=0.0,
+                                           ignore_eos=True, timeout=300))[2].finish_reason
+        except grpc.RpcError as e:
+            return f"{e.code().name}: {e.details()}"
+
+    probes, redeployed = collections.Counter(), threading.Event()
+
+    def probe() -> None:   # requests one after another, from before the redeploy to after it
+        for i in range(100, 10_000):
+            if redeployed.is_set():
+                return
+            probes[stream(i)] += 1
+
+    def first_tokens_flowing() -> bool:
+        return cluster.model_stats(MODEL)["generation_tokens"] > before["generation_tokens"] + 32
+
+    with ThreadPoolExecutor(max_workers=33) as pool:
+        streams = [pool.submit(stream, i) for i in range(32)]
+        prober = pool.submit(probe)
+        wait_for(first_tokens_flowing, timeout_s=120)
+        model = {**cluster.config["models"][0], "kv_cache_memory": KV_CACHE_MEMORY // 2}
+        config = {**cluster.config, "models": [model]}
+        serve.run(build_app(ClusterConfig.from_dict(config)), name=APP_NAME, route_prefix="/", blocking=False)
+        wait_for(lambda: serve.status().applications[APP_NAME].status == "RUNNING" and
+                 cluster.model_stats(MODEL)["replica_id"] != before["replica_id"], timeout_s=180, interval_s=0.5)
+        reasons = collections.Counter(f.result() for f in streams)
+        redeployed.set()
+        prober.result()
+    after = cluster.model_stats(MODEL)
+    assert reasons == {"length": 32}, reasons            # every open stream got all its tokens
+    assert set(probes) == {"length"} and probes["length"] >= 2, probes   # nothing refused or broken meanwhile
+    assert after["kv_blocks_total"] < before["kv_blocks_total"]   # the new config's replica is the one serving now
+    assert stream(0) == "length"
