@@ -9,7 +9,6 @@ import signal
 import ssl
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -18,7 +17,8 @@ import pytest
 
 from cluster import cpu_binding
 from cluster.config import ClusterConfig
-from tests.serve_fixtures import START_ATTEMPTS, free_port
+from tests.herd_serve_process import start_herd_serve, stop_herd_serve
+from tests.serve_fixtures import free_port
 from workers.cpu_affinity import parse_cpu_list
 
 pytestmark = pytest.mark.slow
@@ -115,7 +115,7 @@ def test_herd_serve_start_up_and_summary(tmp_path):
     # One single-replica CPU model: cpu_binding (auto) gives its engine process the top CPU and the rest of the
     # local Ray the others (one at the least, as configured), wherever there are two CPUs or more (CI has two).
     binding = cpu_binding.plan(ClusterConfig.from_yaml(config).models, os.sched_getaffinity(0), serving_cpus=1)
-    proc, lines, reader, grpc_port, http_port = _start_herd_serve(config)
+    proc, lines, reader, grpc_port, http_port = start_herd_serve(config)
     try:
         text = "\n".join(lines)
         # Progress: where the processes run, what starts, the weights loading, the replica running; the summary.
@@ -152,7 +152,7 @@ def test_herd_serve_start_up_and_summary(tmp_path):
         _ctrl_c_finishes_open_streams(proc, reader, lines, f"127.0.0.1:{grpc_port}", f"127.0.0.1:{http_port}",
                                       str(cert))
     finally:
-        _stop(proc, reader)
+        stop_herd_serve(proc, reader)
     assert "herd: shutting down" in lines and proc.returncode == 0, "\n".join(lines[-20:])
 
 
@@ -221,45 +221,3 @@ def _check_affinities(pid: int, binding) -> None:
                 assert set(p.cpu_affinity()) == binding.serving, p.cmdline()
             except psutil.NoSuchProcess:  # a short-lived helper that ended meanwhile
                 pass
-
-
-def _start_herd_serve(config):
-    """`herd serve CONFIG` on free ports until its summary is printed: (process, its output lines so far and
-    to come, the reader thread, gRPC port, HTTP port). A start whose proxy port was taken between
-    free_port() and Serve's bind (one of the many ports Ray's own processes open meanwhile) is retried on new
-    ports, as tests/serve_fixtures.py does; a process that ends without its summary fails at once."""
-    env = {**os.environ, "RAY_ENABLE_AUTO_CONNECT": "0"}
-    for attempt in range(1, START_ATTEMPTS + 1):
-        grpc_port, http_port = free_port(), free_port()
-        proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", str(config), "--grpc-port",
-                                 str(grpc_port), "--http-port", str(http_port)], env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
-        lines: list[str] = []
-        summary, done = threading.Event(), threading.Event()
-
-        def read(proc=proc, lines=lines, summary=summary, done=done):
-            for line in proc.stdout:
-                lines.append(line.rstrip("\n"))
-                if line.strip() == "Ctrl-C stops":
-                    summary.set()
-                    done.set()
-            done.set()  # the output ended: the process is gone
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        done.wait(300)
-        if summary.is_set():
-            return proc, lines, reader, grpc_port, http_port
-        _stop(proc, reader)
-        if attempt == START_ATTEMPTS or not any("Failed to bind" in ln for ln in lines):
-            raise AssertionError("no summary within 300 s:\n" + "\n".join(lines))
-    raise AssertionError("unreachable")
-
-
-def _stop(proc, reader) -> None:
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=120)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    reader.join(timeout=10)
