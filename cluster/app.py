@@ -28,12 +28,12 @@ from typing import Any
 
 from ray import serve
 
+from cluster.app_name import APP_NAME
 from cluster.config import ClusterConfig
 from cluster.deployment import ModelDeployment, ModelSpec, ServedModel
 from cluster.ingress import IngressDeployment
 from workers.engine_config import EngineConfig
 
-APP_NAME = "herd"
 INGRESS_NAME = "Ingress"
 # herd.v1.Inference and grpc.health.v1.Health, registered so that a client's cancel of a stream always reaches
 # the replica (Serve's proxy loses some: cluster.proxy_streams).

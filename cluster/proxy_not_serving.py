@@ -8,13 +8,14 @@ retries a 503 by itself).
 
     grpc_servicer_functions: [..., "cluster.proxy_not_serving.install_http_not_serving"]
 
-- gRPC: the call context of cluster.proxy_streams turns Serve's NOT_FOUND into UNAVAILABLE
-  (`is_no_application`).
+- gRPC: the call context of cluster.proxy_streams turns Serve's NOT_FOUND for herd's application into
+  UNAVAILABLE (`is_no_application`).
 - HTTP: Serve's HTTP proxy (Ray 2.60, proxy.py `HTTPProxy.not_found_response`) offers no hook. Serve calls
   every gRPC servicer function in each proxy process before its servers start, on any cluster (local, joined,
-  KubeRay), so `install_http_not_serving`, listed among them, replaces that method on the class. With no route
-  deployed at all it answers 503. With routes it gives Serve's 404 as before: herd's application is at "/",
-  so while it is deployed every path has a route.
+  KubeRay), so `install_http_not_serving`, listed among them, replaces that method on the class. While herd's
+  application has no route (none at all, or only other applications' on a shared Serve) it answers 503. With
+  herd's route it gives Serve's 404 as before (herd's application is at "/" by default, so while it is
+  deployed every path has a route).
 
 Runs in Serve's proxy process: keep the imports light.
 """
@@ -22,17 +23,21 @@ from __future__ import annotations
 
 import json
 
+from cluster.app_name import served_application
+
 NO_APPLICATION_DETAILS = "herd is not serving behind this proxy now (starting up or shutting down); retry"
-# How Serve's gRPC proxy (Ray 2.60, proxy.py not_found_response) words a call that no application takes.
-_SERVE_NO_APPLICATION = ("Application metadata not set.", "Application '")
 
 
 def is_no_application(code, details) -> bool:
-    """Is (code, details) Serve's gRPC answer for a proxy with no application behind it?"""
+    """Is (code, details) Serve's gRPC answer for a call that herd's application is not there to take? (Ray
+    2.60, proxy.py not_found_response: "Application metadata not set." with no application at all, "Application
+    'herd' not found." with other applications, herd's named by cluster.proxy_streams.) A call naming another
+    application keeps Serve's NOT_FOUND."""
     import grpc
 
     return code == grpc.StatusCode.NOT_FOUND and isinstance(details, str) and details.startswith(
-        _SERVE_NO_APPLICATION) and "ListApplications" in details
+        ("Application metadata not set.", f"Application '{served_application()}' not found.")) \
+        and "ListApplications" in details
 
 
 def not_serving_body() -> bytes:
@@ -44,7 +49,7 @@ def not_serving_body() -> bytes:
 
 def install_http_not_serving(servicer=None, server=None) -> None:
     """A gRPC servicer function that adds no service: it makes this process's Serve HTTP proxy answer 503 (not
-    404) while no route is deployed (module doc). Serve calls it with its mock servicer and its gRPC server."""
+    404) while herd's application has no route in it (module doc). Serve calls it with its mock servicer and its gRPC server."""
     from ray.serve._private import proxy
 
     serve_not_found = proxy.HTTPProxy.not_found_response
@@ -52,7 +57,8 @@ def install_http_not_serving(servicer=None, server=None) -> None:
         return
 
     async def not_found_response(self, proxy_request):
-        if self.proxy_router.route_info:
+        herd = served_application()
+        if any(endpoint.app_name == herd for endpoint in self.proxy_router.route_info.values()):
             async for message in serve_not_found(self, proxy_request):
                 yield message
             return

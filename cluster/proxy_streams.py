@@ -26,6 +26,11 @@ draining on its way down) gets UNAVAILABLE, which clients and load balancers ret
 Serve's NOT_FOUND "Application metadata not set", which they take as final (`_CallContext.set_details`;
 cluster/proxy_not_serving.py, which does the same for HTTP).
 
+A call to herd's services that names no application (`application` metadata) goes to herd's application
+(`cluster.app_name.served_application`): Serve's proxy picks the only application when there is one, but
+answers NOT_FOUND once another application runs beside herd's on the same Serve, and a Kubernetes gRPC probe
+cannot send metadata at all.
+
 These functions run in Serve's proxy process, with Serve's own gRPC server (the server whose
 `service_handler_factory` turns every method into a call to the ingress): keep imports light.
 """
@@ -35,6 +40,7 @@ import asyncio
 import contextlib
 from typing import Any, AsyncIterator, Callable
 
+from cluster.app_name import served_application
 from cluster.proxy_not_serving import NO_APPLICATION_DETAILS, is_no_application
 
 
@@ -168,7 +174,7 @@ class _CallContext:
     def __init__(self, context):
         self._context = context
         self._peer = context.peer()
-        self._metadata = context.invocation_metadata()
+        self._metadata = with_application(context.invocation_metadata())
         self._code = None
         self.ended = False
 
@@ -204,6 +210,14 @@ class _CallContext:
         if self.ended and name.startswith("set_"):
             return _ignore
         return getattr(self._context, name)
+
+
+def with_application(metadata):
+    """The call's metadata, with herd's application added where the client named none (module doc)."""
+    metadata = tuple(metadata or ())
+    if any(key == "application" for key, _ in metadata):
+        return metadata
+    return (*metadata, ("application", served_application()))
 
 
 def _ignore(*_args, **_kwargs) -> None:

@@ -23,7 +23,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
-APP_NAME = "herd"        # cluster.app.APP_NAME (not imported: that module imports Serve deployments and torch)
+from cluster.app_name import APP_NAME
+
 MODEL_PREFIX = "model-"  # cluster.app.deployment_name
 
 

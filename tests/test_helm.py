@@ -30,6 +30,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from cluster.app_name import APP_NAME
 from cluster.config import AutoscalingConfig, ClusterConfig, ModelDeploymentConfig, RouterConfig
 
 import k8s_tools
@@ -228,7 +229,7 @@ def test_serve_config_is_a_cluster_config(helm, tmp_path, case):
     assert sc["http_options"]["host"] == "0.0.0.0"
     [app] = sc["applications"]
     assert app["import_path"] == "cluster.app:build_app"
-    assert app["name"] == app_constant("APP_NAME")
+    assert app["name"] == APP_NAME
     cfg = ClusterConfig.from_dict(app["args"])
     reflection = app_constant("REFLECTION_SERVICER_FUNCTIONS") if cfg.enable_reflection else []
     assert sc["grpc_options"]["grpc_servicer_functions"] == app_constant("GRPC_SERVICER_FUNCTIONS") + reflection
@@ -458,6 +459,8 @@ def test_secure_defaults(helm, tmp_path):
         assert env["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] == str(cfg.limits.max_grpc_message_bytes) == "8388608"
         # The proxy calls the ingress over Serve's gRPC transport, as cluster.local_ray sets it for herd serve.
         assert cfg.serve_transport == "grpc" and env["RAY_SERVE_PROXY_USE_GRPC"] == "1"
+        # Calls to herd's services that name no application (probes) go to the chart's application.
+        assert env["HERD_SERVE_APPLICATION"] == sc["applications"][0]["name"] == "herd"
         # Drain: the grace period covers the preStop delay and the longest graceful shutdown, with a margin.
         longest = max(m.graceful_shutdown_timeout_s for m in cfg.models)
         assert spec["terminationGracePeriodSeconds"] == 10 + math.ceil(longest) + 15

@@ -47,13 +47,13 @@ async def _serve_and_call(calls, factory=None):
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             results = []
-            for method, kind, payload in calls:
+            for method, kind, payload, *metadata in calls:
                 call = getattr(channel, kind)(method, request_serializer=_identity, response_deserializer=_identity)
                 try:
                     if kind == "unary_stream":
-                        results.append(("OK", [m async for m in call(payload, timeout=10)]))
+                        results.append(("OK", [m async for m in call(payload, timeout=10, metadata=metadata)]))
                     else:
-                        results.append(("OK", await call(payload, timeout=10)))
+                        results.append(("OK", await call(payload, timeout=10, metadata=metadata)))
                 except grpc.aio.AioRpcError as e:
                     results.append((e.code().name, e.details()))
             return results, reached
@@ -90,46 +90,72 @@ def test_a_plain_grpc_server_gets_the_generated_servicer():
 
 
 def test_a_call_with_no_application_behind_the_proxy_is_unavailable():
-    """Serve's answer when no application is deployed (herd serve starting, or draining on its way down) is
-    NOT_FOUND, which clients take as final; herd's proxy services make it UNAVAILABLE, which they retry. Any
-    other status, NOT_FOUND of an unknown model included, passes as the handler set it."""
+    """Serve's answer when herd's application is not deployed (herd serve starting, or draining on its way down)
+    is NOT_FOUND, which clients take as final; herd's proxy services make it UNAVAILABLE, which they retry. A
+    call that names no application is herd's (also when other applications run on the same Serve: Serve would
+    answer NOT_FOUND "Application metadata not set"); one that names another application, and NOT_FOUND of an
+    unknown model, pass as the handler set them."""
     from ray.serve._private.grpc_util import set_grpc_code_and_details
     from ray.serve._private.proxy_request_response import ResponseStatus
 
-    from cluster.proxy_not_serving import NO_APPLICATION_DETAILS
+    from cluster.proxy_not_serving import NO_APPLICATION_DETAILS, is_no_application
 
-    no_app = ResponseStatus(code=grpc.StatusCode.NOT_FOUND, is_error=True, message=(
-        "Application metadata not set. Ping /ray.serve.RayServeAPIService/ListApplications for available "
-        "applications."))
-    unknown_model = ResponseStatus(code=grpc.StatusCode.NOT_FOUND, is_error=True, message="model 'x' is not served")
+    def not_found(message: str) -> ResponseStatus:
+        return ResponseStatus(code=grpc.StatusCode.NOT_FOUND, is_error=True, message=message)
+
+    def status(service_method: str, context) -> ResponseStatus:
+        if service_method.endswith("ListModels"):
+            return not_found("model 'x' is not served")
+        [app] = [value for key, value in context.invocation_metadata() if key == "application"]
+        return not_found(f"Application '{app}' not found. Ping /ray.serve.RayServeAPIService/ListApplications "
+                         "for available applications.")
 
     def factory(service_method, streaming_type):
-        status = unknown_model if service_method.endswith("ListModels") else no_app
         if streaming_type.name == "UNARY_STREAM":
             async def stream(request, context):
-                set_grpc_code_and_details(context, status)
+                set_grpc_code_and_details(context, status(service_method, context))
                 return
                 yield
             return stream
 
         async def unary(request, context):
-            set_grpc_code_and_details(context, status)
+            set_grpc_code_and_details(context, status(service_method, context))
             return b""
         return unary
 
     generate = pb.GenerateRequest(model="m", text="hi").SerializeToString()
+    tokenize = pb.TokenizeRequest(model="m", text="hi").SerializeToString()
     results, _ = asyncio.run(_serve_and_call([
         ("/herd.v1.Inference/Generate", "unary_stream", generate),
-        ("/herd.v1.Inference/Tokenize", "unary_unary", pb.TokenizeRequest(model="m", text="hi").SerializeToString()),
+        ("/herd.v1.Inference/Tokenize", "unary_unary", tokenize),
+        ("/herd.v1.Inference/Tokenize", "unary_unary", tokenize, ("application", "other")),
         ("/herd.v1.Inference/ListModels", "unary_unary", b""),
     ], factory=factory))
     assert results[0] == results[1] == ("UNAVAILABLE", NO_APPLICATION_DETAILS)
-    assert results[2] == ("NOT_FOUND", "model 'x' is not served")
+    assert results[2][0] == "NOT_FOUND" and results[2][1].startswith("Application 'other' not found.")
+    assert results[3] == ("NOT_FOUND", "model 'x' is not served")
+    assert is_no_application(grpc.StatusCode.NOT_FOUND, "Application metadata not set. Ping "
+                             "/ray.serve.RayServeAPIService/ListApplications for available applications.")
+
+
+def test_calls_that_name_no_application_go_to_herds(monkeypatch):
+    """The `application` metadata Serve's proxy routes by: herd's application unless the client named one;
+    the chart names it where serve.applicationName is not herd (HERD_SERVE_APPLICATION)."""
+    from cluster.app_name import APPLICATION_ENV
+    from cluster.proxy_streams import with_application
+
+    monkeypatch.delenv(APPLICATION_ENV, raising=False)
+    assert with_application((("authorization", "Bearer k"),)) == (("authorization", "Bearer k"), ("application", "herd"))
+    assert with_application(None) == (("application", "herd"),)
+    assert with_application((("application", "other"),)) == (("application", "other"),)
+    monkeypatch.setenv(APPLICATION_ENV, "llm")
+    assert with_application(()) == (("application", "llm"),)
 
 
 def test_the_http_proxy_answers_503_while_no_application_is_deployed(monkeypatch):
     """install_http_not_serving (a gRPC servicer function, so Serve runs it in every proxy process) replaces
-    Serve's HTTP 404 with a 503 in OpenAI's error body while no route is deployed; with routes, Serve's 404."""
+    Serve's HTTP 404 with a 503 in OpenAI's error body while herd's application has no route; with it, Serve's
+    404."""
     import json
     from types import SimpleNamespace
 
@@ -157,5 +183,7 @@ def test_the_http_proxy_answers_503_while_no_application_is_deployed(monkeypatch
     assert json.loads(body["body"]) == {"error": {"message": NO_APPLICATION_DETAILS, "code": "unavailable",
                                                   "type": "service_unavailable_error", "param": None}}
     assert isinstance(status, ResponseStatus) and status.code == 503 and status.is_error
-    served = asyncio.run(answer({"/": "herd"}))      # herd's application deployed: Serve's own answer
+    # Only another application's route (herd's draining on a shared Serve): still not serving.
+    assert asyncio.run(answer({"/other": SimpleNamespace(app_name="other")}))[0]["status"] == 503
+    served = asyncio.run(answer({"/": SimpleNamespace(app_name="herd")}))  # herd's deployed: Serve's own answer
     assert served[0]["status"] == 404 and served[-1].code == 404

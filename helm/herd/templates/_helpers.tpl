@@ -250,6 +250,8 @@ Serve's gRPC transport) in the proxy process; then the user's `env`. */}}
   value: {{ int64 (default 8388608 $limits.max_grpc_message_bytes) | quote }}
 - name: RAY_SERVE_PROXY_USE_GRPC
   value: {{ eq (default "grpc" .Values.config.serve_transport) "grpc" | ternary "1" "0" | quote }}
+- name: HERD_SERVE_APPLICATION   # where Serve's proxies send calls to herd's services that name no application
+  value: {{ .Values.serve.applicationName | quote }}
 {{- with .Values.env }}
 {{ toYaml . }}
 {{- end }}
