@@ -106,6 +106,7 @@ def cmd_serve(args) -> int:
     from cluster.app import APP_NAME, build_app, serve_start_options
     from cluster.config import ClusterConfig
     from cluster.local_ray import connect_ray, start_local_ray
+    from cluster.shared_serve import ROUTE_PREFIX
     from cluster.startup import DeployProgress, deploy_failures, summary_lines
 
     if args.config:
@@ -123,12 +124,17 @@ def cmd_serve(args) -> int:
     quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
     if not verbose:
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    shared = None   # the Serve already running on a joined cluster (cluster.shared_serve)
     if args.address:
         print(f"herd: joining the Ray cluster at {args.address} ...", file=sys.stderr)
         try:
             connect_ray(args.address, **quiet)
         except ConnectionError as e:
             print(f"herd: error: cannot join a Ray cluster: {e}", file=sys.stderr)
+            return 1
+        cfg, shared = _join_running_serve(cfg)
+        if cfg is None:
+            ray.shutdown()
             return 1
     else:  # a private single-node Ray: never join a cluster by accident; every port on loopback but the proxies
         cfg = bind_cpus(cfg)
@@ -146,12 +152,17 @@ def cmd_serve(args) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
     try:
-        print(f"herd: starting Serve: gRPC proxy on {cfg.host}:{cfg.grpc_port}, HTTP proxy on "
-              f"{cfg.host}:{cfg.http_port} ...", file=sys.stderr)
-        serve.start(**serve_start_options(cfg))
+        if shared is None:
+            print(f"herd: starting Serve: gRPC proxy on {cfg.host}:{cfg.grpc_port}, HTTP proxy on "
+                  f"{cfg.host}:{cfg.http_port} ...", file=sys.stderr)
+            serve.start(**serve_start_options(cfg))
+        else:   # its proxies keep their options (serve.start would only warn that ours are ignored)
+            print(f"herd: Serve already runs on the cluster (gRPC proxy port {cfg.grpc_port}, HTTP proxy port "
+                  f"{cfg.http_port}, applications: {', '.join(shared.applications) or 'none'}); deploying "
+                  "herd beside them ...", file=sys.stderr)
         progress = DeployProgress(cfg, APP_NAME, _logs_dir()).start()
         try:
-            serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)
+            serve.run(build_app(cfg), name=APP_NAME, route_prefix=ROUTE_PREFIX, blocking=False)
         except RuntimeError:   # Serve's "Deploying application herd failed": say why, without its traceback
             if not _say_problems(deploy_failures(APP_NAME)):
                 raise
@@ -176,9 +187,40 @@ def cmd_serve(args) -> int:
         if serving.is_set():
             _drain(cfg)
         if args.address:   # Serve on a joined cluster outlives this process unless shut down
-            serve.shutdown()
+            _leave_joined_serve(started_serve=shared is None)
         ray.shutdown()     # a local Ray ends with everything in it (Serve's controller and proxies too)
     return 0
+
+
+def _join_running_serve(cfg):
+    """On a joined cluster, the Serve already running there if any (cluster.shared_serve): (the config with its
+    proxies' ports, it), (cfg, None) when Serve is not running, or (None, None) after saying why herd cannot
+    deploy onto it."""
+    from cluster.shared_serve import running_serve
+
+    shared = running_serve()
+    if shared is None:
+        return cfg, None
+    if _say_problems(shared.problems()):
+        return None, None
+    cfg, warnings = shared.adopt(cfg)
+    for w in warnings:
+        print(f"herd: WARNING: {w}", file=sys.stderr)
+    return cfg, shared
+
+
+def _leave_joined_serve(*, started_serve: bool) -> None:
+    """After the drain on a joined cluster: Serve is shut down only if this herd serve started it and no other
+    application runs there (serve.shutdown() ends every application on the cluster)."""
+    from cluster.shared_serve import stop_serve_unless_shared
+
+    try:
+        kept = stop_serve_unless_shared(started_serve)
+    except Exception as e:  # noqa: BLE001 - the process is ending either way; say what was left running
+        print(f"herd: WARNING: could not stop Serve on the cluster ({e!r})", file=sys.stderr)
+        return
+    if kept:
+        print(f"herd: {kept}", file=sys.stderr)
 
 
 def _drain(cfg) -> None:
