@@ -55,6 +55,14 @@ class Listener(NamedTuple):
     port: int
 
 
+def local_ray_options(cfg) -> dict[str, Any]:
+    """start_local_ray's options that a herd cluster config decides (cluster.config.ClusterConfig): the gRPC
+    proxy's host, port, message limit and TLS, and Serve's transport. A reload keeps them (they are fixed once
+    the local Ray runs: cluster.serve_reload)."""
+    return {"grpc_max_message_bytes": cfg.limits.max_grpc_message_bytes, "serve_grpc_host": cfg.host,
+            "serve_grpc_port": cfg.grpc_port, "serve_transport": cfg.serve_transport, "serve_grpc_tls": cfg.tls}
+
+
 def start_local_ray(*, num_cpus: Optional[float] = None, include_dashboard: bool = True,
                     grpc_max_message_bytes: Optional[int] = None, serve_grpc_host: str = LOOPBACK,
                     serve_grpc_port: Optional[int] = None, log_to_driver: bool = True,

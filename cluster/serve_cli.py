@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import signal
 import sys
 import threading
@@ -103,9 +104,10 @@ def cmd_serve(args) -> int:
     import ray
     from ray import serve
 
+    from cluster import cpu_binding, serve_reload
     from cluster.app import APP_NAME, build_app, serve_start_options
     from cluster.config import ClusterConfig
-    from cluster.local_ray import connect_ray, start_local_ray
+    from cluster.local_ray import connect_ray, local_ray_options, start_local_ray
     from cluster.shared_serve import ROUTE_PREFIX
     from cluster.startup import DeployProgress, deploy_failures, summary_lines
 
@@ -125,6 +127,7 @@ def cmd_serve(args) -> int:
     if not verbose:
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
     shared = None   # the Serve already running on a joined cluster (cluster.shared_serve)
+    cpus = binding = None   # a local herd serve's CPUs before binding, and its binding (cluster.cpu_binding)
     if args.address:
         print(f"herd: joining the Ray cluster at {args.address} ...", file=sys.stderr)
         try:
@@ -137,20 +140,26 @@ def cmd_serve(args) -> int:
             ray.shutdown()
             return 1
     else:  # a private single-node Ray: never join a cluster by accident; every port on loopback but the proxies
-        cfg = bind_cpus(cfg)
+        cpus = cpu_binding.allowed_cpus()
+        cfg, binding = bind_cpus(cfg)
         print("herd: starting a local Ray (every port on 127.0.0.1 but the gRPC / HTTP proxies) ...", file=sys.stderr)
-        start_local_ray(grpc_max_message_bytes=cfg.limits.max_grpc_message_bytes, serve_grpc_host=cfg.host,
-                        serve_grpc_port=cfg.grpc_port, serve_transport=cfg.serve_transport,
-                        serve_grpc_tls=cfg.tls, **quiet)
+        start_local_ray(**local_ray_options(cfg), **quiet)
     stop = threading.Event()
     serving = threading.Event()
+    hurried = False
+    wakes: queue.SimpleQueue = queue.SimpleQueue()   # "stop" / "reload", from the signal handlers
 
     def on_signal(*_):  # while starting, or a second one while draining: stop at once; the first one drains
         if not serving.is_set() or stop.is_set():
             raise KeyboardInterrupt
         stop.set()
+        wakes.put("stop")
+
+    def on_hangup(*_):  # SIGHUP: reload the config file (cluster.serve_reload)
+        wakes.put("reload")
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
+    signal.signal(signal.SIGHUP, on_hangup)
     try:
         if shared is None:
             print(f"herd: starting Serve: gRPC proxy on {cfg.host}:{cfg.grpc_port}, HTTP proxy on "
@@ -181,15 +190,52 @@ def cmd_serve(args) -> int:
             print(line, file=sys.stderr)
         sys.stderr.flush()
         serving.set()
-        stop.wait()
+        started_as = serve_reload.started_with(cfg, local=not args.address, cpus=cpus, binding=binding)
+        while wakes.get() == "reload" and not stop.is_set():
+            cfg = _reload(args, cfg, started_as, shared)
+    except KeyboardInterrupt:
+        hurried = serving.is_set()   # a second Ctrl-C while a reload deployed: no drain
+        raise
     finally:
         print("herd: shutting down", file=sys.stderr)
-        if serving.is_set():
+        if hurried:
+            print("herd: stopping without waiting", file=sys.stderr)
+        elif serving.is_set():
             _drain(cfg)
         if args.address:   # Serve on a joined cluster outlives this process unless shut down
             _leave_joined_serve(started_serve=shared is None)
         ray.shutdown()     # a local Ray ends with everything in it (Serve's controller and proxies too)
     return 0
+
+
+def _reload(args, cfg, started_as, shared):
+    """SIGHUP: deploy the config file anew (with the command line's overrides, and a shared Serve's ports, as at
+    start), unless cluster.serve_reload refuses it; the config now served."""
+    from cluster import serve_reload
+    from cluster.app import APP_NAME
+    from cluster.config import ClusterConfig
+    from cluster.shared_serve import ROUTE_PREFIX
+
+    if not args.config:
+        print("herd: SIGHUP: serving the embedded demo, there is no config file to reload", file=sys.stderr)
+        return cfg
+
+    def load():
+        new = apply_overrides(ClusterConfig.from_yaml(args.config), args)
+        return new if shared is None else shared.adopt(new)[0]
+    print(f"herd: reloading {args.config} ...", file=sys.stderr, flush=True)
+    try:
+        new = serve_reload.checked_config(load, cfg, started_as)
+        elapsed = serve_reload.deploy(new, app_name=APP_NAME, route_prefix=ROUTE_PREFIX, logs_dir=_logs_dir())
+    except serve_reload.ReloadRefused as e:
+        print(f"herd: reload refused: {e}; still serving the previous config", file=sys.stderr, flush=True)
+        return cfg
+    except serve_reload.ReloadFailed as e:
+        print(f"herd: reload failed: {e}; a model whose new replicas failed keeps only the old ones not yet "
+              "replaced (`herd status` shows them): fix the config and reload again", file=sys.stderr, flush=True)
+        return cfg
+    print(f"herd: reloaded in {elapsed:.1f} s", file=sys.stderr, flush=True)
+    return new
 
 
 def _join_running_serve(cfg):
@@ -277,12 +323,13 @@ def _say_problems(problems: list[str]) -> bool:
 
 
 def bind_cpus(cfg):
-    """Apply the config's cpu_binding (cluster.cpu_binding) before the local Ray starts; the config to serve."""
+    """Apply the config's cpu_binding (cluster.cpu_binding) before the local Ray starts: the config to serve, and
+    the binding."""
     from cluster import cpu_binding
 
     binding = cpu_binding.bind_this_process(cfg.models, cfg.cpu_binding, cfg.cpu_binding_serving_cpus,
                                             say=lambda line: print(f"herd: CPU binding: {line}", file=sys.stderr))
-    return cpu_binding.with_engine_cpu_cores(cfg, binding)
+    return cpu_binding.with_engine_cpu_cores(cfg, binding), binding
 
 
 def _logs_dir() -> str | None:

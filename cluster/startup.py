@@ -58,9 +58,13 @@ class DeployProgress:
     """Prints the deployment's progress until `stop()` (call `start()` before `serve.run`)."""
 
     def __init__(self, cfg: Any, app_name: str, logs_dir: Optional[str], out: TextIO = sys.stderr,
-                 period_s: float = 0.5):
+                 period_s: float = 0.5, *, from_now: bool = False):
+        """from_now: leave out the replica log lines written before (a reload's progress, not the start's)."""
         self.cfg, self.app_name, self.logs_dir, self.out, self.period_s = cfg, app_name, logs_dir, out, period_s
         self._seen = {m.name: _Seen() for m in cfg.models}
+        if from_now:
+            for name, seen in self._seen.items():
+                seen.log_offsets = {path: os.path.getsize(path) for path in self._log_files(name)}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="herd-deploy-progress", daemon=True)
         self.started_at = time.monotonic()
@@ -110,12 +114,15 @@ class DeployProgress:
                 text += f", {counts[2]} unhealthy" if counts[2] else ""
                 self.say(f"  {model.name}: {text}")
 
+    def _log_files(self, name: str) -> list[str]:
+        if not self.logs_dir:
+            return []
+        pattern = os.path.join(self.logs_dir, "serve", f"replica_{self.app_name}_{MODEL_PREFIX}{name}_*.log")
+        return sorted(glob.glob(pattern))
+
     def _log_lines(self, name: str, seen: _Seen) -> None:
         """New progress lines in the model's replica log files (Serve names them replica_<app>_<deployment>_<id>)."""
-        if not self.logs_dir:
-            return
-        pattern = os.path.join(self.logs_dir, "serve", f"replica_{self.app_name}_{MODEL_PREFIX}{name}_*.log")
-        for path in sorted(glob.glob(pattern)):
+        for path in self._log_files(name):
             replica = path.rsplit("_", 1)[-1].removesuffix(".log")
             try:
                 with open(path, errors="replace") as f:

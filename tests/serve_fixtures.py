@@ -75,16 +75,14 @@ def _start_herd_cluster(config: dict[str, Any], num_cpus: int, api_key: str | No
 
     from cluster.app import APP_NAME, build_app, serve_start_options
     from cluster.config import ClusterConfig
-    from cluster.local_ray import start_local_ray
+    from cluster.local_ray import local_ray_options, start_local_ray
 
     config = {**config, "host": "127.0.0.1", "grpc_port": free_port(), "http_port": free_port()}
     cfg = ClusterConfig.from_dict(config)
     # A private Ray (never a cluster named in /tmp/ray/ray_current_cluster), every port on loopback, the gRPC
     # proxy bound to the config's host and holding its message limit: what `herd serve` starts.
     start_with_retry(lambda: start_local_ray(
-        num_cpus=num_cpus, include_dashboard=False, namespace="herd-tests",
-        grpc_max_message_bytes=cfg.limits.max_grpc_message_bytes, serve_grpc_host=cfg.host,
-        serve_grpc_port=cfg.grpc_port, serve_transport=cfg.serve_transport,
+        num_cpus=num_cpus, include_dashboard=False, namespace="herd-tests", **local_ray_options(cfg),
         log_to_driver=os.environ.get("HERD_TEST_RAY_LOGS") == "1"))
     try:
         serve.start(**serve_start_options(cfg))

@@ -149,6 +149,7 @@ def test_herd_serve_start_up_and_summary(tmp_path):
         assert re.match(r"^http://127\.0\.0\.1:\d+$", summary["dashboard"]), summary
         assert urllib.request.urlopen(summary["metrics"], timeout=30).status == 200
         assert os.path.isdir(os.path.join(summary["logs"], "serve"))
+        _sighup_reloads_the_config_under_open_streams(proc, lines, config, f"127.0.0.1:{grpc_port}", str(cert))
         _ctrl_c_finishes_open_streams(proc, reader, lines, f"127.0.0.1:{grpc_port}", f"127.0.0.1:{http_port}",
                                       str(cert))
     finally:
@@ -158,6 +159,52 @@ def test_herd_serve_start_up_and_summary(tmp_path):
 
 DRAIN_TOKENS = 200
 DRAIN_STREAMS = 32
+RELOAD_STREAMS = 8
+
+
+def _sighup_reloads_the_config_under_open_streams(proc, lines: list[str], config, address: str,
+                                                  ca_file: str) -> None:
+    """SIGHUP re-reads the config (cluster/serve_reload.py). One that does not validate, and one that changes
+    what the proxies started with, are refused and the server goes on as it was; a new max_model_len is
+    deployed while 8 streams are open, each of which still gets all its tokens, and the model then says it."""
+    from cluster.client import HerdClient
+
+    original = config.read_text()
+    client = HerdClient(address, tls_ca_file=ca_file)
+
+    def reload(text: str, outcome: str) -> str:
+        config.write_text(text)
+        start = len(lines)
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 240
+        while not any(ln.startswith(outcome) for ln in lines[start:]):
+            assert time.monotonic() < deadline and proc.poll() is None, "\n".join(lines[start:])
+            time.sleep(0.05)
+        said = lines[start:]
+        assert said[0] == f"herd: reloading {config} ...", said
+        return next(ln for ln in said if ln.startswith(outcome))
+
+    refused = reload(original.replace("max_model_len:", "max_modle_len:"), "herd: reload refused: ")
+    assert "max_modle_len" in refused and refused.endswith("; still serving the previous config"), refused
+    refused = reload(original + "request_timeout_s: 30\n", "herd: reload refused: ")
+    assert "started with (request_timeout_s); restart herd serve" in refused, refused
+    [model] = client.list_models(timeout=30).models
+    assert model.max_model_len == DRAIN_TOKENS + 32            # as it was
+
+    streams = [client.generate("tiny", [9 + i, 8, 7], max_tokens=DRAIN_TOKENS, ignore_eos=True, timeout=300)
+               for i in range(RELOAD_STREAMS)]
+    firsts = [next(stream) for stream in streams]
+    bigger = DRAIN_TOKENS + 64
+    reloaded = reload(original.replace(f"max_model_len: {DRAIN_TOKENS + 32}", f"max_model_len: {bigger}"),
+                      "herd: reloaded in ")
+    assert re.match(r"^herd: reloaded in \d+\.\d s$", reloaded), reloaded
+    for first, stream in zip(firsts, streams):
+        rest = list(stream)
+        assert len(first.token_ids) + sum(len(r.token_ids) for r in rest) == DRAIN_TOKENS
+        assert rest[-1].finish_reason == "length"
+    [model] = client.list_models(timeout=30).models
+    assert model.max_model_len == bigger                       # the new config's replica serves
+    client.close()
 
 
 def _ctrl_c_finishes_open_streams(proc, reader, lines: list[str], address: str, http_address: str,
