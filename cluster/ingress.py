@@ -19,6 +19,7 @@ replica's call, whose `finally` cancels the model replica's stream, which aborts
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import dataclasses
 import hashlib
@@ -41,6 +42,7 @@ from cluster.unavailable_replicas import note_actor_unavailable, note_unavailabl
 from cluster.request_context import (REQUEST_ID_HEADER, current_request_id, grpc_request_id,
                                      install_request_id_logging, outgoing_context, set_request_id)
 from cluster.openai_http import OpenAIRoutes, openai_app
+from cluster.replica_shutdown import on_replica_shutdown
 from cluster.pb import inference_pb2 as pb
 from cluster.proto_convert import (messages_from_proto, response_from_chunk, sampling_from_proto,
                                    tool_choice_from_proto, tools_from_proto)
@@ -199,6 +201,7 @@ class Frontend:
         self.by_reference = settings.get("serve_transport", DEFAULT_SERVE_TRANSPORT) != "grpc"
         self.live_request_ids = LiveRequestIds()
         self.health_watchers = 0
+        self.stopping = asyncio.Event()   # Serve has begun to shut this replica down (cluster.replica_shutdown)
         self.started_at = int(time.time())
         self._ready: tuple[float, dict[str, bool]] | None = None
         self._ready_lock = asyncio.Lock()
@@ -453,8 +456,12 @@ class InferenceIngress(OpenAIRoutes):
         install_status_log_filter()  # refusals log one line, not a traceback each (cluster.grpc_status)
         install_request_id_logging()  # a request's log lines name its id (cluster.request_context)
         tracing.configure((settings or {}).get("tracing"), "ingress")
+        loop = asyncio.get_running_loop()
+        if not on_replica_shutdown(lambda: loop.call_soon_threadsafe(self.frontend.stopping.set)):
+            log.warning("ingress: this Ray Serve gives no shutdown signal (cluster.replica_shutdown): open "
+                        "Health.Watch streams will hold this replica's drain until graceful_shutdown_timeout_s")
         await self.frontend.load_tokenizers()
-        self._warm_up = asyncio.get_running_loop().create_task(self.frontend.warm_up())
+        self._warm_up = loop.create_task(self.frontend.warm_up())
         log.info("ingress: serving models %s (API keys %s)", ", ".join(specs),
                  "required" if self.frontend.auth.enabled else "not configured")
 
@@ -562,7 +569,9 @@ class InferenceIngress(OpenAIRoutes):
     async def Watch(self, request, grpc_context):
         """Streams status changes. Watchers need no key, so they are capped (limits.max_health_watchers per
         ingress replica, whose slots are reserved beside the models' capacity): a flood of them is refused
-        with RESOURCE_EXHAUSTED instead of taking the seats inference needs."""
+        with RESOURCE_EXHAUSTED instead of taking the seats inference needs. When Serve begins to shut this
+        replica down, each watcher gets NOT_SERVING and its stream ends UNAVAILABLE (watch again: another
+        replica answers), so that the drain does not wait for streams that never end by themselves."""
         from grpc_health.v1 import health_pb2
 
         frontend = self.frontend
@@ -573,7 +582,7 @@ class InferenceIngress(OpenAIRoutes):
         frontend.health_watchers += 1
         try:
             last = None
-            while True:
+            while not frontend.stopping.is_set():
                 serving = await frontend.health(request.service)
                 status = (health_pb2.HealthCheckResponse.SERVICE_UNKNOWN if serving is None else
                           health_pb2.HealthCheckResponse.SERVING if serving else
@@ -581,7 +590,11 @@ class InferenceIngress(OpenAIRoutes):
                 if status != last:
                     yield health_pb2.HealthCheckResponse(status=status)
                     last = status
-                await asyncio.sleep(READINESS_TTL_S)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(frontend.stopping.wait(), READINESS_TTL_S)
+            if last != health_pb2.HealthCheckResponse.NOT_SERVING:
+                yield health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.NOT_SERVING)
+            raise _set_status(grpc_context, ApiError("UNAVAILABLE", "this replica is shutting down; watch again"))
         finally:
             frontend.health_watchers -= 1
 

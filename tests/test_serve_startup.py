@@ -214,6 +214,7 @@ def _ctrl_c_finishes_open_streams(proc, reader, lines: list[str], address: str, 
     answers are NOT_FOUND / 404),
     and herd serve exits 0 saying so, without Ray's "(raylet) Task ServeController.graceful_shutdown failed"."""
     import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from cluster.client import HerdClient
     from cluster.proxy_not_serving import NO_APPLICATION_DETAILS
@@ -222,6 +223,10 @@ def _ctrl_c_finishes_open_streams(proc, reader, lines: list[str], address: str, 
     streams = [client.generate("tiny", [7 + i, 8, 9], max_tokens=DRAIN_TOKENS, ignore_eos=True, timeout=300)
                for i in range(DRAIN_STREAMS)]
     firsts = [next(stream) for stream in streams]        # every stream has begun
+    # A Health.Watch stream never ends by itself: the ingress ends it when its drain begins (it used to hold the
+    # drain for the whole graceful_shutdown_timeout_s, and then died INTERNAL with the replica).
+    watch = health_pb2_grpc.HealthStub(client.channel).Watch(health_pb2.HealthCheckRequest(), timeout=300)
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
     proc.send_signal(signal.SIGINT)
     deadline = time.monotonic() + 60
     while not any(ln.startswith("herd: finishing in-flight requests") for ln in lines):
@@ -246,6 +251,12 @@ def _ctrl_c_finishes_open_streams(proc, reader, lines: list[str], address: str, 
         rest = list(stream)
         assert len(first.token_ids) + sum(len(r.token_ids) for r in rest) == DRAIN_TOKENS
         assert rest[-1].finish_reason == "length"
+    statuses = []
+    with pytest.raises(grpc.RpcError) as watch_end:
+        statuses.extend(r.status for r in watch)
+    assert statuses == [health_pb2.HealthCheckResponse.NOT_SERVING]
+    assert (watch_end.value.code(), watch_end.value.details()) == (grpc.StatusCode.UNAVAILABLE,
+                                                                  "this replica is shutting down; watch again")
     client.close()
     assert proc.wait(timeout=120) == 0
     reader.join(timeout=10)   # the output's last lines
