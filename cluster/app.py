@@ -40,8 +40,10 @@ INGRESS_NAME = "Ingress"
 GRPC_SERVICER_FUNCTIONS = [
     "cluster.proxy_streams.add_inference_servicer",
     "cluster.proxy_streams.add_health_servicer",
-    # Adds no service: makes the HTTP proxy answer 503, not 404, while no application is deployed.
+    # Add no service: the HTTP proxy answers 503, not 404, while herd's application is not deployed; and
+    # serves a renewed certificate without a restart.
     "cluster.proxy_not_serving.install_http_not_serving",
+    "cluster.https_renewal.install_https_renewal",
 ]
 # Added (last) when `enable_reflection` is on: reflection v1 beside Serve's v1alpha (see cluster.reflection).
 REFLECTION_SERVICER_FUNCTIONS = ["cluster.reflection.add_reflection_v1_to_server"]

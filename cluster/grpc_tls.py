@@ -21,12 +21,13 @@ Imported by every Ray worker of a local session (through the set-up hook): keep 
 """
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import ssl
 import time
 from typing import Any, Optional
+
+from cluster.certificate_files import CertificateFiles, check_pair
 
 CERT_ENV = "HERD_SERVE_GRPC_TLS_CERT"
 KEY_ENV = "HERD_SERVE_GRPC_TLS_KEY"
@@ -50,49 +51,15 @@ def server_credentials_from_env():
         return None
     import grpc
 
-    files = CertificateFiles(cert_file, key_file)
-    return grpc.dynamic_ssl_server_credentials(files.configuration(), files.renewed)
+    files = CertificateFiles(cert_file, key_file, _grpc_configuration)
+    return grpc.dynamic_ssl_server_credentials(files.load(), files.renewed)
 
 
-class CertificateFiles:
-    """The certificate and key files, re-read when either changes (cert-manager renewing a Secret, an operator
-    replacing the files), so that connections made after the change get the new certificate. grpc asks
-    `renewed` before each new connection's handshake: a stat of two files when nothing changed. A changed pair
-    that does not load (a key written before its certificate, say) keeps the current one until it does."""
+def _grpc_configuration(cert_file: str, key_file: str):
+    import grpc
 
-    def __init__(self, cert_file: str, key_file: str):
-        self.cert_file, self.key_file = cert_file, key_file
-        self._stamp = self._stat()
-        self._failed_stamp: Optional[tuple] = None
-
-    def configuration(self):
-        import grpc
-
-        with open(self.cert_file, "rb") as cert, open(self.key_file, "rb") as key:
-            return grpc.ssl_server_certificate_configuration([(key.read(), cert.read())])
-
-    def renewed(self):
-        """A new grpc certificate configuration when the files changed and load as a pair, else None."""
-        try:
-            stamp = self._stat()
-        except OSError:   # a file being replaced: the next connection looks again
-            return None
-        if stamp in (self._stamp, self._failed_stamp):
-            return None
-        try:
-            check_pair(self.cert_file, self.key_file)
-            configuration = self.configuration()
-        except (OSError, ssl.SSLError) as e:
-            self._failed_stamp = stamp    # said once per change, not at every connection
-            logging.getLogger("herd.grpc_tls").warning("TLS: keeping the current certificate: %s and %s do "
-                                                       "not load as a pair (%s)", self.cert_file, self.key_file, e)
-            return None
-        self._stamp = stamp
-        logging.getLogger("herd.grpc_tls").info("TLS: serving the renewed certificate %s", self.cert_file)
-        return configuration
-
-    def _stat(self) -> tuple:
-        return tuple((st.st_ino, st.st_size, st.st_mtime_ns) for st in map(os.stat, (self.cert_file, self.key_file)))
+    with open(cert_file, "rb") as cert, open(key_file, "rb") as key:
+        return grpc.ssl_server_certificate_configuration([(key.read(), cert.read())])
 
 
 def tls_file_problems(tls: Any) -> list[str]:
@@ -110,12 +77,6 @@ def tls_file_problems(tls: Any) -> list[str]:
         return [f"tls: {tls.cert_file} and {tls.key_file} are not a PEM certificate and its unencrypted private "
                 f"key ({e.reason or e})"]
     return []
-
-
-def check_pair(cert_file: str, key_file: str) -> None:
-    """Raise ssl.SSLError unless the files are a PEM certificate (chain) and its unencrypted private key. No
-    password is given: OpenSSL would otherwise ask for one on the terminal (grpc cannot use encrypted keys)."""
-    ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert_file, key_file, password=b"")
 
 
 def _unreadable(path: str) -> Optional[str]:

@@ -213,7 +213,7 @@ def test_a_renewed_certificate_is_served_to_new_connections_without_a_restart(ce
     try:
         assert health(certs.cert) == "SERVING"
         replace(cert, renewed_cert)                      # the certificate first, its key not yet
-        with caplog.at_level(logging.WARNING, logger="herd.grpc_tls"):
+        with caplog.at_level(logging.WARNING, logger="herd.tls"):
             assert health(certs.cert) == "SERVING"       # still the old pair
             assert health(certs.cert) == "SERVING"
         assert [r.getMessage() for r in caplog.records].count(caplog.records[0].getMessage()) == 1   # said once

@@ -146,6 +146,7 @@ def test_herd_serve_start_up_and_summary(tmp_path):
                           "--model", "tiny", "--prompt", "Hello", "--max-tokens", "4", "--timeout", "60"]) == 0
         https = ssl.create_default_context(cafile=str(cert))
         assert urllib.request.urlopen(f"https://127.0.0.1:{http_port}/health", timeout=30, context=https).status == 200
+        _renewed_certificate_is_served_without_a_restart(cert, key, tmp_path, http_port)
         assert re.match(r"^http://127\.0\.0\.1:\d+$", summary["dashboard"]), summary
         assert urllib.request.urlopen(summary["metrics"], timeout=30).status == 200
         assert os.path.isdir(os.path.join(summary["logs"], "serve"))
@@ -155,6 +156,31 @@ def test_herd_serve_start_up_and_summary(tmp_path):
     finally:
         stop_herd_serve(proc, reader)
     assert "herd: shutting down" in lines and proc.returncode == 0, "\n".join(lines[-20:])
+
+
+def _renewed_certificate_is_served_without_a_restart(cert, key, tmp_path, http_port: int) -> None:
+    """cert-manager renews the Secret's files in place: the HTTPS proxy (uvicorn, which reads them once) serves
+    the new certificate within its renewal period (cluster.https_renewal); the gRPC proxy from its next
+    connection (cluster.grpc_tls), which the rest of the test makes trusting the file, now the renewed one."""
+    import shutil
+
+    from tests.tls_certs import write_self_signed
+
+    (tmp_path / "renewed").mkdir()
+    renewed_cert, renewed_key = write_self_signed(tmp_path / "renewed")
+    for path, source in ((key, renewed_key), (cert, renewed_cert)):   # moved into place, as Kubernetes does
+        shutil.copy(source, f"{path}.new")
+        os.replace(f"{path}.new", path)
+    renewed = ssl.create_default_context(cafile=str(renewed_cert))
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"https://127.0.0.1:{http_port}/health", timeout=30, context=renewed)
+            break
+        except urllib.error.URLError as e:
+            assert isinstance(e.reason, ssl.SSLError), e
+            assert time.monotonic() < deadline, "the HTTPS proxy still serves the old certificate after 60 s"
+            time.sleep(0.5)
 
 
 DRAIN_TOKENS = 200

@@ -145,7 +145,7 @@ only when the config asks for it, and the config's finite request timeout on bot
 {{- $timeout := 600 -}}
 {{- if not (kindIs "invalid" $c.request_timeout_s) -}}{{- $timeout = $c.request_timeout_s -}}{{- end -}}
 {{- $http := dict "host" "0.0.0.0" "port" (default 8000 $c.http_port) "request_timeout_s" $timeout -}}
-{{- $servicers := list "cluster.proxy_streams.add_inference_servicer" "cluster.proxy_streams.add_health_servicer" "cluster.proxy_not_serving.install_http_not_serving" -}}
+{{- $servicers := list "cluster.proxy_streams.add_inference_servicer" "cluster.proxy_streams.add_health_servicer" "cluster.proxy_not_serving.install_http_not_serving" "cluster.https_renewal.install_https_renewal" -}}
 {{- if eq $c.enable_reflection true -}}{{- $servicers = append $servicers "cluster.reflection.add_reflection_v1_to_server" -}}{{- end -}}
 {{- $grpc := dict "port" (default 9000 $c.grpc_port) "grpc_servicer_functions" $servicers "enable_reflection" (eq $c.enable_reflection true) "request_timeout_s" $timeout -}}
 {{- if .Values.tls.existingSecret -}}
