@@ -52,10 +52,13 @@ def test_a_renewed_certificate_reaches_the_next_handshakes(tmp_path, monkeypatch
         try:
             seen = [await _handshake(port, first_cert), await _handshake(port, renewed_cert)]
             _replace(cert, renewed_cert)                   # the certificate first, its key not yet
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.3)                       # many looks at the files
             seen += [await _handshake(port, first_cert)]   # kept: the pair does not load
             _replace(key, renewed_key)
-            await asyncio.sleep(0.2)
+            for _ in range(500):                           # a guard against a hang, not a timing
+                if await _handshake(port, renewed_cert):
+                    break
+                await asyncio.sleep(0.02)
             seen += [await _handshake(port, renewed_cert), await _handshake(port, first_cert)]
             return seen
         finally:
