@@ -234,6 +234,10 @@ def _reload(args, cfg, started_as, shared):
         print(f"herd: reload failed: {e}; a model whose new replicas failed keeps only the old ones not yet "
               "replaced (`herd status` shows them): fix the config and reload again", file=sys.stderr, flush=True)
         return cfg
+    except Exception as e:  # noqa: BLE001 - a reload must never stop the server; say what went wrong
+        log.debug("the reload failed", exc_info=True)   # -v: where
+        print(f"herd: reload failed: {e!r}; `herd status` shows what runs now", file=sys.stderr, flush=True)
+        return cfg
     print(f"herd: reloaded in {elapsed:.1f} s", file=sys.stderr, flush=True)
     return new
 

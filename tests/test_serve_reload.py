@@ -76,3 +76,30 @@ def test_on_a_joined_cluster_only_the_proxies_count(path):
     assert checked_config(lambda: _config(path, cpu_binding="off"), cfg, started).cpu_binding == "off"
     with pytest.raises(ReloadRefused, match=r"\(http_port\)"):
         checked_config(lambda: _config(path, http_port=8100), cfg, started)
+
+
+def test_a_reload_that_breaks_unexpectedly_keeps_the_server_serving(path, tmp_path, monkeypatch, capsys):
+    """herd serve's SIGHUP handler (cluster.serve_cli._reload): whatever the deploy raises, the server goes on
+    with the config it has and says why."""
+    from types import SimpleNamespace
+
+    from cluster import serve_cli, serve_reload
+    from cluster.cli import build_parser
+
+    file = tmp_path / "cluster.yaml"
+    file.write_text(f"models:\n  - name: m\n    path: {path}\n    resources_per_shard: {{CPU: 1}}\n")
+    current, started = _started(ClusterConfig.from_yaml(file))
+
+    def broken_deploy(new, **_):
+        raise ValueError("the controller went away")
+    monkeypatch.setattr(serve_reload, "deploy", broken_deploy)
+    monkeypatch.setattr(serve_cli, "_logs_dir", lambda: None)
+    args = build_parser().parse_args(["serve", str(file)])
+    assert serve_cli._reload(args, current, started, None) is current
+    err = capsys.readouterr().err
+    assert f"herd: reloading {file} ..." in err
+    assert "herd: reload failed: ValueError('the controller went away'); `herd status` shows what runs now" in err
+
+    demo = SimpleNamespace(config=None)
+    assert serve_cli._reload(demo, current, started, None) is current
+    assert "there is no config file to reload" in capsys.readouterr().err
