@@ -68,3 +68,22 @@ def test_processes_that_start_together_leave_one_copy(csrc_copy, tmp_path):
     directory = results[0]
     assert [p.name for p in directory.iterdir()] == ["src"]
     assert sorted(p.name for p in (directory / "src").iterdir()) == sorted(p.name for p in csrc_copy.iterdir())
+
+
+def test_a_build_lock_left_by_a_killed_process_does_not_hang_later_loads(tmp_path):
+    """torch's `lock` file, as a process killed while loading the kernels leaves it: a new process loads the
+    kernels anyway (it waited forever before) and removes the file. The machine's usual build directory is used
+    (the kernels are built there once per machine), in a process of its own (the module is cached per process)."""
+    import os
+    import subprocess
+    import sys
+
+    files = cpu_kernels._csrc_files()
+    directory = cpu_kernels._build_directory(cpu_kernels._build_digest(files), files)
+    (directory / "lock").touch()
+    code = "from workers.cpu_kernels import cpu_kernel_module; assert cpu_kernel_module() is not None"
+    env = {**os.environ, "HERD_CPU_KERNELS": "1"}
+    run = subprocess.run([sys.executable, "-c", code], cwd=cpu_kernels.Path(__file__).parents[1], env=env,
+                         capture_output=True, text=True, timeout=400)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert not (directory / "lock").exists()

@@ -15,6 +15,7 @@ them off.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -23,6 +24,7 @@ import shutil
 import tempfile
 import threading
 from pathlib import Path
+from typing import Iterator
 
 log = logging.getLogger(f"herd.{__name__}")
 _CSRC = Path(__file__).parent / "csrc"
@@ -76,6 +78,34 @@ def _build_directory(digest: str, files: dict[str, bytes]) -> Path:
     return directory
 
 
+@contextlib.contextmanager
+def _build_lock(directory: Path) -> Iterator[None]:
+    """Hold `directory`'s build for this process, with a lock that the OS releases however its holder ends.
+
+    torch's `load` takes its own lock, a `lock` file that it deletes when done, on every load (ninja then
+    checks that the build is current). A process killed while it holds that file (a replica or a shard
+    stopped during its start-up; a test's Ray ended) leaves it behind, and every later load on the machine
+    waited for it forever: seen in a CI-like run, where one shard killed at a module's end hung every model
+    that started after it. Every herd loader takes this flock first, so while one holds it no other live
+    loader can be inside torch's lock, and a `lock` file found then is a dead process's: it is removed."""
+    import fcntl
+
+    with open(directory / "herd-build.lock", "a+") as held:
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process building or loading herd's CPU kernels in %s ...", directory)
+            fcntl.flock(held, fcntl.LOCK_EX)
+        try:
+            stale = directory / "lock"
+            if stale.exists():
+                log.warning("removing %s, left by a process that ended while it loaded herd's CPU kernels", stale)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(held, fcntl.LOCK_UN)
+
+
 _lock = threading.Lock()
 _module = None
 _failed: str | None = None
@@ -100,8 +130,9 @@ def cpu_kernel_module():
             files = _csrc_files()
             directory = _build_directory(_build_digest(files), files)
             flags = ["-O3", "-march=native", "-ffast-math", "-fno-strict-aliasing"]
-            _module = load(name="herd_cpu_kernels", sources=[str(directory / "src" / name) for name in _SOURCES],
-                           extra_cflags=flags, build_directory=str(directory), verbose=False)
+            with _build_lock(directory):
+                _module = load(name="herd_cpu_kernels", sources=[str(directory / "src" / name) for name in _SOURCES],
+                               extra_cflags=flags, build_directory=str(directory), verbose=False)
         except Exception as e:  # noqa: BLE001 - any build problem means: use the portable path
             _failed = f"{type(e).__name__}: {e}"
             log.warning("herd's CPU kernels are unavailable (%s); using the portable torch paths", _failed)
