@@ -3,7 +3,8 @@ settings change without a restart, and no request in flight is lost.
 
 Serve updates the application in place (a rolling update). Each deployment whose settings changed gets new
 replicas; the ingress does too (its arguments hold the config); the others keep theirs. Serve stops old
-replicas before it starts their replacements, a fifth of a deployment's replicas at a time (at least one),
+replicas before it starts their replacements (its `max_surge_percent` is 0 by default, and herd does not set
+it yet), a fifth of a deployment's replicas at a time (at least one),
 and each stops the way a scale-down stops it: no new work, its open streams finished within
 `graceful_shutdown_timeout_s` (tests/test_autoscale_burst.py: a redeploy under 32 open streams;
 tests/test_serve_startup.py: a reload). So a deployment of one replica has none that takes new requests
