@@ -49,7 +49,8 @@ def not_serving_body() -> bytes:
 
 def install_http_not_serving(servicer=None, server=None) -> None:
     """A gRPC servicer function that adds no service: it makes this process's Serve HTTP proxy answer 503 (not
-    404) while herd's application has no route in it (module doc). Serve calls it with its mock servicer and its gRPC server."""
+    404) while herd's application has no route in it (module doc). Serve calls it with its mock servicer and
+    its gRPC server."""
     from ray.serve._private import proxy
 
     serve_not_found = proxy.HTTPProxy.not_found_response
