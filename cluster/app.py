@@ -115,6 +115,7 @@ def model_deployment_options(model) -> dict[str, Any]:
         "max_queued_requests": model.effective_serve_max_queued_requests,
         "graceful_shutdown_timeout_s": model.graceful_shutdown_timeout_s,
         "graceful_shutdown_wait_loop_s": GRACEFUL_SHUTDOWN_WAIT_LOOP_S,
+        "max_surge_percent": model.max_surge_percent,
         "health_check_period_s": model.health_check_period_s,
         "health_check_timeout_s": model.health_check_timeout_s,
         "request_router_config": {
@@ -160,6 +161,7 @@ def ingress_deployment_options(cfg: ClusterConfig) -> dict[str, Any]:
         "name": INGRESS_NAME, "ray_actor_options": {"num_cpus": INGRESS_CPUS},
         "max_ongoing_requests": cfg.effective_ingress_max_ongoing_requests,
         "max_queued_requests": cfg.ingress_max_queued_requests,
+        "max_surge_percent": cfg.ingress_max_surge_percent,
         "graceful_shutdown_timeout_s": max(m.graceful_shutdown_timeout_s for m in cfg.models),
         "graceful_shutdown_wait_loop_s": GRACEFUL_SHUTDOWN_WAIT_LOOP_S,
     }

@@ -215,6 +215,13 @@ class ModelDeploymentConfig(EngineSettings):
     # Serve deployment knobs
     graceful_shutdown_timeout_s: float = Field(60.0, ge=0, description=(
         "seconds a replica being stopped has to finish its streams"))
+    # Serve's rolling update (a redeploy, a reload, a KubeRay config change) stops old replicas before it
+    # starts new ones unless it may surge: with one replica the model then has none taking requests while the
+    # new one loads. A surge needs room for the extra replicas; without it the update waits and the old
+    # replicas keep serving (docs/operations.md, "Reloading the config").
+    max_surge_percent: int = Field(0, ge=0, le=100, description=(
+        "extra replicas, as a percentage of the model's replicas (rounded up), that a rolling update starts "
+        "before it stops old ones (0 = stop first, Serve's default; 100 = a whole new set first)"))
     health_check_period_s: float = Field(10.0, gt=0, description="seconds between Serve's replica health checks")
     health_check_timeout_s: float = Field(30.0, gt=0, description=(
         "seconds a health check may take before the replica counts as unhealthy"))
@@ -328,6 +335,8 @@ class ClusterConfig(_Strict):
         "max_ongoing_requests of an ingress replica (null = every model's capacity + health watchers + headroom)"))
     ingress_max_queued_requests: int = Field(64, ge=1, description=(
         "requests a proxy holds for the ingress while every ingress replica is full"))
+    ingress_max_surge_percent: int = Field(100, ge=0, le=100, description=(
+        "extra ingress replicas, as a percentage (rounded up), a rolling update starts before it stops old ones"))
     # How Serve carries a request and its streamed chunks between herd's processes (docs/serving.md, "Serve
     # transport"): Serve's direct gRPC between its proxy and replicas costs the serving path less CPU per
     # message than Ray actor calls through the object store (Serve's default).

@@ -64,9 +64,10 @@ def demo_config(cache_dir: Path | None = None, *, host: str = "127.0.0.1", grpc_
 # `herd serve` flags that override the config: cluster-wide keys, and for every model each engine setting
 # (workers.EngineConfig's fields, as ModelDeploymentConfig takes them), Serve's capacity keys and where the
 # engine runs. The flags' types, help and defaults come from the fields (cluster.settings_flags).
-CLUSTER_FLAGS = ("host", "grpc_port", "http_port", "ingress_replicas", "request_timeout_s", "serve_transport",
-                 "cpu_binding", "cpu_binding_serving_cpus")
-SERVE_MODEL_FLAGS = ("max_ongoing_requests", "serve_max_queued_requests", "engine_process", "engine_cpu_cores")
+CLUSTER_FLAGS = ("host", "grpc_port", "http_port", "ingress_replicas", "ingress_max_surge_percent",
+                 "request_timeout_s", "serve_transport", "cpu_binding", "cpu_binding_serving_cpus")
+SERVE_MODEL_FLAGS = ("max_ongoing_requests", "serve_max_queued_requests", "max_surge_percent", "engine_process",
+                     "engine_cpu_cores")
 
 
 def cluster_flag_fields() -> list[SettingField]:

@@ -1,6 +1,7 @@
 """Replicas come and go under load and no request is lost (real Ray + Serve + gRPC on 127.0.0.1): a burst of
 gRPC requests scales an autoscaled model up, and it scales back down once the burst is over; a redeploy with
-a changed config replaces the replicas while streams are open.
+a changed config replaces the replicas while streams are open, and with `max_surge_percent` the model and the
+ingress each keep a running replica throughout it.
 
 The burst: The model keeps herd's defaults (its
 target of ongoing requests, every hop's capacity, how often load is reported) but a short downscale delay, so
@@ -36,17 +37,18 @@ def cluster(tmp_path_factory):
     config = {"models": [{
         "name": MODEL, "path": str(path), "dtype": "float32", "resources_per_shard": {"CPU": 0.25},
         "max_model_len": 2048, "kv_cache_memory": KV_CACHE_MEMORY, "graceful_shutdown_timeout_s": 60,
+        "max_surge_percent": 100,   # the redeploy starts the new replica before it stops the old one
         "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "downscale_delay_s": 4}}]}
     with running_herd_cluster(config, num_cpus=4) as c:
         yield c
 
 
-def running_replicas() -> int:
+def running_replicas(deployment: str = "") -> int:
     from ray import serve
 
     from cluster.app import APP_NAME, deployment_name
     app = serve.status().applications[APP_NAME]
-    return app.deployments[deployment_name(MODEL)].replica_states.get("RUNNING", 0)
+    return app.deployments[deployment or deployment_name(MODEL)].replica_states.get("RUNNING", 0)
 
 
 def test_burst_scales_up_and_back_down_without_failures(cluster):
@@ -102,10 +104,12 @@ def test_burst_scales_up_and_back_down_without_failures(cluster):
 def test_a_redeploy_under_load_finishes_every_open_stream_and_drops_no_request(cluster):
     """The config changes while 32 streams are open (the model's KV pool, so Serve starts new replicas of it
     and of the ingress, whose arguments hold the config): the old replicas take no new work and finish their
-    streams; requests sent meanwhile are served, by old replicas or new ones."""
+    streams; requests sent meanwhile are served, by old replicas or new ones. With max_surge_percent (the
+    model's 100 here, the ingress's 100 by default) the new replica runs before the old one stops: a running
+    replica of each deployment all along, as Serve's own replica states say."""
     from ray import serve
 
-    from cluster.app import APP_NAME, build_app
+    from cluster.app import APP_NAME, INGRESS_NAME, build_app, deployment_name
     from cluster.client import HerdClient, collect
     from cluster.config import ClusterConfig
 
@@ -130,10 +134,19 @@ def test_a_redeploy_under_load_finishes_every_open_stream_and_drops_no_request(c
     def first_tokens_flowing() -> bool:
         return cluster.model_stats(MODEL)["generation_tokens"] > before["generation_tokens"] + 32
 
-    with ThreadPoolExecutor(max_workers=33) as pool:
+    fewest_running = {deployment_name(MODEL): 2, INGRESS_NAME: 2}
+
+    def watch_running() -> None:   # Serve's replica states, from before the redeploy until it is over
+        while not redeployed.is_set():
+            for deployment in fewest_running:
+                fewest_running[deployment] = min(fewest_running[deployment], running_replicas(deployment))
+            time.sleep(0.1)
+
+    with ThreadPoolExecutor(max_workers=34) as pool:
         streams = [pool.submit(stream, i) for i in range(32)]
         prober = pool.submit(probe)
         wait_for(first_tokens_flowing, timeout_s=120)
+        watcher = pool.submit(watch_running)
         model = {**cluster.config["models"][0], "kv_cache_memory": KV_CACHE_MEMORY // 2}
         config = {**cluster.config, "models": [model]}
         serve.run(build_app(ClusterConfig.from_dict(config)), name=APP_NAME, route_prefix="/", blocking=False)
@@ -142,8 +155,10 @@ def test_a_redeploy_under_load_finishes_every_open_stream_and_drops_no_request(c
         reasons = collections.Counter(f.result() for f in streams)
         redeployed.set()
         prober.result()
+        watcher.result()
     after = cluster.model_stats(MODEL)
     assert reasons == {"length": 32}, reasons            # every open stream got all its tokens
     assert set(probes) == {"length"} and probes["length"] >= 2, probes   # nothing refused or broken meanwhile
     assert after["kv_blocks_total"] < before["kv_blocks_total"]   # the new config's replica is the one serving now
+    assert min(fewest_running.values()) >= 1, fewest_running   # (Serve's default, no surge: 0 while replaced)
     assert stream(0) == "length"

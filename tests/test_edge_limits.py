@@ -8,7 +8,7 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
-from cluster.config import ClusterConfig, LimitsConfig
+from cluster.config import ClusterConfig, ConfigError, LimitsConfig
 from cluster.errors import ApiError
 from cluster.ingress import Frontend, ModelRoute, cache_salt_for
 from cluster.limits import InputLimits, LiveRequestIds
@@ -121,6 +121,25 @@ def test_capacity_overrides_and_ingress_autoscaling():
     ingress = ingress_deployment_options(cfg)
     assert ingress["max_ongoing_requests"] == 500 and ingress["autoscaling_config"]["max_replicas"] == 4
     assert "num_replicas" not in ingress
+
+
+def test_rolling_update_surge_reaches_serve():
+    """Models stop old replicas first unless they say (their replacements need room); the ingress, a tenth of a
+    CPU, starts its new replicas first. Serve's own deployment options take both."""
+    from cluster.app import ingress_deployment_options, model_deployment_options
+    from cluster.deployment import ModelDeployment
+    from cluster.ingress import IngressDeployment
+
+    cfg = ClusterConfig.from_dict({"models": [{"name": "a", "path": "/a"},
+                                              {"name": "b", "path": "/b", "max_surge_percent": 100}]})
+    a, b = (model_deployment_options(m) for m in cfg.models)
+    assert (a["max_surge_percent"], b["max_surge_percent"]) == (0, 100)
+    assert ModelDeployment.options(**b)._deployment_config.max_surge_percent == 100
+    ingress = ingress_deployment_options(cfg)
+    assert ingress["max_surge_percent"] == 100
+    assert IngressDeployment.options(**ingress)._deployment_config.max_surge_percent == 100
+    with pytest.raises(ConfigError, match=r"models\[0\].max_surge_percent: .*less than or equal to 100"):
+        ClusterConfig.from_dict({"models": [{"name": "a", "path": "/a", "max_surge_percent": 101}]})
 
 
 @pytest.mark.parametrize("host, extra, ok", [

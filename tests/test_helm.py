@@ -610,6 +610,14 @@ def test_cpu_demo_example(helm, tmp_path):
             assert shape in DEMO_SHAPES
 
 
+def test_a_surge_that_fits_renders(helm, tmp_path):
+    """One replica that a rolling update doubles fits the default two GPUs; the model's config carries it."""
+    values = {"models": [{"name": "m", "source": {"huggingface": "a/b"}, "resources_per_shard": {"GPU": 1},
+                          "num_replicas": 1, "max_surge_percent": 100}]}
+    [model] = ClusterConfig.from_dict(serve_config(render(helm, tmp_path, values))["applications"][0]["args"]).models
+    assert model.max_surge_percent == 100
+
+
 def test_70b_example_uses_exactly_tp_pp_gpus(helm, tmp_path):
     values = yaml.safe_load((REPO / "helm" / "examples" / "llama2-70b-tp-pp.yaml").read_text())
     docs = render(helm, tmp_path, REPO / "helm" / "examples" / "llama2-70b-tp-pp.yaml")
@@ -650,6 +658,10 @@ BAD_VALUES = [
                               "resources_per_shard": {"GPU": 1},
                               "autoscaling_config": {"min_replicas": 1, "max_replicas": 5}}]},
                  ["models need 5 GPUs", "x 5 replica(s)", "worker groups provide 2"], id="max-replicas-exceed-gpus"),
+    pytest.param({"models": [{"name": "llama3-8b", "source": {"huggingface": "meta-llama/Llama-3.1-8B"},
+                              "resources_per_shard": {"GPU": 1}, "num_replicas": 2, "max_surge_percent": 50}]},
+                 ["models need 3 GPUs", "x 2 replica(s) + 1 surging in a rolling update", "worker groups provide 2",
+                  "max_surge_percent"], id="surge-exceeds-gpus"),
     pytest.param({"models": [{"name": "m", "source": {"huggingface": "a/b"}, "tensor_parallel_size": 2,
                               "placement_strategy": "STRICT_PACK", "resources_per_shard": {"GPU": 1}}],
                   "workerGroups": [{"name": "g", "replicas": 2, "minReplicas": 2, "maxReplicas": 2, "gpus": 1}]},

@@ -546,7 +546,8 @@ reports (and fails on) with the message in it. */}}
 {{- include "herd.checkGpus" . -}}
 {{- end -}}
 
-{{/* Every model's GPUs at its largest size (TP x PP x GPU per shard x replicas, max_replicas when autoscaled)
+{{/* Every model's GPUs at its largest size (TP x PP x GPU per shard x replicas, max_replicas when autoscaled,
+plus the replicas a rolling update surges)
 must fit what the worker groups provide at theirs (gpus x maxReplicas with the Ray autoscaler, else x replicas). */}}
 {{- define "herd.checkGpus" -}}
 {{- $v := .Values -}}
@@ -581,15 +582,19 @@ must fit what the worker groups provide at theirs (gpus x maxReplicas with the R
 {{- if and (eq (default "PACK" $m.placement_strategy) "STRICT_PACK") (gt $perReplica $largestPod) -}}
 {{- include "herd.fail" (printf "models[%d] (%s): placement_strategy STRICT_PACK puts all TP x PP = %d x %d shards (%v GPUs) on one node, but the largest worker pod has %v GPUs; use PACK to span pods, or a larger node type" $i $m.name $tp $pp $perReplica $largestPod) -}}
 {{- end -}}
-{{- $need := mulf $perReplica $replicas -}}
+{{- /* A rolling update with max_surge_percent starts that share of replicas (rounded up) before it stops old
+ones: without room for them the update waits forever. */ -}}
+{{- $surge := div (add (mul (default 0 $m.max_surge_percent | int) $replicas) 99) 100 -}}
+{{- $need := mulf $perReplica (add $replicas $surge) -}}
 {{- $needed = addf $needed $need -}}
-{{- $asks = append $asks (printf "%s: TP x PP = %d x %d shards x %v GPU x %d replica(s) = %v" $m.name $tp $pp $gpuPerShard $replicas $need) -}}
+{{- $surgeText := ternary (printf " + %d surging in a rolling update (max_surge_percent)" $surge) "" (gt $surge 0) -}}
+{{- $asks = append $asks (printf "%s: TP x PP = %d x %d shards x %v GPU x %d replica(s)%s = %v" $m.name $tp $pp $gpuPerShard $replicas $surgeText $need) -}}
 {{- end -}}
 {{- if and (eq (default "PACK" $m.placement_strategy) "STRICT_SPREAD") (gt (add $shards 1) $pods) -}}
 {{- include "herd.fail" (printf "models[%d] (%s): placement_strategy STRICT_SPREAD needs %d worker pods (one per shard plus the replica's driver), but the worker groups have %d" $i $m.name (add $shards 1) $pods) -}}
 {{- end -}}
 {{- end -}}
 {{- if gt $needed $provided -}}
-{{- include "herd.fail" (printf "models need %v GPUs at their largest size (%s), but the worker groups provide %v (%s); add GPUs or pods to workerGroups, or lower tensor_parallel_size x pipeline_parallel_size or replicas" $needed (join "; " $asks) $provided (join "; " $groups)) -}}
+{{- include "herd.fail" (printf "models need %v GPUs at their largest size (%s), but the worker groups provide %v (%s); add GPUs or pods to workerGroups, or lower tensor_parallel_size x pipeline_parallel_size, replicas or max_surge_percent" $needed (join "; " $asks) $provided (join "; " $groups)) -}}
 {{- end -}}
 {{- end -}}
