@@ -31,6 +31,7 @@ from ray import serve
 from cluster.app_name import APP_NAME
 from cluster.config import ClusterConfig
 from cluster.deployment import ModelDeployment, ModelSpec, ServedModel
+from cluster.deployment_version import ingress_version, model_version
 from cluster.ingress import IngressDeployment
 from workers.engine_config import EngineConfig
 
@@ -143,15 +144,21 @@ def model_deployment_options(model) -> dict[str, Any]:
 
 def build_app(args: Any) -> serve.Application:
     cfg = load_config(args)
-    handles, specs = {}, {}
+    handles, specs, versions = {}, {}, {}
     for model in cfg.models:
         spec = model_spec(model, tracing=cfg.tracing.model_dump())   # cluster.tracing: each replica sets itself up
-        handles[model.name] = ModelDeployment.options(**model_deployment_options(model)).bind(spec)
+        # An update restarts only what changed (cluster.deployment_version). Serve's options() takes a version
+        # only from Serve's own builders (`_internal`), as its config-file builds pass theirs.
+        versions[model.name] = model_version(spec)
+        options = {**model_deployment_options(model), "version": versions[model.name]}
+        handles[model.name] = ModelDeployment.options(**options, _internal=True).bind(spec)
         specs[model.name] = served_model(model)
-    ingress = IngressDeployment.options(**ingress_deployment_options(cfg))
     # A key file is read by the ingress itself (where the Secret is mounted, and re-read when it changes), so
     # the keys are not copied into the application's stored arguments.
-    return ingress.bind(handles, specs, list(cfg.api_keys), cfg.api_keys_file, ingress_settings(cfg))
+    bound = (specs, list(cfg.api_keys), cfg.api_keys_file, ingress_settings(cfg))
+    ingress = IngressDeployment.options(**ingress_deployment_options(cfg), version=ingress_version(*bound, versions),
+                                        _internal=True)
+    return ingress.bind(handles, *bound)
 
 
 def ingress_deployment_options(cfg: ClusterConfig) -> dict[str, Any]:
