@@ -106,11 +106,12 @@ def cmd_serve(args) -> int:
     from ray import serve
 
     from cluster import cpu_binding, serve_reload
-    from cluster.app import APP_NAME, build_app, serve_start_options
+    from cluster.app import APP_NAME, serve_start_options
+    from cluster.app_deploy import DeployFailed, deploy
     from cluster.config import ClusterConfig
     from cluster.local_ray import connect_ray, local_ray_options, start_local_ray
     from cluster.shared_serve import ROUTE_PREFIX
-    from cluster.startup import DeployProgress, deploy_failures, summary_lines
+    from cluster.startup import summary_lines
 
     if args.config:
         cfg = ClusterConfig.from_yaml(args.config)
@@ -170,17 +171,13 @@ def cmd_serve(args) -> int:
             print(f"herd: Serve already runs on the cluster (gRPC proxy port {cfg.grpc_port}, HTTP proxy port "
                   f"{cfg.http_port}, applications: {', '.join(shared.applications) or 'none'}); deploying "
                   "herd beside them ...", file=sys.stderr)
-        progress = DeployProgress(cfg, APP_NAME, _logs_dir()).start()
         try:
-            serve.run(build_app(cfg), name=APP_NAME, route_prefix=ROUTE_PREFIX, blocking=False)
-        except RuntimeError:   # Serve's "Deploying application herd failed": say why, without its traceback
-            if not _say_problems(deploy_failures(APP_NAME)):
-                raise
+            deploy(cfg, app_name=APP_NAME, route_prefix=ROUTE_PREFIX, logs_dir=_logs_dir())
+        except DeployFailed as e:   # say why, without Serve's traceback
+            _say_problems(e.failures)
             print(f"herd: the replicas' logs: {os.path.join(_logs_dir() or '<ray session>/logs', 'serve')}",
                   file=sys.stderr)
             return 1
-        finally:
-            progress.stop()
         if not args.address and _say_problems(_grpc_tls_problems(cfg)):
             return 1
         _report_exposure(cfg, joined=bool(args.address))
@@ -193,7 +190,9 @@ def cmd_serve(args) -> int:
         serving.set()
         started_as = serve_reload.started_with(cfg, local=not args.address, cpus=cpus, binding=binding)
         while wakes.get() == "reload" and not stop.is_set():
-            cfg = _reload(args, cfg, started_as, shared)
+            # A reload waits for its replicas, which may have no room to start: a newer SIGHUP or a Ctrl-C ends
+            # that wait (cluster.app_deploy).
+            cfg = _reload(args, cfg, started_as, shared, interrupted=lambda: not wakes.empty())
     except KeyboardInterrupt:
         hurried = serving.is_set()   # a second Ctrl-C while a reload deployed: no drain
         raise
@@ -209,10 +208,11 @@ def cmd_serve(args) -> int:
     return 0
 
 
-def _reload(args, cfg, started_as, shared):
+def _reload(args, cfg, started_as, shared, interrupted=lambda: False):
     """SIGHUP: deploy the config file anew (with the command line's overrides, and a shared Serve's ports, as at
-    start), unless cluster.serve_reload refuses it; the config now served."""
-    from cluster import serve_reload
+    start), unless cluster.serve_reload refuses it; the config now served (or being deployed, when
+    `interrupted()` ended the wait for its replicas)."""
+    from cluster import app_deploy, serve_reload
     from cluster.app import APP_NAME
     from cluster.config import ClusterConfig
     from cluster.shared_serve import ROUTE_PREFIX
@@ -227,11 +227,12 @@ def _reload(args, cfg, started_as, shared):
     print(f"herd: reloading {args.config} ...", file=sys.stderr, flush=True)
     try:
         new = serve_reload.checked_config(load, cfg, started_as)
-        elapsed = serve_reload.deploy(new, app_name=APP_NAME, route_prefix=ROUTE_PREFIX, logs_dir=_logs_dir())
+        deployed = app_deploy.deploy(new, app_name=APP_NAME, route_prefix=ROUTE_PREFIX, logs_dir=_logs_dir(),
+                                     from_now=True, interrupted=interrupted)
     except serve_reload.ReloadRefused as e:
         print(f"herd: reload refused: {e}; still serving the previous config", file=sys.stderr, flush=True)
         return cfg
-    except serve_reload.ReloadFailed as e:
+    except app_deploy.DeployFailed as e:
         print(f"herd: reload failed: {e}; a model whose new replicas failed keeps only the old ones not yet "
               "replaced (`herd status` shows them): fix the config and reload again", file=sys.stderr, flush=True)
         return cfg
@@ -239,7 +240,11 @@ def _reload(args, cfg, started_as, shared):
         log.debug("the reload failed", exc_info=True)   # -v: where
         print(f"herd: reload failed: {e!r}; `herd status` shows what runs now", file=sys.stderr, flush=True)
         return cfg
-    print(f"herd: reloaded in {elapsed:.1f} s", file=sys.stderr, flush=True)
+    if not deployed.finished:
+        print(f"herd: stopped waiting for the reload after {deployed.elapsed_s:.1f} s (Serve goes on with it "
+              "unless a newer config replaces it; the old replicas serve meanwhile)", file=sys.stderr, flush=True)
+    else:
+        print(f"herd: reloaded in {deployed.elapsed_s:.1f} s", file=sys.stderr, flush=True)
     return new
 
 

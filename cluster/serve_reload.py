@@ -1,17 +1,21 @@
 """`herd serve CONFIG` reloads CONFIG on SIGHUP (`kill -HUP <pid>`, systemd's `ExecReload`): the models'
 settings change without a restart, and no request in flight is lost.
 
-Serve updates the application in place (a rolling update). Each deployment whose settings changed gets new
-replicas; the ingress does too (its arguments hold the config); the others keep theirs. Serve stops old
-replicas before it starts their replacements (its `max_surge_percent` is 0 by default, and herd does not set
-it yet), a fifth of a deployment's replicas at a time (at least one),
-and each stops the way a scale-down stops it: no new work, its open streams finished within
-`graceful_shutdown_timeout_s` (tests/test_autoscale_burst.py: a redeploy under 32 open streams;
-tests/test_serve_startup.py: a reload). So a deployment of one replica has none that takes new requests
-while its replacement starts: they wait in the caller's queue (seconds for a small model, the load time of
-the weights for a big one) rather than fail, unless their deadline is shorter. If the new replicas fail to
-start, Serve keeps the old ones it had not stopped yet (none, for a deployment of one replica) and herd serve
-says why (ReloadFailed); reloading a config that works brings the model back.
+Serve updates the application in place (a rolling update; cluster.app_deploy submits it and waits). Each
+deployment whose settings changed gets new replicas; the ingress does too (its arguments hold the config); the
+others keep theirs. Old replicas stop the way a scale-down stops them: no new work, their open streams
+finished within `graceful_shutdown_timeout_s` (tests/test_autoscale_burst.py: a redeploy under 32 open
+streams; tests/test_serve_startup.py: a reload).
+- With `max_surge_percent` (the ingress's default 100) Serve starts the new replicas first and stops old ones
+  as new ones run. Without room for them the update waits, and the old replicas go on serving: herd serve
+  says which replicas wait for which resources, and a newer SIGHUP (a corrected config) or Ctrl-C ends the wait.
+- With a model's default 0 (Serve's), Serve stops old replicas before it starts their replacements, a fifth
+  of a deployment's replicas at a time (at least one). A deployment of one replica then has none that takes new
+  requests while its replacement starts: they wait in the caller's queue (seconds for a small model, the load
+  time of the weights for a big one), up to `serve_max_queued_requests` of them (then RESOURCE_EXHAUSTED).
+If the new replicas fail to start, Serve keeps the old ones it had not stopped yet (every one with a surge,
+none for a deployment of one replica without) and herd serve says why (app_deploy.DeployFailed); reloading
+a config that works brings the model back.
 
 What a reload cannot change is what Serve's proxies and the local Ray were started with (host, ports, `tls`,
 `request_timeout_s`, reflection, the transport, the gRPC message limit) and the CPU binding of a local
@@ -21,17 +25,12 @@ missing: the same checks as at start.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 
 class ReloadRefused(Exception):
     """The new config is not deployed; the one being served stays (the message says why)."""
-
-
-class ReloadFailed(Exception):
-    """Serve could not deploy the new config (the message has the deployments' failures; module doc)."""
 
 
 @dataclass(frozen=True)
@@ -111,23 +110,3 @@ def _changed_cluster_keys(old, new) -> list[str]:
     """The cluster-level keys (not a model's) whose values differ."""
     before, after = old.model_dump(exclude={"models"}), new.model_dump(exclude={"models"})
     return sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
-
-
-def deploy(new, *, app_name: str, route_prefix: str, logs_dir: Optional[str]) -> float:
-    """Update the running application to `new` (Serve's in-place update; module doc). Seconds it took, or
-    ReloadFailed with the deployments' failures."""
-    from ray import serve
-
-    from cluster.app import build_app
-    from cluster.startup import DeployProgress, deploy_failures
-
-    started = time.monotonic()
-    progress = DeployProgress(new, app_name, logs_dir, from_now=True).start()
-    try:
-        serve.run(build_app(new), name=app_name, route_prefix=route_prefix, blocking=False)
-    except RuntimeError as e:   # Serve's "Deploying application herd failed"
-        raise ReloadFailed("; ".join(deploy_failures(app_name)) or str(e)) from None
-    finally:
-        progress.stop()
-    return time.monotonic() - started
-

@@ -12,10 +12,11 @@ Ray and Serve write hundreds of INFO lines while a cluster starts; `herd serve` 
       gRPC       127.0.0.1:9000  (herd.v1.Inference, grpc.health.v1.Health)
       ...
 
-`DeployProgress` watches the deployment from a thread while `serve.run` blocks: each model deployment's
-replica counts (Serve's status), and the weight-loading lines each model replica writes to its Serve log file
-(cluster.deployment, workers.parallel). `summary_lines` is the block printed once everything runs;
-`deploy_failures` says why a deployment failed (each deployment's own error, not Serve's traceback).
+`DeployProgress` watches the deployment from a thread while cluster.app_deploy waits for it: each model
+deployment's replica counts and the replicas Serve cannot place (Serve's status), and the weight-loading lines
+each model replica writes to its Serve log file (cluster.deployment, workers.parallel). `summary_lines` is the
+block printed once everything runs; `deploy_failures` says why a deployment failed (each deployment's own
+error, not Serve's traceback).
 """
 from __future__ import annotations
 
@@ -48,20 +49,41 @@ def describe_model(model: Any) -> str:
     return f"{model.name} ({replicas})"
 
 
+# Serve's deployment message for replicas it cannot place ("... has 1 replicas that have taken more than 30s to
+# be scheduled ... Resources required for each replica: {...}, total resources available: {...}. ...").
+_UNSCHEDULED = re.compile(r"has (\d+) replicas that have taken more than (\d+)s to be scheduled.*"
+                          r"Resources required for each replica: (\{.*?\}), total resources available: (\{.*?\})",
+                          re.DOTALL)
+
+
+def waiting_for_resources(message: str) -> Optional[str]:
+    """What Serve's message says of replicas that wait for room (None when it says nothing of that)."""
+    m = _UNSCHEDULED.search(message or "")
+    if m is None:
+        return None
+    count, waited, required, available = m.groups()
+    return (f"{count} replica(s) not placed after {waited}+ s: each needs {required}, the cluster has {available} "
+            "available (`ray status` shows why; a rolling update's surge needs room too)")
+
+
 @dataclass
 class _Seen:
     counts: Optional[tuple] = None
+    waiting: Optional[str] = None
     log_offsets: dict[str, int] = field(default_factory=dict)
 
 
 class DeployProgress:
-    """Prints the deployment's progress until `stop()` (call `start()` before `serve.run`)."""
+    """Prints the deployment's progress until `stop()` (call `start()` before the application is submitted)."""
 
-    def __init__(self, cfg: Any, app_name: str, logs_dir: Optional[str], out: TextIO = sys.stderr,
+    def __init__(self, cfg: Any, app_name: str, logs_dir: Optional[str], out: Optional[TextIO] = None,
                  period_s: float = 0.5, *, from_now: bool = False):
-        """from_now: leave out the replica log lines written before (a reload's progress, not the start's)."""
-        self.cfg, self.app_name, self.logs_dir, self.out, self.period_s = cfg, app_name, logs_dir, out, period_s
+        """out: stderr as it is now (not as it was at import); from_now: leave out the replica log lines written
+        before (a reload's progress, not the start's)."""
+        self.cfg, self.app_name, self.logs_dir, self.period_s = cfg, app_name, logs_dir, period_s
+        self.out = out if out is not None else sys.stderr
         self._seen = {m.name: _Seen() for m in cfg.models}
+        self._ingress = _Seen()
         if from_now:
             for name, seen in self._seen.items():
                 seen.log_offsets = {path: os.path.getsize(path) for path in self._log_files(name)}
@@ -91,11 +113,13 @@ class DeployProgress:
         while not self._stop.wait(self.period_s):
             try:
                 self.poll()
-            except Exception:  # noqa: BLE001 - progress is a courtesy: serve.run reports real failures
+            except Exception:  # noqa: BLE001 - progress is a courtesy: app_deploy reports real failures
                 pass
 
     def poll(self) -> None:
         from ray import serve
+
+        from cluster.app import INGRESS_NAME
 
         app = serve.status().applications.get(self.app_name)
         deployments = app.deployments if app is not None else {}
@@ -113,6 +137,18 @@ class DeployProgress:
                 text += f", {counts[1]} starting" if counts[1] else ""
                 text += f", {counts[2]} unhealthy" if counts[2] else ""
                 self.say(f"  {model.name}: {text}")
+            self._waiting(model.name, d, seen)
+        ingress = deployments.get(INGRESS_NAME)
+        if ingress is not None:
+            self._waiting("ingress", ingress, self._ingress)
+
+    def _waiting(self, label: str, deployment: Any, seen: _Seen) -> None:
+        """Replicas Serve cannot place (no room: a GPU short, a surge on a full cluster): said once per change,
+        since the deployment otherwise only looks slow."""
+        waiting = waiting_for_resources(deployment.message)
+        if waiting is not None and waiting != seen.waiting:
+            self.say(f"  {label}: {waiting}")
+        seen.waiting = waiting
 
     def _log_files(self, name: str) -> list[str]:
         if not self.logs_dir:

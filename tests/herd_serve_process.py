@@ -13,7 +13,7 @@ from tests.serve_fixtures import START_ATTEMPTS, free_port
 SUMMARY_END = "Ctrl-C stops"   # the summary's last line
 
 
-def start_herd_serve(config, *extra_args: str):
+def start_herd_serve(config, *extra_args: str, env: dict[str, str] | None = None):
     """`herd serve CONFIG EXTRA_ARGS` on free ports until its summary is printed: (process, its output lines
     so far and to come, the reader thread, gRPC port, HTTP port). A start whose proxy port was taken between
     free_port() and Serve's bind (one of the many ports Ray's own processes open meanwhile) is retried on new
@@ -21,7 +21,7 @@ def start_herd_serve(config, *extra_args: str):
     for attempt in range(1, START_ATTEMPTS + 1):
         grpc_port, http_port = free_port(), free_port()
         proc, lines, reader, summary = run_herd_serve(config, "--grpc-port", str(grpc_port), "--http-port",
-                                                      str(http_port), *extra_args)
+                                                      str(http_port), *extra_args, env=env)
         if summary:
             return proc, lines, reader, grpc_port, http_port
         stop_herd_serve(proc, reader)
@@ -30,10 +30,11 @@ def start_herd_serve(config, *extra_args: str):
     raise AssertionError("unreachable")
 
 
-def run_herd_serve(config, *args: str, timeout_s: float = 300):
+def run_herd_serve(config, *args: str, timeout_s: float = 300, env: dict[str, str] | None = None):
     """`herd serve CONFIG ARGS` until its summary is printed or it ends: (process, its output lines so far and
-    to come, the reader thread, whether the summary came)."""
-    env = {**os.environ, "RAY_ENABLE_AUTO_CONNECT": "0"}
+    to come, the reader thread, whether the summary came). env: more environment variables (its local Ray's
+    processes inherit them)."""
+    env = {**os.environ, "RAY_ENABLE_AUTO_CONNECT": "0", **(env or {})}
     proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", str(config), *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []

@@ -83,7 +83,7 @@ def test_a_reload_that_breaks_unexpectedly_keeps_the_server_serving(path, tmp_pa
     with the config it has and says why."""
     from types import SimpleNamespace
 
-    from cluster import serve_cli, serve_reload
+    from cluster import app_deploy, serve_cli
     from cluster.cli import build_parser
 
     file = tmp_path / "cluster.yaml"
@@ -92,7 +92,7 @@ def test_a_reload_that_breaks_unexpectedly_keeps_the_server_serving(path, tmp_pa
 
     def broken_deploy(new, **_):
         raise ValueError("the controller went away")
-    monkeypatch.setattr(serve_reload, "deploy", broken_deploy)
+    monkeypatch.setattr(app_deploy, "deploy", broken_deploy)
     monkeypatch.setattr(serve_cli, "_logs_dir", lambda: None)
     args = build_parser().parse_args(["serve", str(file)])
     assert serve_cli._reload(args, current, started, None) is current

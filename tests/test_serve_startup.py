@@ -73,6 +73,42 @@ def test_a_deploy_failure_is_one_line_per_model_and_no_traceback(monkeypatch):
     assert deploy_failures("herd") == []
 
 
+SERVE_UNSCHEDULED = ("Deployment 'model-a' in application 'herd' has 1 replicas that have taken more than 30s to be "
+                     "scheduled. This may be due to waiting for the cluster to auto-scale or for a runtime environment "
+                     "to be installed. Resources required for each replica: {\"CPU\": 0.25, \"GPU\": 1.0}, total "
+                     "resources available: {\"CPU\": 1.5}. Use `ray status` for more details.")
+
+
+def test_replicas_waiting_for_room_are_said_once(monkeypatch):
+    """Serve's message for replicas it cannot place becomes one line per model (and the ingress), said when it
+    changes: a start or a reload otherwise only looks slow."""
+    import io
+    from types import SimpleNamespace
+
+    from ray import serve
+
+    from cluster.startup import DeployProgress, waiting_for_resources
+
+    assert waiting_for_resources("Deployment 'model-a' ... has 1 replicas that have taken more than 30s to "
+                                 "initialize.") is None
+    said = ("1 replica(s) not placed after 30+ s: each needs {\"CPU\": 0.25, \"GPU\": 1.0}, the cluster has "
+            "{\"CPU\": 1.5} available (`ray status` shows why; a rolling update's surge needs room too)")
+    assert waiting_for_resources(SERVE_UNSCHEDULED) == said
+    model = SimpleNamespace(status="UPDATING", message=SERVE_UNSCHEDULED, replica_states={"RUNNING": 1, "STARTING": 1})
+    ingress = SimpleNamespace(status="HEALTHY", message="", replica_states={"RUNNING": 1})
+    app = SimpleNamespace(status="DEPLOYING", deployments={"model-a": model, "Ingress": ingress})
+    monkeypatch.setattr(serve, "status", lambda: SimpleNamespace(applications={"herd": app}))
+    cfg = ClusterConfig.from_dict({"models": [{"name": "a", "path": "/a"}]})
+    out = io.StringIO()
+    progress = DeployProgress(cfg, "herd", None, out=out)
+    progress.poll()
+    progress.poll()
+    ingress.message = SERVE_UNSCHEDULED.replace("model-a", "Ingress")
+    progress.poll()
+    assert out.getvalue().splitlines() == ["herd:   a: replicas 1/2 running, 1 starting", f"herd:   a: {said}",
+                                           f"herd:   ingress: {said}"]
+
+
 def test_herd_serve_says_why_a_model_failed_to_deploy(tmp_path):
     """A checkpoint that passes the checks before Ray starts but cannot be loaded (weights cut in half): the
     model's own error in one line, exit 1, no traceback, the cluster shut down."""
@@ -115,7 +151,9 @@ def test_herd_serve_start_up_and_summary(tmp_path):
     # One single-replica CPU model: cpu_binding (auto) gives its engine process the top CPU and the rest of the
     # local Ray the others (one at the least, as configured), wherever there are two CPUs or more (CI has two).
     binding = cpu_binding.plan(ClusterConfig.from_yaml(config).models, os.sched_getaffinity(0), serving_cpus=1)
-    proc, lines, reader, grpc_port, http_port = start_herd_serve(config)
+    # Serve says after 2 s (not 30) that a replica waits for room (the reload that cannot finish, below).
+    proc, lines, reader, grpc_port, http_port = start_herd_serve(config, env={
+        "RAY_SERVE_SLOW_STARTUP_WARNING_S": "2", "RAY_SERVE_SLOW_STARTUP_WARNING_PERIOD_S": "2"})
     try:
         text = "\n".join(lines)
         # Progress: where the processes run, what starts, the weights loading, the replica running; the summary.
@@ -230,7 +268,45 @@ def _sighup_reloads_the_config_under_open_streams(proc, lines: list[str], config
         assert rest[-1].finish_reason == "length"
     [model] = client.list_models(timeout=30).models
     assert model.max_model_len == bigger                       # the new config's replica serves
+    _a_reload_without_room_waits_for_a_newer_one(proc, lines, config, client)
     client.close()
+
+
+def _a_reload_without_room_waits_for_a_newer_one(proc, lines: list[str], config, client) -> None:
+    """A reload whose new replica no node has room for (here a resource no node has; a surge on a full cluster,
+    or a GPU short, is the same wait): herd serve says what the replica waits for, the old replica goes on
+    serving (max_surge_percent: it is stopped only once its replacement runs), and a newer SIGHUP with the
+    config corrected ends the wait (cluster.app_deploy) and keeps that replica."""
+    from cluster.client import collect
+
+    served = config.read_text()
+    shard = "    resources_per_shard: {CPU: 0.25}\n"
+    assert shard in served
+    config.write_text(served.replace(shard, "    resources_per_shard: {CPU: 0.25, herd-test-absent: 1}\n"
+                                            "    max_surge_percent: 100\n"))
+    start = len(lines)
+    proc.send_signal(signal.SIGHUP)
+
+    def said(pattern: str) -> str:
+        deadline = time.monotonic() + 120
+        while not any(re.search(pattern, ln) for ln in lines[start:]):
+            assert time.monotonic() < deadline and proc.poll() is None, "\n".join(lines[start:])
+            time.sleep(0.05)
+        return next(ln for ln in lines[start:] if re.search(pattern, ln))
+    waiting = said(r"^herd:   tiny: 1 replica\(s\) not placed after \d+\+ s: .*herd-test-absent")
+    assert '"herd-test-absent": 1.0' in waiting, waiting
+    assert collect(client.generate("tiny", [5, 6, 7], max_tokens=4, ignore_eos=True, timeout=60))[2].finish_reason \
+        == "length"                                              # the old replica serves meanwhile
+    config.write_text(served)
+    proc.send_signal(signal.SIGHUP)
+    said(r"^herd: reloaded in ")
+    assert any(ln.startswith("herd: stopped waiting for the reload after ") for ln in lines[start:]), lines[start:]
+    assert not any(ln.startswith("herd: reload failed") for ln in lines[start:]), lines[start:]
+    # The config its replica runs again: that replica stays (cluster.deployment_version), no model loads anew.
+    corrected = max(i for i, ln in enumerate(lines) if ln.startswith("herd: reloading "))
+    assert not any(": loading " in ln for ln in lines[corrected:]), lines[corrected:]
+    assert collect(client.generate("tiny", [5, 6, 7], max_tokens=4, ignore_eos=True, timeout=60))[2].finish_reason \
+        == "length"
 
 
 def _ctrl_c_finishes_open_streams(proc, reader, lines: list[str], address: str, http_address: str,
