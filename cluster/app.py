@@ -24,7 +24,8 @@ front of it (Envoy, an Ingress with backend-protocol GRPC, a service mesh).
 """
 from __future__ import annotations
 
-from typing import Any
+import secrets
+from typing import Any, Collection
 
 from ray import serve
 
@@ -142,22 +143,29 @@ def model_deployment_options(model) -> dict[str, Any]:
     return opts
 
 
-def build_app(args: Any) -> serve.Application:
+def build_app(args: Any, *, restart: Collection[str] = ()) -> serve.Application:
+    """restart: names of deployments to start anew even where nothing of theirs changed (a retry of one that
+    failed: Serve does not redeploy a deployment whose version and options are unchanged)."""
     cfg = load_config(args)
+    attempt = secrets.token_hex(4)
+
+    # An update restarts only what changed (cluster.deployment_version). Serve's options() takes a version only
+    # from Serve's own builders (`_internal`), as its config-file builds pass theirs.
+    def versioned(deployment, options: dict[str, Any], version: str):
+        version = f"{version}-{attempt}" if options["name"] in restart else version
+        return deployment.options(**options, version=version, _internal=True)
+
     handles, specs, versions = {}, {}, {}
     for model in cfg.models:
         spec = model_spec(model, tracing=cfg.tracing.model_dump())   # cluster.tracing: each replica sets itself up
-        # An update restarts only what changed (cluster.deployment_version). Serve's options() takes a version
-        # only from Serve's own builders (`_internal`), as its config-file builds pass theirs.
         versions[model.name] = model_version(spec)
-        options = {**model_deployment_options(model), "version": versions[model.name]}
-        handles[model.name] = ModelDeployment.options(**options, _internal=True).bind(spec)
+        deployment = versioned(ModelDeployment, model_deployment_options(model), versions[model.name])
+        handles[model.name] = deployment.bind(spec)
         specs[model.name] = served_model(model)
     # A key file is read by the ingress itself (where the Secret is mounted, and re-read when it changes), so
     # the keys are not copied into the application's stored arguments.
     bound = (specs, list(cfg.api_keys), cfg.api_keys_file, ingress_settings(cfg))
-    ingress = IngressDeployment.options(**ingress_deployment_options(cfg), version=ingress_version(*bound, versions),
-                                        _internal=True)
+    ingress = versioned(IngressDeployment, ingress_deployment_options(cfg), ingress_version(*bound, versions))
     return ingress.bind(handles, *bound)
 
 

@@ -10,6 +10,7 @@ Serve keeps the old replicas serving meanwhile. herd serve must still answer its
 with a corrected config, or Ctrl-C. So the application is submitted without waiting, and `deploy` polls
 Serve's status until it runs, fails, or `interrupted()` says to stop waiting (Serve goes on with the update
 unless a newer one replaces it). DeployProgress prints the progress meanwhile, the waiting replicas included.
+A deployment that failed is started anew even when the config did not change it: a reload retries it.
 """
 from __future__ import annotations
 
@@ -45,10 +46,11 @@ def deploy(cfg: Any, *, app_name: str, route_prefix: str, logs_dir: Optional[str
     from cluster.status import status_name
 
     started = time.monotonic()
+    failed = failed_deployments(app_name)   # deployed again as they are, they would stay failed
     progress = DeployProgress(cfg, app_name, logs_dir, from_now=from_now).start()
     try:
-        serve.run_many([serve.RunTarget(target=build_app(cfg), name=app_name, route_prefix=route_prefix)],
-                       wait_for_applications_running=False)
+        serve.run_many([serve.RunTarget(target=build_app(cfg, restart=failed), name=app_name,
+                                        route_prefix=route_prefix)], wait_for_applications_running=False)
         while True:
             app = serve.status().applications.get(app_name)
             status = status_name(app.status) if app is not None else None
@@ -63,3 +65,17 @@ def deploy(cfg: Any, *, app_name: str, route_prefix: str, logs_dir: Optional[str
             time.sleep(poll_s)
     finally:
         progress.stop()
+
+
+def failed_deployments(app_name: str) -> set[str]:
+    """The application's deployments that failed to deploy or are unhealthy (none before a first deploy). Serve
+    leaves a deployment that is deployed again unchanged as it is, so herd starts these anew: a reload retries
+    them (cluster.app.build_app's `restart`)."""
+    from ray import serve
+
+    from cluster.status import status_name
+
+    app = serve.status().applications.get(app_name)
+    if app is None:
+        return set()
+    return {name for name, d in app.deployments.items() if status_name(d.status) in ("DEPLOY_FAILED", "UNHEALTHY")}

@@ -16,7 +16,8 @@ CFG = ClusterConfig.from_dict({"models": [{"name": "a", "path": "/a", "resources
 
 @pytest.fixture
 def serve_script(monkeypatch):
-    """Serve's application status, one entry per poll (the last one repeats); the submitted targets."""
+    """Serve's application status, one entry per look (the last one repeats; deploy looks once before it
+    submits); the submitted targets."""
     from ray import serve
 
     submitted, script = [], []
@@ -72,3 +73,22 @@ def test_an_interruption_ends_the_wait_of_an_update_that_cannot_finish(serve_scr
         return len(polls) == 3
     deployed = deploy(CFG, app_name="herd", route_prefix="/", logs_dir=None, interrupted=interrupted, poll_s=0)
     assert not deployed.finished and len(polls) == 3
+
+
+def test_a_deployment_that_failed_before_is_started_anew(serve_script):
+    """A reload after a failure retries what failed, even unchanged (Serve would leave it failed)."""
+    from ray.serve._private.build_app import build_app as serve_build
+
+    from cluster.app import build_app
+
+    submitted, script = serve_script
+    failed = SimpleNamespace(status="DEPLOY_FAILED", message="ValueError: out of memory", replica_states={})
+    ingress = SimpleNamespace(status="HEALTHY", message="", replica_states={"RUNNING": 1})
+    script.extend([("DEPLOY_FAILED", {"model-a": failed, "Ingress": ingress}), ("RUNNING", {})])
+    assert deploy(CFG, app_name="herd", route_prefix="/", logs_dir=None, poll_s=0).finished
+
+    def versions(app) -> dict[str, str]:
+        return {d.name: d._version for d in serve_build(app, name="herd").deployments}
+    fresh, sent = versions(build_app(CFG)), versions(submitted[0].target)
+    assert sent["Ingress"] == fresh["Ingress"]
+    assert sent["model-a"] != fresh["model-a"] and sent["model-a"].startswith(fresh["model-a"])

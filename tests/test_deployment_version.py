@@ -8,7 +8,7 @@ from typing import Any
 from cluster.config import ClusterConfig
 
 
-def versions(**changes: Any) -> dict[str, str]:
+def versions(restart: tuple[str, ...] = (), **changes: Any) -> dict[str, str]:
     """{deployment name: version} of the application cluster.app builds for a two-model config (as Serve's own
     build makes it: serve.run's deployments)."""
     from ray.serve._private.build_app import build_app as serve_build
@@ -22,7 +22,7 @@ def versions(**changes: Any) -> dict[str, str]:
     for key, value in changes.pop("b", {}).items():
         models[1][key] = value
     cfg = ClusterConfig.from_dict({"models": models, **changes})
-    return {d.name: d._version for d in serve_build(build_app(cfg), name="herd").deployments}
+    return {d.name: d._version for d in serve_build(build_app(cfg, restart=restart), name="herd").deployments}
 
 
 def changed(before: dict[str, str], after: dict[str, str]) -> set[str]:
@@ -56,3 +56,13 @@ def test_ingress_settings_restart_only_the_ingress():
     assert changed(base, with_key) == {"Ingress"}
     assert changed(with_key, versions(api_keys=["sk-secret-two"])) == {"Ingress"}
     assert not any("secret" in v for v in with_key.values())
+
+
+def test_a_failed_deployment_is_started_anew():
+    """Serve leaves an unchanged deployment as it is, failed or not: a retry of the same config needs a new
+    version for what failed, and only for that."""
+    base = versions()
+    retried = versions(restart=("model-a",))
+    assert changed(base, retried) == {"model-a"}
+    assert retried["model-a"].startswith(base["model-a"] + "-")
+    assert changed(retried, versions(restart=("model-a",))) == {"model-a"}   # each retry anew
