@@ -86,10 +86,8 @@ def _route_prefixes() -> dict[str, str | None]:
 
 
 def _applications() -> list[str]:
-    """The names of the applications on the connected cluster's Serve (none when Serve does not run)."""
-    from ray import serve
-
-    return sorted(serve.status().applications)
+    """The names of the applications on the connected cluster's Serve."""
+    return sorted(_route_prefixes())
 
 
 def stop_serve_unless_shared(started_here: bool) -> str | None:
