@@ -50,10 +50,11 @@ def describe_model(model: Any) -> str:
 
 
 # Serve's deployment message for replicas it cannot place ("... has 1 replicas that have taken more than 30s to
-# be scheduled ... Resources required for each replica: {...}, total resources available: {...}. ...").
+# be scheduled ... Resources required for each replica: {...}, total resources available: {...}. ..."); a
+# TP x PP replica's requirement is its placement group's bundles, a list ([{...}, {...}, ...]).
 _UNSCHEDULED = re.compile(r"has (\d+) replicas that have taken more than (\d+)s to be scheduled.*"
-                          r"Resources required for each replica: (\{.*?\}), total resources available: (\{.*?\})",
-                          re.DOTALL)
+                          r"Resources required for each replica: (\[.*?\]|\{.*?\}), "
+                          r"total resources available: (\{.*?\})", re.DOTALL)
 
 
 def waiting_for_resources(message: str) -> Optional[str]:
@@ -62,7 +63,8 @@ def waiting_for_resources(message: str) -> Optional[str]:
     if m is None:
         return None
     count, waited, required, available = m.groups()
-    return (f"{count} replica(s) not placed after {waited}+ s: each needs {required}, the cluster has {available} "
+    needs = f"a placement group of {required}" if required.startswith("[") else required
+    return (f"{count} replica(s) not placed after {waited}+ s: each needs {needs}, the cluster has {available} "
             "available (`ray status` shows why; a rolling update's surge needs room too)")
 
 

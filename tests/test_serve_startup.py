@@ -94,6 +94,9 @@ def test_replicas_waiting_for_room_are_said_once(monkeypatch):
     said = ("1 replica(s) not placed after 30+ s: each needs {\"CPU\": 0.25, \"GPU\": 1.0}, the cluster has "
             "{\"CPU\": 1.5} available (`ray status` shows why; a rolling update's surge needs room too)")
     assert waiting_for_resources(SERVE_UNSCHEDULED) == said
+    group = SERVE_UNSCHEDULED.replace('{\"CPU\": 0.25, \"GPU\": 1.0}', '[{\"CPU\": 0.1}, {\"GPU\": 1.0}, {\"GPU\": 1.0}]')
+    assert waiting_for_resources(group) == said.replace(
+        '{\"CPU\": 0.25, \"GPU\": 1.0}', 'a placement group of [{\"CPU\": 0.1}, {\"GPU\": 1.0}, {\"GPU\": 1.0}]')
     model = SimpleNamespace(status="UPDATING", message=SERVE_UNSCHEDULED, replica_states={"RUNNING": 1, "STARTING": 1})
     ingress = SimpleNamespace(status="HEALTHY", message="", replica_states={"RUNNING": 1})
     app = SimpleNamespace(status="DEPLOYING", deployments={"model-a": model, "Ingress": ingress})
