@@ -94,12 +94,13 @@ def model_spec(model, tracing: dict[str, Any] | None = None) -> ModelSpec:
                      tracing=tracing)
 
 
-def served_model(model) -> ServedModel:
-    """What the ingress knows of a model before its replica answers model_info()."""
+def served_model(model, version: str = "") -> ServedModel:
+    """What the ingress knows of a model before its replica answers model_info(); `version` is the deployment's
+    (cluster.deployment_version)."""
     return ServedModel(name=model.name, path=str(model.path), deployment=deployment_name(model.name),
                        tensor_parallel_size=model.tensor_parallel_size,
                        pipeline_parallel_size=model.pipeline_parallel_size,
-                       autoscaling=model.autoscaling_config is not None)
+                       autoscaling=model.autoscaling_config is not None, version=version)
 
 
 # How often a stopping replica looks whether its streams have ended. Serve sleeps this long before it first
@@ -161,7 +162,7 @@ def build_app(args: Any, *, restart: Collection[str] = ()) -> serve.Application:
         versions[model.name] = model_version(spec)
         deployment = versioned(ModelDeployment, model_deployment_options(model), versions[model.name])
         handles[model.name] = deployment.bind(spec)
-        specs[model.name] = served_model(model)
+        specs[model.name] = served_model(model, versions[model.name])
     # A key file is read by the ingress itself (where the Secret is mounted, and re-read when it changes), so
     # the keys are not copied into the application's stored arguments.
     bound = (specs, list(cfg.api_keys), cfg.api_keys_file, ingress_settings(cfg))

@@ -49,6 +49,7 @@ from ray import serve
 
 from cluster import tracing
 from cluster.autoscaling import autoscaling_stats
+from cluster.deployment_version import model_version
 from cluster.errors import ApiError, error_to_dict
 from cluster.metrics import ReplicaMetrics
 from cluster.request_context import install_request_id_logging, request_id_from, set_request_id
@@ -87,6 +88,7 @@ class ServedModel(TypedDict):
     tensor_parallel_size: int
     pipeline_parallel_size: int
     autoscaling: bool
+    version: str        # the deployment's version (cluster.deployment_version): what its replicas are built from
 
 
 class ModelInfo(TypedDict):
@@ -98,6 +100,7 @@ class ModelInfo(TypedDict):
     tensor_parallel_size: int
     pipeline_parallel_size: int
     replica_id: str
+    version: str        # of the replica's ModelSpec (cluster.deployment_version)
 
 
 class ReplicaStats(TypedDict):
@@ -333,7 +336,8 @@ class ModelServer:
         return ModelInfo(name=self.name, max_model_len=int(self.engine.max_model_len),
                          vocab_size=int(self.engine.vocab_size), block_size=int(self.engine.block_size),
                          tensor_parallel_size=self.spec.tensor_parallel_size,
-                         pipeline_parallel_size=self.spec.pipeline_parallel_size, replica_id=self.replica_id)
+                         pipeline_parallel_size=self.spec.pipeline_parallel_size, replica_id=self.replica_id,
+                         version=model_version(self.spec))
 
     def stats(self) -> ReplicaStats:
         """The engine's counters and KV pool, for operators and tests (free blocks back to start after aborts)."""

@@ -241,14 +241,21 @@ class Frontend:
         return route
 
     async def info(self, route: ModelRoute) -> dict[str, Any]:
-        """max_model_len / vocab_size / block_size as a replica's engine reports them (asked once)."""
-        if route.info is None:
-            async with route.info_lock:
-                if route.info is None:
-                    try:
-                        route.info = await route.handle.model_info.remote()
-                    except Exception as e:  # noqa: BLE001
-                        raise to_api_error(e) from None
+        """max_model_len / vocab_size / block_size as a replica's engine reports them: kept once a replica of
+        the deployed version answers. During a rolling update with a surge this ingress can start while only
+        the old replicas run (another max_model_len, even another checkpoint): their answer serves the call
+        that asked, and the next call asks again."""
+        if route.info is not None:
+            return route.info
+        async with route.info_lock:
+            if route.info is None:
+                try:
+                    info = await route.handle.model_info.remote()
+                except Exception as e:  # noqa: BLE001
+                    raise to_api_error(e) from None
+                if info.get("version") != route.spec.get("version"):
+                    return info
+                route.info = info
         return route.info
 
     def check_sampling(self, sampling: dict[str, Any]) -> dict[str, Any]:
@@ -427,12 +434,10 @@ class Frontend:
         """What ListModels / GET /v1/models say of model `name` (NOT_FOUND when it is not served)."""
         route = await self.model(name)
         info = dict(route.spec)
-        if route.info is None:
-            try:  # a model still loading is listed from its config alone
-                await asyncio.wait_for(self.info(route), timeout=2.0)
-            except Exception:  # noqa: BLE001
-                pass
-        info.update(route.info or {})
+        try:  # a model still loading is listed from its config alone
+            info.update(await asyncio.wait_for(self.info(route), timeout=2.0))
+        except Exception:  # noqa: BLE001
+            pass
         info["name"] = name
         return info
 

@@ -102,7 +102,7 @@ def test_burst_scales_up_and_back_down_without_failures(cluster):
 
 
 def test_a_redeploy_under_load_finishes_every_open_stream_and_drops_no_request(cluster):
-    """The config changes while 32 streams are open (the model's KV pool, so Serve starts new replicas of it
+    """The config changes while 32 streams are open (the model's KV pool and length, so Serve starts new replicas of it
     and of the ingress, whose arguments hold the config): the old replicas take no new work and finish their
     streams; requests sent meanwhile are served, by old replicas or new ones. With max_surge_percent (the
     model's 100 here, the ingress's 100 by default) the new replica runs before the old one stops: a running
@@ -147,7 +147,7 @@ def test_a_redeploy_under_load_finishes_every_open_stream_and_drops_no_request(c
         prober = pool.submit(probe)
         wait_for(first_tokens_flowing, timeout_s=120)
         watcher = pool.submit(watch_running)
-        model = {**cluster.config["models"][0], "kv_cache_memory": KV_CACHE_MEMORY // 2}
+        model = {**cluster.config["models"][0], "kv_cache_memory": KV_CACHE_MEMORY // 2, "max_model_len": 1024}
         config = {**cluster.config, "models": [model]}
         serve.run(build_app(ClusterConfig.from_dict(config)), name=APP_NAME, route_prefix="/", blocking=False)
         wait_for(lambda: serve.status().applications[APP_NAME].status == "RUNNING" and
@@ -161,4 +161,7 @@ def test_a_redeploy_under_load_finishes_every_open_stream_and_drops_no_request(c
     assert set(probes) == {"length"} and probes["length"] >= 2, probes   # nothing refused or broken meanwhile
     assert after["kv_blocks_total"] < before["kv_blocks_total"]   # the new config's replica is the one serving now
     assert min(fewest_running.values()) >= 1, fewest_running   # (Serve's default, no surge: 0 while replaced)
+    # The new ingress ran before the new model replica did, and says the new replica's max_model_len, not the old
+    # one's it could first ask (cluster.ingress.Frontend.info).
+    assert [m.max_model_len for m in client.list_models(timeout=30).models] == [1024]
     assert stream(0) == "length"

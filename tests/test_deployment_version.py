@@ -66,3 +66,38 @@ def test_a_failed_deployment_is_started_anew():
     assert changed(base, retried) == {"model-a"}
     assert retried["model-a"].startswith(base["model-a"] + "-")
     assert changed(retried, versions(restart=("model-a",))) == {"model-a"}   # each retry anew
+
+
+def test_the_ingress_keeps_only_the_deployed_versions_model_info():
+    """A rolling update with a surge can start the new ingress while only the old model replica runs: its info
+    (another max_model_len) answers that call but is not kept; the new replica's is."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from cluster.ingress import Frontend
+
+    answers = [{"max_model_len": 256, "version": "old"}, {"max_model_len": 320, "version": "new"},
+               {"max_model_len": 999, "version": "new"}]
+    asked = []
+
+    async def model_info():
+        asked.append(1)
+        return answers[len(asked) - 1]
+    handle = SimpleNamespace(model_info=SimpleNamespace(remote=model_info))
+    frontend = Frontend({"m": handle}, {"m": {"name": "m", "path": "/m", "version": "new"}})
+    route = frontend.routes["m"]
+
+    async def lengths() -> list[int]:
+        return [(await frontend.info(route))["max_model_len"] for _ in range(3)]
+    assert asyncio.run(lengths()) == [256, 320, 320] and len(asked) == 2
+    assert asyncio.run(frontend.model_entry("m"))["max_model_len"] == 320
+
+
+def test_a_replica_reports_the_version_of_what_it_was_built_from():
+    from cluster.app import build_app, model_spec
+    from cluster.deployment_version import model_version
+    from ray.serve._private.build_app import build_app as serve_build
+
+    cfg = ClusterConfig.from_dict({"models": [{"name": "a", "path": "/a", "resources_per_shard": {"CPU": 1}}]})
+    deployed = {d.name: d._version for d in serve_build(build_app(cfg), name="herd").deployments}
+    assert model_version(model_spec(cfg.models[0], tracing=cfg.tracing.model_dump())) == deployed["model-a"]
