@@ -142,18 +142,23 @@ def test_a_redeploy_under_load_finishes_every_open_stream_and_drops_no_request(c
                 fewest_running[deployment] = min(fewest_running[deployment], running_replicas(deployment))
             time.sleep(0.1)
 
+    # Built before the load: Serve's validation of a router config registers and unregisters its module with
+    # cloudpickle, process-wide, and so does this process's handle thread when a config update arrives under
+    # load (the autoscaler's); the two at once fail ("cluster.routing is not registered for pickle by value").
+    model = {**cluster.config["models"][0], "kv_cache_memory": KV_CACHE_MEMORY // 2, "max_model_len": 1024}
+    app = build_app(ClusterConfig.from_dict({**cluster.config, "models": [model]}))
     with ThreadPoolExecutor(max_workers=34) as pool:
-        streams = [pool.submit(stream, i) for i in range(32)]
-        prober = pool.submit(probe)
-        wait_for(first_tokens_flowing, timeout_s=120)
-        watcher = pool.submit(watch_running)
-        model = {**cluster.config["models"][0], "kv_cache_memory": KV_CACHE_MEMORY // 2, "max_model_len": 1024}
-        config = {**cluster.config, "models": [model]}
-        serve.run(build_app(ClusterConfig.from_dict(config)), name=APP_NAME, route_prefix="/", blocking=False)
-        wait_for(lambda: serve.status().applications[APP_NAME].status == "RUNNING" and
-                 cluster.model_stats(MODEL)["replica_id"] != before["replica_id"], timeout_s=180, interval_s=0.5)
-        reasons = collections.Counter(f.result() for f in streams)
-        redeployed.set()
+        try:
+            streams = [pool.submit(stream, i) for i in range(32)]
+            prober = pool.submit(probe)
+            wait_for(first_tokens_flowing, timeout_s=120)
+            watcher = pool.submit(watch_running)
+            serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+            wait_for(lambda: serve.status().applications[APP_NAME].status == "RUNNING" and
+                     cluster.model_stats(MODEL)["replica_id"] != before["replica_id"], timeout_s=180, interval_s=0.5)
+            reasons = collections.Counter(f.result() for f in streams)
+        finally:   # the prober and the watcher end whatever failed (the pool waits for them)
+            redeployed.set()
         prober.result()
         watcher.result()
     after = cluster.model_stats(MODEL)
