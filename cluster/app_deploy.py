@@ -73,9 +73,10 @@ def failed_deployments(app_name: str) -> set[str]:
     them (cluster.app.build_app's `restart`)."""
     from ray import serve
 
+    from cluster.startup import FAILED_STATES
     from cluster.status import status_name
 
     app = serve.status().applications.get(app_name)
     if app is None:
         return set()
-    return {name for name, d in app.deployments.items() if status_name(d.status) in ("DEPLOY_FAILED", "UNHEALTHY")}
+    return {name for name, d in app.deployments.items() if status_name(d.status) in FAILED_STATES}

@@ -193,6 +193,7 @@ class ModelServer:
         # GIL of its own.)
         sys.setswitchinterval(ENGINE_GIL_SWITCH_INTERVAL_S)
         self.spec = spec
+        self.version = model_version(spec)   # what model_info() reports (cluster.deployment_version)
         self.name = spec.name
         self.replica_id = _replica_id()
         self.actor_id = _actor_id()
@@ -337,7 +338,7 @@ class ModelServer:
                          vocab_size=int(self.engine.vocab_size), block_size=int(self.engine.block_size),
                          tensor_parallel_size=self.spec.tensor_parallel_size,
                          pipeline_parallel_size=self.spec.pipeline_parallel_size, replica_id=self.replica_id,
-                         version=model_version(self.spec))
+                         version=self.version)
 
     def stats(self) -> ReplicaStats:
         """The engine's counters and KV pool, for operators and tests (free blocks back to start after aborts)."""

@@ -198,6 +198,10 @@ def summary_lines(cfg: Any, *, elapsed_s: float, dashboard_url: Optional[str], m
     return lines
 
 
+# Serve's deployment states that say it failed: to deploy, or its replicas' health checks.
+FAILED_STATES = ("DEPLOY_FAILED", "UNHEALTHY")
+
+
 def deploy_failures(app_name: str) -> list[str]:
     """Why `app_name` failed to deploy, one line per failed deployment ("model a: <its error>"), from Serve's
     status; [] when it did not fail. Serve's message for a replica whose constructor raised ends with that
@@ -210,7 +214,7 @@ def deploy_failures(app_name: str) -> list[str]:
         return []
     lines = []
     for name, dep in sorted(app.deployments.items()):
-        if status_name(dep.status) in ("DEPLOY_FAILED", "UNHEALTHY"):
+        if status_name(dep.status) in FAILED_STATES:
             label = f"model {name[len(MODEL_PREFIX):]}" if name.startswith(MODEL_PREFIX) else name
             lines.append(f"{label}: {failure_reason(dep.message)}")
     return lines or [app.message]
