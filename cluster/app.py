@@ -1,6 +1,7 @@
 """The Serve application: one model deployment per configured model, behind one ingress (gRPC + OpenAI HTTP).
 
-    build_app(args) -> serve.Application      # import path cluster.app:build_app
+    build_app(args) -> serve.Application          # import path cluster.app:build_app (herd serve)
+    build_ingress_app(args), build_model_app(args)  # cluster.app:build_ingress_app, :build_model_app (the chart)
 
 `args` is the cluster config (cluster.config.ClusterConfig, its dict form, or {"config": "path.yaml"}), the
 same YAML that `herd serve` reads and that the Helm chart embeds as serveConfigV2 `args`. Ports, host and the
@@ -94,13 +95,14 @@ def model_spec(model, tracing: dict[str, Any] | None = None) -> ModelSpec:
                      tracing=tracing)
 
 
-def served_model(model, version: str = "") -> ServedModel:
+def served_model(model, version: str = "", own_application: bool = False) -> ServedModel:
     """What the ingress knows of a model before its replica answers model_info(); `version` is the deployment's
-    (cluster.deployment_version)."""
+    (cluster.deployment_version); `own_application`: the model is an application of its own (build_model_app)."""
     return ServedModel(name=model.name, path=str(model.path), deployment=deployment_name(model.name),
                        tensor_parallel_size=model.tensor_parallel_size,
                        pipeline_parallel_size=model.pipeline_parallel_size,
-                       autoscaling=model.autoscaling_config is not None, version=version)
+                       autoscaling=model.autoscaling_config is not None, version=version,
+                       own_application=own_application)
 
 
 # How often a stopping replica looks whether its streams have ended. Serve sleeps this long before it first
@@ -144,30 +146,93 @@ def model_deployment_options(model) -> dict[str, Any]:
     return opts
 
 
-def build_app(args: Any, *, restart: Collection[str] = ()) -> serve.Application:
-    """restart: names of deployments to start anew even where nothing of theirs changed (a retry of one that
-    failed: Serve does not redeploy a deployment whose version and options are unchanged)."""
+def build_app(args: Any) -> serve.Application:
+    """Every model and the ingress as one application (`herd serve`, local or joined; `serve run
+    cluster.app:build_app`). Serve calls an application builder with exactly one argument (a config file's, a
+    serveConfigV2's `args`) and refuses one that takes more."""
+    return build_app_restarting(args, restart=())
+
+
+def build_app_restarting(args: Any, restart: Collection[str]) -> serve.Application:
+    """build_app, where the deployments named in `restart` start anew even if nothing of theirs changed (a retry
+    of one that failed: Serve does not redeploy a deployment whose version and options are unchanged)."""
     cfg = load_config(args)
+    versioned = _versioning(restart)
+    handles, versions = {}, {}
+    for model in cfg.models:
+        handles[model.name], versions[model.name] = _model_deployment(model, cfg, versioned)
+    bound = _ingress_arguments(cfg, versions)
+    return _ingress(cfg, bound, versions, versioned).bind(handles, *bound)
+
+
+# The cluster keys a model's replica is built from besides its own entry (a model without its own `router`
+# takes the cluster's; cluster.tracing): a model's own application (build_model_app) gets these and no others.
+MODEL_APPLICATION_CLUSTER_KEYS = ("router", "tracing")
+
+
+def build_model_app(args: Any) -> serve.Application:
+    """One model as an application of its own (import path cluster.app:build_model_app), beside the ingress's
+    (build_ingress_app): how the chart's serveConfigV2 deploys herd on KubeRay.
+
+    Why not one application there: Serve's declarative path (a config file, KubeRay's serveConfigV2) versions
+    every deployment of an application by a hash of the application's whole `args`, so with every model in one
+    application a change of any key restarted every model (a 70B shard group reloading its weights because
+    another model's max_num_seqs changed). Each model's application holds its own entry and the cluster keys it
+    is built from (MODEL_APPLICATION_CLUSTER_KEYS): a change restarts that model only. `herd serve` deploys one
+    application (build_app), where herd versions each deployment itself (cluster.deployment_version)."""
+    cfg = load_config(args)
+    if len(cfg.models) != 1:
+        raise ValueError(f"cluster.app:build_model_app builds one model; its args name {len(cfg.models)} "
+                         f"({', '.join(m.name for m in cfg.models)})")
+    bound, _ = _model_deployment(cfg.models[0], cfg, _versioning(()))
+    return bound
+
+
+def build_ingress_app(args: Any) -> serve.Application:
+    """The ingress as an application of its own (import path cluster.app:build_ingress_app), `args` the whole
+    config: it reaches each model's deployment in the model's own application (build_model_app; the names are
+    cluster.app_name.model_application's), and restarts on any change of the config (it is cheap to start, and
+    its rolling update surges: ingress_max_surge_percent)."""
+    cfg = load_config(args)
+    versioned = _versioning(())
+    versions = {m.name: model_version(_spec(m, cfg)) for m in cfg.models}
+    bound = _ingress_arguments(cfg, versions, own_applications=True)
+    # No bound handles: the ingress looks each model up by name in its own application (cluster.ingress).
+    return _ingress(cfg, bound, versions, versioned).bind(None, *bound)
+
+
+def _versioning(restart: Collection[str]):
+    """deployment.options(**options) with its version (cluster.deployment_version): an update restarts only
+    what changed. Serve's options() takes a version only from Serve's own builders (`_internal`), as its
+    config-file builds pass theirs (which then replace it by the application's: build_model_app says why)."""
     attempt = secrets.token_hex(4)
 
-    # An update restarts only what changed (cluster.deployment_version). Serve's options() takes a version only
-    # from Serve's own builders (`_internal`), as its config-file builds pass theirs.
     def versioned(deployment, options: dict[str, Any], version: str):
         version = f"{version}-{attempt}" if options["name"] in restart else version
         return deployment.options(**options, version=version, _internal=True)
+    return versioned
 
-    handles, specs, versions = {}, {}, {}
-    for model in cfg.models:
-        spec = model_spec(model, tracing=cfg.tracing.model_dump())   # cluster.tracing: each replica sets itself up
-        versions[model.name] = model_version(spec)
-        deployment = versioned(ModelDeployment, model_deployment_options(model), versions[model.name])
-        handles[model.name] = deployment.bind(spec)
-        specs[model.name] = served_model(model, versions[model.name])
-    # A key file is read by the ingress itself (where the Secret is mounted, and re-read when it changes), so
-    # the keys are not copied into the application's stored arguments.
-    bound = (specs, list(cfg.api_keys), cfg.api_keys_file, ingress_settings(cfg))
-    ingress = versioned(IngressDeployment, ingress_deployment_options(cfg), ingress_version(*bound, versions))
-    return ingress.bind(handles, *bound)
+
+def _spec(model, cfg: ClusterConfig) -> ModelSpec:
+    return model_spec(model, tracing=cfg.tracing.model_dump())   # cluster.tracing: each replica sets itself up
+
+
+def _model_deployment(model, cfg: ClusterConfig, versioned):
+    """A model's deployment, bound to its ModelSpec, and its version."""
+    spec = _spec(model, cfg)
+    version = model_version(spec)
+    return versioned(ModelDeployment, model_deployment_options(model), version).bind(spec), version
+
+
+def _ingress_arguments(cfg: ClusterConfig, versions: dict[str, str], own_applications: bool = False) -> tuple:
+    """What the ingress is bound to besides the model handles. A key file is read by the ingress itself (where
+    the Secret is mounted, and re-read when it changes), so the keys are not copied into the stored arguments."""
+    specs = {m.name: served_model(m, versions[m.name], own_application=own_applications) for m in cfg.models}
+    return specs, list(cfg.api_keys), cfg.api_keys_file, ingress_settings(cfg)
+
+
+def _ingress(cfg: ClusterConfig, bound: tuple, versions: dict[str, str], versioned):
+    return versioned(IngressDeployment, ingress_deployment_options(cfg), ingress_version(*bound, versions))
 
 
 def ingress_deployment_options(cfg: ClusterConfig) -> dict[str, Any]:

@@ -41,7 +41,7 @@ def deploy(cfg: Any, *, app_name: str, route_prefix: str, logs_dir: Optional[str
     until it runs (module doc). from_now: the progress leaves out replica log lines written before (a reload)."""
     from ray import serve
 
-    from cluster.app import build_app
+    from cluster.app import build_app_restarting
     from cluster.startup import DeployProgress, deploy_failures
     from cluster.status import status_name
 
@@ -49,7 +49,7 @@ def deploy(cfg: Any, *, app_name: str, route_prefix: str, logs_dir: Optional[str
     failed = failed_deployments(app_name)   # deployed again as they are, they would stay failed
     progress = DeployProgress(cfg, app_name, logs_dir, from_now=from_now).start()
     try:
-        serve.run_many([serve.RunTarget(target=build_app(cfg, restart=failed), name=app_name,
+        serve.run_many([serve.RunTarget(target=build_app_restarting(cfg, restart=failed), name=app_name,
                                         route_prefix=route_prefix)], wait_for_applications_running=False)
         while True:
             app = serve.status().applications.get(app_name)

@@ -12,3 +12,10 @@ APPLICATION_ENV = "HERD_SERVE_APPLICATION"
 def served_application() -> str:
     """The application that takes a call to herd's gRPC services that names none (`application` metadata)."""
     return os.environ.get(APPLICATION_ENV) or APP_NAME
+
+
+def model_application(app_name: str, model_name: str) -> str:
+    """The Serve application of one model where each model is an application of its own beside the ingress's
+    (`app_name`): the chart's serveConfigV2 (cluster.app.build_model_app). helm/herd/templates/_helpers.tpl
+    ("herd.serveConfig") names them the same way."""
+    return f"{app_name}-model-{model_name}"

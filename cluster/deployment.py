@@ -89,6 +89,8 @@ class ServedModel(TypedDict):
     pipeline_parallel_size: int
     autoscaling: bool
     version: str        # the deployment's version (cluster.deployment_version): what its replicas are built from
+    own_application: bool   # its deployment is an application of its own (cluster.app.build_model_app), not the
+                            # ingress's
 
 
 class ModelInfo(TypedDict):

@@ -32,6 +32,7 @@ from typing import Any, AsyncIterator, Iterable
 
 from ray import serve
 
+from cluster.app_name import model_application
 from cluster.chat_tools import ChatTools
 from cluster.errors import ApiError, to_api_error
 from cluster.grpc_status import StatusSet, install_status_log_filter
@@ -177,6 +178,7 @@ class ModelRoute:
     tokenizer: Any = None       # workers.Tokenizer, or None (token-id prompts only)
     info: dict[str, Any] | None = None  # from a replica: max_model_len, vocab_size, block_size
     info_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    application: str = ""       # the Serve application of its deployment ("": the ingress's own)
 
 
 def cache_salt_for(key_digest: bytes | None) -> int:
@@ -188,11 +190,26 @@ def cache_salt_for(key_digest: bytes | None) -> int:
     return salt or 1
 
 
+def model_handles(specs: dict[str, dict[str, Any]], own_app: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """Each model's deployment handle, looked up by name, and its Serve application: the ingress's own, or the
+    model's own (cluster.app.build_model_app). The model's application may not run yet (Serve deploys a
+    serveConfigV2's applications side by side): a call waits for its replicas as through a bound handle."""
+    applications = {name: model_application(own_app, name) if spec.get("own_application") else own_app
+                    for name, spec in specs.items()}
+    handles = {name: serve.get_deployment_handle(spec["deployment"], applications[name], _check_exists=False)
+               for name, spec in specs.items()}
+    return handles, applications
+
+
 class Frontend:
     def __init__(self, handles: dict[str, Any], specs: dict[str, dict[str, Any]], api_keys: Iterable[str] = (),
-                 api_keys_file: str | None = None, settings: dict[str, Any] | None = None):
+                 api_keys_file: str | None = None, settings: dict[str, Any] | None = None,
+                 applications: dict[str, str] | None = None):
+        """applications: the Serve application of each model's deployment (default: the ingress's own)."""
         settings = dict(settings or {})
-        self.routes = {name: ModelRoute(name, handles[name], specs[name]) for name in specs}
+        applications = applications or {}
+        self.routes = {name: ModelRoute(name, handles[name], specs[name],
+                                        application=applications.get(name, "")) for name in specs}
         self.auth = ApiKeyAuth(api_keys, api_keys_file)
         self.limits = InputLimits(settings.get("limits"))
         self.isolate_prefix_cache = settings.get("prefix_cache_isolation", "none") == "per_key"
@@ -407,11 +424,12 @@ class Frontend:
             return dict(self._ready[1])
 
     def _readiness_from_controller(self) -> dict[str, bool]:
-        app = serve.get_replica_context().app_name
-        deployments = serve.status().applications[app].deployments
+        own_app = serve.get_replica_context().app_name
+        applications = serve.status().applications
         ready = {}
         for name, route in self.routes.items():
-            d = deployments.get(route.spec["deployment"])
+            app = applications.get(route.application or own_app)
+            d = app.deployments.get(route.spec["deployment"]) if app is not None else None
             running = d.replica_states.get("RUNNING", 0) if d is not None else 0
             ready[name] = running > 0
         return ready
@@ -455,9 +473,16 @@ def _set_status(grpc_context, err: ApiError) -> StatusSet:
 class InferenceIngress(OpenAIRoutes):
     """gRPC methods are named as the RPCs (Serve's proxy dispatches by name) and take `grpc_context`."""
 
-    async def __init__(self, models: dict[str, Any], specs: dict[str, dict[str, Any]], api_keys: list[str],
+    async def __init__(self, models: dict[str, Any] | None, specs: dict[str, dict[str, Any]], api_keys: list[str],
                        api_keys_file: str | None = None, settings: dict[str, Any] | None = None):
-        self.frontend = Frontend(models, specs, api_keys, api_keys_file, settings)
+        """models: each model's bound deployment handle (cluster.app.build_app), or None: looked up by name
+        (cluster.app.build_ingress_app, each model an application of its own)."""
+        own_app = serve.get_replica_context().app_name
+        if models is None:
+            models, applications = model_handles(specs, own_app)
+        else:
+            applications = {name: own_app for name in specs}
+        self.frontend = Frontend(models, specs, api_keys, api_keys_file, settings, applications)
         install_status_log_filter()  # refusals log one line, not a traceback each (cluster.grpc_status)
         install_request_id_logging()  # a request's log lines name its id (cluster.request_context)
         tracing.configure((settings or {}).get("tracing"), "ingress")

@@ -23,7 +23,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
-from cluster.app_name import APP_NAME
+from cluster.app_name import APP_NAME, model_application
 
 MODEL_PREFIX = "model-"  # cluster.app.deployment_name
 
@@ -231,6 +231,19 @@ def _router_status(samples: list[Sample], model: str) -> Optional[RouterStatus]:
                         max(ages) if ages else None)
 
 
+def _model_deployments(applications: dict[str, Any], app_name: str) -> dict[str, tuple[dict[str, Any], str]]:
+    """Each model deployment of herd's application `app_name` (Serve's details) and the application it is in:
+    `app_name` itself (herd serve), or the model's own beside it (the chart's serveConfigV2: cluster.app)."""
+    own_prefix = model_application(app_name, "")
+    found = {}
+    for name, app in applications.items():
+        if name == app_name or name.startswith(own_prefix):
+            for dep_name, dep in (app.get("deployments") or {}).items():
+                if dep_name.startswith(MODEL_PREFIX):
+                    found[dep_name] = (dep, name)
+    return found
+
+
 def collect_status(app_name: str = APP_NAME) -> ClusterStatus:
     """Everything `herd status` shows, from the connected Ray cluster."""
     import ray
@@ -252,13 +265,11 @@ def collect_status(app_name: str = APP_NAME) -> ClusterStatus:
         return ClusterStatus("NOT_DEPLOYED", f"no Serve application {app_name!r} on this cluster", [],
                              grpc_address, http_url, dashboard_url(), urls)
     models = []
-    for dep_name, dep in sorted((app.get("deployments") or {}).items()):
-        if not dep_name.startswith(MODEL_PREFIX):
-            continue
+    for dep_name, (dep, dep_app) in sorted(_model_deployments(details.get("applications") or {}, app_name).items()):
         model = ModelStatus(dep_name[len(MODEL_PREFIX):], dep_name, status_name(dep.get("status")),
                             message=dep.get("message") or "")
         try:
-            info = serve.get_deployment_handle(dep_name, app_name=app_name).model_info.remote().result(timeout_s=10)
+            info = serve.get_deployment_handle(dep_name, app_name=dep_app).model_info.remote().result(timeout_s=10)
             model.tensor_parallel_size = int(info.get("tensor_parallel_size", 1))
             model.pipeline_parallel_size = int(info.get("pipeline_parallel_size", 1))
         except Exception:  # noqa: BLE001 - no replica up yet: placement is shown once one is

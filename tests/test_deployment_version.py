@@ -13,7 +13,7 @@ def versions(restart: tuple[str, ...] = (), **changes: Any) -> dict[str, str]:
     build makes it: serve.run's deployments)."""
     from ray.serve._private.build_app import build_app as serve_build
 
-    from cluster.app import build_app
+    from cluster.app import build_app_restarting
 
     models = [{"name": "a", "path": "/a", "resources_per_shard": {"CPU": 1}},
               {"name": "b", "path": "/b", "resources_per_shard": {"CPU": 1}}]
@@ -22,7 +22,7 @@ def versions(restart: tuple[str, ...] = (), **changes: Any) -> dict[str, str]:
     for key, value in changes.pop("b", {}).items():
         models[1][key] = value
     cfg = ClusterConfig.from_dict({"models": models, **changes})
-    return {d.name: d._version for d in serve_build(build_app(cfg, restart=restart), name="herd").deployments}
+    return {d.name: d._version for d in serve_build(build_app_restarting(cfg, restart=restart), name="herd").deployments}
 
 
 def changed(before: dict[str, str], after: dict[str, str]) -> set[str]:
@@ -101,3 +101,81 @@ def test_a_replica_reports_the_version_of_what_it_was_built_from():
     cfg = ClusterConfig.from_dict({"models": [{"name": "a", "path": "/a", "resources_per_shard": {"CPU": 1}}]})
     deployed = {d.name: d._version for d in serve_build(build_app(cfg), name="herd").deployments}
     assert model_version(model_spec(cfg.models[0], tracing=cfg.tracing.model_dump())) == deployed["model-a"]
+
+
+# ---- the chart's applications (cluster.app.build_model_app / build_ingress_app) ------------------------------
+def test_every_application_builder_takes_the_one_argument_serve_gives_it():
+    """Serve's declarative path (a config file, KubeRay's serveConfigV2) refuses a builder that takes more than
+    one parameter: cluster.app:build_app once took a keyword and no KubeRay deploy could have built it."""
+    from ray._common.utils import import_attr
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve._private.build_app import build_app as serve_build
+
+    two = {"models": [{"name": "a", "path": "/a", "resources_per_shard": {"CPU": 1}},
+                      {"name": "b", "path": "/b", "resources_per_shard": {"CPU": 1}}]}
+    built = {}
+    for path, args in [("cluster.app:build_app", two), ("cluster.app:build_ingress_app", two),
+                       ("cluster.app:build_model_app", {"models": two["models"][1:]})]:
+        app = call_user_app_builder_with_args_if_necessary(import_attr(path), args)
+        built[path] = sorted(d.name for d in serve_build(app, name="herd").deployments)
+    assert built == {"cluster.app:build_app": ["Ingress", "model-a", "model-b"],
+                     "cluster.app:build_ingress_app": ["Ingress"], "cluster.app:build_model_app": ["model-b"]}
+
+
+def test_a_model_application_builds_one_model():
+    import pytest
+
+    from cluster.app import build_model_app
+
+    with pytest.raises(ValueError, match="builds one model; its args name 2"):
+        build_model_app({"models": [{"name": "a", "path": "/a"}, {"name": "b", "path": "/b"}]})
+
+
+def chart_applications(values_file) -> list[dict[str, Any]]:
+    import yaml
+
+    from cluster.helm import helm_template
+    from tests.k8s_tools import ensure_helm
+
+    text = helm_template("herd", values_files=[str(values_file)], helm=str(ensure_helm()))
+    [rs] = [d for d in yaml.safe_load_all(text) if d and d["kind"] == "RayService"]
+    return yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"]
+
+
+def test_the_charts_model_applications_build_what_the_ingress_expects(tmp_path):
+    """Each model application holds its entry and only the cluster keys a replica is built from; what it builds
+    has the version the ingress's application expects of it (the ingress keeps a model's info only from a
+    replica of that version, cluster.ingress), and the same spec the one-application build gives it."""
+    from pathlib import Path
+
+    from ray.serve._private.build_app import build_app as serve_build
+
+    from cluster.app import (MODEL_APPLICATION_CLUSTER_KEYS, build_app, build_ingress_app, build_model_app,
+                             deployment_name)
+    from cluster.app_name import model_application
+    from cluster.deployment_version import model_version
+
+    import yaml
+
+    from tests.test_helm import ALL_FEATURES
+
+    # Every key the chart passes through, and the two cluster keys a model is built from set.
+    all_features = tmp_path / "all-features.yaml"
+    all_features.write_text(yaml.safe_dump({**ALL_FEATURES, "config": {
+        **ALL_FEATURES["config"], "tracing": {"enabled": True, "service_name": "llm", "sample_ratio": 0.5}}}))
+    examples = Path(__file__).resolve().parents[1] / "helm" / "examples"
+    for values_file in [examples / "cpu-demo.yaml", examples / "llama2-70b-tp-pp.yaml", all_features]:
+        [ingress_app, *model_apps] = chart_applications(values_file)
+        cfg = ClusterConfig.from_dict(ingress_app["args"])
+        assert [a["name"] for a in model_apps] == [model_application(ingress_app["name"], m.name) for m in cfg.models]
+        [ingress] = serve_build(build_ingress_app(ingress_app["args"]), name=ingress_app["name"]).deployments
+        models, specs = ingress.init_args[0], ingress.init_args[1]
+        assert models is None and all(s["own_application"] for s in specs.values())
+        whole = {d.name: d for d in serve_build(build_app(cfg), name="herd").deployments}
+        for app, model in zip(model_apps, cfg.models):
+            assert set(app["args"]) - {"models"} <= set(MODEL_APPLICATION_CLUSTER_KEYS)
+            assert [m["name"] for m in app["args"]["models"]] == [model.name]
+            [built] = serve_build(build_model_app(app["args"]), name=app["name"]).deployments
+            assert built.name == deployment_name(model.name)
+            assert model_version(built.init_args[0]) == specs[model.name]["version"], values_file.name
+            assert built.init_args[0] == whole[built.name].init_args[0]

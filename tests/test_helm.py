@@ -227,10 +227,14 @@ def test_serve_config_is_a_cluster_config(helm, tmp_path, case):
     sc = serve_config(docs)
     ServeDeploySchema.model_validate(sc)     # what KubeRay hands to Serve's REST API
     assert sc["http_options"]["host"] == "0.0.0.0"
-    [app] = sc["applications"]
-    assert app["import_path"] == "cluster.app:build_app"
-    assert app["name"] == APP_NAME
+    # The ingress's application first, with the whole config; then one per model (test_deployment_version
+    # builds them; test_kuberay_applications deploys them).
+    [app, *model_apps] = sc["applications"]
+    assert app["import_path"] == "cluster.app:build_ingress_app"
+    assert app["name"] == APP_NAME and app["route_prefix"] == "/"
     cfg = ClusterConfig.from_dict(app["args"])
+    assert [(a["name"], a["import_path"], a["route_prefix"]) for a in model_apps] == [
+        (f"{APP_NAME}-model-{m.name}", "cluster.app:build_model_app", None) for m in cfg.models]
     reflection = app_constant("REFLECTION_SERVICER_FUNCTIONS") if cfg.enable_reflection else []
     assert sc["grpc_options"]["grpc_servicer_functions"] == app_constant("GRPC_SERVICER_FUNCTIONS") + reflection
     # The proxies bind every interface so the Services reach them, on the ports the config names.

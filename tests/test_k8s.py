@@ -162,7 +162,7 @@ def test_render_passes_values_sets_namespace_and_release(helm, values_file, tmp_
     [rs] = [d for d in yaml.safe_load_all(text) if d and d["kind"] == "RayService"]
     assert rs["metadata"]["name"] == "llama-herd"
     assert rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["maxReplicas"] == 5
-    [app] = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"]
+    app = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]   # the ingress's: the whole config
     assert ClusterConfig.from_dict(app["args"]).request_timeout_s == 30
 
 
@@ -292,12 +292,16 @@ async def _apply(kmock, kubeconfig_for, values_file) -> tuple[Path, str]:
     return kc, out
 
 
-SERVE_DETAILS = {"applications": {"herd": {"status": "RUNNING", "deployments": {
-    "model-llama2-70b": {"status": "HEALTHY", "target_num_replicas": 1, "replicas": [{"state": "RUNNING"}]},
-    "model-llama3-8b": {"status": "UPSCALING", "target_num_replicas": 3,
-                        "replicas": [{"state": "RUNNING"}, {"state": "RUNNING"}, {"state": "STARTING"}]},
-    "Ingress": {"status": "HEALTHY", "target_num_replicas": 1, "replicas": [{"state": "RUNNING"}]},
-}}}}
+# The chart deploys the ingress and each model as applications of their own (cluster.app.build_model_app).
+SERVE_DETAILS = {"applications": {
+    "herd": {"status": "RUNNING", "deployments": {
+        "Ingress": {"status": "HEALTHY", "target_num_replicas": 1, "replicas": [{"state": "RUNNING"}]}}},
+    "herd-model-llama2-70b": {"status": "RUNNING", "deployments": {
+        "model-llama2-70b": {"status": "HEALTHY", "target_num_replicas": 1, "replicas": [{"state": "RUNNING"}]}}},
+    "herd-model-llama3-8b": {"status": "RUNNING", "deployments": {
+        "model-llama3-8b": {"status": "UPSCALING", "target_num_replicas": 3,
+                            "replicas": [{"state": "RUNNING"}, {"state": "RUNNING"}, {"state": "STARTING"}]}}},
+}}
 
 
 def _running_status(cluster: str) -> dict[str, Any]:
@@ -310,10 +314,12 @@ def _running_status(cluster: str) -> dict[str, Any]:
              "lastTransitionTime": "2026-01-01T00:00:00Z"}],
         "activeServiceStatus": {
             "rayClusterName": cluster, "rayClusterStatus": {"state": "ready"},
-            "applicationStatuses": {"herd": {"status": "RUNNING", "serveDeploymentStatuses": {
-                "model-llama2-70b": {"status": "HEALTHY"},
-                "model-llama3-8b": {"status": "UPSCALING", "message": "Upscaling from 2 to 3 replicas."},
-                "Ingress": {"status": "HEALTHY"}}}}},
+            "applicationStatuses": {
+                "herd-model-llama2-70b": {"status": "RUNNING", "serveDeploymentStatuses": {
+                    "model-llama2-70b": {"status": "HEALTHY"}}},
+                "herd-model-llama3-8b": {"status": "RUNNING", "serveDeploymentStatuses": {
+                    "model-llama3-8b": {"status": "UPSCALING", "message": "Upscaling from 2 to 3 replicas."}}},
+                "herd": {"status": "RUNNING", "serveDeploymentStatuses": {"Ingress": {"status": "HEALTHY"}}}}},
     }}
 
 
@@ -345,7 +351,8 @@ async def test_status_prints_conditions_models_and_worker_groups(kmock, kubeconf
     assert lines[1] == f"active cluster: {cluster} (ready)"
     text = "\n".join(lines)
     assert "Ready              True    NonZeroServeEndpoints" in text
-    assert "serve application herd: RUNNING" in text
+    for app in ("herd", "herd-model-llama2-70b", "herd-model-llama3-8b"):
+        assert f"serve application {app}: RUNNING" in text
     rows = {ln.split()[0]: ln.split() for ln in lines if ln.startswith(("llama", "-"))}
     assert rows["llama2-70b"][1:4] == ["model-llama2-70b", "HEALTHY", "1/1"]
     assert rows["llama3-8b"][1:4] == ["model-llama3-8b", "UPSCALING", "2/3"]

@@ -137,9 +137,13 @@ are dropped (ClusterConfig's defaults apply) and chart-only keys (models[].sourc
 {{- toYaml $cfg -}}
 {{- end -}}
 
-{{/* serveConfigV2: Serve-wide proxy options plus the one application, as cluster.app's serve_start_options
-builds them for `herd serve`: the gRPC servicers cluster.app registers (GRPC_SERVICER_FUNCTIONS), reflection
-only when the config asks for it, and the config's finite request timeout on both proxies. */}}
+{{/* serveConfigV2: Serve-wide proxy options, as cluster.app's serve_start_options builds them for `herd serve`
+(the gRPC servicers cluster.app registers, GRPC_SERVICER_FUNCTIONS; reflection only when the config asks for it;
+the config's finite request timeout on both proxies), and the applications: the ingress's first (the whole
+config, serve.applicationName), then one per model, named <applicationName>-model-<name>
+(cluster.app_name.model_application), holding its own entry and the cluster keys it is built from
+(cluster.app.MODEL_APPLICATION_CLUSTER_KEYS). Serve versions every deployment of a declarative application by a
+hash of its args: so a change restarts the models it touches, and the ingress (cluster.app.build_model_app). */}}
 {{- define "herd.serveConfig" -}}
 {{- $c := .Values.config -}}
 {{- $timeout := 600 -}}
@@ -153,8 +157,15 @@ only when the config asks for it, and the config's finite request timeout on bot
 {{- $_ := set $http "ssl_certfile" (printf "%s/tls.crt" $dir) -}}
 {{- $_ := set $http "ssl_keyfile" (printf "%s/tls.key" $dir) -}}
 {{- end -}}
-{{- $app := dict "name" .Values.serve.applicationName "route_prefix" .Values.serve.routePrefix "import_path" "cluster.app:build_app" "args" (include "herd.clusterConfig" . | fromYaml) -}}
-{{- toYaml (dict "proxy_location" .Values.serve.proxyLocation "http_options" $http "grpc_options" $grpc "applications" (list $app)) -}}
+{{- $cfg := include "herd.clusterConfig" . | fromYaml -}}
+{{- $name := .Values.serve.applicationName -}}
+{{- $apps := list (dict "name" $name "route_prefix" .Values.serve.routePrefix "import_path" "cluster.app:build_ingress_app" "args" $cfg) -}}
+{{- range $m := $cfg.models -}}
+{{- $args := dict "models" (list $m) -}}
+{{- range $k := list "router" "tracing" -}}{{- if hasKey $cfg $k -}}{{- $_ := set $args $k (get $cfg $k) -}}{{- end -}}{{- end -}}
+{{- $apps = append $apps (dict "name" (printf "%s-model-%s" $name $m.name) "route_prefix" nil "import_path" "cluster.app:build_model_app" "args" $args) -}}
+{{- end -}}
+{{- toYaml (dict "proxy_location" .Values.serve.proxyLocation "http_options" $http "grpc_options" $grpc "applications" $apps) -}}
 {{- end -}}
 
 {{/* `ray start` parameters: defaults overlaid by the user's, every value a string (KubeRay requires it). */}}
