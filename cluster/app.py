@@ -138,12 +138,27 @@ def model_deployment_options(model) -> dict[str, Any]:
         opts["placement_group_bundles"] = [{"CPU": DRIVER_CPUS}] + [shard] * (tp * pp)
         opts["placement_group_strategy"] = model.placement_strategy
     if model.autoscaling_config is not None:
-        autoscaling = model.autoscaling_config.model_dump(exclude_none=True)
-        autoscaling.setdefault("policy", {"policy_function": AUTOSCALING_POLICY})
-        opts["autoscaling_config"] = autoscaling
+        opts["autoscaling_config"] = serve_autoscaling_config(model.autoscaling_config)
     else:
         opts["num_replicas"] = model.num_replicas or 1
     return opts
+
+
+def serve_autoscaling_config(autoscaling) -> dict[str, Any]:
+    """A model's autoscaling_config as Serve takes it: every key herd's AutoscalingConfig gives, the policy
+    herd's LLM-aware one unless the config names another."""
+    out = autoscaling.model_dump(exclude_none=True)
+    out.setdefault("policy", {"policy_function": AUTOSCALING_POLICY})
+    return out
+
+
+# A model's keys that are Serve options Serve changes on the running replicas (its rolling update restarts
+# none for them). The chart gives them in its model application's `deployments` override, not in the `args`
+# that version the model: changing them (scaling a model, say) restarts nothing. Their defaults are the code's,
+# except autoscaling_config's, which the chart completes from helm/herd/files/serve-defaults.json
+# (cluster.schema_gen writes it from serve_autoscaling_config).
+MODEL_SERVE_OPTIONS = ("num_replicas", "autoscaling_config", "max_surge_percent", "graceful_shutdown_timeout_s",
+                       "health_check_period_s", "health_check_timeout_s")
 
 
 def build_app(args: Any) -> serve.Application:

@@ -352,7 +352,10 @@ def collect_status(kube: Kube, name: str) -> dict[str, Any]:
     except yaml.YAMLError:
         serve_cfg = {}
     apps_cfg = {a.get("name"): a for a in serve_cfg.get("applications", [])}
-    models_cfg = {f"model-{m['name']}": m for a in apps_cfg.values() for m in (a.get("args") or {}).get("models", [])}
+    models_cfg: dict[str, dict[str, Any]] = {}
+    for a in apps_cfg.values():   # the ingress's application comes first, with every model's whole entry
+        for m in (a.get("args") or {}).get("models", []):
+            models_cfg.setdefault(f"model-{m['name']}", m)
 
     active = st.get("activeServiceStatus") or {}
     pending = st.get("pendingServiceStatus") or {}

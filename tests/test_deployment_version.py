@@ -143,15 +143,16 @@ def chart_applications(values_file) -> list[dict[str, Any]]:
 
 
 def test_the_charts_model_applications_build_what_the_ingress_expects(tmp_path):
-    """Each model application holds its entry and only the cluster keys a replica is built from; what it builds
-    has the version the ingress's application expects of it (the ingress keeps a model's info only from a
+    """Each model application holds its entry (less its Serve options, which are its `deployments` override) and
+    only the cluster keys a replica is built from; the override gives Serve the options the one application
+    gives; what it builds has the version the ingress's application expects of it (the ingress keeps a model's info only from a
     replica of that version, cluster.ingress), and the same spec the one-application build gives it."""
     from pathlib import Path
 
     from ray.serve._private.build_app import build_app as serve_build
 
-    from cluster.app import (MODEL_APPLICATION_CLUSTER_KEYS, build_app, build_ingress_app, build_model_app,
-                             deployment_name)
+    from cluster.app import (MODEL_APPLICATION_CLUSTER_KEYS, MODEL_SERVE_OPTIONS, build_app, build_ingress_app,
+                             build_model_app, deployment_name, model_deployment_options)
     from cluster.app_name import model_application
     from cluster.deployment_version import model_version
 
@@ -161,10 +162,17 @@ def test_the_charts_model_applications_build_what_the_ingress_expects(tmp_path):
 
     # Every key the chart passes through, and the two cluster keys a model is built from set.
     all_features = tmp_path / "all-features.yaml"
-    all_features.write_text(yaml.safe_dump({**ALL_FEATURES, "config": {
-        **ALL_FEATURES["config"], "tracing": {"enabled": True, "service_name": "llm", "sample_ratio": 0.5}}}))
+    first, *rest = ALL_FEATURES["models"]
+    all_features.write_text(yaml.safe_dump({
+        **ALL_FEATURES,
+        "config": {**ALL_FEATURES["config"],
+                   "tracing": {"enabled": True, "service_name": "llm", "sample_ratio": 0.5}},
+        "models": [{**first, "max_surge_percent": 50, "health_check_period_s": 5, "health_check_timeout_s": 12},
+                   *rest],
+        "workerGroups": [*ALL_FEATURES["workerGroups"][:-1],
+                         {**ALL_FEATURES["workerGroups"][-1], "maxReplicas": 3}]}))   # room for the surge
     examples = Path(__file__).resolve().parents[1] / "helm" / "examples"
-    for values_file in [examples / "cpu-demo.yaml", examples / "llama2-70b-tp-pp.yaml", all_features]:
+    for values_file in [*sorted(examples.glob("*.yaml")), all_features]:
         [ingress_app, *model_apps] = chart_applications(values_file)
         cfg = ClusterConfig.from_dict(ingress_app["args"])
         assert [a["name"] for a in model_apps] == [model_application(ingress_app["name"], m.name) for m in cfg.models]
@@ -175,6 +183,14 @@ def test_the_charts_model_applications_build_what_the_ingress_expects(tmp_path):
         for app, model in zip(model_apps, cfg.models):
             assert set(app["args"]) - {"models"} <= set(MODEL_APPLICATION_CLUSTER_KEYS)
             assert [m["name"] for m in app["args"]["models"]] == [model.name]
+            # Its Serve options are the override, not args; with it, Serve gets what the one application gives.
+            assert not set(app["args"]["models"][0]) & set(MODEL_SERVE_OPTIONS)
+            [override] = app["deployments"]
+            own = model_deployment_options(ClusterConfig.from_dict(app["args"]).models[0])
+            effective = {**own, **{k: v for k, v in override.items()}}
+            expected = model_deployment_options(model)
+            for key in MODEL_SERVE_OPTIONS:
+                assert effective.get(key) == expected.get(key), (values_file.name, model.name, key)
             [built] = serve_build(build_model_app(app["args"]), name=app["name"]).deployments
             assert built.name == deployment_name(model.name)
             assert model_version(built.init_args[0]) == specs[model.name]["version"], values_file.name

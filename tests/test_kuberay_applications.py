@@ -8,6 +8,8 @@ its own beside the ingress's (cluster.app.build_model_app / build_ingress_app), 
 - a change of one model's settings restarts that model (and the ingress), never the other model, which serves
   requests throughout;
 - a change of the ingress's keys (limits) restarts no model;
+- a change of a model's Serve options (num_replicas) restarts nothing of it: its replica serves on, and the new
+  one joins it;
 - the ingress reaches every model by name across applications, and keeps the new model's info (ListModels).
 
 Not exercised: KubeRay itself (no Kubernetes here); the dashboard's REST handler around deploy_apps."""
@@ -32,7 +34,8 @@ APP = "herd"
 STREAMS = 8             # clients of the model left alone, back to back while the other one is redeployed
 
 
-def values(paths: dict[str, str], alpha_max_model_len: int = 256, max_prompt_chars: int = 100_000) -> dict:
+def values(paths: dict[str, str], alpha_max_model_len: int = 256, max_prompt_chars: int = 100_000,
+           beta_replicas: int = 1) -> dict:
     """Chart values for two small CPU models (weights at absolute paths, as an image would carry them)."""
     model = {"dtype": "float32", "resources_per_shard": {"CPU": 0.25}, "kv_cache_memory": 32 << 20,
              "max_model_len": 256, "graceful_shutdown_timeout_s": 20}
@@ -40,7 +43,7 @@ def values(paths: dict[str, str], alpha_max_model_len: int = 256, max_prompt_cha
             "config": {"allow_unauthenticated": True, "limits": {"max_prompt_chars": max_prompt_chars}},
             "workerGroups": [{"name": "cpu", "replicas": 1, "minReplicas": 1, "maxReplicas": 1, "gpus": 0}],
             "models": [{**model, "name": "alpha", "path": paths["alpha"], "max_model_len": alpha_max_model_len},
-                       {**model, "name": "beta", "path": paths["beta"]}]}
+                       {**model, "name": "beta", "path": paths["beta"], "num_replicas": beta_replicas}]}
 
 
 def rendered_applications(tmp_path, vals: dict) -> list[dict[str, Any]]:
@@ -167,8 +170,17 @@ def test_each_model_is_an_application_and_a_change_restarts_only_what_it_touches
     ingress = (APP, "Ingress")
     wait_for(lambda: replicas().get(ingress) not in (None, set(), after[ingress]) and all_running(names),
              timeout_s=120, interval_s=0.5)
+    limited = replicas()
+    assert limited[alpha] == after[alpha] and limited[beta] == after[beta]
+
+    # A model's Serve options change on its running replicas (its application's `deployments` override): beta
+    # scales to two replicas, its first one serving on.
+    deploy(rendered_applications(tmp, values(paths, alpha_max_model_len=192, max_prompt_chars=50_000,
+                                             beta_replicas=2)))
+    wait_for(lambda: len(replicas().get(beta, ())) == 2 and all_running(names), timeout_s=120, interval_s=0.5)
     final = replicas()
-    assert final[alpha] == after[alpha] and final[beta] == after[beta]
+    assert final[beta] > limited[beta], "beta's running replica was replaced to scale it"
+    assert final[alpha] == limited[alpha]
     [last] = list(client.generate("alpha", [5, 6, 7], timeout=60, max_tokens=4, temperature=0.0,
                                   ignore_eos=True))[-1:]
     assert last.finish_reason == "length"

@@ -36,6 +36,8 @@ def _model(**keys) -> dict:
 def test_committed_values_schema_is_generated_from_the_models():
     committed = schema_gen.VALUES_SCHEMA.read_text()
     assert committed == schema_gen.render(), "helm/herd/values.schema.json is stale: run `make schema`"
+    assert schema_gen.SERVE_DEFAULTS.read_text() == schema_gen.serve_defaults(), \
+        "helm/herd/files/serve-defaults.json is stale: run `make schema`"
     assert schema_gen.main(["--check"]) == 0
 
 

@@ -142,8 +142,11 @@ are dropped (ClusterConfig's defaults apply) and chart-only keys (models[].sourc
 the config's finite request timeout on both proxies), and the applications: the ingress's first (the whole
 config, serve.applicationName), then one per model, named <applicationName>-model-<name>
 (cluster.app_name.model_application), holding its own entry and the cluster keys it is built from
-(cluster.app.MODEL_APPLICATION_CLUSTER_KEYS). Serve versions every deployment of a declarative application by a
-hash of its args: so a change restarts the models it touches, and the ingress (cluster.app.build_model_app). */}}
+(cluster.app.MODEL_APPLICATION_CLUSTER_KEYS), but not its Serve options (cluster.app.MODEL_SERVE_OPTIONS): those
+are the application's `deployments` override, autoscaling_config completed from files/serve-defaults.json as
+cluster.app completes it. Serve versions every deployment of a declarative application by a hash of its args
+(not of the override): so a change restarts the models whose args it touches, and the ingress; a change of a
+model's Serve options restarts nothing (cluster.app.build_model_app). */}}
 {{- define "herd.serveConfig" -}}
 {{- $c := .Values.config -}}
 {{- $timeout := 600 -}}
@@ -160,10 +163,28 @@ hash of its args: so a change restarts the models it touches, and the ingress (c
 {{- $cfg := include "herd.clusterConfig" . | fromYaml -}}
 {{- $name := .Values.serve.applicationName -}}
 {{- $apps := list (dict "name" $name "route_prefix" .Values.serve.routePrefix "import_path" "cluster.app:build_ingress_app" "args" $cfg) -}}
+{{- $autoscalingDefaults := (.Files.Get "files/serve-defaults.json" | fromJson).autoscaling_config -}}
 {{- range $m := $cfg.models -}}
-{{- $args := dict "models" (list $m) -}}
+{{- $entry := deepCopy $m -}}
+{{- range $k := list "num_replicas" "autoscaling_config" "max_surge_percent" "graceful_shutdown_timeout_s" "health_check_period_s" "health_check_timeout_s" -}}
+{{- $_ := unset $entry $k -}}
+{{- end -}}
+{{- $args := dict "models" (list $entry) -}}
 {{- range $k := list "router" "tracing" -}}{{- if hasKey $cfg $k -}}{{- $_ := set $args $k (get $cfg $k) -}}{{- end -}}{{- end -}}
-{{- $apps = append $apps (dict "name" (printf "%s-model-%s" $name $m.name) "route_prefix" nil "import_path" "cluster.app:build_model_app" "args" $args) -}}
+{{- $serve := dict "name" (printf "model-%s" $m.name) -}}
+{{- if $m.autoscaling_config -}}
+{{- $autoscaling := deepCopy $autoscalingDefaults -}}
+{{- range $k, $v := $m.autoscaling_config -}}{{- if not (kindIs "invalid" $v) -}}{{- $_ := set $autoscaling $k $v -}}{{- end -}}{{- end -}}
+{{- $_ := set $serve "autoscaling_config" $autoscaling -}}
+{{- $_ := set $serve "num_replicas" nil -}}
+{{- else -}}
+{{- $_ := set $serve "num_replicas" (default 1 $m.num_replicas) -}}
+{{- $_ := set $serve "autoscaling_config" nil -}}
+{{- end -}}
+{{- range $k := list "max_surge_percent" "graceful_shutdown_timeout_s" "health_check_period_s" "health_check_timeout_s" -}}
+{{- if hasKey $m $k -}}{{- $_ := set $serve $k (get $m $k) -}}{{- end -}}
+{{- end -}}
+{{- $apps = append $apps (dict "name" (printf "%s-model-%s" $name $m.name) "route_prefix" nil "import_path" "cluster.app:build_model_app" "args" $args "deployments" (list $serve)) -}}
 {{- end -}}
 {{- toYaml (dict "proxy_location" .Values.serve.proxyLocation "http_options" $http "grpc_options" $grpc "applications" $apps) -}}
 {{- end -}}
