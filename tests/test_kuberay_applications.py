@@ -124,6 +124,8 @@ def test_each_model_is_an_application_and_a_change_restarts_only_what_it_touches
                                       ignore_eos=True))[-1:]
         assert last.finish_reason == "length"
     assert {m.name: m.max_model_len for m in client.list_models(timeout=30).models} == {"alpha": 256, "beta": 256}
+    # Readiness (grpc.health.v1, what probes ask) looks for each model's replicas in its own application.
+    assert [client.health(s, timeout=30) for s in ("", "alpha", "beta")] == ["SERVING"] * 3
     status = collect_status(APP)   # `herd status` finds the models in their own applications
     assert {m.name: len(m.replicas) for m in status.models} == {"alpha": 1, "beta": 1}
 
