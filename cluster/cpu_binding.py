@@ -65,7 +65,9 @@ class CpuBinding:
     def lines(self) -> list[str]:
         """What the plan does, for the start-up output."""
         if not self.active:
-            return [f"none: model {name}: {why}" for name, why in self.unbound.items()] or ["none: no model to bind"]
+            # Said as a choice, not a fault: on a small host (2 vCPUs) this is the expected outcome.
+            return [f"not applied (the OS places every process): model {name}: {why}"
+                    for name, why in self.unbound.items()] or ["not applied: no model to bind"]
         out = [f"model {name}'s engine process on CPU {cores}" for name, cores in self.engines.items()]
         out.append(f"Ray, Serve's proxy, the ingress and the replicas on CPU {format_cpus(self.serving)}")
         for name, why in self.unbound.items():

@@ -59,7 +59,8 @@ def test_cpu_work_in_ray_workers_binds_nothing(entry, why):
     """Confining Ray's workers to the serving CPUs would take cores from such a model: nothing moves."""
     b = cpu_binding.plan(_models({"name": "bound"}, {"name": "other", **entry}), {0, 1, 2, 3})
     assert not b.active and b.engines == {} and b.serving == {0, 1, 2, 3}
-    assert why in b.unbound["other"] and b.lines() == [f"none: model other: {b.unbound['other']}"]
+    assert why in b.unbound["other"] and b.lines() == [
+        f"not applied (the OS places every process): model other: {b.unbound['other']}"]
 
 
 def test_gpu_models_are_not_touched():
@@ -68,7 +69,7 @@ def test_gpu_models_are_not_touched():
                          {0, 1}, serving_cpus=1)
     assert b.engines == {"cpu": "1"} and b.unbound == {} and b.floating == {}
     b = cpu_binding.plan(_models({"name": "gpu", "resources_per_shard": {"GPU": 1}}), {0, 1})
-    assert not b.active and b.unbound == {} and b.lines() == ["none: no model to bind"]
+    assert not b.active and b.unbound == {} and b.lines() == ["not applied: no model to bind"]
 
 
 def test_a_models_own_cores_are_kept_off_the_serving_path():
