@@ -72,6 +72,10 @@ class ApiError(Exception):
     def from_dict(cls, d: dict[str, Any]) -> "ApiError":
         return cls(d["code"], d["message"], d.get("field"))
 
+    @classmethod
+    def model_failed(cls, model: str, why: str) -> "ModelFailedError":
+        return ModelFailedError("UNAVAILABLE", f"model {model!r} has no replica: {why}")
+
     def openai_body(self) -> dict[str, Any]:
         """The body OpenAI's API returns for an error (what the `openai` client parses)."""
         status, err_type = _HTTP[self.code]
@@ -107,6 +111,13 @@ class ApiError(Exception):
     @classmethod
     def unauthenticated(cls, message: str = "missing or invalid API key") -> "ApiError":
         return cls("UNAUTHENTICATED", message)
+
+
+class ModelFailedError(ApiError):
+    """UNAVAILABLE for a model Serve gave up deploying: no replica comes, so a retry goes nowhere either."""
+
+    def __reduce__(self):
+        return (ModelFailedError, (self.code, self.message, self.field))
 
 
 def to_api_error(exc: BaseException) -> ApiError:

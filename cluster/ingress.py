@@ -28,13 +28,13 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Iterable
+from typing import Any, AsyncIterator, Awaitable, Iterable, TypeVar
 
 from ray import serve
 
 from cluster.app_name import model_application
 from cluster.chat_tools import ChatTools
-from cluster.errors import ApiError, to_api_error
+from cluster.errors import ApiError, ModelFailedError, to_api_error
 from cluster.grpc_status import StatusSet, install_status_log_filter
 from cluster.limits import InputLimits, LiveRequestIds
 from cluster.local_ray import DEFAULT_SERVE_TRANSPORT
@@ -52,6 +52,9 @@ log = logging.getLogger(f"herd.{__name__}")
 
 # How long a readiness answer (from the Serve controller) is reused.
 READINESS_TTL_S = 1.0
+# How often a call waiting for a model's replica looks whether Serve gave up deploying the model.
+AVAILABILITY_RECHECK_S = 1.0
+T = TypeVar("T")
 # Service name that means "the whole API" besides "" (grpc.health.v1 convention).
 SERVICE_NAME = "herd.v1.Inference"
 # A request whose replica died before its first token is sent again this many times.
@@ -76,6 +79,17 @@ def as_own_serve_request(call):
             request_id=current_request_id() or current.request_id))
         return call()
     return contextvars.copy_context().run(run)
+
+
+def _chained(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """`first` (None: `rest` had nothing), then the rest of `rest`."""
+    async def chain():
+        if first is None:
+            return
+        yield first
+        async for item in rest:
+            yield item
+    return chain()
 
 
 async def off_loop(size: int, fn, *args, **kwargs):
@@ -181,6 +195,13 @@ class ModelRoute:
     application: str = ""       # the Serve application of its deployment ("": the ingress's own)
 
 
+@dataclass(frozen=True)
+class ModelState:
+    """A model as the ingress knows it from Serve's controller (Frontend.model_states)."""
+    ready: bool                     # at least one RUNNING replica
+    failure: str | None = None      # why it has none while Serve gave up deploying it (DEPLOY_FAILED)
+
+
 def cache_salt_for(key_digest: bytes | None) -> int:
     """The prefix-cache salt of a tenant (an API key's digest): a non-zero 64-bit number that roots its block
     hash chain, so its blocks never match another tenant's (0 = shared cache)."""
@@ -220,8 +241,8 @@ class Frontend:
         self.health_watchers = 0
         self.stopping = asyncio.Event()   # Serve has begun to shut this replica down (cluster.replica_shutdown)
         self.started_at = int(time.time())
-        self._ready: tuple[float, dict[str, bool]] | None = None
-        self._ready_lock = asyncio.Lock()
+        self._states: tuple[float, dict[str, ModelState]] | None = None
+        self._states_lock = asyncio.Lock()
 
     async def load_tokenizers(self) -> None:
         from workers import Tokenizer
@@ -266,8 +287,10 @@ class Frontend:
             return route.info
         async with route.info_lock:
             if route.info is None:
+                async def ask() -> dict[str, Any]:
+                    return await route.handle.model_info.remote()
                 try:
-                    info = await route.handle.model_info.remote()
+                    info = await self._unless_failed(route, ask())
                 except Exception as e:  # noqa: BLE001
                     raise to_api_error(e) from None
                 if info.get("version") != route.spec.get("version"):
@@ -367,7 +390,8 @@ class Frontend:
                     yield chunk
                 return
             except ApiError as e:
-                if streamed or e.code != "UNAVAILABLE" or attempt == RETRIES_BEFORE_FIRST_TOKEN:
+                if streamed or e.code != "UNAVAILABLE" or isinstance(e, ModelFailedError) \
+                        or attempt == RETRIES_BEFORE_FIRST_TOKEN:
                     raise
                 log.warning("model %s: replica unavailable before the first token (%s); retrying once",
                             route.name, e.message)
@@ -375,6 +399,7 @@ class Frontend:
     async def _generate_once(self, route: ModelRoute, ids: list[int], sampling: dict[str, Any],
                              cache_salt: int) -> AsyncIterator[dict]:
         """One try: the replica's chunks until each of the request's `n` completions has finished."""
+        await self.check_available(route)   # before the call: Serve's handle would queue it for nothing
         engine_request_id = uuid.uuid4().hex
         unfinished = int(sampling.get("n", 1))
         context = outgoing_context()  # the request id and trace context travel with the call (or None)
@@ -385,7 +410,9 @@ class Frontend:
             ids, sampling, engine_request_id, cache_salt, context))
         done = False
         try:
-            async for chunk in gen:
+            chunks = aiter(gen)
+            first = await self._unless_failed(route, anext(chunks, None))
+            async for chunk in _chained(first, chunks):
                 if "error" in chunk:
                     done = True
                     if chunk["error"]["code"] == "UNAVAILABLE":  # its engine is down: the retry goes elsewhere
@@ -410,29 +437,65 @@ class Frontend:
                 gen.cancel()
 
     # -- readiness
-    async def readiness(self) -> dict[str, bool]:
-        """model name -> has at least one RUNNING replica (weights loaded, health checks passing)."""
+    async def model_states(self) -> dict[str, ModelState]:
+        """model name -> its state, as Serve's controller saw it at most READINESS_TTL_S ago."""
         now = time.monotonic()
-        async with self._ready_lock:
-            if self._ready is None or now - self._ready[0] > READINESS_TTL_S:
+        async with self._states_lock:
+            if self._states is None or now - self._states[0] > READINESS_TTL_S:
                 try:
-                    ready = await asyncio.to_thread(self._readiness_from_controller)
+                    states = await asyncio.to_thread(self._states_from_controller)
                 except Exception:  # noqa: BLE001 - the controller is unreachable: nothing is known to be ready
                     log.warning("readiness: Serve status unavailable", exc_info=True)
-                    ready = {name: False for name in self.routes}
-                self._ready = (now, ready)
-            return dict(self._ready[1])
+                    states = {name: ModelState(ready=False) for name in self.routes}
+                self._states = (now, states)
+            return dict(self._states[1])
 
-    def _readiness_from_controller(self) -> dict[str, bool]:
+    async def readiness(self) -> dict[str, bool]:
+        """model name -> has at least one RUNNING replica (weights loaded, health checks passing)."""
+        return {name: state.ready for name, state in (await self.model_states()).items()}
+
+    async def _unless_failed(self, route: ModelRoute, call: Awaitable[T]) -> T:
+        """`call`'s result, or UNAVAILABLE as soon as the model is known to have failed (check_available), before
+        or while it waits: a call waits for a replica until its deadline, and Serve brings none to a deployment
+        it gave up on."""
+        task = asyncio.ensure_future(call)
+        try:
+            while True:
+                await self.check_available(route)
+                done, _ = await asyncio.wait({task}, timeout=AVAILABILITY_RECHECK_S)
+                if done:
+                    return task.result()
+        finally:
+            if not task.done():
+                task.cancel()
+
+    async def check_available(self, route: ModelRoute) -> None:
+        """UNAVAILABLE at once for a model that has no replica because Serve gave up deploying it (a bad path, a
+        checkpoint that does not load): a call to its handle would wait for a replica until its deadline. A
+        model still starting, or scaled to zero, is waited for as before."""
+        state = (await self.model_states()).get(route.name)
+        if state is not None and state.failure is not None:
+            raise ApiError.model_failed(route.name, state.failure)
+
+    def _states_from_controller(self) -> dict[str, ModelState]:
+        from cluster.status import status_name
+
         own_app = serve.get_replica_context().app_name
         applications = serve.status().applications
-        ready = {}
+        states = {}
         for name, route in self.routes.items():
             app = applications.get(route.application or own_app)
             d = app.deployments.get(route.spec["deployment"]) if app is not None else None
             running = d.replica_states.get("RUNNING", 0) if d is not None else 0
-            ready[name] = running > 0
-        return ready
+            failure = None
+            # DEPLOY_FAILED only: Serve stopped trying. UNHEALTHY (a replica died) is a replacement under way,
+            # which a call waits for (and a retry before the first token lands on).
+            if d is not None and not running and status_name(d.status) == "DEPLOY_FAILED":
+                # The client learns that it failed, not why (Serve's message is a traceback with the server's
+                # paths): `herd status` and the replica's log say why.
+                failure = "its deployment failed (DEPLOY_FAILED; `herd status` says why)"
+            states[name] = ModelState(ready=running > 0, failure=failure)
+        return states
 
     async def all_ready(self) -> bool:
         return all((await self.readiness()).values())

@@ -299,6 +299,85 @@ def test_replica_death_before_the_first_token_is_retried_once():
     assert [c["finish_reason"] for c in chunks] == [None, "length"] and handle.calls == 2
 
 
+class _Waiting:
+    """A model with no replica: its stream's first chunk never comes, its model_info never answers."""
+
+    def __init__(self):
+        self.cancelled = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        await asyncio.Event().wait()
+
+    def cancel(self):
+        self.cancelled = True
+
+
+def _frontend_of_a_model_that(states):
+    """A Frontend whose one model has no replica; `states()` is what Serve's controller says of it each time."""
+    from cluster.ingress import ModelState
+
+    stream = _Waiting()
+    fe = Frontend({"m": _Handle([stream])}, {"m": {"name": "m"}})
+    fe._states_from_controller = lambda: {"m": ModelState(**states())}
+    return fe, stream
+
+
+@pytest.mark.parametrize("fails", ["before", "while waiting"])
+def test_a_model_serve_gave_up_on_is_unavailable_at_once_not_at_the_deadline(monkeypatch, fails):
+    """A deployment that failed (a bad checkpoint path) has no replica and gets none: a call would wait for one
+    until its deadline (600 s by default). The ingress answers UNAVAILABLE as soon as Serve says it failed."""
+    import time
+
+    import cluster.ingress as ingress
+
+    monkeypatch.setattr(ingress, "READINESS_TTL_S", 0.0)
+    monkeypatch.setattr(ingress, "AVAILABILITY_RECHECK_S", 0.05)
+    t0 = time.monotonic()
+    failure_after = 0.0 if fails == "before" else 0.3
+    fe, stream = _frontend_of_a_model_that(lambda: {
+        "ready": False, "failure": "its deployment failed" if time.monotonic() - t0 >= failure_after else None})
+    with pytest.raises(ApiError) as e:
+        _run(fe.generate(fe.routes["m"], [1, 2], {}))
+    assert e.value.code == "UNAVAILABLE" and "'m' has no replica: its deployment failed" in e.value.message
+    assert time.monotonic() - t0 < 5 and (fails == "before" or stream.cancelled)
+
+
+def test_a_model_still_starting_is_waited_for():
+    """No replica yet, nothing failed (starting, or scaled to zero): the call waits, as Serve's handle does."""
+    import cluster.ingress as ingress
+
+    fe, stream = _frontend_of_a_model_that(lambda: {"ready": False})
+
+    async def go():
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(_run_async(fe.generate(fe.routes["m"], [1], {})), 3 * ingress.AVAILABILITY_RECHECK_S)
+    asyncio.run(go())
+    assert stream.cancelled   # the caller gave up: the model's stream is cancelled with it
+
+
+async def _run_async(frontend_generate):
+    return [c async for c in frontend_generate]
+
+
+def test_model_info_of_a_failed_model_is_unavailable(monkeypatch):
+    import cluster.ingress as ingress
+
+    monkeypatch.setattr(ingress, "READINESS_TTL_S", 0.0)
+    monkeypatch.setattr(ingress, "AVAILABILITY_RECHECK_S", 0.05)
+    fe, _ = _frontend_of_a_model_that(lambda: {"ready": False, "failure": "its deployment failed"})
+
+    class NeverAnswers:
+        def remote(self):
+            return asyncio.Event().wait()
+    fe.routes["m"].handle.model_info = NeverAnswers()
+    with pytest.raises(ApiError) as e:
+        asyncio.run(fe.info(fe.routes["m"]))
+    assert e.value.code == "UNAVAILABLE"
+
+
 def test_a_replica_lost_over_serves_grpc_transport_is_retried_too():
     """Serve's gRPC transport reports a dead replica as ActorUnavailableError (gRPC UNAVAILABLE)."""
     from ray.exceptions import ActorUnavailableError

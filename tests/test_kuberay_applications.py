@@ -10,7 +10,8 @@ its own beside the ingress's (cluster.app.build_model_app / build_ingress_app), 
 - a change of the ingress's keys (limits) restarts no model;
 - a change of a model's Serve options (num_replicas) restarts nothing of it: its replica serves on, and the new
   one joins it;
-- the ingress reaches every model by name across applications, and keeps the new model's info (ListModels).
+- the ingress reaches every model by name across applications, and keeps the new model's info (ListModels);
+- a model whose checkpoint does not load fails alone, and a call to it is UNAVAILABLE at once.
 
 Not exercised: KubeRay itself (no Kubernetes here); the dashboard's REST handler around deploy_apps."""
 from __future__ import annotations
@@ -21,6 +22,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import grpc
 import pytest
 import yaml
 
@@ -35,15 +37,19 @@ STREAMS = 8             # clients of the model left alone, back to back while th
 
 
 def values(paths: dict[str, str], alpha_max_model_len: int = 256, max_prompt_chars: int = 100_000,
-           beta_replicas: int = 1) -> dict:
-    """Chart values for two small CPU models (weights at absolute paths, as an image would carry them)."""
+           beta_replicas: int = 1, broken: bool = False) -> dict:
+    """Chart values for two small CPU models (weights at absolute paths, as an image would carry them); with
+    `broken`, a third whose path holds no checkpoint."""
     model = {"dtype": "float32", "resources_per_shard": {"CPU": 0.25}, "kv_cache_memory": 32 << 20,
              "max_model_len": 256, "graceful_shutdown_timeout_s": 20}
+    models = [{**model, "name": "alpha", "path": paths["alpha"], "max_model_len": alpha_max_model_len},
+              {**model, "name": "beta", "path": paths["beta"], "num_replicas": beta_replicas}]
+    if broken:
+        models.append({**model, "name": "gamma", "path": "/nonexistent/gamma"})
     return {"weights": {"source": "image"},
             "config": {"allow_unauthenticated": True, "limits": {"max_prompt_chars": max_prompt_chars}},
             "workerGroups": [{"name": "cpu", "replicas": 1, "minReplicas": 1, "maxReplicas": 1, "gpus": 0}],
-            "models": [{**model, "name": "alpha", "path": paths["alpha"], "max_model_len": alpha_max_model_len},
-                       {**model, "name": "beta", "path": paths["beta"], "num_replicas": beta_replicas}]}
+            "models": models}
 
 
 def rendered_applications(tmp_path, vals: dict) -> list[dict[str, Any]]:
@@ -75,6 +81,13 @@ def replicas() -> dict[tuple[str, str], set[str]]:
     return {(app, dep): {r["replica_id"] for r in d.get("replicas", []) if r.get("state") == "RUNNING"}
             for app, a in (details.get("applications") or {}).items()
             for dep, d in (a.get("deployments") or {}).items()}
+
+
+def failed(name: str) -> bool:
+    from ray import serve
+
+    app = serve.status().applications.get(name)
+    return app is not None and app.status == "DEPLOY_FAILED"
 
 
 def all_running(names: list[str]) -> bool:
@@ -180,9 +193,27 @@ def test_each_model_is_an_application_and_a_change_restarts_only_what_it_touches
     deploy(rendered_applications(tmp, values(paths, alpha_max_model_len=192, max_prompt_chars=50_000,
                                              beta_replicas=2)))
     wait_for(lambda: len(replicas().get(beta, ())) == 2 and all_running(names), timeout_s=120, interval_s=0.5)
+    scaled = replicas()
+    assert scaled[beta] > limited[beta], "beta's running replica was replaced to scale it"
+    assert scaled[alpha] == limited[alpha]
+
+    # A model whose checkpoint does not load: its application fails, alone; a call to it is UNAVAILABLE at once
+    # (Serve would hold it for a replica until its deadline), and the other models serve on, untouched.
+    deploy(rendered_applications(tmp, values(paths, alpha_max_model_len=192, max_prompt_chars=50_000,
+                                             beta_replicas=2, broken=True)))
+    wait_for(lambda: failed(f"{APP}-model-gamma") and all_running(names), timeout_s=180, interval_s=0.5)
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as refused:
+        list(client.generate("gamma", [5, 6, 7], timeout=60, max_tokens=4))
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value.details()
+    assert "'gamma' has no replica: its deployment failed" in refused.value.details()
+    assert time.monotonic() - started < 10, "the call waited for a replica that never comes"
+    assert client.health("gamma", timeout=30) == "NOT_SERVING" and client.health("beta", timeout=30) == "SERVING"
     final = replicas()
-    assert final[beta] > limited[beta], "beta's running replica was replaced to scale it"
-    assert final[alpha] == limited[alpha]
+    assert final[alpha] == scaled[alpha] and final[beta] == scaled[beta]
+    [last] = list(client.generate("beta", [5, 6, 7], timeout=60, max_tokens=4, temperature=0.0,
+                                  ignore_eos=True))[-1:]
+    assert last.finish_reason == "length"
     [last] = list(client.generate("alpha", [5, 6, 7], timeout=60, max_tokens=4, temperature=0.0,
                                   ignore_eos=True))[-1:]
     assert last.finish_reason == "length"
