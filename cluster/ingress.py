@@ -437,22 +437,29 @@ class Frontend:
                 gen.cancel()
 
     # -- readiness
-    async def model_states(self) -> dict[str, ModelState]:
-        """model name -> its state, as Serve's controller saw it at most READINESS_TTL_S ago."""
-        now = time.monotonic()
+    async def model_states(self, max_age_s: float = READINESS_TTL_S) -> dict[str, ModelState]:
+        """model name -> its state, as Serve's controller saw it at most `max_age_s` before this call. Callers
+        that waited while another one asked the controller take that answer (one call at a time)."""
+        asked_at = time.monotonic()
         async with self._states_lock:
-            if self._states is None or now - self._states[0] > READINESS_TTL_S:
+            if self._states is None or asked_at - self._states[0] > max_age_s:
+                taken_at = time.monotonic()
                 try:
                     states = await asyncio.to_thread(self._states_from_controller)
                 except Exception:  # noqa: BLE001 - the controller is unreachable: nothing is known to be ready
                     log.warning("readiness: Serve status unavailable", exc_info=True)
                     states = {name: ModelState(ready=False) for name in self.routes}
-                self._states = (now, states)
+                self._states = (taken_at, states)
             return dict(self._states[1])
 
     async def readiness(self) -> dict[str, bool]:
-        """model name -> has at least one RUNNING replica (weights loaded, health checks passing)."""
-        return {name: state.ready for name, state in (await self.model_states()).items()}
+        """model name -> has at least one RUNNING replica (weights loaded, health checks passing). A "not ready"
+        is asked anew: the cached one may be from before a model's replica started (calls waiting for it
+        refresh the states every AVAILABILITY_RECHECK_S), and a probe must not see it."""
+        states = await self.model_states()
+        if not all(state.ready for state in states.values()):
+            states = await self.model_states(max_age_s=0.0)
+        return {name: state.ready for name, state in states.items()}
 
     async def _unless_failed(self, route: ModelRoute, call: Awaitable[T]) -> T:
         """`call`'s result, or UNAVAILABLE as soon as the model is known to have failed (check_available), before

@@ -358,6 +358,24 @@ def test_a_model_still_starting_is_waited_for():
     assert stream.cancelled   # the caller gave up: the model's stream is cancelled with it
 
 
+def test_readiness_asks_again_rather_than_say_a_stale_not_ready():
+    """Calls waiting for a starting model keep the controller's answer for READINESS_TTL_S; a probe right after
+    the model's replica started must not get that old "not ready" (herd serve said ready; its health check did
+    not: test_serve_startup)."""
+    from cluster.ingress import ModelState
+
+    running = {"now": False}
+    fe = Frontend({"m": _Handle([])}, {"m": {"name": "m"}})
+    asked = []
+    fe._states_from_controller = lambda: asked.append(1) or {"m": ModelState(ready=running["now"])}
+
+    async def go():
+        await fe.model_states()            # cached: not ready
+        running["now"] = True
+        return await fe.readiness(), await fe.readiness()
+    assert asyncio.run(go()) == ({"m": True}, {"m": True}) and len(asked) == 2   # a ready answer is reused
+
+
 async def _run_async(frontend_generate):
     return [c async for c in frontend_generate]
 
