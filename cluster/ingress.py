@@ -243,6 +243,7 @@ class Frontend:
         self.started_at = int(time.time())
         self._states: tuple[float, dict[str, ModelState]] | None = None
         self._states_lock = asyncio.Lock()
+        self._renewing: asyncio.Future | None = None   # a background model_states() (check_available)
 
     async def load_tokenizers(self) -> None:
         from workers import Tokenizer
@@ -399,7 +400,7 @@ class Frontend:
     async def _generate_once(self, route: ModelRoute, ids: list[int], sampling: dict[str, Any],
                              cache_salt: int) -> AsyncIterator[dict]:
         """One try: the replica's chunks until each of the request's `n` completions has finished."""
-        await self.check_available(route)   # before the call: Serve's handle would queue it for nothing
+        self.check_available(route)   # before the call: Serve's handle would queue it for nothing
         engine_request_id = uuid.uuid4().hex
         unfinished = int(sampling.get("n", 1))
         context = outgoing_context()  # the request id and trace context travel with the call (or None)
@@ -468,7 +469,7 @@ class Frontend:
         task = asyncio.ensure_future(call)
         try:
             while True:
-                await self.check_available(route)
+                self.check_available(route)
                 done, _ = await asyncio.wait({task}, timeout=AVAILABILITY_RECHECK_S)
                 if done:
                     return task.result()
@@ -476,13 +477,24 @@ class Frontend:
             if not task.done():
                 task.cancel()
 
-    async def check_available(self, route: ModelRoute) -> None:
+    def check_available(self, route: ModelRoute) -> None:
         """UNAVAILABLE at once for a model that has no replica because Serve gave up deploying it (a bad path, a
         checkpoint that does not load): a call to its handle would wait for a replica until its deadline. A
-        model still starting, or scaled to zero, is waited for as before."""
-        state = (await self.model_states()).get(route.name)
+        model still starting, or scaled to zero, is waited for as before.
+
+        From what Serve's controller last said, never waiting for it: requests flow while the controller is
+        slow or away (it restarts; a test pauses it), as they do through Serve's own handles. A stale answer
+        is renewed in the background."""
+        self._renew_states_soon()
+        state = self._states[1].get(route.name) if self._states is not None else None
         if state is not None and state.failure is not None:
             raise ApiError.model_failed(route.name, state.failure)
+
+    def _renew_states_soon(self) -> None:
+        stale = self._states is None or time.monotonic() - self._states[0] > READINESS_TTL_S
+        if stale and self._renewing is None:
+            self._renewing = asyncio.ensure_future(self.model_states())
+            self._renewing.add_done_callback(lambda _: setattr(self, "_renewing", None))
 
     def _states_from_controller(self) -> dict[str, ModelState]:
         from cluster.status import status_name

@@ -358,6 +358,30 @@ def test_a_model_still_starting_is_waited_for():
     assert stream.cancelled   # the caller gave up: the model's stream is cancelled with it
 
 
+def test_a_request_never_waits_for_serves_controller():
+    """The failed-model check reads what the controller last said and renews it in the background: with the
+    controller away (it restarts; test_serve_load pauses it around a replica kill) requests still flow."""
+    import threading
+    import time
+
+    from cluster.ingress import ModelState
+
+    controller_back = threading.Event()
+    handle = _Handle([_Stream([_chunk("length")]), _Stream([_chunk("length")])])
+    fe = Frontend({"m": handle}, {"m": {"name": "m"}})
+    fe._states_from_controller = lambda: controller_back.wait(30) and {"m": ModelState(ready=True)}
+
+    async def go():
+        started = time.monotonic()
+        first = [c["finish_reason"] for c in await _run_async(fe.generate(fe.routes["m"], [1], {}))]
+        second = [c["finish_reason"] for c in await _run_async(fe.generate(fe.routes["m"], [1], {}))]
+        took = time.monotonic() - started
+        controller_back.set()
+        return first, second, took
+    first, second, took = asyncio.run(go())
+    assert first == second == ["length"] and took < 5
+
+
 def test_readiness_asks_again_rather_than_say_a_stale_not_ready():
     """Calls waiting for a starting model keep the controller's answer for READINESS_TTL_S; a probe right after
     the model's replica started must not get that old "not ready" (herd serve said ready; its health check did
