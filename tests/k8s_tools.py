@@ -93,6 +93,18 @@ CRDS_DEFAULT = "../shared/crds"          # relative to the repository: a folder 
 RAYSERVICE_CRD = "ray.io_rayservices.yaml"
 
 
+def chart_serve_applications(values_file: Path) -> list[dict]:
+    """The applications of the chart's serveConfigV2, as the real `helm template` renders them from a values file
+    (cluster.helm.helm_template)."""
+    import yaml
+
+    from cluster.helm import helm_template
+
+    text = helm_template("herd", values_files=[str(values_file)], helm=str(ensure_helm()))
+    [rs] = [d for d in yaml.safe_load_all(text) if d and d["kind"] == "RayService"]
+    return yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"]
+
+
 def kuberay_crds() -> Path:
     """The folder of KubeRay's CRD files: $HERD_KUBERAY_CRDS, else ../shared/crds beside the repository."""
     return (REPO / os.environ.get(CRDS_SETTING, CRDS_DEFAULT)).resolve()

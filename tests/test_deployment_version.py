@@ -131,17 +131,6 @@ def test_a_model_application_builds_one_model():
         build_model_app({"models": [{"name": "a", "path": "/a"}, {"name": "b", "path": "/b"}]})
 
 
-def chart_applications(values_file) -> list[dict[str, Any]]:
-    import yaml
-
-    from cluster.helm import helm_template
-    from tests.k8s_tools import ensure_helm
-
-    text = helm_template("herd", values_files=[str(values_file)], helm=str(ensure_helm()))
-    [rs] = [d for d in yaml.safe_load_all(text) if d and d["kind"] == "RayService"]
-    return yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"]
-
-
 def test_the_charts_model_applications_build_what_the_ingress_expects(tmp_path):
     """Each model application holds its entry (less its Serve options, which are its `deployments` override) and
     only the cluster keys a replica is built from; the override gives Serve the options the one application
@@ -158,6 +147,7 @@ def test_the_charts_model_applications_build_what_the_ingress_expects(tmp_path):
 
     import yaml
 
+    from tests.k8s_tools import chart_serve_applications
     from tests.test_helm import ALL_FEATURES
 
     # Every key the chart passes through, and the two cluster keys a model is built from set.
@@ -173,7 +163,7 @@ def test_the_charts_model_applications_build_what_the_ingress_expects(tmp_path):
                          {**ALL_FEATURES["workerGroups"][-1], "maxReplicas": 3}]}))   # room for the surge
     examples = Path(__file__).resolve().parents[1] / "helm" / "examples"
     for values_file in [*sorted(examples.glob("*.yaml")), all_features]:
-        [ingress_app, *model_apps] = chart_applications(values_file)
+        [ingress_app, *model_apps] = chart_serve_applications(values_file)
         cfg = ClusterConfig.from_dict(ingress_app["args"])
         assert [a["name"] for a in model_apps] == [model_application(ingress_app["name"], m.name) for m in cfg.models]
         [ingress] = serve_build(build_ingress_app(ingress_app["args"]), name=ingress_app["name"]).deployments

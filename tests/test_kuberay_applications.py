@@ -54,15 +54,11 @@ def values(paths: dict[str, str], alpha_max_model_len: int = 256, max_prompt_cha
 
 def rendered_applications(tmp_path, vals: dict) -> list[dict[str, Any]]:
     """The serveConfigV2's applications, as `helm template` renders them from `vals`."""
-    from cluster.helm import helm_template
-    from tests.k8s_tools import ensure_helm
+    from tests.k8s_tools import chart_serve_applications
 
     f = tmp_path / f"values-{time.monotonic_ns()}.yaml"
     f.write_text(yaml.safe_dump(vals))
-    docs = [d for d in yaml.safe_load_all(helm_template("herd", values_files=[str(f)], helm=str(ensure_helm())))
-            if d]
-    [rs] = [d for d in docs if d["kind"] == "RayService"]
-    return yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"]
+    return chart_serve_applications(f)
 
 
 def deploy(applications: list[dict[str, Any]]) -> None:
