@@ -156,7 +156,7 @@ def serve_autoscaling_config(autoscaling) -> dict[str, Any]:
 # none for them). The chart gives them in its model application's `deployments` override, not in the `args`
 # that version the model: changing them (scaling a model, say) restarts nothing. Their defaults are the code's,
 # except autoscaling_config's, which the chart completes from helm/herd/files/serve-defaults.json
-# (cluster.schema_gen writes it from serve_autoscaling_config).
+# (cluster.schema_gen writes it from serve_autoscaling_config, with this list and the next).
 MODEL_SERVE_OPTIONS = ("num_replicas", "autoscaling_config", "max_surge_percent", "graceful_shutdown_timeout_s",
                        "health_check_period_s", "health_check_timeout_s")
 

@@ -143,8 +143,8 @@ the config's finite request timeout on both proxies), and the applications: the 
 config, serve.applicationName), then one per model, named <applicationName>-model-<name>
 (cluster.app_name.model_application), holding its own entry and the cluster keys it is built from
 (cluster.app.MODEL_APPLICATION_CLUSTER_KEYS), but not its Serve options (cluster.app.MODEL_SERVE_OPTIONS): those
-are the application's `deployments` override, autoscaling_config completed from files/serve-defaults.json as
-cluster.app completes it. Serve versions every deployment of a declarative application by a hash of its args
+are the application's `deployments` override, autoscaling_config completed as cluster.app completes it. Both key
+lists and those defaults are files/serve-defaults.json, generated from cluster.app (`make schema`). Serve versions every deployment of a declarative application by a hash of its args
 (not of the override): so a change restarts the models whose args it touches, and the ingress; a change of a
 model's Serve options restarts nothing (cluster.app.build_model_app). */}}
 {{- define "herd.serveConfig" -}}
@@ -163,17 +163,15 @@ model's Serve options restarts nothing (cluster.app.build_model_app). */}}
 {{- $cfg := include "herd.clusterConfig" . | fromYaml -}}
 {{- $name := .Values.serve.applicationName -}}
 {{- $apps := list (dict "name" $name "route_prefix" .Values.serve.routePrefix "import_path" "cluster.app:build_ingress_app" "args" $cfg) -}}
-{{- $autoscalingDefaults := (.Files.Get "files/serve-defaults.json" | fromJson).autoscaling_config -}}
+{{- $generated := .Files.Get "files/serve-defaults.json" | fromJson -}}
 {{- range $m := $cfg.models -}}
 {{- $entry := deepCopy $m -}}
-{{- range $k := list "num_replicas" "autoscaling_config" "max_surge_percent" "graceful_shutdown_timeout_s" "health_check_period_s" "health_check_timeout_s" -}}
-{{- $_ := unset $entry $k -}}
-{{- end -}}
+{{- range $k := $generated.model_serve_options -}}{{- $_ := unset $entry $k -}}{{- end -}}
 {{- $args := dict "models" (list $entry) -}}
-{{- range $k := list "router" "tracing" -}}{{- if hasKey $cfg $k -}}{{- $_ := set $args $k (get $cfg $k) -}}{{- end -}}{{- end -}}
+{{- range $k := $generated.model_application_cluster_keys -}}{{- if hasKey $cfg $k -}}{{- $_ := set $args $k (get $cfg $k) -}}{{- end -}}{{- end -}}
 {{- $serve := dict "name" (printf "model-%s" $m.name) -}}
 {{- if $m.autoscaling_config -}}
-{{- $autoscaling := deepCopy $autoscalingDefaults -}}
+{{- $autoscaling := deepCopy $generated.autoscaling_config -}}
 {{- range $k, $v := $m.autoscaling_config -}}{{- if not (kindIs "invalid" $v) -}}{{- $_ := set $autoscaling $k $v -}}{{- end -}}{{- end -}}
 {{- $_ := set $serve "autoscaling_config" $autoscaling -}}
 {{- $_ := set $serve "num_replicas" nil -}}
@@ -181,7 +179,7 @@ model's Serve options restarts nothing (cluster.app.build_model_app). */}}
 {{- $_ := set $serve "num_replicas" (default 1 $m.num_replicas) -}}
 {{- $_ := set $serve "autoscaling_config" nil -}}
 {{- end -}}
-{{- range $k := list "max_surge_percent" "graceful_shutdown_timeout_s" "health_check_period_s" "health_check_timeout_s" -}}
+{{- range $k := without $generated.model_serve_options "num_replicas" "autoscaling_config" -}}
 {{- if hasKey $m $k -}}{{- $_ := set $serve $k (get $m $k) -}}{{- end -}}
 {{- end -}}
 {{- $apps = append $apps (dict "name" (printf "%s-model-%s" $name $m.name) "route_prefix" nil "import_path" "cluster.app:build_model_app" "args" $args "deployments" (list $serve)) -}}
