@@ -44,6 +44,7 @@ from cluster.request_context import (REQUEST_ID_HEADER, current_request_id, grpc
                                      install_request_id_logging, outgoing_context, set_request_id)
 from cluster.openai_http import OpenAIRoutes, openai_app
 from cluster.replica_shutdown import on_replica_shutdown
+from cluster.request_body import SlowBodies
 from cluster.pb import inference_pb2 as pb
 from cluster.proto_convert import (messages_from_proto, response_from_chunk, sampling_from_proto,
                                    tool_choice_from_proto, tools_from_proto)
@@ -239,6 +240,7 @@ class Frontend:
         self.by_reference = settings.get("serve_transport", DEFAULT_SERVE_TRANSPORT) != "grpc"
         self.live_request_ids = LiveRequestIds()
         self.health_watchers = 0
+        self.slow_bodies = SlowBodies()   # HTTP bodies arriving slowly (cluster.request_body)
         self.stopping = asyncio.Event()   # Serve has begun to shut this replica down (cluster.replica_shutdown)
         self.started_at = int(time.time())
         self._states: tuple[float, dict[str, ModelState]] | None = None

@@ -22,8 +22,10 @@ field, never silently dropped; an error names the field as the request named it 
 `response_format.json_schema.schema`, `messages[2].role`).
 
 Before a body is read (`EdgeGuard`, an ASGI middleware): the API key is checked (401 for an unauthenticated
-request, whose body is never read) and the body's size is bounded (413 over `limits.max_request_body_bytes`,
-by its Content-Length or, for a chunked body, as it arrives). A 429 carries `Retry-After`.
+request, whose body is never read); then the body is bounded as it arrives (cluster.request_body): 413 over
+`limits.max_request_body_bytes` (by its Content-Length, or as a chunked body arrives), 408 when it takes longer
+than `limits.request_body_timeout_s`, 429 when `limits.max_slow_request_bodies` others are already arriving
+slowly. A 429 carries `Retry-After`.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from typing import Any, AsyncIterator, Optional, Union
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -47,6 +49,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cluster.chat_tools import ChatTools
 from cluster.errors import RETRY_AFTER_S, ApiError, to_api_error
 from cluster import tracing
+from cluster.request_body import BodyRefused, GuardedBody, body_too_large
 from cluster.request_context import http_request_id, request_scope
 
 # No built-in docs routes: /openapi.json and /docs exist only when the config enables them (see below).
@@ -271,22 +274,8 @@ def _frontend():
     return serve.get_replica_context().servable_object.frontend
 
 
-class BodyTooLarge(HTTPException):
-    """Raised while a body arrives past the limit (an HTTPException, so FastAPI's body parsing lets it through
-    to the handler below instead of calling it a parse error)."""
-
-    def __init__(self, limit: int):
-        super().__init__(status_code=413)
-        self.limit = limit
-
-    def response(self) -> JSONResponse:
-        err = ApiError.invalid("body", f"request body is over this server's limit of {self.limit} bytes "
-                                       "(limits.max_request_body_bytes)")
-        return JSONResponse(err.openai_body(), status_code=413)
-
-
-@openai_app.exception_handler(BodyTooLarge)
-async def _body_too_large_handler(request: Request, exc: BodyTooLarge) -> JSONResponse:
+@openai_app.exception_handler(BodyRefused)
+async def _body_refused_handler(request: Request, exc: BodyRefused) -> JSONResponse:
     return exc.response()
 
 
@@ -306,7 +295,8 @@ async def _http_exception_handler(request: Request, exc: StarletteHTTPException)
 
 
 class EdgeGuard:
-    """ASGI middleware run before a route reads its body: API key (401), body size (413). The request's
+    """ASGI middleware run before a route reads its body: API key (401), the body's size and time
+    (cluster.request_body: 413, 408, 429). The request's
     prefix-cache salt (per-key isolation) goes to `request.state.cache_salt` for the route. `frontend` is a
     callable giving the ingress's Frontend (the Serve replica's, by default)."""
 
@@ -319,14 +309,14 @@ class EdgeGuard:
             return await self.app(scope, receive, send)
         frontend = self.frontend()
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope.get("headers", [])]
-        limit = frontend.limits.cfg.max_request_body_bytes
+        limits = frontend.limits.cfg
         try:
             salt = frontend.authenticate(headers)
         except ApiError as e:
             return await error_response(e)(scope, receive, send)
         length = next((v for k, v in headers if k.lower() == "content-length"), None)
-        if length is not None and (not length.strip().isdigit() or int(length) > limit):
-            return await BodyTooLarge(limit).response()(scope, receive, send)
+        if length is not None and (not length.strip().isdigit() or int(length) > limits.max_request_body_bytes):
+            return await body_too_large(limits.max_request_body_bytes).response()(scope, receive, send)
         scope.setdefault("state", {})["cache_salt"] = salt
         # X-Request-Id: the client's, or the one Serve's proxy made; Serve echoes it on the response.
         request_id = http_request_id(headers)
@@ -338,16 +328,8 @@ class EdgeGuard:
                 held = frontend.live_request_ids.hold(request_id)
             except ApiError as e:
                 return await error_response(e)(scope, receive, send)
-        received = 0
-
-        async def bounded_receive():
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise BodyTooLarge(limit)
-            return message
+        body = GuardedBody(receive, max_bytes=limits.max_request_body_bytes, timeout_s=limits.request_body_timeout_s,
+                           max_slow=limits.max_slow_request_bodies, slow_bodies=frontend.slow_bodies)
 
         span = tracing.start_request_span(f"{scope.get('method', 'GET')} {scope['path']}", headers)
         tracing.set_attribute(span, "herd.request_id", request_id)
@@ -360,8 +342,9 @@ class EdgeGuard:
 
         try:
             with held, request_scope(request_id):
-                return await self.app(scope, bounded_receive, send_status if span is not None else send)
+                return await self.app(scope, body.receive, send_status if span is not None else send)
         finally:
+            body.close()
             code = status.get("code", 500)
             tracing.set_attribute(span, "http.response.status_code", code)
             tracing.end_span(span, error=f"HTTP {code}" if code >= 400 else None)

@@ -161,14 +161,15 @@ def test_non_loopback_needs_keys_or_explicit_consent(host, extra, ok):
 # ---- the HTTP guard -------------------------------------------------------------------------------------------
 @pytest.fixture
 def guarded_app():
-    from cluster.openai_http import EdgeGuard, _body_too_large_handler, BodyTooLarge
+    from cluster.openai_http import EdgeGuard, _body_refused_handler
+    from cluster.request_body import BodyRefused
 
     frontend = Frontend({}, {}, ["sekrit"], settings={"limits": {"max_request_body_bytes": 2048},
                                                       "prefix_cache_isolation": "per_key"})
     reads = []
     app = FastAPI()
     app.add_middleware(EdgeGuard, frontend=lambda: frontend)
-    app.add_exception_handler(BodyTooLarge, _body_too_large_handler)
+    app.add_exception_handler(BodyRefused, _body_refused_handler)
 
     @app.post("/v1/echo")
     async def echo(request: Request):

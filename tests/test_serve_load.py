@@ -8,6 +8,7 @@ Nothing here asserts a wall-clock figure: waits are for conditions, with generou
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import signal
@@ -31,6 +32,8 @@ WIDE = 64
 GREEDY = {"temperature": 0.0, "ignore_eos": True}
 MAX_MODEL_LEN = 256
 LONG = 4096  # "narrow" holds its seats with long generations
+# The held bodies' timeout leaves room for the refusals and the checks (~6 s after the last connection here).
+SLOW_BODIES, BODY_TIMEOUT_S = 4, 30
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +45,8 @@ def cluster(tmp_path_factory):
               "kv_cache_memory": 32 << 20, "health_check_period_s": 1.0, "health_check_timeout_s": 30.0}
     config = {
         "api_keys": [KEY_A, KEY_B], "prefix_cache_isolation": "per_key",
-        "limits": {"max_health_watchers": 3, "max_request_body_bytes": 65536, "max_tokenize_chars": 5000},
+        "limits": {"max_health_watchers": 3, "max_request_body_bytes": 65536, "max_tokenize_chars": 5000,
+                   "max_slow_request_bodies": SLOW_BODIES, "request_body_timeout_s": BODY_TIMEOUT_S},
         "models": [
             {"name": "wide", "max_num_seqs": WIDE, **common},
             {"name": "narrow", "max_num_seqs": 1, "max_queued_requests": 1, "serve_max_queued_requests": 4,
@@ -153,6 +157,57 @@ def test_health_watch_streams_are_capped(cluster):
                 for w in again:
                     w.cancel()
         assert wait_for(all_seats_again, timeout_s=30, interval_s=0.5)
+
+
+def test_slow_request_bodies_cannot_take_the_ingress(cluster, client):
+    """Authenticated HTTP requests that send their headers and then never their body (a stuck client, a slowloris),
+    more of them than the ingress has slots and queue: at most max_slow_request_bodies of them are held, every
+    other one is refused (429; 503 from Serve's proxy while the ingress was full); meanwhile Health.Check, /health
+    and a generation are served; the held ones end 408 at request_body_timeout_s. Without cluster.request_body
+    no connection was answered and Health.Check got RESOURCE_EXHAUSTED for as long as they stayed open."""
+    import socket
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from cluster.config import ClusterConfig
+
+    cfg = ClusterConfig.from_dict(cluster.config)
+    n = cfg.effective_ingress_max_ongoing_requests + cfg.ingress_max_queued_requests + 16
+    host, port = cluster.http_url.removeprefix("http://").split(":")
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: herd\r\nAuthorization: Bearer {KEY_A}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{").encode()
+    sockets = []
+
+    def status(sock: socket.socket) -> int:
+        sock.settimeout(BODY_TIMEOUT_S + 60)
+        data = b""
+        while b"\r\n" not in data:
+            chunk = sock.recv(256)
+            assert chunk, f"connection closed without a response: {data!r}"
+            data += chunk
+        return int(data.split()[1])
+
+    try:
+        for _ in range(n):
+            sockets.append(socket.create_connection((host, int(port)), timeout=30))
+            sockets[-1].sendall(head)
+        with ThreadPoolExecutor(max_workers=64) as pool:
+            answers = [pool.submit(status, s) for s in sockets]
+            refused = wait_for(lambda: sum(a.done() for a in answers) >= n - SLOW_BODIES and
+                               [a.result() for a in answers if a.done()], timeout_s=120, interval_s=0.2)
+            # the slow ones held now are the most there can be: everything else is served
+            with cluster.channel() as ch:
+                assert health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10).status == \
+                    health_pb2.HealthCheckResponse.SERVING
+            assert httpx.get(f"{cluster.http_url}/health", timeout=10).status_code == 200
+            assert outcome(client.generate("wide", prompt(1), max_tokens=4, timeout=60, **GREEDY)) == "length"
+            held = [a for a in answers if not a.done()]
+            assert len(held) == SLOW_BODIES, len(held)
+            statuses = collections.Counter(a.result() for a in answers)
+    finally:
+        for s in sockets:
+            s.close()
+    assert set(refused) <= {429, 503} and statuses[429] > 0, statuses
+    assert statuses[408] == SLOW_BODIES and set(statuses) <= {408, 429, 503}, statuses
 
 
 # ---- bounded inputs ---------------------------------------------------------------------------------------
