@@ -47,6 +47,8 @@ GRPC_SERVICER_FUNCTIONS = [
     # serves a renewed certificate without a restart.
     "cluster.proxy_not_serving.install_http_not_serving",
     "cluster.https_renewal.install_https_renewal",
+    # Add no service: a call whose ingress replica died is UNAVAILABLE / 503, not INTERNAL / 500.
+    "cluster.proxy_replica_lost.install_replica_lost",
 ]
 # Added (last) when `enable_reflection` is on: reflection v1 beside Serve's v1alpha (see cluster.reflection).
 REFLECTION_SERVICER_FUNCTIONS = ["cluster.reflection.add_reflection_v1_to_server"]

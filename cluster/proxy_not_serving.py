@@ -40,11 +40,23 @@ def is_no_application(code, details) -> bool:
         and "ListApplications" in details
 
 
-def not_serving_body() -> bytes:
-    """The 503's body, in OpenAI's error shape (cluster.errors)."""
+def unavailable_body(details: str) -> bytes:
+    """A 503's body, in OpenAI's error shape (cluster.errors)."""
     from cluster.errors import ApiError
 
-    return json.dumps(ApiError("UNAVAILABLE", NO_APPLICATION_DETAILS).openai_body()).encode()
+    return json.dumps(ApiError("UNAVAILABLE", details).openai_body()).encode()
+
+
+def unavailable_response(details: str) -> list[dict]:
+    """The ASGI messages of a 503 with Retry-After and `details` in OpenAI's error body (also the answer of
+    cluster.proxy_replica_lost)."""
+    from cluster.errors import RETRY_AFTER_S
+
+    body = unavailable_body(details)
+    return [{"type": "http.response.start", "status": 503,
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                         (b"retry-after", str(RETRY_AFTER_S).encode())]},
+            {"type": "http.response.body", "body": body}]
 
 
 def install_http_not_serving(servicer=None, server=None) -> None:
@@ -65,13 +77,8 @@ def install_http_not_serving(servicer=None, server=None) -> None:
             return
         from ray.serve._private.proxy_request_response import ResponseStatus
 
-        from cluster.errors import RETRY_AFTER_S
-
-        body = not_serving_body()
-        yield {"type": "http.response.start", "status": 503,
-               "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                           (b"retry-after", str(RETRY_AFTER_S).encode())]}
-        yield {"type": "http.response.body", "body": body}
+        for message in unavailable_response(NO_APPLICATION_DETAILS):
+            yield message
         yield ResponseStatus(code=503, is_error=True, message=NO_APPLICATION_DETAILS)
 
     not_found_response.herd_not_serving = True

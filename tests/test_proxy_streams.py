@@ -187,3 +187,41 @@ def test_the_http_proxy_answers_503_while_no_application_is_deployed(monkeypatch
     assert asyncio.run(answer({"/other": SimpleNamespace(app_name="other")}))[0]["status"] == 503
     served = asyncio.run(answer({"/": SimpleNamespace(app_name="herd")}))  # herd's deployed: Serve's own answer
     assert served[0]["status"] == 404 and served[-1].code == 404
+
+
+def test_a_call_whose_replica_died_is_unavailable_not_internal(monkeypatch):
+    """install_replica_lost (a gRPC servicer function, so Serve runs it in every proxy process) makes Serve's proxy
+    answer a call whose replica died (Ray's actor errors, by type) UNAVAILABLE / 503 with Retry-After in OpenAI's
+    error body; every other exception keeps Serve's answer."""
+    import json
+
+    import grpc
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
+    from ray.serve._private import proxy
+
+    from cluster.proxy_replica_lost import REPLICA_LOST_DETAILS, install_replica_lost
+
+    for name in ("get_grpc_response_status", "get_http_response_status", "send_http_response_on_exception"):
+        monkeypatch.setattr(proxy, name, getattr(proxy, name))   # restored after the test
+    install_replica_lost(_AnyServicer(), None)
+    installed = proxy.get_grpc_response_status
+    install_replica_lost(_AnyServicer(), None)       # a second proxy start in the process: wrapped once
+    assert proxy.get_grpc_response_status is installed
+
+    for died in (ActorDiedError(), ActorUnavailableError("Actor is unavailable.", b"\0" * 16)):
+        status = proxy.get_grpc_response_status(died, 600, "rid")
+        assert (status.code, status.message, status.is_error) == (grpc.StatusCode.UNAVAILABLE, REPLICA_LOST_DETAILS,
+                                                                 True)
+        status = proxy.get_http_response_status(died, 600, "rid")
+        assert (status.code, status.message) == (503, REPLICA_LOST_DETAILS)
+        start, body = proxy.send_http_response_on_exception(status, False)
+        headers = dict(start["headers"])
+        assert start["status"] == 503 and headers[b"retry-after"] == b"1"
+        assert json.loads(body["body"])["error"]["message"] == REPLICA_LOST_DETAILS
+        assert proxy.send_http_response_on_exception(status, True) == []   # a response that began is cut
+    # Serve's own answers otherwise
+    assert proxy.get_grpc_response_status(TimeoutError(), 600, "rid").code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert proxy.get_grpc_response_status(ValueError("boom"), 600, "rid").code == grpc.StatusCode.INTERNAL
+    timed_out = proxy.get_http_response_status(TimeoutError(), 600, "rid")
+    assert timed_out.code == 408
+    assert proxy.send_http_response_on_exception(timed_out, False)[0]["status"] == 408

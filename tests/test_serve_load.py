@@ -523,3 +523,38 @@ def test_a_replica_whose_engine_died_is_left_out_of_retries_until_it_is_replaced
     wait_for(lambda: names[0] not in _replica_actor_names(deployment_name("pair")) and
              len(_replica_actor_names(deployment_name("pair"))) == 2, timeout_s=180, interval_s=1.0)
     assert outcome(client.generate("pair", prompt(8), max_tokens=4, timeout=120, **GREEDY)) == "length"
+
+
+def test_killed_ingress_replica_ends_its_calls_unavailable_and_frees_every_block(cluster, client):
+    """The ingress replica's process is killed (the OOM killer, a lost node) with a stream running on "narrow"
+    and a plain HTTP completion waiting behind it: the stream ends UNAVAILABLE and the completion 503 with
+    Retry-After in OpenAI's error body (Serve's proxy said INTERNAL with Ray's actor message, and a plain-text 500:
+    cluster.proxy_replica_lost); the model cancels both sequences and has every KV block back; once Serve has
+    replaced the ingress, calls succeed again."""
+    import ray._private.state as state
+
+    from cluster.app import INGRESS_NAME
+    from cluster.proxy_replica_lost import REPLICA_LOST_DETAILS
+
+    [ingress] = _replica_actor_names(INGRESS_NAME)
+    [pid] = [a["Pid"] for a in state.actors().values() if a.get("Name") == ingress and a["State"] == "ALIVE"]
+    free = cluster.model_stats("narrow")["kv_blocks_free"]
+    stream = client.generate("narrow", prompt(1), max_tokens=LONG - 100, timeout=300, **GREEDY)
+    assert next(stream).token_ids                                  # running
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(httpx.post, f"{cluster.http_url}/v1/completions", timeout=300,
+                              headers={"authorization": f"Bearer {KEY_A}"},
+                              json={"model": "narrow", "prompt": prompt(2), "max_tokens": LONG - 100, **GREEDY})
+        wait_for(lambda: cluster.model_stats("narrow")["num_waiting"] == 1, timeout_s=60)
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(grpc.RpcError) as ended:
+            for _ in stream:
+                pass
+        answer = waiting.result(timeout=60)
+    assert (ended.value.code(), ended.value.details()) == (grpc.StatusCode.UNAVAILABLE, REPLICA_LOST_DETAILS)
+    assert answer.status_code == 503 and answer.headers["retry-after"] == "1", answer.text
+    assert answer.json()["error"]["message"] == REPLICA_LOST_DETAILS
+    wait_for(lambda: (lambda s: s["num_running"] + s["num_waiting"] == 0 and s["kv_blocks_free"] == free)(
+        cluster.model_stats("narrow")), timeout_s=60)
+    wait_for(lambda: _replica_actor_names(INGRESS_NAME) not in ([], [ingress]), timeout_s=180, interval_s=0.5)
+    assert outcome(client.generate("narrow", prompt(3), max_tokens=4, timeout=120, **GREEDY)) == "length"

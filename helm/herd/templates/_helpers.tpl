@@ -143,8 +143,9 @@ the config's finite request timeout on both proxies), and the applications: the 
 config, serve.applicationName), then one per model, named <applicationName>-model-<name>
 (cluster.app_name.model_application), holding its own entry and the cluster keys it is built from
 (cluster.app.MODEL_APPLICATION_CLUSTER_KEYS), but not its Serve options (cluster.app.MODEL_SERVE_OPTIONS): those
-are the application's `deployments` override, autoscaling_config completed as cluster.app completes it. Both key
-lists and those defaults are files/serve-defaults.json, generated from cluster.app (`make schema`). Serve versions every deployment of a declarative application by a hash of its args
+are the application's `deployments` override, autoscaling_config completed as cluster.app completes it. The
+servicer lists, both key lists and those defaults are files/serve-defaults.json, generated from cluster.app
+(`make schema`). Serve versions every deployment of a declarative application by a hash of its args
 (not of the override): so a change restarts the models whose args it touches, and the ingress; a change of a
 model's Serve options restarts nothing (cluster.app.build_model_app). */}}
 {{- define "herd.serveConfig" -}}
@@ -152,8 +153,9 @@ model's Serve options restarts nothing (cluster.app.build_model_app). */}}
 {{- $timeout := 600 -}}
 {{- if not (kindIs "invalid" $c.request_timeout_s) -}}{{- $timeout = $c.request_timeout_s -}}{{- end -}}
 {{- $http := dict "host" "0.0.0.0" "port" (default 8000 $c.http_port) "request_timeout_s" $timeout -}}
-{{- $servicers := list "cluster.proxy_streams.add_inference_servicer" "cluster.proxy_streams.add_health_servicer" "cluster.proxy_not_serving.install_http_not_serving" "cluster.https_renewal.install_https_renewal" -}}
-{{- if eq $c.enable_reflection true -}}{{- $servicers = append $servicers "cluster.reflection.add_reflection_v1_to_server" -}}{{- end -}}
+{{- $generated := .Files.Get "files/serve-defaults.json" | fromJson -}}
+{{- $servicers := $generated.grpc_servicer_functions -}}
+{{- if eq $c.enable_reflection true -}}{{- $servicers = concat $servicers $generated.reflection_servicer_functions -}}{{- end -}}
 {{- $grpc := dict "port" (default 9000 $c.grpc_port) "grpc_servicer_functions" $servicers "enable_reflection" (eq $c.enable_reflection true) "request_timeout_s" $timeout -}}
 {{- if .Values.tls.existingSecret -}}
 {{- $dir := trimSuffix "/" .Values.tls.mountPath -}}
@@ -163,7 +165,6 @@ model's Serve options restarts nothing (cluster.app.build_model_app). */}}
 {{- $cfg := include "herd.clusterConfig" . | fromYaml -}}
 {{- $name := .Values.serve.applicationName -}}
 {{- $apps := list (dict "name" $name "route_prefix" .Values.serve.routePrefix "import_path" "cluster.app:build_ingress_app" "args" $cfg) -}}
-{{- $generated := .Files.Get "files/serve-defaults.json" | fromJson -}}
 {{- range $m := $cfg.models -}}
 {{- $entry := deepCopy $m -}}
 {{- range $k := $generated.model_serve_options -}}{{- $_ := unset $entry $k -}}{{- end -}}
