@@ -90,8 +90,10 @@ class LimitsConfig(_Strict):
         "HTTP request body (413 over it, checked before parsing)"))
     request_body_timeout_s: float = Field(60.0, gt=0, description=(
         "seconds an HTTP request body may take to arrive in full (408 after it)"))
+    slow_request_body_s: float = Field(10.0, gt=0, description=(
+        "seconds after which an HTTP request body still arriving counts against max_slow_request_bodies"))
     max_slow_request_bodies: int = Field(16, ge=1, description=(
-        "HTTP request bodies still arriving after 0.5 s, at once per ingress replica (429 over it)"))
+        "HTTP request bodies still arriving after slow_request_body_s, at once per ingress replica (429 over it)"))
     max_grpc_message_bytes: int = Field(8 << 20, ge=1024, description=(
         "gRPC message size of the proxies (RAY_SERVE_GRPC_MAX_MESSAGE_SIZE on every Ray container)"))
     max_request_id_chars: int = Field(128, ge=8, description="characters of a client request id")

@@ -329,7 +329,8 @@ class EdgeGuard:
             except ApiError as e:
                 return await error_response(e)(scope, receive, send)
         body = GuardedBody(receive, max_bytes=limits.max_request_body_bytes, timeout_s=limits.request_body_timeout_s,
-                           max_slow=limits.max_slow_request_bodies, slow_bodies=frontend.slow_bodies)
+                           slow_after_s=limits.slow_request_body_s, max_slow=limits.max_slow_request_bodies,
+                           slow_bodies=frontend.slow_bodies)
 
         span = tracing.start_request_span(f"{scope.get('method', 'GET')} {scope['path']}", headers)
         tracing.set_attribute(span, "herd.request_id", request_id)

@@ -10,15 +10,21 @@ refused with RESOURCE_EXHAUSTED / 503 until they went away.
 
 So the body of every guarded request (cluster.openai_http.EdgeGuard) is read through `GuardedBody`:
 - over `limits.max_request_body_bytes` (by Content-Length, or as a chunked body arrives): 413;
-- a body still arriving `SLOW_AFTER_S` after the route began to read it is *slow*; at most
-  `limits.max_slow_request_bodies` are slow at once per ingress replica (`SlowBodies`), the next is refused at
-  once with 429 and Retry-After, so slow uploads can never take more than that many slots;
+- a body still arriving `limits.slow_request_body_s` after the route began to read it is *slow*; at most
+  `limits.max_slow_request_bodies` are slow at once per ingress replica (`SlowBodies`), the next is refused
+  with 429 and Retry-After, so slow uploads never hold more slots than that once they are that old;
 - the whole body must be in within `limits.request_body_timeout_s` of that first read: 408.
   (nginx's `client_body_timeout` bounds the gap between two reads, which a byte a minute defeats; this bounds
   the whole body.)
-A client's body normally arrives with its headers or right after them, far inside `SLOW_AFTER_S`; only the
-slow ones are counted. Once the body is complete, reads (which then wait for a disconnect, to cancel a stream)
-have no deadline.
+
+Why `slow_request_body_s` is 10 s and not a fraction of a second: the ingress cannot tell a slow client from a
+busy server. It fetches the body from the proxy with one Ray call per read, and under a burst that call is slow
+even when the client sent everything with its headers: a burst of 256 HTTP completions at once to one ingress
+on 2 vCPUs waited 1.6 s for its first read at the median, 5.3 s at p99 and 5.9 s at most. With 0.5 s, 223 of
+those 256 were refused as slow. The way to tell them apart is to read the body in the proxy before the request
+is routed, as nginx and Envoy buffer a request: Serve's proxy has no option for it, and herd does not yet wrap
+the proxy's request handler to do it (as cluster.proxy_not_serving wraps another of its methods). Once
+complete, reads (which then wait for a disconnect, to cancel a stream) have no deadline.
 """
 from __future__ import annotations
 
@@ -30,11 +36,6 @@ from fastapi import HTTPException
 from fastapi.responses import JSONResponse
 
 from cluster.errors import RETRY_AFTER_S, ApiError
-
-# A body not complete this long after the route's first read counts against max_slow_request_bodies.
-# Long enough that a body sent with its headers (any client that is not stuck) is never counted, even on a
-# busy replica; short enough that slow uploads hold few slots before the cap refuses more.
-SLOW_AFTER_S = 0.5
 
 # The least time a read is given, however late it is asked for: a message that is there is never refused.
 MIN_WAIT_S = 0.01
@@ -81,10 +82,11 @@ class SlowBodies:
 class GuardedBody:
     """One request's ASGI `receive`, with its body bounded. `close()` when the request is over."""
 
-    def __init__(self, receive: Receive, *, max_bytes: int, timeout_s: float, max_slow: int,
+    def __init__(self, receive: Receive, *, max_bytes: int, timeout_s: float, slow_after_s: float, max_slow: int,
                  slow_bodies: SlowBodies, clock: Callable[[], float] = time.monotonic):
         self._receive = receive
         self._max_bytes, self._timeout_s, self._max_slow = max_bytes, timeout_s, max_slow
+        self._slow_after_s = slow_after_s
         self._slow_bodies, self._clock = slow_bodies, clock
         self._started: float | None = None   # the route's first read
         self._received = 0
@@ -112,7 +114,7 @@ class GuardedBody:
         pending = asyncio.ensure_future(self._receive())
         try:
             if not self._counted_slow:
-                if await self._arrives_within(pending, SLOW_AFTER_S):
+                if await self._arrives_within(pending, self._slow_after_s):
                     return pending.result()
                 if self._slow_bodies.count >= self._max_slow:
                     raise too_many_slow_bodies(self._max_slow)

@@ -1,7 +1,7 @@
 """cluster.request_body: an HTTP body bounded in size, in time, and in how many arrive slowly at once.
 
 The bodies here either arrive at once or never (a queue nobody fills), so the outcomes do not depend on this
-machine's speed; SLOW_AFTER_S is shortened so that a test waits tenths of a second, not seconds."""
+machine's speed; the slow threshold is short so that a test waits tenths of a second, not seconds."""
 from __future__ import annotations
 
 import asyncio
@@ -9,7 +9,6 @@ import asyncio
 import pytest
 from fastapi import FastAPI, Request
 
-from cluster import request_body
 from cluster.ingress import Frontend
 from cluster.request_body import BodyRefused, GuardedBody, SlowBodies
 
@@ -17,9 +16,7 @@ pytestmark = pytest.mark.asyncio
 TIMEOUT_S = 0.6
 
 
-@pytest.fixture(autouse=True)
-def short_slow_threshold(monkeypatch):
-    monkeypatch.setattr(request_body, "SLOW_AFTER_S", 0.05)
+SLOW_AFTER_S = 0.05
 
 
 class Client:
@@ -37,7 +34,8 @@ class Client:
 
 def guarded(client: Client, slow: SlowBodies, *, max_slow: int = 2, max_bytes: int = 1000,
             timeout_s: float = TIMEOUT_S) -> GuardedBody:
-    return GuardedBody(client.receive, max_bytes=max_bytes, timeout_s=timeout_s, max_slow=max_slow, slow_bodies=slow)
+    return GuardedBody(client.receive, max_bytes=max_bytes, timeout_s=timeout_s, slow_after_s=SLOW_AFTER_S,
+                       max_slow=max_slow, slow_bodies=slow)
 
 
 async def test_a_body_sent_with_its_request_is_never_counted_slow():
@@ -123,6 +121,7 @@ async def test_the_http_guard_answers_a_slow_body_with_an_openai_error():
     from cluster.openai_http import EdgeGuard, _body_refused_handler
 
     frontend = Frontend({}, {}, ["sekrit"], settings={"limits": {"request_body_timeout_s": TIMEOUT_S,
+                                                                 "slow_request_body_s": SLOW_AFTER_S,
                                                                  "max_slow_request_bodies": 1}})
     ran = []
     app = FastAPI()

@@ -46,7 +46,8 @@ def cluster(tmp_path_factory):
     config = {
         "api_keys": [KEY_A, KEY_B], "prefix_cache_isolation": "per_key",
         "limits": {"max_health_watchers": 3, "max_request_body_bytes": 65536, "max_tokenize_chars": 5000,
-                   "max_slow_request_bodies": SLOW_BODIES, "request_body_timeout_s": BODY_TIMEOUT_S},
+                   "max_slow_request_bodies": SLOW_BODIES, "slow_request_body_s": 2.0,
+                   "request_body_timeout_s": BODY_TIMEOUT_S},
         "models": [
             {"name": "wide", "max_num_seqs": WIDE, **common},
             {"name": "narrow", "max_num_seqs": 1, "max_queued_requests": 1, "serve_max_queued_requests": 4,
