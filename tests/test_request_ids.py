@@ -87,10 +87,12 @@ def test_http_edge_refuses_a_bad_request_id():
 
     from cluster.limits import InputLimits, LiveRequestIds
     from cluster.openai_http import EdgeGuard
+    from cluster.request_body import SlowBodies
 
     class Frontend:
         limits = InputLimits()
         live_request_ids = LiveRequestIds()
+        slow_bodies = SlowBodies()
 
         def authenticate(self, headers):
             return 0
