@@ -22,9 +22,9 @@ busy server. It fetches the body from the proxy with one Ray call per read, and 
 even when the client sent everything with its headers: a burst of 256 HTTP completions at once to one ingress
 on 2 vCPUs waited 1.6 s for its first read at the median, 5.3 s at p99 and 5.9 s at most. With 0.5 s, 223 of
 those 256 were refused as slow. The way to tell them apart is to read the body in the proxy before the request
-is routed, as nginx and Envoy buffer a request: Serve's proxy has no option for it, and herd does not yet wrap
-the proxy's request handler to do it (as cluster.proxy_not_serving wraps another of its methods). Once
-complete, reads (which then wait for a disconnect, to cancel a stream) have no deadline.
+is routed, as nginx and Envoy buffer a request; but the proxy would then read the bodies of unauthenticated
+requests too, which EdgeGuard refuses before reading a byte (the proxy does not hold the API keys), so herd does
+not. Once complete, reads (which then wait for a disconnect, to cancel a stream) have no deadline.
 """
 from __future__ import annotations
 

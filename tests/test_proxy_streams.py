@@ -203,10 +203,13 @@ def test_a_call_whose_replica_died_is_unavailable_not_internal(monkeypatch):
 
     for name in ("get_grpc_response_status", "get_http_response_status", "send_http_response_on_exception"):
         monkeypatch.setattr(proxy, name, getattr(proxy, name))   # restored after the test
+    monkeypatch.setattr(proxy.HTTPProxy, "send_request_to_replica", proxy.HTTPProxy.send_request_to_replica)
     install_replica_lost(_AnyServicer(), None)
     installed = proxy.get_grpc_response_status
     install_replica_lost(_AnyServicer(), None)       # a second proxy start in the process: wrapped once
     assert proxy.get_grpc_response_status is installed
+    assert proxy.HTTPProxy.send_request_to_replica.__name__ == "send_request_to_replica"   # herd's wrapper
+    assert proxy.HTTPProxy.send_request_to_replica.__module__ == "cluster.proxy_replica_lost"
 
     for died in (ActorDiedError(), ActorUnavailableError("Actor is unavailable.", b"\0" * 16)):
         status = proxy.get_grpc_response_status(died, 600, "rid")
@@ -225,3 +228,46 @@ def test_a_call_whose_replica_died_is_unavailable_not_internal(monkeypatch):
     timed_out = proxy.get_http_response_status(TimeoutError(), 600, "rid")
     assert timed_out.code == 408
     assert proxy.send_http_response_on_exception(timed_out, False)[0]["status"] == 408
+
+
+def test_a_begun_event_stream_whose_replica_died_ends_with_an_error_event():
+    """The HTTP response stream herd's proxy hook wraps: herd's event stream that had begun when its replica died
+    gets an SSE error event and [DONE] before Serve's final status; any other response is left as Serve sent it.
+    The fake stream does what Serve's does: it asks for the status of the exception that ended it, and yields the
+    status of the response's start last."""
+    import json
+    from types import SimpleNamespace
+
+    from ray.exceptions import ActorDiedError
+    from ray.serve._private.http_util import get_http_response_status
+    from ray.serve._private.proxy_request_response import ResponseStatus
+
+    from cluster.proxy_replica_lost import (REPLICA_LOST_DETAILS, _event_stream_ended_in_band,
+                                            _replica_lost_status, http_status)
+
+    status_of = _replica_lost_status(get_http_response_status, http_status)
+
+    def serve_stream(content_type: bytes, error: Exception):
+        async def send_request_to_replica(self, request_id, internal_request_id, handle, proxy_request):
+            yield {"type": "http.response.start", "status": 200, "headers": [(b"content-type", content_type)]}
+            yield {"type": "http.response.body", "body": b"data: {}\n\n", "more_body": True}
+            status_of(error, 600, request_id)
+            yield ResponseStatus(code="200")
+        return send_request_to_replica
+
+    def messages(content_type: bytes, error: Exception, app: str = "herd") -> list:
+        wrapped = _event_stream_ended_in_band(serve_stream(content_type, error))
+
+        async def run():
+            return [m async for m in wrapped(None, "rid", "iid", SimpleNamespace(app_name=app), None)]
+        return asyncio.run(run())
+
+    start, first, end, status = messages(b"text/event-stream; charset=utf-8", ActorDiedError())
+    assert status.code == "200" and end["more_body"] is False
+    events = end["body"].decode().split("\n\n")
+    assert events[1:] == ["data: [DONE]", ""]
+    assert json.loads(events[0].removeprefix("data: "))["error"] == {
+        "message": REPLICA_LOST_DETAILS, "type": "service_unavailable_error", "param": None, "code": "unavailable"}
+    assert len(messages(b"application/json", ActorDiedError())) == 3              # not an event stream: cut
+    assert len(messages(b"text/event-stream", ActorDiedError(), app="other")) == 3  # another application's
+    assert len(messages(b"text/event-stream", TimeoutError())) == 3               # not a lost replica

@@ -527,11 +527,14 @@ def test_a_replica_whose_engine_died_is_left_out_of_retries_until_it_is_replaced
 
 
 def test_killed_ingress_replica_ends_its_calls_unavailable_and_frees_every_block(cluster, client):
-    """The ingress replica's process is killed (the OOM killer, a lost node) with a stream running on "narrow"
-    and a plain HTTP completion waiting behind it: the stream ends UNAVAILABLE and the completion 503 with
-    Retry-After in OpenAI's error body (Serve's proxy said INTERNAL with Ray's actor message, and a plain-text 500:
-    cluster.proxy_replica_lost); the model cancels both sequences and has every KV block back; once Serve has
-    replaced the ingress, calls succeed again."""
+    """The ingress replica's process is killed (the OOM killer, a lost node) with an SSE stream running on
+    "narrow" and a gRPC stream waiting behind it (the model holds no more). Serve's proxy answered INTERNAL with
+    Ray's actor message and cut the SSE stream mid-chunk; with cluster.proxy_replica_lost the gRPC call ends
+    UNAVAILABLE and the SSE stream with an error event and [DONE] (an HTTP request not yet answered gets 503:
+    test_proxy_streams). The model cancels both sequences and has every KV block back; once Serve has replaced
+    the ingress, calls succeed again."""
+    import json
+
     import ray._private.state as state
 
     from cluster.app import INGRESS_NAME
@@ -540,21 +543,26 @@ def test_killed_ingress_replica_ends_its_calls_unavailable_and_frees_every_block
     [ingress] = _replica_actor_names(INGRESS_NAME)
     [pid] = [a["Pid"] for a in state.actors().values() if a.get("Name") == ingress and a["State"] == "ALIVE"]
     free = cluster.model_stats("narrow")["kv_blocks_free"]
-    stream = client.generate("narrow", prompt(1), max_tokens=LONG - 100, timeout=300, **GREEDY)
-    assert next(stream).token_ids                                  # running
-    with ThreadPoolExecutor(1) as pool:
-        waiting = pool.submit(httpx.post, f"{cluster.http_url}/v1/completions", timeout=300,
-                              headers={"authorization": f"Bearer {KEY_A}"},
-                              json={"model": "narrow", "prompt": prompt(2), "max_tokens": LONG - 100, **GREEDY})
-        wait_for(lambda: cluster.model_stats("narrow")["num_waiting"] == 1, timeout_s=60)
-        os.kill(pid, signal.SIGKILL)
-        with pytest.raises(grpc.RpcError) as ended:
-            for _ in stream:
-                pass
-        answer = waiting.result(timeout=60)
-    assert (ended.value.code(), ended.value.details()) == (grpc.StatusCode.UNAVAILABLE, REPLICA_LOST_DETAILS)
-    assert answer.status_code == 503 and answer.headers["retry-after"] == "1", answer.text
-    assert answer.json()["error"]["message"] == REPLICA_LOST_DETAILS
+
+    def grpc_end(stream) -> tuple:
+        try:
+            return ("OK", collect(stream)[2].finish_reason)
+        except grpc.RpcError as e:
+            return (e.code().name, e.details())
+
+    with httpx.Client(base_url=cluster.http_url, headers={"authorization": f"Bearer {KEY_A}"}, timeout=300) as http, \
+            ThreadPoolExecutor(1) as pool:
+        with http.stream("POST", "/v1/completions", json={"model": "narrow", "prompt": prompt(1), "stream": True,
+                                                          "max_tokens": LONG - 100, **GREEDY}) as sse:
+            lines = sse.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))          # running
+            waiting = pool.submit(grpc_end, client.generate("narrow", prompt(2), max_tokens=LONG - 100, timeout=300,
+                                                            **GREEDY))
+            wait_for(lambda: cluster.model_stats("narrow")["num_waiting"] == 1, timeout_s=60)
+            os.kill(pid, signal.SIGKILL)
+            events = [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
+        assert waiting.result(timeout=60) == ("UNAVAILABLE", REPLICA_LOST_DETAILS)
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["message"] == REPLICA_LOST_DETAILS, events[-2:]
     wait_for(lambda: (lambda s: s["num_running"] + s["num_waiting"] == 0 and s["kv_blocks_free"] == free)(
         cluster.model_stats("narrow")), timeout_s=60)
     wait_for(lambda: _replica_actor_names(INGRESS_NAME) not in ([], [ingress]), timeout_s=180, interval_s=0.5)
