@@ -17,9 +17,10 @@ that had begun is cut, as before.
     grpc_servicer_functions: [..., "cluster.proxy_replica_lost.install_replica_lost"]
 
 Serve turns a request's exception into a status with `get_grpc_response_status` / `get_http_response_status`
-and writes an HTTP error with `send_http_response_on_exception`, names that proxy.py imports, and streams an HTTP
-response with `HTTPProxy.send_request_to_replica`: `install_replica_lost` wraps them there, in every proxy process (Serve calls each gRPC servicer function in each proxy process before
-its servers start, on any cluster). Only Ray's actor errors change (RayActorError: ActorDiedError,
+and writes an HTTP error with `send_http_response_on_exception`, names that proxy.py imports, and streams an
+HTTP response with `HTTPProxy.send_request_to_replica`: `install_replica_lost` wraps them there, in every proxy
+process (Serve calls each gRPC servicer function in each proxy process before its servers start, on any
+cluster). Only Ray's actor errors change (RayActorError: ActorDiedError,
 ActorUnavailableError, by type); every other exception keeps Serve's answer. Serve's own warning with Ray's
 message stays in the proxy's log. On a Serve that other applications share, their calls get the same answer.
 
@@ -31,7 +32,7 @@ import contextvars
 import json
 
 from cluster.app_name import served_application
-from cluster.proxy_not_serving import unavailable_body, unavailable_response
+from cluster.proxy_not_serving import unavailable_response
 
 REPLICA_LOST_DETAILS = "the replica serving this request stopped before it answered; retry"
 # Set when Serve's status of this request's exception was "replica lost": Serve yields the status of the
@@ -91,9 +92,12 @@ def _replica_lost_response(serve_response):
 
 
 def sse_error_end(details: str) -> bytes:
-    """The end of an event stream whose replica died: an SSE error event in OpenAI's error body, then [DONE]."""
-    return b"data: " + json.dumps(json.loads(unavailable_body(details)), separators=(",", ":")).encode() + \
-        b"\n\ndata: [DONE]\n\n"
+    """The end of an event stream whose replica died: an SSE error event in OpenAI's error body, then [DONE]
+    (what cluster.openai_http's streams end with after an error)."""
+    from cluster.errors import ApiError
+
+    event = json.dumps(ApiError("UNAVAILABLE", details).openai_body(), separators=(",", ":"))
+    return f"data: {event}\n\ndata: [DONE]\n\n".encode()
 
 
 def _event_stream_ended_in_band(serve_send_request):

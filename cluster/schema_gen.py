@@ -114,9 +114,10 @@ def serve_defaults() -> str:
     """helm/herd/files/serve-defaults.json: what the chart's Serve config is built by, from cluster.app so that the
     template repeats none of it: the proxies' gRPC servicer functions (GRPC_SERVICER_FUNCTIONS, and
     REFLECTION_SERVICER_FUNCTIONS when reflection is on); the keys a model application's `args` leave out for its
-    `deployments` override (MODEL_SERVE_OPTIONS), the cluster keys its `args` keep (MODEL_APPLICATION_CLUSTER_KEYS), and the
-    autoscaling_config Serve gets for a model that sets none of its keys (serve_autoscaling_config): Serve takes an
-    override's autoscaling_config whole, and the chart completes the model's keys with these."""
+    `deployments` override (MODEL_SERVE_OPTIONS), the cluster keys its `args` keep
+    (MODEL_APPLICATION_CLUSTER_KEYS), and the autoscaling_config Serve gets for a model that sets none of its keys
+    (serve_autoscaling_config): Serve takes an override's autoscaling_config whole, and the chart completes the
+    model's keys with these."""
     from cluster.app import (GRPC_SERVICER_FUNCTIONS, MODEL_APPLICATION_CLUSTER_KEYS, MODEL_SERVE_OPTIONS,
                              REFLECTION_SERVICER_FUNCTIONS, serve_autoscaling_config)
     from cluster.config import AutoscalingConfig
