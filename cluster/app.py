@@ -49,6 +49,8 @@ GRPC_SERVICER_FUNCTIONS = [
     "cluster.https_renewal.install_https_renewal",
     # Add no service: a call whose ingress replica died is UNAVAILABLE / 503, not INTERNAL / 500.
     "cluster.proxy_replica_lost.install_replica_lost",
+    # Add no service: the HTTP proxy holds at most limits.max_http_connections, none idle past keep-alive.
+    "cluster.proxy_http_connections.install_http_connection_limits",
 ]
 # Added (last) when `enable_reflection` is on: reflection v1 beside Serve's v1alpha (see cluster.reflection).
 REFLECTION_SERVICER_FUNCTIONS = ["cluster.reflection.add_reflection_v1_to_server"]

@@ -94,6 +94,9 @@ class LimitsConfig(_Strict):
         "seconds after which an HTTP request body still arriving counts against max_slow_request_bodies"))
     max_slow_request_bodies: int = Field(16, ge=1, description=(
         "HTTP request bodies still arriving after slow_request_body_s, at once per ingress replica (429 over it)"))
+    max_http_connections: int = Field(10_000, ge=1, description=(
+        "open HTTP connections per proxy, at most half its open-file limit (HERD_HTTP_MAX_CONNECTIONS on every Ray "
+        "container); at the cap a new one closes the longest idle"))
     max_grpc_message_bytes: int = Field(8 << 20, ge=1024, description=(
         "gRPC message size of the proxies (RAY_SERVE_GRPC_MAX_MESSAGE_SIZE on every Ray container)"))
     max_request_id_chars: int = Field(128, ge=8, description="characters of a client request id")

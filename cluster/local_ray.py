@@ -21,7 +21,8 @@ What binds where in Ray 2.60 and what keeps it on 127.0.0.1 (observed with psuti
   (cluster.grpc_tls); herd serve checks the handshake after start.
 - The proxy's gRPC receive (and send) limit is RAY_SERVE_GRPC_MAX_MESSAGE_SIZE, and whether it calls the ingress
   over Serve's gRPC transport is RAY_SERVE_PROXY_USE_GRPC (cluster config `serve_transport`), both read in the
-  proxy process; they travel in the job's runtime_env env_vars (the driver's own environment is left alone).
+  proxy process; they travel in the job's runtime_env env_vars (the driver's own environment is left alone),
+  as does the HTTP proxy's connection cap (HERD_HTTP_MAX_CONNECTIONS, cluster.proxy_http_connections).
 
 This module is imported by every Ray worker of the session (the setup hook): keep its imports light.
 """
@@ -32,6 +33,8 @@ import ipaddress
 import logging
 import os
 from typing import Any, Iterable, NamedTuple, Optional
+
+from cluster.proxy_http_connections import MAX_CONNECTIONS_ENV
 
 LOOPBACK = "127.0.0.1"
 # Read by the worker setup hook (set through the job's runtime_env env_vars).
@@ -59,12 +62,14 @@ def local_ray_options(cfg) -> dict[str, Any]:
     """start_local_ray's options that a herd cluster config decides (cluster.config.ClusterConfig): the gRPC
     proxy's host, port, message limit and TLS, and Serve's transport. A reload keeps them (they are fixed once
     the local Ray runs: cluster.serve_reload)."""
-    return {"grpc_max_message_bytes": cfg.limits.max_grpc_message_bytes, "serve_grpc_host": cfg.host,
+    return {"grpc_max_message_bytes": cfg.limits.max_grpc_message_bytes,
+            "http_max_connections": cfg.limits.max_http_connections, "serve_grpc_host": cfg.host,
             "serve_grpc_port": cfg.grpc_port, "serve_transport": cfg.serve_transport, "serve_grpc_tls": cfg.tls}
 
 
 def start_local_ray(*, num_cpus: Optional[float] = None, include_dashboard: bool = True,
-                    grpc_max_message_bytes: Optional[int] = None, serve_grpc_host: str = LOOPBACK,
+                    grpc_max_message_bytes: Optional[int] = None, http_max_connections: Optional[int] = None,
+                    serve_grpc_host: str = LOOPBACK,
                     serve_grpc_port: Optional[int] = None, log_to_driver: bool = True,
                     namespace: Optional[str] = None, logging_level: int = logging.INFO,
                     serve_transport: str = DEFAULT_SERVE_TRANSPORT, serve_grpc_tls: Any = None) -> None:
@@ -72,7 +77,8 @@ def start_local_ray(*, num_cpus: Optional[float] = None, include_dashboard: bool
 
     serve_grpc_host/port: where Serve's gRPC proxy is to listen (the cluster config's host and grpc_port);
     without a port every wildcard bind in a worker goes to loopback. grpc_max_message_bytes: the gRPC proxy's
-    message size limit (Serve's default is 2 GiB). The dashboard, when included, is on 127.0.0.1:8265 (or the
+    message size limit (Serve's default is 2 GiB). http_max_connections: the HTTP proxy's connection cap
+    (cluster.proxy_http_connections). The dashboard, when included, is on 127.0.0.1:8265 (or the
     next free port). log_to_driver / logging_level: ray.init's (False / WARNING keep Ray's and its workers'
     lines in the session's log files, off this process's terminal). serve_transport: the cluster config's
     (`grpc`: Serve's proxies call the ingress over gRPC). serve_grpc_tls: the config's `tls` (a TLSConfig or
@@ -98,6 +104,8 @@ def start_local_ray(*, num_cpus: Optional[float] = None, include_dashboard: bool
         env_vars[_GRPC_PORT_ENV] = str(serve_grpc_port)
     if grpc_max_message_bytes is not None:
         env_vars["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] = str(int(grpc_max_message_bytes))
+    if http_max_connections is not None:
+        env_vars[MAX_CONNECTIONS_ENV] = str(int(http_max_connections))
     # Ray replaces a loopback _node_ip_address by the external address when clusters are enabled (Linux);
     # with the node address really 127.0.0.1, every Ray process binds loopback.
     with _loopback_addresses_kept(), _token_notice_quiet():

@@ -461,6 +461,8 @@ def test_secure_defaults(helm, tmp_path):
     for spec in _pod_specs(rs):
         env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
         assert env["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] == str(cfg.limits.max_grpc_message_bytes) == "8388608"
+        # The HTTP proxy's connection cap (cluster.proxy_http_connections), from the same config.
+        assert env["HERD_HTTP_MAX_CONNECTIONS"] == str(cfg.limits.max_http_connections) == "10000"
         # The proxy calls the ingress over Serve's gRPC transport, as cluster.local_ray sets it for herd serve.
         assert cfg.serve_transport == "grpc" and env["RAY_SERVE_PROXY_USE_GRPC"] == "1"
         # Calls to herd's services that name no application (probes) go to the chart's application.
@@ -519,6 +521,9 @@ def test_secure_defaults_can_be_turned_off(helm, tmp_path):
                  lambda docs: ({"name": "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", "value": "1048576"} in _head(docs)["env"]
                                and _cfg(docs).limits.max_grpc_message_bytes == 1048576
                                and _cfg(docs).limits.max_chat_messages == 512), id="grpc-message-limit"),
+    pytest.param({"config": {"limits": {"max_http_connections": 2000}}},
+                 lambda docs: ({"name": "HERD_HTTP_MAX_CONNECTIONS", "value": "2000"} in _head(docs)["env"]
+                               and _cfg(docs).limits.max_http_connections == 2000), id="http-connection-cap"),
     pytest.param({"gracefulShutdown": {"preStopDelaySeconds": 0, "marginSeconds": 0},
                   "models": [{"name": "m", "source": {"huggingface": "a/b"}, "resources_per_shard": {"GPU": 1},
                               "graceful_shutdown_timeout_s": 12.5}]},

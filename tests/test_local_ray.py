@@ -1,6 +1,6 @@
 """A local `herd serve` Ray (cluster.local_ray.start_local_ray): every listening socket of the session is on
 loopback — GCS, raylet, dashboard and its agents, metrics, workers, the Serve controller, both proxies and a
-replica — and the gRPC proxy takes herd's message size limit."""
+replica — the gRPC proxy takes herd's message size limit, and the HTTP proxy its connection cap."""
 from __future__ import annotations
 
 import os
@@ -11,10 +11,12 @@ import grpc
 import pytest
 
 from cluster.local_ray import (_covered, _rebind, exposure_warnings, is_loopback_ip, listening_sockets,
-                               listening_sockets_outside_loopback, ray_session_pids, start_local_ray)
+                               listening_sockets_outside_loopback, local_ray_options, ray_session_pids,
+                               start_local_ray)
 from tests.serve_fixtures import free_port, stop_herd_cluster
 
 MAX_GRPC_MESSAGE = 1 << 20
+MAX_HTTP_CONNECTIONS = 32
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +28,10 @@ def local_serve():
     from cluster.config import ClusterConfig
 
     cfg = ClusterConfig.from_dict({"host": "127.0.0.1", "grpc_port": free_port(), "http_port": free_port(),
-                                   "limits": {"max_grpc_message_bytes": MAX_GRPC_MESSAGE},
+                                   "limits": {"max_grpc_message_bytes": MAX_GRPC_MESSAGE,
+                                              "max_http_connections": MAX_HTTP_CONNECTIONS},
                                    "models": [{"name": "m", "path": "/nonexistent"}]})
-    start_local_ray(num_cpus=2, include_dashboard=True, grpc_max_message_bytes=cfg.limits.max_grpc_message_bytes,
-                    serve_grpc_host=cfg.host, serve_grpc_port=cfg.grpc_port, log_to_driver=False,
+    start_local_ray(num_cpus=2, include_dashboard=True, **local_ray_options(cfg), log_to_driver=False,
                     namespace="herd-local-ray-test")
     try:
         serve.start(**serve_start_options(cfg))
@@ -107,6 +109,39 @@ def test_grpc_proxy_takes_the_message_size_limit(local_serve):
             stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=30)
         except grpc.RpcError as e:
             assert e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+@pytest.mark.slow
+def test_idle_http_connections_cannot_take_the_proxy(local_serve):
+    """Connections that send nothing, or half a request head, were held by Serve's HTTP proxy for ever, with no
+    cap, until they took every file descriptor of the proxy process (cluster/proxy_http_connections.py). With
+    limits.max_http_connections the proxy holds at most that many: each new one past it closes the one idle the
+    longest, and a request on a new connection is still served."""
+    idle = []
+    for i in range(6 * MAX_HTTP_CONNECTIONS):
+        s = socket.create_connection(("127.0.0.1", local_serve.http_port), timeout=30)
+        if i % 2:
+            s.sendall(b"GET /probe HTTP/1.1\r\nHost: x\r\n")   # the head's end never comes
+        idle.append(s)
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{local_serve.http_port}/probe", timeout=30) as r:
+            assert r.read() == b"ok"
+        still_open = [s for s in idle if not _closed_by_peer(s)]
+        assert len(still_open) <= MAX_HTTP_CONNECTIONS
+        assert idle[0] not in still_open and idle[-1] in still_open   # the longest idle went first
+    finally:
+        for s in idle:
+            s.close()
+
+
+def _closed_by_peer(s: socket.socket, wait_s: float = 0.3) -> bool:
+    s.settimeout(wait_s)
+    try:
+        return s.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
 
 
 def test_exposure_warnings_report_a_wide_socket():

@@ -273,12 +273,14 @@ operator talks to the dashboard through that Service). */}}
 {{- end -}}
 
 {{/* Environment of every Ray container: Serve's proxies read RAY_SERVE_GRPC_MAX_MESSAGE_SIZE (send and receive
-limit of the gRPC proxy) and RAY_SERVE_PROXY_USE_GRPC (config.serve_transport: the proxy calls the ingress over
+limit of the gRPC proxy), HERD_HTTP_MAX_CONNECTIONS (limits.max_http_connections) and RAY_SERVE_PROXY_USE_GRPC (config.serve_transport: the proxy calls the ingress over
 Serve's gRPC transport) in the proxy process; then the user's `env`. */}}
 {{- define "herd.rayEnv" -}}
 {{- $limits := default (dict) .Values.config.limits -}}
 - name: RAY_SERVE_GRPC_MAX_MESSAGE_SIZE
   value: {{ int64 (default 8388608 $limits.max_grpc_message_bytes) | quote }}
+- name: HERD_HTTP_MAX_CONNECTIONS   # the HTTP proxy's connection cap (cluster.proxy_http_connections)
+  value: {{ int64 (default 10000 $limits.max_http_connections) | quote }}
 - name: RAY_SERVE_PROXY_USE_GRPC
   value: {{ eq (default "grpc" .Values.config.serve_transport) "grpc" | ternary "1" "0" | quote }}
 - name: HERD_SERVE_APPLICATION   # where Serve's proxies send calls to herd's services that name no application
