@@ -65,7 +65,7 @@ from benchmarks.bench_common import (BENCH_MODEL, AioTarget, LoopLag, ProcessCpu
                                      replica_counts, save_figure, serve_process_pids, start_herd,
                                      stream_summary, write_report)
 from cluster.cpu_binding import CPU_BINDING_MODES, DEFAULT_CPU_BINDING, DEFAULT_SERVING_CPUS, engine_threads
-from cluster.local_ray import DEFAULT_SERVE_TRANSPORT, SERVE_TRANSPORTS
+from cluster.local_ray import DEFAULT_SERVE_TRANSPORT, SERVE_TRANSPORTS, env_set
 
 CAPPED_MODEL = "bench-capped"
 CAPPED_LIMITS = {"max_num_seqs": 2, "max_queued_requests": 2, "serve_max_queued_requests": 2}
@@ -407,19 +407,6 @@ def git_commit() -> Optional[str]:
                               cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-@contextlib.contextmanager
-def env_set(name: str, value: str) -> Iterator[None]:
-    before = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = before
 
 
 # ---- the engine hop alone (--engine-hop-only) ------------------------------------------------------------------

@@ -95,8 +95,13 @@ class LimitsConfig(_Strict):
     max_slow_request_bodies: int = Field(16, ge=1, description=(
         "HTTP request bodies still arriving after slow_request_body_s, at once per ingress replica (429 over it)"))
     max_http_connections: int = Field(10_000, ge=1, description=(
-        "open HTTP connections per proxy, at most half its open-file limit (HERD_HTTP_MAX_CONNECTIONS on every Ray "
+        "open HTTP connections per proxy, at most 40% of its open-file limit (HERD_HTTP_MAX_CONNECTIONS on every Ray "
         "container); at the cap a new one closes the longest idle"))
+    max_grpc_connections: int = Field(10_000, ge=1, description=(
+        "open gRPC connections per proxy, at most 40% of its open-file limit (HERD_GRPC_MAX_CONNECTIONS on every "
+        "Ray container); past it a new one is closed at once"))
+    grpc_connection_idle_s: float = Field(300.0, ge=1, description=(
+        "seconds a gRPC connection with no call in flight stays open (HERD_GRPC_CONNECTION_IDLE_S)"))
     max_grpc_message_bytes: int = Field(8 << 20, ge=1024, description=(
         "gRPC message size of the proxies (RAY_SERVE_GRPC_MAX_MESSAGE_SIZE on every Ray container)"))
     max_request_id_chars: int = Field(128, ge=8, description="characters of a client request id")

@@ -34,7 +34,7 @@ import logging
 import os
 from typing import Any, Iterable, NamedTuple, Optional
 
-from cluster.proxy_http_connections import MAX_CONNECTIONS_ENV
+from cluster import grpc_proxy_connections, proxy_http_connections
 
 LOOPBACK = "127.0.0.1"
 # Read by the worker setup hook (set through the job's runtime_env env_vars).
@@ -63,13 +63,21 @@ def local_ray_options(cfg) -> dict[str, Any]:
     proxy's host, port, message limit and TLS, and Serve's transport. A reload keeps them (they are fixed once
     the local Ray runs: cluster.serve_reload)."""
     return {"grpc_max_message_bytes": cfg.limits.max_grpc_message_bytes,
-            "http_max_connections": cfg.limits.max_http_connections, "serve_grpc_host": cfg.host,
+            "proxy_connection_env": proxy_connection_env(cfg.limits), "serve_grpc_host": cfg.host,
             "serve_grpc_port": cfg.grpc_port, "serve_transport": cfg.serve_transport, "serve_grpc_tls": cfg.tls}
 
 
+def proxy_connection_env(limits) -> dict[str, str]:
+    """The environment that carries the config's connection limits to Serve's proxies (limits: a LimitsConfig):
+    cluster.proxy_http_connections and cluster.grpc_proxy_connections read it in the proxy process."""
+    return {proxy_http_connections.MAX_CONNECTIONS_ENV: str(limits.max_http_connections),
+            grpc_proxy_connections.MAX_CONNECTIONS_ENV: str(limits.max_grpc_connections),
+            grpc_proxy_connections.IDLE_ENV: str(limits.grpc_connection_idle_s)}
+
+
 def start_local_ray(*, num_cpus: Optional[float] = None, include_dashboard: bool = True,
-                    grpc_max_message_bytes: Optional[int] = None, http_max_connections: Optional[int] = None,
-                    serve_grpc_host: str = LOOPBACK,
+                    grpc_max_message_bytes: Optional[int] = None,
+                    proxy_connection_env: Optional[dict[str, str]] = None, serve_grpc_host: str = LOOPBACK,
                     serve_grpc_port: Optional[int] = None, log_to_driver: bool = True,
                     namespace: Optional[str] = None, logging_level: int = logging.INFO,
                     serve_transport: str = DEFAULT_SERVE_TRANSPORT, serve_grpc_tls: Any = None) -> None:
@@ -77,8 +85,9 @@ def start_local_ray(*, num_cpus: Optional[float] = None, include_dashboard: bool
 
     serve_grpc_host/port: where Serve's gRPC proxy is to listen (the cluster config's host and grpc_port);
     without a port every wildcard bind in a worker goes to loopback. grpc_max_message_bytes: the gRPC proxy's
-    message size limit (Serve's default is 2 GiB). http_max_connections: the HTTP proxy's connection cap
-    (cluster.proxy_http_connections). The dashboard, when included, is on 127.0.0.1:8265 (or the
+    message size limit (Serve's default is 2 GiB). proxy_connection_env: the proxies' connection limits
+    (proxy_connection_env(); their defaults without it), which the workers of this Ray apply to Serve's gRPC
+    proxy from RAY_preload_python_modules (cluster.grpc_proxy_connections). The dashboard, when included, is on 127.0.0.1:8265 (or the
     next free port). log_to_driver / logging_level: ray.init's (False / WARNING keep Ray's and its workers'
     lines in the session's log files, off this process's terminal). serve_transport: the cluster config's
     (`grpc`: Serve's proxies call the ingress over gRPC). serve_grpc_tls: the config's `tls` (a TLSConfig or
@@ -104,11 +113,10 @@ def start_local_ray(*, num_cpus: Optional[float] = None, include_dashboard: bool
         env_vars[_GRPC_PORT_ENV] = str(serve_grpc_port)
     if grpc_max_message_bytes is not None:
         env_vars["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] = str(int(grpc_max_message_bytes))
-    if http_max_connections is not None:
-        env_vars[MAX_CONNECTIONS_ENV] = str(int(http_max_connections))
+    env_vars.update(proxy_connection_env or {})
     # Ray replaces a loopback _node_ip_address by the external address when clusters are enabled (Linux);
     # with the node address really 127.0.0.1, every Ray process binds loopback.
-    with _loopback_addresses_kept(), _token_notice_quiet():
+    with _loopback_addresses_kept(), _token_notice_quiet(), _workers_preload():
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=include_dashboard,
                  dashboard_host=LOOPBACK, _node_ip_address=LOOPBACK, namespace=namespace,
                  log_to_driver=log_to_driver, logging_level=logging_level,
@@ -117,6 +125,27 @@ def start_local_ray(*, num_cpus: Optional[float] = None, include_dashboard: bool
     from cluster.background_priority import lower_background_priority
 
     lower_background_priority()
+
+
+def _workers_preload():
+    """While inside, a Ray started here has its workers import cluster.grpc_proxy_preload before they take work
+    (the raylet reads RAY_preload_python_modules when it starts; the driver's environment is restored after)."""
+    name = grpc_proxy_connections.PRELOAD_ENV
+    return env_set(name, grpc_proxy_connections.with_preload(os.environ.get(name)))
+
+
+@contextlib.contextmanager
+def env_set(name: str, value: str):
+    """While inside, this process's environment has `name` set to `value`; as it was after."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 @contextlib.contextmanager

@@ -12,8 +12,8 @@ client let go.
 `install_http_connection_limits`, run in each proxy process, bounds both:
 - a connection with no request in flight (new, idle after a response, or with a request head still
   arriving) is closed `keep_alive_timeout_s` after it became so: uvicorn's own rule, applied from the start;
-- at most `HERD_HTTP_MAX_CONNECTIONS` connections are open (default 10,000, and never more than half the
-  process's file-descriptor limit, which the gRPC proxy and Ray's own sockets share): a connection that opens
+- at most `HERD_HTTP_MAX_CONNECTIONS` connections are open (default 10,000, and never more than two fifths of
+  the process's file-descriptor limit, which the gRPC proxy and Ray's own sockets share): a connection that opens
   at the cap closes the one that has had no request in flight the longest, and is itself closed when every
   other connection has a request in flight. A request in flight is never cut (its body's pace is
   cluster.request_body's bound), and a new client that sends its request at once is the last one eviction
@@ -41,6 +41,8 @@ from typing import Any, Callable, Optional
 
 MAX_CONNECTIONS_ENV = "HERD_HTTP_MAX_CONNECTIONS"
 DEFAULT_MAX_CONNECTIONS = 10_000
+# Of the proxy process's open-file limit, what each proxy's connections may take (HTTP and gRPC: 80% together).
+OPEN_FILES_SHARE = 0.4
 # How often connections idle past their keep-alive are looked for.
 SWEEP_PERIOD_S = 1.0
 # At most one log line a minute says how many connections the limits closed.
@@ -139,14 +141,21 @@ class ConnectionLimits:
 
 
 def max_connections_from_env(environ=os.environ) -> int:
-    """The cap: HERD_HTTP_MAX_CONNECTIONS (default 10,000), at most half this process's open-file limit."""
-    configured = int(environ.get(MAX_CONNECTIONS_ENV) or DEFAULT_MAX_CONNECTIONS)
+    """The cap: HERD_HTTP_MAX_CONNECTIONS (default 10,000), at most OPEN_FILES_SHARE of the open-file limit."""
+    return within_open_files(int(environ.get(MAX_CONNECTIONS_ENV) or DEFAULT_MAX_CONNECTIONS), MAX_CONNECTIONS_ENV)
+
+
+def within_open_files(configured: int, name: str) -> int:
+    """`configured` connections, or OPEN_FILES_SHARE of this process's open-file limit if that is less: the
+    HTTP and the gRPC proxy (cluster.grpc_proxy_connections) share the process with each other and with Ray's
+    own sockets, so neither cap may let one of them take every descriptor."""
     soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and configured > soft // 2:
-        logger.warning("herd: %s=%d is over half this process's open-file limit (%d): the HTTP proxy holds at "
-                       "most %d connections", MAX_CONNECTIONS_ENV, configured, soft, soft // 2)
-        return max(1, soft // 2)
-    return configured
+    if soft == resource.RLIM_INFINITY or configured <= int(soft * OPEN_FILES_SHARE):
+        return configured
+    bounded = max(1, int(soft * OPEN_FILES_SHARE))
+    logger.info("herd: %s=%d is over %d%% of this process's open-file limit (%d): the proxy holds at most %d "
+                "connections", name, configured, round(OPEN_FILES_SHARE * 100), soft, bounded)
+    return bounded
 
 
 _limits: Optional[ConnectionLimits] = None

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import base64
+import importlib
 import json
 import math
 import re
@@ -463,6 +464,11 @@ def test_secure_defaults(helm, tmp_path):
         assert env["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] == str(cfg.limits.max_grpc_message_bytes) == "8388608"
         # The HTTP proxy's connection cap (cluster.proxy_http_connections), from the same config.
         assert env["HERD_HTTP_MAX_CONNECTIONS"] == str(cfg.limits.max_http_connections) == "10000"
+        # The gRPC proxy's, applied by the module every Ray worker preloads (cluster.grpc_proxy_connections).
+        assert env["HERD_GRPC_MAX_CONNECTIONS"] == str(cfg.limits.max_grpc_connections) == "10000"
+        assert float(env["HERD_GRPC_CONNECTION_IDLE_S"]) == cfg.limits.grpc_connection_idle_s == 300
+        assert env["RAY_preload_python_modules"] == "cluster.grpc_proxy_preload"
+        importlib.import_module(env["RAY_preload_python_modules"])
         # The proxy calls the ingress over Serve's gRPC transport, as cluster.local_ray sets it for herd serve.
         assert cfg.serve_transport == "grpc" and env["RAY_SERVE_PROXY_USE_GRPC"] == "1"
         # Calls to herd's services that name no application (probes) go to the chart's application.
@@ -521,9 +527,12 @@ def test_secure_defaults_can_be_turned_off(helm, tmp_path):
                  lambda docs: ({"name": "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", "value": "1048576"} in _head(docs)["env"]
                                and _cfg(docs).limits.max_grpc_message_bytes == 1048576
                                and _cfg(docs).limits.max_chat_messages == 512), id="grpc-message-limit"),
-    pytest.param({"config": {"limits": {"max_http_connections": 2000}}},
+    pytest.param({"config": {"limits": {"max_http_connections": 2000, "max_grpc_connections": 3000,
+                                        "grpc_connection_idle_s": 45.5}}},
                  lambda docs: ({"name": "HERD_HTTP_MAX_CONNECTIONS", "value": "2000"} in _head(docs)["env"]
-                               and _cfg(docs).limits.max_http_connections == 2000), id="http-connection-cap"),
+                               and {"name": "HERD_GRPC_MAX_CONNECTIONS", "value": "3000"} in _head(docs)["env"]
+                               and {"name": "HERD_GRPC_CONNECTION_IDLE_S", "value": "45.5"} in _head(docs)["env"]
+                               and _cfg(docs).limits.max_grpc_connections == 3000), id="connection-limits"),
     pytest.param({"gracefulShutdown": {"preStopDelaySeconds": 0, "marginSeconds": 0},
                   "models": [{"name": "m", "source": {"huggingface": "a/b"}, "resources_per_shard": {"GPU": 1},
                               "graceful_shutdown_timeout_s": 12.5}]},

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import urllib.request
 
 import grpc
@@ -17,6 +18,12 @@ from tests.serve_fixtures import free_port, stop_herd_cluster
 
 MAX_GRPC_MESSAGE = 1 << 20
 MAX_HTTP_CONNECTIONS = 32
+MAX_GRPC_CONNECTIONS = 16
+GRPC_CONNECTION_IDLE_S = 4
+# What a client that means to hold a gRPC connection without a call sends: HTTP/2's preface, its settings
+# (none) and the acknowledgement of the server's.
+HTTP2_PREFACE = (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+                 + b"\x00\x00\x00\x04\x01\x00\x00\x00\x00")
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +36,9 @@ def local_serve():
 
     cfg = ClusterConfig.from_dict({"host": "127.0.0.1", "grpc_port": free_port(), "http_port": free_port(),
                                    "limits": {"max_grpc_message_bytes": MAX_GRPC_MESSAGE,
-                                              "max_http_connections": MAX_HTTP_CONNECTIONS},
+                                              "max_http_connections": MAX_HTTP_CONNECTIONS,
+                                              "max_grpc_connections": MAX_GRPC_CONNECTIONS,
+                                              "grpc_connection_idle_s": GRPC_CONNECTION_IDLE_S},
                                    "models": [{"name": "m", "path": "/nonexistent"}]})
     start_local_ray(num_cpus=2, include_dashboard=True, **local_ray_options(cfg), log_to_driver=False,
                     namespace="herd-local-ray-test")
@@ -134,10 +143,43 @@ def test_idle_http_connections_cannot_take_the_proxy(local_serve):
             s.close()
 
 
+@pytest.mark.slow
+def test_idle_grpc_connections_are_capped_and_closed(local_serve):
+    """Serve's gRPC proxy kept every connection that finished its HTTP/2 handshake and made no call, with no
+    cap, until they took every file descriptor of the proxy process (cluster/grpc_proxy_connections.py). With
+    limits.max_grpc_connections gRPC closes a connection past the cap at once, and with
+    limits.grpc_connection_idle_s the idle ones are closed after it; then a new client is served."""
+    from ray.serve.generated import serve_pb2, serve_pb2_grpc
+
+    held = []
+    for _ in range(3 * MAX_GRPC_CONNECTIONS):
+        s = socket.create_connection(("127.0.0.1", local_serve.grpc_port), timeout=30)
+        s.sendall(HTTP2_PREFACE)
+        held.append(s)
+    try:
+        time.sleep(1)
+        assert len([s for s in held if not _closed_by_peer(s)]) <= MAX_GRPC_CONNECTIONS
+        with urllib.request.urlopen(f"http://127.0.0.1:{local_serve.http_port}/probe", timeout=30) as r:
+            assert r.read() == b"ok"                                  # the HTTP proxy is untouched
+        deadline = time.monotonic() + GRPC_CONNECTION_IDLE_S + 10
+        while any(not _closed_by_peer(s, 0.05) for s in held):
+            assert time.monotonic() < deadline, "idle gRPC connections were not closed"
+            time.sleep(0.5)
+        with grpc.insecure_channel(f"127.0.0.1:{local_serve.grpc_port}") as channel:
+            reply = serve_pb2_grpc.RayServeAPIServiceStub(channel).Healthz(serve_pb2.HealthzRequest(), timeout=30)
+            assert reply.message == "success"
+    finally:
+        for s in held:
+            s.close()
+
+
 def _closed_by_peer(s: socket.socket, wait_s: float = 0.3) -> bool:
+    """Has the server closed `s` (EOF or reset)? What it sent before (settings, GOAWAY) is read and dropped."""
     s.settimeout(wait_s)
     try:
-        return s.recv(1) == b""
+        while True:
+            if not s.recv(65536):
+                return True
     except ConnectionResetError:
         return True
     except socket.timeout:

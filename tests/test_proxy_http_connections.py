@@ -129,13 +129,13 @@ def test_at_the_cap_requests_in_flight_are_never_cut_and_a_new_connection_is_ref
     assert limits.refused == 1 and limits.evicted == 0
 
 
-def test_the_cap_is_read_from_the_environment_and_kept_under_half_the_open_file_limit(monkeypatch):
+def test_the_cap_is_read_from_the_environment_and_kept_within_its_share_of_open_files(monkeypatch):
     import resource
 
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    assert max_connections_from_env({}) == min(proxy_http_connections.DEFAULT_MAX_CONNECTIONS, soft // 2)
+    share = int(resource.getrlimit(resource.RLIMIT_NOFILE)[0] * proxy_http_connections.OPEN_FILES_SHARE)
+    assert max_connections_from_env({}) == min(proxy_http_connections.DEFAULT_MAX_CONNECTIONS, share)
     assert max_connections_from_env({"HERD_HTTP_MAX_CONNECTIONS": "7"}) == 7
-    assert max_connections_from_env({"HERD_HTTP_MAX_CONNECTIONS": str(soft)}) == soft // 2
+    assert max_connections_from_env({"HERD_HTTP_MAX_CONNECTIONS": str(10 * share)}) == share
 
 
 def test_eviction_skips_connections_that_started_a_request_since_they_were_idle():
