@@ -97,6 +97,8 @@ class LimitsConfig(_Strict):
     max_http_connections: int = Field(10_000, ge=1, description=(
         "open HTTP connections per proxy, at most 40% of its open-file limit (HERD_HTTP_MAX_CONNECTIONS on every Ray "
         "container); at the cap a new one closes the longest idle"))
+    max_http_header_bytes: int = Field(64 << 10, ge=1024, description=(
+        "HTTP request line and headers (431 over it; HERD_HTTP_MAX_HEADER_BYTES on every Ray container)"))
     max_grpc_connections: int = Field(10_000, ge=1, description=(
         "open gRPC connections per proxy, at most 40% of its open-file limit (HERD_GRPC_MAX_CONNECTIONS on every "
         "Ray container); past it a new one is closed at once"))

@@ -71,6 +71,7 @@ def proxy_connection_env(limits) -> dict[str, str]:
     """The environment that carries the config's connection limits to Serve's proxies (limits: a LimitsConfig):
     cluster.proxy_http_connections and cluster.grpc_proxy_connections read it in the proxy process."""
     return {proxy_http_connections.MAX_CONNECTIONS_ENV: str(limits.max_http_connections),
+            proxy_http_connections.MAX_HEAD_BYTES_ENV: str(limits.max_http_header_bytes),
             grpc_proxy_connections.MAX_CONNECTIONS_ENV: str(limits.max_grpc_connections),
             grpc_proxy_connections.IDLE_ENV: str(limits.grpc_connection_idle_s)}
 

@@ -464,6 +464,7 @@ def test_secure_defaults(helm, tmp_path):
         assert env["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] == str(cfg.limits.max_grpc_message_bytes) == "8388608"
         # The HTTP proxy's connection cap (cluster.proxy_http_connections), from the same config.
         assert env["HERD_HTTP_MAX_CONNECTIONS"] == str(cfg.limits.max_http_connections) == "10000"
+        assert env["HERD_HTTP_MAX_HEADER_BYTES"] == str(cfg.limits.max_http_header_bytes) == "65536"
         # The gRPC proxy's, applied by the module every Ray worker preloads (cluster.grpc_proxy_connections).
         assert env["HERD_GRPC_MAX_CONNECTIONS"] == str(cfg.limits.max_grpc_connections) == "10000"
         assert float(env["HERD_GRPC_CONNECTION_IDLE_S"]) == cfg.limits.grpc_connection_idle_s == 300
@@ -528,8 +529,9 @@ def test_secure_defaults_can_be_turned_off(helm, tmp_path):
                                and _cfg(docs).limits.max_grpc_message_bytes == 1048576
                                and _cfg(docs).limits.max_chat_messages == 512), id="grpc-message-limit"),
     pytest.param({"config": {"limits": {"max_http_connections": 2000, "max_grpc_connections": 3000,
-                                        "grpc_connection_idle_s": 45.5}}},
+                                        "grpc_connection_idle_s": 45.5, "max_http_header_bytes": 4096}}},
                  lambda docs: ({"name": "HERD_HTTP_MAX_CONNECTIONS", "value": "2000"} in _head(docs)["env"]
+                               and {"name": "HERD_HTTP_MAX_HEADER_BYTES", "value": "4096"} in _head(docs)["env"]
                                and {"name": "HERD_GRPC_MAX_CONNECTIONS", "value": "3000"} in _head(docs)["env"]
                                and {"name": "HERD_GRPC_CONNECTION_IDLE_S", "value": "45.5"} in _head(docs)["env"]
                                and _cfg(docs).limits.max_grpc_connections == 3000), id="connection-limits"),

@@ -18,6 +18,7 @@ from tests.serve_fixtures import free_port, stop_herd_cluster
 
 MAX_GRPC_MESSAGE = 1 << 20
 MAX_HTTP_CONNECTIONS = 32
+MAX_HTTP_HEADER_BYTES = 4096
 MAX_GRPC_CONNECTIONS = 16
 GRPC_CONNECTION_IDLE_S = 4
 # What a client that means to hold a gRPC connection without a call sends: HTTP/2's preface, its settings
@@ -37,6 +38,7 @@ def local_serve():
     cfg = ClusterConfig.from_dict({"host": "127.0.0.1", "grpc_port": free_port(), "http_port": free_port(),
                                    "limits": {"max_grpc_message_bytes": MAX_GRPC_MESSAGE,
                                               "max_http_connections": MAX_HTTP_CONNECTIONS,
+                                              "max_http_header_bytes": MAX_HTTP_HEADER_BYTES,
                                               "max_grpc_connections": MAX_GRPC_CONNECTIONS,
                                               "grpc_connection_idle_s": GRPC_CONNECTION_IDLE_S},
                                    "models": [{"name": "m", "path": "/nonexistent"}]})
@@ -141,6 +143,20 @@ def test_idle_http_connections_cannot_take_the_proxy(local_serve):
     finally:
         for s in idle:
             s.close()
+
+
+@pytest.mark.slow
+def test_a_request_head_past_its_bound_is_refused_431(local_serve):
+    """uvicorn's httptools parser kept a header line that never ended, whatever its size; the proxy now answers
+    431 past limits.max_http_header_bytes and closes the connection. A head within it is served."""
+    with socket.create_connection(("127.0.0.1", local_serve.http_port), timeout=30) as s:
+        s.sendall(b"GET /probe HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * MAX_HTTP_HEADER_BYTES)
+        assert s.recv(65536).startswith(b"HTTP/1.1 431 ")
+        assert _closed_by_peer(s, 10)
+    request = urllib.request.Request(f"http://127.0.0.1:{local_serve.http_port}/probe",
+                                     headers={"X-Fine": "a" * (MAX_HTTP_HEADER_BYTES // 2)})
+    with urllib.request.urlopen(request, timeout=30) as r:
+        assert r.read() == b"ok"
 
 
 @pytest.mark.slow

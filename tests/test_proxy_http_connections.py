@@ -23,11 +23,16 @@ KEEP_ALIVE_S = 1
 CAP = 6
 # /slow's response takes this long: its connection has a request in flight all that while.
 SLOW_S = 3.0
+# Under h11's own bound (16 KiB), so both protocols meet this one.
+HEAD_BYTES = 8192
 
 
 async def app(scope, receive, send):
     if scope["type"] != "http":
         return
+    more = True
+    while more:                                    # the whole body first
+        more = (await receive()).get("more_body", False)
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
     if scope["path"] == "/slow":
         await asyncio.sleep(SLOW_S)
@@ -37,7 +42,7 @@ async def app(scope, receive, send):
 @pytest.fixture(params=["httptools", "h11"])
 def server(request, monkeypatch):
     """A uvicorn server on its own thread, with the limits installed (cap CAP, keep-alive 1 s)."""
-    limits = ConnectionLimits(CAP)
+    limits = ConnectionLimits(CAP, max_head_bytes=HEAD_BYTES)
     monkeypatch.setattr(proxy_http_connections, "_limits", None)
     install_http_connection_limits(limits=limits)
     port = free_port()
@@ -127,6 +132,29 @@ def test_at_the_cap_requests_in_flight_are_never_cut_and_a_new_connection_is_ref
     assert closed_by_server(late, 2)
     assert all(response(s, SLOW_S + 5).startswith(b"HTTP/1.1 200") for s in busy)
     assert limits.refused == 1 and limits.evicted == 0
+
+
+def test_a_request_head_past_its_bound_is_refused_and_a_large_body_is_not(server):
+    port, limits = server
+    endless = connect(port)
+    endless.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: ")
+    with pytest.raises((ConnectionResetError, BrokenPipeError)):
+        for _ in range(1000):                      # 4 MiB, if the server went on reading
+            endless.sendall(b"a" * 4096)
+            time.sleep(0.001)
+    assert limits.oversized == 1
+    over = connect(port)                           # past the bound, then it waits: it reads the answer
+    over.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (HEAD_BYTES + 1))
+    over.settimeout(10)
+    assert over.recv(65536).startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n")
+    assert closed_by_server(over, 5) and limits.oversized == 2
+    within = connect(port)
+    within.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Fine: " + b"a" * (HEAD_BYTES // 2) + b"\r\n\r\n")
+    assert response(within).startswith(b"HTTP/1.1 200")
+    body = b"b" * (1 << 20)                       # a head and a large body in one send: the body never counts
+    within.sendall(b"POST / HTTP/1.1\r\nHost: x\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
+    assert response(within).startswith(b"HTTP/1.1 200")
+    assert limits.oversized == 2
 
 
 def test_the_cap_is_read_from_the_environment_and_kept_within_its_share_of_open_files(monkeypatch):

@@ -273,7 +273,7 @@ operator talks to the dashboard through that Service). */}}
 {{- end -}}
 
 {{/* Environment of every Ray container: Serve's proxies read RAY_SERVE_GRPC_MAX_MESSAGE_SIZE (send and receive
-limit of the gRPC proxy), HERD_HTTP_MAX_CONNECTIONS (limits.max_http_connections), HERD_GRPC_MAX_CONNECTIONS / HERD_GRPC_CONNECTION_IDLE_S
+limit of the gRPC proxy), HERD_HTTP_MAX_CONNECTIONS / HERD_HTTP_MAX_HEADER_BYTES (limits.max_http_connections / max_http_header_bytes), HERD_GRPC_MAX_CONNECTIONS / HERD_GRPC_CONNECTION_IDLE_S
 (with RAY_preload_python_modules, which applies them to the gRPC proxy) and RAY_SERVE_PROXY_USE_GRPC (config.serve_transport: the proxy calls the ingress over
 Serve's gRPC transport) in the proxy process; then the user's `env`. */}}
 {{- define "herd.rayEnv" -}}
@@ -282,6 +282,8 @@ Serve's gRPC transport) in the proxy process; then the user's `env`. */}}
   value: {{ int64 (default 8388608 $limits.max_grpc_message_bytes) | quote }}
 - name: HERD_HTTP_MAX_CONNECTIONS   # the HTTP proxy's connection cap (cluster.proxy_http_connections)
   value: {{ int64 (default 10000 $limits.max_http_connections) | quote }}
+- name: HERD_HTTP_MAX_HEADER_BYTES   # the HTTP proxy's bound on a request head (431 over it)
+  value: {{ int64 (default 65536 $limits.max_http_header_bytes) | quote }}
 - name: HERD_GRPC_MAX_CONNECTIONS   # the gRPC proxy's connection cap and idle timeout (cluster.grpc_proxy_connections)
   value: {{ int64 (default 10000 $limits.max_grpc_connections) | quote }}
 - name: HERD_GRPC_CONNECTION_IDLE_S
