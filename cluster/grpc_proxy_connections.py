@@ -7,8 +7,8 @@ asked for) were kept until the client let go; they took every file descriptor of
 HTTP proxy, which runs in the same process, and gRPC both stopped answering. (Connections that never finish the
 handshake are gRPC's handshake timeout's: the proxy recovered from those by itself.)
 
-Installed in a Ray worker before it takes work (cluster.grpc_proxy_preload), `install` adds two of gRPC's own options to Serve's gRPC
-proxy server when that worker builds one:
+Installed in a Ray worker before it takes work (cluster.grpc_proxy_preload), `install` adds two of gRPC's own
+options to Serve's gRPC proxy server when that worker builds one:
 - `grpc.max_allowed_incoming_connections`: `HERD_GRPC_MAX_CONNECTIONS` (default 10,000, at most 40% of the
   process's open-file limit: cluster.proxy_http_connections.within_open_files). gRPC closes a connection
   that opens past it at once; clients see UNAVAILABLE and retry.

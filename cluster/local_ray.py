@@ -88,8 +88,8 @@ def start_local_ray(*, num_cpus: Optional[float] = None, include_dashboard: bool
     without a port every wildcard bind in a worker goes to loopback. grpc_max_message_bytes: the gRPC proxy's
     message size limit (Serve's default is 2 GiB). proxy_connection_env: the proxies' connection limits
     (proxy_connection_env(); their defaults without it), which the workers of this Ray apply to Serve's gRPC
-    proxy from RAY_preload_python_modules (cluster.grpc_proxy_connections). The dashboard, when included, is on 127.0.0.1:8265 (or the
-    next free port). log_to_driver / logging_level: ray.init's (False / WARNING keep Ray's and its workers'
+    proxy from RAY_preload_python_modules (cluster.grpc_proxy_connections). The dashboard, when included, is on
+    127.0.0.1:8265 (or the next free port). log_to_driver / logging_level: ray.init's (False / WARNING keep Ray's and its workers'
     lines in the session's log files, off this process's terminal). serve_transport: the cluster config's
     (`grpc`: Serve's proxies call the ingress over gRPC). serve_grpc_tls: the config's `tls` (a TLSConfig or
     None): the gRPC proxy's port serves TLS with its certificate and key (needs serve_grpc_port). Ray's
