@@ -13,6 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from cluster import grpc_proxy_connections
 from cluster.grpc_proxy_connections import install, proxy_server_options, with_preload
+from tests.raw_sockets import closed_by_server
 
 HTTP2_PREFACE = (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
                  + b"\x00\x00\x00\x04\x01\x00\x00\x00\x00")
@@ -34,20 +35,6 @@ def test_preload_keeps_the_modules_already_named():
     assert with_preload("cluster.grpc_proxy_preload,a") == "cluster.grpc_proxy_preload,a"
 
 
-def _still_open(sockets: list[socket.socket]) -> int:
-    count = 0
-    for s in sockets:
-        s.settimeout(0.1)
-        try:
-            while s.recv(65536):
-                pass
-        except socket.timeout:
-            count += 1
-        except ConnectionResetError:
-            pass
-    return count
-
-
 async def _held_connections(server_class, monkeypatch, connections: int) -> int:
     """How many of `connections` idle HTTP/2 connections a server of `server_class` holds, with a cap of 3."""
     monkeypatch.setenv("HERD_GRPC_MAX_CONNECTIONS", "3")
@@ -63,7 +50,7 @@ async def _held_connections(server_class, monkeypatch, connections: int) -> int:
                 s.sendall(HTTP2_PREFACE)
             time.sleep(0.5)
             try:
-                return _still_open(held)
+                return sum(not closed_by_server(s, 0.1) for s in held)
             finally:
                 for s in held:
                     s.close()

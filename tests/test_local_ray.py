@@ -14,6 +14,7 @@ import pytest
 from cluster.local_ray import (_covered, _rebind, exposure_warnings, is_loopback_ip, listening_sockets,
                                listening_sockets_outside_loopback, local_ray_options, ray_session_pids,
                                start_local_ray)
+from tests.raw_sockets import closed_by_server
 from tests.serve_fixtures import free_port, stop_herd_cluster
 
 MAX_GRPC_MESSAGE = 1 << 20
@@ -137,7 +138,7 @@ def test_idle_http_connections_cannot_take_the_proxy(local_serve):
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{local_serve.http_port}/probe", timeout=30) as r:
             assert r.read() == b"ok"
-        still_open = [s for s in idle if not _closed_by_peer(s)]
+        still_open = [s for s in idle if not closed_by_server(s, 0.3)]
         assert len(still_open) <= MAX_HTTP_CONNECTIONS
         assert idle[0] not in still_open and idle[-1] in still_open   # the longest idle went first
     finally:
@@ -152,7 +153,7 @@ def test_a_request_head_past_its_bound_is_refused_431(local_serve):
     with socket.create_connection(("127.0.0.1", local_serve.http_port), timeout=30) as s:
         s.sendall(b"GET /probe HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * MAX_HTTP_HEADER_BYTES)
         assert s.recv(65536).startswith(b"HTTP/1.1 431 ")
-        assert _closed_by_peer(s, 10)
+        assert closed_by_server(s, 10)
     request = urllib.request.Request(f"http://127.0.0.1:{local_serve.http_port}/probe",
                                      headers={"X-Fine": "a" * (MAX_HTTP_HEADER_BYTES // 2)})
     with urllib.request.urlopen(request, timeout=30) as r:
@@ -174,11 +175,11 @@ def test_idle_grpc_connections_are_capped_and_closed(local_serve):
         held.append(s)
     try:
         time.sleep(1)
-        assert len([s for s in held if not _closed_by_peer(s)]) <= MAX_GRPC_CONNECTIONS
+        assert len([s for s in held if not closed_by_server(s, 0.3)]) <= MAX_GRPC_CONNECTIONS
         with urllib.request.urlopen(f"http://127.0.0.1:{local_serve.http_port}/probe", timeout=30) as r:
             assert r.read() == b"ok"                                  # the HTTP proxy is untouched
         deadline = time.monotonic() + GRPC_CONNECTION_IDLE_S + 10
-        while any(not _closed_by_peer(s, 0.05) for s in held):
+        while any(not closed_by_server(s, 0.05) for s in held):
             assert time.monotonic() < deadline, "idle gRPC connections were not closed"
             time.sleep(0.5)
         with grpc.insecure_channel(f"127.0.0.1:{local_serve.grpc_port}") as channel:
@@ -187,19 +188,6 @@ def test_idle_grpc_connections_are_capped_and_closed(local_serve):
     finally:
         for s in held:
             s.close()
-
-
-def _closed_by_peer(s: socket.socket, wait_s: float = 0.3) -> bool:
-    """Has the server closed `s` (EOF or reset)? What it sent before (settings, GOAWAY) is read and dropped."""
-    s.settimeout(wait_s)
-    try:
-        while True:
-            if not s.recv(65536):
-                return True
-    except ConnectionResetError:
-        return True
-    except socket.timeout:
-        return False
 
 
 def test_exposure_warnings_report_a_wide_socket():

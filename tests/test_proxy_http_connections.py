@@ -17,6 +17,7 @@ import uvicorn
 
 from cluster import proxy_http_connections
 from cluster.proxy_http_connections import ConnectionLimits, install_http_connection_limits, max_connections_from_env
+from tests.raw_sockets import closed_by_server
 from tests.serve_fixtures import free_port
 
 KEEP_ALIVE_S = 1
@@ -62,19 +63,6 @@ def server(request, monkeypatch):
 def connect(port: int) -> socket.socket:
     s = socket.create_connection(("127.0.0.1", port), timeout=10)
     return s
-
-
-def closed_by_server(s: socket.socket, within_s: float) -> bool:
-    """Does the server close `s` (EOF or reset) within `within_s`? Reads whatever a response sent first."""
-    s.settimeout(within_s)
-    try:
-        while True:
-            if not s.recv(65536):
-                return True
-    except ConnectionResetError:
-        return True
-    except socket.timeout:
-        return False
 
 
 def request(s: socket.socket, path: str = "/") -> None:
