@@ -43,7 +43,7 @@ from typing import Any, AsyncIterator, Optional, Union
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.chat_tools import ChatTools
@@ -78,27 +78,29 @@ def _sampling_field_names() -> frozenset[str]:
 # ---- request bodies ------------------------------------------------------------------------------------
 class _SamplingFields(BaseModel):
     model_config = ConfigDict(extra="allow")  # kept, so UNSUPPORTED_FIELDS can be refused by name
+    # Numbers and flags are strict, as OpenAI's are: pydantic would read `"max_tokens": true` as 1, "3" as 3 and
+    # `"stream": "yes"` as true. (A float field still takes an integer.)
 
     model: str
-    max_tokens: Optional[int] = None
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
-    n: Optional[int] = None
-    stream: bool = False
+    max_tokens: Optional[StrictInt] = None
+    temperature: Optional[StrictFloat] = None
+    top_p: Optional[StrictFloat] = None
+    n: Optional[StrictInt] = None
+    stream: StrictBool = False
     stream_options: Optional[dict[str, Any]] = None
     stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = None
-    presence_penalty: Optional[float] = None
-    frequency_penalty: Optional[float] = None
+    seed: Optional[StrictInt] = None
+    presence_penalty: Optional[StrictFloat] = None
+    frequency_penalty: Optional[StrictFloat] = None
     user: Optional[str] = None
     # vLLM-style extras
-    top_k: Optional[int] = None
-    min_p: Optional[float] = None
-    repetition_penalty: Optional[float] = None
-    ignore_eos: Optional[bool] = None
-    stop_token_ids: Optional[list[int]] = None
-    logit_bias: Optional[dict[str, float]] = None
-    prompt_logprobs: Optional[int] = None
+    top_k: Optional[StrictInt] = None
+    min_p: Optional[StrictFloat] = None
+    repetition_penalty: Optional[StrictFloat] = None
+    ignore_eos: Optional[StrictBool] = None
+    stop_token_ids: Optional[list[StrictInt]] = None
+    logit_bias: Optional[dict[str, StrictFloat]] = None
+    prompt_logprobs: Optional[StrictInt] = None
     # structured outputs
     response_format: Optional[dict[str, Any]] = None
     structured_outputs: Optional[dict[str, Any]] = None
@@ -181,10 +183,10 @@ class _SamplingFields(BaseModel):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
-    logprobs: Optional[int] = None
-    echo: bool = False
-    best_of: Optional[int] = None
+    prompt: Union[str, list[str], list[StrictInt], list[list[StrictInt]]]
+    logprobs: Optional[StrictInt] = None
+    echo: StrictBool = False
+    best_of: Optional[StrictInt] = None
     suffix: Optional[str] = None
 
 
@@ -225,9 +227,9 @@ class ChatMessageIn(BaseModel):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessageIn] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = None
-    logprobs: bool = False
-    top_logprobs: Optional[int] = None
+    max_completion_tokens: Optional[StrictInt] = None
+    logprobs: StrictBool = False
+    top_logprobs: Optional[StrictInt] = None
     tools: Optional[list[dict[str, Any]]] = None
     tool_choice: Optional[Union[str, dict[str, Any]]] = None
     parallel_tool_calls: Optional[bool] = None  # accepted: an answer may hold several calls either way

@@ -210,6 +210,31 @@ def test_openai_structured_output_errors_name_the_field(extra, field):
     assert e.value.field == field and e.value.message.startswith(field)
 
 
+@pytest.mark.parametrize("field, value", [
+    ("max_tokens", True), ("max_tokens", "8"), ("n", 2.0), ("seed", False), ("temperature", True),
+    ("top_p", "0.5"), ("stream", "yes"), ("echo", 1), ("stop_token_ids", [True]), ("logit_bias", {"5": True}),
+    ("prompt", [True, 2]), ("logprobs", True),
+])
+def test_openai_numbers_and_flags_are_strict_as_openais(field, value):
+    """pydantic's lax mode read `"max_tokens": true` as 1, "8" as 8 and "yes" as true; OpenAI refuses them."""
+    from pydantic import ValidationError
+
+    from cluster.openai_http import CompletionRequest
+
+    with pytest.raises(ValidationError) as e:
+        CompletionRequest.model_validate({"model": "m", "prompt": "hi", field: value})
+    assert {err["loc"][0] for err in e.value.errors()} == {field}
+
+
+def test_openai_float_fields_still_take_integers():
+    from cluster.openai_http import ChatCompletionRequest
+
+    req = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                                                "temperature": 1, "logit_bias": {"5": -100}, "logprobs": True,
+                                                "top_logprobs": 2})
+    assert req.temperature == 1.0 and req.logit_bias == {"5": -100.0} and req.logprobs is True
+
+
 def test_errors_are_renamed_to_the_clients_field_names():
     err = ApiError.invalid("structured.json_schema", "bad schema")
     renamed = err.renamed({"structured": "response_format.json_schema.schema"})
