@@ -33,6 +33,13 @@ def test_a_start_that_times_out_is_retried_and_its_processes_are_ended():
             p.wait()
 
 
+def test_a_gcs_that_does_not_publish_its_port_is_a_startup_failure():
+    from tests.ray_start import is_startup_failure
+
+    assert is_startup_failure(RuntimeError("Timed out waiting for file /tmp/ray/session_x/gcs_server_port_ab12"))
+    assert not is_startup_failure(RuntimeError("Failed to bind to address '127.0.0.1:9000'."))
+
+
 def test_other_errors_and_a_second_timeout_are_raised():
     calls = []
 
