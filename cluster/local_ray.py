@@ -22,7 +22,8 @@ What binds where in Ray 2.60 and what keeps it on 127.0.0.1 (observed with psuti
 - The proxy's gRPC receive (and send) limit is RAY_SERVE_GRPC_MAX_MESSAGE_SIZE, and whether it calls the ingress
   over Serve's gRPC transport is RAY_SERVE_PROXY_USE_GRPC (cluster config `serve_transport`), both read in the
   proxy process; they travel in the job's runtime_env env_vars (the driver's own environment is left alone),
-  as does the HTTP proxy's connection cap (HERD_HTTP_MAX_CONNECTIONS, cluster.proxy_http_connections).
+  as do the proxies' connection limits (proxy_connection_env: cluster.proxy_http_connections,
+  cluster.grpc_proxy_connections, which the workers install from RAY_preload_python_modules).
 
 This module is imported by every Ray worker of the session (the setup hook): keep its imports light.
 """
@@ -60,8 +61,8 @@ class Listener(NamedTuple):
 
 def local_ray_options(cfg) -> dict[str, Any]:
     """start_local_ray's options that a herd cluster config decides (cluster.config.ClusterConfig): the gRPC
-    proxy's host, port, message limit and TLS, and Serve's transport. A reload keeps them (they are fixed once
-    the local Ray runs: cluster.serve_reload)."""
+    proxy's host, port, message limit and TLS, the proxies' connection limits, and Serve's transport. A reload
+    keeps them (they are fixed once the local Ray runs: cluster.serve_reload)."""
     return {"grpc_max_message_bytes": cfg.limits.max_grpc_message_bytes,
             "proxy_connection_env": proxy_connection_env(cfg.limits), "serve_grpc_host": cfg.host,
             "serve_grpc_port": cfg.grpc_port, "serve_transport": cfg.serve_transport, "serve_grpc_tls": cfg.tls}
@@ -89,11 +90,11 @@ def start_local_ray(*, num_cpus: Optional[float] = None, include_dashboard: bool
     message size limit (Serve's default is 2 GiB). proxy_connection_env: the proxies' connection limits
     (proxy_connection_env(); their defaults without it), which the workers of this Ray apply to Serve's gRPC
     proxy from RAY_preload_python_modules (cluster.grpc_proxy_connections). The dashboard, when included, is on
-    127.0.0.1:8265 (or the next free port). log_to_driver / logging_level: ray.init's (False / WARNING keep Ray's and its workers'
-    lines in the session's log files, off this process's terminal). serve_transport: the cluster config's
-    (`grpc`: Serve's proxies call the ingress over gRPC). serve_grpc_tls: the config's `tls` (a TLSConfig or
-    None): the gRPC proxy's port serves TLS with its certificate and key (needs serve_grpc_port). Ray's
-    background processes (dashboard, agents, monitors) then run at the lowest priority
+    127.0.0.1:8265 (or the next free port). log_to_driver / logging_level: ray.init's (False / WARNING keep
+    Ray's and its workers' lines in the session's log files, off this process's terminal). serve_transport: the
+    cluster config's (`grpc`: Serve's proxies call the ingress over gRPC). serve_grpc_tls: the config's `tls`
+    (a TLSConfig or None): the gRPC proxy's port serves TLS with its certificate and key (needs
+    serve_grpc_port). Ray's background processes (dashboard, agents, monitors) then run at the lowest priority
     (cluster.background_priority)."""
     import ray
 

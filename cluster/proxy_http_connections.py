@@ -122,7 +122,7 @@ class ConnectionLimits:
                 self._idle.pop(protocol, None)
                 self.refused += 1
                 return False
-            self._close(victim)
+            _close(victim)
             self.evicted += 1
         return True
 
@@ -135,24 +135,21 @@ class ConnectionLimits:
                 break
             del self._idle[protocol]
             if _open(protocol) and not _busy(protocol):
-                self._close(protocol)
+                _close(protocol)
                 self.expired += 1
         self._report(now)
 
     def _longest_idle(self, besides) -> Optional[Any]:
-        for protocol in list(self._idle):
+        """Take the longest idle connection but `besides` (the newcomer, which admit just put last) out of the
+        order, dropping the ones found busy or closed on the way: each is looked at once, not the whole order."""
+        while self._idle:
+            protocol = next(iter(self._idle))
             if protocol is besides:
-                continue
+                return None
             del self._idle[protocol]
             if _open(protocol) and not _busy(protocol):
                 return protocol
         return None
-
-    @staticmethod
-    def _close(protocol) -> None:
-        # Out of the server's count now: its connection_lost comes on a later turn of the loop.
-        protocol.connections.discard(protocol)
-        protocol.transport.close()
 
     def _report(self, now: float) -> None:
         counts = (self.evicted, self.refused, self.expired, self.oversized)
@@ -188,6 +185,12 @@ def within_open_files(configured: int, name: str) -> int:
     logger.info("herd: %s=%d is over %d%% of this process's open-file limit (%d): the proxy holds at most %d "
                 "connections", name, configured, round(OPEN_FILES_SHARE * 100), soft, bounded)
     return bounded
+
+
+def _close(protocol) -> None:
+    # Out of the server's count now: its connection_lost comes on a later turn of the loop.
+    protocol.connections.discard(protocol)
+    protocol.transport.close()
 
 
 _limits: Optional[ConnectionLimits] = None
@@ -240,8 +243,7 @@ def _wrap(protocol_class: type) -> None:
         connection_made(self, transport)
         _sweep_on(self.loop)
         if _limits is not None and not _limits.admit(self):
-            self.connections.discard(self)
-            transport.close()
+            _close(self)
 
     def limited_on_response_complete(self):
         on_response_complete(self)
@@ -270,5 +272,4 @@ def _refuse_head(protocol, max_head_bytes: int) -> None:
     message = f"the request line and headers are over {max_head_bytes} bytes".encode()
     protocol.transport.write(HEAD_TOO_LARGE + b"content-type: text/plain; charset=utf-8\r\nconnection: close\r\n"
                              + b"content-length: " + str(len(message)).encode() + b"\r\n\r\n" + message)
-    protocol.connections.discard(protocol)
-    protocol.transport.close()
+    _close(protocol)
