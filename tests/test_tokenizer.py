@@ -300,6 +300,33 @@ def test_tiktoken_stream_continues_the_prompt(llama3):
     assert "".join(_stream(llama3, llama[-1:], llama[:-1])) == "🦙"[-1]
 
 
+@pytest.mark.parametrize("which", ["llama2", "llama3"])
+def test_a_prompt_s_unfinished_character_never_reaches_the_output(which, llama2, llama3):
+    """Found by `herd bench soak` (random token-id prompts, a choice constraint): the output "alpha" streamed as
+    "\ufffdalpha", the U+FFFD made of the prompt's last bytes, so it matched none of the choices."""
+    tok = llama2 if which == "llama2" else llama3
+    emoji = tok.encode("🐉", bos=False)   # byte pieces in both tokenizers
+    half = _half_character_prompt(tok, emoji)
+    generated = tok.encode("alpha", bos=False)
+    prompt_text = tok.decode(half)
+    assert prompt_text.endswith("\ufffd")
+    for gen in (generated, [tok.eos_id] + generated, [tok.eos_id]):
+        stream = "".join(_stream(tok, gen, half))
+        assert "\ufffd" not in stream, (gen, stream)
+        assert prompt_text + stream == tok.decode(half + gen)
+    assert _stream(tok, [tok.eos_id], half)[-1] == ""   # flush at the end: nothing of the prompt's either
+    # Bytes that do finish the character still stream it whole (the prompt's half and the output's).
+    assert "".join(_stream(tok, emoji[len(half):] + generated, half)).endswith("alpha")
+
+
+def _half_character_prompt(tok, emoji: list[int]) -> list[int]:
+    """A prefix of `emoji`'s ids whose bytes end inside the character."""
+    for cut in range(1, len(emoji)):
+        if not _is_utf8(b"".join(tok.token_bytes(i) for i in emoji[:cut])):
+            return emoji[:cut]
+    raise AssertionError(f"{emoji} has no cut inside the character")
+
+
 def test_special_tokens_stream_as_nothing(llama2, llama3):
     for tok, specials in ((llama2, [1, 2]), (llama3, [128001, 128009, 128006, 128255])):
         ids = tok.encode("Hello", bos=False)
@@ -327,8 +354,11 @@ def test_streaming_equals_decode_on_random_ids(which, llama2, llama3):
         assert "".join(_stream(tok, ids)) == tok.decode(ids), ids
         cut = rng.randint(0, len(ids))
         prompt_text = tok.decode(ids[:cut])
+        stream = "".join(_stream(tok, ids[cut:], ids[:cut]))
         if not prompt_text.endswith("\ufffd"):  # the prompt's text ends on a whole character
-            assert prompt_text + "".join(_stream(tok, ids[cut:], ids[:cut])) == tok.decode(ids), (cut, ids)
+            assert prompt_text + stream == tok.decode(ids), (cut, ids)
+        # No U+FFFD of the prompt's: the stream shows none the generated ids alone would not.
+        assert stream.count("\ufffd") <= tok.decode(ids[cut:]).count("\ufffd"), (cut, ids)
 
 
 @pytest.mark.parametrize("normalizer", [dict(remove_extra_whitespaces=True), dict(add_dummy_prefix=False)])
