@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterator, Optional, TextIO
+from typing import Any, Awaitable, Callable, Iterator, Optional, Sequence, TextIO
 
 from cluster.local_ray import DEFAULT_SERVE_TRANSPORT
 
@@ -375,6 +375,16 @@ class TimelineSampler:
 
 # ---- streaming client ---------------------------------------------------------------------------------------
 @dataclass
+class CompletionOutput:
+    """What one completion of a captured stream said (`AioTarget.generate(..., capture=True)`)."""
+    text: str = ""
+    tokens: int = 0
+    logprobs: int = 0                       # TokenLogprob entries received (one per token when asked for)
+    finish_reason: str = ""
+    tool_calls: list[tuple[str, str]] = field(default_factory=list)   # (name, arguments JSON text)
+
+
+@dataclass
 class StreamResult:
     """One streamed request, timed at the client. Times are seconds; `start` is relative to the run's t0."""
     start: float = 0.0
@@ -385,6 +395,10 @@ class StreamResult:
     gaps_s: list[float] = field(default_factory=list)  # inter-token latency samples (one per token after the first)
     kind: str = "normal"                    # workload class (soak): normal / cancel / invalid / deadline
     chunks: list[tuple[float, int]] = field(default_factory=list)  # (arrival, relative to t0 as `start`; tokens)
+    feature: Optional[str] = None           # soak: the served feature the request used (benchmarks/soak_features.py)
+    completions: Optional[dict[int, CompletionOutput]] = None   # by index, when the call captured its output
+    violation: Optional[str] = None         # soak: why its output broke the feature's contract, if it did
+    whole_outputs: int = 0                  # soak: completions checked whole (ended by stop / tool_calls)
 
     def on_chunk(self, now: float, n_tokens: int, last_chunk_at: Optional[float]) -> None:
         """Record a chunk of `n_tokens` arriving at `now` (seconds since this call began)."""
@@ -397,6 +411,15 @@ class StreamResult:
         elif last_chunk_at is not None:
             self.gaps_s.extend([(now - last_chunk_at) / n_tokens] * n_tokens)
         self.tokens += n_tokens
+
+    def capture(self, chunk: Any) -> None:
+        """Adds a GenerateResponse's text, tokens, logprobs, finish reason and tool calls to its completion."""
+        out = self.completions.setdefault(chunk.index, CompletionOutput())
+        out.text += chunk.text
+        out.tokens += len(chunk.token_ids)
+        out.logprobs += len(chunk.logprobs)
+        out.finish_reason = chunk.finish_reason or out.finish_reason
+        out.tool_calls.extend((c.name, c.arguments) for c in chunk.tool_calls)
 
 
 def steady_tokens_per_s(results: list[StreamResult]) -> Optional[float]:
@@ -470,24 +493,44 @@ class AioTarget:
         raise RuntimeError(f"{self.model!r} not served within {timeout_s:.0f} s ({last})")
 
     async def generate(self, prompt: list[int], max_tokens: int, *, timeout_s: float = 120.0,
-                       cancel_after_tokens: Optional[int] = None, t0: float = 0.0,
+                       cancel_after_tokens: Optional[int] = None, t0: float = 0.0, capture: bool = False,
                        **sampling) -> StreamResult:
         """One greedy ignore_eos stream (unless `sampling` says otherwise); `cancel_after_tokens` cancels it
-        from the client side once that many tokens arrived (code CANCELLED_BY_CLIENT)."""
+        from the client side once that many tokens arrived (code CANCELLED_BY_CLIENT); `capture` keeps what
+        each completion said in `StreamResult.completions`."""
         pb = self.pb
-        params = {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True, **sampling}
         req = pb.GenerateRequest(model=self.model, token_ids=pb.TokenIds(ids=prompt),
-                                 sampling=pb.SamplingParams(**params))
+                                 sampling=self._sampling(max_tokens, sampling))
+        return await self._stream(lambda stub: stub.Generate(req, metadata=self.metadata, timeout=timeout_s),
+                                  cancel_after_tokens, t0, capture)
+
+    async def chat(self, messages: list[Any], max_tokens: int, *, tools: Sequence[Any] = (),
+                   tool_choice: Any = None, timeout_s: float = 120.0, cancel_after_tokens: Optional[int] = None,
+                   t0: float = 0.0, capture: bool = False, **sampling) -> StreamResult:
+        """One Chat stream (`messages`, `tools`: herd.v1 ChatMessage / Tool), otherwise as `generate`."""
+        req = self.pb.ChatRequest(model=self.model, messages=messages, tools=tools, tool_choice=tool_choice,
+                                  sampling=self._sampling(max_tokens, sampling))
+        return await self._stream(lambda stub: stub.Chat(req, metadata=self.metadata, timeout=timeout_s),
+                                  cancel_after_tokens, t0, capture)
+
+    def _sampling(self, max_tokens: int, sampling: dict[str, Any]) -> Any:
+        return self.pb.SamplingParams(**{"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
+                                         **sampling})
+
+    async def _stream(self, start_call: Callable[[Any], Any], cancel_after_tokens: Optional[int], t0: float,
+                      capture: bool) -> StreamResult:
         stub = self.stubs[self._next % len(self.stubs)]
         self._next += 1
         start = time.perf_counter()
-        res, last = StreamResult(start=start - t0), None
-        call = stub.Generate(req, metadata=self.metadata, timeout=timeout_s)
+        res, last = StreamResult(start=start - t0, completions={} if capture else None), None
+        call = start_call(stub)
         try:
             async for chunk in call:
                 now = time.perf_counter() - start
                 res.on_chunk(now, len(chunk.token_ids), last)
                 last = now if chunk.token_ids else last
+                if capture:
+                    res.capture(chunk)
                 if cancel_after_tokens is not None and res.tokens >= cancel_after_tokens:
                     call.cancel()
                     res.code = "CANCELLED_BY_CLIENT"

@@ -6,8 +6,12 @@
 soak: `--streams` concurrent streams for `--minutes`, each request drawn at random: a prompt of 8..`--max-prompt`
 tokens and 1..`--max-tokens` new tokens; `--cancel-fraction` of them cancelled by the client after a few tokens,
 `--invalid-fraction` with a token id outside the vocabulary or max_tokens 0 (INVALID_ARGUMENT expected),
-`--deadline-fraction` with a deadline of 20..300 ms (DEADLINE_EXCEEDED expected, OK if it made it). The
-model replica's RSS (psutil on its pid, found in the GCS actor table) and the engine's free KV blocks
+`--deadline-fraction` with a deadline of 20..300 ms (DEADLINE_EXCEEDED expected, OK if it made it). Of the
+valid ones (cancelled and deadline ones too), `--feature-fraction` use one of the served features
+(benchmarks/soak_features.py: a JSON schema, a regex, a choice, n > 1, logprobs, stop strings, penalties and
+logit_bias, a Chat whose tool call is required); what each one that ends OK said is checked against its
+feature's contract, and a broken one counts as unexpected ("kind:feature:broken-output"). The model replica's
+RSS (psutil on its pid, found in the GCS actor table) and the engine's free KV blocks
 (ModelServer.stats()) are sampled every `--sample-s` before, during and after the load; the report says
 whether free blocks came back to their starting count, and whether RSS stayed flat after warm-up: the
 median of the last `--rss-window-s` of the load within `--rss-tolerance-mib` of the median of the first
@@ -37,6 +41,7 @@ from benchmarks.bench_common import (BENCH_MODEL, AioTarget, StreamResult, Timel
                                      closed_loop, cluster_config, demo_checkpoint, figure_path, local_ray, log,
                                      model_stats, p50_p99_ms, pyplot, replica_actors, replica_counts,
                                      save_figure, start_herd, stream_summary, write_report)
+from benchmarks.soak_features import CHAT_PROMPT_TOKENS, draw_feature, violation
 
 EXPECTED = {"normal": {"OK"}, "cancel": {"CANCELLED_BY_CLIENT", "OK"}, "invalid": {"INVALID_ARGUMENT"},
             "deadline": {"DEADLINE_EXCEEDED", "OK"}}
@@ -49,7 +54,8 @@ def _model(path: str, args, max_prompt: int, **extra) -> dict[str, Any]:
 
 
 def outcome_counts(results: list[StreamResult]) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
-    """({kind: {code: n}}, {"kind:code": n} of outcomes outside EXPECTED)."""
+    """({kind: {code: n}}, {"kind:code": n} of outcomes outside EXPECTED, and "kind:feature:broken-output": n
+    of streams whose output broke their feature's contract)."""
     by_kind: dict[str, dict[str, int]] = {}
     unexpected: dict[str, int] = {}
     for r in results:
@@ -57,6 +63,9 @@ def outcome_counts(results: list[StreamResult]) -> tuple[dict[str, dict[str, int
         codes[r.code] = codes.get(r.code, 0) + 1
         if r.code not in EXPECTED.get(r.kind, {"OK"}):
             unexpected[f"{r.kind}:{r.code}"] = unexpected.get(f"{r.kind}:{r.code}", 0) + 1
+        if r.violation is not None:
+            key = f"{r.kind}:{r.feature}:broken-output"
+            unexpected[key] = unexpected.get(key, 0) + 1
     return by_kind, unexpected
 
 
@@ -128,12 +137,46 @@ def soak_request(i: int, target: AioTarget, args, vocab: int, t0: float):
         kw["timeout_s"] = rng.uniform(0.02, 0.3)
     else:
         kind = "normal"
+    feature = draw_feature(rng, target.pb) if kind != "invalid" and rng.random() < args.feature_fraction else None
+    if feature is not None and feature.whole_budget and kind == "normal":
+        max_tokens = args.max_tokens
 
     async def call() -> StreamResult:
-        res = await target.generate(prompt, max_tokens, **kw)
+        if feature is None:
+            res = await target.generate(prompt, max_tokens, **kw)
+        elif feature.chat is not None:
+            res = await target.chat(max_tokens=max_tokens, capture=True, **feature.chat, **feature.sampling, **kw)
+        else:
+            res = await target.generate(prompt, max_tokens, capture=True, **feature.sampling, **kw)
         res.kind = kind
+        if feature is not None:
+            res.feature = feature.name
+            if res.code == "OK" and kind != "cancel":
+                res.violation = violation(feature, res.completions)
+                res.whole_outputs = sum(c.finish_reason in ("stop", "tool_calls") for c in res.completions.values())
+            res.completions = None   # checked; a 10-minute soak need not keep every text
         return res
     return call()
+
+
+def feature_counts(results: list[StreamResult]) -> dict[str, Any]:
+    """{"outcomes": {feature: {code: n}}, "whole_outputs": {feature: completions checked whole, not cut by
+    max_tokens}, "violations": {feature: n}, "examples": [first few violations]}."""
+    outcomes: dict[str, dict[str, int]] = {}
+    whole: dict[str, int] = {}
+    violations: dict[str, int] = {}
+    examples: list[str] = []
+    for r in results:
+        if r.feature is None:
+            continue
+        codes = outcomes.setdefault(r.feature, {})
+        codes[r.code] = codes.get(r.code, 0) + 1
+        whole[r.feature] = whole.get(r.feature, 0) + r.whole_outputs
+        if r.violation is not None:
+            violations[r.feature] = violations.get(r.feature, 0) + 1
+            if len(examples) < 10:
+                examples.append(f"{r.feature}: {r.violation}")
+    return {"outcomes": outcomes, "whole_outputs": whole, "violations": violations, "examples": examples}
 
 
 def _drain(probe: ReplicaProbe, start_free: int, timeout_s: float) -> float:
@@ -162,10 +205,12 @@ def run_soak(args) -> int:
     report: dict[str, Any] = {"bench": "soak", "commit": git_commit(), "minutes": args.minutes,
                               "streams": args.streams, "checkpoint": args.model or f"demo:{args.shape}",
                               "fractions": {"cancel": args.cancel_fraction, "invalid": args.invalid_fraction,
-                                            "deadline": args.deadline_fraction}}
+                                            "deadline": args.deadline_fraction, "feature": args.feature_fraction}}
     with demo_checkpoint(args.shape, args.model) as path, local_ray(num_cpus=4):
         log("starting the herd app ...")
-        address = start_herd(cluster_config([_model(path, args, args.max_prompt, num_replicas=1)]))
+        # A feature's Chat renders its tool into a prompt that may be longer than the token prompts.
+        longest_prompt = max(args.max_prompt, CHAT_PROMPT_TOKENS if args.feature_fraction > 0 else 0)
+        address = start_herd(cluster_config([_model(path, args, longest_prompt, num_replicas=1)]))
         vocab = checkpoint_vocab(path)
         total_blocks = model_stats(BENCH_MODEL)["kv_blocks_total"]
         actors = replica_actors(BENCH_MODEL)
@@ -199,7 +244,7 @@ def run_soak(args) -> int:
     by_kind, unexpected = outcome_counts(results)
     report.update({
         "requests": len(results), "wall_s": round(wall, 2), "outcomes": by_kind, "unexpected": unexpected,
-        "unexpected_total": sum(unexpected.values()),
+        "unexpected_total": sum(unexpected.values()), "features": feature_counts(results),
         "normal": {k: v for k, v in stream_summary([r for r in results if r.kind == "normal"], wall).items()
                    if k not in ("requests", "errors", "wall_s")},
         "kv_blocks": {"total": total_blocks, "free_start": start["kv_blocks_free"],
@@ -387,6 +432,10 @@ def register_bench(bench_sub) -> None:
     p.add_argument("--cancel-fraction", type=fraction, default=0.15)
     p.add_argument("--invalid-fraction", type=fraction, default=0.1)
     p.add_argument("--deadline-fraction", type=fraction, default=0.1)
+    p.add_argument("--feature-fraction", type=fraction, default=0.3,
+                   help="share of the valid requests that use one of the served features (JSON schema, regex, "
+                        "choice, n > 1, logprobs, stop strings, penalties, Chat with a required tool), each "
+                        "output checked against its feature's contract")
     p.add_argument("--timeout-s", type=positive_float, default=120.0, help="deadline of the other requests")
     p.add_argument("--sample-s", type=positive_float, default=1.0, help="RSS / KV sampling period")
     p.add_argument("--warmup-s", type=non_negative_float, default=30.0,

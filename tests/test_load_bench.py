@@ -242,11 +242,16 @@ def test_engine_hop_only_refuses_cluster_flags(flag, capsys):
 @pytest.mark.timeout(240)
 def test_soak_bench_end_to_end(tmp_path):
     args = _parse(soak_bench, ["soak", "--minutes", "0.1", "--streams", "6", "--max-tokens", "8", "--max-prompt",
-                               "32", "--sample-s", "0.5", "--out", str(tmp_path)])
+                               "32", "--sample-s", "0.5", "--feature-fraction", "0.5", "--out", str(tmp_path)])
     assert args.func(args) == 0
     report = json.loads((tmp_path / "soak_bench.json").read_text())
     assert report["requests"] > 0 and report["unexpected_total"] == 0, report["unexpected"]
     assert report["outcomes"]["normal"]["OK"] > 0
+    # The served features were mixed in (each output checked: a broken one would be unexpected above), and some
+    # outputs ended whole (a choice, a regex match), so the checks saw complete outputs, not only cut ones.
+    features = report["features"]
+    assert len(features["outcomes"]) >= 4 and features["violations"] == {}, features
+    assert sum(features["whole_outputs"].values()) > 0, features
     kv = report["kv_blocks"]
     assert kv["returned"] and kv["free_end"] == kv["free_start"] and kv["free_min"] <= kv["free_start"]
     assert report["rss_mib"]["start"] > 0 and len(report["samples"]["t"]) >= 5
