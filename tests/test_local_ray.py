@@ -102,7 +102,7 @@ def test_serve_proxy_calls_replicas_over_grpc_by_default(local_serve):
 
     from cluster.local_ray import PROXY_USE_GRPC_ENV
 
-    proxies = [p for p in map(psutil.Process, ray_session_pids()) if "ray::ProxyActor" in " ".join(p.cmdline())]
+    proxies = [psutil.Process(p) for p, cmd in _live_commands(ray_session_pids()).items() if "ray::ProxyActor" in cmd]
     assert proxies and all(p.environ().get(PROXY_USE_GRPC_ENV) == "1" for p in proxies)
     assert local_serve.serve_transport == "grpc"
 
@@ -240,6 +240,20 @@ def test_joining_an_address_where_nothing_listens_fails_at_once():
     assert time.monotonic() - started < GCS_CONNECT_TIMEOUT_S + 5   # a guard against the old minutes-long wait
 
 
+def _live_commands(pids) -> dict[int, str]:
+    """pid -> command line of those still running: the dashboard forks short-lived helpers, and one can end
+    (or be a zombie not yet reaped) between listing the pids and reading them."""
+    import psutil
+
+    commands = {}
+    for pid in pids:
+        try:
+            commands[pid] = " ".join(psutil.Process(pid).cmdline())
+        except psutil.Error:
+            continue
+    return commands
+
+
 def _thread_niceness(pid: int) -> set[int]:
     return {os.getpriority(os.PRIO_PROCESS, int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}
 
@@ -252,16 +266,19 @@ def test_rays_background_processes_run_below_the_serving_ones(local_serve):
 
     from cluster.background_priority import BACKGROUND_NICENESS, background_pids
 
-    background = background_pids()
-    names = {" ".join(psutil.Process(p).cmdline()) for p in background}
+    background = _live_commands(background_pids())
     for expected in ("ray::DashboardAgent", "ray::RuntimeEnvAgent", "dashboard/dashboard.py", "log_monitor",
                      "monitor.py"):
-        assert any(expected in n for n in names), (expected, sorted(names))
-    for pid in background:
-        assert _thread_niceness(pid) == {BACKGROUND_NICENESS}, (pid, psutil.Process(pid).cmdline())
+        assert any(expected in n for n in background.values()), (expected, sorted(background.values()))
+    for pid, command in background.items():
+        try:
+            niceness = _thread_niceness(pid)
+        except FileNotFoundError:  # ended since it was read
+            continue
+        assert niceness == {BACKGROUND_NICENESS}, (pid, command)
     # Niceness relative to this process's: a CI runner may start the suite at another base than 0.
     base = os.getpriority(os.PRIO_PROCESS, 0)
-    session = {p: " ".join(psutil.Process(p).cmdline()) for p in ray_session_pids() if p != os.getpid()}
+    session = _live_commands(p for p in ray_session_pids() if p != os.getpid())
     core = [p for p, cmd in session.items() if "gcs_server" in cmd or "raylet/raylet" in cmd]
     assert len(core) == 2 and all(_thread_niceness(p) == {base} for p in core)
     proxies = [p for p, cmd in session.items() if "ray::ProxyActor" in cmd]
