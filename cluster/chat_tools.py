@@ -11,19 +11,23 @@ request (the engine-side pieces are workers.tool_calls):
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from cluster.errors import ApiError, to_api_error
+from cluster.limits import InputLimits
+from cluster.off_loop import off_loop
 
 
 @dataclass
 class ChatTools:
     tools: list[dict] | None      # validated OpenAI tools the template renders (None: no tools in play)
     choice: str | dict            # validated tool_choice: "auto" | "none" | "required" | {"function": {name}}
+    chars: int = 0                # the request's tools as JSON: rendering them costs time in proportion
 
     @classmethod
-    def from_request(cls, tools: Any, tool_choice: Any) -> "ChatTools":
+    def from_request(cls, tools: Any, tool_choice: Any, chars: int = 0) -> "ChatTools":
         from workers.errors import InvalidRequestError
         from workers.tool_calls import validate_tool_choice, validate_tools
 
@@ -32,7 +36,15 @@ class ChatTools:
             choice = validate_tool_choice(tool_choice, valid)
         except InvalidRequestError as e:
             raise to_api_error(e) from None
-        return cls(valid if valid and choice != "none" else None, choice)
+        return cls(valid if valid and choice != "none" else None, choice, chars)
+
+    @classmethod
+    async def checked(cls, tools: Any, tool_choice: Any, limits: InputLimits) -> "ChatTools":
+        """`from_request` at the edge: the tools' size bounded first (limits.max_tools_chars), and large ones
+        checked off the event loop (jsonschema checks a tool's schema in ~3 ms, holding the GIL)."""
+        chars = json_chars(tools)
+        limits.check_tools_chars(chars)
+        return await off_loop(chars, cls.from_request, tools, tool_choice, chars)
 
     @classmethod
     def none(cls) -> "ChatTools":
@@ -81,3 +93,13 @@ class ChatTools:
                 else:
                     chunk["text"] += parsed.content or ""
             yield chunk
+
+
+def json_chars(value: Any) -> int:
+    """Characters of `value` as JSON (0 for nothing, or for what is not JSON: validation names that)."""
+    if not value:
+        return 0
+    try:
+        return len(json.dumps(value))
+    except (TypeError, ValueError):
+        return 0

@@ -84,6 +84,9 @@ class LimitsConfig(_Strict):
     max_stop_string_chars: int = Field(256, ge=1, description="characters of one stop string")
     max_stop_token_ids: int = Field(64, ge=0, description="stop token ids per request")
     max_logprobs: int = Field(20, ge=0, le=20, description="top-N log-probabilities per token")
+    max_structured_chars: int = Field(262_144, ge=1, description=(
+        "characters of a structured-output constraint: JSON schema text, regex, grammar, or all choices"))
+    max_tools_chars: int = Field(262_144, ge=1, description="characters of a chat request's tools, as JSON")
     min_repetition_penalty: float = Field(0.01, gt=0)
     max_repetition_penalty: float = Field(10.0, gt=0)
     max_request_body_bytes: int = Field(8 << 20, ge=1024, description=(

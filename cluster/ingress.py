@@ -42,6 +42,7 @@ from cluster import tracing
 from cluster.unavailable_replicas import note_actor_unavailable, note_unavailable
 from cluster.request_context import (REQUEST_ID_HEADER, current_request_id, grpc_request_id,
                                      install_request_id_logging, outgoing_context, set_request_id)
+from cluster.off_loop import off_loop
 from cluster.openai_http import OpenAIRoutes, openai_app
 from cluster.replica_shutdown import on_replica_shutdown
 from cluster.request_body import SlowBodies
@@ -60,9 +61,6 @@ T = TypeVar("T")
 SERVICE_NAME = "herd.v1.Inference"
 # A request whose replica died before its first token is sent again this many times.
 RETRIES_BEFORE_FIRST_TOKEN = 1
-# Texts longer than this are tokenized in a worker thread, so the ingress's event loop keeps streaming other
-# requests' tokens meanwhile (shorter ones cost less than the hop to a thread).
-OFF_LOOP_CHARS = 4096
 
 
 def as_own_serve_request(call):
@@ -91,13 +89,6 @@ def _chained(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
         async for item in rest:
             yield item
     return chain()
-
-
-async def off_loop(size: int, fn, *args, **kwargs):
-    """fn(*args, **kwargs), in a worker thread when `size` (characters of input) is large."""
-    if size > OFF_LOOP_CHARS:
-        return await asyncio.to_thread(fn, *args, **kwargs)
-    return fn(*args, **kwargs)
 
 
 # ---- authentication ------------------------------------------------------------------------------------
@@ -301,9 +292,10 @@ class Frontend:
                 route.info = info
         return route.info
 
-    def check_sampling(self, sampling: dict[str, Any]) -> dict[str, Any]:
+    async def check_sampling(self, sampling: dict[str, Any]) -> dict[str, Any]:
         """Limits, then workers.SamplingParams' own checks, then the structured-output constraint's (a bad
-        schema, regex or grammar is refused here, before anything is queued)."""
+        schema, regex or grammar is refused here, before anything is queued; a large one is checked off the
+        event loop: a 300 KB schema takes llguidance ~0.5 s)."""
         from workers import SamplingParams
         from workers.errors import InvalidRequestError
         from workers.structured_output import validate_structured
@@ -312,7 +304,9 @@ class Frontend:
         try:
             params = SamplingParams.from_dict(sampling)
             if params.structured is not None:
-                validate_structured(params.structured)
+                chars = params.structured.chars()
+                self.limits.check_structured_chars(chars)
+                await off_loop(chars, validate_structured, params.structured)
         except InvalidRequestError as e:
             raise to_api_error(e) from None
         except (TypeError, ValueError) as e:  # a wrong type that the dataclass itself refused
@@ -333,17 +327,19 @@ class Frontend:
         return ids
 
     async def encode_chat(self, route: ModelRoute, messages: list[dict[str, Any]], field: str = "messages",
-                          tools: list[dict] | None = None) -> list[int]:
+                          tools: ChatTools | None = None) -> list[int]:
         """Messages (and tools) rendered with the model's chat template, then tokenized. The template's
         validator names the offending message and field (e.g. messages[2].role)."""
         from workers.errors import InvalidRequestError
 
         if not messages:
             raise ApiError.invalid(field, "must not be empty")
-        size = self.limits.check_messages(messages, field)
+        tools = tools or ChatTools.none()
+        size = self.limits.check_messages(messages, field) + tools.chars
         tok = self.tokenizer_for(route, field)
         try:
-            ids = await off_loop(size, tok.apply_chat_template, messages, add_generation_prompt=True, tools=tools)
+            ids = await off_loop(size, tok.apply_chat_template, messages, add_generation_prompt=True,
+                                 tools=tools.tools)
         except InvalidRequestError as e:
             raise to_api_error(e) from None
         except Exception as e:  # noqa: BLE001 - the tokenizer's complaint about the messages
@@ -594,18 +590,20 @@ class InferenceIngress(OpenAIRoutes):
 
     async def Chat(self, request: pb.ChatRequest, grpc_context) -> AsyncIterator[pb.GenerateResponse]:
         async def prepare(route: ModelRoute, tools: ChatTools) -> list[int]:
-            return await self.frontend.encode_chat(route, messages_from_proto(request.messages), tools=tools.tools)
+            return await self.frontend.encode_chat(route, messages_from_proto(request.messages), tools=tools)
 
-        def chat_tools() -> ChatTools:
-            return ChatTools.from_request(tools_from_proto(request.tools), tool_choice_from_proto(request))
+        async def chat_tools() -> ChatTools:
+            return await ChatTools.checked(tools_from_proto(request.tools), tool_choice_from_proto(request),
+                                           self.frontend.limits)
 
         async for resp in self._stream(request, grpc_context, prepare, chat_tools):
             yield resp
 
     async def _stream(self, request, grpc_context, prepare,
-                      chat_tools=ChatTools.none) -> AsyncIterator[pb.GenerateResponse]:
-        """Authenticate, validate, `prepare(route, tools)` the prompt ids, stream. `chat_tools()` gives the
-        request's tools (after authentication: an unauthenticated client learns nothing about its input)."""
+                      chat_tools=None) -> AsyncIterator[pb.GenerateResponse]:
+        """Authenticate, validate, `prepare(route, tools)` the prompt ids, stream. `await chat_tools()` gives the
+        request's tools (after authentication: an unauthenticated client learns nothing about its input);
+        without it, none."""
         span = tracing.start_request_span(type(request).__name__, grpc_context.invocation_metadata())
         client_request_id = grpc_request_id(request.request_id, grpc_context.invocation_metadata())
         try:
@@ -614,8 +612,8 @@ class InferenceIngress(OpenAIRoutes):
                 self.frontend.limits.check_request_id(client_request_id)
                 set_request_id(client_request_id)   # (only a checked id reaches the logs)
             route = await self.frontend.model(request.model)
-            tools = chat_tools()
-            sampling = self.frontend.check_sampling(tools.constrain(sampling_from_proto(request.sampling)))
+            tools = await chat_tools() if chat_tools else ChatTools.none()
+            sampling = await self.frontend.check_sampling(tools.constrain(sampling_from_proto(request.sampling)))
             ids = await prepare(route, tools)
             token_text = lambda t: self.frontend.token_text(route, t)  # noqa: E731
             with self.frontend.live_request_ids.hold(client_request_id or uuid.uuid4().hex) as request_id:
@@ -639,8 +637,8 @@ class InferenceIngress(OpenAIRoutes):
             if request.messages and request.text:
                 raise ApiError.invalid("text", "set text or messages, not both")
             if request.messages:
-                tools = ChatTools.from_request(tools_from_proto(request.tools), None)
-                ids = await self.frontend.encode_chat(route, messages_from_proto(request.messages), tools=tools.tools)
+                tools = await ChatTools.checked(tools_from_proto(request.tools), None, self.frontend.limits)
+                ids = await self.frontend.encode_chat(route, messages_from_proto(request.messages), tools=tools)
             else:
                 if not request.text:
                     raise ApiError.invalid("text", "must not be empty")

@@ -72,6 +72,13 @@ class InputLimits:
             if not lo <= rp <= hi:
                 raise ApiError.invalid("repetition_penalty", f"must be in [{lo:g}, {hi:g}], got {rp:g}")
 
+    # ---- structured outputs and tools (their checks cost time per character: bounded first) -------------
+    def check_structured_chars(self, chars: int, field: str = "structured") -> None:
+        _at_most(field, chars, self.cfg.max_structured_chars, "characters of constraint", "max_structured_chars")
+
+    def check_tools_chars(self, chars: int, field: str = "tools") -> None:
+        _at_most(field, chars, self.cfg.max_tools_chars, "characters of tool definitions", "max_tools_chars")
+
     # ---- request ids ---------------------------------------------------------------------------------------
     def check_request_id(self, request_id: str, field: str = "request_id") -> None:
         _at_most(field, len(request_id), self.cfg.max_request_id_chars, "characters", "max_request_id_chars")

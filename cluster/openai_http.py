@@ -523,7 +523,7 @@ class OpenAIRoutes:
         if body.suffix:
             raise ApiError.invalid("suffix", "suffix is not supported")
         try:
-            sampling = self.frontend.check_sampling(body.sampling(body.logprobs))
+            sampling = await self.frontend.check_sampling(body.sampling(body.logprobs))
         except ApiError as e:
             raise e.renamed(body.param_names()) from None
         route = await self.frontend.model(body.model)
@@ -583,13 +583,14 @@ class OpenAIRoutes:
             body.max_tokens = body.max_completion_tokens
         top = body.top_logprobs if body.top_logprobs is not None else 0
         try:
-            tools = ChatTools.from_request(body.tools, body.tool_choice)
-            sampling = self.frontend.check_sampling(tools.constrain(body.sampling(top if body.logprobs else None)))
+            tools = await ChatTools.checked(body.tools, body.tool_choice, self.frontend.limits)
+            sampling = body.sampling(top if body.logprobs else None)
+            sampling = await self.frontend.check_sampling(tools.constrain(sampling))
         except ApiError as e:
             raise e.renamed(body.param_names()) from None
         route = await self.frontend.model(body.model)
         messages = [m.as_dict(i) for i, m in enumerate(body.messages)]
-        ids = await self.frontend.encode_chat(route, messages, tools=tools.tools)
+        ids = await self.frontend.encode_chat(route, messages, tools=tools)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         salt = _cache_salt(request)

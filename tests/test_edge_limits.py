@@ -158,6 +158,90 @@ def test_non_loopback_needs_keys_or_explicit_consent(host, extra, ok):
             ClusterConfig.from_dict(data)
 
 
+def test_constraints_and_tools_are_bounded_and_large_ones_checked_off_the_event_loop(monkeypatch):
+    """A schema, regex, grammar or set of choices over limits.max_structured_chars, and tools over
+    limits.max_tools_chars, are refused naming the field and the key; under the bounds, large ones are checked
+    in a worker thread (llguidance took 0.8 s on a 378 KB schema), small ones inline."""
+    import threading
+
+    import workers.structured_output as structured_output
+    import workers.tool_calls as tool_calls
+    from cluster.chat_tools import ChatTools
+
+    checked_on: list[int] = []
+
+    def recording(real):
+        def check(*args, **kwargs):
+            checked_on.append(threading.get_ident())
+            return real(*args, **kwargs)
+        return check
+
+    monkeypatch.setattr(structured_output, "validate_structured", recording(structured_output.validate_structured))
+    monkeypatch.setattr(tool_calls, "validate_tools", recording(tool_calls.validate_tools))
+    fe = Frontend({}, {}, settings={"limits": {"max_structured_chars": 6000, "max_tools_chars": 8000}})
+
+    def tool(name: str, description: str = "") -> dict:
+        return {"type": "function", "function": {"name": name, "description": description,
+                                                 "parameters": {"type": "object", "properties": {}}}}
+
+    async def go():
+        loop_thread = threading.get_ident()
+        await fe.check_sampling({"structured": {"regex": "[a-z]{3}"}})
+        await fe.check_sampling({"structured": {"json_schema": {"enum": [f"v{i:05d}" for i in range(500)]}}})
+        small = await ChatTools.checked([tool("f")], "auto", fe.limits)
+        large = await ChatTools.checked([tool(f"f{i}", "d" * 200) for i in range(20)], "required", fe.limits)
+        refused = []
+        for call in (lambda: fe.check_sampling({"structured": {"choice": ["x" * 3000, "y" * 3001]}}),
+                     lambda: fe.check_sampling({"structured": {"json_schema": {"enum": ["v" * 50] * 200}}}),
+                     lambda: ChatTools.checked([tool(f"f{i}", "d" * 400) for i in range(20)], "auto", fe.limits)):
+            with pytest.raises(ApiError) as e:
+                await call()
+            refused.append(e.value)
+        return loop_thread, small, large, refused
+
+    loop_thread, small, large, refused = asyncio.run(go())
+    regex, schema, one_tool, twenty_tools = checked_on
+    assert regex == loop_thread and one_tool == loop_thread                   # small: inline
+    assert schema != loop_thread and twenty_tools != loop_thread              # over 4,096 characters: a thread
+    assert small.chars < 4096 < large.chars <= 8000 and len(large.tools) == 20
+    assert [(e.code, e.field) for e in refused] == [("INVALID_ARGUMENT", "structured")] * 2 + [
+        ("INVALID_ARGUMENT", "tools")]
+    assert "limits.max_structured_chars" in refused[0].message and "6001 characters" in refused[0].message
+    assert "limits.max_tools_chars" in refused[2].message
+    assert len(checked_on) == 4     # nothing over a bound was checked at all
+
+
+def test_chat_tools_size_counts_in_the_chat_s_off_loop_decision():
+    """encode_chat renders the tools with the messages: a short chat with large tools is rendered in a thread."""
+    import threading
+
+    from cluster.chat_tools import ChatTools
+
+    rendered_on = []
+
+    class Tok:
+        def apply_chat_template(self, messages, add_generation_prompt, tools):
+            rendered_on.append(threading.get_ident())
+            return [1, 2, 3]
+
+    fe = Frontend({}, {})
+    fe.tokenizer_for = lambda route, field: Tok()
+
+    async def no_prompt_check(route, ids, field):
+        return None
+
+    fe.check_prompt = no_prompt_check
+
+    async def go():
+        msgs = [{"role": "user", "content": "hi"}]
+        await fe.encode_chat(ModelRoute("m", object(), {"name": "m"}), msgs, tools=ChatTools(None, "none", 10))
+        await fe.encode_chat(ModelRoute("m", object(), {"name": "m"}), msgs, tools=ChatTools(None, "none", 5000))
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(go())
+    assert rendered_on[0] == loop_thread and rendered_on[1] != loop_thread
+
+
 # ---- the HTTP guard -------------------------------------------------------------------------------------------
 @pytest.fixture
 def guarded_app():
@@ -488,7 +572,7 @@ def test_long_texts_are_tokenized_off_the_event_loop():
     import threading
     import time
 
-    from cluster.ingress import OFF_LOOP_CHARS, off_loop
+    from cluster.off_loop import OFF_LOOP_CHARS, off_loop
 
     async def go():
         loop_thread = threading.get_ident()

@@ -308,6 +308,53 @@ def test_grpc_bad_constraints_are_invalid_argument(client):
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "tool_choice" in e.value.details()
 
 
+def test_large_constraints_and_tools_beside_free_streams(cluster, client):
+    """24 requests at once: free gRPC streams, chats constrained by a 2,000-property schema (66 KB: checked in
+    a thread of the ingress, compiled on the engine's grammar thread), and a schema and tools over
+    limits.max_structured_chars / max_tools_chars (262,144 characters), refused naming the key."""
+    big = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(2000)},
+           "required": [f"p{i}" for i in range(2000)]}
+    over = {"enum": [f"value-{i:06d}" for i in range(20000)]}
+    many_tools = [{"type": "function", "function": {"name": f"t{i}", "description": "d" * 2100,
+                                                    "parameters": {"type": "object", "properties": {}}}}
+                  for i in range(128)]
+    assert len(json.dumps(big)) < 262_144 < min(len(json.dumps(over)), len(json.dumps(many_tools)))
+    headers = {"authorization": f"Bearer {API_KEY}"}
+    msgs = [{"role": "user", "content": "Describe it"}]
+
+    def chat_with(schema: dict) -> httpx.Response:
+        with httpx.Client(base_url=cluster.http_url, headers=headers, timeout=300) as http:
+            return http.post("/v1/chat/completions", json={
+                "model": "l3", "messages": msgs, "max_tokens": 12, "temperature": 1.0,
+                "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}})
+
+    def run(i: int):
+        kind = ("free", "free", "big", "over", "tools", "free")[i % 6]
+        if kind == "free":
+            return kind, collect(client.generate("l3", f"story {i}", max_tokens=16, temperature=0, timeout=300))
+        if kind == "tools":
+            with pytest.raises(grpc.RpcError) as e:
+                collect(client.chat("l3", msgs, tools=many_tools, tool_choice="required", timeout=300))
+            return kind, e.value
+        return kind, chat_with(big if kind == "big" else over)
+
+    outcomes = in_parallel(run, range(24), workers=24)
+    for kind, out in outcomes:
+        if kind == "free":
+            ids, _, last = out
+            assert len(ids) == 16 and last.finish_reason == "length"
+        elif kind == "big":
+            assert out.status_code == 200, out.text
+            assert out.json()["choices"][0]["message"]["content"].startswith('{"p0": '), out.text
+        elif kind == "over":
+            error = out.json()["error"]
+            assert out.status_code == 400 and error["param"] == "response_format.json_schema.schema", out.text
+            assert "limits.max_structured_chars" in error["message"]
+        else:
+            assert out.code() == grpc.StatusCode.INVALID_ARGUMENT and "limits.max_tools_chars" in out.details()
+    assert sorted({kind for kind, _ in outcomes}) == ["big", "free", "over", "tools"]
+
+
 def test_the_checkpoints_jinja_template_renders_tools(client):
     """Tokenize with tools renders through the checkpoint's Llama 3.1 template (its system header and tool
     instructions), not the built-in format."""

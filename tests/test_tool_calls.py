@@ -27,6 +27,42 @@ TOOLS = [WEATHER, ADD, NO_ARGS]
 
 # ---- validate_tools ----------------------------------------------------------------------------------------------
 
+def test_a_tool_schema_is_checked_against_the_meta_schema_once(monkeypatch):
+    """jsonschema's meta-schema check (~3 ms a tool) runs once per distinct parameters schema; an invalid one is
+    refused every time; the cache keeps at most CHECKED_SCHEMAS_CACHE_SIZE digests."""
+    import uuid
+
+    from jsonschema import Draft202012Validator
+
+    import workers.tool_calls as tool_calls
+
+    checks = []
+    real = Draft202012Validator.check_schema
+
+    def counting(schema, *args, **kwargs):
+        checks.append(json.dumps(schema, sort_keys=True))
+        return real(schema, *args, **kwargs)
+
+    monkeypatch.setattr(Draft202012Validator, "check_schema", counting)
+    monkeypatch.setattr(tool_calls, "CHECKED_SCHEMAS_CACHE_SIZE", 3)
+    fresh = uuid.uuid4().hex      # a schema no other test has checked
+    params = {"type": "object", "properties": {fresh: {"type": "string"}}, "required": [fresh]}
+    same_reordered = {"required": [fresh], "properties": {fresh: {"type": "string"}}, "type": "object"}
+    tool = lambda p: {"type": "function", "function": {"name": "f", "parameters": p}}  # noqa: E731
+    assert validate_tools([tool(params)]) == validate_tools([tool(same_reordered)])
+    assert len(checks) == 1
+    bad = {"type": "object", "properties": {fresh: {"type": 5}}}
+    for _ in range(2):
+        with pytest.raises(InvalidRequestError):
+            validate_tools([tool(bad)])
+    assert len(checks) == 3
+    for i in range(4):
+        validate_tools([tool({"type": "object", "properties": {f"{fresh}{i}": {"type": "integer"}}})])
+    assert len(tool_calls._checked_schemas) == 3
+    validate_tools([tool(params)])   # pushed out by the four after it: checked again
+    assert len(checks) == 8
+
+
 def test_valid_tools_are_normalised():
     tools = validate_tools([dict(WEATHER, extra="dropped"), ADD, NO_ARGS,
                             {"type": "function", "function": {"name": "x-1", "strict": True, "description": None}}])

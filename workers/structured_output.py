@@ -102,6 +102,21 @@ class StructuredOutputs:
         """Only the constraint that is set (so the dict reads like the request that made it)."""
         return {self.kind: getattr(self, self.kind)}
 
+    def chars(self) -> int:
+        """The constraint's size in characters (a schema given as a dict counts as its JSON text): what
+        validating and compiling it cost grows with it, so the edge bounds it before either."""
+        value = getattr(self, self.kind)
+        if self.kind == "json_object":
+            return 0
+        if self.kind == "choice":
+            return sum(len(c) if isinstance(c, str) else 0 for c in value)
+        if isinstance(value, str):
+            return len(value)
+        try:
+            return len(json.dumps(value))
+        except (TypeError, ValueError):  # not JSON at all: refused by validation, which names the problem
+            return 0
+
     def cache_key(self) -> str:
         value = getattr(self, self.kind)
         if self.kind == "json_schema" and isinstance(value, str):

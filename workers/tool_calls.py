@@ -15,10 +15,13 @@ What herd does with `tool_choice`:
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import secrets
 import string
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -31,6 +34,11 @@ TOOL_CHOICE_MODES = ("auto", "none", "required")
 _ID_ALPHABET = string.ascii_letters + string.digits
 # OpenAI: "omitting parameters defines a function with an empty parameter list".
 NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
+# Parameter schemas already found valid (SHA-256 of their sorted JSON text), most recent last. Edges check
+# tools in worker threads, hence the lock.
+CHECKED_SCHEMAS_CACHE_SIZE = 1024
+_checked_schemas: OrderedDict[bytes, None] = OrderedDict()
+_checked_lock = threading.Lock()
 
 
 # ---- validating the request --------------------------------------------------------------------------------------
@@ -40,7 +48,6 @@ def validate_tools(tools: Any) -> list[dict]:
     `{"type": "function", "function": {"name", "description"?, "parameters"?, "strict"?}}` (unknown keys are
     dropped). `parameters` must be a JSON schema (checked against the Draft 2020-12 meta-schema) for an object.
     Errors are InvalidRequestError naming the field, e.g. "tools[1].function.name"."""
-    from jsonschema import Draft202012Validator
     from jsonschema.exceptions import SchemaError
 
     if not isinstance(tools, list):
@@ -78,7 +85,7 @@ def validate_tools(tools: Any) -> list[dict]:
             if not isinstance(params, dict):
                 raise InvalidRequestError(where, f"must be a JSON schema object, got {_type(params)}")
             try:
-                Draft202012Validator.check_schema(params)
+                _check_parameters_schema(params)
             except SchemaError as e:
                 raise InvalidRequestError(where + _json_path(e.absolute_path),
                                           f"not a valid JSON schema: {e.message}") from None
@@ -92,6 +99,28 @@ def validate_tools(tools: Any) -> list[dict]:
             clean["strict"] = fn["strict"]
         out.append({"type": "function", "function": clean})
     return out
+
+
+def _check_parameters_schema(params: dict) -> None:
+    """jsonschema's meta-schema check (SchemaError if invalid), once per distinct schema: it takes ~3 ms for a
+    ten-argument function, and clients send the same tools with every request of a conversation."""
+    from jsonschema import Draft202012Validator
+
+    try:  # the digest, not the text: the cache's size must not depend on how large clients' schemas are
+        key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).digest()
+    except (TypeError, ValueError):  # not JSON (a client cannot send that): checked, never cached
+        key = None
+    with _checked_lock:
+        if key is not None and key in _checked_schemas:
+            _checked_schemas.move_to_end(key)
+            return
+    Draft202012Validator.check_schema(params)
+    if key is None:
+        return
+    with _checked_lock:
+        _checked_schemas[key] = None
+        while len(_checked_schemas) > CHECKED_SCHEMAS_CACHE_SIZE:
+            _checked_schemas.popitem(last=False)
 
 
 def validate_tool_choice(tool_choice: Any, tools: list[dict] | None) -> str | dict:
@@ -134,8 +163,8 @@ def tool_call_json_schema(tools: list[dict] | None, tool_choice: str | dict | No
     """The JSON schema of the one tool call that `tool_choice` forces, in Llama 3.1's format
     `{"name": <function>, "parameters": {...}}`: for a named function its own call, for "required" an anyOf over
     every tool's call. None for "auto" / "none" (nothing is forced). Each function's `parameters` schema is
-    embedded as it is (a function without `parameters` takes none: `{}`); its local `$ref`s are rewritten so that they still point inside it (a `$defs` of a
-    function moves to the root under a per-function prefix)."""
+    embedded as it is (a function without `parameters` takes none: `{}`); its local `$ref`s are rewritten so
+    that they still point inside it (a `$defs` of a function moves to the root under a per-function prefix)."""
     tool_choice = validate_tool_choice(tool_choice, tools)
     if tool_choice in ("auto", "none"):
         return None
