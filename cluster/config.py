@@ -84,6 +84,7 @@ class LimitsConfig(_Strict):
     max_stop_string_chars: int = Field(256, ge=1, description="characters of one stop string")
     max_stop_token_ids: int = Field(64, ge=0, description="stop token ids per request")
     max_logprobs: int = Field(20, ge=0, le=20, description="top-N log-probabilities per token")
+    max_logit_bias_tokens: int = Field(1024, ge=0, description="token ids in one request's logit_bias")
     max_structured_chars: int = Field(262_144, ge=1, description=(
         "characters of a structured-output constraint: JSON schema text, regex, grammar, or all choices"))
     max_tools_chars: int = Field(262_144, ge=1, description="characters of a chat request's tools, as JSON")

@@ -63,6 +63,9 @@ class InputLimits:
                          "max_stop_string_chars")
         ids = sampling.get("stop_token_ids") or []
         _at_most("stop_token_ids", len(ids), self.cfg.max_stop_token_ids, "ids", "max_stop_token_ids")
+        bias = sampling.get("logit_bias") or {}
+        if hasattr(bias, "__len__"):   # (a wrong type is SamplingParams' to name)
+            _at_most("logit_bias", len(bias), self.cfg.max_logit_bias_tokens, "token ids", "max_logit_bias_tokens")
         logprobs = sampling.get("logprobs")
         if isinstance(logprobs, int) and not isinstance(logprobs, bool):
             _at_most("logprobs", logprobs, self.cfg.max_logprobs, "top log-probabilities", "max_logprobs")

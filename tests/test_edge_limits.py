@@ -26,6 +26,7 @@ def limits(**kw) -> InputLimits:
     ({"logprobs": 21}, "logprobs"),
     ({"repetition_penalty": 0.001}, "repetition_penalty"),
     ({"repetition_penalty": 11.0}, "repetition_penalty"),
+    ({"logit_bias": {str(i): 1.0 for i in range(1025)}}, "logit_bias"),
 ])
 def test_sampling_limits_name_the_field(sampling, field):
     with pytest.raises(ApiError) as e:
@@ -36,7 +37,7 @@ def test_sampling_limits_name_the_field(sampling, field):
 
 def test_sampling_within_limits_passes():
     limits().check_sampling({"stop": ["a"] * 16, "stop_token_ids": list(range(64)), "logprobs": 20,
-                             "repetition_penalty": 1.2})
+                             "repetition_penalty": 1.2, "logit_bias": {str(i): 1.0 for i in range(1024)}})
 
 
 def test_text_and_message_limits():

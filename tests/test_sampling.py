@@ -344,6 +344,32 @@ def test_logit_bias_forces_and_bans_tokens():
     assert 3 not in draws and len(set(draws)) > 5
 
 
+def test_a_sequences_logit_bias_tensors_are_built_once(monkeypatch):
+    """The bias is turned into tensors at the first step and reused (rebuilding them every step cost the whole
+    batch ~22 ms a step for a 128k-entry bias); a dtype change (another model runner) rebuilds them."""
+    import workers.sampling as sampling
+
+    built = []
+    real_tensor = torch.tensor
+
+    def counting(data, *args, **kwargs):
+        built.append(len(data) if isinstance(data, list) else 1)
+        return real_tensor(data, *args, **kwargs)
+
+    bias = {i: -1.0 for i in range(0, 4000, 2)}
+    st = states([SamplingParams(temperature=0, logit_bias=bias)])
+    logits = torch.zeros(1, 4000)
+    monkeypatch.setattr(sampling.torch, "tensor", counting)
+    first = sampling.apply_logit_masks(logits, st)
+    built_at_first = sum(n == len(bias) for n in built)
+    for _ in range(5):
+        again = sampling.apply_logit_masks(logits, st)
+    assert built_at_first == 2 and sum(n == len(bias) for n in built) == 2   # ids and values, once
+    assert torch.equal(first, again) and again[0, 0] == -1.0 and again[0, 1] == 0.0
+    sampling.apply_logit_masks(logits.to(torch.float64), st)
+    assert sum(n == len(bias) for n in built) == 4
+
+
 def test_logit_bias_shifts_the_distribution_but_not_the_logprobs():
     logits = torch.zeros(1, 4)
     p = SamplingParams(temperature=1.0, seed=0, logit_bias={2: math.log(9.0)}, logprobs=1)  # token 2: 9x as likely

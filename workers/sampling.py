@@ -40,6 +40,16 @@ class SamplingState:
     output_token_ids: list[int]
     generator: torch.Generator | None
     grammar: GrammarMatcher | None = None  # set by the engine once the request's grammar is compiled
+    # logit_bias as (ids, values) tensors, built at the first step that needs them: rebuilding them from the
+    # dict every step cost ~22 ms a step for a 128k-entry bias, paid by the whole batch.
+    _bias: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def bias_tensors(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._bias is None or self._bias[1].device != device or self._bias[1].dtype != dtype:
+            bias = self.params.logit_bias
+            self._bias = (torch.tensor(list(bias), dtype=torch.long, device=device),
+                          torch.tensor(list(bias.values()), dtype=dtype, device=device))
+        return self._bias
 
     @classmethod
     def create(cls, params: SamplingParams, prompt_token_ids: Sequence[int], seed_offset: int = 0) -> "SamplingState":
@@ -106,9 +116,7 @@ def apply_logit_masks(logits: torch.Tensor, states: Sequence[SamplingState]) -> 
     if biased:
         logits = logits.clone()
         for i in biased:
-            bias = states[i].params.logit_bias
-            ids = torch.tensor(list(bias), dtype=torch.long, device=dev)
-            logits[i].index_add_(0, ids, torch.tensor(list(bias.values()), dtype=logits.dtype, device=dev))
+            logits[i].index_add_(0, *states[i].bias_tensors(dev, logits.dtype))
     rows = [i for i, st in enumerate(states) if st.grammar is not None]
     if not rows:
         return logits
