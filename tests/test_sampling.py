@@ -225,6 +225,46 @@ def test_penalties_match_the_definition():
     assert torch.equal(out[1], logits[1])  # a row without penalties is untouched
 
 
+def _dense_penalties(logits: torch.Tensor, states) -> torch.Tensor:
+    """The definition over the whole vocabulary, row by row: the reference for apply_penalties."""
+    out = logits.clone()
+    vocab = logits.shape[1]
+    for i, st in enumerate(states):
+        p = st.params
+        if p.repetition_penalty != 1.0:
+            seen = torch.zeros(vocab, dtype=torch.bool)
+            seen[st.prompt_token_ids + st.output_token_ids] = True
+            row = out[i]
+            out[i] = torch.where(seen, torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty),
+                                 row)
+        if p.frequency_penalty or p.presence_penalty:
+            counts = torch.bincount(torch.tensor(st.output_token_ids, dtype=torch.long), minlength=vocab)
+            counts = counts.to(logits.dtype)
+            out[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+    return out
+
+
+def test_penalties_touch_only_seen_tokens_and_equal_the_dense_definition():
+    """Random batches: rows with and without each penalty, empty and repeated outputs, prompts of 0 to 300
+    tokens: apply_penalties (which reads and writes only the tokens a row has seen) equals the dense
+    definition bit for bit."""
+    import random
+
+    rng = random.Random(5)
+    vocab = 500
+    for _ in range(20):
+        states_, n = [], rng.randint(1, 12)
+        for _ in range(n):
+            params = SamplingParams(repetition_penalty=rng.choice([1.0, 0.7, 1.3]),
+                                    frequency_penalty=rng.choice([0.0, 0.5, -1.25]),
+                                    presence_penalty=rng.choice([0.0, 0.25, -2.0]))
+            st = SamplingState.create(params, [rng.randrange(vocab) for _ in range(rng.randint(0, 300))])
+            st.output_token_ids += [rng.randrange(40) for _ in range(rng.randint(0, 60))]   # repeats
+            states_.append(st)
+        logits = torch.randn(n, vocab, generator=torch.Generator().manual_seed(rng.randrange(1000)))
+        assert torch.equal(apply_penalties(logits.clone(), states_), _dense_penalties(logits, states_))
+
+
 def test_frequency_and_presence_count_output_tokens_only():
     logits = torch.zeros(1, 4)
     st = SamplingState.create(SamplingParams(frequency_penalty=1.0, presence_penalty=-0.5), prompt_token_ids=[3, 3])

@@ -43,6 +43,13 @@ class SamplingState:
     # logit_bias as (ids, values) tensors, built at the first step that needs them: rebuilding them from the
     # dict every step cost ~22 ms a step for a 128k-entry bias, paid by the whole batch.
     _bias: tuple[torch.Tensor, torch.Tensor] | None = None
+    _prompt_ids: torch.Tensor | None = None
+
+    def prompt_ids(self, device: torch.device) -> torch.Tensor:
+        """The prompt's distinct token ids (what the repetition penalty looks at), computed once."""
+        if self._prompt_ids is None or self._prompt_ids.device != device:
+            self._prompt_ids = torch.tensor(self.prompt_token_ids, dtype=torch.long, device=device).unique()
+        return self._prompt_ids
 
     def bias_tensors(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if self._bias is None or self._bias[1].device != device or self._bias[1].dtype != dtype:
@@ -76,32 +83,49 @@ def _padded(rows: Sequence[Sequence[int]], pad: int, device: torch.device) -> to
 def apply_penalties(logits: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
     """In place on logits [N, V], rows that ask for it only:
     repetition penalty over prompt + output tokens (HF: positive logits / r, negative logits * r), then
-    frequency and presence penalties over output tokens (OpenAI: logit -= f * count + p * [count > 0])."""
-    n, vocab = logits.shape
-    dev = logits.device
+    frequency and presence penalties over output tokens (OpenAI: logit -= f * count + p * [count > 0]).
 
-    rep = [i for i, st in enumerate(states) if st.params.repetition_penalty != 1.0]
+    Only the logits of tokens a row has seen are read and written: over the whole vocabulary (a [rows, 128k]
+    mask and counts) 32 penalised rows cost 45 ms a step on a CPU, paid by every sequence of the batch."""
+    dev = logits.device
+    rep = [i for i, st in enumerate(states)
+           if st.params.repetition_penalty != 1.0 and (st.prompt_token_ids or st.output_token_ids)]
     if rep:
-        # Token ids padded with `vocab` scatter into a spare last column that is then dropped.
-        ids = _padded([states[i].prompt_token_ids + states[i].output_token_ids for i in rep], vocab, dev)
-        seen = torch.zeros(len(rep), vocab + 1, dtype=torch.bool, device=dev).scatter_(1, ids, True)[:, :vocab]
+        rows = torch.tensor(rep, device=dev)[:, None]
+        ids = _seen_ids([states[i] for i in rep], dev)
         r = torch.tensor([states[i].params.repetition_penalty for i in rep], dtype=logits.dtype, device=dev)[:, None]
-        idx = torch.tensor(rep, device=dev)
-        rows = logits[idx]
-        penalised = torch.where(rows > 0, rows / r, rows * r)
-        logits[idx] = torch.where(seen, penalised, rows)
+        seen = logits[rows, ids]
+        # A token listed twice in a row is written twice with the same value: the order does not matter.
+        logits[rows, ids] = torch.where(seen > 0, seen / r, seen * r)
 
     additive = [i for i, st in enumerate(states)
                 if (st.params.frequency_penalty or st.params.presence_penalty) and st.output_token_ids]
     if additive:
-        ids = _padded([states[i].output_token_ids for i in additive], vocab, dev)
-        counts = torch.zeros(len(additive), vocab + 1, dtype=logits.dtype, device=dev)
-        counts = counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=logits.dtype))[:, :vocab]
+        row, token, count = _output_counts([states[i].output_token_ids for i in additive], logits.shape[1], dev)
         f = torch.tensor([states[i].params.frequency_penalty for i in additive], dtype=logits.dtype, device=dev)
         p = torch.tensor([states[i].params.presence_penalty for i in additive], dtype=logits.dtype, device=dev)
-        idx = torch.tensor(additive, device=dev)
-        logits[idx] -= f[:, None] * counts + p[:, None] * (counts > 0).to(logits.dtype)
+        target = torch.tensor(additive, device=dev)[row]
+        logits[target, token] -= f[row] * count.to(logits.dtype) + p[row]
     return logits
+
+
+def _seen_ids(states: Sequence[SamplingState], device: torch.device) -> torch.Tensor:
+    """[rows, width] the token ids each state has seen (prompt, then output), a short row padded with its own
+    first id. The prompt's distinct ids are computed once per sequence."""
+    seqs = [torch.cat([st.prompt_ids(device), torch.tensor(st.output_token_ids, dtype=torch.long, device=device)])
+            for st in states]
+    ids = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=-1)
+    return torch.where(ids < 0, ids[:, :1], ids)
+
+
+def _output_counts(rows: Sequence[Sequence[int]], vocab: int, device: torch.device):
+    """(row, token, count) of every distinct token in each row, as three flat tensors."""
+    ids = _padded(rows, vocab, device)   # padded with `vocab`, which is no token: dropped below
+    keys = (torch.arange(len(rows), device=device)[:, None] * (vocab + 1) + ids).flatten()
+    distinct, count = torch.unique(keys, return_counts=True)
+    row, token = distinct // (vocab + 1), distinct % (vocab + 1)
+    real = token < vocab
+    return row[real], token[real], count[real]
 
 
 def apply_logit_masks(logits: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
