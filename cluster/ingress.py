@@ -47,7 +47,7 @@ from cluster.openai_http import OpenAIRoutes, openai_app
 from cluster.replica_shutdown import on_replica_shutdown
 from cluster.request_body import SlowBodies
 from cluster.pb import inference_pb2 as pb
-from cluster.proto_convert import (messages_from_proto, response_from_chunk, sampling_from_proto,
+from cluster.proto_convert import (messages_from_proto, responses_from_chunk, sampling_from_proto,
                                    tool_choice_from_proto, tools_from_proto)
 
 log = logging.getLogger(f"herd.{__name__}")
@@ -621,7 +621,8 @@ class InferenceIngress(OpenAIRoutes):
                 grpc_context.set_trailing_metadata([(REQUEST_ID_HEADER, request_id)])
                 tracing.set_attribute(span, "herd.request_id", request_id)
                 async for chunk in tools.parse(self.frontend.generate(route, ids, sampling, cache_salt)):
-                    yield response_from_chunk(chunk, request_id, token_text, ids)
+                    for resp in responses_from_chunk(chunk, request_id, token_text, ids):
+                        yield resp
         except ApiError as e:
             raise _set_status(grpc_context, e) from None
         except Exception as e:  # noqa: BLE001 - a bug here; the client gets a clean INTERNAL

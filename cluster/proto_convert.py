@@ -8,10 +8,14 @@ applies, never proto's zero.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Iterator
 
 from cluster.errors import ApiError
 from cluster.pb import inference_pb2 as pb
+
+# Prompt positions whose logprobs one GenerateResponse carries at most (see responses_from_chunk): with the
+# top 20 and long token texts, ~1 MiB.
+PROMPT_LOGPROBS_PER_MESSAGE = 512
 
 
 def _is_map(f) -> bool:
@@ -103,7 +107,7 @@ def _token_logprob(token_id: int, entry: dict, token_text) -> pb.TokenLogprob:
 
 def response_from_chunk(chunk: dict, request_id: str, token_text, prompt_ids: list[int]) -> pb.GenerateResponse:
     """One stream chunk of the model deployment (cluster.deployment's contract, plus "tool_calls" from
-    cluster.chat_tools) as a GenerateResponse. `token_text(id)` gives a token's text."""
+    cluster.chat_tools) as one GenerateResponse. `token_text(id)` gives a token's text."""
     resp = pb.GenerateResponse(token_ids=chunk["token_ids"], text=chunk["text"],
                                finish_reason=chunk["finish_reason"] or "", request_id=request_id,
                                index=chunk.get("index", 0))
@@ -117,9 +121,34 @@ def response_from_chunk(chunk: dict, request_id: str, token_text, prompt_ids: li
     for call in chunk.get("tool_calls") or ():
         resp.tool_calls.append(pb.ToolCall(id=call["id"], name=call["function"]["name"],
                                            arguments=call["function"]["arguments"]))
-    prompt_logprobs = chunk.get("prompt_logprobs")
-    if prompt_logprobs:
-        # The first prompt token has no logprob (nothing precedes it): positions from the second on.
-        resp.prompt_logprobs.extend(_token_logprob(tok, entry, token_text)
-                                    for tok, entry in zip(prompt_ids[1:], prompt_logprobs[1:]) if entry)
+    resp.prompt_logprobs.extend(_token_logprob(tok, entry, token_text)
+                                for tok, entry in _prompt_entries(chunk, prompt_ids))
     return resp
+
+
+def responses_from_chunk(chunk: dict, request_id: str, token_text, prompt_ids: list[int],
+                         per_message: int = PROMPT_LOGPROBS_PER_MESSAGE) -> Iterator[pb.GenerateResponse]:
+    """`response_from_chunk`, with a long prompt's logprobs spread over several responses: the leading ones
+    carry `per_message` positions each and nothing else (request_id and index set), the last one the rest
+    with the chunk's tokens. In one response, a 16k-token prompt's logprobs with their top 20 came to 7 MiB
+    (a gRPC client's default limit is 4 MiB, the proxy's limits.max_grpc_message_bytes 8 MiB) and took the
+    ingress's event loop for the whole conversion; between these responses it serves other streams."""
+    entries = _prompt_entries(chunk, prompt_ids)
+    index = chunk.get("index", 0)
+    while len(entries) > per_message:
+        head, entries = entries[:per_message], entries[per_message:]
+        yield pb.GenerateResponse(request_id=request_id, index=index,
+                                  prompt_logprobs=[_token_logprob(tok, entry, token_text) for tok, entry in head])
+    rest = {**chunk, "prompt_logprobs": None}
+    resp = response_from_chunk(rest, request_id, token_text, prompt_ids)
+    resp.prompt_logprobs.extend(_token_logprob(tok, entry, token_text) for tok, entry in entries)
+    yield resp
+
+
+def _prompt_entries(chunk: dict, prompt_ids: list[int]) -> list[tuple[int, dict]]:
+    """(token, logprob entry) of each prompt position that has one: the first prompt token has none (nothing
+    precedes it), so positions from the second on."""
+    prompt_logprobs = chunk.get("prompt_logprobs")
+    if not prompt_logprobs:
+        return []
+    return [(tok, entry) for tok, entry in zip(prompt_ids[1:], prompt_logprobs[1:]) if entry]

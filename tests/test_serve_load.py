@@ -107,6 +107,26 @@ def test_64_streams_share_one_engine_batch_while_health_answers(cluster, client)
     assert peak[0] == WIDE  # all 64 were in the engine's running batch at once (its own counter)
 
 
+def test_a_long_prompts_logprobs_arrive_in_bounded_responses_beside_other_streams(client):
+    """1,300 prompt tokens with their top-20 logprobs come as responses of at most PROMPT_LOGPROBS_PER_MESSAGE
+    positions, in order, before the token (in one response a 16k-token prompt's were 7 MiB: past a gRPC
+    client's default 4 MiB, and near the proxy's 8 MiB); 16 streams on another model meanwhile end normally."""
+    from cluster.proto_convert import PROMPT_LOGPROBS_PER_MESSAGE as PER
+
+    ids = prompt(5, n=1300)
+    with ThreadPoolExecutor(16) as pool:
+        others = [pool.submit(lambda i=i: outcome(client.generate("wide", prompt(i), max_tokens=64, timeout=300,
+                                                                  **GREEDY)))
+                  for i in range(16)]
+        responses = list(client.generate("narrow", ids, max_tokens=1, prompt_logprobs=20, timeout=300, **GREEDY))
+        assert [f.result() for f in others] == ["length"] * 16
+    carrying = [r for r in responses if r.prompt_logprobs]
+    assert [len(r.prompt_logprobs) for r in carrying] == [PER, PER, len(ids) - 1 - 2 * PER]
+    assert [p.token_id for r in carrying for p in r.prompt_logprobs] == ids[1:]
+    assert all(len(p.top_logprobs) >= 20 for r in carrying for p in r.prompt_logprobs)
+    assert [len(r.token_ids) for r in responses] == [0, 0, 1] and responses[-1].finish_reason == "length"
+
+
 def test_overload_is_refused_at_once_with_resource_exhausted(cluster, client):
     start = cluster.model_stats("narrow")["kv_blocks_free"]
     long_calls = [client.generate("narrow", prompt(i), max_tokens=LONG - 100, timeout=300, **GREEDY)

@@ -165,6 +165,32 @@ def test_response_from_chunk_carries_index_tool_calls_and_prompt_logprobs():
     assert [(t.token_id, t.token) for t in resp.prompt_logprobs[0].top_logprobs] == [(7, "<7>")]
 
 
+def test_a_long_prompts_logprobs_come_in_several_bounded_responses():
+    """Each response carries at most PROMPT_LOGPROBS_PER_MESSAGE prompt positions: the leading ones only
+    those (with request_id and index), the last one the rest with the chunk's tokens; all in order. At the
+    default, a 16k-token prompt's top-20 logprobs in one response were 7 MiB."""
+    from cluster.proto_convert import PROMPT_LOGPROBS_PER_MESSAGE, responses_from_chunk
+
+    prompt = list(range(100, 100 + 2 * PROMPT_LOGPROBS_PER_MESSAGE + 8))
+    entries = [None] + [{"logprob": -float(i), "top": [[i, -0.25]] * 20} for i in range(1, len(prompt))]
+    chunk = {"index": 1, "token_ids": [5], "text": "x", "logprobs": None, "finish_reason": None,
+             "prompt_logprobs": entries}
+    responses = list(responses_from_chunk(chunk, "r9", lambda t: f"<{t}>", prompt))
+    assert [len(r.prompt_logprobs) for r in responses] == [PROMPT_LOGPROBS_PER_MESSAGE] * 2 + [7]
+    assert all((r.request_id, r.index) == ("r9", 1) for r in responses)
+    assert [list(r.token_ids) for r in responses] == [[], [], [5]] and responses[-1].text == "x"
+    flat = [p for r in responses for p in r.prompt_logprobs]
+    assert [p.token_id for p in flat] == prompt[1:] and [p.logprob for p in flat] == [-float(i) for i in
+                                                                                      range(1, len(prompt))]
+    assert max(r.ByteSize() for r in responses) < 1 << 20
+    # a short prompt (or none) stays one response, equal to response_from_chunk's
+    short = {**chunk, "prompt_logprobs": entries[:4]}
+    [one] = responses_from_chunk(short, "r9", lambda t: f"<{t}>", prompt)
+    assert [p.token_id for p in one.prompt_logprobs] == prompt[1:4] and list(one.token_ids) == [5]
+    [plain] = responses_from_chunk({**chunk, "prompt_logprobs": None}, "r9", str, prompt)
+    assert not plain.prompt_logprobs
+
+
 def test_openai_sampling_mapping():
     from cluster.openai_http import ChatCompletionRequest, CompletionRequest
 
