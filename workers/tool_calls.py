@@ -348,61 +348,116 @@ class ToolCallStreamParser:
 
     def __init__(self, tools: Iterable[dict | str] | None):
         self.names = tool_names(tools)
-        self._held = ""
+        # Held text as pieces, joined only when it is decoded or let go: appending to one string copies it
+        # each time, and an answer can be 100k tokens long.
+        self._held: list[str] = []
         self._state = "undecided" if self.names else "content"  # -> "content" | "maybe_call"
+        self._first_value = _FirstJsonValue()
+        self._decided = False  # the first JSON value has been decoded (and it is a call, or broken)
+        self._tag_begun = False  # undecided: the start of <|python_tag|> is held
 
     def feed(self, delta: str) -> str:
         if self._state == "content":
             return delta
-        self._held += delta
+        self._held.append(delta)
         if self._state == "undecided":
-            head = self._held.lstrip()
-            if not head:
-                return ""
+            if not delta.strip() and not self._tag_begun:
+                return ""  # only whitespace so far
+            head = self._text().lstrip()   # short: whitespace, then at most a tag's length
             if head[0] in "{[" or head.startswith(PYTHON_TAG):
                 self._state = "maybe_call"
-            elif PYTHON_TAG.startswith(head):
+                return self._let_go() if self._cannot_be_a_call(self._text()) else ""
+            if PYTHON_TAG.startswith(head):
+                self._tag_begun = True
                 return ""  # "<|pyth..." so far: wait for the rest of the tag
-            else:
-                return self._let_go()
-        if self._cannot_be_a_call(delta):
             return self._let_go()
-        return ""
+        return self._let_go() if self._cannot_be_a_call(delta) else ""
 
-    def _cannot_be_a_call(self, delta: str) -> bool:
-        """Whether the held text fails parse_tool_calls whatever follows it (checked when it may have changed)."""
-        body = self._held.lstrip()
-        if body.startswith(PYTHON_TAG):
-            body = body[len(PYTHON_TAG):].lstrip()
+    def _cannot_be_a_call(self, new_text: str) -> bool:
+        """Whether the held text fails parse_tool_calls whatever follows it. Each character is looked at once:
+        the held text is decoded only when `new_text` ends its first JSON value (re-decoding it at every
+        closing bracket cost 2.5 s for a 107 KB answer, all of it on the ingress's event loop)."""
+        if self._decided:
+            return False
+        if not self._first_value.opened:
+            body = self._text().lstrip()   # short until the value opens: whitespace and the tag
+            if body.startswith(PYTHON_TAG):
+                body = body[len(PYTHON_TAG):].lstrip()
             if body and body[0] not in "{[":
                 return True
-        if not body or ("}" not in delta and "]" not in delta):
+        if not self._first_value.ends_in(new_text):
             return False
+        self._decided = True
+        body = self._text().lstrip()
+        if body.startswith(PYTHON_TAG):
+            body = body[len(PYTHON_TAG):].lstrip()
         try:  # an object or list ends at its closing bracket: text that follows cannot change it
             value, _ = _decoder.raw_decode(body)
         except json.JSONDecodeError:
-            return False  # unfinished (or broken: finish() will tell)
+            return False  # broken: finish() will tell
         names = set(self.names)
         return any(_one_call(item, names) is None for item in (value if isinstance(value, list) else [value]))
 
+    def _text(self) -> str:
+        if len(self._held) > 1:
+            self._held = ["".join(self._held)]
+        return self._held[0] if self._held else ""
+
     def _let_go(self) -> str:
         self._state = "content"
-        out, self._held = self._held, ""
+        out, self._held = self._text(), []
         return out
 
     @property
     def buffering(self) -> bool:
         """Whether text is being held back (the answer may still be a tool call)."""
-        return self._state != "content" and bool(self._held)
+        return self._state != "content" and any(self._held)
 
     def finish(self) -> ParsedToolCalls:
-        held, self._held = self._held, ""
+        held, self._held = self._text(), []
         if self._state == "maybe_call":
             parsed = parse_tool_calls(held, self.names)
             if parsed.tool_calls:
                 return parsed
         self._state = "content"
         return ParsedToolCalls(content=held, tool_calls=[])
+
+
+class _FirstJsonValue:
+    """Where the first JSON object or list of a text fed piece by piece ends: brackets counted outside
+    strings (escapes inside them skipped), each character looked at once."""
+    _STRUCTURE = re.compile(r'["\\{}\[\]]')
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.opened = False       # its first bracket has arrived
+        self._in_string = False
+        self._escape_next = False  # the previous piece ended with a backslash inside a string
+
+    def ends_in(self, piece: str) -> bool:
+        """Whether `piece` (the text after the previous one) holds the bracket that closes the first value."""
+        escaped = 0 if self._escape_next else -1   # the index in `piece` of a character a backslash escapes
+        self._escape_next = False
+        for match in self._STRUCTURE.finditer(piece):
+            i, char = match.start(), match.group()
+            if i == escaped:
+                continue
+            if self._in_string:
+                if char == "\\":
+                    escaped = i + 1
+                    self._escape_next = escaped == len(piece)
+                elif char == '"':
+                    self._in_string = False
+            elif char == '"':
+                self._in_string = True
+            elif char in "{[":
+                self.depth += 1
+                self.opened = True
+            else:
+                self.depth -= 1
+                if self.depth <= 0:
+                    return True
+        return False
 
 
 # ---- helpers -----------------------------------------------------------------------------------------------------
