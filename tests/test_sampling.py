@@ -261,8 +261,31 @@ def test_penalties_touch_only_seen_tokens_and_equal_the_dense_definition():
             st = SamplingState.create(params, [rng.randrange(vocab) for _ in range(rng.randint(0, 300))])
             st.output_token_ids += [rng.randrange(40) for _ in range(rng.randint(0, 60))]   # repeats
             states_.append(st)
-        logits = torch.randn(n, vocab, generator=torch.Generator().manual_seed(rng.randrange(1000)))
-        assert torch.equal(apply_penalties(logits.clone(), states_), _dense_penalties(logits, states_))
+        for _ in range(3):   # the sequences' SeenTokens, kept from step to step, follow their outputs
+            logits = torch.randn(n, vocab, generator=torch.Generator().manual_seed(rng.randrange(1000)))
+            assert torch.equal(apply_penalties(logits.clone(), states_), _dense_penalties(logits, states_))
+            for st in states_:
+                st.output_token_ids += [rng.randrange(vocab) for _ in range(rng.randint(0, 40))]
+
+
+def test_seen_tokens_follow_a_growing_output():
+    """Distinct tokens of prompt and output, with output counts, updated from the new tokens only."""
+    import random
+    from collections import Counter
+
+    from workers.seen_tokens import SeenTokens
+
+    rng = random.Random(3)
+    prompt = [rng.randrange(50) for _ in range(30)]
+    output: list[int] = []
+    seen = SeenTokens(prompt)
+    for _ in range(40):   # grows past its first capacity several times
+        output += [rng.randrange(3000) for _ in range(rng.randint(0, 25))]
+        seen.update(output)
+        counts = Counter(output)
+        assert sorted(seen.ids.tolist()) == sorted(set(prompt) | set(output))
+        assert dict(zip(seen.ids.tolist(), seen.output_counts.tolist())) == {t: counts.get(t, 0)
+                                                                              for t in set(prompt) | set(output)}
 
 
 def test_frequency_and_presence_count_output_tokens_only():

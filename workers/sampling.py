@@ -22,6 +22,7 @@ from .gpu_sampling import draw as vectorized_draw, vectorized_draw_enabled
 # fields); re-exported here, beside the sampler that applies them.
 from .sampling_params import (GREEDY_TEMPERATURE, MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_N,  # noqa: F401
                               MAX_SEED, SamplingParams)
+from .seen_tokens import SeenTokens
 from .structured_output import GrammarMatcher, allowed_tokens
 
 # top-p compares float32 cumulative sums with the threshold; a mass that equals top_p up to rounding counts
@@ -43,13 +44,13 @@ class SamplingState:
     # logit_bias as (ids, values) tensors, built at the first step that needs them: rebuilding them from the
     # dict every step cost ~22 ms a step for a 128k-entry bias, paid by the whole batch.
     _bias: tuple[torch.Tensor, torch.Tensor] | None = None
-    _prompt_ids: torch.Tensor | None = None
+    _seen: SeenTokens | None = None
 
-    def prompt_ids(self, device: torch.device) -> torch.Tensor:
-        """The prompt's distinct token ids (what the repetition penalty looks at), computed once."""
-        if self._prompt_ids is None or self._prompt_ids.device != device:
-            self._prompt_ids = torch.tensor(self.prompt_token_ids, dtype=torch.long, device=device).unique()
-        return self._prompt_ids
+    def seen_tokens(self) -> SeenTokens:
+        """The distinct tokens of prompt and output with their output counts, up to date (the penalties')."""
+        if self._seen is None:
+            self._seen = SeenTokens(self.prompt_token_ids)
+        return self._seen.update(self.output_token_ids)
 
     def bias_tensors(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if self._bias is None or self._bias[1].device != device or self._bias[1].dtype != dtype:
@@ -85,47 +86,41 @@ def apply_penalties(logits: torch.Tensor, states: Sequence[SamplingState]) -> to
     repetition penalty over prompt + output tokens (HF: positive logits / r, negative logits * r), then
     frequency and presence penalties over output tokens (OpenAI: logit -= f * count + p * [count > 0]).
 
-    Only the logits of tokens a row has seen are read and written: over the whole vocabulary (a [rows, 128k]
-    mask and counts) 32 penalised rows cost 45 ms a step on a CPU, paid by every sequence of the batch."""
+    Only the logits of tokens a row has seen are read and written, from each sequence's SeenTokens: over the
+    whole vocabulary (a [rows, 128k] mask and counts) 32 penalised rows cost 45 ms a step on a CPU."""
     dev = logits.device
     rep = [i for i, st in enumerate(states)
            if st.params.repetition_penalty != 1.0 and (st.prompt_token_ids or st.output_token_ids)]
     if rep:
+        ids, _ = _seen([states[i] for i in rep], dev)
         rows = torch.tensor(rep, device=dev)[:, None]
-        ids = _seen_ids([states[i] for i in rep], dev)
         r = torch.tensor([states[i].params.repetition_penalty for i in rep], dtype=logits.dtype, device=dev)[:, None]
         seen = logits[rows, ids]
-        # A token listed twice in a row is written twice with the same value: the order does not matter.
+        # A row's padding repeats its first token, which is then written twice with the same value.
         logits[rows, ids] = torch.where(seen > 0, seen / r, seen * r)
 
     additive = [i for i, st in enumerate(states)
                 if (st.params.frequency_penalty or st.params.presence_penalty) and st.output_token_ids]
     if additive:
-        row, token, count = _output_counts([states[i].output_token_ids for i in additive], logits.shape[1], dev)
+        ids, counts = _seen([states[i] for i in additive], dev)
+        counts = counts.to(logits.dtype)
         f = torch.tensor([states[i].params.frequency_penalty for i in additive], dtype=logits.dtype, device=dev)
         p = torch.tensor([states[i].params.presence_penalty for i in additive], dtype=logits.dtype, device=dev)
-        target = torch.tensor(additive, device=dev)[row]
-        logits[target, token] -= f[row] * count.to(logits.dtype) + p[row]
+        delta = f[:, None] * counts + p[:, None] * (counts > 0).to(logits.dtype)
+        rows = torch.tensor(additive, device=dev)[:, None].expand_as(ids)
+        # Added, not assigned: a padding entry (the row's first token again) adds 0 beside the real one.
+        logits.index_put_((rows, ids), -delta, accumulate=True)
     return logits
 
 
-def _seen_ids(states: Sequence[SamplingState], device: torch.device) -> torch.Tensor:
-    """[rows, width] the token ids each state has seen (prompt, then output), a short row padded with its own
-    first id. The prompt's distinct ids are computed once per sequence."""
-    seqs = [torch.cat([st.prompt_ids(device), torch.tensor(st.output_token_ids, dtype=torch.long, device=device)])
-            for st in states]
-    ids = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=-1)
-    return torch.where(ids < 0, ids[:, :1], ids)
-
-
-def _output_counts(rows: Sequence[Sequence[int]], vocab: int, device: torch.device):
-    """(row, token, count) of every distinct token in each row, as three flat tensors."""
-    ids = _padded(rows, vocab, device)   # padded with `vocab`, which is no token: dropped below
-    keys = (torch.arange(len(rows), device=device)[:, None] * (vocab + 1) + ids).flatten()
-    distinct, count = torch.unique(keys, return_counts=True)
-    row, token = distinct // (vocab + 1), distinct % (vocab + 1)
-    real = token < vocab
-    return row[real], token[real], count[real]
+def _seen(states: Sequence[SamplingState], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[rows, width] the distinct tokens each state has seen and their output counts; a short row is padded
+    with its own first token and a count of 0."""
+    seen = [st.seen_tokens() for st in states]
+    ids = torch.nn.utils.rnn.pad_sequence([s.ids for s in seen], batch_first=True, padding_value=-1)
+    counts = torch.nn.utils.rnn.pad_sequence([s.output_counts for s in seen], batch_first=True, padding_value=0)
+    ids = torch.where(ids < 0, ids[:, :1], ids)
+    return ids.to(device), counts.to(device)
 
 
 def apply_logit_masks(logits: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
