@@ -138,8 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks (print JSON figures)")
     bench_sub = bench.add_subparsers(dest="scenario", required=True)
-    from benchmarks import engine_bench, load_bench, parallel_bench, routing_sim, serve_bench, soak_bench
+    from benchmarks import (engine_bench, load_bench, parallel_bench, routing_sim, sampler_bench, serve_bench,
+                            soak_bench)
     engine_bench.register_bench(bench_sub)
+    sampler_bench.register_bench(bench_sub)  # herd bench sampler
     parallel_bench.register_bench(bench_sub)
     serve_bench.register_bench(bench_sub)
     routing_sim.register_bench(bench_sub)
