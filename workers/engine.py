@@ -605,23 +605,27 @@ class Engine:
         for ids, params in zip(encoded, sampling_params):  # reject the whole batch before starting any of it
             self.validate(ids, params)
         outputs: dict[str, RequestOutput] = {}
+        deltas: dict[str, list[StreamDelta]] = {}
         unfinished: dict[str, int] = {}
         order = []
         for ids, params in zip(encoded, sampling_params):
             rid = self.add_request(ids, params)
             outputs[rid] = RequestOutput(rid, ids, completions=[CompletionOutput(i) for i in range(params.n)])
+            deltas[rid] = []
             unfinished[rid] = params.n
             order.append(rid)
         while unfinished:
             for d in self.step():
                 if d.request_id in unfinished:
-                    outputs[d.request_id].add(d)
+                    deltas[d.request_id].append(d)
                     if d.error is not None:
                         del unfinished[d.request_id]
                     elif d.finished:
                         unfinished[d.request_id] -= 1
                         if not unfinished[d.request_id]:
                             del unfinished[d.request_id]
+        for rid in order:
+            _gather(outputs[rid], deltas[rid])
         return [outputs[r] for r in order]
 
     # ---- operations ------------------------------------------------------------------------------
@@ -657,3 +661,19 @@ def _find_tokenizer(path: str) -> Tokenizer | None:
     except Exception as e:  # a checkpoint without a tokenizer still serves token-id prompts
         log.warning("%s: no usable tokenizer (%s); only token-id prompts will be accepted", path, e)
         return None
+
+
+def _gather(output: RequestOutput, deltas: list[StreamDelta]) -> None:
+    """A request's deltas into its output, each completion's merged in one pass (adding them one by one copied
+    its text and logprobs so far at each: quadratic in a long answer); a failure last, as it came."""
+    by_index: dict[int, list[StreamDelta]] = {}
+    failed = None
+    for d in deltas:
+        if d.error is not None:
+            failed = d
+        else:
+            by_index.setdefault(d.index, []).append(d)
+    for index in sorted(by_index):
+        output.add(StreamDelta.merged(by_index[index]))
+    if failed is not None:
+        output.add(failed)
