@@ -76,11 +76,6 @@ class SampleResult:
     logprobs: dict[int, float] | None = None
 
 
-def _padded(rows: Sequence[Sequence[int]], pad: int, device: torch.device) -> torch.Tensor:
-    width = max((len(r) for r in rows), default=0)
-    return torch.tensor([list(r) + [pad] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
-
-
 def apply_penalties(logits: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
     """In place on logits [N, V], rows that ask for it only:
     repetition penalty over prompt + output tokens (HF: positive logits / r, negative logits * r), then
@@ -91,25 +86,36 @@ def apply_penalties(logits: torch.Tensor, states: Sequence[SamplingState]) -> to
     dev = logits.device
     rep = [i for i, st in enumerate(states)
            if st.params.repetition_penalty != 1.0 and (st.prompt_token_ids or st.output_token_ids)]
+    additive = [i for i, st in enumerate(states)
+                if (st.params.frequency_penalty or st.params.presence_penalty) and st.output_token_ids]
+    penalised = sorted(set(rep) | set(additive))
+    if not penalised:
+        return logits
+    # The seen tokens of every penalised row, gathered once for both kinds of penalty.
+    all_rows = torch.tensor(penalised, device=dev)[:, None]
+    all_ids, all_counts = _seen([states[i] for i in penalised], dev)
+
+    def of(wanted: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if len(wanted) == len(penalised):
+            return all_rows, all_ids, all_counts
+        keep = set(wanted)
+        pick = torch.tensor([k for k, i in enumerate(penalised) if i in keep], device=dev)
+        return all_rows[pick], all_ids[pick], all_counts[pick]
+
     if rep:
-        ids, _ = _seen([states[i] for i in rep], dev)
-        rows = torch.tensor(rep, device=dev)[:, None]
+        rows, ids, _ = of(rep)
         r = torch.tensor([states[i].params.repetition_penalty for i in rep], dtype=logits.dtype, device=dev)[:, None]
         seen = logits[rows, ids]
         # A row's padding repeats its first token, which is then written twice with the same value.
         logits[rows, ids] = torch.where(seen > 0, seen / r, seen * r)
-
-    additive = [i for i, st in enumerate(states)
-                if (st.params.frequency_penalty or st.params.presence_penalty) and st.output_token_ids]
     if additive:
-        ids, counts = _seen([states[i] for i in additive], dev)
+        rows, ids, counts = of(additive)
         counts = counts.to(logits.dtype)
         f = torch.tensor([states[i].params.frequency_penalty for i in additive], dtype=logits.dtype, device=dev)
         p = torch.tensor([states[i].params.presence_penalty for i in additive], dtype=logits.dtype, device=dev)
         delta = f[:, None] * counts + p[:, None] * (counts > 0).to(logits.dtype)
-        rows = torch.tensor(additive, device=dev)[:, None].expand_as(ids)
         # Added, not assigned: a padding entry (the row's first token again) adds 0 beside the real one.
-        logits.index_put_((rows, ids), -delta, accumulate=True)
+        logits.index_put_((rows.expand_as(ids), ids), -delta, accumulate=True)
     return logits
 
 
