@@ -11,7 +11,6 @@ request (the engine-side pieces are workers.tool_calls):
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
@@ -42,6 +41,8 @@ class ChatTools:
     async def checked(cls, tools: Any, tool_choice: Any, limits: InputLimits) -> "ChatTools":
         """`from_request` at the edge: the tools' size bounded first (limits.max_tools_chars), and large ones
         checked off the event loop (jsonschema checks a tool's schema in ~3 ms, holding the GIL)."""
+        from workers.structured_output import json_chars
+
         chars = json_chars(tools)
         limits.check_tools_chars(chars)
         return await off_loop(chars, cls.from_request, tools, tool_choice, chars)
@@ -93,13 +94,3 @@ class ChatTools:
                 else:
                     chunk["text"] += parsed.content or ""
             yield chunk
-
-
-def json_chars(value: Any) -> int:
-    """Characters of `value` as JSON (0 for nothing, or for what is not JSON: validation names that)."""
-    if not value:
-        return 0
-    try:
-        return len(json.dumps(value))
-    except (TypeError, ValueError):
-        return 0

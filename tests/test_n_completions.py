@@ -72,11 +72,11 @@ def test_greedy_n_gives_n_equal_completions_and_mixes_with_other_requests(path):
 def test_deltas_of_different_completions_never_merge():
     a = StreamDelta("r", [1], "a", None, None, 3, 0, index=0, prompt_logprobs=[None, {5: -1.0}])
     b = StreamDelta("r", [2], "b", None, "stop", 3, 0, index=0)
-    merged = a.followed_by(b)
+    merged = StreamDelta.merged([a, b])
     assert (merged.token_ids, merged.text, merged.finish_reason, merged.index) == ([1, 2], "ab", "stop", 0)
     assert merged.prompt_logprobs == [None, {5: -1.0}]
     with pytest.raises(ValueError):
-        a.followed_by(StreamDelta("r", [3], "c", None, None, 3, 0, index=1))
+        StreamDelta.merged([a, StreamDelta("r", [3], "c", None, None, 3, 0, index=1)])
 
 
 def test_a_backlog_of_deltas_merges_into_one_in_order():

@@ -84,10 +84,6 @@ class StreamDelta:
         """This completion is finished (a request with n > 1 is finished when all n are)."""
         return self.finish_reason is not None
 
-    def followed_by(self, later: "StreamDelta") -> "StreamDelta":
-        """One delta holding this one and the `later` one of the same completion (neither failed)."""
-        return StreamDelta.merged([self, later])
-
     @staticmethod
     def merged(deltas: Seq["StreamDelta"]) -> "StreamDelta":
         """One delta holding consecutive `deltas` of one completion (none failed), built in one pass: merged

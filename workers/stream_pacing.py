@@ -38,7 +38,6 @@ class PacedDeltas:
     def __init__(self, pacing: StreamPacing):
         self.pacing = pacing
         self._pending: list = []   # workers.StreamDelta, merged once when taken
-        self._pending_tokens = False
         self.sent_any = False
         self.last_sent = 0.0
 
@@ -48,18 +47,17 @@ class PacedDeltas:
 
     def add(self, delta) -> None:
         self._pending.append(delta)
-        self._pending_tokens = self._pending_tokens or bool(delta.token_ids)
 
     def due(self, now: float, active_streams: int) -> bool:
         if not self._pending:
             return False
-        if self._pending[-1].finished or (not self.sent_any and self._pending_tokens):
+        if self._pending[-1].finished or (not self.sent_any and any(d.token_ids for d in self._pending)):
             return True
         return now - self.last_sent >= self.pacing.interval(active_streams)
 
     def take(self, now: float):
         delta = type(self._pending[0]).merged(self._pending)   # (the engine's StreamDelta: not imported here)
-        self._pending, self._pending_tokens = [], False
+        self._pending = []
         self.sent_any = self.sent_any or bool(delta.token_ids)
         self.last_sent = now
         return delta

@@ -110,12 +110,7 @@ class StructuredOutputs:
             return 0
         if self.kind == "choice":
             return sum(len(c) if isinstance(c, str) else 0 for c in value)
-        if isinstance(value, str):
-            return len(value)
-        try:
-            return len(json.dumps(value))
-        except (TypeError, ValueError):  # not JSON at all: refused by validation, which names the problem
-            return 0
+        return len(value) if isinstance(value, str) else json_chars(value)
 
     def cache_key(self) -> str:
         value = getattr(self, self.kind)
@@ -125,6 +120,16 @@ class StructuredOutputs:
             except ValueError:
                 pass
         return self.kind + ":" + json.dumps(value, sort_keys=True)
+
+
+def json_chars(value: Any) -> int:
+    """Characters of `value` as JSON (0 for nothing, or for what is not JSON: validation names that)."""
+    if not value:
+        return 0
+    try:
+        return len(json.dumps(value))
+    except (TypeError, ValueError):
+        return 0
 
 
 def _llg():
@@ -345,4 +350,4 @@ def allowed_tokens(matchers: Sequence[GrammarMatcher], vocab_size: int):
 
 
 __all__ = ["GrammarCompiler", "GrammarError", "GrammarMatcher", "StructuredOutputs", "allowed_tokens",
-           "grammar_text", "validate_structured"]
+           "grammar_text", "json_chars", "validate_structured"]

@@ -380,23 +380,26 @@ class ToolCallStreamParser:
         if self._decided:
             return False
         if not self._first_value.opened:
-            body = self._text().lstrip()   # short until the value opens: whitespace and the tag
-            if body.startswith(PYTHON_TAG):
-                body = body[len(PYTHON_TAG):].lstrip()
+            body = self._json_text()   # short until the value opens: whitespace and the tag
             if body and body[0] not in "{[":
                 return True
         if not self._first_value.ends_in(new_text):
             return False
         self._decided = True
-        body = self._text().lstrip()
-        if body.startswith(PYTHON_TAG):
-            body = body[len(PYTHON_TAG):].lstrip()
+        body = self._json_text()
         try:  # an object or list ends at its closing bracket: text that follows cannot change it
             value, _ = _decoder.raw_decode(body)
         except json.JSONDecodeError:
             return False  # broken: finish() will tell
         names = set(self.names)
         return any(_one_call(item, names) is None for item in (value if isinstance(value, list) else [value]))
+
+    def _json_text(self) -> str:
+        """The held text from its first JSON character on (after whitespace and <|python_tag|>)."""
+        body = self._text().lstrip()
+        if body.startswith(PYTHON_TAG):
+            body = body[len(PYTHON_TAG):].lstrip()
+        return body
 
     def _text(self) -> str:
         if len(self._held) > 1:
