@@ -252,6 +252,7 @@ def bench_activations(iters: int, hidden: int) -> dict:
 def run(args) -> int:
     import ray
     import torch
+    from cluster.ray_node_start import init_local_ray
     from workers.demo import hf_config, write_checkpoint
     os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
     tmp = None
@@ -275,8 +276,8 @@ def run(args) -> int:
     try:
         # The in-process layout first, before Ray (and the workers it prestarts) compete for the cores.
         layout(*LAYOUTS[0])
-        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
-                 _node_ip_address="127.0.0.1", log_to_driver=False)
+        init_local_ray(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
+                       _node_ip_address="127.0.0.1", log_to_driver=False)
         time.sleep(5)   # let the prestarted workers finish importing
         for spec in LAYOUTS[1:]:
             layout(*spec)

@@ -118,11 +118,14 @@ def start_local_ray(*, num_cpus: Optional[float] = None, include_dashboard: bool
     env_vars.update(proxy_connection_env or {})
     # Ray replaces a loopback _node_ip_address by the external address when clusters are enabled (Linux);
     # with the node address really 127.0.0.1, every Ray process binds loopback.
+    # A node that does not come up in Ray's fixed wait is started once more (cluster.ray_node_start).
+    from cluster.ray_node_start import init_local_ray
+
     with _loopback_addresses_kept(), _token_notice_quiet(), _workers_preload():
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=include_dashboard,
-                 dashboard_host=LOOPBACK, _node_ip_address=LOOPBACK, namespace=namespace,
-                 log_to_driver=log_to_driver, logging_level=logging_level,
-                 runtime_env={"worker_process_setup_hook": _SETUP_HOOK, "env_vars": env_vars})
+        init_local_ray(address="local", num_cpus=num_cpus, include_dashboard=include_dashboard,
+                       dashboard_host=LOOPBACK, _node_ip_address=LOOPBACK, namespace=namespace,
+                       log_to_driver=log_to_driver, logging_level=logging_level,
+                       runtime_env={"worker_process_setup_hook": _SETUP_HOOK, "env_vars": env_vars})
     # Its dashboard, agents and monitors below the serving processes (cluster/background_priority.py).
     from cluster.background_priority import lower_background_priority
 

@@ -13,7 +13,6 @@ from typing import Any, Iterator
 
 import grpc
 
-from tests.ray_start import start_with_retry
 
 
 def free_port() -> int:
@@ -81,9 +80,8 @@ def _start_herd_cluster(config: dict[str, Any], num_cpus: int, api_key: str | No
     cfg = ClusterConfig.from_dict(config)
     # A private Ray (never a cluster named in /tmp/ray/ray_current_cluster), every port on loopback, the gRPC
     # proxy bound to the config's host and holding its message limit: what `herd serve` starts.
-    start_with_retry(lambda: start_local_ray(
-        num_cpus=num_cpus, include_dashboard=False, namespace="herd-tests", **local_ray_options(cfg),
-        log_to_driver=os.environ.get("HERD_TEST_RAY_LOGS") == "1"))
+    start_local_ray(num_cpus=num_cpus, include_dashboard=False, namespace="herd-tests", **local_ray_options(cfg),
+                    log_to_driver=os.environ.get("HERD_TEST_RAY_LOGS") == "1")
     try:
         serve.start(**serve_start_options(cfg))
         serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)

@@ -22,7 +22,7 @@ from cluster.autoscaling import (
     llm_autoscaling_policy,
     signals_from_context,
 )
-from tests.ray_start import init_local_ray
+from cluster.ray_node_start import init_local_ray
 from tests.serve_fixtures import stop_herd_cluster
 
 DEP = DeploymentID(name="llm", app_name="herd")

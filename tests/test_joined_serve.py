@@ -21,10 +21,8 @@ def address(tmp_path_factory):
     import ray
 
     from cluster.local_ray import start_local_ray
-    from tests.ray_start import start_with_retry
 
-    start_with_retry(lambda: start_local_ray(num_cpus=4, include_dashboard=False, namespace="herd-tests",
-                                             log_to_driver=False))
+    start_local_ray(num_cpus=4, include_dashboard=False, namespace="herd-tests", log_to_driver=False)
     try:
         yield ray._private.worker._global_node.gcs_address
     finally:

@@ -27,7 +27,6 @@ import pytest
 import yaml
 
 from tests.checkpoints import LLAMA2_MHA, make_checkpoint
-from tests.ray_start import start_with_retry
 from tests.serve_fixtures import free_port, stop_herd_cluster, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
@@ -107,8 +106,7 @@ def cluster(tmp_path_factory):
     # The proxies of this machine's Serve, on loopback (the chart's own are for pods: 0.0.0.0, fixed ports).
     local = ClusterConfig.from_dict({"grpc_port": free_port(), "http_port": free_port(),
                                      "models": [{"name": "alpha", "path": paths["alpha"]}]})
-    start_with_retry(lambda: start_local_ray(num_cpus=4, include_dashboard=False, namespace="herd-tests",
-                                             **local_ray_options(local)))
+    start_local_ray(num_cpus=4, include_dashboard=False, namespace="herd-tests", **local_ray_options(local))
     try:
         serve.start(**serve_start_options(local))
         yield {"paths": paths, "grpc": f"127.0.0.1:{local.grpc_port}", "tmp": root}

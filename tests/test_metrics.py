@@ -12,7 +12,7 @@ import pytest
 import cluster.metrics as cm
 from cluster.metrics import ReplicaMetrics
 from tests.fakes import engine_stats
-from tests.ray_start import start_with_retry
+from cluster.ray_node_start import start_with_retry
 
 
 class Recorder:

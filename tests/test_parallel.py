@@ -16,7 +16,7 @@ from ray.util.placement_group import placement_group, placement_group_table, rem
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from tests.checkpoints import make_checkpoint
-from tests.ray_start import init_local_ray
+from cluster.ray_node_start import init_local_ray
 from workers import AsyncEngine, Engine, EngineUnavailableError, SamplingParams
 from workers.config import ModelConfig
 from workers.demo import hf_config

@@ -15,7 +15,7 @@ from ray.serve._private.request_router.common import PendingRequest
 
 from cluster.routing import ROUTING_STATS_VERSION, PrefixCacheRouter, routing_stats
 from tests.fakes import engine_stats
-from tests.ray_start import init_local_ray
+from cluster.ray_node_start import init_local_ray
 from tests.serve_fixtures import stop_herd_cluster
 from workers.block_hash import hash_token_blocks
 

@@ -1,20 +1,27 @@
-"""Starting a test's private local Ray with one more try when its node does not come up.
+"""Starting a local Ray node with one more try when it does not come up.
 
-Ray's `ray.init` waits a fixed 30 s for the new raylet to register with the GCS ("The current node timed out
-during startup"). On a loaded 2-core CI machine that once failed a full run (test_metrics, CI of stop 17)
-although nothing was wrong with the test. A start that fails that way is retried once; the processes the
-failed start left behind (GCS, raylet, reaper: children of this process that ray.shutdown cannot reach,
-because ray.init raised before it recorded its node) are ended first. Only this process's own new children
-are ended, never a process found by name."""
+`ray.init` waits a fixed 30 s for the new raylet to register with the GCS ("The current node timed out during
+startup"), and 30 s for the GCS to publish its port ("Timed out waiting for file .../gcs_server_port_..."). On
+a loaded 2-core machine either can fail although nothing is wrong with the options: the first failed a full
+test run (test_metrics, CI of stop 17), the second test_serve_load's start in stop 30 and `herd bench load`'s
+in stop 32, each with the session's log directory empty (the GCS never wrote a line), and the same start
+passed when run again. `herd serve`, the benchmarks and the tests all start their Ray through here.
+
+A start that fails that way is retried once; the processes the failed start left behind (GCS, raylet, reaper:
+children of this process that ray.shutdown cannot reach, because ray.init raised before it recorded its node)
+are ended first. Only this process's own new children are ended, never a process found by name.
+"""
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Callable, Iterator
 
+logger = logging.getLogger(f"herd.{__name__}")
+
 ATTEMPTS = 2
-# The raylet's registration timeout, and the GCS's: its port file not written within
-# RAY_gcs_server_port_wait_time_s (30 s). That one failed test_serve_load's start in one full run of stop 30
-# (the session's log directory empty), and the module started and passed when the slow half was run again.
+# The raylet's registration timeout, and the GCS's (its port file not written within
+# RAY_gcs_server_port_wait_time_s).
 _STARTUP_FAILURES = ("timed out during startup", "Timed out waiting for file")
 
 
@@ -34,6 +41,8 @@ def start_with_retry(start: Callable[[], None], attempts: int = ATTEMPTS) -> Non
         except Exception as e:  # noqa: BLE001 - only a node-start timeout is retried
             if attempt == attempts or not is_startup_failure(e):
                 raise
+            logger.warning("the local Ray node did not start (%s); its processes were ended, starting it again",
+                           str(e).splitlines()[0][:200])
 
 
 def init_local_ray(**init_kwargs) -> None:
