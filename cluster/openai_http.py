@@ -42,13 +42,14 @@ from typing import Any, AsyncIterator, Optional, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.chat_tools import ChatTools
 from cluster.errors import RETRY_AFTER_S, ApiError, to_api_error
 from cluster import tracing
+from cluster.raw_json import RawJson, dumps, json_array
 from cluster.request_body import BodyRefused, GuardedBody, body_too_large
 from cluster.request_context import http_request_id, request_scope
 
@@ -357,7 +358,12 @@ openai_app.add_middleware(EdgeGuard)
 
 
 def _sse(obj: Any) -> str:
-    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+    return f"data: {dumps(obj)}\n\n"
+
+
+def _json_response(obj: Any) -> Response:
+    """JSONResponse's body (no ASCII escapes, no NaN), with RawJson parts (cluster.raw_json) spliced in."""
+    return Response(dumps(obj, ensure_ascii=False, allow_nan=False).encode("utf-8"), media_type="application/json")
 
 
 def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
@@ -554,9 +560,9 @@ class OpenAIRoutes:
             for i, out in enumerate(outs):
                 c = choice(i // n, i % n, out.text, out.token_ids, out.logprobs, out.finish_reason)
                 if body.prompt_logprobs is not None:
-                    c["prompt_logprobs"] = self._prompt_logprobs(route, prompt_ids[i // n], out.prompt_logprobs)
+                    c["prompt_logprobs"] = await self._prompt_logprobs(route, prompt_ids[i // n], out.prompt_logprobs)
                 choices.append(c)
-            return JSONResponse({"id": request_id, "object": "text_completion", "created": created, "model": body.model,
+            return _json_response({"id": request_id, "object": "text_completion", "created": created, "model": body.model,
                                  "choices": choices, "usage": usage.body()})
 
         merged = await _first_then_rest(_merge(streams))
@@ -568,8 +574,8 @@ class OpenAIRoutes:
                     c = choice(prompt_index, chunk.get("index", 0), chunk["text"], chunk["token_ids"],
                                chunk["logprobs"], chunk["finish_reason"])
                     if chunk.get("prompt_logprobs"):
-                        c["prompt_logprobs"] = self._prompt_logprobs(route, prompt_ids[prompt_index],
-                                                                     chunk["prompt_logprobs"])
+                        c["prompt_logprobs"] = await self._prompt_logprobs(route, prompt_ids[prompt_index],
+                                                                           chunk["prompt_logprobs"])
                     yield _sse({"id": request_id, "object": "text_completion", "created": created,
                                 "model": body.model, "choices": [c]})
                     if chunk["finish_reason"] is not None:
@@ -614,8 +620,8 @@ class OpenAIRoutes:
             response = {"id": request_id, "object": "chat.completion", "created": created,
                         "model": body.model, "choices": choices, "usage": usage.body()}
             if prompt_logprobs is not None:
-                response["prompt_logprobs"] = prompt_logprobs(outs[0].prompt_logprobs)
-            return JSONResponse(response)
+                response["prompt_logprobs"] = await prompt_logprobs(outs[0].prompt_logprobs)
+            return _json_response(response)
 
         stream = await _first_then_rest(stream)
 
@@ -633,7 +639,7 @@ class OpenAIRoutes:
                         started.add(index)
                         first = chunk_obj(index, {"role": "assistant", "content": ""}, None)
                         if prompt_logprobs is not None and chunk.get("prompt_logprobs"):
-                            first["prompt_logprobs"] = prompt_logprobs(chunk["prompt_logprobs"])
+                            first["prompt_logprobs"] = await prompt_logprobs(chunk["prompt_logprobs"])
                         yield _sse(first)
                     lp = ({"content": self._chat_logprobs(route, chunk["token_ids"], chunk["logprobs"])}
                           if body.logprobs else None)
@@ -679,15 +685,22 @@ class OpenAIRoutes:
                 "top_logprobs": [{self.frontend.token_text(route, t): lp for t, lp in e["top"]} for e in lps],
                 "text_offset": []}
 
-    def _prompt_logprobs(self, route, prompt_ids: list[int], lps: Optional[list]) -> Optional[list]:
+    async def _prompt_logprobs(self, route, prompt_ids: list[int], lps: Optional[list]) -> Optional[RawJson]:
         """vLLM's shape: per prompt position None (the first) or {token_id: {logprob, decoded_token}} holding the
-        prompt's token and the top-N at that position."""
+        prompt's token and the top-N at that position. Written as JSON text, off the event loop when long
+        (cluster.raw_json: a 16k-token prompt's top 20 took the loop over a second)."""
         if lps is None:
             return None
-        return [None if entry is None else
-                {str(t): {"logprob": lp, "decoded_token": self.frontend.token_text(route, t)}
-                 for t, lp in [(tok, entry["logprob"])] + [tuple(x) for x in entry["top"]]}
-                for tok, entry in zip(prompt_ids, lps)]
+
+        def position(pair) -> Optional[dict]:
+            tok, entry = pair
+            if entry is None:
+                return None
+            return {str(t): {"logprob": lp, "decoded_token": self.frontend.token_text(route, t)}
+                    for t, lp in [(tok, entry["logprob"])] + [tuple(x) for x in entry["top"]]}
+
+        entries = sum(1 + len(entry["top"]) for entry in lps if entry is not None)
+        return await json_array(zip(prompt_ids, lps), entries, position)
 
     def _chat_logprobs(self, route, token_ids: list[int], lps: Optional[list[dict]]) -> Optional[list[dict]]:
         if lps is None:

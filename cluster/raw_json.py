@@ -1,0 +1,58 @@
+"""Large parts of an HTTP response written as JSON text off the ingress's event loop, then spliced in.
+
+One ingress replica streams every request's tokens from one event loop. A 16k-token prompt's
+`prompt_logprobs` with its top 20 is 336k entries: building vLLM's shape (a dict per position, each token's
+text decoded) took 0.71 s and json.dumps of its 20 MB 0.37 s, all on that loop, every other stream paused
+(2026-12-03, a probe of the code before this module). A worker thread alone would not help the dump: json's C
+encoder holds the GIL for the whole call. So such a part is written one position at a time (each a short
+json.dumps, the loop gets its turns between them) in a worker thread when large (cluster.off_loop), and stands
+in the response as a `RawJson`, which `dumps` replaces by its text.
+"""
+from __future__ import annotations
+
+import json
+import secrets
+from typing import Any, Callable, Iterable
+
+from cluster.off_loop import off_loop
+
+# About how many characters of JSON one entry of a part takes, for off_loop's size ("12345":{"logprob":...}).
+CHARS_PER_ENTRY = 48
+
+
+class RawJson:
+    """JSON text to be placed as it is where this object stands in a response (see `dumps`)."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str):
+        self.text = text
+
+
+def dumps(obj: Any, *, ensure_ascii: bool = True, allow_nan: bool = True) -> str:
+    """json.dumps(obj) (compact separators), each RawJson in it written as its text."""
+    raws: list[RawJson] = []
+    nonce = secrets.token_hex(8)
+
+    def placeholder(value: Any) -> str:
+        if not isinstance(value, RawJson):
+            raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+        raws.append(value)
+        # A NUL (written \u0000) and a random nonce: no string of the response can be written the same way.
+        return f"\0raw{len(raws) - 1}:{nonce}"
+
+    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=ensure_ascii, allow_nan=allow_nan,
+                      default=placeholder)
+    for i, raw in enumerate(raws):
+        text = text.replace(f'"\\u0000raw{i}:{nonce}"', raw.text, 1)
+    return text
+
+
+async def json_array(items: Iterable, count: int, item_json: Callable[[Any], Any], *,
+                     ensure_ascii: bool = True, allow_nan: bool = True) -> RawJson:
+    """A JSON array of item_json(item) for each of the `count` items, written in a worker thread when large."""
+    def write() -> RawJson:
+        one = json.JSONEncoder(separators=(",", ":"), ensure_ascii=ensure_ascii, allow_nan=allow_nan).encode
+        return RawJson("[" + ",".join(one(item_json(item)) for item in items) + "]")
+
+    return await off_loop(count * CHARS_PER_ENTRY, write)
