@@ -549,21 +549,21 @@ class OpenAIRoutes:
         # Every prompt is in the engine at once (they batch together), each an independent stream.
         streams = [self.frontend.generate(route, ids, sampling, salt) for ids in prompt_ids]
 
-        def choice(prompt_index: int, completion_index: int, text: str, token_ids, logprobs, finish) -> dict:
+        async def choice(prompt_index: int, completion_index: int, text: str, token_ids, logprobs, finish) -> dict:
             return {"index": prompt_index * n + completion_index, "text": text, "finish_reason": finish,
-                    "logprobs": (self._completion_logprobs(route, token_ids, logprobs)
+                    "logprobs": (await self._completion_logprobs(route, token_ids, logprobs)
                                  if body.logprobs is not None else None)}
 
         if not body.stream:
             outs, usage = await _drain(_merge(streams), n)
             choices = []
             for i, out in enumerate(outs):
-                c = choice(i // n, i % n, out.text, out.token_ids, out.logprobs, out.finish_reason)
+                c = await choice(i // n, i % n, out.text, out.token_ids, out.logprobs, out.finish_reason)
                 if body.prompt_logprobs is not None:
                     c["prompt_logprobs"] = await self._prompt_logprobs(route, prompt_ids[i // n], out.prompt_logprobs)
                 choices.append(c)
-            return _json_response({"id": request_id, "object": "text_completion", "created": created, "model": body.model,
-                                 "choices": choices, "usage": usage.body()})
+            return _json_response({"id": request_id, "object": "text_completion", "created": created,
+                                   "model": body.model, "choices": choices, "usage": usage.body()})
 
         merged = await _first_then_rest(_merge(streams))
 
@@ -571,8 +571,8 @@ class OpenAIRoutes:
             usage = _Usage()
             try:
                 async for prompt_index, chunk in merged:
-                    c = choice(prompt_index, chunk.get("index", 0), chunk["text"], chunk["token_ids"],
-                               chunk["logprobs"], chunk["finish_reason"])
+                    c = await choice(prompt_index, chunk.get("index", 0), chunk["text"], chunk["token_ids"],
+                                     chunk["logprobs"], chunk["finish_reason"])
                     if chunk.get("prompt_logprobs"):
                         c["prompt_logprobs"] = await self._prompt_logprobs(route, prompt_ids[prompt_index],
                                                                            chunk["prompt_logprobs"])
@@ -614,7 +614,7 @@ class OpenAIRoutes:
             outs, usage = await _drain(_merge([stream]), 1)
             choices = [{"index": i, "message": _assistant_message(out.text, out.tool_calls),
                         "finish_reason": out.finish_reason,
-                        "logprobs": ({"content": self._chat_logprobs(route, out.token_ids, out.logprobs)}
+                        "logprobs": ({"content": await self._chat_logprobs(route, out.token_ids, out.logprobs)}
                                      if body.logprobs else None)}
                        for i, out in enumerate(outs)]
             response = {"id": request_id, "object": "chat.completion", "created": created,
@@ -641,7 +641,7 @@ class OpenAIRoutes:
                         if prompt_logprobs is not None and chunk.get("prompt_logprobs"):
                             first["prompt_logprobs"] = await prompt_logprobs(chunk["prompt_logprobs"])
                         yield _sse(first)
-                    lp = ({"content": self._chat_logprobs(route, chunk["token_ids"], chunk["logprobs"])}
+                    lp = ({"content": await self._chat_logprobs(route, chunk["token_ids"], chunk["logprobs"])}
                           if body.logprobs else None)
                     finish = chunk["finish_reason"]
                     if chunk.get("tool_calls"):  # the calls, then the choice's end
@@ -677,12 +677,15 @@ class OpenAIRoutes:
             return [list(prompt)]
         return list(prompt)
 
-    def _completion_logprobs(self, route, token_ids: list[int], lps: Optional[list[dict]]) -> Optional[dict]:
+    async def _completion_logprobs(self, route, token_ids: list[int], lps: Optional[list[dict]]) -> Optional[dict]:
+        """OpenAI's completion logprobs (each list a RawJson when long: cluster.raw_json)."""
         if lps is None:
             return None
-        tokens = [self.frontend.token_text(route, t) for t in token_ids]
-        return {"tokens": tokens, "token_logprobs": [e["logprob"] for e in lps],
-                "top_logprobs": [{self.frontend.token_text(route, t): lp for t, lp in e["top"]} for e in lps],
+        text = functools.partial(self.frontend.token_text, route)
+        entries = sum(1 + len(entry["top"]) for entry in lps)
+        return {"tokens": await json_array(token_ids, len(token_ids), text),
+                "token_logprobs": await json_array(lps, len(lps), lambda entry: entry["logprob"]),
+                "top_logprobs": await json_array(lps, entries, lambda entry: {text(t): lp for t, lp in entry["top"]}),
                 "text_offset": []}
 
     async def _prompt_logprobs(self, route, prompt_ids: list[int], lps: Optional[list]) -> Optional[RawJson]:
@@ -702,12 +705,18 @@ class OpenAIRoutes:
         entries = sum(1 + len(entry["top"]) for entry in lps if entry is not None)
         return await json_array(zip(prompt_ids, lps), entries, position)
 
-    def _chat_logprobs(self, route, token_ids: list[int], lps: Optional[list[dict]]) -> Optional[list[dict]]:
+    async def _chat_logprobs(self, route, token_ids: list[int], lps: Optional[list[dict]]):
+        """OpenAI's logprobs.content (a RawJson when long: cluster.raw_json)."""
         if lps is None:
             return None
+
         def item(token_id: int, logprob: float) -> dict:
             return {"token": self.frontend.token_text(route, token_id), "logprob": logprob,
                     "bytes": list(self.frontend.token_bytes(route, token_id))}
 
-        return [{**item(tok, entry["logprob"]), "top_logprobs": [item(t, lp) for t, lp in entry["top"]]}
-                for tok, entry in zip(token_ids, lps)]
+        def position(pair) -> dict:
+            tok, entry = pair
+            return {**item(tok, entry["logprob"]), "top_logprobs": [item(t, lp) for t, lp in entry["top"]]}
+
+        entries = sum(1 + len(entry["top"]) for entry in lps)
+        return await json_array(zip(token_ids, lps), entries, position)

@@ -3,20 +3,22 @@
 One ingress replica streams every request's tokens from one event loop. A 16k-token prompt's
 `prompt_logprobs` with its top 20 is 336k entries: building vLLM's shape (a dict per position, each token's
 text decoded) took 0.71 s and json.dumps of its 20 MB 0.37 s, all on that loop, every other stream paused
-(2026-12-03, a probe of the code before this module). A worker thread alone would not help the dump: json's C
-encoder holds the GIL for the whole call. So such a part is written one position at a time (each a short
-json.dumps, the loop gets its turns between them) in a worker thread when large (cluster.off_loop), and stands
-in the response as a `RawJson`, which `dumps` replaces by its text.
+(2026-12-03, a probe of the code before this module); a 32k-token answer's logprobs with their top 20 twice
+that. A worker thread alone would not help the dump: json's C encoder holds the GIL for the whole call. So such
+a part is written one position at a time (each a short json.dumps, the loop gets its turns between them) in a
+worker thread when large (past cluster.off_loop's size), and stands in the response as a `RawJson`, which
+`dumps` replaces by its text. Small parts stay lists, built inline: a streamed chunk's few tokens.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Union
 
-from cluster.off_loop import off_loop
+from cluster.off_loop import OFF_LOOP_CHARS
 
-# About how many characters of JSON one entry of a part takes, for off_loop's size ("12345":{"logprob":...}).
+# About how many characters of JSON one entry takes ("12345":{"logprob":...}), to compare with OFF_LOOP_CHARS.
 CHARS_PER_ENTRY = 48
 
 
@@ -48,11 +50,14 @@ def dumps(obj: Any, *, ensure_ascii: bool = True, allow_nan: bool = True) -> str
     return text
 
 
-async def json_array(items: Iterable, count: int, item_json: Callable[[Any], Any], *,
-                     ensure_ascii: bool = True, allow_nan: bool = True) -> RawJson:
-    """A JSON array of item_json(item) for each of the `count` items, written in a worker thread when large."""
+async def json_array(items: Iterable, count: int, item_json: Callable[[Any], Any]) -> Union[list, RawJson]:
+    """item_json(item) for each item: a list when `count` (how many entries the items hold, e.g. logprobs with
+    their top-N) is small, else the JSON array's text written in a worker thread, one item at a time."""
+    if count * CHARS_PER_ENTRY <= OFF_LOOP_CHARS:
+        return [item_json(item) for item in items]
+
     def write() -> RawJson:
-        one = json.JSONEncoder(separators=(",", ":"), ensure_ascii=ensure_ascii, allow_nan=allow_nan).encode
+        one = json.JSONEncoder(separators=(",", ":")).encode
         return RawJson("[" + ",".join(one(item_json(item)) for item in items) + "]")
 
-    return await off_loop(count * CHARS_PER_ENTRY, write)
+    return await asyncio.to_thread(write)

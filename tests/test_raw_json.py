@@ -7,6 +7,7 @@ import json
 import threading
 
 from cluster.off_loop import OFF_LOOP_CHARS
+from cluster.openai_http import _json_response, _sse
 from cluster.raw_json import CHARS_PER_ENTRY, RawJson, dumps, json_array
 
 
@@ -21,7 +22,7 @@ def test_raw_parts_are_spliced_where_they_stand_and_nothing_else_is_replaced():
     assert dumps(plain) == json.dumps(plain, separators=(",", ":"))
 
 
-def test_a_large_array_is_written_in_a_worker_thread_and_a_small_one_inline():
+def test_a_large_array_is_written_in_a_worker_thread_and_a_small_one_is_a_list_built_inline():
     written_on: list[int] = []
 
     def item(x: int) -> dict:
@@ -40,22 +41,14 @@ def test_a_large_array_is_written_in_a_worker_thread_and_a_small_one_inline():
 
     loop_thread, small, small_threads, large, large_threads = asyncio.run(go())
     assert small_threads == {loop_thread} and loop_thread not in large_threads
-    assert json.loads(small.text) == [item(x) for x in range(small_count)]
-    assert json.loads(large.text) == [item(x) for x in range(large_count)]
+    assert small == [item(x) for x in range(small_count)]
+    assert isinstance(large, RawJson) and json.loads(large.text) == [item(x) for x in range(large_count)]
 
 
 def test_openai_prompt_logprobs_keep_vllms_shape():
     """Per position None (the first) or {token_id: {logprob, decoded_token}}, the prompt's token first, then
     the top-N; the same in a streamed event and a whole response, long or short."""
-    from cluster.openai_http import OpenAIRoutes, _json_response, _sse
-
-    class Frontend:
-        @staticmethod
-        def token_text(route, token_id: int) -> str:
-            return f"<{token_id}>"
-
-    routes = OpenAIRoutes()
-    routes.frontend = Frontend()
+    routes = _routes()
     for length in (3, 400):
         prompt = list(range(100, 100 + length))
         lps = [None] + [{"logprob": -1.0 - i, "top": [[7, -0.5], [i, -2.5]]} for i in range(1, length)]
@@ -69,3 +62,40 @@ def test_openai_prompt_logprobs_keep_vllms_shape():
         body = _json_response({"id": "x", "prompt_logprobs": raw}).body
         assert json.loads(body) == {"id": "x", "prompt_logprobs": expected}
     assert asyncio.run(routes._prompt_logprobs(None, [1, 2], None)) is None
+
+
+def test_openai_answer_logprobs_keep_their_shapes_long_or_short():
+    """Completions' {tokens, token_logprobs, top_logprobs, text_offset} and chat's content list, whether a
+    streamed chunk's few tokens (lists) or a whole long answer's (written off the loop)."""
+    routes = _routes()
+    for length in (2, 300):
+        ids = list(range(50, 50 + length))
+        lps = [{"logprob": -0.25 * i, "top": [[ids[i], -0.25 * i], [3, -4.0]]} for i in range(length)]
+        completion = json.loads(_sse(asyncio.run(routes._completion_logprobs(None, ids, lps)))[len("data: "):])
+        assert completion == {"tokens": [f"<{t}>" for t in ids], "token_logprobs": [-0.25 * i for i in range(length)],
+                              "top_logprobs": [{f"<{ids[i]}>": -0.25 * i, "<3>": -4.0} for i in range(length)],
+                              "text_offset": []}
+
+        def item(t: int, lp: float) -> dict:
+            return {"token": f"<{t}>", "logprob": lp, "bytes": list(f"<{t}>".encode())}
+
+        chat = json.loads(_json_response({"content": asyncio.run(routes._chat_logprobs(None, ids, lps))}).body)
+        assert chat == {"content": [{**item(ids[i], -0.25 * i),
+                                     "top_logprobs": [item(ids[i], -0.25 * i), item(3, -4.0)]} for i in range(length)]}
+
+
+def _routes():
+    from cluster.openai_http import OpenAIRoutes
+
+    class Frontend:
+        @staticmethod
+        def token_text(route, token_id: int) -> str:
+            return f"<{token_id}>"
+
+        @staticmethod
+        def token_bytes(route, token_id: int) -> bytes:
+            return f"<{token_id}>".encode()
+
+    routes = OpenAIRoutes()
+    routes.frontend = Frontend()
+    return routes
