@@ -212,7 +212,7 @@ class ModelDeploymentConfig(EngineSettings):
     # `serve_max_queued_requests` more while every replica is full (e.g. while autoscaling starts one); past
     # that the client gets RESOURCE_EXHAUSTED at once. A served engine's queue is always finite.
     max_queued_requests: Optional[int] = Field(None, ge=0, description=(
-        "requests waiting in the engine's scheduler (null = max_num_seqs)"))
+        "requests waiting in the engine's scheduler, a request of n completions counting n (null = max_num_seqs)"))
     max_ongoing_requests: Optional[int] = Field(None, ge=1, description=(
         "requests Serve sends one replica (null = max_num_seqs + max_queued_requests + 4)"))
     serve_max_queued_requests: Optional[int] = Field(None, ge=1, description=(

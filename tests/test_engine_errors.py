@@ -76,6 +76,20 @@ def test_queue_full(engine):
     assert engine.stats().kv_blocks_free == engine.stats().kv_blocks_total
 
 
+def test_a_request_of_n_completions_counts_n_in_the_queue_and_the_refusal_says_so(engine):
+    # 2 seats + 3 queued. A request of n=4 queues its first completion; once its prompt is prefilled (one step)
+    # the 3 others join the queue: one takes the free seat, 2 wait. One more request fills the queue.
+    ids = [engine.add_request([5, 6, 7], SamplingParams(n=4, max_tokens=8, ignore_eos=True))]
+    engine.step()
+    ids.append(engine.add_request([5, 6, 7], GOOD))
+    with pytest.raises(QueueFullError, match=r"^3 sequences already waiting \(max_queued_requests=3; a request of n "
+                                             r"completions counts n\)$"):
+        engine.add_request([5, 6, 7], GOOD)
+    for rid in ids:
+        engine.abort(rid)
+    assert engine.stats().kv_blocks_free == engine.stats().kv_blocks_total
+
+
 def test_abort_frees_blocks_at_once(engine):
     rid = engine.add_request(list(range(3, 40)), SamplingParams(max_tokens=20, ignore_eos=True))
     engine.step()

@@ -302,7 +302,8 @@ class Engine:
             raise InvalidRequestError("cache_salt", f"must be an integer, got {cache_salt!r}")
         limit = self.config.max_queued_requests
         if limit is not None and self._num_queued() >= limit:
-            raise QueueFullError(f"{self._num_queued()} requests already waiting (max_queued_requests={limit})")
+            raise QueueFullError(f"{self._num_queued()} sequences already waiting (max_queued_requests={limit}; a "
+                                 "request of n completions counts n)")
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._requests:
             raise InvalidRequestError("request_id", f"{request_id!r} is already in flight")

@@ -35,7 +35,8 @@ class EngineConfig(BaseModel):
         2048, ge=1, description="token budget of one step (longer prompts are prefilled in chunks)")
     enable_prefix_caching: bool = Field(True, description="reuse the KV blocks of prompts seen before")
     max_queued_requests: Optional[int] = Field(
-        None, ge=0, description="requests waiting in the engine's scheduler (default: unbounded)")
+        None, ge=0, description=("requests waiting in the engine's scheduler, a request of n completions counting n "
+                                  "(default: unbounded)"))
     kv_cache_memory: Optional[int] = Field(
         None, ge=1, description="bytes of KV cache per shard on CPU (default: 1 GiB)")
     gpu_memory_utilization: float = Field(
