@@ -296,6 +296,36 @@ def test_compiled_grammars_are_cached_per_spec(engine):
         compiler.shutdown()
 
 
+def test_a_large_schema_compiling_does_not_hold_up_a_small_one(engine):
+    """Two compile threads at least: a regex asked for while a ~400 KB schema compiles (~0.5-1 s) is ready
+    first, and the tokenizer both need is built once."""
+    from workers import structured_output
+
+    assert structured_output.compile_threads(2) == 2 and structured_output.compile_threads(64) == 4
+    built = []
+    real = structured_output.ll_tokenizer
+
+    def counting(*args):
+        built.append(1)
+        return real(*args)
+
+    compiler = GrammarCompiler(engine.tokenizer, engine.vocab_size, [engine.tokenizer.eos_id])
+    big = {"type": "object", "properties": {
+        f"p{i}": {"type": "object", "properties": {f"q{j}": {"type": "string", "pattern": "[a-z]{2,8}"}
+                                                   for j in range(6)}} for i in range(1200)}}
+    try:
+        structured_output.ll_tokenizer = counting
+        large = compiler.compile(StructuredOutputs(json_schema=big))
+        small = compiler.compile(StructuredOutputs(regex="[0-9]{4}"))
+        small.result(timeout=60)
+        assert not large.done()        # fails with one thread: the regex waits for the schema
+        large.result(timeout=60)
+    finally:
+        structured_output.ll_tokenizer = real
+        compiler.shutdown()
+    assert len(built) == 1
+
+
 def test_structured_crosses_hops_as_a_dict():
     p = SamplingParams(max_tokens=None, structured={"json_schema": SCHEMAS[0]}, logit_bias={"5": -100, 7: 2.5}, n=3,
                        prompt_logprobs=2)

@@ -11,7 +11,7 @@ How the engine uses this module:
 - `validate_structured(spec)`: the cheap edge check (no tokenizer needed), InvalidRequestError naming the
   problem. The ingress calls it before queueing; the engine's compile thread runs it again.
 - `GrammarCompiler(tokenizer, vocab_size, eos_ids)`: one per engine. `compile(spec)` returns a Future of a
-  compiled grammar, computed on a background thread and cached per spec (the tokenizer is fixed per engine,
+  compiled grammar, computed on a background thread (compile_threads of them) and cached per spec (the tokenizer is fixed per engine,
   so the cache key (spec, tokenizer) is the spec). `GrammarCompiler.matcher(compiled)` starts a sequence.
 - `GrammarMatcher`: one sequence's parser state; `accept(token)` after each sampled token.
 - `allowed_tokens(matchers, vocab_size)`: the batch's [rows, vocab] boolean mask, computed in one call into
@@ -274,19 +274,28 @@ class GrammarMatcher:
         return self._m
 
 
+def compile_threads(cpus: int | None = None) -> int:
+    """Grammar compile threads of one engine: at least two, so that one large schema (~0.5 s at
+    limits.max_structured_chars) does not hold up every other constrained request's start behind it; at most
+    four, a quarter of the cores, which stay the model's."""
+    return min(4, max(2, (cpus or os.cpu_count() or 2) // 4))
+
+
 class GrammarCompiler:
-    """Compiles specs for one engine's tokenizer on a background thread (never the engine's step loop), and
+    """Compiles specs for one engine's tokenizer on background threads (never the engine's step loop), and
     keeps the last GRAMMAR_CACHE_SIZE compiled grammars, so a repeated schema starts at once."""
 
-    def __init__(self, tokenizer, vocab_size: int, eos_ids: Sequence[int], cache_size: int = GRAMMAR_CACHE_SIZE):
+    def __init__(self, tokenizer, vocab_size: int, eos_ids: Sequence[int], cache_size: int = GRAMMAR_CACHE_SIZE,
+                 threads: int | None = None):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.eos_ids = sorted(eos_ids)
         self.cache_size = cache_size
         self._cache: OrderedDict[str, Future] = OrderedDict()
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="herd-grammar")
-        self._ll_tokenizer = None  # built on the pool's thread at the first compile (~0.5 s for 128k tokens)
+        self._pool = ThreadPoolExecutor(max_workers=threads or compile_threads(), thread_name_prefix="herd-grammar")
+        self._ll_tokenizer = None  # built at the first compile (~0.5 s for 128k tokens), once: _tokenizer_lock
+        self._tokenizer_lock = threading.Lock()
 
     def compile(self, spec: StructuredOutputs) -> Future:
         """A Future of the compiled grammar; its exception is an InvalidRequestError for a bad spec."""
@@ -304,8 +313,9 @@ class GrammarCompiler:
 
     def _compile(self, spec: StructuredOutputs):
         llg = _llg()
-        if self._ll_tokenizer is None:
-            self._ll_tokenizer = ll_tokenizer(self.tokenizer, self.vocab_size, self.eos_ids)
+        with self._tokenizer_lock:
+            if self._ll_tokenizer is None:
+                self._ll_tokenizer = ll_tokenizer(self.tokenizer, self.vocab_size, self.eos_ids)
         # The matcher's construction checks the grammar too (and does not raise: it reports an error state).
         template = llg.LLMatcher(self._ll_tokenizer, grammar_text(spec), log_level=0)
         if template.is_error():
