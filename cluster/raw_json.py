@@ -34,19 +34,21 @@ class RawJson:
 def dumps(obj: Any, *, ensure_ascii: bool = True, allow_nan: bool = True) -> str:
     """json.dumps(obj) (compact separators), each RawJson in it written as its text."""
     raws: list[RawJson] = []
-    nonce = secrets.token_hex(8)
+    nonce: list[str] = []   # drawn at the first RawJson only: most responses (every streamed chunk) have none
 
     def placeholder(value: Any) -> str:
         if not isinstance(value, RawJson):
             raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+        if not nonce:
+            nonce.append(secrets.token_hex(8))
         raws.append(value)
         # A NUL (written \u0000) and a random nonce: no string of the response can be written the same way.
-        return f"\0raw{len(raws) - 1}:{nonce}"
+        return f"\0raw{len(raws) - 1}:{nonce[0]}"
 
     text = json.dumps(obj, separators=(",", ":"), ensure_ascii=ensure_ascii, allow_nan=allow_nan,
                       default=placeholder)
     for i, raw in enumerate(raws):
-        text = text.replace(f'"\\u0000raw{i}:{nonce}"', raw.text, 1)
+        text = text.replace(f'"\\u0000raw{i}:{nonce[0]}"', raw.text, 1)
     return text
 
 
