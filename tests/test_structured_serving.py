@@ -245,6 +245,82 @@ def test_prompt_logprobs_and_no_max_tokens_means_until_the_context_ends(cluster,
         assert body["usage"]["completion_tokens"] == MAX_MODEL_LEN - len(prompt)
 
 
+def test_http_logprobs_at_concurrency_streamed_equal_whole(cluster, client):
+    """24 OpenAI requests at once, each asking for logprobs: every prompt as a streamed and a whole (non-streamed)
+    completion with prompt_logprobs, and chats both ways with top_logprobs. Long ones are written off the
+    ingress's event loop (cluster/raw_json.py), a streamed chunk's few tokens inline; both ways give the same
+    tokens, log-probabilities and prompt logprobs, in OpenAI's and vLLM's shapes."""
+    headers = {"authorization": f"Bearer {API_KEY}"}
+    prompts = [client.tokenize("l2", f"Story {i}: " + "the quick brown fox jumps over the lazy dog " * 12).token_ids
+               for i in range(6)]
+    assert all(len(p) > 100 for p in prompts)       # (1 + 4) entries per position: past raw_json's inline size
+    chats = [[{"role": "user", "content": f"Question {i}: what is {i} + {i}?"}] for i in range(6)]
+    greedy = {"temperature": 0, "ignore_eos": True, "max_tokens": 24}
+
+    def events(http: httpx.Client, route: str, body: dict) -> list[dict]:
+        with http.stream("POST", route, json=body) as r:
+            assert r.status_code == 200, r.read()
+            lines = [ln[len("data: "):] for ln in r.iter_lines() if ln.startswith("data: ")]
+        assert lines[-1] == "[DONE]"
+        return [json.loads(ln) for ln in lines[:-1]]
+
+    def completion(job: tuple[int, bool]) -> dict:
+        i, stream = job
+        body = {"model": "l2", "prompt": list(prompts[i]), "logprobs": 3, "prompt_logprobs": 4, "stream": stream,
+                **greedy}
+        with httpx.Client(base_url=cluster.http_url, headers=headers, timeout=300) as http:
+            if not stream:
+                r = http.post("/v1/completions", json=body)
+                assert r.status_code == 200, r.text
+                [c] = r.json()["choices"]
+                return {"text": c["text"], "plp": c["prompt_logprobs"], **c["logprobs"]}
+            chunks = [e["choices"][0] for e in events(http, "/v1/completions", body)]
+        return {"text": "".join(c["text"] for c in chunks),
+                "plp": next(c["prompt_logprobs"] for c in chunks if c.get("prompt_logprobs")),
+                **{k: [x for c in chunks if c["logprobs"] for x in c["logprobs"][k]]
+                   for k in ("tokens", "token_logprobs", "top_logprobs")}}
+
+    def chat(job: tuple[int, bool]) -> dict:
+        i, stream = job
+        body = {"model": "l3", "messages": chats[i], "logprobs": True, "top_logprobs": 3, "stream": stream, **greedy}
+        with httpx.Client(base_url=cluster.http_url, headers=headers, timeout=300) as http:
+            if not stream:
+                r = http.post("/v1/chat/completions", json=body)
+                assert r.status_code == 200, r.text
+                [c] = r.json()["choices"]
+                return {"text": c["message"]["content"], "content": c["logprobs"]["content"]}
+            chunks = [e["choices"][0] for e in events(http, "/v1/chat/completions", body)]
+        return {"text": "".join(c["delta"].get("content") or "" for c in chunks),
+                "content": [x for c in chunks if c["logprobs"] for x in c["logprobs"]["content"]]}
+
+    jobs = [(i, stream) for i in range(6) for stream in (True, False)]
+    with ThreadPoolExecutor(len(jobs) * 2) as pool:
+        completions = pool.map(completion, jobs)
+        chat_answers = pool.map(chat, jobs)
+        completions, chat_answers = list(completions), list(chat_answers)
+
+    def close(a: float, b: float) -> bool:
+        return abs(a - b) < 1e-3
+
+    for i in range(6):
+        streamed, whole = completions[2 * i], completions[2 * i + 1]
+        assert streamed["text"] == whole["text"] and streamed["tokens"] == whole["tokens"]
+        assert len(whole["tokens"]) == 24 and whole["text"] == "".join(whole["tokens"])
+        assert all(map(close, streamed["token_logprobs"], whole["token_logprobs"]))
+        assert [sorted(t) for t in streamed["top_logprobs"]] == [sorted(t) for t in whole["top_logprobs"]]
+        assert len(whole["plp"]) == len(prompts[i]) and whole["plp"][0] is None and streamed["plp"][0] is None
+        for tok, a, b in zip(prompts[i][1:], streamed["plp"][1:], whole["plp"][1:]):
+            assert str(tok) in a and a.keys() == b.keys() and 5 <= len(a) <= 6   # the prompt's token + the top 4
+            assert all(close(a[k]["logprob"], b[k]["logprob"]) and a[k]["decoded_token"] == b[k]["decoded_token"]
+                       for k in a)
+        streamed, whole = chat_answers[2 * i], chat_answers[2 * i + 1]
+        assert streamed["text"] == whole["text"] and len(whole["content"]) == 24
+        assert [e["token"] for e in streamed["content"]] == [e["token"] for e in whole["content"]]
+        for a, b in zip(streamed["content"], whole["content"]):
+            assert close(a["logprob"], b["logprob"]) and len(a["top_logprobs"]) == len(b["top_logprobs"]) == 3
+            assert bytes(a["bytes"]).decode("utf-8", "replace") == a["token"] or a["token"] == "\ufffd"
+
+
 def test_openai_error_fidelity(cluster):
     headers = {"authorization": f"Bearer {API_KEY}", "content-type": "application/json"}
     with httpx.Client(base_url=cluster.http_url, headers=headers, timeout=60) as http:
