@@ -365,7 +365,7 @@ class Frontend:
         return route.tokenizer
 
     def token_text(self, route: ModelRoute, token_id: int) -> str:
-        return route.tokenizer.decode([token_id]) if route.tokenizer is not None else ""
+        return route.tokenizer.token_text(token_id) if route.tokenizer is not None else ""
 
     def token_bytes(self, route: ModelRoute, token_id: int) -> bytes:
         """Raw bytes of one token (a token may hold part of a UTF-8 character, which text cannot show)."""

@@ -144,6 +144,21 @@ def test_tokenizer_json_encodes_like_the_tiktoken_file_and_like_hugging_face(lla
     assert from_json.encode("<|eot_id|>", bos=False) == llama3.encode("<|eot_id|>", bos=False)
 
 
+def test_token_text_is_decode_of_the_one_token_remembered(llama3, llama2):
+    """Logprobs name each token by token_text: the same text as decode([id]) (a partial UTF-8 token as U+FFFD,
+    a special token as nothing), decoded once per id."""
+    for tok in (llama3, llama2):
+        ids = list(range(0, tok.vocab_size, 97)) + [tok.eos_id, tok.bos_id]
+        assert [tok.token_text(i) for i in ids] == [tok.decode([i]) for i in ids]
+        decoded = []
+        real = tok.decode
+        tok.decode = lambda ids: decoded.append(ids) or real(ids)
+        try:
+            assert tok.token_text(ids[1]) == real([ids[1]]) and decoded == []     # remembered
+        finally:
+            del tok.decode
+
+
 # ---- round trips -------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text", MULTILINGUAL + ["", " leading space", "two  spaces\tand\ttabs\n\n"])

@@ -24,7 +24,7 @@ import binascii
 import codecs
 import json
 import re
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -167,6 +167,18 @@ class Tokenizer:
         """The raw bytes one token stands for (SentencePiece's "▁" as a space; b"" for special tokens).
         Several tokens may be needed to make a whole UTF-8 character."""
         raise NotImplementedError
+
+    def token_text(self, token_id: int) -> str:
+        """decode([token_id]), remembered (at most one entry per id of the vocabulary): logprobs name every token
+        and its top-N this way, 336k of them for a 16k-token prompt's top 20 (2 us each decoded, 0.7 s)."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.decode([token_id])
+        return text
+
+    @cached_property
+    def _token_texts(self) -> dict[int, str]:
+        return {}
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             tools: list[dict] | None = None) -> list[int]:
