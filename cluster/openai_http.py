@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 from http import HTTPStatus
 import time
 import uuid
@@ -688,7 +687,7 @@ class OpenAIRoutes:
                 "top_logprobs": await json_array(lps, entries, lambda entry: {text(t): lp for t, lp in entry["top"]}),
                 "text_offset": []}
 
-    async def _prompt_logprobs(self, route, prompt_ids: list[int], lps: Optional[list]) -> Optional[RawJson]:
+    async def _prompt_logprobs(self, route, prompt_ids: list[int], lps: Optional[list]) -> Union[list, RawJson, None]:
         """vLLM's shape: per prompt position None (the first) or {token_id: {logprob, decoded_token}} holding the
         prompt's token and the top-N at that position. Written as JSON text, off the event loop when long
         (cluster.raw_json: a 16k-token prompt's top 20 took the loop over a second)."""

@@ -11,8 +11,9 @@ How the engine uses this module:
 - `validate_structured(spec)`: the cheap edge check (no tokenizer needed), InvalidRequestError naming the
   problem. The ingress calls it before queueing; the engine's compile thread runs it again.
 - `GrammarCompiler(tokenizer, vocab_size, eos_ids)`: one per engine. `compile(spec)` returns a Future of a
-  compiled grammar, computed on a background thread (compile_threads of them) and cached per spec (the tokenizer is fixed per engine,
-  so the cache key (spec, tokenizer) is the spec). `GrammarCompiler.matcher(compiled)` starts a sequence.
+  compiled grammar, computed on a background thread (compile_threads() of them) and cached per spec (the
+  tokenizer is fixed per engine, so the cache key (spec, tokenizer) is the spec). `GrammarCompiler.matcher(compiled)`
+  starts a sequence.
 - `GrammarMatcher`: one sequence's parser state; `accept(token)` after each sampled token.
 - `allowed_tokens(matchers, vocab_size)`: the batch's [rows, vocab] boolean mask, computed in one call into
   llguidance (its own threads, without the GIL) and unpacked with a byte lookup table.
