@@ -23,12 +23,18 @@ CHARS_PER_ENTRY = 48
 
 
 class RawJson:
-    """JSON text to be placed as it is where this object stands in a response (see `dumps`)."""
+    """JSON text to be placed as it is where this object stands in a response (see `dumps`), kept as the pieces
+    it was written in: joined once, with the rest of the response (each copy of a 47 MB text is ~15 ms of the
+    event loop)."""
 
-    __slots__ = ("text",)
+    __slots__ = ("parts",)
 
-    def __init__(self, text: str):
-        self.text = text
+    def __init__(self, parts: list[str]):
+        self.parts = parts
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
 
 
 def dumps(obj: Any, *, ensure_ascii: bool = True, allow_nan: bool = True) -> str:
@@ -47,9 +53,15 @@ def dumps(obj: Any, *, ensure_ascii: bool = True, allow_nan: bool = True) -> str
 
     text = json.dumps(obj, separators=(",", ":"), ensure_ascii=ensure_ascii, allow_nan=allow_nan,
                       default=placeholder)
-    for i, raw in enumerate(raws):
-        text = text.replace(f'"\\u0000raw{i}:{nonce[0]}"', raw.text, 1)
-    return text
+    if not raws:
+        return text
+    pieces: list[str] = []
+    for i, raw in enumerate(raws):   # the placeholders come in the order they were written
+        before, text = text.split(f'"\\u0000raw{i}:{nonce[0]}"', 1)
+        pieces.append(before)
+        pieces += raw.parts
+    pieces.append(text)
+    return "".join(pieces)
 
 
 async def json_array(items: Iterable, count: int, item_json: Callable[[Any], Any]) -> Union[list, RawJson]:
@@ -60,6 +72,13 @@ async def json_array(items: Iterable, count: int, item_json: Callable[[Any], Any
 
     def write() -> RawJson:
         one = json.JSONEncoder(separators=(",", ":")).encode
-        return RawJson("[" + ",".join(one(item_json(item)) for item in items) + "]")
+        parts = ["["]
+        for item in items:
+            parts += (one(item_json(item)), ",")
+        if len(parts) > 1:
+            parts[-1] = "]"     # in place of the last comma
+        else:
+            parts.append("]")
+        return RawJson(parts)
 
     return await asyncio.to_thread(write)

@@ -12,8 +12,8 @@ from cluster.raw_json import CHARS_PER_ENTRY, RawJson, dumps, json_array
 
 
 def test_raw_parts_are_spliced_where_they_stand_and_nothing_else_is_replaced():
-    obj = {"a": RawJson('[1,{"x":null}]'), "s": "\0raw0:0000", "list": [RawJson("2"), "é", 1.5],
-           "nested": {"b": RawJson('"t"')}}
+    obj = {"a": RawJson(["[1,", '{"x":null}]']), "s": "\0raw0:0000", "list": [RawJson(["2"]), "é", 1.5],
+           "nested": {"b": RawJson(['"t"'])}}
     text = dumps(obj)
     assert json.loads(text) == {"a": [1, {"x": None}], "s": "\0raw0:0000", "list": [2, "é", 1.5],
                                 "nested": {"b": "t"}}
@@ -43,6 +43,8 @@ def test_a_large_array_is_written_in_a_worker_thread_and_a_small_one_is_a_list_b
     assert small_threads == {loop_thread} and loop_thread not in large_threads
     assert small == [item(x) for x in range(small_count)]
     assert isinstance(large, RawJson) and json.loads(large.text) == [item(x) for x in range(large_count)]
+    empty = asyncio.run(json_array([], large_count, item))    # (a count that overstates: still an array)
+    assert empty.text == "[]"
 
 
 def test_openai_prompt_logprobs_keep_vllms_shape():
