@@ -88,6 +88,8 @@ def test_target_check_and_cli():
     assert load_bench.target_check([])["measured"] is False
     args = _parse(load_bench, ["load", "--concurrency", "1,4", "--overload"])
     assert load_bench.parse_levels(args.concurrency) == [1, 4] and args.overload
+    assert args.ingress_replicas == 1 and args.repeats == 1
+    assert _parse(load_bench, ["load", "--ingress-replicas", "2"]).ingress_replicas == 2
     assert load_bench.requests_for(4, args) == 64 and load_bench.requests_for(64, args) == 256  # steady state
     assert _parse(load_bench, ["load", "--serving-cpu-cores", "0", "--engine-cpu-cores", "1-3"]).engine_cpu_cores \
         == "1-3"
@@ -268,3 +270,40 @@ def test_rss_trend_compares_windows_not_single_samples():
     leak = [2000.0 + x for x in t]
     trend = soak_bench.rss_trend(t, leak, 30.0, 299.0, 60.0)
     assert trend["last_window"] - trend["after_warmup"] > 200 and trend["slope_mib_per_min"] == pytest.approx(60.0)
+
+
+def test_repeated_rounds_report_the_median_round_and_every_rounds_ratio():
+    """--repeats: each round is the level's baseline then its served side; the row is the round whose steady
+    ratio is the (lower) median, and `rounds` keeps every round's figures; an error in any round fails the
+    target."""
+    local_rates, served_rates = iter([1000.0, 2000.0, 1000.0, 1000.0]), iter([900.0, 1000.0, 700.0, 800.0])
+    order = []
+
+    class Baseline:
+        async def level(self, level):
+            order.append("in-process")
+            rate = next(local_rates)
+            return {"tokens_per_s": rate, "steady_tokens_per_s": rate}
+
+    async def served_level():
+        order.append("served")
+        rate = next(served_rates)
+        return {"tokens_per_s": rate, "steady_tokens_per_s": rate, "errors": {} if rate != 700.0 else {"X": 1}}
+
+    served, local, rounds = asyncio.run(load_bench.level_rounds(64, 4, served_level, Baseline()))
+    assert order == ["in-process", "served"] * 4
+    assert [r["served_steady_fraction_of_in_process"] for r in rounds] == [0.9, 0.5, 0.7, 0.8]
+    assert served["steady_tokens_per_s"] == 700.0 and local["steady_tokens_per_s"] == 1000.0  # ratios 0.5 0.7 0.8 0.9
+    assert [r["reported"] for r in rounds] == [False, False, True, False]
+    args = _parse(load_bench, ["load", "--concurrency", "64", "--repeats", "4"])
+    assert args.repeats == 4
+    rows = load_bench.merge_levels([64], {64: served}, {64: local}, args, {64: rounds})
+    assert rows[0]["served_steady_fraction_of_in_process"] == 0.7 and len(rows[0]["rounds"]) == 4
+    target = load_bench.target_check(rows)
+    assert target["round_fractions"] == [0.9, 0.5, 0.7, 0.8] and target["errors"] == 1 and target["met"] is False
+
+    served_rates = iter([900.0])   # one round (the default): that round, no `rounds`
+    local_rates = iter([1000.0])
+    served, local, rounds = asyncio.run(load_bench.level_rounds(8, 1, served_level, Baseline()))
+    assert served["steady_tokens_per_s"] == 900.0 and rounds == []
+    assert "rounds" not in load_bench.merge_levels([8], {8: served}, {8: local}, args, {8: rounds})[0]
