@@ -16,7 +16,8 @@ So when herd starts its own Ray (`herd serve` without --address, and `herd bench
 - this process, and so the local Ray and everything it starts (the proxy, the ingress, the replicas), runs on
   the CPUs no engine was given, models' own engine_cpu_cores included;
 - the engine process of a CPU model that was not bound (several replicas: one cpu list would be shared by all
-  of them; or no core left for it) may run on every CPU, as without binding, and the plan says why.
+  of them; or no core left for it) may run on every CPU but the serving path's reserve (the `serving_cpus`
+  lowest of its CPUs, which stay for requests, refusals and health checks), and the plan says why.
 A CPU model whose arithmetic runs in Ray's own workers (a TP x PP group's shard actors, or engine_process
 off) binds nothing at all: those workers would share the serving CPUs. GPU models are not touched.
 
@@ -48,7 +49,7 @@ DEFAULT_SERVING_CPUS = 2
 @dataclass(frozen=True)
 class CpuBinding:
     """A plan: the CPUs of the serving path, the engine cores given to models, the engine processes left to the
-    OS (on every CPU herd may use, not only the serving path's), and why a model was not bound."""
+    OS (on every CPU herd may use but the serving path's reserve), and why a model was not bound."""
 
     serving: frozenset[int]
     engines: dict[str, str] = field(default_factory=dict)      # model name -> its engine_cpu_cores
@@ -59,7 +60,7 @@ class CpuBinding:
     @property
     def engine_cpu_cores(self) -> dict[str, str]:
         """The engine_cpu_cores of each model the binding places: a bound one's cores, an unbound one's every CPU
-        (its engine process would otherwise inherit the serving CPUs)."""
+        but the serving path's reserve (its engine process would otherwise inherit the serving CPUs)."""
         return {**self.floating, **self.engines} if self.active else {}
 
     def lines(self) -> list[str]:
@@ -71,7 +72,8 @@ class CpuBinding:
         out = [f"model {name}'s engine process on CPU {cores}" for name, cores in self.engines.items()]
         out.append(f"Ray, Serve's proxy, the ingress and the replicas on CPU {format_cpus(self.serving)}")
         for name, why in self.unbound.items():
-            where = f"; its engine process on any CPU ({self.floating[name]})" if name in self.floating else ""
+            where = (f"; its engine process left to the OS on CPU {self.floating[name]} (off the serving path's "
+                     f"reserve)") if name in self.floating else ""
             out.append(f"model {name} not bound: {why}{where}")
         return out
 
@@ -122,9 +124,7 @@ def plan(models: Iterable, allowed: Iterable[int], mode: str = DEFAULT_CPU_BINDI
     # Cores a model already names are its own: the serving path stays off them too.
     taken = set().union(*(parse_cpu_list(m.engine_cpu_cores) for m in models if m.engine_cpu_cores))
     free = sorted(allowed - taken, reverse=True)  # from the top: CPU 0 (interrupts, the shell) serves
-    every_cpu = format_cpus(allowed)
     engines: dict[str, str] = {}
-    floating: dict[str, str] = {}
     unbound: dict[str, str] = {}
     for model in models:
         if model.engine_cpu_cores or _on_gpu(model):  # placed already / GPU work
@@ -134,8 +134,8 @@ def plan(models: Iterable, allowed: Iterable[int], mode: str = DEFAULT_CPU_BINDI
         if why is None and len(free) - need < serving_cpus:
             why = (f"its {need} engine thread(s) need {need} core(s); {max(0, len(free) - serving_cpus)} "
                    f"free beside the serving path's {serving_cpus}")
-        if why is not None:  # left to the OS: on every CPU, as without binding, not only the serving ones
-            unbound[model.name], floating[model.name] = why, every_cpu
+        if why is not None:
+            unbound[model.name] = why
             continue
         cores, free = free[:need], free[need:]
         engines[model.name] = format_cpus(cores)
@@ -143,6 +143,13 @@ def plan(models: Iterable, allowed: Iterable[int], mode: str = DEFAULT_CPU_BINDI
     # every CPU, as without binding).
     if len(free) < serving_cpus or not (engines or taken & allowed):
         return CpuBinding(serving=allowed, unbound=unbound, active=False)
+    # An engine not bound is left to the OS on every CPU but the serving path's reserve (its `serving_cpus` lowest
+    # CPUs), which stays for requests, refusals and health checks. Left on every CPU, a busy engine settled where
+    # it first found room: on 2 vCPUs with one CPU kept for serving, a second model's engine, kept busy by an
+    # overload run, was on the serving CPU in 94% of the samples where it ran (`herd bench load --concurrency 1
+    # --skip-in-process --overload --cpu-binding-serving-cpus 1`, its CPU read every 50 ms).
+    reserve = frozenset(sorted(free)[:serving_cpus])
+    floating = {name: format_cpus(allowed - reserve) for name in unbound}
     return CpuBinding(serving=frozenset(free), engines=engines, floating=floating, unbound=unbound)
 
 

@@ -31,9 +31,9 @@ def test_cores_follow_the_cpu_reservation_and_keep_one_for_serving():
     b = cpu_binding.plan(models, range(6), serving_cpus=2)  # 6 CPUs: 3 + 1 bound, 2 left for serving: late's 2 would leave none
     assert b.engines == {"big": "3-5", "small": "2"} and b.serving == {0, 1} and b.active
     assert b.unbound == {"late": "its 2 engine thread(s) need 2 core(s); 0 free beside the serving path's 2"}
-    assert b.floating == {"late": "0-5"}  # left to the OS: every CPU, not only the serving ones
+    assert b.floating == {"late": "2-5"}  # left to the OS: every CPU but the serving path's reserve
     assert "model late not bound: its 2 engine thread(s) need 2 core(s); 0 free beside the serving path's 2; its " \
-           "engine process on any CPU (0-5)" in b.lines()
+           "engine process left to the OS on CPU 2-5 (off the serving path's reserve)" in b.lines()
     b = cpu_binding.plan(models, range(7), serving_cpus=1)  # one more CPU and a smaller reserve: late fits
     assert b.engines == {"big": "4-6", "small": "3", "late": "1-2"} and b.serving == {0} and b.unbound == {}
     # A fractional reservation is one thread.
@@ -47,8 +47,17 @@ def test_cores_follow_the_cpu_reservation_and_keep_one_for_serving():
 ])
 def test_models_with_several_replicas_float_and_say_why(entry, why):
     b = cpu_binding.plan(_models({"name": "bound"}, {"name": "other", **entry}), {0, 1, 2, 3})
-    assert b.engines == {"bound": "3"} and why in b.unbound["other"] and b.floating == {"other": "0-3"}
+    # The serving path runs on 0-2 and keeps 0-1 (its reserve, cpu_binding_serving_cpus 2) from the floating ones.
+    assert b.engines == {"bound": "3"} and why in b.unbound["other"] and b.floating == {"other": "2-3"}
     assert b.serving == {0, 1, 2}
+
+
+def test_an_engine_not_bound_stays_off_the_serving_reserve():
+    """On 2 vCPUs with one CPU kept for serving, a second model's engine floats on the first one's core: left
+    on both CPUs it settled on the serving one, and every refusal queued behind it."""
+    b = cpu_binding.plan(_models({"name": "a"}, {"name": "b"}), {0, 1}, serving_cpus=1)
+    assert b.engines == {"a": "1"} and b.serving == {0} and b.floating == {"b": "1"}
+    assert b.engine_cpu_cores == {"a": "1", "b": "1"}
 
 
 @pytest.mark.parametrize("entry, why", [
