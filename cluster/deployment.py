@@ -54,6 +54,7 @@ from cluster.errors import ApiError, error_to_dict
 from cluster.metrics import ReplicaMetrics
 from cluster.request_context import install_request_id_logging, request_id_from, set_request_id
 from cluster.routing import RoutingReport, routing_stats
+from workers.gc_freeze import freeze_startup_objects
 
 log = logging.getLogger(f"herd.{__name__}")
 
@@ -212,6 +213,7 @@ class ModelServer:
                  time.monotonic() - t0, self.engine.max_model_len, stats.kv_blocks_total, self.engine.block_size)
         self.metrics = ReplicaMetrics(self.name, self.replica_id,
                                       prefix_caching=bool(spec.engine_args.get("enable_prefix_caching", True)))
+        freeze_startup_objects(f"model {self.name}")   # (workers.gc_freeze) no full collection walks them again
         loop = asyncio.get_running_loop()
         self._background = [loop.create_task(self._push_engine_metrics()),
                             loop.create_task(self._return_freed_host_memory())]

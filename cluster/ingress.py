@@ -49,6 +49,7 @@ from cluster.request_body import SlowBodies
 from cluster.pb import inference_pb2 as pb
 from cluster.proto_convert import (messages_from_proto, responses_from_chunk, sampling_from_proto,
                                    tool_choice_from_proto, tools_from_proto)
+from workers.gc_freeze import freeze_startup_objects
 
 log = logging.getLogger(f"herd.{__name__}")
 
@@ -296,8 +297,8 @@ class Frontend:
         """Limits, then workers.SamplingParams' own checks, then the structured-output constraint's (a bad
         schema, regex or grammar is refused here, before anything is queued; a large one is checked off the
         event loop: a 300 KB schema takes llguidance ~0.5 s)."""
-        from workers import SamplingParams
         from workers.errors import InvalidRequestError
+        from workers.sampling_params import SamplingParams  # the light module: the ingress never imports torch
         from workers.structured_output import validate_structured
 
         self.limits.check_sampling(sampling)
@@ -571,9 +572,15 @@ class InferenceIngress(OpenAIRoutes):
             log.warning("ingress: this Ray Serve gives no shutdown signal (cluster.replica_shutdown): open "
                         "Health.Watch streams will hold this replica's drain until graceful_shutdown_timeout_s")
         await self.frontend.load_tokenizers()
-        self._warm_up = loop.create_task(self.frontend.warm_up())
+        self._warm_up = loop.create_task(self._warm_up_then_freeze())
         log.info("ingress: serving models %s (API keys %s)", ", ".join(specs),
                  "required" if self.frontend.auth.enabled else "not configured")
+
+    async def _warm_up_then_freeze(self) -> None:
+        """Frontend.warm_up, then what start-up and warm-up built out of full garbage collections
+        (workers.gc_freeze)."""
+        await self.frontend.warm_up()
+        freeze_startup_objects("ingress")
 
     # -- herd.v1.Inference
     async def Generate(self, request: pb.GenerateRequest, grpc_context) -> AsyncIterator[pb.GenerateResponse]:

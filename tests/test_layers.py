@@ -89,3 +89,31 @@ def test_workers_exports_resolve_on_first_use():
         assert getattr(workers, name) is not None
     with pytest.raises(AttributeError, match="no attribute 'Engin'"):
         workers.Engin
+
+
+def test_the_ingress_checks_requests_without_importing_torch():
+    """The ingress validates sampling (with a grammar) and chat tools through the light modules: importing torch
+    there added ~100k objects after the ingress froze its start-up ones (workers.gc_freeze), and each full
+    garbage collection walked them again (163-176 ms pauses under overload)."""
+    code = textwrap.dedent("""
+        import asyncio, json, sys
+        from cluster.chat_tools import ChatTools
+        from cluster.ingress import Frontend
+
+        async def main():
+            fe = Frontend({}, {})
+            checked = await fe.check_sampling({"max_tokens": 4, "temperature": 0.5,
+                                               "structured": {"regex": "[ab]+"}})
+            tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+            tools = await ChatTools.checked([tool], "required", fe.limits)
+            return checked, tools
+
+        checked, tools = asyncio.run(main())
+        print(json.dumps({"structured": checked.get("structured"), "tools": bool(tools.constrain({})),
+                          "torch": "torch" in sys.modules}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["structured"] == {"regex": "[ab]+"} and result["tools"]
+    assert result["torch"] is False

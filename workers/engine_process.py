@@ -47,6 +47,7 @@ from .async_engine import AsyncEngine, EngineFront, _CallerStream, _Stream, max_
 from .engine import EngineStats, StreamDelta, validate_request
 from .errors import EngineUnavailableError, HerdError
 from .sampling import SamplingParams
+from .gc_freeze import freeze_startup_objects
 from .stream_pacing import StreamPacing
 
 log = logging.getLogger(f"herd.{__name__}")
@@ -190,6 +191,7 @@ def main(argv: Sequence[str]) -> int:
         outbox.send("failed", _picklable(e) if isinstance(e, Exception) else RuntimeError(repr(e)))
         return 1
     core = _EngineCore(engine, pacing, outbox)
+    freeze_startup_objects("engine process")   # (workers.gc_freeze) before the first request, not during one
     outbox.send("ready", _engine_info(core))
     if not _serve(commands, core, outbox):
         # The replica is gone (killed, crashed): nobody reads what we would send, and the OS frees the memory.
