@@ -46,8 +46,8 @@ from typing import Any, Sequence
 from .async_engine import AsyncEngine, EngineFront, _CallerStream, _Stream, max_held
 from .engine import EngineStats, StreamDelta, validate_request
 from .errors import EngineUnavailableError, HerdError
-from .sampling import SamplingParams
 from .gc_freeze import freeze_startup_objects
+from .sampling import SamplingParams
 from .stream_pacing import StreamPacing
 
 log = logging.getLogger(f"herd.{__name__}")

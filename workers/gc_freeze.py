@@ -5,7 +5,7 @@ while it does: whatever that process was doing waits. A serving process holds mo
 start-up on (Ray, Serve, grpc, protobuf, pydantic, torch, the tokenizers: ~140k in the ingress, ~250k in an
 engine process), and a full collection comes whenever a quarter as many new ones have piled up since the
 last. Measured on 2 vCPUs (`herd bench load --concurrency 1 --skip-in-process --overload` with a
-`gc.callbacks` timer in every process): one full collection in the ingress took 163-167 ms in the middle of
+`gc.callbacks` timer in every process): one full collection in the ingress took 163-176 ms in the middle of
 the sustained overload, and the refusals arriving meanwhile took 150-250 ms instead of ~20 (the run's p99).
 
 `gc.freeze()` moves every object alive at that moment into a permanent generation that no collection walks
