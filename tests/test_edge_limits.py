@@ -647,3 +647,35 @@ def test_the_exception_that_ends_a_stream_imports_nothing_of_herd():
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'workers', 'ray')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_model_states_come_from_the_controllers_plain_details_not_serve_status(monkeypatch):
+    """What the ingress asks Serve's controller every READINESS_TTL_S under load: its plain details dict
+    (cluster.status.serve_details), which costs the ingress ~1 ms, not serve.status(), which builds pydantic
+    models of it (and cloudpickles each deployment's router class) while the ingress's loops wait for the GIL.
+    Ready = a RUNNING replica, in the model's own application where it has one; failed = DEPLOY_FAILED with none."""
+    from types import SimpleNamespace
+
+    from ray import serve
+    from ray.serve._private.common import DeploymentStatus, ReplicaState
+
+    import cluster.status
+
+    def deployment(status, *states):
+        return {"status": status, "replicas": [{"state": s} for s in states]}
+
+    details = {"applications": {
+        "herd": {"deployments": {"model-a": deployment(DeploymentStatus.UPDATING, ReplicaState.STARTING,
+                                                       ReplicaState.RUNNING),
+                                 "model-b": deployment(DeploymentStatus.DEPLOY_FAILED)}},
+        "herd-model-c": {"deployments": {"model-c": deployment(DeploymentStatus.UNHEALTHY, ReplicaState.STOPPING)}}}}
+    monkeypatch.setattr(cluster.status, "serve_details", lambda: details)
+    monkeypatch.setattr(serve, "get_replica_context", lambda: SimpleNamespace(app_name="herd"))
+    monkeypatch.setattr(serve, "status", lambda: pytest.fail("the ingress asked serve.status()"))
+    names = ("a", "b", "c", "gone")
+    fe = Frontend({n: _Handle([]) for n in names}, {n: {"name": n, "deployment": f"model-{n}"} for n in names},
+                  applications={"c": "herd-model-c"})
+    states = fe._states_from_controller()
+    assert {n: s.ready for n, s in states.items()} == {"a": True, "b": False, "c": False, "gone": False}
+    assert "DEPLOY_FAILED" in states["b"].failure
+    assert states["a"].failure is None and states["c"].failure is None and states["gone"].failure is None
