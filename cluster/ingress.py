@@ -549,7 +549,7 @@ def _set_status(grpc_context, err: ApiError) -> StatusSet:
     StatusSet (a unary one returns an empty message), so the client gets exactly this status."""
     grpc_context.set_code(err.grpc_code)
     grpc_context.set_details(err.message)
-    return StatusSet(err.message)
+    return StatusSet(err.message, err.grpc_code.name)
 
 
 @serve.ingress(openai_app)

@@ -634,7 +634,47 @@ def test_logs_of_answered_calls_keep_their_line_but_not_their_traceback():
         assert quiet.filter(rec) and rec.exc_info is None
     for failure in (KeyError("a bug"), Wrapped(ApiError("INTERNAL", "x"))):  # real failures keep theirs
         rec = record_for(failure)
-        assert quiet.filter(rec) and rec.exc_info is not None
+        assert quiet.filter(rec) and rec.exc_info is not None and rec.levelno == logging.ERROR
+
+
+@pytest.mark.parametrize("code, level", [("RESOURCE_EXHAUSTED", "INFO"), ("INVALID_ARGUMENT", "INFO"),
+                                         ("UNAUTHENTICATED", "INFO"), ("DEADLINE_EXCEEDED", "INFO"),
+                                         ("UNAVAILABLE", "ERROR"), ("INTERNAL", "ERROR"), ("", "ERROR")])
+def test_calls_answered_with_a_client_status_are_not_logged_as_errors(code, level):
+    """Serve's replica and proxy log every streaming call that ended with a status at ERROR: an overloaded server
+    wrote two ERROR lines per refusal. A status the client is to act on is INFO (its line stays); one that says
+    the server failed stays ERROR. The code survives the pickling that carries StatusSet to Serve's proxy."""
+    import logging
+    import pickle
+    import sys
+
+    from cluster.grpc_status import StatusLogFilter, StatusSet
+    from cluster.ingress import _set_status
+
+    class Context:
+        def set_code(self, c):
+            self.code = c
+
+        def set_details(self, d):
+            self.details = d
+
+    class Wrapped(Exception):  # Serve's proxy: gRPCStatusError(original_exception=the unpickled StatusSet)
+        def __init__(self, original):
+            super().__init__("wrapped")
+            self.original_exception = original
+
+    status = _set_status(Context(), ApiError(code, "m")) if code else StatusSet("m")
+    assert status.code == code and str(status) == "m"
+    carried = pickle.loads(pickle.dumps(status))
+    assert (carried.code, str(carried)) == (code, "m")
+    for exc in (status, Wrapped(carried)):
+        try:
+            raise exc
+        except Exception:
+            record = logging.LogRecord("ray.serve", logging.ERROR, __file__, 1, "Request failed.", None,
+                                       sys.exc_info())
+        assert StatusLogFilter().filter(record) and record.exc_info is None
+        assert (record.levelname, record.levelno) == (level, getattr(logging, level))
 
 
 def test_the_exception_that_ends_a_stream_imports_nothing_of_herd():

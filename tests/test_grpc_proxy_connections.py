@@ -35,6 +35,20 @@ def test_preload_keeps_the_modules_already_named():
     assert with_preload("cluster.grpc_proxy_preload,a") == "cluster.grpc_proxy_preload,a"
 
 
+def test_the_preload_quiets_serves_log_of_answered_calls_in_every_worker():
+    """What the chart's Ray workers import first (RAY_preload_python_modules) also puts StatusLogFilter on Serve's
+    logger, so a KubeRay cluster's proxy logs refusals as a local herd serve's does (cluster.grpc_status);
+    it imports neither Ray nor the engine."""
+    import subprocess
+    import sys
+
+    code = ("import logging, sys; import cluster.grpc_proxy_preload; "
+            "print([type(f).__name__ for f in logging.getLogger('ray.serve').filters], "
+            "sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'workers', 'ray')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['StatusLogFilter'] []"
+
+
 async def _held_connections(server_class, monkeypatch, connections: int) -> int:
     """How many of `connections` idle HTTP/2 connections a server of `server_class` holds, with a cap of 3."""
     monkeypatch.setenv("HERD_GRPC_MAX_CONNECTIONS", "3")
