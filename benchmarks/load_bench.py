@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import multiprocessing as mp
 import os
 import queue
@@ -320,6 +321,20 @@ async def level_rounds(level: int, repeats: int, served_level: Callable[[], Awai
     return chosen[0], chosen[1], rounds
 
 
+async def levels_in_rounds(levels: list[int], repeats: int,
+                           served_level: Callable[[int], Awaitable[dict[str, Any]]],
+                           baseline: Optional[InProcessBaseline]) -> tuple[dict, Optional[dict], dict[int, list]]:
+    """Each level in `repeats` rounds (level_rounds), each round's baseline right before its served side (the
+    machine of the same minute): served and in-process figures (None without a baseline) and rounds, by level."""
+    served, local, rounds = {}, ({} if baseline is not None else None), {}
+    for level in levels:
+        served[level], local_level, rounds[level] = await level_rounds(
+            level, repeats, functools.partial(served_level, level), baseline)
+        if local is not None:
+            local[level] = local_level
+    return served, local, rounds
+
+
 def _ratio(served: dict[str, Any], local: Optional[dict[str, Any]], figure: str) -> Optional[float]:
     s, l = served.get(figure), (local or {}).get(figure)
     return round(s / l, 3) if s and l else None
@@ -579,8 +594,6 @@ def _serve_and_sweep(args, levels: list[int], path: str, report: dict[str, Any],
     from cluster.app import APP_NAME, deployment_name
     from cluster.config import ModelDeploymentConfig
 
-    local: Optional[dict[int, dict[str, Any]]] = {} if baseline is not None else None
-    rounds: dict[int, list] = {}
     models = [entry]
     capped = None
     if args.overload:
@@ -616,20 +629,15 @@ def _serve_and_sweep(args, levels: list[int], path: str, report: dict[str, Any],
             await target.wait_ready()
             await warm_up(target, args, vocab)
             phases = []
-            served = {}
             cpu_groups = serve_process_pids(BENCH_MODEL)
-            for level in levels:  # one level at a time, so the timeline can name its phases
-                async def served_level(level=level) -> dict[str, Any]:
-                    start = sampler.now() if sampler else 0.0
-                    report = await served_sweep(target, [level], args, vocab, in_flight, cpu_groups)
-                    phases.append((f"c={level}", start, sampler.now() if sampler else 0.0))
-                    return report[level]
 
-                # Its baseline right before each round: the machine of the same minute.
-                served[level], local_level, rounds[level] = await level_rounds(level, args.repeats, served_level,
-                                                                               baseline)
-                if local is not None:
-                    local[level] = local_level
+            async def served_level(level: int) -> dict[str, Any]:  # one level at a time: the timeline names it
+                start = sampler.now() if sampler else 0.0
+                report = await served_sweep(target, [level], args, vocab, in_flight, cpu_groups)
+                phases.append((f"c={level}", start, sampler.now() if sampler else 0.0))
+                return report[level]
+
+            served, local, rounds = await levels_in_rounds(levels, args.repeats, served_level, baseline)
             await target.close()
             if capped is not None:
                 capped_target = AioTarget(address, CAPPED_MODEL)
@@ -641,9 +649,9 @@ def _serve_and_sweep(args, levels: list[int], path: str, report: dict[str, Any],
                     f"{o['sustained']['rejection_p99_ms']} ms; burst {o['burst']['rejected']} rejected, p99 "
                     f"{o['burst']['rejection_p99_ms']} ms")
                 await capped_target.close()
-            return served, phases
+            return served, local, rounds, phases
 
-        served, phases = asyncio.run(drive())
+        served, local, rounds, phases = asyncio.run(drive())
         if sampler is not None:
             time.sleep(args.cooldown_s)  # let the autoscaler come back down while sampling
             tl = sampler.stop()
@@ -688,15 +696,11 @@ async def levels_beside_baseline(target, levels: list[int], args, vocab: int,
     """Warm up, then each level served, each right after its in-process baseline (when there is one), in
     --repeats rounds (level_rounds)."""
     await warm_up(target, args, vocab)
-    served, local, rounds = {}, ({} if baseline is not None else None), {}
-    for level in levels:
-        async def served_level(level=level) -> dict[str, Any]:
-            return (await served_sweep(target, [level], args, vocab, [0], cpu_groups))[level]
 
-        served[level], local_level, rounds[level] = await level_rounds(level, args.repeats, served_level, baseline)
-        if local is not None:
-            local[level] = local_level
-    return served, local, rounds
+    async def served_level(level: int) -> dict[str, Any]:
+        return (await served_sweep(target, [level], args, vocab, [0], cpu_groups))[level]
+
+    return await levels_in_rounds(levels, args.repeats, served_level, baseline)
 
 
 def _run_external(args, levels: list[int]) -> tuple[list, dict]:

@@ -11,8 +11,9 @@ both are avoided here:
   the status is the client's to act on (a refusal, bad input, no key, its own deadline or cancel) the line
   is INFO, not ERROR: such a request was answered with a precise status, it is not a failure of the server,
   and an alert on the ERROR rate must not fire on back-pressure. UNAVAILABLE and INTERNAL stay as Serve logs
-  them (herd logs the cause of an INTERNAL itself). The ingress installs it in its replica; a local `herd
-  serve` installs it in every Ray worker, the proxy included (cluster.local_ray).
+  them (herd logs the cause of an INTERNAL itself). Every Ray worker of a local `herd serve` or of the chart,
+  the proxy included, installs it from the module it preloads (cluster.grpc_proxy_preload); the ingress
+  installs it in its replica as well, for a joined cluster whose workers do not preload it.
 """
 import logging
 

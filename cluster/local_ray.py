@@ -245,14 +245,11 @@ def _rebind(address: str) -> str:
 
 def _worker_setup_hook() -> None:
     """Runs in every worker process of a start_local_ray session (Serve controller, proxy, replicas, actors):
-    rebinds wildcard gRPC listening addresses (Serve's gRPC proxy and replica servers use "[::]"), makes the
-    Serve gRPC port TLS when the session has a certificate (cluster.grpc_tls), and keeps the proxy's log of each
-    refused call to one line (cluster.grpc_status)."""
+    rebinds wildcard gRPC listening addresses (Serve's gRPC proxy and replica servers use "[::]") and makes the
+    Serve gRPC port TLS when the session has a certificate (cluster.grpc_tls). (Serve's log of each answered
+    call is kept to one line by cluster.grpc_proxy_preload, which these workers import first.)"""
     if not os.environ.get(_BIND_ENV):
         return
-    from cluster.grpc_status import install_status_log_filter  # imports only logging
-
-    install_status_log_filter()
     try:
         from grpc.aio import _server
 
