@@ -87,6 +87,8 @@ def model_entry(path: str, args, name: str = BENCH_MODEL, **overrides) -> dict[s
     }
     if getattr(args, "stream_max_messages_per_s", None) is not None:
         entry["stream_max_messages_per_s"] = args.stream_max_messages_per_s
+    if getattr(args, "stream_max_interval_s", None) is not None:
+        entry["stream_max_interval_s"] = args.stream_max_interval_s
     if getattr(args, "engine_process", None) is not None:
         entry["engine_process"] = args.engine_process
     if getattr(args, "engine_cpu_cores", None) is not None:
@@ -742,6 +744,8 @@ def register_bench(bench_sub) -> None:
                    help="engine batch size (default: the largest level)")
     p.add_argument("--stream-max-messages-per-s", type=non_negative_float, default=None,
                    help="the served model's stream pacing (default: herd's; 0 = a message per token)")
+    p.add_argument("--stream-max-interval-s", type=positive_float, default=None,
+                   help="the longest a stream's tokens wait under load (default: herd's)")
     p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
                    help="the served engine in a process of its own (default: the config's, on)")
     p.add_argument("--engine-cpu-cores", default=None, type=cpu_list_arg,

@@ -81,6 +81,7 @@ def test_parse_levels_takes_the_parsed_list_or_text():
     (["bench", "load", "--seed", "-1"], "--seed"),
     (["bench", "load", "--cooldown-s", "-2"], "--cooldown-s"),
     (["bench", "load", "--overload-rate", "0"], "--overload-rate"),
+    (["bench", "load", "--stream-max-interval-s", "0"], "--stream-max-interval-s"),
     (["bench", "soak", "--minutes", "-1"], "--minutes"),
     (["bench", "soak", "--cancel-fraction", "1.5"], "--cancel-fraction"),
     (["bench", "soak", "--max-prompt", "4"], "--max-prompt"),

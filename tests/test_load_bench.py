@@ -115,6 +115,14 @@ def test_mixed_lengths_are_seeded_bounded_and_off_by_default():
             _parse(load_bench, ["load", "--max-tokens-range-ratio", bad])
 
 
+def test_stream_pacing_flags_reach_the_served_model_only_when_given():
+    default = load_bench.model_entry("/m", _parse(load_bench, ["load"]))
+    assert "stream_max_messages_per_s" not in default and "stream_max_interval_s" not in default   # herd's own
+    paced = load_bench.model_entry("/m", _parse(load_bench, ["load", "--stream-max-messages-per-s", "100",
+                                                            "--stream-max-interval-s", "1"]))
+    assert (paced["stream_max_messages_per_s"], paced["stream_max_interval_s"]) == (100.0, 1.0)
+
+
 def test_steady_rate_counts_tokens_while_every_stream_is_busy():
     def stream(start, tokens_at, latency):
         r = bc.StreamResult(start=start, latency_s=latency)
