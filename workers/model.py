@@ -159,12 +159,20 @@ class LlamaForCausalLM(nn.Module):
                 progress(1)
 
     def pack_weights_for_cpu(self) -> None:
-        """Pack the matmul weights for the CPU's kernels (packed_linear.py); a no-op on GPU. The tied
-        lm_head stays plain: the embedding lookup reads the same tensor."""
+        """Pack the matmul weights for the CPU's kernels (packed_linear.py); a no-op on GPU.
+
+        A tied lm_head (Llama 3.2 1B/3B) gets a packed copy of its own, and the embedding lookup keeps reading
+        the plain rows: plain, every step's logits re-laid the whole vocabulary matrix out, which made the
+        head of a [vocab 128,256 x hidden 2,048] model 1.2-2.5x slower in bf16 and 1.8-3.3x in fp32 at 1-64
+        rows (docs/benchmarks.md). The copy costs vocab x hidden more host memory (525 MB for Llama 3.2 1B in
+        bf16); a last pipeline stage, which looks nothing up, keeps the packed copy only."""
         for layer in self.layers:
             pack_module_weights(layer, ["qkv", "o", "gate_up", "down"])
-        if self.lm_head is not None and self.lm_head is not self.embed:
-            pack_module_weights(self, ["lm_head"])
+        if self.lm_head is None:
+            return
+        pack_module_weights(self, ["lm_head"])      # tied: the Parameter stays registered as `embed`
+        if self.lm_head is not self.embed and not self.shard.is_first_stage:
+            self.embed = None
 
     def weight_bytes(self) -> int:
         seen, total = {id(b) for b in self.rotary.buffers()}, 0

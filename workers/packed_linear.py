@@ -63,8 +63,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def pack_module_weights(module: nn.Module, names: list[str]) -> None:
     """Replace the named weight Parameters of `module` by packed tensors (buffers), freeing the plain ones."""
     for name in names:
-        weight = getattr(module, name)
-        packed = pack_weight(weight.data)
-        if packed is not weight.data:
+        plain = getattr(module, name).data    # (`.data` is a new tensor object at every access)
+        packed = pack_weight(plain)
+        if packed is not plain:
             delattr(module, name)
             module.register_buffer(name, packed, persistent=False)
