@@ -18,7 +18,7 @@ from tests.serve_fixtures import process_running
 from tests.test_async_engine import GREEDY, LONG, collect, idle_and_free, path, run, until  # noqa: F401 - path
 from workers import Engine, EngineUnavailableError, InvalidRequestError, SamplingParams
 from workers import engine_process
-from workers.engine_process import EngineProcessClient
+from workers.engine_process import EngineProcessClient, single_malloc_arena
 from workers.errors import CheckpointError, PromptTooLongError, QueueFullError, SettingError
 
 
@@ -222,6 +222,18 @@ def test_the_engine_process_runs_on_its_cpu_cores(make_client):
     assert os.sched_getaffinity(0) != {last} or len(os.sched_getaffinity(0)) == 1  # this process stays put
     out = run(collect(client, [5, 6, 7], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)))
     assert sum(len(d.token_ids) for d in out) == 4
+
+
+def test_the_engine_process_runs_with_one_malloc_arena_unless_the_environment_says_otherwise(make_client,
+                                                                                           monkeypatch):
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    client = make_client()
+    environ = open(f"/proc/{client.pid}/environ", "rb").read().split(b"\0")
+    assert b"MALLOC_ARENA_MAX=1" in environ
+    assert single_malloc_arena({}) == {"MALLOC_ARENA_MAX": "1"}
+    assert single_malloc_arena({"MALLOC_ARENA_MAX": "4"}) == {}                        # the operator's stays
+    assert single_malloc_arena({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}) == {}
 
 
 def test_cpu_cores_the_node_lacks_fail_the_client_with_a_setting_error(path):

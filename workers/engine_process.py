@@ -200,6 +200,21 @@ def main(argv: Sequence[str]) -> int:
     return 0
 
 
+def single_malloc_arena(env: dict[str, str]) -> dict[str, str]:
+    """glibc's one-arena setting for the engine process, unless the environment already sets the arena count.
+
+    The engine's step runs in a thread of its own, and glibc gives each thread an arena of 64 MiB heaps that it
+    maps and unmaps as they fill and empty. A step's logits are tens of MiB (rows x 128,256 x 4 bytes) and their
+    size follows the batch, so every step mapped fresh pages, and the kernel zeroing them took ~12% of the
+    engine process's CPU (perf). With the main arena for every thread, freed memory is reused as it is in a
+    single-threaded process: at 64 streams the engine's CPU per request fell from 13.2-13.6 to 10.8-11.1 ms
+    (`herd bench load --engine-hop-only --concurrency 64 --requests-per-level 1536`, docs/serving.md). Other C
+    libraries ignore the variable."""
+    if "MALLOC_ARENA_MAX" in env or "malloc.arena_max" in env.get("GLIBC_TUNABLES", ""):
+        return {}
+    return {"MALLOC_ARENA_MAX": "1"}
+
+
 # ---- replica process ----------------------------------------------------------------------------------------
 class EngineProcessClient(EngineFront):
     """AsyncEngine's interface (generate, abort, stats, the cache snapshot, check_health, shutdown) over an
@@ -217,6 +232,7 @@ class EngineProcessClient(EngineFront):
         # the child does not read); the same interpreter brings the same site-packages.
         root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        env.update(single_malloc_arena(env))
         try:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "workers.engine_process", str(commands_r), str(events_w)],
