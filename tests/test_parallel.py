@@ -267,7 +267,10 @@ class TestOnLocalRay:
             with pytest.raises(EngineUnavailableError):
                 engine.check_health()
         finally:
+            met_at = engine.engine.executor.init_method
             engine.shutdown()
+        # the dead group's rendezvous file (one node here) is gone with it
+        assert met_at.startswith("file://") and not os.path.exists(met_at[len("file://"):])
         # a fresh engine can be built afterwards (what a Serve replica restart does)
         fresh = self.build(checkpoints["wide"], tp, pp)
         try:

@@ -45,7 +45,7 @@ from ..errors import EngineUnavailableError, InvalidRequestError
 from ..model_runner import StepInput
 from ..shard import ShardInfo, check_tensor_parallel, partition_layers
 from .placement import ShardPlacement, place_shards
-from .distributed import rendezvous
+from .distributed import remove_rendezvous_file, rendezvous
 from .shard_worker import ShardWorker
 
 log = logging.getLogger(f"herd.{__name__}")
@@ -116,6 +116,7 @@ class RayExecutor:
             raise InvalidRequestError("num_microbatches", f"must be >= 1, got {self.num_microbatches}")
         self.last_rank = (pp - 1) * tp     # the shard that returns the logits
         self.workers: list = []
+        self.init_method = ""              # where the group met (distributed.rendezvous)
         self.placement: ShardPlacement | None = None
         self.mode = "tasks"
         self._dag = None
@@ -132,9 +133,9 @@ class RayExecutor:
                     ).remote(cfg, shard, dtype, max_model_len, engine_config.block_size,
                              engine_config.kv_cache_dtype))
             # A file when the group shares one node, else rank 0's node at a port free there (distributed.py).
-            init_method = rendezvous(self._get([w.node_address.remote() for w in self.workers], "shard start",
-                                               STARTUP_TIMEOUT_S))
-            devices = self._get([w.init.remote(init_method, self.timeout_s) for w in self.workers],
+            self.init_method = rendezvous(self._get([w.node_address.remote() for w in self.workers],
+                                                    "shard start", STARTUP_TIMEOUT_S))
+            devices = self._get([w.init.remote(self.init_method, self.timeout_s) for w in self.workers],
                                 "process-group init", STARTUP_TIMEOUT_S)
             self.device_type, backend = devices[0]
             log.info("loading %s on %d shards (TP%d × PP%d, %s)", path, tp * pp, tp, pp, backend)
@@ -241,6 +242,8 @@ class RayExecutor:
                 ray.get(self.workers[0].forget_rendezvous.remote(), timeout=5)
             except Exception as e:  # noqa: BLE001
                 log.debug("rendezvous clean-up: %s", e)
+        # A dead group cannot remove its file; the driver can when it shares the group's node (else: no such file).
+        remove_rendezvous_file(self.init_method)
         for w in self.workers:
             try:
                 ray.kill(w, no_restart=True)
