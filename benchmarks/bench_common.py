@@ -120,10 +120,18 @@ def save_figure(fig, path: Path) -> Path:
 
 
 # ---- a private cluster --------------------------------------------------------------------------------------
+def free_ports(count: int) -> list[int]:
+    """`count` distinct loopback ports, free now. Their sockets are held open together: two free_port() calls in a
+    row sometimes got the same port back, and a config with it twice is refused (grpc_port and http_port)."""
+    with contextlib.ExitStack() as held:
+        sockets = [held.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def scratch_dir(prefix: str = "herd-bench-") -> Path:
@@ -171,7 +179,8 @@ def local_ray(num_cpus: Optional[int] = None, serve_transport: str = DEFAULT_SER
 
 def cluster_config(models: list[dict[str, Any]], **extra) -> dict[str, Any]:
     """A loopback ClusterConfig dict on free ports."""
-    return {"host": "127.0.0.1", "grpc_port": free_port(), "http_port": free_port(), "models": models, **extra}
+    grpc_port, http_port = free_ports(2)
+    return {"host": "127.0.0.1", "grpc_port": grpc_port, "http_port": http_port, "models": models, **extra}
 
 
 def start_herd(cfg_dict: dict[str, Any]) -> str:

@@ -6,19 +6,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import grpc
 
+from benchmarks.bench_common import free_port, free_ports  # noqa: F401 - the tests import free_port from here
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+
 
 
 @dataclass
@@ -76,7 +73,8 @@ def _start_herd_cluster(config: dict[str, Any], num_cpus: int, api_key: str | No
     from cluster.config import ClusterConfig
     from cluster.local_ray import local_ray_options, start_local_ray
 
-    config = {**config, "host": "127.0.0.1", "grpc_port": free_port(), "http_port": free_port()}
+    grpc_port, http_port = free_ports(2)
+    config = {**config, "host": "127.0.0.1", "grpc_port": grpc_port, "http_port": http_port}
     cfg = ClusterConfig.from_dict(config)
     # A private Ray (never a cluster named in /tmp/ray/ray_current_cluster), every port on loopback, the gRPC
     # proxy bound to the config's host and holding its message limit: what `herd serve` starts.

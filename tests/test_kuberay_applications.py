@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from tests.checkpoints import LLAMA2_MHA, make_checkpoint
-from tests.serve_fixtures import free_port, stop_herd_cluster, wait_for
+from tests.serve_fixtures import free_ports, stop_herd_cluster, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 MODELS = ("alpha", "beta")
@@ -104,7 +104,7 @@ def cluster(tmp_path_factory):
     root = tmp_path_factory.mktemp("kuberay-apps")
     paths = {name: str(make_checkpoint(root, name, LLAMA2_MHA, seed=i)) for i, name in enumerate(MODELS)}
     # The proxies of this machine's Serve, on loopback (the chart's own are for pods: 0.0.0.0, fixed ports).
-    local = ClusterConfig.from_dict({"grpc_port": free_port(), "http_port": free_port(),
+    local = ClusterConfig.from_dict({**dict(zip(("grpc_port", "http_port"), free_ports(2))),
                                      "models": [{"name": "alpha", "path": paths["alpha"]}]})
     start_local_ray(num_cpus=4, include_dashboard=False, namespace="herd-tests", **local_ray_options(local))
     try:

@@ -115,6 +115,13 @@ def test_mixed_lengths_are_seeded_bounded_and_off_by_default():
             _parse(load_bench, ["load", "--max-tokens-range-ratio", bad])
 
 
+def test_ports_taken_together_are_distinct():
+    ports = bc.free_ports(16)
+    assert len(set(ports)) == 16 and all(p > 1023 for p in ports)
+    config = bc.cluster_config([])
+    assert config["grpc_port"] != config["http_port"]
+
+
 def test_stream_pacing_flags_reach_the_served_model_only_when_given():
     default = load_bench.model_entry("/m", _parse(load_bench, ["load"]))
     assert "stream_max_messages_per_s" not in default and "stream_max_interval_s" not in default   # herd's own

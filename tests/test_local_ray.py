@@ -15,7 +15,7 @@ from cluster.local_ray import (_covered, _rebind, exposure_warnings, is_loopback
                                listening_sockets_outside_loopback, local_ray_options, ray_session_pids,
                                start_local_ray)
 from tests.raw_sockets import closed_by_server
-from tests.serve_fixtures import free_port, stop_herd_cluster
+from tests.serve_fixtures import free_port, free_ports, stop_herd_cluster
 
 MAX_GRPC_MESSAGE = 1 << 20
 MAX_HTTP_CONNECTIONS = 32
@@ -36,7 +36,7 @@ def local_serve():
     from cluster.app import serve_start_options
     from cluster.config import ClusterConfig
 
-    cfg = ClusterConfig.from_dict({"host": "127.0.0.1", "grpc_port": free_port(), "http_port": free_port(),
+    cfg = ClusterConfig.from_dict({"host": "127.0.0.1", **dict(zip(("grpc_port", "http_port"), free_ports(2))),
                                    "limits": {"max_grpc_message_bytes": MAX_GRPC_MESSAGE,
                                               "max_http_connections": MAX_HTTP_CONNECTIONS,
                                               "max_http_header_bytes": MAX_HTTP_HEADER_BYTES,
