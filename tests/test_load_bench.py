@@ -206,8 +206,10 @@ def test_engine_hop_only_drives_the_replicas_engine_client_beside_the_baseline(t
     """--engine-hop-only: the served side is cluster.deployment.load_engine's client (an engine process here),
     streamed from this process with no cluster; every level beside its in-process baseline, and no claim on
     the served-path target."""
+    # 24 tokens a request: enough engine work in each level for its CPU clock to tick (the packed head made a
+    # level of 6-token requests take ~20 ms of the engine process's CPU, under the 10 ms ticks' noise).
     args = _parse(load_bench, ["load", "--engine-hop-only", "--concurrency", "1,4", "--requests-per-level", "6",
-                               "--prompt-tokens", "16", "--max-tokens", "6", "--max-tokens-range-ratio", "0.5",
+                               "--prompt-tokens", "16", "--max-tokens", "24", "--max-tokens-range-ratio", "0.5",
                                "--out", str(tmp_path)])
     cpus_before = os.sched_getaffinity(0)
     assert args.func(args) == 0
