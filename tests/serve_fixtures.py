@@ -15,9 +15,6 @@ import grpc
 from benchmarks.bench_common import free_port, free_ports  # noqa: F401 - the tests import free_port from here
 
 
-
-
-
 @dataclass
 class HerdCluster:
     grpc_address: str
